@@ -1,0 +1,139 @@
+"""Which backends exist on this machine for each op, and why the others do not.
+
+Every op takes ``backend="auto" | "cuda" | "triton" | "cpu" | "reference"``. Each op module
+registers, per backend, a function that returns ``None`` when the backend can run on the
+given inputs, or a sentence saying why not (no GPU, extension not built, shape outside the
+kernel's limits). ``select_backend`` is the one dispatch point; ``availability_table`` is
+what ``empssl info`` prints.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+# auto picks the first backend in this order that can run the inputs
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+Reason = Optional[str]
+# op name -> backend -> check(device, *op inputs) -> reason or None
+_OP_CHECKS: Dict[str, Dict[str, Callable[..., Reason]]] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here; the message says why."""
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension():
+    if os.environ.get("EMPSSL_DISABLE_EXT", "0") == "1":
+        return None, "disabled by EMPSSL_DISABLE_EXT=1"
+    try:
+        module = importlib.import_module("empssl._C")
+    except ImportError as err:  # not built (EMPSSL_BUILD_EXT=0) or built against another torch
+        return None, f"compiled extension empssl._C not importable ({err}); rebuild with `pip install --no-build-isolation -e .`"
+    return module, None
+
+
+def extension():
+    """The compiled extension module, or raise BackendUnavailableError saying why not."""
+    module, reason = _load_extension()
+    if module is None:
+        raise BackendUnavailableError(reason)
+    return module
+
+
+def extension_reason() -> Reason:
+    return _load_extension()[1]
+
+
+def cpu_extension_reason(device: torch.device) -> Reason:
+    if device.type != "cpu":
+        return f"the cpu backend runs on CPU tensors, not {device.type}"
+    return extension_reason()
+
+
+def cuda_extension_reason(device: torch.device) -> Reason:
+    if device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors, not {device.type}"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine"
+    reason = extension_reason()
+    if reason:
+        return reason
+    if not extension().with_cuda:
+        return "the extension was built without its CUDA part (no nvcc, or EMPSSL_BUILD_CUDA=0)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_reason() -> Reason:
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return f"triton is not installed ({err})"
+    return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_reason(device: torch.device) -> Reason:
+    reason = _triton_import_reason()
+    if reason:
+        return reason
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA GPU on this machine"
+    if device.type == "cpu" and triton_interpreted():
+        return None
+    return f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
+
+
+def register_op(op: str, checks: Dict[str, Callable[..., Reason]]) -> None:
+    """Declare, for one op, the check of each backend (missing backends are unsupported)."""
+    _OP_CHECKS[op] = checks
+
+
+def reasons(op: str, device: torch.device, *inputs) -> Dict[str, Reason]:
+    """For each backend, None if it can run ``op`` on these inputs on ``device``, else why not."""
+    checks = _OP_CHECKS[op]
+    return {
+        name: (checks[name](device, *inputs) if name in checks else f"{op} has no {name} backend")
+        for name in BACKENDS
+    }
+
+
+def select_backend(op: str, requested: str, device: torch.device, *inputs) -> str:
+    """Resolve ``requested`` (a backend name or "auto") for ``op`` on these inputs."""
+    if requested != "auto" and requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; choose one of 'auto', " + ", ".join(repr(b) for b in BACKENDS))
+    why_not = reasons(op, device, *inputs)
+    if requested != "auto":
+        if why_not[requested] is not None:
+            raise BackendUnavailableError(f"{op}: backend {requested!r} is not available: {why_not[requested]}")
+        return requested
+    order: Sequence[str] = AUTO_ORDER.get(device.type, ("reference",))
+    for name in order:
+        if why_not[name] is None:
+            return name
+    raise BackendUnavailableError(f"{op}: no backend can run these inputs: " + "; ".join(f"{k}: {v}" for k, v in why_not.items()))
+
+
+def availability_table(examples: Dict[str, Callable[[], tuple]]) -> list:
+    """Rows (op, device type, backend, reason or None) for ``empssl info``.
+
+    ``examples[op]()`` returns typical inputs (CPU tensors standing in for shape and dtype);
+    each is judged for the CPU and for CUDA, so the table says why CUDA backends are absent.
+    """
+    rows = []
+    for op, make_inputs in examples.items():
+        inputs = make_inputs()
+        for device in (torch.device("cpu"), torch.device("cuda")):
+            for name, why in reasons(op, device, *inputs).items():
+                rows.append((op, device.type, name, why))
+    return rows

@@ -1,0 +1,4 @@
+"""Plain PyTorch implementations that follow SPEC.md line by line: the specification in code.
+
+Every fast path (Triton, CUDA, CPU C++) is tested against these on the same inputs.
+"""
