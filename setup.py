@@ -33,9 +33,22 @@ def _nvidia_wheel_include_dirs():
     return dirs
 
 
+def _find_cuda_home():
+    """torch guesses CUDA_HOME from `which nvcc`, wrong when nvcc is a wrapper script outside the toolkit."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for candidate in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        if os.path.exists(os.path.join(candidate, "bin", "nvcc")) and os.path.exists(
+            os.path.join(candidate, "include", "cuda_runtime.h")
+        ):
+            os.environ["CUDA_HOME"] = candidate
+            return
+
+
 def _extensions():
     if _flag("EMPSSL_BUILD_EXT") is False:
         return [], {}
+    _find_cuda_home()
     from torch.utils import cpp_extension
 
     want_cuda = _flag("EMPSSL_BUILD_CUDA")
@@ -50,15 +63,16 @@ def _extensions():
 
     sources = rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]
     extra = {"cxx": cxx_flags}
     define_macros = []
     if build_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-        include_dirs += _nvidia_wheel_include_dirs()
+        # after the toolkit's own headers, so that it only fills the gaps (it lacks crt/host_config.h)
+        cxx_flags += [flag for d in _nvidia_wheel_include_dirs() for flag in ("-idirafter", d)]
         define_macros.append(("EMPSSL_WITH_CUDA", "1"))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-lineinfo", "-Xptxas=-v"]
         ext = cpp_extension.CUDAExtension
     else:
         ext = cpp_extension.CppExtension

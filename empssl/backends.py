@@ -22,6 +22,8 @@ AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference
 Reason = Optional[str]
 # op name -> backend -> check(device, *op inputs) -> reason or None
 _OP_CHECKS: Dict[str, Dict[str, Callable[..., Reason]]] = {}
+# op name -> () -> typical inputs (CPU tensors standing in for shape and dtype), for `empssl info`
+_OP_EXAMPLES: Dict[str, Callable[[], tuple]] = {}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -94,9 +96,17 @@ def triton_reason(device: torch.device) -> Reason:
     return f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
 
 
-def register_op(op: str, checks: Dict[str, Callable[..., Reason]]) -> None:
-    """Declare, for one op, the check of each backend (missing backends are unsupported)."""
+def register_op(op: str, checks: Dict[str, Callable[..., Reason]], example: Callable[[], tuple]) -> None:
+    """Declare, for one op, the check of each backend (missing backends are unsupported) and typical inputs."""
     _OP_CHECKS[op] = checks
+    _OP_EXAMPLES[op] = example
+
+
+def register_backend(op: str, backend: str, check: Callable[..., Reason]) -> None:
+    """Add or replace one backend's check of an op already registered (fast paths register themselves)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    _OP_CHECKS[op][backend] = check
 
 
 def reasons(op: str, device: torch.device, *inputs) -> Dict[str, Reason]:
@@ -124,14 +134,14 @@ def select_backend(op: str, requested: str, device: torch.device, *inputs) -> st
     raise BackendUnavailableError(f"{op}: no backend can run these inputs: " + "; ".join(f"{k}: {v}" for k, v in why_not.items()))
 
 
-def availability_table(examples: Dict[str, Callable[[], tuple]]) -> list:
+def availability_table() -> list:
     """Rows (op, device type, backend, reason or None) for ``empssl info``.
 
-    ``examples[op]()`` returns typical inputs (CPU tensors standing in for shape and dtype);
-    each is judged for the CPU and for CUDA, so the table says why CUDA backends are absent.
+    Each op's typical inputs are judged for the CPU and for CUDA, so the table also says
+    why the CUDA backends are absent on a machine without a GPU.
     """
     rows = []
-    for op, make_inputs in examples.items():
+    for op, make_inputs in _OP_EXAMPLES.items():
         inputs = make_inputs()
         for device in (torch.device("cpu"), torch.device("cuda")):
             for name, why in reasons(op, device, *inputs).items():

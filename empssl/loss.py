@@ -33,7 +33,9 @@ _IMPLEMENTATIONS: Dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
     "reference": reference_tcr.coding_rate,
 }
 
-backends.register_op("tcr", {"reference": lambda device, z: None})
+backends.register_op(
+    "tcr", {"reference": lambda device, z: None}, example=lambda: (torch.zeros(20, 100, 1024),)
+)
 
 
 def coding_rate(z: torch.Tensor, eps: float = 0.2, backend: str = "auto") -> torch.Tensor:
