@@ -112,6 +112,8 @@ def register_backend(op: str, backend: str, check: Callable[..., Reason]) -> Non
 def reasons(op: str, device: torch.device, *inputs) -> Dict[str, Reason]:
     """For each backend, None if it can run ``op`` on these inputs on ``device``, else why not."""
     checks = _OP_CHECKS[op]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return {name: "no CUDA GPU on this machine" for name in BACKENDS}
     return {
         name: (checks[name](device, *inputs) if name in checks else f"{op} has no {name} backend")
         for name in BACKENDS
