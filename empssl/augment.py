@@ -1,0 +1,409 @@
+"""Multi-patch augmentation (SPEC.md section 4): recipes, parameter sampling, dispatch.
+
+Sampling and applying are separate. ``sample_augment_params`` draws every random choice
+of every patch on the device, vectorised, from a ``torch.Generator``, into a float32 tensor
+(P, NUM_PARAMS) laid out as in ``empssl.augment_params``. A backend (reference, Triton,
+CUDA, CPU C++) is a deterministic function of (images, source_index, params, config), so
+every backend gives the same patches for the same parameters. ``MultiPatchAugment`` is the
+public entry point: it validates its inputs, samples, and dispatches through
+``empssl.backends``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import augment_params as AP
+from . import backends
+from .reference import augment as reference_augment
+
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """One augmentation recipe. The defaults are the CIFAR recipe of SPEC.md section 4.
+
+    Probabilities are ``*_p``; ``brightness``, ``contrast``, ``saturation``, ``hue`` are
+    torchvision ColorJitter strengths (factors U(max(0, 1-v), 1+v), hue shift U(-hue, hue));
+    ``blur_sigma`` is the range of the Gaussian sigma, ``blur_kernel_size`` its odd kernel size;
+    ``mean`` and ``std`` are the per-channel normalisation of the output.
+    """
+
+    output_size: int = 32
+    crop_scale: Tuple[float, float] = (0.25, 0.25)
+    crop_ratio: Tuple[float, float] = (1.0, 1.0)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.2
+    grayscale_p: float = 0.2
+    blur_p: float = 0.1
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    blur_kernel_size: int = 13
+    solarize_p: float = 0.1
+    solarize_threshold: float = 128 / 255
+    mean: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def cifar(cls) -> "AugmentConfig":
+        """32x32 output from a 16x16 crop of a 32x32 image (scale 0.25, ratio 1)."""
+        return cls()
+
+    @classmethod
+    def tinyimagenet(cls) -> "AugmentConfig":
+        """The CIFAR list at 64x64: a 32x32 crop of a 64x64 image."""
+        return cls(output_size=64)
+
+    @classmethod
+    def imagenet(cls) -> "AugmentConfig":
+        """RandomResizedCrop(224, scale=(0.25, 0.25), ratio=(3/4, 4/3)), otherwise the CIFAR list."""
+        return cls(output_size=224, crop_ratio=(3 / 4, 4 / 3))
+
+    def __post_init__(self):
+        if not (isinstance(self.output_size, int) and not isinstance(self.output_size, bool) and self.output_size >= 1):
+            raise ValueError(f"AugmentConfig.output_size must be a positive int, got {self.output_size!r}")
+        for name, length in (("crop_scale", 2), ("crop_ratio", 2), ("blur_sigma", 2), ("mean", 3), ("std", 3)):
+            value = getattr(self, name)
+            if not (isinstance(value, (tuple, list)) and len(value) == length and all(_is_number(v) for v in value)):
+                raise ValueError(f"AugmentConfig.{name} must be {length} finite numbers, got {value!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))  # hashable, and lists become tuples
+        for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"AugmentConfig.{name} must be a range (low, high) with 0 < low <= high, got {(low, high)}")
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "solarize_threshold"):
+            value = getattr(self, name)
+            if not (_is_number(value) and 0 <= value <= 1):
+                raise ValueError(f"AugmentConfig.{name} must be a number in [0, 1], got {value!r}")
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            if not (_is_number(value) and value >= 0):
+                raise ValueError(f"AugmentConfig.{name} must be a non-negative number, got {value!r}")
+        if not (_is_number(self.hue) and 0 <= self.hue <= 0.5):
+            raise ValueError(f"AugmentConfig.hue must be a number in [0, 0.5], got {self.hue!r}")
+        kernel = self.blur_kernel_size
+        if not (isinstance(kernel, int) and not isinstance(kernel, bool) and kernel >= 1 and kernel % 2 == 1):
+            raise ValueError(f"AugmentConfig.blur_kernel_size must be a positive odd int, got {kernel!r}")
+        if self.blur_p > 0 and kernel // 2 >= self.output_size:
+            # reflect padding needs a pad smaller than the patch
+            raise ValueError(
+                f"AugmentConfig.blur_kernel_size {kernel} is too large for output_size {self.output_size}: "
+                f"kernel_size // 2 must be < output_size"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"AugmentConfig.std must be positive, got {self.std!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+_CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params
+
+
+def _fallback_crop_box(height: int, width: int, ratio: Tuple[float, float]) -> Tuple[int, int, int, int]:
+    """torchvision's centre crop when no attempt fits: the whole image with its ratio clamped into ``ratio``."""
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_crop_boxes(
+    num_boxes: int,
+    image_height: int,
+    image_width: int,
+    scale: Tuple[float, float],
+    ratio: Tuple[float, float],
+    generator: Optional[torch.Generator] = None,
+    device=None,
+) -> torch.Tensor:
+    """(num_boxes, 4) float64 boxes (top, left, height, width), each distributed as
+    ``torchvision.transforms.RandomResizedCrop.get_params``.
+
+    All 10 attempts of every box are drawn at once; a box takes its first attempt that fits
+    (``0 < w <= W and 0 < h <= H``), or torchvision's centre-crop fallback if none does.
+    ``torch.round`` rounds half to even, like Python's ``round``.
+    """
+    area = image_height * image_width
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    u = torch.rand(num_boxes, 2, _CROP_ATTEMPTS, dtype=torch.float64, generator=generator, device=device)
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+    aspect = torch.exp(log_low + (log_high - log_low) * u[:, 1])
+    widths = torch.round(torch.sqrt(target_area * aspect))
+    heights = torch.round(torch.sqrt(target_area / aspect))
+    fits = (widths > 0) & (widths <= image_width) & (heights > 0) & (heights <= image_height)
+    first_fit = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax returns the first maximum
+    found = fits.any(dim=1)
+    fallback_top, fallback_left, fallback_h, fallback_w = _fallback_crop_box(image_height, image_width, ratio)
+    h = torch.where(found, heights.gather(1, first_fit).squeeze(1), fallback_h)
+    w = torch.where(found, widths.gather(1, first_fit).squeeze(1), fallback_w)
+    # top ~ randint(0, H - h + 1), left ~ randint(0, W - w + 1)
+    u_position = torch.rand(num_boxes, 2, dtype=torch.float64, generator=generator, device=device)
+    top = torch.minimum(torch.floor(u_position[:, 0] * (image_height - h + 1)), image_height - h)
+    left = torch.minimum(torch.floor(u_position[:, 1] * (image_width - w + 1)), image_width - w)
+    top = torch.where(found, top, fallback_top)
+    left = torch.where(found, left, fallback_left)
+    return torch.stack((top, left, h, w), dim=1)
+
+
+def _check_positive_int(value, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_generator(generator, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if torch.device(generator.device).type != device.type or (
+        device.index is not None and torch.device(generator.device).index not in (None, device.index)
+    ):
+        raise ValueError(f"generator is on {generator.device} but the parameters are sampled on {device}")
+
+
+def sample_augment_params(
+    config: AugmentConfig,
+    num_images: int,
+    num_patches: int,
+    image_height: int,
+    image_width: int,
+    generator: Optional[torch.Generator] = None,
+    device=None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Random parameters of ``num_patches`` patches of each of ``num_images`` images.
+
+    Returns ``(source_index, params)``: int64 (P,) and float32 (P, NUM_PARAMS) with
+    P = num_patches * num_images, patch-major (patch ``i * num_images + j`` is the i-th
+    patch of image j). Drawn on ``device`` (default: the generator's, else CPU) with no
+    host synchronisation; each row is distributed as torchvision's RandomResizedCrop,
+    RandomHorizontalFlip, RandomApply(ColorJitter), RandomGrayscale, Gaussian blur with a
+    random sigma, and RandomSolarize with the probabilities of ``config``.
+    """
+    if not isinstance(config, AugmentConfig):
+        raise TypeError(f"config must be an AugmentConfig, got {type(config).__name__}")
+    for value, name in ((num_images, "num_images"), (num_patches, "num_patches"),
+                        (image_height, "image_height"), (image_width, "image_width")):
+        _check_positive_int(value, name)
+    if device is None:
+        device = generator.device if isinstance(generator, torch.Generator) else "cpu"
+    device = torch.device(device)
+    _check_generator(generator, device)
+
+    count = num_images * num_patches
+    source_index = torch.arange(num_images, device=device).repeat(num_patches)
+    boxes = sample_crop_boxes(count, image_height, image_width, config.crop_scale, config.crop_ratio, generator, device)
+
+    u = torch.rand(count, 14, generator=generator, device=device)
+
+    def factor(column: int, strength: float) -> torch.Tensor:
+        low, high = max(0.0, 1.0 - strength), 1.0 + strength
+        return low + (high - low) * u[:, column]
+
+    columns = [None] * AP.NUM_PARAMS
+    for k, column in enumerate((AP.CROP_TOP, AP.CROP_LEFT, AP.CROP_HEIGHT, AP.CROP_WIDTH)):
+        columns[column] = boxes[:, k].float()
+    columns[AP.FLIP] = (u[:, 0] < config.flip_p).float()
+    columns[AP.JITTER] = (u[:, 1] < config.jitter_p).float()
+    columns[AP.BRIGHTNESS] = factor(2, config.brightness)
+    columns[AP.CONTRAST] = factor(3, config.contrast)
+    columns[AP.SATURATION] = factor(4, config.saturation)
+    columns[AP.HUE] = config.hue * (2.0 * u[:, 5] - 1.0)
+    # a uniformly random permutation of the four ops per patch (torch.randperm(4) in torchvision)
+    order = torch.argsort(u[:, 6:10], dim=1).float()
+    for k, column in enumerate((AP.ORDER_0, AP.ORDER_1, AP.ORDER_2, AP.ORDER_3)):
+        columns[column] = order[:, k]
+    columns[AP.GRAYSCALE] = (u[:, 10] < config.grayscale_p).float()
+    sigma_low, sigma_high = config.blur_sigma
+    sigma = sigma_low + (sigma_high - sigma_low) * u[:, 12]
+    columns[AP.BLUR_SIGMA] = torch.where(u[:, 11] < config.blur_p, sigma, torch.zeros_like(sigma))
+    columns[AP.SOLARIZE] = (u[:, 13] < config.solarize_p).float()
+    return source_index, torch.stack(columns, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends and dispatch
+
+# backend name -> impl(images_nhwc, source_index, params, config, out_dtype, channels_last) -> (P, 3, S, S)
+_IMPLEMENTATIONS: Dict[str, Callable[..., torch.Tensor]] = {"reference": reference_augment.apply_augment}
+
+
+def _example_inputs() -> tuple:
+    """Typical inputs for `empssl info`: 100 CIFAR images, 20 patches each."""
+    count = 20 * 100
+    return (
+        torch.zeros(100, 32, 32, 3, dtype=torch.uint8),
+        torch.zeros(count, dtype=torch.int64),
+        torch.zeros(count, AP.NUM_PARAMS),
+        AugmentConfig.cifar(),
+    )
+
+
+backends.register_op(
+    "augment",
+    {"reference": lambda device, images_nhwc, source_index, params, config: None},
+    example=_example_inputs,
+)
+
+
+def register_augment_backend(name: str, impl: Callable[..., torch.Tensor], check: Callable[..., backends.Reason]) -> None:
+    """Add a fast path: ``impl`` has the reference's signature, ``check(device, images_nhwc,
+    source_index, params, config)`` returns None when it can run these inputs, else why not."""
+    backends.register_backend("augment", name, check)
+    _IMPLEMENTATIONS[name] = impl
+
+
+def _as_nhwc(images) -> torch.Tensor:
+    """Validate a uint8 image batch and view it as (B, H, W, 3) without copying."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 (values 0..255), got {images.dtype}")
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (B, H, W, 3) or (B, 3, H, W), got shape {tuple(images.shape)}")
+    if images.shape[1] == 3:
+        nhwc = images.permute(0, 2, 3, 1)
+    elif images.shape[3] == 3:
+        nhwc = images
+    else:
+        raise ValueError(
+            f"images must have 3 colour channels, as shape (B, H, W, 3) or (B, 3, H, W), got shape {tuple(images.shape)}"
+        )
+    if nhwc.numel() == 0:
+        raise ValueError(f"images must not be empty, got shape {tuple(images.shape)}")
+    return nhwc
+
+
+def _check_params(images_nhwc: torch.Tensor, source_index, params, check_values: bool) -> None:
+    """Shapes, dtypes and devices always; values (one host synchronisation) when ``check_values``."""
+    for value, name in ((source_index, "source_index"), (params, "params")):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.device != images_nhwc.device:
+            raise ValueError(f"{name} is on {value.device} but images are on {images_nhwc.device}")
+    if source_index.dtype != torch.int64 or source_index.ndim != 1 or source_index.numel() == 0:
+        raise ValueError(f"source_index must be a non-empty 1-D int64 tensor, got {source_index.dtype} of shape {tuple(source_index.shape)}")
+    if params.dtype != torch.float32:
+        raise TypeError(f"params must be float32, got {params.dtype}")
+    if params.shape != (source_index.shape[0], AP.NUM_PARAMS):
+        raise ValueError(
+            f"params must have shape (P, {AP.NUM_PARAMS}) with P = len(source_index) = {source_index.shape[0]}, "
+            f"got {tuple(params.shape)}"
+        )
+    if not check_values:
+        return
+    num_images, height, width, _ = images_nhwc.shape
+    top, left, h, w = (params[:, c] for c in (AP.CROP_TOP, AP.CROP_LEFT, AP.CROP_HEIGHT, AP.CROP_WIDTH))
+    box = params[:, AP.CROP_TOP : AP.CROP_WIDTH + 1]
+    order = params[:, AP.ORDER_0 : AP.ORDER_3 + 1]
+    flags = params[:, [AP.FLIP, AP.JITTER, AP.GRAYSCALE, AP.SOLARIZE]]
+    factors = params[:, [AP.BRIGHTNESS, AP.CONTRAST, AP.SATURATION]]
+    identity_order = torch.arange(4, dtype=params.dtype, device=params.device)
+    # each check is written so that NaN fails it
+    checks = {
+        f"source_index out of range [0, {num_images})": (source_index >= 0) & (source_index < num_images),
+        "crop box not integer-valued": (box == torch.round(box)).all(dim=1),
+        f"crop box outside the {height}x{width} image (need top, left >= 0, height, width >= 1, "
+        f"top + height <= {height}, left + width <= {width})": (top >= 0) & (left >= 0) & (h >= 1) & (w >= 1)
+        & (top + h <= height) & (left + w <= width),
+        "FLIP/JITTER/GRAYSCALE/SOLARIZE flags not 0 or 1": ((flags == 0) | (flags == 1)).all(dim=1),
+        "ORDER_0..3 not a permutation of 0..3": (torch.sort(order, dim=1).values == identity_order).all(dim=1),
+        "brightness/contrast/saturation factor negative": (factors >= 0).all(dim=1) & torch.isfinite(factors).all(dim=1),
+        "hue shift outside [-0.5, 0.5]": (params[:, AP.HUE] >= -0.5) & (params[:, AP.HUE] <= 0.5),
+        "BLUR_SIGMA negative": (params[:, AP.BLUR_SIGMA] >= 0) & torch.isfinite(params[:, AP.BLUR_SIGMA]),
+    }
+    bad = ~torch.stack(list(checks.values()), dim=1)
+    any_bad, first_bad = torch.stack((bad.any(dim=0).long(), bad.long().argmax(dim=0))).tolist()
+    for message, failed, index in zip(checks, any_bad, first_bad):
+        if failed:
+            raise ValueError(f"{message}: first bad patch is {index}")
+
+
+class MultiPatchAugment(nn.Module):
+    """Cut ``num_patches`` augmented patches from every image of a uint8 batch (SPEC.md section 4).
+
+    ``images`` is uint8, (B, H, W, 3) or (B, 3, H, W); the layout is told by which dimension
+    has size 3, and a batch where both dimension 1 and dimension 3 have size 3 is read as
+    (B, 3, H, W). ``augment(images, num_patches, generator=None)`` returns float patches of
+    shape (num_patches * B, 3, S, S), patch-major: patch ``i * B + j`` comes from image j.
+    ``sample`` and ``apply`` do the two halves separately: any backend given the same
+    parameters returns the same patches.
+
+    ``backend``: "auto" (the fastest available for the device), "cuda", "triton", "cpu" or
+    "reference"; ``out_dtype``: float32, bfloat16 or float16; ``channels_last``: return the
+    patches in ``torch.channels_last`` memory format.
+    """
+
+    def __init__(
+        self,
+        config: AugmentConfig = AugmentConfig.cifar(),
+        backend: str = "auto",
+        out_dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(config, AugmentConfig):
+            raise TypeError(f"config must be an AugmentConfig, got {type(config).__name__}")
+        if backend != "auto" and backend not in backends.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', " + ", ".join(repr(b) for b in backends.BACKENDS))
+        if out_dtype not in OUT_DTYPES:
+            raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+        self.config, self.backend, self.out_dtype, self.channels_last = config, backend, out_dtype, bool(channels_last)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, backend={self.backend!r}, out_dtype={self.out_dtype}, channels_last={self.channels_last}"
+
+    def _sample(self, images_nhwc: torch.Tensor, num_patches, generator):
+        _check_positive_int(num_patches, "num_patches")
+        _check_generator(generator, images_nhwc.device)
+        num_images, height, width, _ = images_nhwc.shape
+        return sample_augment_params(self.config, num_images, num_patches, height, width, generator, images_nhwc.device)
+
+    def _apply(self, images_nhwc: torch.Tensor, source_index: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        name = backends.select_backend("augment", self.backend, images_nhwc.device, images_nhwc, source_index, params, self.config)
+        return _IMPLEMENTATIONS[name](images_nhwc, source_index, params, self.config, self.out_dtype, self.channels_last)
+
+    def sample(self, images: torch.Tensor, num_patches: int, generator: Optional[torch.Generator] = None):
+        """(source_index, params) for ``num_patches`` patches of every image, on the images' device."""
+        return self._sample(_as_nhwc(images), num_patches, generator)
+
+    def apply(self, images: torch.Tensor, source_index: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Patches (P, 3, S, S) for given parameters. Checks their values first (one host synchronisation)."""
+        images_nhwc = _as_nhwc(images)
+        _check_params(images_nhwc, source_index, params, check_values=True)
+        return self._apply(images_nhwc, source_index, params)
+
+    def forward(self, images: torch.Tensor, num_patches: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        images_nhwc = _as_nhwc(images)
+        source_index, params = self._sample(images_nhwc, num_patches, generator)
+        return self._apply(images_nhwc, source_index, params)  # valid by construction: no value check, no sync
+
+
+try:
+    # registers the compiled and Triton backends; import_module names the missing module in err.name
+    importlib.import_module(f"{__package__}.augment_ops")
+except ImportError as err:
+    if err.name != f"{__package__}.augment_ops":
+        raise
