@@ -1,8 +1,10 @@
 """empssl: EMP-SSL self-supervised learning with a fused multi-patch augmentation and a
 fused Total Coding Rate loss."""
+from .augment import AugmentConfig, MultiPatchAugment, sample_augment_params
 from .backends import BackendUnavailableError
 from .loss import EMPSSLLoss, TotalCodingRate, coding_rate, invariance_loss
 from .models import EMPSSLEncoder, build_encoder
+from .optim import LARS, build_optimizer, cosine_schedule, schedule_steps
 
 __version__ = "0.1.0"
-__all__ = ["BackendUnavailableError", "EMPSSLEncoder", "build_encoder", "EMPSSLLoss", "TotalCodingRate", "coding_rate", "invariance_loss"]
+__all__ = ["AugmentConfig", "MultiPatchAugment", "sample_augment_params", "BackendUnavailableError", "EMPSSLEncoder", "build_encoder", "LARS", "build_optimizer", "cosine_schedule", "schedule_steps", "EMPSSLLoss", "TotalCodingRate", "coding_rate", "invariance_loss"]

@@ -1,0 +1,195 @@
+"""Optimiser and learning-rate schedule (SPEC.md section 5).
+
+``LARS`` reproduces what the authors run: ``SGD(lr, momentum=0.9, weight_decay=1e-4,
+nesterov=True)`` wrapped by solo-learn's ``LARSWrapper(eta=0.005, clip=True,
+exclude_bias_n_norm=True)``. That wrapper rescales each adapted gradient in place, sets every
+group's weight decay to 0, runs the SGD step and restores the weight decay. Here the same
+arithmetic is one ``torch.optim.Optimizer`` subclass, so state_dict / load_state_dict (exact
+resume), lr schedulers and GradScaler work as with any optimiser. Per step, for a parameter
+``p`` with gradient ``g``:
+
+    adapted (p.ndim > 1, or every parameter when exclude_bias_and_norm=False):
+        local = eta * ||p|| / (||g|| + wd * ||p|| + eps)
+        local = min(local / lr, 1)                       if clip
+        d = (g + wd * p) * local                         if ||p|| != 0 and ||g|| != 0
+        d = g                                            otherwise (no weight decay either)
+    excluded (biases, norm weights): d = g               (no weight decay)
+    buf = d on the first step, else momentum * buf + d
+    p -= lr * (d + momentum * buf)   (nesterov)   or   p -= lr * buf
+
+The norms stay on the device (``torch.where`` instead of Python branches), so a step does not
+synchronise with the host. Unlike the published wrapper, ``p.grad`` is left unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+from torch import nn
+
+_LARS_DEFAULTS = ("eta", "clip", "eps", "exclude_bias_and_norm")
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with (Nesterov) momentum under layer-wise adaptive rate scaling; see the module docstring."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.3,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        nesterov: bool = True,
+        eta: float = 0.005,
+        clip: bool = True,
+        eps: float = 1e-8,
+        exclude_bias_and_norm: bool = True,
+    ):
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0:
+            raise ValueError(f"eta must be a number > 0, got {eta!r}")
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            eta=eta,
+            clip=clip,
+            eps=eps,
+            exclude_bias_and_norm=exclude_bias_and_norm,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError("LARS does not support sparse gradients")
+            for bucket in _by_device_and_dtype(params):
+                directions = self._lars_directions(bucket, group)
+                self._momentum_update(bucket, directions, group)
+        return loss
+
+    @staticmethod
+    def _lars_directions(params: List[torch.Tensor], group: dict) -> List[torch.Tensor]:
+        """The rescaled gradients d (new tensors for adapted parameters, p.grad itself for excluded ones)."""
+        directions = [p.grad for p in params]
+        adapted = [i for i, p in enumerate(params) if p.ndim > 1 or not group["exclude_bias_and_norm"]]
+        if not adapted:
+            return directions
+        weights = [params[i] for i in adapted]
+        grads = [params[i].grad for i in adapted]
+        weight_decay = group["weight_decay"]
+        weight_norm = torch.stack(torch._foreach_norm(weights))
+        grad_norm = torch.stack(torch._foreach_norm(grads))
+        local = group["eta"] * weight_norm / (grad_norm + weight_decay * weight_norm + group["eps"])
+        if group["clip"]:
+            local = torch.clamp(local / group["lr"], max=1.0)  # lr = 0 gives inf -> 1
+        # The published wrapper leaves g untouched (no decay, no scaling) when either norm is 0.
+        both_nonzero = (weight_norm != 0) & (grad_norm != 0)
+        scale = torch.where(both_nonzero, local, torch.ones_like(local))
+        if weight_decay != 0:
+            decay = both_nonzero.to(local.dtype) * weight_decay
+            scaled = torch._foreach_mul(weights, list(decay.unbind(0)))
+            torch._foreach_add_(scaled, grads)  # g + wd * p
+            torch._foreach_mul_(scaled, list(scale.unbind(0)))
+        else:
+            scaled = torch._foreach_mul(grads, list(scale.unbind(0)))
+        for i, d in zip(adapted, scaled):
+            directions[i] = d
+        return directions
+
+    def _momentum_update(self, params: List[torch.Tensor], directions: List[torch.Tensor], group: dict) -> None:
+        """torch.optim.SGD's update with dampening 0 and weight decay 0 (the wrapper zeroes it)."""
+        momentum, lr = group["momentum"], group["lr"]
+        if momentum == 0:
+            torch._foreach_add_(params, directions, alpha=-lr)
+            return
+        buffers, old_buffers, old_directions = [], [], []
+        for p, d in zip(params, directions):
+            state = self.state[p]
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                buffer = state["momentum_buffer"] = d.clone()
+            else:
+                old_buffers.append(buffer)
+                old_directions.append(d)
+            buffers.append(buffer)
+        if old_buffers:
+            torch._foreach_mul_(old_buffers, momentum)
+            torch._foreach_add_(old_buffers, old_directions)
+        updates = torch._foreach_add(directions, buffers, alpha=momentum) if group["nesterov"] else buffers
+        torch._foreach_add_(params, updates, alpha=-lr)
+
+
+def _by_device_and_dtype(params: List[torch.Tensor]) -> List[List[torch.Tensor]]:
+    """foreach ops and torch.stack need tensors of one device and dtype."""
+    buckets: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
+    for p in params:
+        buckets.setdefault((p.device, p.dtype), []).append(p)
+    return list(buckets.values())
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float = 0.3,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    eta: float = 0.005,
+    clip: bool = True,
+    nesterov: bool = True,
+) -> LARS:
+    """The authors' optimiser for ``model``: one group of all trainable parameters; LARS
+    adaptation and weight decay apply to parameters with ndim > 1 only."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, eta=eta, clip=clip)
+
+
+class CosineFactor:
+    """lr multiplier 0.5 * (1 + cos(pi * t / T)), held at 0 after T. A class (not a lambda) so
+    LambdaLR.state_dict() records total_steps."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step cosine annealing from each group's initial lr to 0 at ``total_steps``, no warm-up.
+
+    Call ``scheduler.step()`` after every ``optimizer.step()``. The closed form (rather than
+    CosineAnnealingLR's recursion) gives lr exactly 0 at T and stays there. To resume, create the
+    optimiser and this scheduler first, then load both state dicts: a scheduler created after the
+    optimiser's state is loaded resets each group's lr to its initial value.
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, CosineFactor(total_steps))
+
+
+def schedule_steps(num_images: int, batch_size: int, schedule_epochs: int) -> int:
+    """Length of the cosine schedule: (num_images // batch_size) * schedule_epochs (the authors'
+    1-epoch recipe uses schedule_epochs=2 and stops after one epoch)."""
+    for name, value in (("num_images", num_images), ("batch_size", batch_size), ("schedule_epochs", schedule_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if num_images < batch_size:
+        raise ValueError(f"num_images ({num_images}) must be >= batch_size ({batch_size}): no full batch")
+    return (num_images // batch_size) * schedule_epochs
