@@ -1,7 +1,11 @@
 """The EMP-SSL loss: Total Coding Rate and patch invariance (SPEC.md sections 1-2).
 
 ``coding_rate`` is the one entry point for R; it validates its input, picks a backend
-through ``empssl.backends`` and calls that backend's implementation.
+through ``empssl.backends`` and calls that backend's implementation:
+
+- reference: plain torch (empssl/reference/tcr.py), autograd through cholesky_ex;
+- cpu / cuda: the compiled extension's fused forward+backward (csrc/), via empssl.tcr_ops;
+- triton: kernels/tcr.py, via empssl.tcr_ops.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends
+from . import backends, tcr_ops
 from .reference import tcr as reference_tcr
 
 
@@ -28,14 +32,61 @@ def _check_z(z, eps) -> None:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
 
 
+# Largest matrix side min(b, d) the cpu kernel takes: its O(side^3) sweep is slower than
+# LAPACK's Cholesky in the reference beyond this, so auto falls back there.
+CPU_MAX_SIDE = 1024
+_LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def coding_rate_alpha(b: int, d: int, eps: float) -> float:
+    """alpha = d / (b * eps) of R(Z) = 1/2 logdet(I + alpha Z^T Z)."""
+    return d / (b * eps)
+
+
+def _cpu_reason(device: torch.device, z: torch.Tensor):
+    reason = backends.cpu_extension_reason(device) or tcr_ops.extension_reason()
+    if reason:
+        return reason
+    if min(z.shape[-2:]) > CPU_MAX_SIDE:
+        return f"min(b, d) = {min(z.shape[-2:])} exceeds the cpu kernel's limit {CPU_MAX_SIDE}"
+    return None
+
+
+def _cuda_reason(device: torch.device, z: torch.Tensor):
+    reason = backends.cuda_extension_reason(device) or tcr_ops.extension_reason()
+    if reason:
+        return reason
+    if z.dtype not in _LOW_PRECISION:
+        return f"the cuda kernel takes float32, bfloat16 or float16, got {z.dtype}"
+    return None
+
+
+def _triton_reason(device: torch.device, z: torch.Tensor):
+    return backends.triton_reason(device) or tcr_ops.triton_reason(z)
+
+
+def _fused(backend: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    def implementation(z: torch.Tensor, eps: float) -> torch.Tensor:
+        return tcr_ops.coding_rate_fused(z, coding_rate_alpha(z.shape[1], z.shape[2], eps), backend)
+
+    implementation.__name__ = f"coding_rate_{backend}"
+    return implementation
+
+
 # backend name -> implementation(z (n, b, d), eps) -> R (n,)
 _IMPLEMENTATIONS: Dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
     "reference": reference_tcr.coding_rate,
+    "cpu": _fused("cpu"),
+    "cuda": _fused("cuda"),
+    "triton": _fused("triton"),
 }
 
 backends.register_op(
     "tcr", {"reference": lambda device, z: None}, example=lambda: (torch.zeros(20, 100, 1024),)
 )
+backends.register_backend("tcr", "cpu", _cpu_reason)
+backends.register_backend("tcr", "cuda", _cuda_reason)
+backends.register_backend("tcr", "triton", _triton_reason)
 
 
 def coding_rate(z: torch.Tensor, eps: float = 0.2, backend: str = "auto") -> torch.Tensor:
@@ -74,16 +125,32 @@ class EMPSSLLoss(nn.Module):
     """tcr_coef * L_tcr + inv_coef * L_inv on patch-major embeddings z (n, b, d).
 
     ``forward(z, return_parts=True)`` also returns the two terms (L_tcr, L_inv), undetached.
+    With ``gather=True`` under torch.distributed, z (n, b_local, d) of every rank is gathered
+    along b and the loss is computed on the global batch (empssl.distributed.gather_batch; its
+    backward sums over ranks, so DDP's gradient averaging gives the global batch's gradient).
+    Without an initialised process group, gather is a no-op.
     """
 
-    def __init__(self, eps: float = 0.2, inv_coef: float = 200.0, tcr_coef: float = 1.0, backend: str = "auto"):
+    def __init__(
+        self,
+        eps: float = 0.2,
+        inv_coef: float = 200.0,
+        tcr_coef: float = 1.0,
+        backend: str = "auto",
+        gather: bool = False,
+    ):
         super().__init__()
         self.total_coding_rate = TotalCodingRate(eps, backend)
         self.inv_coef, self.tcr_coef = float(inv_coef), float(tcr_coef)
+        self.gather = bool(gather)
 
     def forward(self, z: torch.Tensor, return_parts: bool = False):
         if isinstance(z, torch.Tensor) and z.ndim != 3:
             raise ValueError(f"EMPSSLLoss takes patch-major embeddings of shape (n, b, d), got shape {tuple(z.shape)}")
+        if self.gather:
+            from .distributed import gather_batch
+
+            z = gather_batch(z)
         tcr = self.total_coding_rate(z)
         inv = invariance_loss(z)
         loss = self.tcr_coef * tcr + self.inv_coef * inv
