@@ -89,6 +89,14 @@ backends.register_backend("tcr", "cuda", _cuda_reason)
 backends.register_backend("tcr", "triton", _triton_reason)
 
 
+@torch.compiler.assume_constant_result
+def _resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, shape: tuple) -> str:
+    """The backend for inputs of this device, dtype and shape. Under torch.compile it runs once,
+    eagerly, at trace time (its lazy imports cannot be traced); the result is a constant."""
+    stand_in = torch.empty_strided(shape, (0,) * len(shape), dtype=dtype, device=device)  # no storage
+    return backends.select_backend("tcr", requested, device, stand_in)
+
+
 def coding_rate(z: torch.Tensor, eps: float = 0.2, backend: str = "auto") -> torch.Tensor:
     """Total Coding Rate R of each group: z (n, b, d) -> (n,) float32; z (b, d) -> scalar.
 
@@ -97,7 +105,7 @@ def coding_rate(z: torch.Tensor, eps: float = 0.2, backend: str = "auto") -> tor
     _check_z(z, eps)
     single = z.ndim == 2
     groups = z.unsqueeze(0) if single else z
-    name = backends.select_backend("tcr", backend, groups.device, groups)
+    name = _resolve_backend(backend, groups.device, groups.dtype, tuple(groups.shape))
     rate = _IMPLEMENTATIONS[name](groups, float(eps))
     return rate[0] if single else rate
 

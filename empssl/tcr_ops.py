@@ -116,14 +116,12 @@ _register_autograd(TRITON_OP)
 # ---- entry point used by empssl.loss -------------------------------------------------------
 
 def coding_rate_fused(z: torch.Tensor, alpha: float, backend: str) -> torch.Tensor:
-    """R of every group of z (n, b, d) through a fused backend ("cpu", "cuda" or "triton")."""
+    """R of every group of z (n, b, d) through a fused backend ("cpu", "cuda" or "triton") that
+    empssl.backends found available (its check loads the extension and registers the op)."""
     need_grad = torch.is_grad_enabled() and z.requires_grad
     z = z.contiguous()
     if backend == "triton":
         rate, _ = tcr_forward_backward_triton(z, float(alpha), need_grad)
     else:
-        reason = extension_reason()
-        if reason:
-            raise backends.BackendUnavailableError(reason)
         rate, _ = torch.ops.empssl.tcr_forward_backward(z, float(alpha), need_grad)
     return rate
