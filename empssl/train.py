@@ -1,0 +1,316 @@
+"""The EMP-SSL trainer (SPEC.md sections 1 and 5).
+
+One step: take b image indices from a per-epoch random permutation, cut n augmented
+patches of each with ``MultiPatchAugment`` (patch-major), embed the n*b patches, reshape
+z to (n, b, d), minimise ``EMPSSLLoss``, take a LARS step and advance the per-step cosine
+schedule. The images live on the training device as uint8; a batch is an index slice.
+
+The host reads values only every ``log_every`` steps and at checkpoints. Checkpoints hold
+every random state (torch CPU/CUDA, the permutation and augmentation generators) and the
+current epoch's permutation, so a resumed run continues exactly: on the CPU it reaches
+bitwise the same parameters as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from typing import Any, Dict, Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .augment import AugmentConfig, MultiPatchAugment
+from .data import ImageDataset, check_batch_size, load_dataset
+from .loss import EMPSSLLoss
+from .models import build_encoder
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+# fields that change the training trajectory: a resume with other values is not a continuation
+_TRAJECTORY_FIELDS = ("dataset", "num_patches", "batch_size", "lr", "schedule_epochs", "eps", "inv_coef", "tcr_coef",
+                      "seed", "data_seed", "image_size", "train_size")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint written before it is intact."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run depends on. Defaults: the 1-epoch CIFAR-10 recipe (20 patches, batch 100)."""
+
+    dataset: str = "cifar10"
+    root: str = "data"
+    download: bool = False
+    image_size: Optional[int] = None  # folder: and synthetic data sets only
+    train_size: Optional[int] = None  # synthetic: images generated; others: the first images used
+    cache_dir: Optional[str] = None
+    on_bad_image: str = "skip"
+    data_seed: int = 0  # synthetic generation and deterministic train/test splits
+    arch: str = "resnet18-cifar"
+    width: float = 1.0
+    hidden_dim: int = 4096
+    z_dim: int = 1024
+    num_patches: int = 20
+    batch_size: int = 100
+    lr: float = 0.3
+    epochs: int = 1
+    schedule_epochs: Optional[int] = 2  # cosine schedule length in epochs (None: epochs)
+    eps: float = 0.2
+    inv_coef: float = 200.0
+    tcr_coef: float = 1.0
+    seed: int = 0  # encoder initialisation, batch order and augmentation
+    device: str = "auto"
+    out_dir: str = "runs/empssl"
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
+    resume: Optional[str] = None  # checkpoint path to continue from
+    loss_backend: str = "auto"
+    augment_backend: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    bf16: bool = True  # bf16 autocast; used on CUDA only
+    max_steps: Optional[int] = None  # stop after this many steps in total (tests, quick runs)
+    log_every: int = 10
+    progress: bool = True
+
+    def model_config(self) -> Dict[str, Any]:
+        return {field: getattr(self, field) for field in ckpt.MODEL_FIELDS}
+
+    def validate(self) -> None:
+        for name in ("num_patches", "batch_size", "epochs", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.schedule_epochs is not None and (not isinstance(self.schedule_epochs, int) or self.schedule_epochs < 1):
+            raise ValueError(f"schedule_epochs must be a positive integer or None, got {self.schedule_epochs!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be a positive integer or None, got {self.max_steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.num_patches < 2:
+            raise ValueError(f"num_patches must be >= 2 (the invariance term compares patches), got {self.num_patches}")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    encoder: torch.nn.Module
+    checkpoint_path: str
+    steps: int
+    last_metrics: Dict[str, Any]
+    seconds: float
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available here")
+    return resolved
+
+
+def augment_config_for(image_size: int) -> AugmentConfig:
+    """The augmentation recipe for square images of this size (SPEC.md section 4).
+
+    32: CIFAR; 64: Tiny ImageNet; >= 128: the ImageNet recipe at that size; otherwise the CIFAR
+    list at that size (a quarter-area crop resized back to the image size).
+    """
+    if image_size == 32:
+        return AugmentConfig.cifar()
+    if image_size == 64:
+        return AugmentConfig.tinyimagenet()
+    if image_size >= 128:
+        return dataclasses.replace(AugmentConfig.imagenet(), output_size=image_size)
+    return dataclasses.replace(AugmentConfig.cifar(), output_size=image_size)
+
+
+def autocast_context(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA (when asked); nothing elsewhere."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _build_optimization(encoder: torch.nn.Module, config: TrainConfig, num_train: int):
+    from .optim import build_optimizer, cosine_schedule, schedule_steps
+
+    total_steps = schedule_steps(num_train, config.batch_size, config.schedule_epochs or config.epochs)
+    optimizer = build_optimizer(encoder, lr=config.lr)
+    scheduler = cosine_schedule(optimizer, total_steps)
+    return optimizer, scheduler, total_steps
+
+
+def _rng_state(device: torch.device, generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
+    state = {"torch_cpu": torch.get_rng_state(), **{name: g.get_state() for name, g in generators.items()}}
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any], device: torch.device, generators: Dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    for name, generator in generators.items():
+        generator.set_state(state[name])
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], device)
+
+
+def _check_resume_config(path: str, stored: Dict[str, Any], config: TrainConfig) -> None:
+    ckpt.check_same_model(path, {f: stored.get(f) for f in ckpt.MODEL_FIELDS}, config.model_config())
+    changed = [f"{f}: {stored.get(f)!r} -> {getattr(config, f)!r}" for f in _TRAJECTORY_FIELDS
+               if f in stored and stored[f] != getattr(config, f)]
+    if changed:
+        warnings.warn(f"resuming {path} with changed settings ({'; '.join(changed)}): the run will not match an "
+                      f"uninterrupted one")
+
+
+def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResult:
+    """Train an EMP-SSL encoder; returns it with the path of the final checkpoint.
+
+    ``data``: an already loaded data set (else ``config.dataset`` is loaded). Raises
+    NonFiniteLossError if the loss turns NaN/inf (the last good checkpoint stays in place).
+    """
+    config.validate()
+    device = resolve_device(config.device)
+    resumed = ckpt.load_checkpoint(config.resume) if config.resume else None
+    if resumed is not None:
+        _check_resume_config(config.resume, resumed.get("config", {}), config)
+
+    if data is None:
+        data = load_dataset(config.dataset, root=config.root, download=config.download, image_size=config.image_size,
+                            cache_dir=config.cache_dir, on_bad_image=config.on_bad_image, seed=config.data_seed,
+                            train_size=config.train_size, show_progress=config.progress)
+    images = data.train_images.to(device)
+    num_train = images.shape[0]
+    check_batch_size(config.batch_size, num_train)
+    height, width = images.shape[1:3]
+    if height != width:
+        raise ValueError(f"training images must be square, got {height}x{width}")
+
+    torch.manual_seed(config.seed)
+    encoder = build_encoder(**config.model_config()).to(device)
+    if config.channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    use_amp = config.bf16 and device.type == "cuda"
+    augment = MultiPatchAugment(augment_config_for(height), backend=config.augment_backend,
+                                out_dtype=torch.bfloat16 if use_amp else torch.float32, channels_last=config.channels_last)
+    criterion = EMPSSLLoss(config.eps, config.inv_coef, config.tcr_coef, backend=config.loss_backend)
+    optimizer, scheduler, schedule_length = _build_optimization(encoder, config, num_train)
+    forward = torch.compile(encoder) if config.compile else encoder
+
+    generators = {"permutation": torch.Generator(device=device).manual_seed(config.seed),
+                  "augment": torch.Generator(device=device).manual_seed(config.seed + 1)}
+    steps_per_epoch = num_train // config.batch_size
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    step = 0
+    permutation = None
+    if resumed is not None:
+        ckpt.load_model_state(encoder, resumed["model"], config.resume)
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        _set_rng_state(resumed["rng"], device, generators)
+        step = int(resumed["step"])
+        permutation = resumed["permutation"].to(device)
+
+    os.makedirs(config.out_dir, exist_ok=True)
+    checkpoint_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
+    metrics_path = os.path.join(config.out_dir, METRICS_NAME)
+
+    def write_checkpoint():
+        ckpt.save_checkpoint(checkpoint_path, {
+            "config": dataclasses.asdict(config),
+            "model_config": config.model_config(),
+            "model": encoder.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(device, generators),
+            "step": step,
+            "epoch": step // steps_per_epoch,
+            "permutation": permutation.cpu(),
+            "dataset": {"name": data.name, "num_train": num_train, "image_size": int(height)},
+        })
+
+    # device-side sums: read by the host only at log and checkpoint steps
+    loss_sums = torch.zeros(3, device=device)  # loss, tcr, inv since the last log
+    all_losses = torch.zeros((), device=device)  # NaN/inf once any step's loss was
+    # a checkpoint of the current step already exists only when resuming from this run's own file
+    same_file = resumed is not None and os.path.abspath(config.resume) == os.path.abspath(checkpoint_path)
+    last_checkpoint_step = step if same_file else None
+    last_metrics: Dict[str, Any] = {}
+
+    def check_finite(at_step):
+        if not math.isfinite(all_losses.item()):
+            where = (f"the last good checkpoint {checkpoint_path} (step {last_checkpoint_step}) is intact"
+                     if last_checkpoint_step is not None else "no checkpoint was written")
+            raise NonFiniteLossError(f"the loss became non-finite (NaN or inf) at or before step {at_step}; stopping: "
+                                     f"{where}. Try a lower --lr, or --bf16 off.")
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not config.progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    window_start, window_steps = start, 0
+    encoder.train()
+    try:
+        while step < total_steps:
+            position = step % steps_per_epoch
+            if position == 0:  # a new epoch: a new permutation (a resumed mid-epoch run keeps its stored one)
+                permutation = torch.randperm(num_train, device=device, generator=generators["permutation"])
+            batch = images[permutation[position * config.batch_size:(position + 1) * config.batch_size]]
+            patches = augment(batch, config.num_patches, generator=generators["augment"])
+            with autocast_context(device, config.bf16):
+                z = forward(patches)
+            z = z.float().reshape(config.num_patches, config.batch_size, -1)
+            loss, tcr, inv = criterion(z, return_parts=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            window_steps += 1
+            with torch.no_grad():
+                parts = torch.stack((loss.detach(), tcr.detach(), inv.detach())).float()
+                loss_sums += parts
+                all_losses += parts[0]
+
+            log_now = step % config.log_every == 0 or step == total_steps
+            checkpoint_now = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == total_steps
+            if log_now or checkpoint_now:
+                check_finite(step)
+            if log_now:
+                means = (loss_sums / window_steps).tolist()
+                now = time.perf_counter()
+                last_metrics = {
+                    "step": step, "epoch": step / steps_per_epoch, "loss": means[0], "tcr": means[1], "inv": means[2],
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "patches_per_s": window_steps * config.batch_size * config.num_patches / max(now - window_start, 1e-9),
+                    "elapsed_s": now - start,
+                }
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last_metrics) + "\n")
+                bar.set_postfix(loss=f"{means[0]:.3f}", tcr=f"{means[1]:.3f}", inv=f"{means[2]:.4f}",
+                                lr=f"{last_metrics['lr']:.4f}", patches_s=f"{last_metrics['patches_per_s']:.0f}")
+                loss_sums.zero_()
+                window_start, window_steps = now, 0
+            if checkpoint_now:
+                write_checkpoint()
+                last_checkpoint_step = step
+            bar.update(1)
+    finally:
+        bar.close()
+    if step > 0 and last_checkpoint_step != step:  # resumed at or past the end: still leave a checkpoint
+        write_checkpoint()
+    return TrainResult(encoder, checkpoint_path, step, last_metrics, time.perf_counter() - start)
+
+
+__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train", "augment_config_for", "resolve_device",
+           "autocast_context"]
