@@ -1,0 +1,228 @@
+"""Every Total Coding Rate backend against float64: value and gradient, odd shapes, dtypes.
+
+Ground truth: the reference composite evaluated in float64 on the same (rounded) input; it is
+itself checked against the authors' d x d formula at rtol 1e-8 in test_tcr.py. The loss is a
+random weighted sum of the R of each group, so grad_out != 1 and differs per group.
+
+Tolerances:
+- float32, well-conditioned Z: R to rtol 1e-5, max |dR/dZ error| <= 1e-4 max |dR/dZ|.
+- The cpu backend accumulates in float64, so it meets these on every Z, collapsed included.
+- Nearly or exactly collapsed Z makes M ill-conditioned (cond = 1 + alpha*b, about 5e3): a
+  float32 Gram loses 1e-5 of R and a float32 M^{-1} Z loses up to 2e-2 of the (tiny) gradient
+  to cancellation, the float32 torch composite included (measured 4e-5 and 8e-3 at b=100,
+  d=1024). Backends that compute in float32 (triton, cuda) must there meet the float32
+  tolerance above OR the flash-attention rule against that composite, whichever is looser;
+  the reference is that composite.
+- bf16 / fp16 (flash-attention rule): error vs float64 at most twice the error of PyTorch's
+  own computation in that dtype, defined in ``torch_in_dtype`` below.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from empssl import backends, coding_rate
+from empssl.reference import tcr as reference_tcr
+
+EPS = 0.2
+
+
+def make_z(kind, n, b, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        z = torch.randn(n, b, d, generator=g, dtype=torch.float64)
+    elif kind == "near":
+        z = torch.randn(n, 1, d, generator=g, dtype=torch.float64) + 1e-3 * torch.randn(n, b, d, generator=g, dtype=torch.float64)
+    elif kind == "collapsed":
+        z = torch.randn(n, 1, d, generator=g, dtype=torch.float64).expand(n, b, d)
+    else:
+        raise ValueError(kind)
+    return F.normalize(z, dim=-1).float().contiguous()
+
+
+def value_and_grad(fn, z, weights):
+    z = z.detach().clone().requires_grad_()
+    rate = fn(z)
+    (grad,) = torch.autograd.grad((rate * weights.to(device=rate.device, dtype=rate.dtype)).sum(), z)
+    return rate.detach(), grad
+
+
+def float64_truth(z, weights):
+    return value_and_grad(lambda x: reference_tcr.coding_rate(x, EPS), z.double(), weights.double())
+
+
+def torch_in_dtype(z, weights):
+    """PyTorch's own answer in z's dtype: the reference formula with its Gram (the one O(b^2 d)
+    product) computed by torch.bmm in that dtype (result rounded to it, as under autocast), then
+    a float32 Cholesky; autograd gives the gradient, in z's dtype."""
+
+    def rate_fn(x):
+        n, b, d = x.shape
+        side = x if b <= d else x.transpose(1, 2)
+        gram = torch.bmm(side, side.transpose(1, 2)).float()
+        eye = torch.eye(gram.shape[-1], device=x.device).expand_as(gram)
+        factor, _ = torch.linalg.cholesky_ex(eye + d / (b * EPS) * gram)
+        return torch.log(torch.diagonal(factor, dim1=-2, dim2=-1)).sum(-1)
+
+    return value_and_grad(rate_fn, z, weights)
+
+
+def errors(rate, grad, truth):
+    rate64, grad64 = truth
+    rate_err = ((rate.double().cpu() - rate64.cpu()).abs() / rate64.cpu().abs()).max().item()
+    grad_err = ((grad.double().cpu() - grad64.cpu()).abs().max() / grad64.cpu().abs().max()).item()
+    return rate_err, grad_err
+
+
+def assert_float32_accuracy(rate, grad, truth):
+    rate_err, grad_err = errors(rate, grad, truth)
+    assert rate.dtype == torch.float32 and grad.dtype == torch.float32
+    assert rate_err <= 1e-5, f"R relative error {rate_err:.2e}"
+    assert grad_err <= 1e-4, f"gradient error {grad_err:.2e} of max |g|"
+
+
+def assert_flash_rule(fast, baseline, truth, floor=1e-6):
+    """fast's error vs float64 <= 2 x baseline's error (+ a float32-level floor)."""
+    fast_rate_err, fast_grad_err = errors(*fast, truth)
+    base_rate_err, base_grad_err = errors(*baseline, truth)
+    assert fast_rate_err <= 2 * base_rate_err + floor, f"R error {fast_rate_err:.2e} vs torch's {base_rate_err:.2e}"
+    assert fast_grad_err <= 2 * base_grad_err + floor, f"grad error {fast_grad_err:.2e} vs torch's {base_grad_err:.2e}"
+
+
+def assert_float32_or_flash_rule(fast, baseline, truth):
+    """Ill-conditioned float32: the float32 tolerances, relaxed to 2x torch's own error where
+    torch's float32 composite cannot meet them."""
+    fast_rate_err, fast_grad_err = errors(*fast, truth)
+    base_rate_err, base_grad_err = errors(*baseline, truth)
+    assert fast_rate_err <= max(1e-5, 2 * base_rate_err), f"R error {fast_rate_err:.2e} vs torch's {base_rate_err:.2e}"
+    assert fast_grad_err <= max(1e-4, 2 * base_grad_err), f"grad error {fast_grad_err:.2e} vs torch's {base_grad_err:.2e}"
+
+
+def available(backend, z):
+    return backends.reasons("tcr", z.device, z)[backend] is None
+
+
+# Every b in {1, 7, 97, 100, 128, 129}, n in {1, 20, 200} and d in {16, 1024} appears,
+# on both sides of Sylvester's identity (b <= d and b > d).
+CPU_SHAPES = [(1, 1, 16), (20, 7, 1024), (200, 97, 16), (20, 100, 1024), (1, 128, 1024), (20, 129, 16), (1, 129, 1024), (200, 100, 16)]
+
+
+@pytest.mark.parametrize("kind", ["random", "near", "collapsed"])
+@pytest.mark.parametrize("n,b,d", CPU_SHAPES)
+def test_cpu_backend_float32_against_float64(n, b, d, kind):
+    z = make_z(kind, n, b, d, seed=n * 1000 + b + d)
+    weights = torch.randn(n, generator=torch.Generator().manual_seed(b))
+    rate, grad = value_and_grad(lambda x: coding_rate(x, EPS, backend="cpu"), z, weights)
+    assert_float32_accuracy(rate, grad, float64_truth(z, weights))
+
+
+@pytest.mark.parametrize("n,b,d", [(3, 7, 16), (2, 100, 1024), (4, 40, 9)])
+def test_reference_backend_float32_well_conditioned(n, b, d):
+    z = make_z("random", n, b, d, seed=7)
+    weights = torch.randn(n)
+    rate, grad = value_and_grad(lambda x: coding_rate(x, EPS, backend="reference"), z, weights)
+    assert_float32_accuracy(rate, grad, float64_truth(z, weights))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_float64_input_stays_float64(backend):
+    z = make_z("near", 3, 20, 30, seed=3).double()
+    weights = torch.randn(3, dtype=torch.float64)
+    rate, grad = value_and_grad(lambda x: coding_rate(x, EPS, backend=backend), z, weights)
+    rate64, grad64 = float64_truth(z, weights)
+    assert rate.dtype == torch.float64 and grad.dtype == torch.float64
+    torch.testing.assert_close(rate, rate64, rtol=1e-10, atol=0)
+    torch.testing.assert_close(grad, grad64, rtol=0, atol=1e-9 * grad64.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_non_contiguous_input(backend):
+    base = make_z("random", 4, 30, 48, seed=11)
+    transposed_view = base.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides (d*b, 1, b)
+    strided_view = torch.cat([base, base], dim=2)[:, :, ::2]  # every other column
+    weights = torch.randn(4)
+    for view in (transposed_view, strided_view):
+        assert not view.is_contiguous()
+        rate, grad = value_and_grad(lambda x: coding_rate(x, EPS, backend=backend), view, weights)
+        assert grad.shape == view.shape
+        assert_float32_accuracy(rate, grad, float64_truth(view, weights))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["random", "near"])
+@pytest.mark.parametrize("n,b,d", [(4, 100, 1024), (5, 129, 16), (3, 7, 64)])
+def test_cpu_backend_low_precision_flash_rule(n, b, d, kind, dtype):
+    z = make_z(kind, n, b, d, seed=b + d).to(dtype)
+    weights = torch.randn(n)
+    rate, grad = value_and_grad(lambda x: coding_rate(x, EPS, backend="cpu"), z, weights)
+    assert rate.dtype == torch.float32 and grad.dtype == dtype
+    assert_flash_rule((rate, grad), torch_in_dtype(z, weights), float64_truth(z, weights))
+
+
+# ---- triton (under the interpreter on CPU: small shapes only) ---------------------------
+
+TRITON_SHAPES = [(2, 7, 16), (3, 20, 40), (2, 33, 16)]
+
+
+def _triton_or_skip(z):
+    if not available("triton", z):
+        pytest.skip(f"triton backend unavailable: {backends.reasons('tcr', z.device, z)['triton']}")
+
+
+@pytest.mark.parametrize("kind", ["random", "near", "collapsed"])
+@pytest.mark.parametrize("n,b,d", TRITON_SHAPES)
+def test_triton_backend_float32(n, b, d, kind):
+    z = make_z(kind, n, b, d, seed=5 + b)
+    _triton_or_skip(z)
+    weights = torch.randn(n)
+    fast = value_and_grad(lambda x: coding_rate(x, EPS, backend="triton"), z, weights)
+    truth = float64_truth(z, weights)
+    if kind == "random":
+        assert_float32_accuracy(*fast, truth)
+    else:
+        assert_float32_or_flash_rule(fast, value_and_grad(lambda x: reference_tcr.coding_rate(x, EPS), z, weights), truth)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_backend_low_precision(dtype):
+    z = make_z("random", 2, 20, 48, seed=9).to(dtype)
+    _triton_or_skip(z)
+    weights = torch.randn(2)
+    fast = value_and_grad(lambda x: coding_rate(x, EPS, backend="triton"), z, weights)
+    assert fast[0].dtype == torch.float32 and fast[1].dtype == dtype
+    assert_flash_rule(fast, torch_in_dtype(z, weights), float64_truth(z, weights))
+
+
+# ---- GPU: the cuda kernel (b <= 128, b <= d) and its composite fallback, triton ------------
+
+GPU_SHAPES = [(20, 100, 1024), (200, 100, 1024), (4, 128, 1024), (3, 1, 16), (5, 33, 100), (3, 129, 1024), (5, 100, 16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["random", "near", "collapsed"])
+@pytest.mark.parametrize("n,b,d", GPU_SHAPES)
+def test_gpu_backends_against_float64(backend, dtype, kind, n, b, d):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    z = make_z(kind, n, b, d, seed=n + b + d).to("cuda", dtype)
+    if not available(backend, z):
+        pytest.skip(backends.reasons("tcr", z.device, z)[backend])
+    weights = torch.randn(n, device="cuda")
+    fast = value_and_grad(lambda x: coding_rate(x, EPS, backend=backend), z, weights)
+    assert fast[0].dtype == torch.float32 and fast[1].dtype == dtype
+    truth = float64_truth(z, weights)
+    if dtype == torch.float32 and kind == "random":
+        assert_float32_accuracy(*fast, truth)
+    elif dtype == torch.float32:
+        assert_float32_or_flash_rule(fast, value_and_grad(lambda x: reference_tcr.coding_rate(x, EPS), z, weights), truth)
+    else:
+        assert_flash_rule(fast, torch_in_dtype(z, weights), truth)
+
+
+@pytest.mark.gpu
+def test_gpu_forward_only_and_auto_choice():
+    z = make_z("random", 20, 100, 1024, seed=1).cuda()
+    assert backends.select_backend("tcr", "auto", z.device, z) == "cuda"
+    rate, grad = torch.ops.empssl.tcr_forward_backward(z, 1024 / (100 * EPS), False)
+    assert grad.numel() == 0
+    torch.testing.assert_close(rate.double().cpu(), reference_tcr.coding_rate(z.double(), EPS).cpu(), rtol=1e-5, atol=0)
