@@ -104,18 +104,128 @@ std::tuple<at::Tensor, at::Tensor> tcr_forward_backward_cuda_op(const at::Tensor
 
 // ---- Multi-patch augmentation (augment) ---------------------------------------------
 
+#include "augment_params.h"
+
+namespace empssl {
+namespace augment {
+// csrc/cpu/augment.cpp
+void augment_cpu(const Images& images, const int64_t* source_index, const float* params, int64_t num_patches,
+                 const Config& config, const Output& output);
+#ifdef EMPSSL_WITH_CUDA
+// csrc/cuda/augment.cu: returns nullptr or an error message; scratch holds augment_cuda_scratch_floats floats
+const char* augment_cuda(const Images& images, const int64_t* source_index, const float* params, int64_t num_patches,
+                         const Config& config, const Output& output, float* scratch, cudaStream_t stream);
+int64_t augment_cuda_scratch_floats(int64_t num_patches, int output_size);
+#endif
+}  // namespace augment
+}  // namespace empssl
+
+namespace {
+
+struct AugmentCall {
+  empssl::augment::Images images;
+  empssl::augment::Config config;
+  empssl::augment::Output output;
+  at::Tensor out, source_index, params;
+};
+
+// Checks every argument (before any launch) and lays out the raw views the kernels take.
+AugmentCall prepare_augment(const at::Tensor& images, const at::Tensor& source_index, const at::Tensor& params,
+                            int64_t output_size, int64_t blur_kernel_size, double solarize_threshold,
+                            at::ArrayRef<double> mean, at::ArrayRef<double> std, int64_t jitter_op_mask,
+                            at::ScalarType out_dtype, bool channels_last) {
+  namespace A = empssl::augment;
+  TORCH_CHECK(images.dim() == 4 && images.size(3) == 3 && images.scalar_type() == at::kByte,
+              "augment_patches: images must be a uint8 view (N, H, W, 3), got ", images.scalar_type(), " ", images.sizes());
+  TORCH_CHECK(source_index.dim() == 1 && source_index.scalar_type() == at::kLong,
+              "augment_patches: source_index must be int64 of shape (P,), got ", source_index.scalar_type(), " ", source_index.sizes());
+  TORCH_CHECK(params.dim() == 2 && params.size(1) == A::NUM_PARAMS && params.scalar_type() == at::kFloat,
+              "augment_patches: params must be float32 (P, ", A::NUM_PARAMS, "), got ", params.scalar_type(), " ", params.sizes());
+  TORCH_CHECK(params.size(0) == source_index.size(0), "augment_patches: params has ", params.size(0),
+              " rows but source_index has ", source_index.size(0));
+  TORCH_CHECK(source_index.device() == images.device() && params.device() == images.device(),
+              "augment_patches: images, source_index and params must be on one device");
+  TORCH_CHECK(images.size(0) > 0 && images.size(1) > 0 && images.size(2) > 0, "augment_patches: images must not be empty");
+  TORCH_CHECK(blur_kernel_size >= 1 && blur_kernel_size % 2 == 1, "augment_patches: blur_kernel_size must be odd, got ", blur_kernel_size);
+  TORCH_CHECK(output_size >= 1 && output_size > blur_kernel_size / 2, "augment_patches: output_size (", output_size,
+              ") must exceed blur_kernel_size / 2 (reflect padding)");
+  TORCH_CHECK(mean.size() == 3 && std.size() == 3, "augment_patches: mean and std must have 3 values");
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
+              "augment_patches: out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
+
+  AugmentCall call;
+  call.source_index = source_index.contiguous();
+  call.params = params.contiguous();
+  const int64_t P = params.size(0);
+  call.out = at::empty({P, 3, output_size, output_size}, images.options().dtype(out_dtype),
+                       channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  call.images = {images.data_ptr<uint8_t>(), images.size(0), images.size(1), images.size(2),
+                 images.stride(0), images.stride(1), images.stride(2), images.stride(3)};
+  call.config.output_size = static_cast<int>(output_size);
+  call.config.blur_kernel_size = static_cast<int>(blur_kernel_size);
+  call.config.solarize_threshold = static_cast<float>(solarize_threshold);
+  for (int c = 0; c < 3; ++c) {
+    call.config.mean[c] = static_cast<float>(mean[c]);
+    call.config.std[c] = static_cast<float>(std[c]);
+  }
+  call.config.jitter_op_mask = static_cast<int>(jitter_op_mask);
+  const A::OutDtype dtype = out_dtype == at::kFloat ? A::OutDtype::Float32
+                            : out_dtype == at::kBFloat16 ? A::OutDtype::BFloat16 : A::OutDtype::Float16;
+  call.output = {call.out.data_ptr(), dtype, call.out.stride(0), call.out.stride(1), call.out.stride(2), call.out.stride(3)};
+  return call;
+}
+
+at::Tensor augment_patches_cpu(const at::Tensor& images, const at::Tensor& source_index, const at::Tensor& params,
+                               int64_t output_size, int64_t blur_kernel_size, double solarize_threshold,
+                               at::ArrayRef<double> mean, at::ArrayRef<double> std, int64_t jitter_op_mask,
+                               at::ScalarType out_dtype, bool channels_last) {
+  AugmentCall call = prepare_augment(images, source_index, params, output_size, blur_kernel_size, solarize_threshold,
+                                     mean, std, jitter_op_mask, out_dtype, channels_last);
+  if (call.out.numel() > 0) {
+    empssl::augment::augment_cpu(call.images, call.source_index.data_ptr<int64_t>(), call.params.data_ptr<float>(),
+                                 call.params.size(0), call.config, call.output);
+  }
+  return call.out;
+}
+
+#ifdef EMPSSL_WITH_CUDA
+at::Tensor augment_patches_cuda(const at::Tensor& images, const at::Tensor& source_index, const at::Tensor& params,
+                                int64_t output_size, int64_t blur_kernel_size, double solarize_threshold,
+                                at::ArrayRef<double> mean, at::ArrayRef<double> std, int64_t jitter_op_mask,
+                                at::ScalarType out_dtype, bool channels_last) {
+  const c10::cuda::CUDAGuard guard(images.device());
+  AugmentCall call = prepare_augment(images, source_index, params, output_size, blur_kernel_size, solarize_threshold,
+                                     mean, std, jitter_op_mask, out_dtype, channels_last);
+  const int64_t P = call.params.size(0);
+  if (P == 0) return call.out;
+  at::Tensor scratch = at::empty({std::max<int64_t>(1, empssl::augment::augment_cuda_scratch_floats(P, call.config.output_size))},
+                                 images.options().dtype(at::kFloat));
+  const char* error = empssl::augment::augment_cuda(call.images, call.source_index.data_ptr<int64_t>(),
+                                                    call.params.data_ptr<float>(), P, call.config, call.output,
+                                                    scratch.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(error == nullptr, "augment_patches (cuda): ", error ? error : "");
+  return call.out;
+}
+#endif
+
+}  // namespace
+
 // ---- Registration ---------------------------------------------------------------------
 
 TORCH_LIBRARY(empssl, m) {
   // tcr schema
   m.def("tcr_forward_backward(Tensor z, float alpha, bool need_grad) -> (Tensor, Tensor)");
   // augment schema
+  m.def("augment_patches(Tensor images, Tensor source_index, Tensor params, int output_size, int blur_kernel_size, "
+        "float solarize_threshold, float[] mean, float[] std, int jitter_op_mask, ScalarType out_dtype, "
+        "bool channels_last) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(empssl, CPU, m) {
   // tcr cpu
   m.impl("tcr_forward_backward", &tcr_forward_backward_cpu_op);
   // augment cpu
+  m.impl("augment_patches", &augment_patches_cpu);
 }
 
 #ifdef EMPSSL_WITH_CUDA
@@ -123,6 +233,7 @@ TORCH_LIBRARY_IMPL(empssl, CUDA, m) {
   // tcr cuda
   m.impl("tcr_forward_backward", &tcr_forward_backward_cuda_op);
   // augment cuda
+  m.impl("augment_patches", &augment_patches_cuda);
 }
 #endif
 

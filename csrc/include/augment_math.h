@@ -1,0 +1,284 @@
+// Per-pixel math of the fused augmentation, shared by the CPU (csrc/cpu/augment.cpp) and CUDA
+// (csrc/cuda/augment.cu) kernels. Every formula follows empssl/reference/augment.py operation
+// by operation (same float32 expressions, same order), so the fast paths differ from the
+// reference only by summation order and FMA contraction.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "augment_params.h"
+
+#if defined(__CUDACC__)
+#define EMPSSL_HD __host__ __device__ __forceinline__
+#else
+#define EMPSSL_HD inline
+#endif
+
+namespace empssl {
+namespace augment {
+
+// ---- scalars of the reference --------------------------------------------------------------
+
+// uint8 -> [0, 1]: the reference multiplies by the float32 value of 1/255 (torchvision's to_dtype)
+constexpr float INV_255 = static_cast<float>(1.0 / 255.0);
+constexpr float GRAY_R = 0.2989f, GRAY_G = 0.587f, GRAY_B = 0.114f;
+constexpr float ONE_SIXTH = static_cast<float>(1.0 / 6.0);
+
+// a / b rounded to nearest. On the GPU without the division slow path, whose subroutine call
+// costs register saves (reported by ptxas as spills): reciprocal estimate, one Newton step, and
+// one residual correction of the quotient, correct for the normal operands of this chain.
+EMPSSL_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  float r = __fdividef(1.0f, b);
+  r = fmaf(fmaf(-b, r, 1.0f), r, r);
+  const float q = a * r;
+  return fmaf(fmaf(-b, q, a), r, q);
+#else
+  return a / b;
+#endif
+}
+
+// The same for float64 (the resampling weights): two Newton steps from the float estimate.
+EMPSSL_HD double div_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  double r = static_cast<double>(__fdividef(1.0f, static_cast<float>(b)));
+  r = fma(fma(-b, r, 1.0), r, r);
+  r = fma(fma(-b, r, 1.0), r, r);
+  const double q = a * r;
+  return fma(fma(-b, q, a), r, q);
+#else
+  return a / b;
+#endif
+}
+
+#if !defined(__CUDACC__)
+// Four float lanes (GCC/Clang vector extension): the CPU kernel runs hue_shift on these, as
+// GCC does not if-convert its selects when vectorising a loop of scalar calls.
+typedef float Float4 __attribute__((vector_size(16)));
+typedef int32_t Int4 __attribute__((vector_size(16)));
+inline Float4 trunc_small(Float4 x) { return __builtin_convertvector(__builtin_convertvector(x, Int4), Float4); }
+inline Float4 div_rn(Float4 a, Float4 b) { return a / b; }
+#endif
+
+// x broadcast to every lane of F (float or Float4)
+template <typename F>
+EMPSSL_HD F splat(float x) {
+  return F{} + x;
+}
+
+EMPSSL_HD float clamp01(float x) {
+  // comparisons rather than fminf/fmaxf: they vectorise on the CPU (no NaN can occur here)
+  x = x < 0.0f ? 0.0f : x;
+  return x > 1.0f ? 1.0f : x;
+}
+
+// truncation toward zero for |x| < 2^31; exact, and vectorisable without SSE4.1
+EMPSSL_HD float trunc_small(float x) { return static_cast<float>(static_cast<int>(x)); }
+
+EMPSSL_HD float gray(float r, float g, float b) { return r * GRAY_R + g * GRAY_G + b * GRAY_B; }
+
+// ---- colour jitter (torchvision's _blend on float images) ---------------------------------
+
+EMPSSL_HD float brightness(float x, float f) { return clamp01(x * f); }
+
+// contrast and saturation: clamp(f * x + (1 - f) * other), other = the patch's mean gray / the pixel's gray
+EMPSSL_HD float blend(float x, float other, float f) { return clamp01(x * f + other * (1.0f - f)); }
+
+// clamp to [0, 1] of every lane (selects: they vectorise, no NaN can occur here)
+template <typename F>
+EMPSSL_HD F clamp01_lanes(F x) {
+  const F zero = splat<F>(0.0f), one = splat<F>(1.0f);
+  x = x < zero ? zero : x;
+  return x > one ? one : x;
+}
+
+// Hue shift: torchvision's _rgb2hsv, h = (h + shift) mod 1, _hsv2rgb, in the reference's float32
+// steps. F is float (CUDA, scalar CPU) or Float4 (CPU lanes): straight-line code with selects.
+template <typename F>
+EMPSSL_HD void hue_shift(F& r_io, F& g_io, F& b_io, float shift) {
+  const F r = r_io, g = g_io, b = b_io;
+  const F zero = splat<F>(0.0f), one = splat<F>(1.0f);
+  F maxc = r > g ? r : g;
+  maxc = maxc > b ? maxc : b;
+  F minc = r < g ? r : g;
+  minc = minc < b ? minc : b;
+  const F chroma = maxc - minc;
+  // the reference divides by 1 where maxc == minc (hue and saturation are 0 there); chroma is 0
+  // exactly there, so adding 1 gives the same divisors: 1 for chroma, and for the saturation
+  // 0 / (maxc + 1) = 0 = 0 / 1
+  const F gray_one = maxc == minc ? one : zero;
+  const F s = div_rn(chroma, maxc + gray_one);
+  const F divisor = chroma + gray_one;
+  const F rc = div_rn(maxc - r, divisor);
+  const F gc = div_rn(maxc - g, divisor);
+  const F bc = div_rn(maxc - b, divisor);
+  const F h_r = bc - gc, h_g = (rc + 2.0f) - bc, h_b = (gc + 4.0f) - rc;
+  // the maximum's channel decides, r before g before b
+  F h = maxc == g ? h_g : h_b;
+  h = maxc == r ? h_r : h;
+  // fmod(h / 6 + 1, 1): the argument lies in [5/6, 11/6], where x - trunc(x) is fmod exactly
+  h = h * ONE_SIXTH + 1.0f;
+  h = h - trunc_small(h);
+  // torch.remainder(h + shift, 1): fmod, then + 1 where negative (|h + shift| < 2)
+  h = h + shift;
+  h = h - trunc_small(h);
+  h = h < zero ? h + 1.0f : h;
+  const F v = maxc;
+  const F h6 = h * 6.0f;
+  F sector = trunc_small(h6);  // floor: h6 >= 0
+  const F frac = h6 - sector;
+  const F six = splat<F>(6.0f);
+  sector = sector >= six ? sector - 6.0f : sector;  // h == 1 after rounding
+  const F p = clamp01_lanes(v * (1.0f - s));
+  const F q = clamp01_lanes(v * (1.0f - s * frac));
+  const F t = clamp01_lanes(v * (s * frac + (1.0f - s)));
+  const F s0 = splat<F>(0.0f), s1 = splat<F>(1.0f), s2 = splat<F>(2.0f), s3 = splat<F>(3.0f), s4 = splat<F>(4.0f),
+          s5 = splat<F>(5.0f);
+  // sector:      0  1  2  3  4  5
+  // r:           v  q  p  p  t  v
+  // g:           t  v  v  q  p  p
+  // b:           p  p  t  v  v  q
+  F out = sector == s4 ? t : p;
+  out = sector == s1 ? q : out;
+  r_io = (sector == s0) | (sector == s5) ? v : out;
+  out = sector == s3 ? q : p;
+  out = sector == s0 ? t : out;
+  g_io = (sector == s1) | (sector == s2) ? v : out;
+  out = sector == s5 ? q : p;
+  out = sector == s2 ? t : out;
+  b_io = (sector == s3) | (sector == s4) ? v : out;
+}
+
+// ---- the remaining pixel ops -----------------------------------------------------------------
+
+EMPSSL_HD float solarize(float x, float threshold) { return x >= threshold ? 1.0f - x : x; }
+
+EMPSSL_HD float normalize(float x, float mean, float std) { return div_rn(x - mean, std); }
+
+// ---- resampling weights of the resized crop ------------------------------------------------
+// torch.nn.functional.interpolate(bilinear, align_corners=False, antialias=True) on the crop:
+// scale = crop_len / out_size, support = max(scale, 1), output pixel i centred at
+// scale * (i + 0.5) in crop coordinates, source pixel j weighted by the triangle
+// max(0, 1 - |(j + 0.5 - center) / support|), normalised over the crop. Float64, as the reference.
+
+// Largest number of source pixels one output pixel can read from a crop of at most max_crop_len.
+EMPSSL_HD int max_resample_taps(int64_t max_crop_len, int out_size) {
+  const double scale = static_cast<double>(max_crop_len) / out_size;
+  const double support = scale > 1.0 ? scale : 1.0;
+  return static_cast<int>(ceil(2.0 * support)) + 1;
+}
+
+// Fills weights[0..count) for output pixel `out_index`; returns the first crop-relative source
+// index and sets count (at most max_taps; the window holds exactly the non-zero taps).
+EMPSSL_HD int resample_weights(int out_index, int crop_len, int out_size, int max_taps, float* weights, int* count) {
+  const double scale = div_rn(static_cast<double>(crop_len), static_cast<double>(out_size));
+  const double support = scale > 1.0 ? scale : 1.0;
+  const double center = scale * (out_index + 0.5);
+  int first = static_cast<int>(floor(center - support - 0.5)) + 1;
+  int last = static_cast<int>(ceil(center + support - 0.5)) - 1;
+  first = first < 0 ? 0 : first;
+  last = last > crop_len - 1 ? crop_len - 1 : last;
+  if (last - first + 1 > max_taps) last = first + max_taps - 1;  // memory safety only: never for valid crops
+  double total = 0.0;
+  for (int j = first; j <= last; ++j) {
+    const double w = 1.0 - fabs(div_rn(j + 0.5 - center, support));
+    total += w > 0.0 ? w : 0.0;
+  }
+  int n = 0;
+  for (int j = first; j <= last; ++j, ++n) {
+    const double w = 1.0 - fabs(div_rn(j + 0.5 - center, support));
+    weights[n] = static_cast<float>(div_rn(w > 0.0 ? w : 0.0, total));
+  }
+  *count = n;
+  return first;
+}
+
+// The crop box of a parameter row, clamped into the H x W image. For memory safety only:
+// sampled crops always lie inside their image.
+struct CropBox {
+  int top, left, height, width;
+};
+
+EMPSSL_HD CropBox crop_box(const float* row, int64_t height, int64_t width) {
+  int64_t top = static_cast<int64_t>(row[CROP_TOP]), left = static_cast<int64_t>(row[CROP_LEFT]);
+  int64_t h = static_cast<int64_t>(row[CROP_HEIGHT]), w = static_cast<int64_t>(row[CROP_WIDTH]);
+  top = top < 0 ? 0 : (top > height - 1 ? height - 1 : top);
+  left = left < 0 ? 0 : (left > width - 1 ? width - 1 : left);
+  h = h > height - top ? height - top : (h < 1 ? 1 : h);
+  w = w > width - left ? width - left : (w < 1 ? 1 : w);
+  return {static_cast<int>(top), static_cast<int>(left), static_cast<int>(h), static_cast<int>(w)};
+}
+
+// ---- Gaussian blur ---------------------------------------------------------------------------
+
+// Normalised 1-D Gaussian of kernel_size taps, exp(-0.5 (t / sigma)^2), t = -(K-1)/2 .. (K-1)/2.
+EMPSSL_HD void gaussian_weights(float sigma, int kernel_size, float* weights) {
+  const int radius = kernel_size / 2;
+  float total = 0.0f;
+  for (int k = 0; k < kernel_size; ++k) {
+    const float t = div_rn(static_cast<float>(k - radius), sigma);
+    weights[k] = expf(-0.5f * (t * t));
+    total += weights[k];
+  }
+  for (int k = 0; k < kernel_size; ++k) weights[k] = div_rn(weights[k], total);
+}
+
+// Reflect padding (torch's "reflect": the edge pixel is not repeated); valid for -size < i < 2 size - 1.
+EMPSSL_HD int reflect_index(int i, int size) {
+  i = i < 0 ? -i : i;
+  return i >= size ? 2 * size - 2 - i : i;
+}
+
+// ---- output element types -------------------------------------------------------------------
+
+EMPSSL_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+EMPSSL_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+// float32 -> bfloat16 bits, round to nearest even (as torch's .to(torch.bfloat16))
+EMPSSL_HD uint16_t float_to_bf16_bits(float f) {
+  uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// float32 -> IEEE half bits, round to nearest even, with subnormals, overflow to inf, NaN
+EMPSSL_HD uint16_t float_to_half_bits(float f) {
+  uint32_t u = float_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  u &= 0x7fffffffu;
+  uint32_t h;
+  if (u >= (143u << 23)) {  // >= 65536 (or inf / NaN); 65520 .. 65536 rounds up to inf below
+    h = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  } else if (u < (113u << 23)) {  // below 2^-14: half subnormal or zero; float addition rounds to even
+    const float magic = bits_float(126u << 23);  // 0.5: its ulp is the half subnormal step 2^-24
+    h = float_bits(bits_float(u) + magic) - (126u << 23);
+  } else {
+    const uint32_t mantissa_odd = (u >> 13) & 1u;
+    u += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + mantissa_odd;
+    h = u >> 13;
+  }
+  return static_cast<uint16_t>(h | sign);
+}
+
+}  // namespace augment
+}  // namespace empssl
