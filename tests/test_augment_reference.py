@@ -119,6 +119,20 @@ def test_jitter_op_matches_torchvision(name, ours_fn, torchvision_fn, low, high,
     _report(f"{name} ({values})", (ours.double() - expected).abs().max().item())
 
 
+def test_hsv_conversions_match_torchvision():
+    """The two halves of the hue op on their own (kernels may fuse them differently)."""
+    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+
+    x32, _ = _smooth_patches(8, 12, seed=11)
+    x32[:, :, 0, :3] = torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 0.0], [0.2, 0.6, 0.6]]).T  # gray and tied pixels
+    hsv = ref.rgb_to_hsv(x32)
+    assert (hsv >= 0).all() and (hsv[:, 0] < 1).all()
+    _report("rgb_to_hsv", (hsv - _rgb_to_hsv(x32)).abs().max().item())
+    # hue exactly at the sector boundaries, including 1.0 (remainder of a tiny negative shift rounds up to 1)
+    hsv[:, 0, 1, :8] = torch.tensor([0.0, 1 / 6, 2 / 6, 0.5, 4 / 6, 5 / 6, 1.0, 1.0 - 2**-24])
+    _report("hsv_to_rgb", (ref.hsv_to_rgb(hsv) - _hsv_to_rgb(hsv)).abs().max().item())
+
+
 def test_hue_in_float32_is_close_to_float64():
     """torchvision's hue op always computes in float32 (the reference matches it bit for bit);
     this measures what float32 costs against the same formulas evaluated in float64."""

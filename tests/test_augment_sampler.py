@@ -167,7 +167,7 @@ def test_imagenet_recipe_area_and_ratio(height, width):
     "height, width, scale, ratio",
     [
         (32, 32, (0.08, 1.0), (20.0, 30.0)),  # in_ratio < min(ratio): full width, short crop
-        (32, 32, (0.5, 1.0), (0.05, 0.1)),  # in_ratio > max(ratio): full height, narrow crop
+        (32, 32, (0.5, 1.0), (0.05, 0.11)),  # in_ratio > max(ratio): full height, narrow crop (round(3.52) = 4)
         (32, 800, (1.5, 2.0), (20.0, 30.0)),  # area never fits, in_ratio inside ratio: the whole image
         (45, 17, (0.5, 1.0), (11.0, 13.0)),  # odd sizes, rounding of the clamped ratio
     ],
