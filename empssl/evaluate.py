@@ -20,7 +20,9 @@ from .augment import AugmentConfig, MultiPatchAugment
 from .data import ImageDataset
 from .train import augment_config_for, autocast_context
 
-MAX_PATCHES_PER_FORWARD = 8192
+# patches per encoder forward: large on a GPU; on a CPU smaller chunks stay in cache (1371 vs 972
+# patches/s for 512 vs 8192 16x16 patches, width 0.25, 2-core CPU)
+MAX_PATCHES_PER_FORWARD = {"cuda": 8192, "cpu": 1024}
 
 
 @torch.no_grad()
@@ -31,14 +33,15 @@ def extract_features(
     augment: Optional[MultiPatchAugment] = None,
     generator: Optional[torch.Generator] = None,
     bf16: bool = True,
-    max_patches_per_forward: int = MAX_PATCHES_PER_FORWARD,
+    max_patches_per_forward: Optional[int] = None,
     progress: bool = False,
     description: str = "features",
 ) -> torch.Tensor:
     """(N, feature_dim) float32: per image, the mean ``encoder.features`` of ``num_patches`` augmented patches.
 
     ``images``: uint8 (N, H, W, 3) on the encoder's device. The encoder runs in eval mode
-    (its previous mode is restored) on chunks of at most ``max_patches_per_forward`` patches.
+    (its previous mode is restored) on chunks of at most ``max_patches_per_forward`` patches
+    (default: ``MAX_PATCHES_PER_FORWARD`` of the device type).
     """
     if not isinstance(num_patches, int) or num_patches < 1:
         raise ValueError(f"num_patches must be a positive integer, got {num_patches!r}")
@@ -46,6 +49,8 @@ def extract_features(
         raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
     device = images.device
     augment = augment or MultiPatchAugment(augment_config_for(int(images.shape[1])))
+    if max_patches_per_forward is None:
+        max_patches_per_forward = MAX_PATCHES_PER_FORWARD.get(device.type, 8192)
     images_per_chunk = max(1, max_patches_per_forward // num_patches)
     was_training = encoder.training
     encoder.eval()
