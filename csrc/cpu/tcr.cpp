@@ -8,7 +8,7 @@
 // nearly collapsed Z, and a float32 M^{-1} X loses 1e-2 of the (tiny) gradient of an exactly
 // collapsed Z to cancellation. Products of float32 inputs are exact in float64.
 //
-// Both matrix products run through one register-blocked micro-kernel (8 rows x 16 columns of
+// Both matrix products run through one register-blocked micro-kernel (4 rows x 32 columns of
 // float64 in GCC vector types), compiled for AVX-512, AVX2 and baseline x86-64 by
 // target_clones and picked at load time, so the binary stays safe on older CPUs.
 // Measured (2-core CPU, AVX-512, n=20 b=100 d=1024, fwd+bwd): see bench/tcr.py.
@@ -36,8 +36,8 @@ namespace {
 typedef double vd8 __attribute__((vector_size(64)));
 typedef double vd8u __attribute__((vector_size(64), aligned(8)));  // unaligned access
 
-constexpr int kTileRows = 8;
-constexpr int kTileCols = 16;  // two vd8
+constexpr int kTileRows = 4;   // 4 x 32 measured fastest of 8x16, 8x24, 6x24, 6x32, 4x32, 4x48, 3x64
+constexpr int kTileCols = 32;  // four vd8: 16 accumulators of the 32 AVX-512 registers
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -49,37 +49,38 @@ inline int64_t padded_ld(int64_t cols) {
 }
 
 constexpr int64_t kTransposeBlock = 16;
-constexpr int64_t kGramDepth = 256;  // columns of X per pass: the 16-column panel of X^T (32 KiB) stays in L1
+constexpr int64_t kGramDepth = 128;  // columns of X per pass: the 32-column panel of X^T (32 KiB) stays in L1
 
-// C[0:kTileRows][0:16] (+)= sum_{k<K} A[i][k] * B[k][0:16]; A row-major (lda), B row-major (ldb).
-// kTileRows x 2 vector accumulators stay in registers (16 of the 32 AVX-512 registers).
+// C[0:kTileRows][0:kTileCols] (+)= sum_{k<K} A[i][k] * B[k][0:kTileCols]; A row-major (lda),
+// B row-major (ldb). kTileRows x kTileCols/8 vector accumulators stay in registers.
 template <bool Accumulate>
 static inline __attribute__((always_inline)) void micro_kernel(const double* A, int64_t lda, const double* B,
                                                                int64_t ldb, int64_t K, double* C, int64_t ldc) {
-  vd8 c[kTileRows][2];
+  constexpr int V = kTileCols / 8;
+  vd8 c[kTileRows][V];
 #pragma GCC unroll 8
-  for (int r = 0; r < kTileRows; ++r) c[r][0] = c[r][1] = vd8{0};
+  for (int r = 0; r < kTileRows; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) c[r][v] = vd8{0};
   for (int64_t k = 0; k < K; ++k) {
-    const vd8 b0 = *reinterpret_cast<const vd8u*>(B + k * ldb);
-    const vd8 b1 = *reinterpret_cast<const vd8u*>(B + k * ldb + 8);
+    vd8 bv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) bv[v] = *reinterpret_cast<const vd8u*>(B + k * ldb + 8 * v);
 #pragma GCC unroll 8
     for (int r = 0; r < kTileRows; ++r) {
       const double x = A[r * lda + k];
-      c[r][0] += x * b0;
-      c[r][1] += x * b1;
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) c[r][v] += x * bv[v];
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < kTileRows; ++r) {
-    vd8u* out0 = reinterpret_cast<vd8u*>(C + r * ldc);
-    vd8u* out1 = reinterpret_cast<vd8u*>(C + r * ldc + 8);
-    if (Accumulate) {
-      c[r][0] += *out0;
-      c[r][1] += *out1;
+  for (int r = 0; r < kTileRows; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      vd8u* out = reinterpret_cast<vd8u*>(C + r * ldc + 8 * v);
+      if (Accumulate) c[r][v] += *out;
+      *out = c[r][v];
     }
-    *out0 = c[r][0];
-    *out1 = c[r][1];
-  }
 }
 
 double log_double(double x) { return std::log(x); }
@@ -115,7 +116,7 @@ struct GroupBuffers {
 EMPSSL_CPU_CLONES
 double group_logdet_and_solve(GroupBuffers& w, double alpha) {
   const int64_t rows = w.rows, len = w.len;
-  // Lower-triangle tiles of X X^T (rows i >= j0 of each 16-column panel; the diagonal tiles
+  // Lower-triangle tiles of X X^T (rows i >= j0 of each kTileCols-column panel; the diagonal tiles
   // are computed whole), in passes of kGramDepth columns of X.
   for (int64_t k0 = 0; k0 < len; k0 += kGramDepth) {
     const int64_t depth = std::min(kGramDepth, len - k0);
@@ -140,7 +141,7 @@ double group_logdet_and_solve(GroupBuffers& w, double alpha) {
   }
   const double logdet = tcr::sweep_inverse_logdet<double>(w.m, static_cast<int>(w.ldm), static_cast<int>(rows), w.col,
                                                           log_double);
-  // Y = (-M^{-1}) X, column panels outer so that a 16-column panel of X stays in L1.
+  // Y = (-M^{-1}) X, column panels outer so that a kTileCols-column panel of X stays in L1.
   for (int64_t j0 = 0; j0 < w.ldx; j0 += kTileCols)
     for (int64_t i0 = 0; i0 < rows; i0 += kTileRows)
       micro_kernel<false>(w.m + i0 * w.ldm, w.ldm, w.x + j0, w.ldx, rows, w.y + i0 * w.ldx + j0, w.ldx);
