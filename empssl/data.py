@@ -428,6 +428,18 @@ SYNTHETIC_CLASSES = ("disc", "square", "triangle", "ring", "cross", "stripes_hor
                      "checker", "dots", "gradient")
 
 
+class _Geometry:
+    """Per-image shape parameters (k, 1, 1) of the images of one class, and their offsets from the centre."""
+
+    def __init__(self, cy, cx, radius, period, phase, angle, y, x):
+        self.radius, self.period, self.phase, self.angle = radius, period, phase, angle
+        self.dy, self.dx = y - cy, x - cx
+        self.dist = torch.sqrt(self.dx * self.dx + self.dy * self.dy)
+
+    def wave(self, t):
+        return torch.sin(2 * math.pi * (t / self.period + self.phase))
+
+
 def _synthetic_split(count: int, size: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
     """``count`` images (count, size, size, 3) uint8 of random classes, all drawn from ``generator``."""
     u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
@@ -440,27 +452,26 @@ def _synthetic_split(count: int, size: int, generator: torch.Generator) -> Tuple
     period = (0.16 + 0.14 * u(count)).view(-1, 1, 1)
     phase = u(count).view(-1, 1, 1)
     angle = (2 * math.pi * u(count)).view(-1, 1, 1)
-    dy, dx = y - cy, x - cx
-    dist = torch.sqrt(dx * dx + dy * dy)
-    wave = lambda t: torch.sin(2 * math.pi * (t / period + phase))  # noqa: E731
-    masks = {
-        "disc": dist < radius,
-        "square": torch.maximum(dx.abs(), dy.abs()) < 0.85 * radius,
+    # each class's mask is computed on that class's images only (a soft mask in [0, 1] for the gradient)
+    shapes = {
+        "disc": lambda g: g.dist < g.radius,
+        "square": lambda g: torch.maximum(g.dx.abs(), g.dy.abs()) < 0.85 * g.radius,
         # upward triangle: apex at cy - r, base at cy + r
-        "triangle": (dy.abs() < radius) & (dx.abs() < 0.6 * (dy + radius)),
-        "ring": (dist < radius) & (dist > 0.55 * radius),
-        "cross": ((dx.abs() < 0.3 * radius) & (dy.abs() < radius)) | ((dy.abs() < 0.3 * radius) & (dx.abs() < radius)),
-        "stripes_horizontal": wave(y).expand(count, size, size) > 0,
-        "stripes_vertical": wave(x).expand(count, size, size) > 0,
-        "checker": (wave(x) * wave(y)) > 0,
-        "dots": ((((x / period + phase) % 1) - 0.5) ** 2 + (((y / period + phase) % 1) - 0.5) ** 2) < 0.09,
-        # a smooth ramp along a random direction (soft mask in [0, 1])
-        "gradient": (0.5 + (dx * torch.cos(angle) + dy * torch.sin(angle)) * 1.6).clamp(0, 1),
+        "triangle": lambda g: (g.dy.abs() < g.radius) & (g.dx.abs() < 0.6 * (g.dy + g.radius)),
+        "ring": lambda g: (g.dist < g.radius) & (g.dist > 0.55 * g.radius),
+        "cross": lambda g: (((g.dx.abs() < 0.3 * g.radius) & (g.dy.abs() < g.radius))
+                            | ((g.dy.abs() < 0.3 * g.radius) & (g.dx.abs() < g.radius))),
+        "stripes_horizontal": lambda g: g.wave(y) + 0 * x > 0,
+        "stripes_vertical": lambda g: g.wave(x) + 0 * y > 0,
+        "checker": lambda g: g.wave(x) * g.wave(y) > 0,
+        "dots": lambda g: ((((x / g.period + g.phase) % 1) - 0.5) ** 2 + (((y / g.period + g.phase) % 1) - 0.5) ** 2) < 0.09,
+        "gradient": lambda g: (0.5 + (g.dx * torch.cos(g.angle) + g.dy * torch.sin(g.angle)) * 1.6).clamp(0, 1),
     }
     alpha = torch.zeros(count, size, size)
     for index, name in enumerate(SYNTHETIC_CLASSES):
-        selected = labels == index
-        alpha[selected] = masks[name].expand(count, size, size)[selected].float()
+        selected = (labels == index).nonzero().squeeze(1)
+        g = _Geometry(cy[selected], cx[selected], radius[selected], period[selected], phase[selected], angle[selected], y, x)
+        alpha[selected] = shapes[name](g).float()
     # colours: background anywhere, foreground shifted in every channel so the shape always shows
     background = u(count, 1, 1, 3)
     foreground = (background + 0.3 + 0.4 * u(count, 1, 1, 3)) % 1.0
