@@ -14,11 +14,14 @@ whole S x S patch held in registers as three float32 (BLOCK_S, BLOCK_S) tiles (R
      not limited. The horizontal flip is folded into Wx (output column x uses S-1-x).
   2. Colour jitter: the four ops in the order stored in the patch's parameter row (data read
      at run time, branches on it, no recompilation); contrast uses the patch's mean gray.
-  3. Grayscale, Gaussian blur as K @ X @ K^T with the reflect padding folded into the 1-D blur
-     matrix K (only for patches whose sigma > 0), solarize, normalise, cast, store through the
-     output strides (contiguous or channels_last).
+  3. Grayscale; Gaussian blur (only patches whose sigma > 0): the patch goes through a float32
+     scratch slot and each output sums its 13 reflect-padded taps in the reference's order,
+     horizontal then vertical, one channel at a time; solarize, normalise, cast, store through
+     the output strides (contiguous or channels_last).
 
-The dots run in IEEE float32 (no TF32) to stay within 2e-5 of the float32 reference.
+The resize dots run in IEEE float32 (no TF32). Measured under the interpreter: float32 max
+abs error ~1e-6 against the reference; the 16-bit outputs are the float32 output rounded to
+nearest even.
 
 Limit: the patch must fit one program's registers: output_size <= MAX_OUTPUT_SIZE (64). A
 224-pixel patch would need a tiled two-pass scheme (contrast mean, blur halo); it is left to
@@ -141,7 +144,7 @@ def _adjust_hue(r, g, b, shift):
 
 @triton.jit
 def _gaussian_total(sigma, kernel_size):
-    """Sum of the unnormalised taps exp(-0.5 (t / sigma)^2), t = -radius..radius."""
+    """Sum of the unnormalised taps exp(-0.5 (t / sigma)^2), t = -radius..radius, added in order."""
     radius = kernel_size // 2
     total = 0.0
     for tap in range(0, kernel_size):
@@ -172,42 +175,76 @@ def _store_rgb(ptrs, r, g, b, plane, mask):
 
 
 @triton.jit
-def _blur_pass(scratch_patch, rows, cols, size, sigma, kernel_size, total, inside, VERTICAL: tl.constexpr):
-    """One separable Gaussian pass over the patch stored in scratch as three size x size planes.
+def _blur_pass(plane_ptr, rows, cols, size, sigma, kernel_size, total, inside, VERTICAL: tl.constexpr):
+    """One separable Gaussian pass over a size x size plane stored at plane_ptr.
 
     Output (i, x) = sum over t = 0, 1, ... in order of weight_t * X[i, reflect(x + t - radius)]
     (or X[reflect(i + t - radius), x] when VERTICAL): the reference's taps in its order, so the
     float32 result matches it closely (a dot with reflect folded into the weights rounds
     differently at the borders)."""
-    plane = size * size
-    r = tl.zeros((rows.shape[0], cols.shape[0]), tl.float32)
-    g = tl.zeros((rows.shape[0], cols.shape[0]), tl.float32)
-    b = tl.zeros((rows.shape[0], cols.shape[0]), tl.float32)
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), tl.float32)
     for tap in range(0, kernel_size):
         weight = _gaussian_tap(tap, sigma, kernel_size, total)
         offset = tap - kernel_size // 2
         if VERTICAL:
-            ptrs = scratch_patch + _reflect(rows + offset, size)[:, None] * size + cols[None, :]
+            offsets = _reflect(rows + offset, size)[:, None] * size + cols[None, :]
         else:
-            ptrs = scratch_patch + rows[:, None] * size + _reflect(cols + offset, size)[None, :]
-        r = r + weight * tl.load(ptrs, mask=inside, other=0.0)
-        g = g + weight * tl.load(ptrs + plane, mask=inside, other=0.0)
-        b = b + weight * tl.load(ptrs + 2 * plane, mask=inside, other=0.0)
-    return r, g, b
+            offsets = rows[:, None] * size + _reflect(cols + offset, size)[None, :]
+        acc = acc + weight * tl.load(plane_ptr + offsets, mask=inside, other=0.0)
+    return acc
 
 
 @triton.jit
-def _accumulate_rgb(r, g, b, wy, wxt, tile_ptrs, tile_ok, stride_c, to_unit):
-    """(r, g, b) += wy @ (tile_c * to_unit) @ wxt for the three channel tiles at tile_ptrs + c * stride_c.
+def _blur_plane(plane_ptr, rows, cols, size, sigma, kernel_size, total, inside):
+    """Blur one stored plane (horizontal pass, written back in place, then vertical pass).
 
-    Horizontal pass first, as ATen's resize; IEEE float32 products (no TF32)."""
-    tile = tl.load(tile_ptrs, mask=tile_ok, other=0).to(tl.float32) * to_unit
-    r += tl.dot(wy, tl.dot(tile, wxt, input_precision="ieee"), input_precision="ieee")
-    tile = tl.load(tile_ptrs + stride_c, mask=tile_ok, other=0).to(tl.float32) * to_unit
-    g += tl.dot(wy, tl.dot(tile, wxt, input_precision="ieee"), input_precision="ieee")
-    tile = tl.load(tile_ptrs + 2 * stride_c, mask=tile_ok, other=0).to(tl.float32) * to_unit
-    b += tl.dot(wy, tl.dot(tile, wxt, input_precision="ieee"), input_precision="ieee")
-    return r, g, b
+    The caller stored the plane and synchronised; the plane is read by all threads, so it is
+    overwritten only after a barrier, and read back after another."""
+    x = _blur_pass(plane_ptr, rows, cols, size, sigma, kernel_size, total, inside, VERTICAL=False)
+    tl.debug_barrier()
+    tl.store(plane_ptr + rows[:, None] * size + cols[None, :], x, mask=inside)
+    tl.debug_barrier()
+    return _blur_pass(plane_ptr, rows, cols, size, sigma, kernel_size, total, inside, VERTICAL=True)
+
+
+@triton.jit
+def _finish_channel(x, out_ptrs, solarize, solarize_threshold, mean, std, inside):
+    """Solarize (if drawn), normalise, cast and store one channel.
+
+    Plain division: exact for the recipes' std = 0.5; tl.math.div_rn would round correctly for
+    any std, but its slow path is a call with a stack frame on sm_80/sm_90."""
+    if solarize:
+        x = tl.where(x >= solarize_threshold, 1.0 - x, x)
+    tl.store(out_ptrs, _cast_out((x - mean) / std, out_ptrs.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _resized_crop_channel(channel_ptr, stride_h, stride_w, height, width, top, left, crop_h, crop_w, size,
+                          rows, cols, resized_cols, scale_y, scale_x, support_y, support_x, total_y, total_x,
+                          BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
+    """One channel of the resized crop: Wy @ crop @ Wx^T over CHUNK x CHUNK tiles of the crop.
+
+    Horizontal pass first, as ATen's resize; IEEE float32 products (no TF32). One channel at a
+    time: three channels' dot operands at once spill at BLOCK_S = 64."""
+    chunk = tl.arange(0, CHUNK)
+    acc = tl.zeros((BLOCK_S, BLOCK_S), tl.float32)
+    for y0 in range(0, crop_h, CHUNK):
+        jy = y0 + chunk  # crop rows of this tile
+        wy = _triangle(rows[:, None], jy[None, :], scale_y, support_y) / total_y[:, None]
+        wy = tl.where((rows[:, None] < size) & (jy[None, :] < crop_h), wy, 0.0)
+        src_rows = top + jy
+        rows_ok = (jy < crop_h) & (src_rows < height)
+        for x0 in range(0, crop_w, CHUNK):
+            jx = x0 + chunk
+            wxt = _triangle(resized_cols[None, :], jx[:, None], scale_x, support_x) / total_x[None, :]
+            wxt = tl.where((jx[:, None] < crop_w) & (cols[None, :] < size), wxt, 0.0)
+            src_cols = left + jx
+            tile_ok = rows_ok[:, None] & ((jx < crop_w) & (src_cols < width))[None, :]
+            tile_ptrs = channel_ptr + src_rows[:, None] * stride_h + src_cols[None, :] * stride_w
+            # uint8 -> [0, 1] as the reference: multiply by float32(1/255)
+            tile = tl.load(tile_ptrs, mask=tile_ok, other=0).to(tl.float32) * (1.0 / 255.0)
+            acc = tl.dot(wy, tl.dot(tile, wxt, input_precision="ieee"), acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -249,11 +286,24 @@ def _augment_kernel(
     crop_h = tl.load(row + _CROP_HEIGHT * stride_pc).to(tl.int32)
     crop_w = tl.load(row + _CROP_WIDTH * stride_pc).to(tl.int32)
     flip = tl.load(row + _FLIP * stride_pc) != 0.0
+    # the rest of the row is read now, packed (a live row pointer or nine live scalars across
+    # the crop loops made ptxas spill): ops in application order, 2 bits each, then the flags
+    ops = (tl.load(row + _ORDER_0 * stride_pc).to(tl.int32)
+           | (tl.load(row + (_ORDER_0 + 1) * stride_pc).to(tl.int32) << 2)
+           | (tl.load(row + (_ORDER_0 + 2) * stride_pc).to(tl.int32) << 4)
+           | (tl.load(row + (_ORDER_0 + 3) * stride_pc).to(tl.int32) << 6)
+           | ((tl.load(row + _JITTER * stride_pc) != 0.0).to(tl.int32) << 8)
+           | ((tl.load(row + _GRAYSCALE * stride_pc) != 0.0).to(tl.int32) << 9)
+           | ((tl.load(row + _SOLARIZE * stride_pc) != 0.0).to(tl.int32) << 10))
+    brightness = tl.load(row + _BRIGHTNESS * stride_pc)
+    contrast = tl.load(row + _CONTRAST * stride_pc)
+    saturation = tl.load(row + _SATURATION * stride_pc)
+    hue = tl.load(row + _HUE * stride_pc)
+    sigma = tl.load(row + _BLUR_SIGMA * stride_pc)
     image = images_ptr + tl.load(source_index_ptr + patch) * stride_in
 
     rows = tl.arange(0, BLOCK_S)
     cols = tl.arange(0, BLOCK_S)
-    chunk = tl.arange(0, CHUNK)
     inside = (rows[:, None] < size) & (cols[None, :] < size)
 
     # 1. resized crop (+ flip): out_c = Wy @ crop_c @ Wx^T, over CHUNK x CHUNK tiles of the crop
@@ -265,81 +315,64 @@ def _augment_kernel(
     resized_cols = tl.where(flip, size - 1 - cols, cols)  # output column x shows resized column S-1-x
     total_y = _resize_totals(rows, crop_h, scale_y, support_y)
     total_x = _resize_totals(resized_cols, crop_w, scale_x, support_x)
-    r = tl.zeros((BLOCK_S, BLOCK_S), tl.float32)
-    g = tl.zeros((BLOCK_S, BLOCK_S), tl.float32)
-    b = tl.zeros((BLOCK_S, BLOCK_S), tl.float32)
-    for y0 in range(0, crop_h, CHUNK):
-        jy = y0 + chunk  # crop rows of this tile
-        wy = _triangle(rows[:, None], jy[None, :], scale_y, support_y) / total_y[:, None]
-        wy = tl.where((rows[:, None] < size) & (jy[None, :] < crop_h), wy, 0.0)
-        src_rows = top + jy
-        rows_ok = (jy < crop_h) & (src_rows < height)
-        for x0 in range(0, crop_w, CHUNK):
-            jx = x0 + chunk
-            wxt = _triangle(resized_cols[None, :], jx[:, None], scale_x, support_x) / total_x[None, :]
-            wxt = tl.where((jx[:, None] < crop_w) & (cols[None, :] < size), wxt, 0.0)
-            src_cols = left + jx
-            tile_ok = rows_ok[:, None] & ((jx < crop_w) & (src_cols < width))[None, :]
-            tile_ptrs = image + src_rows[:, None] * stride_ih + src_cols[None, :] * stride_iw
-            # uint8 -> [0, 1] as the reference: multiply by float32(1/255)
-            r, g, b = _accumulate_rgb(r, g, b, wy, wxt, tile_ptrs, tile_ok, stride_ic, 1.0 / 255.0)
+    r = _resized_crop_channel(image, stride_ih, stride_iw, height, width, top, left, crop_h, crop_w, size, rows, cols,
+                              resized_cols, scale_y, scale_x, support_y, support_x, total_y, total_x, BLOCK_S, CHUNK)
+    g = _resized_crop_channel(image + stride_ic, stride_ih, stride_iw, height, width, top, left, crop_h, crop_w, size,
+                              rows, cols, resized_cols, scale_y, scale_x, support_y, support_x, total_y, total_x,
+                              BLOCK_S, CHUNK)
+    b = _resized_crop_channel(image + 2 * stride_ic, stride_ih, stride_iw, height, width, top, left, crop_h, crop_w,
+                              size, rows, cols, resized_cols, scale_y, scale_x, support_y, support_x, total_y, total_x,
+                              BLOCK_S, CHUNK)
 
     # 2. colour jitter, the four ops in this patch's order; an op whose strength is 0 is skipped
-    if tl.load(row + _JITTER * stride_pc) != 0.0:
+    if ((ops >> 8) & 1) != 0:  # JITTER
         for position in tl.static_range(4):
-            op = tl.load(row + (_ORDER_0 + position) * stride_pc).to(tl.int32)
+            op = (ops >> (2 * position)) & 3
             if ((enabled_ops >> op) & 1) != 0:
                 if op == _OP_BRIGHTNESS:
-                    factor = tl.load(row + _BRIGHTNESS * stride_pc)
-                    r = _clamp01(r * factor)
-                    g = _clamp01(g * factor)
-                    b = _clamp01(b * factor)
+                    r = _clamp01(r * brightness)
+                    g = _clamp01(g * brightness)
+                    b = _clamp01(b * brightness)
                 elif op == _OP_CONTRAST:
-                    factor = tl.load(row + _CONTRAST * stride_pc)
                     mean_gray = tl.sum(tl.sum(tl.where(inside, _gray(r, g, b), 0.0), axis=1), axis=0) / (size_f * size_f)
-                    r = _blend(r, mean_gray, factor)
-                    g = _blend(g, mean_gray, factor)
-                    b = _blend(b, mean_gray, factor)
+                    r = _blend(r, mean_gray, contrast)
+                    g = _blend(g, mean_gray, contrast)
+                    b = _blend(b, mean_gray, contrast)
                 elif op == _OP_SATURATION:
-                    factor = tl.load(row + _SATURATION * stride_pc)
                     gray = _gray(r, g, b)
-                    r = _blend(r, gray, factor)
-                    g = _blend(g, gray, factor)
-                    b = _blend(b, gray, factor)
+                    r = _blend(r, gray, saturation)
+                    g = _blend(g, gray, saturation)
+                    b = _blend(b, gray, saturation)
                 else:
-                    r, g, b = _adjust_hue(r, g, b, tl.load(row + _HUE * stride_pc))
+                    r, g, b = _adjust_hue(r, g, b, hue)
 
-    # 3. grayscale, blur, solarize
-    if tl.load(row + _GRAYSCALE * stride_pc) != 0.0:
+    # 3. grayscale, then blur, solarize, normalise, cast, store through the strides (per channel)
+    if ((ops >> 9) & 1) != 0:  # GRAYSCALE
         gray = _gray(r, g, b)
         r = gray
         g = gray
         b = gray
-    sigma = tl.load(row + _BLUR_SIGMA * stride_pc)
+    solarize = ((ops >> 10) & 1) != 0
+    out = out_ptr + patch * stride_op + rows[:, None] * stride_oh + cols[None, :] * stride_ow
     if sigma > 0.0:
         # Separable taps need neighbours held by other threads: the patch goes through this
-        # patch's float32 scratch slot (three size x size planes), once per pass.
-        scratch_patch = scratch_ptr + patch * (3 * size * size)
-        patch_ptrs = scratch_patch + rows[:, None] * size + cols[None, :]
-        total = _gaussian_total(sigma, blur_kernel_size)
-        _store_rgb(patch_ptrs, r, g, b, size * size, inside)
+        # patch's float32 scratch slot (three size x size planes); one channel at a time keeps
+        # the registers of one plane live, not three.
+        plane = size * size
+        scratch_patch = scratch_ptr + patch * (3 * plane)
+        _store_rgb(scratch_patch + rows[:, None] * size + cols[None, :], r, g, b, plane, inside)
         tl.debug_barrier()  # the whole patch is stored before any thread reads its neighbours
-        r, g, b = _blur_pass(scratch_patch, rows, cols, size, sigma, blur_kernel_size, total, inside, VERTICAL=False)
-        tl.debug_barrier()  # every thread has read the patch before it is overwritten
-        _store_rgb(patch_ptrs, r, g, b, size * size, inside)
-        tl.debug_barrier()
-        r, g, b = _blur_pass(scratch_patch, rows, cols, size, sigma, blur_kernel_size, total, inside, VERTICAL=True)
-    if tl.load(row + _SOLARIZE * stride_pc) != 0.0:
-        r = tl.where(r >= solarize_threshold, 1.0 - r, r)
-        g = tl.where(g >= solarize_threshold, 1.0 - g, g)
-        b = tl.where(b >= solarize_threshold, 1.0 - b, b)
-
-    # 4. normalise (correctly rounded division, as the reference), cast, store through the strides
-    out = out_ptr + patch * stride_op + rows[:, None] * stride_oh + cols[None, :] * stride_ow
-    dtype = out_ptr.dtype.element_ty
-    tl.store(out, _cast_out(tl.math.div_rn(r - mean_r, std_r), dtype), mask=inside)
-    tl.store(out + stride_oc, _cast_out(tl.math.div_rn(g - mean_g, std_g), dtype), mask=inside)
-    tl.store(out + 2 * stride_oc, _cast_out(tl.math.div_rn(b - mean_b, std_b), dtype), mask=inside)
+        total = _gaussian_total(sigma, blur_kernel_size)
+        x = _blur_plane(scratch_patch, rows, cols, size, sigma, blur_kernel_size, total, inside)
+        _finish_channel(x, out, solarize, solarize_threshold, mean_r, std_r, inside)
+        x = _blur_plane(scratch_patch + plane, rows, cols, size, sigma, blur_kernel_size, total, inside)
+        _finish_channel(x, out + stride_oc, solarize, solarize_threshold, mean_g, std_g, inside)
+        x = _blur_plane(scratch_patch + 2 * plane, rows, cols, size, sigma, blur_kernel_size, total, inside)
+        _finish_channel(x, out + 2 * stride_oc, solarize, solarize_threshold, mean_b, std_b, inside)
+    else:
+        _finish_channel(r, out, solarize, solarize_threshold, mean_r, std_r, inside)
+        _finish_channel(g, out + stride_oc, solarize, solarize_threshold, mean_g, std_g, inside)
+        _finish_channel(b, out + 2 * stride_oc, solarize, solarize_threshold, mean_b, std_b, inside)
 
 
 def launch_config(output_size: int) -> Tuple[int, int, int]:
@@ -353,7 +386,7 @@ def launch_config(output_size: int) -> Tuple[int, int, int]:
     if not 1 <= output_size <= MAX_OUTPUT_SIZE:
         raise ValueError(f"output_size must be in [1, {MAX_OUTPUT_SIZE}] for the Triton augment kernel, got {output_size}")
     block_s = max(16, triton.next_power_of_2(output_size))
-    num_warps = {16: 4, 32: 8, 64: 8}[block_s]
+    num_warps = {16: 2, 32: 4, 64: 8}[block_s]
     return block_s, 16, num_warps
 
 
