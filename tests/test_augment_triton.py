@@ -180,7 +180,7 @@ def _chain_inputs(size, num_images, num_patches, height, width, seed, nchw_view=
 @pytest.mark.parametrize("nchw_view", [False, True])
 def test_random_chains_float32(size, height, width, nchw_view):
     """Full chains (downscaling crops included at 40 -> 8) from NHWC and NCHW-view sources."""
-    images, source_index, params = _chain_inputs(size, 3, 4, height, width, seed=size + height, nchw_view=nchw_view)
+    images, source_index, params = _chain_inputs(size, 2, 3, height, width, seed=size + height, nchw_view=nchw_view)
     assert images.is_contiguous() != nchw_view
     error, ref = _max_error(images, source_index, params, _chain_config(size), channels_last=nchw_view)
     assert error <= FLOAT32_TOL
@@ -204,7 +204,7 @@ def test_low_precision_output_is_the_float32_output_rounded(out_dtype, channels_
     output rounded to nearest even, so it differs from the reference rounded only where the two
     float32 values (within 1e-6) straddle a rounding boundary."""
     size = 32
-    images, source_index, params = _chain_inputs(size, 4, 4, 32, 32, seed=11, nchw_view=channels_last)
+    images, source_index, params = _chain_inputs(size, 2, 4, 32, 32, seed=11, nchw_view=channels_last)
     config = _chain_config(size)
     out = triton_augment.augment_patches(images, source_index, params, config, out_dtype, channels_last)
     out_float32 = triton_augment.augment_patches(images, source_index, params, config, torch.float32, channels_last)
@@ -228,14 +228,14 @@ def test_low_precision_cifar_recipe_equals_reference_rounded(out_dtype):
     assert _low_precision_mismatches(out, ref) < 1e-3
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_output_layout_and_values_do_not_depend_on_memory_format(channels_last):
-    images, source_index, params = _chain_inputs(16, 2, 4, 20, 20, seed=3)
+def test_output_layout_and_values_do_not_depend_on_memory_format():
+    images, source_index, params = _chain_inputs(16, 2, 3, 20, 20, seed=3)
     config = _chain_config(16)
-    out = triton_augment.augment_patches(images, source_index, params, config, torch.float32, channels_last)
+    channels_last = triton_augment.augment_patches(images, source_index, params, config, torch.float32, True)
     contiguous = triton_augment.augment_patches(images, source_index, params, config, torch.float32, False)
-    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
-    assert torch.equal(out, contiguous)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last) and not channels_last.is_contiguous()
+    assert contiguous.is_contiguous()
+    assert torch.equal(channels_last, contiguous)
 
 
 def test_input_strides_are_used_without_a_copy():
