@@ -81,6 +81,12 @@ std::tuple<at::Tensor, at::Tensor> tcr_forward_backward_cpu_op(const at::Tensor&
   return {rate, grad};
 }
 
+// The composite as an op of its own, so that the CPU tests check the CUDA op's fallback.
+std::tuple<at::Tensor, at::Tensor> tcr_composite_op(const at::Tensor& z, double alpha, bool need_grad) {
+  tcr_check(z, alpha);
+  return tcr_composite(z, alpha, need_grad);
+}
+
 #ifdef EMPSSL_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> tcr_forward_backward_cuda_op(const at::Tensor& z, double alpha, bool need_grad) {
   tcr_check(z, alpha);
@@ -215,6 +221,7 @@ at::Tensor augment_patches_cuda(const at::Tensor& images, const at::Tensor& sour
 TORCH_LIBRARY(empssl, m) {
   // tcr schema
   m.def("tcr_forward_backward(Tensor z, float alpha, bool need_grad) -> (Tensor, Tensor)");
+  m.def("tcr_forward_backward_composite(Tensor z, float alpha, bool need_grad) -> (Tensor, Tensor)");
   // augment schema
   m.def("augment_patches(Tensor images, Tensor source_index, Tensor params, int output_size, int blur_kernel_size, "
         "float solarize_threshold, float[] mean, float[] std, int jitter_op_mask, ScalarType out_dtype, "
@@ -224,6 +231,7 @@ TORCH_LIBRARY(empssl, m) {
 TORCH_LIBRARY_IMPL(empssl, CPU, m) {
   // tcr cpu
   m.impl("tcr_forward_backward", &tcr_forward_backward_cpu_op);
+  m.impl("tcr_forward_backward_composite", &tcr_composite_op);
   // augment cpu
   m.impl("augment_patches", &augment_patches_cpu);
 }
@@ -232,6 +240,7 @@ TORCH_LIBRARY_IMPL(empssl, CPU, m) {
 TORCH_LIBRARY_IMPL(empssl, CUDA, m) {
   // tcr cuda
   m.impl("tcr_forward_backward", &tcr_forward_backward_cuda_op);
+  m.impl("tcr_forward_backward_composite", &tcr_composite_op);
   // augment cuda
   m.impl("augment_patches", &augment_patches_cuda);
 }

@@ -151,6 +151,7 @@ def test_bad_inputs_give_clear_errors(bad, error, match):
 
 
 def test_the_cpu_kernel_rejects_bad_arguments_itself():
+    empssl.backends.extension()  # loads the library that defines the op
     op = torch.ops.empssl.tcr_forward_backward
     with pytest.raises(RuntimeError, match="alpha"):
         op(torch.ones(1, 2, 3), -1.0, True)
@@ -174,5 +175,6 @@ def test_forward_without_grad_does_not_keep_a_gradient():
     with torch.no_grad():
         rate = coding_rate(z, backend="cpu")
     assert not rate.requires_grad
+    empssl.backends.extension()
     rate, grad = torch.ops.empssl.tcr_forward_backward(z.detach(), 1.0, False)
     assert grad.numel() == 0 and rate.shape == (2,)

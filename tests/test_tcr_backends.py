@@ -158,6 +158,25 @@ def test_cpu_backend_low_precision_flash_rule(n, b, d, kind, dtype):
     assert_flash_rule((rate, grad), torch_in_dtype(z, weights), float64_truth(z, weights))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,b,d", [(3, 129, 64), (4, 100, 16), (2, 7, 30)])
+def test_cuda_fallback_composite_op_on_cpu(n, b, d, dtype):
+    # the CUDA op runs this composite for b > 128 or b > d; it is device-agnostic, so check it here
+    backends.extension()  # loads the library that defines the op
+    z = make_z("random", n, b, d, seed=b * d).to(dtype)
+    alpha = d / (b * EPS)
+    rate, grad = torch.ops.empssl.tcr_forward_backward_composite(z, alpha, True)
+    assert rate.dtype == torch.float32 and grad.dtype == dtype and grad.shape == z.shape
+    truth = float64_truth(z, torch.ones(n))
+    if dtype == torch.float32:
+        assert_float32_accuracy(rate, grad, truth)
+    else:
+        assert_flash_rule((rate, grad), torch_in_dtype(z, torch.ones(n)), truth)
+    rate_only, empty = torch.ops.empssl.tcr_forward_backward_composite(z, alpha, False)
+    assert empty.numel() == 0
+    torch.testing.assert_close(rate_only, rate)
+
+
 # ---- triton (under the interpreter on CPU: small shapes only) ---------------------------
 
 TRITON_SHAPES = [(2, 7, 16), (3, 20, 40), (2, 33, 16)]
@@ -221,6 +240,7 @@ def test_gpu_backends_against_float64(backend, dtype, kind, n, b, d):
 
 @pytest.mark.gpu
 def test_gpu_forward_only_and_auto_choice():
+    backends.extension()
     z = make_z("random", 20, 100, 1024, seed=1).cuda()
     assert backends.select_backend("tcr", "auto", z.device, z) == "cuda"
     rate, grad = torch.ops.empssl.tcr_forward_backward(z, 1024 / (100 * EPS), False)
