@@ -12,10 +12,14 @@ against the floor of reading Z twice (Gram pass + gradient pass) and writing dR/
   python bench/tcr.py --out results/            # b=100, d=1024, n in {20, 200}, float32 + bf16
   python bench/tcr.py --quick --out results/    # n=20 only, fewer repeats (< 60 s on a 2-core CPU)
 
-Measured (2-core AVX-512 CPU shared with other jobs, torch 2.14.1, float32, n=20, b=100, d=1024,
-fwd+bwd): the cpu backend (float64 accumulation) 96 ms, composite 876 ms, naive 16.4 s at load
-average 5 (on the idle machine earlier: composite 143 ms, naive 543 ms). Times on a loaded
-machine swing by 5x; compare only methods of one run.
+Measured on the 2-core AVX-512 CPU (shared with other jobs), torch 2.14.1, n=20, b=100, d=1024,
+forward+backward, --quick, one run each:
+  load 2, 2 threads:  naive 841 ms, batched_logdet 641 ms, composite 19.5 ms, cpu 20.6 ms (float32)
+                      bf16: naive 618, batched 551, composite 18.8, cpu 22.6 ms
+  load 2, 1 thread:   naive 1187 ms, batched_logdet 942 ms, composite 24.0 ms, cpu 30.9 ms
+  load 5, 2 threads:  naive 16.4 s, composite 876 ms, cpu 96 ms (MKL's threads suffer most)
+The cpu backend accumulates in float64 (exact on collapsed Z, where the float32 composite loses
+up to 2e-2 of the gradient). Compare only methods of one run.
 """
 import argparse
 import csv
