@@ -72,6 +72,14 @@ class AugmentConfig:
         """RandomResizedCrop(224, scale=(0.25, 0.25), ratio=(3/4, 4/3)), otherwise the CIFAR list."""
         return cls(output_size=224, crop_ratio=(3 / 4, 4 / 3))
 
+    def jitter_strengths(self) -> Tuple[float, float, float, float]:
+        """ColorJitter strengths in the order of augment_params.OP_* (brightness, contrast, saturation, hue)."""
+        return (float(self.brightness), float(self.contrast), float(self.saturation), float(self.hue))
+
+    def jitter_op_mask(self) -> int:
+        """Bit k set when jitter op k (augment_params.OP_*) has a non-zero strength: ColorJitter drops the others."""
+        return sum(1 << op for op, strength in enumerate(self.jitter_strengths()) if strength != 0)
+
     def __post_init__(self):
         if not (isinstance(self.output_size, int) and not isinstance(self.output_size, bool) and self.output_size >= 1):
             raise ValueError(f"AugmentConfig.output_size must be a positive int, got {self.output_size!r}")

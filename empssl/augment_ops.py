@@ -30,16 +30,6 @@ CUDA_MAX_BLUR_KERNEL_SIZE = 31
 CUDA_MAX_DOWNSCALE = 16  # image side <= 16 * output_size (resampling taps per output pixel)
 
 
-def jitter_strengths(config) -> List[float]:
-    """ColorJitter strengths (brightness, contrast, saturation, hue), in the order of augment_params.OP_*."""
-    return [float(config.brightness), float(config.contrast), float(config.saturation), float(config.hue)]
-
-
-def jitter_op_mask(config) -> int:
-    """Bit k set when jitter op k has a non-zero strength: torchvision's ColorJitter drops the others."""
-    return sum(1 << op for op, strength in enumerate(jitter_strengths(config)) if strength != 0)
-
-
 def _fake_patches(images, source_index, params, output_size, blur_kernel_size, solarize_threshold, mean, std,
                   jitter, out_dtype, channels_last):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -79,7 +69,7 @@ def _extension_patches(images_nhwc, source_index, params, config, out_dtype=torc
     return torch.ops.empssl.augment_patches(
         images_nhwc, source_index, params, config.output_size, config.blur_kernel_size,
         float(config.solarize_threshold), [float(m) for m in config.mean], [float(s) for s in config.std],
-        jitter_op_mask(config), out_dtype, bool(channels_last),
+        config.jitter_op_mask(), out_dtype, bool(channels_last),
     )
 
 
@@ -143,7 +133,7 @@ def _triton_patches(images_nhwc, source_index, params, config, out_dtype=torch.f
     return augment_patches_triton(
         images_nhwc, source_index, params, config.output_size, config.blur_kernel_size,
         float(config.solarize_threshold), [float(m) for m in config.mean], [float(s) for s in config.std],
-        jitter_strengths(config), out_dtype, bool(channels_last),
+        list(config.jitter_strengths()), out_dtype, bool(channels_last),
     )
 
 

@@ -394,13 +394,6 @@ def _interpreted() -> bool:
     return not isinstance(_augment_kernel, triton.runtime.JITFunction)
 
 
-def _enabled_ops(config) -> int:
-    """Bit op (augment_params.OP_*) set when that jitter op has a non-zero strength (torchvision drops the others)."""
-    strengths = {AP.OP_BRIGHTNESS: config.brightness, AP.OP_CONTRAST: config.contrast,
-                 AP.OP_SATURATION: config.saturation, AP.OP_HUE: config.hue}
-    return sum(1 << op for op, strength in strengths.items() if strength != 0)
-
-
 def _input_error(images_nhwc, source_index, params, config) -> Optional[Tuple[type, str]]:
     """(exception class, message) for inputs that no backend could take, else None."""
     for name, value in (("images_nhwc", images_nhwc), ("source_index", source_index), ("params", params)):
@@ -490,7 +483,7 @@ def augment_patches(
     _augment_kernel[(num_patches,)](
         images_nhwc, source_index, params, out, scratch,
         *images_nhwc.stride(), *params.stride(), *out.stride(),
-        height, width, size, config.blur_kernel_size, _enabled_ops(config),
+        height, width, size, config.blur_kernel_size, config.jitter_op_mask(),
         float(config.solarize_threshold), *(float(m) for m in config.mean), *(float(s) for s in config.std),
         BLOCK_S=block_s, CHUNK=chunk, num_warps=num_warps,
     )

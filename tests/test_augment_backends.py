@@ -278,7 +278,7 @@ def test_extension_op_schema_and_fake():
     if reason:
         pytest.skip(reason)
     args = (images, source_index, params, 32, 13, config.solarize_threshold, list(config.mean), list(config.std),
-            augment_ops.jitter_op_mask(config), torch.bfloat16, True)
+            config.jitter_op_mask(), torch.bfloat16, True)
     torch.library.opcheck(torch.ops.empssl.augment_patches.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
