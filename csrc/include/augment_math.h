@@ -54,48 +54,62 @@ EMPSSL_HD double div_rn(double a, double b) {
 }
 
 #if !defined(__CUDACC__)
-// Four float lanes (GCC/Clang vector extension): the CPU kernel runs hue_shift on these, as
-// GCC does not if-convert its selects when vectorising a loop of scalar calls.
-typedef float Float4 __attribute__((vector_size(16)));
-typedef int32_t Int4 __attribute__((vector_size(16)));
-inline Float4 trunc_small(Float4 x) { return __builtin_convertvector(__builtin_convertvector(x, Int4), Float4); }
-inline Float4 div_rn(Float4 a, Float4 b) { return a / b; }
+// GCC/Clang vector types of any width (float lanes): the CPU kernel runs the formulas below on
+// these, as GCC does not if-convert their selects when vectorising a loop of scalar calls.
+template <typename F>
+inline F trunc_small(F x) {
+  typedef int32_t Lanes __attribute__((vector_size(sizeof(F))));
+  return __builtin_convertvector(__builtin_convertvector(x, Lanes), F);
+}
+template <typename F>
+inline F div_rn(F a, F b) {
+  return a / b;
+}
 #endif
 
-// x broadcast to every lane of F (float or Float4)
+// x broadcast to every lane of F (float, or a CPU vector of float lanes)
 template <typename F>
 EMPSSL_HD F splat(float x) {
   return F{} + x;
 }
-
-EMPSSL_HD float clamp01(float x) {
-  // comparisons rather than fminf/fmaxf: they vectorise on the CPU (no NaN can occur here)
-  x = x < 0.0f ? 0.0f : x;
-  return x > 1.0f ? 1.0f : x;
+template <>
+EMPSSL_HD float splat<float>(float x) {
+  return x;  // not 0 + x: the compiler may not drop that add (-0)
 }
 
-// truncation toward zero for |x| < 2^31; exact, and vectorisable without SSE4.1
-EMPSSL_HD float trunc_small(float x) { return static_cast<float>(static_cast<int>(x)); }
-
-EMPSSL_HD float gray(float r, float g, float b) { return r * GRAY_R + g * GRAY_G + b * GRAY_B; }
-
-// ---- colour jitter (torchvision's _blend on float images) ---------------------------------
-
-EMPSSL_HD float brightness(float x, float f) { return clamp01(x * f); }
-
-// contrast and saturation: clamp(f * x + (1 - f) * other), other = the patch's mean gray / the pixel's gray
-EMPSSL_HD float blend(float x, float other, float f) { return clamp01(x * f + other * (1.0f - f)); }
-
-// clamp to [0, 1] of every lane (selects: they vectorise, no NaN can occur here)
+// clamp to [0, 1] (of every lane): selects rather than fminf/fmaxf, they vectorise on the CPU
+// (no NaN can occur here)
 template <typename F>
-EMPSSL_HD F clamp01_lanes(F x) {
+EMPSSL_HD F clamp01(F x) {
   const F zero = splat<F>(0.0f), one = splat<F>(1.0f);
   x = x < zero ? zero : x;
   return x > one ? one : x;
 }
 
+// truncation toward zero for |x| < 2^31; exact, and vectorisable without SSE4.1
+EMPSSL_HD float trunc_small(float x) { return static_cast<float>(static_cast<int>(x)); }
+
+// F below is float (CUDA, scalar CPU) or a vector of float lanes (CPU): the same expressions.
+template <typename F>
+EMPSSL_HD F gray(F r, F g, F b) {
+  return r * GRAY_R + g * GRAY_G + b * GRAY_B;
+}
+
+// ---- colour jitter (torchvision's _blend on float images) ---------------------------------
+
+template <typename F>
+EMPSSL_HD F brightness(F x, float f) {
+  return clamp01(x * f);
+}
+
+// contrast and saturation: clamp(f * x + (1 - f) * other), other = the patch's mean gray / the pixel's gray
+template <typename F>
+EMPSSL_HD F blend(F x, F other, float f) {
+  return clamp01(x * f + other * (1.0f - f));
+}
+
 // Hue shift: torchvision's _rgb2hsv, h = (h + shift) mod 1, _hsv2rgb, in the reference's float32
-// steps. F is float (CUDA, scalar CPU) or Float4 (CPU lanes): straight-line code with selects.
+// steps, straight-line code with selects.
 template <typename F>
 EMPSSL_HD void hue_shift(F& r_io, F& g_io, F& b_io, float shift) {
   const F r = r_io, g = g_io, b = b_io;
@@ -131,31 +145,42 @@ EMPSSL_HD void hue_shift(F& r_io, F& g_io, F& b_io, float shift) {
   const F frac = h6 - sector;
   const F six = splat<F>(6.0f);
   sector = sector >= six ? sector - 6.0f : sector;  // h == 1 after rounding
-  const F p = clamp01_lanes(v * (1.0f - s));
-  const F q = clamp01_lanes(v * (1.0f - s * frac));
-  const F t = clamp01_lanes(v * (s * frac + (1.0f - s)));
+  const F p = clamp01(v * (1.0f - s));
+  const F q = clamp01(v * (1.0f - s * frac));
+  const F t = clamp01(v * (s * frac + (1.0f - s)));
   const F s0 = splat<F>(0.0f), s1 = splat<F>(1.0f), s2 = splat<F>(2.0f), s3 = splat<F>(3.0f), s4 = splat<F>(4.0f),
           s5 = splat<F>(5.0f);
   // sector:      0  1  2  3  4  5
   // r:           v  q  p  p  t  v
   // g:           t  v  v  q  p  p
   // b:           p  p  t  v  v  q
+  // the two sectors of v are never selected one right after the other: GCC merges such a pair
+  // into one select on an OR of masks, which it scalarises for 16 lanes
   F out = sector == s4 ? t : p;
+  out = sector == s0 ? v : out;
   out = sector == s1 ? q : out;
-  r_io = (sector == s0) | (sector == s5) ? v : out;
+  r_io = sector == s5 ? v : out;
   out = sector == s3 ? q : p;
+  out = sector == s1 ? v : out;
   out = sector == s0 ? t : out;
-  g_io = (sector == s1) | (sector == s2) ? v : out;
+  g_io = sector == s2 ? v : out;
   out = sector == s5 ? q : p;
+  out = sector == s3 ? v : out;
   out = sector == s2 ? t : out;
-  b_io = (sector == s3) | (sector == s4) ? v : out;
+  b_io = sector == s4 ? v : out;
 }
 
 // ---- the remaining pixel ops -----------------------------------------------------------------
 
-EMPSSL_HD float solarize(float x, float threshold) { return x >= threshold ? 1.0f - x : x; }
+template <typename F>
+EMPSSL_HD F solarize(F x, float threshold) {
+  return x >= splat<F>(threshold) ? splat<F>(1.0f) - x : x;
+}
 
-EMPSSL_HD float normalize(float x, float mean, float std) { return div_rn(x - mean, std); }
+template <typename F>
+EMPSSL_HD F normalize(F x, float mean, float std) {
+  return div_rn(x - mean, splat<F>(std));
+}
 
 // ---- resampling weights of the resized crop ------------------------------------------------
 // torch.nn.functional.interpolate(bilinear, align_corners=False, antialias=True) on the crop:
