@@ -12,25 +12,9 @@ import empssl
 from empssl import EMPSSLLoss, TotalCodingRate, coding_rate, invariance_loss
 from empssl.backends import BackendUnavailableError
 from empssl.reference import tcr as reference_tcr
+from tcr_inputs import make_z  # noqa: E402
 
 EPS = 0.2
-
-
-def make_z(kind, n, b, d, dtype=torch.float64, seed=0):
-    """Unit-norm rows: random, nearly collapsed (1e-3 noise around one row), exactly collapsed
-    (all rows equal), or rank-deficient (rank 2 < min(b, d))."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "random":
-        z = torch.randn(n, b, d, generator=g, dtype=torch.float64)
-    elif kind == "near":
-        z = torch.randn(n, 1, d, generator=g, dtype=torch.float64) + 1e-3 * torch.randn(n, b, d, generator=g, dtype=torch.float64)
-    elif kind == "collapsed":
-        z = torch.randn(n, 1, d, generator=g, dtype=torch.float64).expand(n, b, d)
-    elif kind == "rank2":
-        z = torch.randn(n, b, 2, generator=g, dtype=torch.float64) @ torch.randn(n, 2, d, generator=g, dtype=torch.float64)
-    else:
-        raise ValueError(kind)
-    return F.normalize(z, dim=-1).to(dtype).contiguous()
 
 
 def value_and_grad(fn, z, weights):

@@ -18,25 +18,12 @@ Tolerances:
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from empssl import backends, coding_rate
 from empssl.reference import tcr as reference_tcr
+from tcr_inputs import make_z  # noqa: E402
 
 EPS = 0.2
-
-
-def make_z(kind, n, b, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    if kind == "random":
-        z = torch.randn(n, b, d, generator=g, dtype=torch.float64)
-    elif kind == "near":
-        z = torch.randn(n, 1, d, generator=g, dtype=torch.float64) + 1e-3 * torch.randn(n, b, d, generator=g, dtype=torch.float64)
-    elif kind == "collapsed":
-        z = torch.randn(n, 1, d, generator=g, dtype=torch.float64).expand(n, b, d)
-    else:
-        raise ValueError(kind)
-    return F.normalize(z, dim=-1).float().contiguous()
 
 
 def value_and_grad(fn, z, weights):
@@ -109,7 +96,7 @@ CPU_SHAPES = [(1, 1, 16), (20, 7, 1024), (200, 97, 16), (20, 100, 1024), (1, 128
 @pytest.mark.parametrize("kind", ["random", "near", "collapsed"])
 @pytest.mark.parametrize("n,b,d", CPU_SHAPES)
 def test_cpu_backend_float32_against_float64(n, b, d, kind):
-    z = make_z(kind, n, b, d, seed=n * 1000 + b + d)
+    z = make_z(kind, n, b, d, torch.float32, seed=n * 1000 + b + d)
     weights = torch.randn(n, generator=torch.Generator().manual_seed(b))
     rate, grad = value_and_grad(lambda x: coding_rate(x, EPS, backend="cpu"), z, weights)
     assert_float32_accuracy(rate, grad, float64_truth(z, weights))
@@ -117,7 +104,7 @@ def test_cpu_backend_float32_against_float64(n, b, d, kind):
 
 @pytest.mark.parametrize("n,b,d", [(3, 7, 16), (2, 100, 1024), (4, 40, 9)])
 def test_reference_backend_float32_well_conditioned(n, b, d):
-    z = make_z("random", n, b, d, seed=7)
+    z = make_z("random", n, b, d, torch.float32, seed=7)
     weights = torch.randn(n)
     rate, grad = value_and_grad(lambda x: coding_rate(x, EPS, backend="reference"), z, weights)
     assert_float32_accuracy(rate, grad, float64_truth(z, weights))
@@ -125,7 +112,7 @@ def test_reference_backend_float32_well_conditioned(n, b, d):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_float64_input_stays_float64(backend):
-    z = make_z("near", 3, 20, 30, seed=3).double()
+    z = make_z("near", 3, 20, 30, torch.float32, seed=3).double()
     weights = torch.randn(3, dtype=torch.float64)
     rate, grad = value_and_grad(lambda x: coding_rate(x, EPS, backend=backend), z, weights)
     rate64, grad64 = float64_truth(z, weights)
@@ -136,7 +123,7 @@ def test_float64_input_stays_float64(backend):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_non_contiguous_input(backend):
-    base = make_z("random", 4, 30, 48, seed=11)
+    base = make_z("random", 4, 30, 48, torch.float32, seed=11)
     transposed_view = base.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides (d*b, 1, b)
     strided_view = torch.cat([base, base], dim=2)[:, :, ::2]  # every other column
     weights = torch.randn(4)
@@ -151,7 +138,7 @@ def test_non_contiguous_input(backend):
 @pytest.mark.parametrize("kind", ["random", "near"])
 @pytest.mark.parametrize("n,b,d", [(4, 100, 1024), (5, 129, 16), (3, 7, 64)])
 def test_cpu_backend_low_precision_flash_rule(n, b, d, kind, dtype):
-    z = make_z(kind, n, b, d, seed=b + d).to(dtype)
+    z = make_z(kind, n, b, d, torch.float32, seed=b + d).to(dtype)
     weights = torch.randn(n)
     rate, grad = value_and_grad(lambda x: coding_rate(x, EPS, backend="cpu"), z, weights)
     assert rate.dtype == torch.float32 and grad.dtype == dtype
@@ -163,7 +150,7 @@ def test_cpu_backend_low_precision_flash_rule(n, b, d, kind, dtype):
 def test_cuda_fallback_composite_op_on_cpu(n, b, d, dtype):
     # the CUDA op runs this composite for b > 128 or b > d; it is device-agnostic, so check it here
     backends.extension()  # loads the library that defines the op
-    z = make_z("random", n, b, d, seed=b * d).to(dtype)
+    z = make_z("random", n, b, d, torch.float32, seed=b * d).to(dtype)
     alpha = d / (b * EPS)
     rate, grad = torch.ops.empssl.tcr_forward_backward_composite(z, alpha, True)
     assert rate.dtype == torch.float32 and grad.dtype == dtype and grad.shape == z.shape
@@ -190,7 +177,7 @@ def _triton_or_skip(z):
 @pytest.mark.parametrize("kind", ["random", "near", "collapsed"])
 @pytest.mark.parametrize("n,b,d", TRITON_SHAPES)
 def test_triton_backend_float32(n, b, d, kind):
-    z = make_z(kind, n, b, d, seed=5 + b)
+    z = make_z(kind, n, b, d, torch.float32, seed=5 + b)
     _triton_or_skip(z)
     weights = torch.randn(n)
     fast = value_and_grad(lambda x: coding_rate(x, EPS, backend="triton"), z, weights)
@@ -203,7 +190,7 @@ def test_triton_backend_float32(n, b, d, kind):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_backend_low_precision(dtype):
-    z = make_z("random", 2, 20, 48, seed=9).to(dtype)
+    z = make_z("random", 2, 20, 48, torch.float32, seed=9).to(dtype)
     _triton_or_skip(z)
     weights = torch.randn(2)
     fast = value_and_grad(lambda x: coding_rate(x, EPS, backend="triton"), z, weights)
@@ -223,7 +210,7 @@ GPU_SHAPES = [(20, 100, 1024), (200, 100, 1024), (4, 128, 1024), (3, 1, 16), (5,
 @pytest.mark.parametrize("n,b,d", GPU_SHAPES)
 def test_gpu_backends_against_float64(backend, dtype, kind, n, b, d):
     torch.backends.cuda.matmul.allow_tf32 = False
-    z = make_z(kind, n, b, d, seed=n + b + d).to("cuda", dtype)
+    z = make_z(kind, n, b, d, torch.float32, seed=n + b + d).to("cuda", dtype)
     if not available(backend, z):
         pytest.skip(backends.reasons("tcr", z.device, z)[backend])
     weights = torch.randn(n, device="cuda")
@@ -241,7 +228,7 @@ def test_gpu_backends_against_float64(backend, dtype, kind, n, b, d):
 @pytest.mark.gpu
 def test_gpu_forward_only_and_auto_choice():
     backends.extension()
-    z = make_z("random", 20, 100, 1024, seed=1).cuda()
+    z = make_z("random", 20, 100, 1024, torch.float32, seed=1).cuda()
     assert backends.select_backend("tcr", "auto", z.device, z) == "cuda"
     rate, grad = torch.ops.empssl.tcr_forward_backward(z, 1024 / (100 * EPS), False)
     assert grad.numel() == 0

@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 from empssl.backends import triton_reason  # noqa: E402
 from empssl.kernels import tcr  # noqa: E402
 from empssl.reference.tcr import coding_rate  # noqa: E402
+from tcr_inputs import make_z  # noqa: E402
 
 EPS = 0.2
 
@@ -23,20 +24,6 @@ if triton_reason(torch.device("cpu")) is not None:
 def alpha_of(z):
     _, b, d = z.shape
     return d / (b * EPS)
-
-
-def make_z(kind, n, b, d, generator):
-    """Unit-norm rows: random, nearly collapsed (one vector + 1e-3 noise) or exactly collapsed."""
-    if kind == "random":
-        z = torch.randn(n, b, d, generator=generator, dtype=torch.float64)
-    elif kind == "nearly_collapsed":
-        z = torch.randn(n, 1, d, generator=generator, dtype=torch.float64) \
-            + 1e-3 * torch.randn(n, b, d, generator=generator, dtype=torch.float64)
-    elif kind == "collapsed":
-        z = torch.randn(n, 1, d, generator=generator, dtype=torch.float64).expand(n, b, d)
-    else:
-        raise ValueError(kind)
-    return torch.nn.functional.normalize(z, dim=-1).contiguous()
 
 
 def float64_rate_and_grad(z):
@@ -73,10 +60,10 @@ def float32_gradient_tolerance(z, kind):
     return b * FLOAT32_UNIT_ROUNDOFF * kappa
 
 
-@pytest.mark.parametrize("kind", ["random", "nearly_collapsed", "collapsed"])
+@pytest.mark.parametrize("kind", ["random", "near", "collapsed"])
 @pytest.mark.parametrize("n,b,d", SHAPES)
 def test_float32_rate_and_gradient_match_float64_reference(n, b, d, kind, generator):
-    z = make_z(kind, n, b, d, generator).float()
+    z = make_z(kind, n, b, d, generator=generator).float()
     rate, grad = tcr.tcr_forward_backward(z, alpha_of(z), need_grad=True)
     ref_rate, ref_grad = float64_rate_and_grad(z)
 
@@ -92,9 +79,9 @@ def test_float32_rate_and_gradient_match_float64_reference(n, b, d, kind, genera
 def test_strided_z_is_read_in_place(layout, generator):
     n, b, d = 2, 7, 24
     if layout == "transposed":  # feature stride b, row stride 1
-        z = make_z("random", n, b, d, generator).float().transpose(1, 2).contiguous().transpose(1, 2)
+        z = make_z("random", n, b, d, generator=generator).float().transpose(1, 2).contiguous().transpose(1, 2)
     else:  # every other feature and every other group of a larger buffer
-        z = make_z("random", 2 * n, b, 2 * d, generator).float()[::2, :, ::2]
+        z = make_z("random", 2 * n, b, 2 * d, generator=generator).float()[::2, :, ::2]
     assert not z.is_contiguous()
     rate, grad = tcr.tcr_forward_backward(z, alpha_of(z), need_grad=True)
     ref_rate, ref_grad = float64_rate_and_grad(z)
@@ -111,13 +98,13 @@ def torch_low_precision_rate(z):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", ["random", "nearly_collapsed"])
+@pytest.mark.parametrize("kind", ["random", "near"])
 @pytest.mark.parametrize("n,b,d", [(3, 7, 40), (1, 33, 64), (2, 16, 16)])
 def test_low_precision_error_is_within_twice_torch_error(n, b, d, kind, dtype, generator):
     # flash-attention's rule: against a float64 reference computed from the same low-precision
     # input, the fused kernel's error is at most twice the error of PyTorch's own computation
     # in that dtype (here: Gram matmul and its backward in bf16/fp16, factorisation in float32).
-    z = make_z(kind, n, b, d, generator).to(dtype)
+    z = make_z(kind, n, b, d, generator=generator).to(dtype)
     ref_rate, ref_grad = float64_rate_and_grad(z)
 
     rate, grad = tcr.tcr_forward_backward(z, alpha_of(z), need_grad=True)
@@ -138,7 +125,7 @@ def test_low_precision_error_is_within_twice_torch_error(n, b, d, kind, dtype, g
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_without_gradient_the_rate_is_the_same_and_grad_is_empty(dtype, generator):
-    z = make_z("random", 3, 7, 40, generator).to(dtype)
+    z = make_z("random", 3, 7, 40, generator=generator).to(dtype)
     rate_only, no_grad = tcr.tcr_forward_backward(z, alpha_of(z), need_grad=False)
     rate, grad = tcr.tcr_forward_backward(z, alpha_of(z), need_grad=True)
     assert no_grad.numel() == 0 and no_grad.dtype == dtype
