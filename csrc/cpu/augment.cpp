@@ -51,30 +51,35 @@ struct ResampleTable {
   std::vector<float> weights;  // (S, taps)
 };
 
+// The horizontal pass as a banded matrix: output columns in blocks of kRowAlign, each block
+// reading one contiguous band of source columns; weights[block][band column][lane], 0 where a
+// source column is not one of that output column's taps (adding 0 * x leaves a sum unchanged,
+// so every output still sums exactly its taps, in order).
+struct ColumnBands {
+  int crop_len = -1;
+  bool flip = false;
+  std::vector<int> first, length, offset;  // per block: first source column, band length, weights offset
+  std::vector<float> weights;
+};
+
 // Per-thread buffers, sized once for the largest patch of the call.
 struct Workspace {
-  int size, row_stride, taps, crop_row_stride;
+  int size, row_stride, taps;
   std::vector<ResampleTable> tables;  // by crop length, filled on first use
-  std::vector<int> x_first, x_count;  // this patch's columns (flip applied)
-  std::vector<float> x_weights;
-  std::vector<float> crop;        // the crop as float, transposed: (3, crop columns, crop_row_stride)
-  std::vector<float> columns;     // horizontal pass, transposed: (3, S, crop_row_stride)
-  std::vector<float> rows;        // horizontal pass: (3, crop rows, row_stride)
-  std::vector<float> plane;       // the patch: (3, S, row_stride)
-  std::vector<float> scratch;     // blur: horizontal result (3, S, row_stride) and one padded row
+  ColumnBands bands;                  // of the last patch's crop width and flip
+  std::vector<float> rows;            // horizontal pass: (3, crop rows, row_stride)
+  std::vector<float> plane;           // the patch: (3, S, row_stride)
+  std::vector<float> scratch;         // blur: horizontal result (3, S, row_stride) and one padded row
   std::vector<float> gauss;
-  std::vector<float> values;      // the finished rows of one y, (3, row_stride), before the store
+  std::vector<const float*> blur_rows;
+  std::vector<float> values;          // the finished rows of one y, (3, row_stride), before the store
 
-  Workspace(int S, int taps_, int64_t max_crop_len, int64_t max_crop_rows, int64_t max_crop_cols, int kernel_size)
-      : size(S), row_stride(round_up(S, kRowAlign)), taps(taps_),
-        crop_row_stride(round_up(static_cast<int>(max_crop_rows), kRowAlign)),
-        tables(static_cast<size_t>(max_crop_len) + 1), x_first(S), x_count(S), x_weights(static_cast<size_t>(S) * taps_),
-        crop(static_cast<size_t>(3) * max_crop_cols * crop_row_stride),
-        columns(static_cast<size_t>(3) * S * crop_row_stride),
+  Workspace(int S, int taps_, int64_t max_crop_len, int64_t max_crop_rows, int kernel_size)
+      : size(S), row_stride(round_up(S, kRowAlign)), taps(taps_), tables(static_cast<size_t>(max_crop_len) + 1),
         rows(static_cast<size_t>(3) * max_crop_rows * row_stride),
         plane(static_cast<size_t>(3) * S * row_stride),
         scratch(static_cast<size_t>(3) * S * row_stride + row_stride + kernel_size + kRowAlign),
-        gauss(kernel_size), values(static_cast<size_t>(3) * row_stride) {}
+        gauss(kernel_size), blur_rows(kernel_size), values(static_cast<size_t>(3) * row_stride) {}
 
   const ResampleTable& table(int crop_len) {
     ResampleTable& t = tables[crop_len];
@@ -87,6 +92,41 @@ struct Workspace {
       }
     }
     return t;
+  }
+
+  // flipped output column x shows resampled column S - 1 - x
+  const ColumnBands& column_bands(int crop_len, bool flip) {
+    ColumnBands& b = bands;
+    if (b.crop_len == crop_len && b.flip == flip) return b;
+    const ResampleTable& t = table(crop_len);
+    const int blocks = row_stride / kRowAlign;
+    b.crop_len = crop_len;
+    b.flip = flip;
+    b.first.assign(blocks, 0);
+    b.length.assign(blocks, 0);
+    b.offset.assign(blocks, 0);
+    int total = 0;
+    for (int k = 0; k < blocks; ++k) {
+      int lo = 1 << 30, hi = -1;
+      for (int x = k * kRowAlign; x < std::min(size, (k + 1) * kRowAlign); ++x) {
+        const int from = flip ? size - 1 - x : x;
+        lo = std::min(lo, t.first[from]);
+        hi = std::max(hi, t.first[from] + t.count[from] - 1);
+      }
+      b.first[k] = lo;
+      b.length[k] = hi - lo + 1;
+      b.offset[k] = total;
+      total += b.length[k] * kRowAlign;
+    }
+    b.weights.assign(total, 0.0f);
+    for (int x = 0; x < size; ++x) {
+      const int from = flip ? size - 1 - x : x, k = x / kRowAlign;
+      for (int tap = 0; tap < t.count[from]; ++tap) {
+        const int j = t.first[from] + tap - b.first[k];
+        b.weights[b.offset[k] + j * kRowAlign + x % kRowAlign] = t.weights[static_cast<size_t>(from) * taps + tap];
+      }
+    }
+    return b;
   }
 };
 
@@ -124,64 +164,47 @@ EMPSSL_INLINE typename Lanes<L>::I lane_index() {
 // ---- the steps of one patch --------------------------------------------------------------------
 
 // Resized crop + flip into ws.plane (planar RGB, [0, 1]). Horizontal pass first, as the
-// reference: on the transposed crop (vectorised over crop rows), then transposed back for the
-// vertical pass (vectorised over x). Each output sums its taps in order from 0, as the reference.
+// reference, as banded matrix products straight from the uint8 image (vectorised over x), then
+// the vertical pass on whole rows. Each output sums its taps in order from 0, as the reference.
 template <int L>
 EMPSSL_INLINE void resized_crop(const Images& images, int64_t image_index, const float* row, Workspace& ws) {
   typedef typename Lanes<L>::F F;
-  const int S = ws.size, W = ws.row_stride, R = ws.crop_row_stride, taps = ws.taps;
+  constexpr int kVectors = kRowAlign / L;  // vectors per block of output columns
+  const int S = ws.size, W = ws.row_stride, taps = ws.taps;
   const CropBox crop = crop_box(row, images.height, images.width);
-  const bool flip = row[FLIP] == 1.0f;
-
-  const ResampleTable& xt = ws.table(crop.width);
-  for (int x = 0; x < S; ++x) {  // flipped output column x shows resampled column S - 1 - x
-    const int from = flip ? S - 1 - x : x;
-    ws.x_first[x] = xt.first[from];
-    ws.x_count[x] = xt.count[from];
-    memcpy(&ws.x_weights[static_cast<size_t>(x) * taps], &xt.weights[static_cast<size_t>(from) * taps], sizeof(float) * taps);
-  }
+  const ColumnBands& bands = ws.column_bands(crop.width, row[FLIP] == 1.0f);
   const ResampleTable& yt = ws.table(crop.height);
   const int row_begin = yt.first[0];
   const int num_rows = yt.first[S - 1] + yt.count[S - 1] - row_begin;
-  const int col_begin = xt.first[0];
-  const int num_cols = xt.first[S - 1] + xt.count[S - 1] - col_begin;
 
-  // the crop region read by the passes, as float, transposed: crop[c][col][row]
-  const uint8_t* image = images.data + image_index * images.stride_n +
-                         (crop.top + row_begin) * images.stride_h + (crop.left + col_begin) * images.stride_w;
-  float* crop_t = ws.crop.data();
-  const size_t crop_channel = static_cast<size_t>(num_cols) * R;
+  // horizontal pass: rows[c][r][x] = sum over the band of w[x][j] * pixel[r][j][c]
+  const uint8_t* image = images.data + image_index * images.stride_n + (crop.top + row_begin) * images.stride_h +
+                         crop.left * images.stride_w;
+  const int64_t sw = images.stride_w, sc = images.stride_c;
+  const size_t channel = static_cast<size_t>(num_rows) * W;
   for (int r = 0; r < num_rows; ++r) {
-    const uint8_t* src = image + r * images.stride_h;
-    for (int j = 0; j < num_cols; ++j, src += images.stride_w) {
-      for (int c = 0; c < 3; ++c) crop_t[c * crop_channel + static_cast<size_t>(j) * R + r] = kByteToUnit.value[src[c * images.stride_c]];
-    }
-  }
-  // horizontal pass: columns[c][x][row] = sum_t w_t crop[c][first_x + t][row]
-  const int row_vectors = (num_rows + L - 1) / L;
-  for (int c = 0; c < 3; ++c) {
-    for (int x = 0; x < S; ++x) {
-      const float* w = &ws.x_weights[static_cast<size_t>(x) * taps];
-      const float* in = crop_t + c * crop_channel + static_cast<size_t>(ws.x_first[x] - col_begin) * R;
-      float* out = &ws.columns[(static_cast<size_t>(c) * S + x) * R];
-      for (int v = 0; v < row_vectors; ++v) {
-        F acc = splat<F>(0.0f);
-        for (int t = 0; t < ws.x_count[x]; ++t) acc += load<F>(in + static_cast<size_t>(t) * R + v * L) * w[t];
-        store(out + v * L, acc);
+    const uint8_t* src_row = image + r * images.stride_h;
+    for (int k = 0; k < W / kRowAlign; ++k) {
+      F acc[3][kVectors];
+      for (int c = 0; c < 3; ++c)
+        for (int v = 0; v < kVectors; ++v) acc[c][v] = splat<F>(0.0f);
+      const float* w = &bands.weights[bands.offset[k]];
+      const uint8_t* px = src_row + bands.first[k] * sw;
+      for (int j = 0; j < bands.length[k]; ++j, px += sw, w += kRowAlign) {
+        F wv[kVectors];
+        for (int v = 0; v < kVectors; ++v) wv[v] = load<F>(w + v * L);
+        for (int c = 0; c < 3; ++c) {
+          const F value = splat<F>(kByteToUnit.value[px[c * sc]]);
+          for (int v = 0; v < kVectors; ++v) acc[c][v] += value * wv[v];
+        }
       }
-    }
-  }
-  // back to rows[c][row][x]
-  for (int c = 0; c < 3; ++c) {
-    for (int r = 0; r < num_rows; ++r) {
-      float* out = &ws.rows[(static_cast<size_t>(c) * num_rows + r) * W];
-      const float* in = &ws.columns[static_cast<size_t>(c) * S * R + r];
-      for (int x = 0; x < S; ++x) out[x] = in[static_cast<size_t>(x) * R];
+      for (int c = 0; c < 3; ++c)
+        for (int v = 0; v < kVectors; ++v) store(&ws.rows[c * channel + static_cast<size_t>(r) * W + k * kRowAlign + v * L], acc[c][v]);
     }
   }
   // vertical pass: whole rows at once
   for (int c = 0; c < 3; ++c) {
-    const float* rows = &ws.rows[static_cast<size_t>(c) * num_rows * W];
+    const float* rows = &ws.rows[c * channel];
     for (int y = 0; y < S; ++y) {
       const float* w = &yt.weights[static_cast<size_t>(y) * taps];
       const float* in = rows + static_cast<size_t>(yt.first[y] - row_begin) * W;
@@ -282,7 +305,11 @@ EMPSSL_INLINE void gaussian_blur(float sigma, int kernel_size, Workspace& ws) {
   for (int c = 0; c < 3; ++c) {
     for (int y = 0; y < S; ++y) {
       const float* in = &ws.plane[static_cast<size_t>(c) * n + static_cast<size_t>(y) * W];
-      for (int i = 0; i < S + 2 * radius; ++i) padded[i] = in[reflect_index(i - radius, S)];
+      memcpy(padded + radius, in, sizeof(float) * S);
+      for (int i = 0; i < radius; ++i) {
+        padded[i] = in[reflect_index(i - radius, S)];
+        padded[S + radius + i] = in[reflect_index(S + i, S)];
+      }
       float* out = horizontal + static_cast<size_t>(c) * n + static_cast<size_t>(y) * W;
       for (int x = 0; x < W; x += L) {
         F acc = splat<F>(0.0f);
@@ -290,14 +317,14 @@ EMPSSL_INLINE void gaussian_blur(float sigma, int kernel_size, Workspace& ws) {
         store(out + x, acc);
       }
     }
+    const float* in = horizontal + static_cast<size_t>(c) * n;
+    const float** taps = ws.blur_rows.data();
     for (int y = 0; y < S; ++y) {
+      for (int k = 0; k < kernel_size; ++k) taps[k] = in + static_cast<size_t>(reflect_index(y + k - radius, S)) * W;
       float* out = &ws.plane[static_cast<size_t>(c) * n + static_cast<size_t>(y) * W];
-      const float* in = horizontal + static_cast<size_t>(c) * n;
       for (int x = 0; x < W; x += L) {
         F acc = splat<F>(0.0f);
-        for (int k = 0; k < kernel_size; ++k) {
-          acc += load<F>(in + static_cast<size_t>(reflect_index(y + k - radius, S)) * W + x) * w[k];
-        }
+        for (int k = 0; k < kernel_size; ++k) acc += load<F>(taps[k] + x) * w[k];
         store(out + x, acc);
       }
     }
@@ -322,7 +349,28 @@ EMPSSL_INLINE void store_patch(const float* row, const Config& config, const Out
   const float threshold = config.solarize_threshold;
   T* out = static_cast<T*>(output.data) + p * output.stride_p;
   float* values = ws.values.data();
-  const bool dense_rows = std::is_same<T, float>::value && output.stride_x == 1;
+  if constexpr (std::is_same<T, float>::value) {
+    if (output.stride_x == 1) {  // NCHW float32: straight from the vectors
+      for (int c = 0; c < 3; ++c) {
+        const float mean = config.mean[c], std = config.std[c];
+        for (int y = 0; y < S; ++y) {
+          const float* in = &ws.plane[static_cast<size_t>(c) * n + static_cast<size_t>(y) * W];
+          float* dst = out + c * output.stride_c + y * output.stride_y;
+          for (int x = 0; x < W; x += L) {
+            F v = load<F>(in + x);
+            if (solarized) v = solarize(v, threshold);
+            v = normalize(v, mean, std);
+            if (x + L <= S) {
+              store(dst + x, v);
+            } else {
+              for (int k = 0; k < S - x; ++k) dst[x + k] = v[k];
+            }
+          }
+        }
+      }
+      return;
+    }
+  }
   for (int y = 0; y < S; ++y) {
     for (int c = 0; c < 3; ++c) {
       const float* in = &ws.plane[static_cast<size_t>(c) * n + static_cast<size_t>(y) * W];
@@ -333,9 +381,7 @@ EMPSSL_INLINE void store_patch(const float* row, const Config& config, const Out
         if (solarized) v = solarize(v, threshold);
         store(value + x, normalize(v, mean, std));
       }
-      if (dense_rows) memcpy(out + c * output.stride_c + y * output.stride_y, value, sizeof(float) * S);
     }
-    if (dense_rows) continue;
     T* dst = out + y * output.stride_y;
     for (int x = 0; x < S; ++x) {
       for (int c = 0; c < 3; ++c) dst[x * output.stride_x + c * output.stride_c] = convert_out<T>(values[c * W + x], output.dtype);
@@ -403,7 +449,7 @@ void augment_all(const Images& images, const int64_t* source_index, const float*
   const PatchFn<T> patch_fn = select_patch_fn<T>();
 #pragma omp parallel
   {
-    Workspace ws(S, taps, max_crop_len, images.height, images.width, config.blur_kernel_size);
+    Workspace ws(S, taps, max_crop_len, images.height, config.blur_kernel_size);
 #pragma omp for schedule(dynamic, 8)
     for (int64_t p = 0; p < num_patches; ++p) {
       patch_fn(images, source_index[p], params + p * NUM_PARAMS, config, output, p, ws);
