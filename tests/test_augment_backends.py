@@ -332,3 +332,23 @@ def test_backend_check_states_the_limit():
     assert reason is not None and "blur_kernel_size" in reason
     with pytest.raises(backends.BackendUnavailableError, match="blur_kernel_size"):
         MultiPatchAugment(config, backend="cpu").apply(images, source_index, params)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_cpu_vector_builds_agree_bitwise(monkeypatch, out_dtype, channels_last):
+    """The CPU kernel is compiled for AVX-512, AVX2 and baseline x86-64 and picks one at run time
+    (EMPSSL_AUGMENT_ISA caps it): whichever a machine gets, the patches are the same bits."""
+    generator = torch.Generator().manual_seed(4321)
+    config = AugmentConfig(output_size=24, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), blur_p=0.5, solarize_p=0.3)
+    images = _images(8, 40, 40, generator, torch.device("cpu"))
+    source_index, params = _sampled(config, images, 12, generator)
+    _require("cpu", images, source_index, params, config)
+    augment = MultiPatchAugment(config, backend="cpu", out_dtype=out_dtype, channels_last=channels_last)
+    outputs = {}
+    for isa in ("baseline", "avx2", "native"):
+        monkeypatch.setenv("EMPSSL_AUGMENT_ISA", isa)
+        outputs[isa] = augment.apply(images, source_index, params)
+    for isa in ("avx2", "native"):
+        # compare bit patterns (torch.equal on floats would pass -0.0 == 0.0)
+        assert torch.equal(outputs["baseline"].float().view(torch.int32), outputs[isa].float().view(torch.int32)), isa
