@@ -18,6 +18,7 @@ namespace empssl {
 // csrc/cpu/tcr.cpp: rate (n,) float64; grad nullptr for the forward only
 void tcr_forward_backward_cpu(const void* z, int dtype, int64_t n, int64_t b, int64_t d, double alpha, double* rate,
                               void* grad, int num_threads);
+bool tcr_cpu_reads_float16();  // the CPU kernel reads/writes fp16 itself (compiler has _Float16)
 #ifdef EMPSSL_WITH_CUDA
 // csrc/cuda/tcr.cu: b <= min(d, tcr_cuda_max_rows()); rate (n,) float32
 int tcr_cuda_max_rows();
@@ -67,8 +68,9 @@ std::tuple<at::Tensor, at::Tensor> tcr_composite(const at::Tensor& z, double alp
 std::tuple<at::Tensor, at::Tensor> tcr_forward_backward_cpu_op(const at::Tensor& z, double alpha, bool need_grad) {
   tcr_check(z, alpha);
   TORCH_CHECK(z.device().is_cpu(), "tcr_forward_backward (cpu): z must be a CPU tensor");
-  // the kernel reads float32 or float64; bf16/fp16 are widened here and the gradient narrowed back
-  const bool native = z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble;
+  // the kernel reads float32, float64, bf16 and (where the compiler has _Float16) fp16 itself;
+  // otherwise fp16 is widened here and the gradient narrowed back
+  const bool native = z.scalar_type() != at::kHalf || empssl::tcr_cpu_reads_float16();
   const at::Tensor x = (native ? z : z.to(at::kFloat)).contiguous();
   const int64_t n = x.size(0), b = x.size(1), d = x.size(2);
   at::Tensor rate = at::empty({n}, x.options().dtype(at::kDouble));

@@ -2,7 +2,7 @@
 //
 // Per group, with X the smaller side (X = Z, rows = b when b <= d; X = Z^T, rows = d otherwise):
 //   M = I + alpha X X^T  (Gram, lower triangle, mirrored)
-//   sweep M -> -M^{-1}, logdet M = sum of log pivots   (tcr_math.h, shared with CUDA)
+//   sweep M -> -M^{-1}, logdet M = sum of log pivots   (the formulas of tcr_math.h, shared with CUDA)
 //   Y = M^{-1} X, dR/dZ = alpha Y (b <= d) or alpha Y^T (b > d).
 // Everything after the input load is float64: a float32 Gram loses 1e-5 relative in R on
 // nearly collapsed Z, and a float32 M^{-1} X loses 1e-2 of the (tiny) gradient of an exactly
@@ -49,7 +49,7 @@ inline int64_t padded_ld(int64_t cols) {
   return (ld % 512 == 0) ? ld + kTileCols : ld;
 }
 
-constexpr int64_t kTransposeBlock = 16;
+constexpr int64_t kTransposeBlock = 8;
 constexpr int64_t kGramDepth = 128;  // columns of X per pass: the 32-column panel of X^T (32 KiB) stays in L1
 
 // C[0:kTileRows][0:kTileCols] (+)= sum_{k<K} A[i][k] * B[k][0:kTileCols]; A row-major (lda),
@@ -86,68 +86,170 @@ static inline __attribute__((always_inline)) void micro_kernel(const double* A, 
 
 double log_double(double x) { return std::log(x); }
 
-// Padded float64 buffers of one group (zero padding keeps the micro-kernel branch-free).
+// row[0:len] -= f * col[0:len], len a multiple of 8 (one step of the sweep on one row).
+static inline __attribute__((always_inline)) void subtract_scaled(double* __restrict row,
+                                                                  const double* __restrict col, double f,
+                                                                  int64_t len) {
+  for (int64_t j = 0; j < len; j += 8) {
+    vd8u* r = reinterpret_cast<vd8u*>(row + j);
+    *r -= f * *reinterpret_cast<const vd8u*>(col + j);
+  }
+}
+
+// Float64 buffers of one group, padded with zeros so that the micro-kernel needs no edge cases.
+// Kept small enough for L2: X, M, one packed Gram panel and one panel of Y.
 struct GroupBuffers {
   int64_t rows, len;              // X is rows x len
-  int64_t rows_pad, ldx, ldxt, ldm;
+  int64_t rows_pad, ldx, ldm;
   std::vector<double> storage;
-  double *x, *xt, *m, *y, *col;   // x: rows_pad x ldx, xt: len x ldxt, m: rows_pad x ldm, y: rows_pad x ldx
+  double *x, *m, *col, *pack, *ypanel;  // x: rows_pad x ldx, m: rows_pad x ldm, pack: kGramDepth x kTileCols,
+                                        // ypanel: rows_pad x kTileCols
 
   void resize(int64_t rows_, int64_t len_) {
     rows = rows_;
     len = len_;
     rows_pad = round_up(rows, kTileRows);
     ldx = padded_ld(len);
-    ldxt = padded_ld(rows);
     ldm = padded_ld(rows);
-    const int64_t nx = rows_pad * ldx, nxt = len * ldxt, nm = rows_pad * ldm;
-    if (static_cast<int64_t>(storage.size()) < 2 * nx + nxt + nm + ldm) storage.resize(2 * nx + nxt + nm + ldm);
+    const int64_t nx = rows_pad * ldx, nm = rows_pad * ldm, npack = kGramDepth * kTileCols, ny = rows_pad * kTileCols;
+    const int64_t total = nx + nm + ldm + npack + ny;
+    if (static_cast<int64_t>(storage.size()) < total) storage.resize(total);
     x = storage.data();
-    xt = x + nx;
-    m = xt + nxt;
-    y = m + nm;
-    col = y + nx;
-    // zero the padding the micro-kernel reads (the rest is overwritten before it is read)
+    m = x + nx;
+    col = m + nm;
+    pack = col + ldm;
+    ypanel = pack + npack;
+    // zero the padding the kernels read (the rest is overwritten before it is read)
     for (int64_t r = 0; r < rows_pad; ++r) std::fill(x + r * ldx + (r < rows ? len : 0), x + (r + 1) * ldx, 0.0);
-    for (int64_t l = 0; l < len; ++l) std::fill(xt + l * ldxt + rows, xt + (l + 1) * ldxt, 0.0);
+    std::fill(m, m + nm, 0.0);
+    std::fill(col, col + ldm, 0.0);
   }
 };
 
-// Gram, sweep and M^{-1} X of the float64 buffers; returns logdet M. Compiled per ISA.
+// pack[k][j] = x[j0 + j][k0 + k] for k < depth, j < kTileCols; rows of X past `rows` give zeros.
+static inline __attribute__((always_inline)) void pack_gram_panel(const GroupBuffers& w, int64_t j0, int64_t k0,
+                                                                  int64_t depth) {
+  const int64_t real = std::min<int64_t>(kTileCols, w.rows - j0);
+  for (int64_t j = 0; j < kTileCols; ++j) {
+    if (j < real) {
+      const double* __restrict src = w.x + (j0 + j) * w.ldx + k0;
+      for (int64_t k = 0; k < depth; ++k) w.pack[k * kTileCols + j] = src[k];
+    } else {
+      for (int64_t k = 0; k < depth; ++k) w.pack[k * kTileCols + j] = 0.0;
+    }
+  }
+}
+
+// Gram and sweep of the float64 buffers: returns logdet M and leaves alpha M^{-1} in w.m (rows x
+// rows). Compiled per ISA.
 EMPSSL_CPU_CLONES
-double group_logdet_and_solve(GroupBuffers& w, double alpha) {
+double group_logdet_and_inverse(GroupBuffers& w, double alpha) {
   const int64_t rows = w.rows, len = w.len;
   // Lower-triangle tiles of X X^T (rows i >= j0 of each kTileCols-column panel; the diagonal tiles
-  // are computed whole), in passes of kGramDepth columns of X.
+  // are computed whole), in passes of kGramDepth columns of X. The panel of X^T is packed
+  // contiguously: strided rows of X^T would share a few L1 sets.
   for (int64_t k0 = 0; k0 < len; k0 += kGramDepth) {
     const int64_t depth = std::min(kGramDepth, len - k0);
-    for (int64_t j0 = 0; j0 < rows; j0 += kTileCols)
+    for (int64_t j0 = 0; j0 < rows; j0 += kTileCols) {
+      pack_gram_panel(w, j0, k0, depth);
       for (int64_t i0 = j0 / kTileRows * kTileRows; i0 < rows; i0 += kTileRows) {
         const double* a = w.x + i0 * w.ldx + k0;
-        const double* bt = w.xt + k0 * w.ldxt + j0;
         double* c = w.m + i0 * w.ldm + j0;
         if (k0 == 0)
-          micro_kernel<false>(a, w.ldx, bt, w.ldxt, depth, c, w.ldm);
+          micro_kernel<false>(a, w.ldx, w.pack, kTileCols, depth, c, w.ldm);
         else
-          micro_kernel<true>(a, w.ldx, bt, w.ldxt, depth, c, w.ldm);
+          micro_kernel<true>(a, w.ldx, w.pack, kTileCols, depth, c, w.ldm);
       }
+    }
   }
+  // M = I + alpha G on the lower triangle. From here on only rows < rows and columns < side8 take
+  // part; entries past the diagonal are zeroed so that the vector loops stay finite.
+  const int64_t side8 = round_up(rows, 8);
   for (int64_t i = 0; i < rows; ++i) {
     double* mi = w.m + i * w.ldm;
-    for (int64_t j = 0; j < i; ++j) {
-      mi[j] *= alpha;
-      w.m[j * w.ldm + i] = mi[j];  // mirror: M is exactly symmetric
-    }
+    for (int64_t j = 0; j < i; ++j) mi[j] *= alpha;
     mi[i] = 1.0 + alpha * mi[i];
+    std::fill(mi + i + 1, mi + side8, 0.0);
   }
-  const double logdet = tcr::sweep_inverse_logdet<double>(w.m, static_cast<int>(w.ldm), static_cast<int>(rows), w.col,
-                                                          log_double);
-  // Y = (-M^{-1}) X, column panels outer so that a kTileCols-column panel of X stays in L1.
-  for (int64_t j0 = 0; j0 < w.ldx; j0 += kTileCols)
-    for (int64_t i0 = 0; i0 < rows; i0 += kTileRows)
-      micro_kernel<false>(w.m + i0 * w.ldm, w.ldm, w.x + j0, w.ldx, rows, w.y + i0 * w.ldx + j0, w.ldx);
+  // The sweep of tcr_math.h (the per-entry formulas of tcr::sweep_update_row) on the lower
+  // triangle only (M stays symmetric, half the traffic: the matrix stays in L1). Row i is updated
+  // as one vector pass over [0, i] rounded up to 8 and the pivot entry patched afterwards; the
+  // few entries past the diagonal it touches are discarded by the mirror at the end.
+  double logdet = 0.0;
+  for (int64_t k = 0; k < rows; ++k) {
+    // pivot column of the symmetric matrix: row k left of the diagonal, column k from it down
+    for (int64_t j = 0; j < k; ++j) w.col[j] = w.m[k * w.ldm + j];
+    for (int64_t j = k; j < rows; ++j) w.col[j] = w.m[j * w.ldm + k];
+    const double inv_p = 1.0 / w.col[k];
+    logdet += log_double(w.col[k]);
+    for (int64_t i = 0; i < k; ++i) subtract_scaled(w.m + i * w.ldm, w.col, w.col[i] * inv_p, round_up(i + 1, 8));
+    double* row_k = w.m + k * w.ldm;
+    for (int64_t j = 0; j < k; ++j) row_k[j] = w.col[j] * inv_p;
+    row_k[k] = -inv_p;
+    for (int64_t i = k + 1; i < rows; ++i) {
+      double* row = w.m + i * w.ldm;
+      const double f = w.col[i] * inv_p;
+      subtract_scaled(row, w.col, f, round_up(i + 1, 8));
+      row[k] = f;
+    }
+  }
+  // m holds -M^{-1} (lower): scale it to alpha M^{-1} and mirror it, so that Y below is the
+  // gradient itself.
+  for (int64_t i = 0; i < rows; ++i) {
+    double* mi = w.m + i * w.ldm;
+    for (int64_t j = 0; j <= i; ++j) {
+      mi[j] *= -alpha;
+      w.m[j * w.ldm + i] = mi[j];
+    }
+  }
   return logdet;
 }
+
+// w.ypanel[0:rows_pad][0:kTileCols] = (alpha M^{-1}) X[:, j0 : j0 + kTileCols]. Compiled per ISA.
+EMPSSL_CPU_CLONES
+void gradient_panel(GroupBuffers& w, int64_t j0) {
+  for (int64_t i0 = 0; i0 < w.rows; i0 += kTileRows)
+    micro_kernel<false>(w.m + i0 * w.ldm, w.ldm, w.x + j0, w.ldx, w.rows, w.ypanel + i0 * kTileCols, kTileCols);
+}
+
+// Element types the kernel reads and writes directly (bf16 and fp16 without a widening pass).
+struct BFloat16Bits {
+  uint16_t bits;
+};
+
+inline double widen(float v) { return v; }
+inline double widen(double v) { return v; }
+inline double widen(BFloat16Bits v) {
+  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <class T>
+inline T narrow(double v) {
+  return static_cast<T>(v);
+}
+// double -> float -> bf16, both round-to-nearest-even: what the float32 kernel followed by
+// torch's .to(bfloat16) gave.
+template <>
+inline BFloat16Bits narrow<BFloat16Bits>(double v) {
+  const float f = static_cast<float>(v);
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if (std::isnan(f)) return BFloat16Bits{static_cast<uint16_t>((u >> 16) | 0x40)};  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return BFloat16Bits{static_cast<uint16_t>(u >> 16)};
+}
+
+#ifdef __FLT16_MAX__
+#define EMPSSL_CPU_HAS_FLOAT16 1
+inline double widen(_Float16 v) { return static_cast<float>(v); }
+template <>
+inline _Float16 narrow<_Float16>(double v) {
+  return static_cast<_Float16>(static_cast<float>(v));  // double -> float -> half, as before
+}
+#endif
 
 template <class T>
 void tcr_forward_backward_cpu_impl(const T* z, int64_t n, int64_t b, int64_t d, double alpha, double* rate, T* grad,
@@ -163,33 +265,31 @@ void tcr_forward_backward_cpu_impl(const T* z, int64_t n, int64_t b, int64_t d, 
     static thread_local GroupBuffers w;  // persists across calls: no page faults per call
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < n; ++g) {
-      const T* zg = z + g * b * d;
+      const T* __restrict zg = z + g * b * d;
       w.resize(rows, len);
-      // z row-major into one buffer as is and into the other transposed (in 16 x 16 blocks)
-      double* same = transposed ? w.xt : w.x;
-      double* flipped = transposed ? w.x : w.xt;
-      const int64_t ld_same = transposed ? w.ldxt : w.ldx, ld_flipped = transposed ? w.ldx : w.ldxt;
-      for (int64_t i0 = 0; i0 < b; i0 += kTransposeBlock)
-        for (int64_t c0 = 0; c0 < d; c0 += kTransposeBlock)
-          for (int64_t i = i0; i < std::min(i0 + kTransposeBlock, b); ++i)
-            for (int64_t c = c0; c < std::min(c0 + kTransposeBlock, d); ++c) {
-              const double v = static_cast<double>(zg[i * d + c]);
-              same[i * ld_same + c] = v;
-              flipped[c * ld_flipped + i] = v;
-            }
-      rate[g] = 0.5 * group_logdet_and_solve(w, alpha);
-      if (grad != nullptr) {
-        T* gg = grad + g * b * d;
-        const double scale = -alpha;  // w.y holds -M^{-1} X
-        if (!transposed) {
+      if (!transposed) {
+        for (int64_t i = 0; i < b; ++i) {
+          double* __restrict xi = w.x + i * w.ldx;
+          for (int64_t c = 0; c < d; ++c) xi[c] = widen(zg[i * d + c]);
+        }
+      } else {
+        for (int64_t i0 = 0; i0 < b; i0 += kTransposeBlock)
+          for (int64_t c = 0; c < d; ++c)
+            for (int64_t i = i0; i < std::min(i0 + kTransposeBlock, b); ++i) w.x[c * w.ldx + i] = widen(zg[i * d + c]);
+      }
+      rate[g] = 0.5 * group_logdet_and_inverse(w, alpha);
+      if (grad == nullptr) continue;
+      T* __restrict gg = grad + g * b * d;
+      const double* __restrict y = w.ypanel;
+      for (int64_t j0 = 0; j0 < len; j0 += kTileCols) {
+        gradient_panel(w, j0);
+        const int64_t width = std::min<int64_t>(kTileCols, len - j0);
+        if (!transposed) {  // panel rows are rows of the gradient
           for (int64_t i = 0; i < b; ++i)
-            for (int64_t c = 0; c < d; ++c) gg[i * d + c] = static_cast<T>(scale * w.y[i * w.ldx + c]);
-        } else {
-          for (int64_t i0 = 0; i0 < b; i0 += kTransposeBlock)
-            for (int64_t c0 = 0; c0 < d; c0 += kTransposeBlock)
-              for (int64_t i = i0; i < std::min(i0 + kTransposeBlock, b); ++i)
-                for (int64_t c = c0; c < std::min(c0 + kTransposeBlock, d); ++c)
-                  gg[i * d + c] = static_cast<T>(scale * w.y[c * w.ldx + i]);
+            for (int64_t c = 0; c < width; ++c) gg[i * d + j0 + c] = narrow<T>(y[i * kTileCols + c]);
+        } else {  // panel columns are rows of the gradient
+          for (int64_t c = 0; c < width; ++c)
+            for (int64_t i = 0; i < d; ++i) gg[(j0 + c) * d + i] = narrow<T>(y[i * kTileCols + c]);
         }
       }
     }
@@ -198,16 +298,35 @@ void tcr_forward_backward_cpu_impl(const T* z, int64_t n, int64_t b, int64_t d, 
 
 }  // namespace
 
-// z (n, b, d) contiguous float32 (dtype kFloat32) or float64 (kFloat64); rate (n,) float64;
-// grad (n, b, d) in z's dtype, or nullptr for the forward only.
+// z (n, b, d) contiguous in the dtype tcr::DType names (float32, float64, bfloat16, and float16
+// where the compiler has _Float16: tcr_cpu_reads_float16()); rate (n,) float64; grad (n, b, d)
+// in z's dtype, or nullptr for the forward only.
 void tcr_forward_backward_cpu(const void* z, int dtype, int64_t n, int64_t b, int64_t d, double alpha, double* rate,
                               void* grad, int num_threads) {
-  if (dtype == tcr::kFloat64)
-    tcr_forward_backward_cpu_impl(static_cast<const double*>(z), n, b, d, alpha, rate, static_cast<double*>(grad),
-                                  num_threads);
-  else
-    tcr_forward_backward_cpu_impl(static_cast<const float*>(z), n, b, d, alpha, rate, static_cast<float*>(grad),
-                                  num_threads);
+  switch (dtype) {
+    case tcr::kFloat64:
+      return tcr_forward_backward_cpu_impl(static_cast<const double*>(z), n, b, d, alpha, rate,
+                                           static_cast<double*>(grad), num_threads);
+    case tcr::kBFloat16:
+      return tcr_forward_backward_cpu_impl(static_cast<const BFloat16Bits*>(z), n, b, d, alpha, rate,
+                                           static_cast<BFloat16Bits*>(grad), num_threads);
+#ifdef EMPSSL_CPU_HAS_FLOAT16
+    case tcr::kFloat16:
+      return tcr_forward_backward_cpu_impl(static_cast<const _Float16*>(z), n, b, d, alpha, rate,
+                                           static_cast<_Float16*>(grad), num_threads);
+#endif
+    default:
+      return tcr_forward_backward_cpu_impl(static_cast<const float*>(z), n, b, d, alpha, rate,
+                                           static_cast<float*>(grad), num_threads);
+  }
+}
+
+bool tcr_cpu_reads_float16() {
+#ifdef EMPSSL_CPU_HAS_FLOAT16
+  return true;
+#else
+  return false;
+#endif
 }
 
 }  // namespace empssl
