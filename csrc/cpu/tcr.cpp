@@ -42,11 +42,15 @@ constexpr int kTileCols = 32;  // four vd8: 16 accumulators of the 32 AVX-512 re
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Row stride in doubles: a multiple of the tile width, but never of 4 KiB, whose rows would all
-// fall into the same L1 sets when a 16-column panel is walked down (measured: 2x slower).
-inline int64_t padded_ld(int64_t cols) {
-  const int64_t ld = round_up(cols, kTileCols);
-  return (ld % 512 == 0) ? ld + kTileCols : ld;
+// Row stride in elements: room for whole tiles plus one 64-byte line, so that consecutive rows
+// start in different L1 sets (strides of 1 or 4 KiB put all rows of a panel in a few sets: the
+// sweep and the Gram ran 2x slower).
+inline int64_t padded_ld(int64_t cols) { return round_up(cols, kTileCols) + 8; }
+
+// Start of a buffer rounded up to 64 bytes, so that rows of padded_ld never split cache lines.
+template <class F>
+F* align64(F* p) {
+  return reinterpret_cast<F*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
 }
 
 constexpr int64_t kTransposeBlock = 8;
@@ -112,9 +116,9 @@ struct GroupBuffers {
     ldx = padded_ld(len);
     ldm = padded_ld(rows);
     const int64_t nx = rows_pad * ldx, nm = rows_pad * ldm, npack = kGramDepth * kTileCols, ny = rows_pad * kTileCols;
-    const int64_t total = nx + nm + ldm + npack + ny;
+    const int64_t total = nx + nm + ldm + npack + ny + 8;
     if (static_cast<int64_t>(storage.size()) < total) storage.resize(total);
-    x = storage.data();
+    x = align64(storage.data());
     m = x + nx;
     col = m + nm;
     pack = col + ldm;
@@ -127,32 +131,29 @@ struct GroupBuffers {
 };
 
 // pack[k][j] = x[j0 + j][k0 + k] for k < depth, j < kTileCols; rows of X past `rows` give zeros.
-static inline __attribute__((always_inline)) void pack_gram_panel(const GroupBuffers& w, int64_t j0, int64_t k0,
-                                                                  int64_t depth) {
-  const int64_t real = std::min<int64_t>(kTileCols, w.rows - j0);
+static inline __attribute__((always_inline)) void pack_gram_panel(const double* x, int64_t ldx, int64_t rows,
+                                                                  int64_t j0, int64_t k0, int64_t depth, double* pack) {
+  const int64_t real = std::min<int64_t>(kTileCols, rows - j0);
   for (int64_t j = 0; j < kTileCols; ++j) {
     if (j < real) {
-      const double* __restrict src = w.x + (j0 + j) * w.ldx + k0;
-      for (int64_t k = 0; k < depth; ++k) w.pack[k * kTileCols + j] = src[k];
+      const double* __restrict src = x + (j0 + j) * ldx + k0;
+      for (int64_t k = 0; k < depth; ++k) pack[k * kTileCols + j] = src[k];
     } else {
-      for (int64_t k = 0; k < depth; ++k) w.pack[k * kTileCols + j] = 0.0;
+      for (int64_t k = 0; k < depth; ++k) pack[k * kTileCols + j] = 0.0;
     }
   }
 }
 
-// Gram and sweep of the float64 buffers: returns logdet M and leaves alpha M^{-1} in w.m (rows x
-// rows). Compiled per ISA.
+// Lower-triangle tiles of X X^T into w.m (rows i >= j0 of each kTileCols-column panel; the
+// diagonal tiles are computed whole), in passes of kGramDepth columns of X. The panel of X^T is
+// packed contiguously: strided rows of X^T would share a few L1 sets. Compiled per ISA.
 EMPSSL_CPU_CLONES
-double group_logdet_and_inverse(GroupBuffers& w, double alpha) {
-  const int64_t rows = w.rows, len = w.len;
-  // Lower-triangle tiles of X X^T (rows i >= j0 of each kTileCols-column panel; the diagonal tiles
-  // are computed whole), in passes of kGramDepth columns of X. The panel of X^T is packed
-  // contiguously: strided rows of X^T would share a few L1 sets.
-  for (int64_t k0 = 0; k0 < len; k0 += kGramDepth) {
-    const int64_t depth = std::min(kGramDepth, len - k0);
-    for (int64_t j0 = 0; j0 < rows; j0 += kTileCols) {
-      pack_gram_panel(w, j0, k0, depth);
-      for (int64_t i0 = j0 / kTileRows * kTileRows; i0 < rows; i0 += kTileRows) {
+void gram_lower(GroupBuffers& w) {
+  for (int64_t k0 = 0; k0 < w.len; k0 += kGramDepth) {
+    const int64_t depth = std::min(kGramDepth, w.len - k0);
+    for (int64_t j0 = 0; j0 < w.rows; j0 += kTileCols) {
+      pack_gram_panel(w.x, w.ldx, w.rows, j0, k0, depth, w.pack);
+      for (int64_t i0 = j0 / kTileRows * kTileRows; i0 < w.rows; i0 += kTileRows) {
         const double* a = w.x + i0 * w.ldx + k0;
         double* c = w.m + i0 * w.ldm + j0;
         if (k0 == 0)
@@ -162,6 +163,13 @@ double group_logdet_and_inverse(GroupBuffers& w, double alpha) {
       }
     }
   }
+}
+
+// Gram and sweep: returns logdet M and leaves alpha M^{-1} in w.m (rows x rows). Compiled per ISA.
+EMPSSL_CPU_CLONES
+double group_logdet_and_inverse(GroupBuffers& w, double alpha) {
+  const int64_t rows = w.rows;
+  gram_lower(w);
   // M = I + alpha G on the lower triangle. From here on only rows < rows and columns < side8 take
   // part; entries past the diagonal are zeroed so that the vector loops stay finite.
   const int64_t side8 = round_up(rows, 8);
@@ -267,15 +275,14 @@ void tcr_forward_backward_cpu_impl(const T* z, int64_t n, int64_t b, int64_t d, 
     for (int64_t g = 0; g < n; ++g) {
       const T* __restrict zg = z + g * b * d;
       w.resize(rows, len);
+      double* __restrict x = w.x;
       if (!transposed) {
-        for (int64_t i = 0; i < b; ++i) {
-          double* __restrict xi = w.x + i * w.ldx;
-          for (int64_t c = 0; c < d; ++c) xi[c] = widen(zg[i * d + c]);
-        }
+        for (int64_t i = 0; i < b; ++i)
+          for (int64_t c = 0; c < d; ++c) x[i * w.ldx + c] = widen(zg[i * d + c]);
       } else {
         for (int64_t i0 = 0; i0 < b; i0 += kTransposeBlock)
           for (int64_t c = 0; c < d; ++c)
-            for (int64_t i = i0; i < std::min(i0 + kTransposeBlock, b); ++i) w.x[c * w.ldx + i] = widen(zg[i * d + c]);
+            for (int64_t i = i0; i < std::min(i0 + kTransposeBlock, b); ++i) x[c * w.ldx + i] = widen(zg[i * d + c]);
       }
       rate[g] = 0.5 * group_logdet_and_inverse(w, alpha);
       if (grad == nullptr) continue;
