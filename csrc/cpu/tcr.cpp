@@ -56,12 +56,12 @@ F* align64(F* p) {
 constexpr int64_t kTransposeBlock = 8;
 constexpr int64_t kGramDepth = 128;  // columns of X per pass: the 32-column panel of X^T (32 KiB) stays in L1
 
-// C[0:kTileRows][0:kTileCols] (+)= sum_{k<K} A[i][k] * B[k][0:kTileCols]; A row-major (lda),
-// B row-major (ldb). kTileRows x kTileCols/8 vector accumulators stay in registers.
-template <bool Accumulate>
+// C[0:kTileRows][0:8V] (+)= sum_{k<K} A[i][k] * B[k][0:8V]; A row-major (lda), B row-major (ldb).
+// kTileRows x V vector accumulators stay in registers. V < kTileCols / 8: the narrower tiles on
+// the diagonal of the Gram.
+template <bool Accumulate, int V = kTileCols / 8>
 static inline __attribute__((always_inline)) void micro_kernel(const double* A, int64_t lda, const double* B,
                                                                int64_t ldb, int64_t K, double* C, int64_t ldc) {
-  constexpr int V = kTileCols / 8;
   vd8 c[kTileRows][V];
 #pragma GCC unroll 8
   for (int r = 0; r < kTileRows; ++r)
@@ -130,23 +130,52 @@ struct GroupBuffers {
   }
 };
 
-// pack[k][j] = x[j0 + j][k0 + k] for k < depth, j < kTileCols; rows of X past `rows` give zeros.
-static inline __attribute__((always_inline)) void pack_gram_panel(const double* x, int64_t ldx, int64_t rows,
-                                                                  int64_t j0, int64_t k0, int64_t depth, double* pack) {
-  const int64_t real = std::min<int64_t>(kTileCols, rows - j0);
-  for (int64_t j = 0; j < kTileCols; ++j) {
-    if (j < real) {
-      const double* __restrict src = x + (j0 + j) * ldx + k0;
-      for (int64_t k = 0; k < depth; ++k) pack[k * kTileCols + j] = src[k];
-    } else {
-      for (int64_t k = 0; k < depth; ++k) pack[k * kTileCols + j] = 0.0;
+// 8 x 8 transpose in registers: out[c][t] = in[t][c] (three rounds of two-source shuffles).
+static inline __attribute__((always_inline)) void transpose8x8(const vd8 (&in)[8], vd8 (&out)[8]) {
+  vd8 t[8], u[8];
+  for (int p = 0; p < 4; ++p) {  // rows 2p, 2p+1 interleaved: even and odd columns
+    t[2 * p] = __builtin_shufflevector(in[2 * p], in[2 * p + 1], 0, 8, 2, 10, 4, 12, 6, 14);
+    t[2 * p + 1] = __builtin_shufflevector(in[2 * p], in[2 * p + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  for (int h = 0; h < 2; ++h)  // rows 4h..4h+3: columns {0,4}, {1,5}, {2,6}, {3,7}
+    for (int e = 0; e < 2; ++e) {
+      u[4 * h + e] = __builtin_shufflevector(t[4 * h + e], t[4 * h + 2 + e], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[4 * h + 2 + e] = __builtin_shufflevector(t[4 * h + e], t[4 * h + 2 + e], 2, 3, 10, 11, 6, 7, 14, 15);
     }
+  for (int c = 0; c < 4; ++c) {  // u[c] holds columns c and c+4 of rows 0-3, u[4+c] of rows 4-7
+    out[c] = __builtin_shufflevector(u[c], u[4 + c], 0, 1, 2, 3, 8, 9, 10, 11);
+    out[c + 4] = __builtin_shufflevector(u[c], u[4 + c], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
-// Lower-triangle tiles of X X^T into w.m (rows i >= j0 of each kTileCols-column panel; the
-// diagonal tiles are computed whole), in passes of kGramDepth columns of X. The panel of X^T is
-// packed contiguously: strided rows of X^T would share a few L1 sets. Compiled per ISA.
+// pack[k][j] = x[j0 + j][k0 + k] for k < depth (rounded up to 8: X's padding is zero), j <
+// kTileCols; rows of X past `rows` give zeros. In 8 x 8 blocks transposed in registers.
+static inline __attribute__((always_inline)) void pack_gram_panel(const double* x, int64_t ldx, int64_t rows,
+                                                                  int64_t j0, int64_t k0, int64_t depth, double* pack) {
+  for (int64_t j8 = 0; j8 < kTileCols; j8 += 8)
+    for (int64_t k8 = 0; k8 < depth; k8 += 8) {
+      vd8 in[8], out[8];
+      for (int t = 0; t < 8; ++t)
+        in[t] = (j0 + j8 + t < rows) ? *reinterpret_cast<const vd8*>(x + (j0 + j8 + t) * ldx + k0 + k8) : vd8{0};
+      transpose8x8(in, out);
+      for (int c = 0; c < 8; ++c) *reinterpret_cast<vd8*>(pack + (k8 + c) * kTileCols + j8) = out[c];
+    }
+}
+
+// One Gram tile of 8V columns.
+template <int V>
+static inline __attribute__((always_inline)) void gram_tile(const double* a, int64_t lda, const double* pack,
+                                                            int64_t depth, double* c, int64_t ldc, bool accumulate) {
+  if (accumulate)
+    micro_kernel<true, V>(a, lda, pack, kTileCols, depth, c, ldc);
+  else
+    micro_kernel<false, V>(a, lda, pack, kTileCols, depth, c, ldc);
+}
+
+// Lower-triangle tiles of X X^T into w.m: for each kTileCols-column panel the rows i >= j0, the
+// tiles that cross the diagonal only as wide as their last row needs (whole vectors). In passes
+// of kGramDepth columns of X; the panel of X^T is packed contiguously: strided rows of X^T would
+// share a few L1 sets. Compiled per ISA.
 EMPSSL_CPU_CLONES
 void gram_lower(GroupBuffers& w) {
   for (int64_t k0 = 0; k0 < w.len; k0 += kGramDepth) {
@@ -156,10 +185,14 @@ void gram_lower(GroupBuffers& w) {
       for (int64_t i0 = j0 / kTileRows * kTileRows; i0 < w.rows; i0 += kTileRows) {
         const double* a = w.x + i0 * w.ldx + k0;
         double* c = w.m + i0 * w.ldm + j0;
-        if (k0 == 0)
-          micro_kernel<false>(a, w.ldx, w.pack, kTileCols, depth, c, w.ldm);
-        else
-          micro_kernel<true>(a, w.ldx, w.pack, kTileCols, depth, c, w.ldm);
+        const int64_t width = std::min<int64_t>(kTileCols, i0 + kTileRows - j0);  // entries j <= i
+        static_assert(kTileCols == 32, "one case per vector count");
+        switch ((width + 7) / 8) {
+          case 1: gram_tile<1>(a, w.ldx, w.pack, depth, c, w.ldm, k0 > 0); break;
+          case 2: gram_tile<2>(a, w.ldx, w.pack, depth, c, w.ldm, k0 > 0); break;
+          case 3: gram_tile<3>(a, w.ldx, w.pack, depth, c, w.ldm, k0 > 0); break;
+          default: gram_tile<4>(a, w.ldx, w.pack, depth, c, w.ldm, k0 > 0); break;
+        }
       }
     }
   }
