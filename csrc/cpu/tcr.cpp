@@ -292,6 +292,37 @@ inline _Float16 narrow<_Float16>(double v) {
 }
 #endif
 
+// Row-major copies between the input or gradient (T) and the float64 buffers, compiled per ISA
+// (one overload per element type; target_clones does not take templates).
+template <class T>
+static inline __attribute__((always_inline)) void widen_rows_impl(const T* __restrict z, int64_t rows, int64_t cols,
+                                                                  double* __restrict x, int64_t ldx) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < cols; ++c) x[i * ldx + c] = widen(z[i * cols + c]);
+}
+template <class T>
+static inline __attribute__((always_inline)) void narrow_rows_impl(const double* __restrict y, int64_t ldy,
+                                                                   int64_t rows, int64_t cols, T* __restrict g,
+                                                                   int64_t ldg) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < cols; ++c) g[i * ldg + c] = narrow<T>(y[i * ldy + c]);
+}
+#define EMPSSL_TCR_ROW_COPIES(T)                                                                           \
+  EMPSSL_CPU_CLONES void widen_rows(const T* z, int64_t rows, int64_t cols, double* x, int64_t ldx) {       \
+    widen_rows_impl(z, rows, cols, x, ldx);                                                                 \
+  }                                                                                                         \
+  EMPSSL_CPU_CLONES void narrow_rows(const double* y, int64_t ldy, int64_t rows, int64_t cols, T* g,        \
+                                     int64_t ldg) {                                                         \
+    narrow_rows_impl(y, ldy, rows, cols, g, ldg);                                                           \
+  }
+EMPSSL_TCR_ROW_COPIES(float)
+EMPSSL_TCR_ROW_COPIES(double)
+EMPSSL_TCR_ROW_COPIES(BFloat16Bits)
+#ifdef EMPSSL_CPU_HAS_FLOAT16
+EMPSSL_TCR_ROW_COPIES(_Float16)
+#endif
+#undef EMPSSL_TCR_ROW_COPIES
+
 template <class T>
 void tcr_forward_backward_cpu_impl(const T* z, int64_t n, int64_t b, int64_t d, double alpha, double* rate, T* grad,
                                    int num_threads) {
@@ -310,8 +341,7 @@ void tcr_forward_backward_cpu_impl(const T* z, int64_t n, int64_t b, int64_t d, 
       w.resize(rows, len);
       double* __restrict x = w.x;
       if (!transposed) {
-        for (int64_t i = 0; i < b; ++i)
-          for (int64_t c = 0; c < d; ++c) x[i * w.ldx + c] = widen(zg[i * d + c]);
+        widen_rows(zg, b, d, x, w.ldx);
       } else {
         for (int64_t i0 = 0; i0 < b; i0 += kTransposeBlock)
           for (int64_t c = 0; c < d; ++c)
@@ -325,8 +355,7 @@ void tcr_forward_backward_cpu_impl(const T* z, int64_t n, int64_t b, int64_t d, 
         gradient_panel(w, j0);
         const int64_t width = std::min<int64_t>(kTileCols, len - j0);
         if (!transposed) {  // panel rows are rows of the gradient
-          for (int64_t i = 0; i < b; ++i)
-            for (int64_t c = 0; c < width; ++c) gg[i * d + j0 + c] = narrow<T>(y[i * kTileCols + c]);
+          narrow_rows(y, kTileCols, b, width, gg + j0, d);
         } else {  // panel columns are rows of the gradient
           for (int64_t c = 0; c < width; ++c)
             for (int64_t i = 0; i < d; ++i) gg[(j0 + c) * d + i] = narrow<T>(y[i * kTileCols + c]);
