@@ -36,6 +36,24 @@ namespace {
 
 typedef double vd8 __attribute__((vector_size(64)));
 typedef double vd8u __attribute__((vector_size(64), aligned(8)));  // unaligned access
+typedef double vd4 __attribute__((vector_size(32)));                // AVX2 registers
+typedef double vd2 __attribute__((vector_size(16)));                // SSE2 registers
+
+// Vector type of NV lanes and its unaligned version.
+template <class Vec>
+struct Unaligned;
+template <>
+struct Unaligned<vd8> {
+  typedef double type __attribute__((vector_size(64), aligned(8)));
+};
+template <>
+struct Unaligned<vd4> {
+  typedef double type __attribute__((vector_size(32), aligned(8)));
+};
+template <>
+struct Unaligned<vd2> {
+  typedef double type __attribute__((vector_size(16), aligned(8)));
+};
 
 constexpr int kTileRows = 4;   // 4 x 32 measured fastest of 8x16, 8x24, 6x24, 6x32, 4x32, 4x48, 3x64
 constexpr int kTileCols = 32;  // four vd8: 16 accumulators of the 32 AVX-512 registers
@@ -56,21 +74,22 @@ F* align64(F* p) {
 constexpr int64_t kTransposeBlock = 8;
 constexpr int64_t kGramDepth = 128;  // columns of X per pass: the 32-column panel of X^T (32 KiB) stays in L1
 
-// C[0:kTileRows][0:8V] (+)= sum_{k<K} A[i][k] * B[k][0:8V]; A row-major (lda), B row-major (ldb).
-// kTileRows x V vector accumulators stay in registers. V < kTileCols / 8: the narrower tiles on
-// the diagonal of the Gram.
-template <bool Accumulate, int V = kTileCols / 8>
+// C[0:kTileRows][0:W V] (+)= sum_{k<K} A[i][k] * B[k][0:W V], W the lanes of Vec; A row-major
+// (lda), B row-major (ldb). kTileRows x V vector accumulators stay in registers.
+template <bool Accumulate, int V, class Vec = vd8>
 static inline __attribute__((always_inline)) void micro_kernel(const double* A, int64_t lda, const double* B,
                                                                int64_t ldb, int64_t K, double* C, int64_t ldc) {
-  vd8 c[kTileRows][V];
+  typedef typename Unaligned<Vec>::type VecU;
+  constexpr int W = sizeof(Vec) / sizeof(double);
+  Vec c[kTileRows][V];
 #pragma GCC unroll 8
   for (int r = 0; r < kTileRows; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) c[r][v] = vd8{0};
+    for (int v = 0; v < V; ++v) c[r][v] = Vec{0};
   for (int64_t k = 0; k < K; ++k) {
-    vd8 bv[V];
+    Vec bv[V];
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) bv[v] = *reinterpret_cast<const vd8u*>(B + k * ldb + 8 * v);
+    for (int v = 0; v < V; ++v) bv[v] = *reinterpret_cast<const VecU*>(B + k * ldb + W * v);
 #pragma GCC unroll 8
     for (int r = 0; r < kTileRows; ++r) {
       const double x = A[r * lda + k];
@@ -82,10 +101,45 @@ static inline __attribute__((always_inline)) void micro_kernel(const double* A, 
   for (int r = 0; r < kTileRows; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
-      vd8u* out = reinterpret_cast<vd8u*>(C + r * ldc + 8 * v);
+      VecU* out = reinterpret_cast<VecU*>(C + r * ldc + W * v);
       if (Accumulate) c[r][v] += *out;
       *out = c[r][v];
     }
+}
+
+// The widest double vectors of this CPU, so that the register tiles below use registers rather
+// than the stack: GCC lowers a 64-byte vector on AVX2 through memory (the kernel ran 40x slower
+// than on AVX-512, slower than the torch composite). The target_clones build of each function
+// holds all three tile shapes; the one that fits the CPU it was picked for runs.
+enum class VectorWidth { k64, k32, k16 };
+
+VectorWidth cpu_vector_width() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const VectorWidth width = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return VectorWidth::k64;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return VectorWidth::k32;
+    return VectorWidth::k16;
+  }();
+  return width;
+#else
+  return VectorWidth::k16;
+#endif
+}
+
+// A kTileRows x 8V tile of micro_kernel: AVX-512 at once (4V of its 32 registers); AVX2 in strips
+// of 8 columns (8 of 16 registers); SSE2 in strips of 4 columns (8 of 16 registers).
+template <bool Accumulate, int V>
+static inline __attribute__((always_inline)) void tile(VectorWidth width, const double* A, int64_t lda,
+                                                       const double* B, int64_t ldb, int64_t K, double* C,
+                                                       int64_t ldc) {
+  if (width == VectorWidth::k64) {
+    micro_kernel<Accumulate, V, vd8>(A, lda, B, ldb, K, C, ldc);
+  } else if (width == VectorWidth::k32) {
+    for (int v = 0; v < V; ++v) micro_kernel<Accumulate, 2, vd4>(A, lda, B + 8 * v, ldb, K, C + 8 * v, ldc);
+  } else {
+    for (int q = 0; q < 2 * V; ++q) micro_kernel<Accumulate, 2, vd2>(A, lda, B + 4 * q, ldb, K, C + 4 * q, ldc);
+  }
 }
 
 double log_double(double x) { return std::log(x); }
@@ -105,6 +159,7 @@ static inline __attribute__((always_inline)) void subtract_scaled(double* __rest
 struct GroupBuffers {
   int64_t rows, len;              // X is rows x len
   int64_t rows_pad, ldx, ldm;
+  VectorWidth width = cpu_vector_width();
   std::vector<double> storage;
   double *x, *m, *col, *pack, *ypanel;  // x: rows_pad x ldx, m: rows_pad x ldm, pack: kGramDepth x kTileCols,
                                         // ypanel: rows_pad x kTileCols
@@ -164,12 +219,13 @@ static inline __attribute__((always_inline)) void pack_gram_panel(const double* 
 
 // One Gram tile of 8V columns.
 template <int V>
-static inline __attribute__((always_inline)) void gram_tile(const double* a, int64_t lda, const double* pack,
-                                                            int64_t depth, double* c, int64_t ldc, bool accumulate) {
+static inline __attribute__((always_inline)) void gram_tile(VectorWidth width, const double* a, int64_t lda,
+                                                            const double* pack, int64_t depth, double* c, int64_t ldc,
+                                                            bool accumulate) {
   if (accumulate)
-    micro_kernel<true, V>(a, lda, pack, kTileCols, depth, c, ldc);
+    tile<true, V>(width, a, lda, pack, kTileCols, depth, c, ldc);
   else
-    micro_kernel<false, V>(a, lda, pack, kTileCols, depth, c, ldc);
+    tile<false, V>(width, a, lda, pack, kTileCols, depth, c, ldc);
 }
 
 // Lower-triangle tiles of X X^T into w.m: for each kTileCols-column panel the rows i >= j0, the
@@ -188,10 +244,10 @@ void gram_lower(GroupBuffers& w) {
         const int64_t width = std::min<int64_t>(kTileCols, i0 + kTileRows - j0);  // entries j <= i
         static_assert(kTileCols == 32, "one case per vector count");
         switch ((width + 7) / 8) {
-          case 1: gram_tile<1>(a, w.ldx, w.pack, depth, c, w.ldm, k0 > 0); break;
-          case 2: gram_tile<2>(a, w.ldx, w.pack, depth, c, w.ldm, k0 > 0); break;
-          case 3: gram_tile<3>(a, w.ldx, w.pack, depth, c, w.ldm, k0 > 0); break;
-          default: gram_tile<4>(a, w.ldx, w.pack, depth, c, w.ldm, k0 > 0); break;
+          case 1: gram_tile<1>(w.width, a, w.ldx, w.pack, depth, c, w.ldm, k0 > 0); break;
+          case 2: gram_tile<2>(w.width, a, w.ldx, w.pack, depth, c, w.ldm, k0 > 0); break;
+          case 3: gram_tile<3>(w.width, a, w.ldx, w.pack, depth, c, w.ldm, k0 > 0); break;
+          default: gram_tile<4>(w.width, a, w.ldx, w.pack, depth, c, w.ldm, k0 > 0); break;
         }
       }
     }
@@ -250,7 +306,8 @@ double group_logdet_and_inverse(GroupBuffers& w, double alpha) {
 EMPSSL_CPU_CLONES
 void gradient_panel(GroupBuffers& w, int64_t j0) {
   for (int64_t i0 = 0; i0 < w.rows; i0 += kTileRows)
-    micro_kernel<false>(w.m + i0 * w.ldm, w.ldm, w.x + j0, w.ldx, w.rows, w.ypanel + i0 * kTileCols, kTileCols);
+    tile<false, kTileCols / 8>(w.width, w.m + i0 * w.ldm, w.ldm, w.x + j0, w.ldx, w.rows,
+                               w.ypanel + i0 * kTileCols, kTileCols);
 }
 
 // Element types the kernel reads and writes directly (bf16 and fp16 without a widening pass).
