@@ -13,11 +13,10 @@ against the floor of reading Z twice (Gram pass + gradient pass) and writing dR/
   python bench/tcr.py --quick --out results/    # n=20 only, fewer repeats (< 60 s on a 2-core CPU)
 
 Measured on the 2-core AVX-512 CPU (shared with other jobs), torch 2.14.1, n=20, b=100, d=1024,
-forward+backward, --quick, one run each:
-  load 2, 2 threads:  naive 841 ms, batched_logdet 641 ms, composite 19.5 ms, cpu 20.6 ms (float32)
-                      bf16: naive 618, batched 551, composite 18.8, cpu 22.6 ms
-  load 2, 1 thread:   naive 1187 ms, batched_logdet 942 ms, composite 24.0 ms, cpu 30.9 ms
-  load 5, 2 threads:  naive 16.4 s, composite 876 ms, cpu 96 ms (MKL's threads suffer most)
+forward+backward, --quick --repeats 31, medians of 5 runs, 2 threads:
+  float32: naive 684 ms, batched_logdet 679 ms, composite 23.5 ms, cpu 14.3 ms (1.64x composite, 48x naive)
+  bf16:    naive 683 ms, batched_logdet 642 ms, composite 20.1 ms, cpu 11.0 ms (1.83x composite, 62x naive)
+  1 thread, one run: float32 cpu 16.0 vs composite 23.5 ms; bf16 18.5 vs 24.1 ms
 The cpu backend accumulates in float64 (exact on collapsed Z, where the float32 composite loses
 up to 2e-2 of the gradient). Compare only methods of one run.
 """
