@@ -10,11 +10,7 @@
 
 #include "augment_params.h"
 
-#if defined(__CUDACC__)
-#define EMPSSL_HD __host__ __device__ __forceinline__
-#else
-#define EMPSSL_HD inline
-#endif
+#include "host_device.h"
 
 namespace empssl {
 namespace augment {

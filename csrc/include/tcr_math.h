@@ -16,11 +16,7 @@
 //   2. update every row from `col`.
 #pragma once
 
-#if defined(__CUDACC__)
-#define EMPSSL_HD __host__ __device__ __forceinline__
-#else
-#define EMPSSL_HD inline
-#endif
+#include "host_device.h"
 
 namespace empssl {
 namespace tcr {
