@@ -52,12 +52,9 @@ def _config_reason(images_nhwc, config) -> Optional[str]:
 @functools.lru_cache(maxsize=None)
 def _extension_op_reason() -> Optional[str]:
     """None once the extension op is loaded and its fake registered, else why it cannot be."""
-    reason = backends.extension_reason()
+    reason = backends.extension_op_reason("augment_patches")
     if reason:
         return reason
-    backends.extension()  # loads the library that defines the op
-    if not hasattr(torch.ops.empssl, "augment_patches"):
-        return "the compiled extension has no augment_patches op (rebuild it)"
     torch.library.register_fake(EXTENSION_OP)(_fake_patches)
     return None
 

@@ -53,6 +53,17 @@ def extension_reason() -> Reason:
     return _load_extension()[1]
 
 
+def extension_op_reason(op_name: str) -> Reason:
+    """None once the extension defining ``torch.ops.empssl.<op_name>`` is loaded, else why not."""
+    reason = extension_reason()
+    if reason:
+        return reason
+    extension()  # loading the library registers its ops
+    if not hasattr(torch.ops.empssl, op_name):
+        return f"the compiled extension has no {op_name} op (rebuild it)"
+    return None
+
+
 def cpu_extension_reason(device: torch.device) -> Reason:
     if device.type != "cpu":
         return f"the cpu backend runs on CPU tensors, not {device.type}"

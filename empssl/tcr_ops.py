@@ -72,12 +72,9 @@ tcr_forward_backward_triton.register_fake(_fake_forward_backward)
 
 @functools.lru_cache(maxsize=None)
 def _extension_op_registered() -> Optional[str]:
-    reason = backends.extension_reason()
+    reason = backends.extension_op_reason("tcr_forward_backward")
     if reason:
         return reason
-    backends.extension()  # loads the library that defines the op
-    if not hasattr(torch.ops.empssl, "tcr_forward_backward"):
-        return "the compiled extension has no tcr_forward_backward op (rebuild it)"
     torch.library.register_fake(EXTENSION_OP)(_fake_forward_backward)
     _register_autograd(EXTENSION_OP)
     return None
