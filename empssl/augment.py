@@ -136,6 +136,59 @@ def _fallback_crop_box(height: int, width: int, ratio: Tuple[float, float]) -> T
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def _fixed_crop_size(area: int, scale: Tuple[float, float], ratio: Tuple[float, float]) -> Optional[Tuple[int, int]]:
+    """(h, w) of every attempt when scale and ratio are single values (all attempts are then equal), else None."""
+    if scale[0] != scale[1] or ratio[0] != ratio[1]:
+        return None
+    target_area, aspect = area * scale[0], math.exp(math.log(ratio[0]))
+    return int(round(math.sqrt(target_area / aspect))), int(round(math.sqrt(target_area * aspect)))
+
+
+def _crop_uniform_count(scale: Tuple[float, float], ratio: Tuple[float, float]) -> int:
+    """Uniforms one box consumes: 2 for the position, plus 2 per attempt unless the size is fixed."""
+    return 2 if _fixed_crop_size(1, scale, ratio) is not None else 2 + 2 * _CROP_ATTEMPTS
+
+
+def _crop_boxes_from_uniforms(u: torch.Tensor, image_height: int, image_width: int,
+                              scale: Tuple[float, float], ratio: Tuple[float, float]) -> torch.Tensor:
+    """Boxes (see ``sample_crop_boxes``) from float64 uniforms ``u`` of shape (num_boxes, _crop_uniform_count)."""
+    num_boxes = u.shape[0]
+    boxes = u.new_empty(num_boxes, 4)
+    position, size = boxes[:, :2], boxes[:, 2:]
+    fallback_top, fallback_left, fallback_h, fallback_w = _fallback_crop_box(image_height, image_width, ratio)
+    fixed = _fixed_crop_size(image_height * image_width, scale, ratio)
+    if fixed is not None:
+        # every attempt draws the same (h, w), so the first one decides for all boxes
+        h, w = fixed
+        if not (0 < w <= image_width and 0 < h <= image_height):
+            boxes.copy_(u.new_tensor([fallback_top, fallback_left, fallback_h, fallback_w]))
+            return boxes
+        size[:, 0], size[:, 1] = h, w
+        free = u.new_tensor([image_height - h, image_width - w])
+        # top ~ randint(0, H - h + 1), left ~ randint(0, W - w + 1)
+        torch.mul(u, free + 1, out=position).floor_()
+        torch.minimum(position, free, out=position)
+        return boxes
+    attempts = _CROP_ATTEMPTS
+    target_area = u[:, :attempts] * (image_height * image_width * (scale[1] - scale[0]))
+    target_area += image_height * image_width * scale[0]
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = (u[:, attempts:2 * attempts] * (log_high - log_low)).add_(log_low).exp_()
+    # (num_boxes, 2, attempts): rounded heights and widths of every attempt
+    hw = torch.stack((target_area / aspect, target_area.mul_(aspect)), dim=1).sqrt_().round_()
+    bounds = u.new_tensor([image_height, image_width])
+    fits = ((hw > 0) & (hw <= bounds[:, None])).all(dim=1)
+    first_fit = fits.to(torch.uint8).argmax(dim=1)  # argmax returns the first maximum
+    found = fits.any(dim=1, keepdim=True)
+    chosen = hw.gather(2, first_fit[:, None, None].expand(num_boxes, 2, 1)).squeeze(2)
+    torch.where(found, chosen, u.new_tensor([fallback_h, fallback_w]), out=size)
+    free = bounds - size
+    torch.mul(u[:, 2 * attempts:], free + 1, out=position).floor_()
+    torch.minimum(position, free, out=position)
+    torch.where(found, position, u.new_tensor([fallback_top, fallback_left]), out=position)
+    return boxes
+
+
 def sample_crop_boxes(
     num_boxes: int,
     image_height: int,
@@ -150,28 +203,11 @@ def sample_crop_boxes(
 
     All 10 attempts of every box are drawn at once; a box takes its first attempt that fits
     (``0 < w <= W and 0 < h <= H``), or torchvision's centre-crop fallback if none does.
-    ``torch.round`` rounds half to even, like Python's ``round``.
+    ``torch.round`` rounds half to even, like Python's ``round``. When scale and ratio are
+    single values every attempt has the same size, so only the position is drawn.
     """
-    area = image_height * image_width
-    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    u = torch.rand(num_boxes, 2, _CROP_ATTEMPTS, dtype=torch.float64, generator=generator, device=device)
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
-    aspect = torch.exp(log_low + (log_high - log_low) * u[:, 1])
-    widths = torch.round(torch.sqrt(target_area * aspect))
-    heights = torch.round(torch.sqrt(target_area / aspect))
-    fits = (widths > 0) & (widths <= image_width) & (heights > 0) & (heights <= image_height)
-    first_fit = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax returns the first maximum
-    found = fits.any(dim=1)
-    fallback_top, fallback_left, fallback_h, fallback_w = _fallback_crop_box(image_height, image_width, ratio)
-    h = torch.where(found, heights.gather(1, first_fit).squeeze(1), fallback_h)
-    w = torch.where(found, widths.gather(1, first_fit).squeeze(1), fallback_w)
-    # top ~ randint(0, H - h + 1), left ~ randint(0, W - w + 1)
-    u_position = torch.rand(num_boxes, 2, dtype=torch.float64, generator=generator, device=device)
-    top = torch.minimum(torch.floor(u_position[:, 0] * (image_height - h + 1)), image_height - h)
-    left = torch.minimum(torch.floor(u_position[:, 1] * (image_width - w + 1)), image_width - w)
-    top = torch.where(found, top, fallback_top)
-    left = torch.where(found, left, fallback_left)
-    return torch.stack((top, left, h, w), dim=1)
+    u = torch.rand(num_boxes, _crop_uniform_count(scale, ratio), dtype=torch.float64, generator=generator, device=device)
+    return _crop_boxes_from_uniforms(u, image_height, image_width, scale, ratio)
 
 
 def _check_positive_int(value, name: str) -> None:
@@ -222,33 +258,43 @@ def sample_augment_params(
 
     count = num_images * num_patches
     source_index = torch.arange(num_images, device=device).repeat(num_patches)
-    boxes = sample_crop_boxes(count, image_height, image_width, config.crop_scale, config.crop_ratio, generator, device)
+    # one float64 draw per call: the crop's uniforms, then 5 gates, 4 jitter factors, 4 order keys, 1 sigma
+    crop_uniforms = _crop_uniform_count(config.crop_scale, config.crop_ratio)
+    u = torch.rand(count, crop_uniforms + 14, dtype=torch.float64, generator=generator, device=device)
+    boxes = _crop_boxes_from_uniforms(u[:, :crop_uniforms], image_height, image_width,
+                                      config.crop_scale, config.crop_ratio)
+    gate_u, factor_u = u[:, crop_uniforms:crop_uniforms + 5], u[:, crop_uniforms + 5:crop_uniforms + 9]
+    order_u, sigma_u = u[:, crop_uniforms + 9:crop_uniforms + 13], u[:, crop_uniforms + 13]
+    gate_p, factor_low, factor_span = _sampling_constants(config, device)
 
-    u = torch.rand(count, 14, generator=generator, device=device)
-
-    def factor(column: int, strength: float) -> torch.Tensor:
-        low, high = max(0.0, 1.0 - strength), 1.0 + strength
-        return low + (high - low) * u[:, column]
-
-    columns = [None] * AP.NUM_PARAMS
-    for k, column in enumerate((AP.CROP_TOP, AP.CROP_LEFT, AP.CROP_HEIGHT, AP.CROP_WIDTH)):
-        columns[column] = boxes[:, k].float()
-    columns[AP.FLIP] = (u[:, 0] < config.flip_p).float()
-    columns[AP.JITTER] = (u[:, 1] < config.jitter_p).float()
-    columns[AP.BRIGHTNESS] = factor(2, config.brightness)
-    columns[AP.CONTRAST] = factor(3, config.contrast)
-    columns[AP.SATURATION] = factor(4, config.saturation)
-    columns[AP.HUE] = config.hue * (2.0 * u[:, 5] - 1.0)
+    params = torch.empty(count, AP.NUM_PARAMS, device=device)
+    params[:, AP.CROP_TOP:AP.CROP_WIDTH + 1] = boxes
+    gates = gate_u < gate_p  # flip, jitter, grayscale, blur, solarize
+    params[:, AP.FLIP:AP.JITTER + 1] = gates[:, 0:2]
+    params[:, AP.GRAYSCALE] = gates[:, 2]
+    params[:, AP.SOLARIZE] = gates[:, 4]
+    # brightness, contrast, saturation factors in [max(0, 1 - s), 1 + s]; hue shift in [-hue, hue]
+    torch.addcmul(factor_low, factor_span, factor_u, out=params[:, AP.BRIGHTNESS:AP.HUE + 1])
     # a uniformly random permutation of the four ops per patch (torch.randperm(4) in torchvision)
-    order = torch.argsort(u[:, 6:10], dim=1).float()
-    for k, column in enumerate((AP.ORDER_0, AP.ORDER_1, AP.ORDER_2, AP.ORDER_3)):
-        columns[column] = order[:, k]
-    columns[AP.GRAYSCALE] = (u[:, 10] < config.grayscale_p).float()
+    params[:, AP.ORDER_0:AP.ORDER_3 + 1] = torch.argsort(order_u, dim=1)
     sigma_low, sigma_high = config.blur_sigma
-    sigma = sigma_low + (sigma_high - sigma_low) * u[:, 12]
-    columns[AP.BLUR_SIGMA] = torch.where(u[:, 11] < config.blur_p, sigma, torch.zeros_like(sigma))
-    columns[AP.SOLARIZE] = (u[:, 13] < config.solarize_p).float()
-    return source_index, torch.stack(columns, dim=1)
+    sigma = sigma_u * (sigma_high - sigma_low) + sigma_low
+    torch.mul(sigma, gates[:, 3], out=params[:, AP.BLUR_SIGMA])  # 0 where the blur gate is off
+    return source_index, params
+
+
+def _sampling_constants(config: AugmentConfig, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 gate probabilities (flip, jitter, grayscale, blur, solarize) and the jitter factors' low ends and spans."""
+    lows, spans = [], []
+    for strength in (config.brightness, config.contrast, config.saturation):
+        low, high = max(0.0, 1.0 - strength), 1.0 + strength
+        lows.append(low)
+        spans.append(high - low)
+    lows.append(-config.hue)
+    spans.append(2.0 * config.hue)
+    gate_p = (config.flip_p, config.jitter_p, config.grayscale_p, config.blur_p, config.solarize_p)
+    constants = torch.tensor((*gate_p, *lows, *spans), dtype=torch.float64, device=device)
+    return constants[:5], constants[5:9], constants[9:]
 
 
 # ---------------------------------------------------------------------------------------------
