@@ -12,6 +12,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -73,6 +74,8 @@ struct Workspace {
   std::vector<float> gauss;
   std::vector<const float*> blur_rows;
   std::vector<float> values;          // the finished rows of one y, (3, row_stride), before the store
+  bool by_inverse_std = false;        // every std a power of two: normalise by multiplying with inv_std
+  float inv_std[3];
 
   Workspace(int S, int taps_, int64_t max_crop_len, int64_t max_crop_rows, int kernel_size)
       : size(S), row_stride(round_up(S, kRowAlign)), taps(taps_), tables(static_cast<size_t>(max_crop_len) + 1),
@@ -340,8 +343,26 @@ EMPSSL_INLINE T convert_out(float v, OutDtype dtype) {
   }
 }
 
+// Every std a power of two: (x - mean) * (1 / std) is bit-identical to (x - mean) / std, and cheaper.
+inline bool all_powers_of_two(const float (&values)[3]) {
+  for (float v : values) {
+    int exponent;
+    if (!(v > 0.0f) || std::frexp(v, &exponent) != 0.5f || !std::isnormal(1.0f / v)) return false;
+  }
+  return true;
+}
+
+template <bool kByInverse, typename F>
+EMPSSL_INLINE F normalize_channel(F v, float mean, float std, float inv_std) {
+  if constexpr (kByInverse) {
+    return (v - mean) * splat<F>(inv_std);
+  } else {
+    return normalize(v, mean, std);
+  }
+}
+
 // Solarize, normalise, convert, store (NCHW or channels_last through the output strides).
-template <int L, typename T>
+template <int L, typename T, bool kByInverse>
 EMPSSL_INLINE void store_patch(const float* row, const Config& config, const Output& output, int64_t p, Workspace& ws) {
   typedef typename Lanes<L>::F F;
   const int S = ws.size, W = ws.row_stride, n = S * W;
@@ -352,14 +373,14 @@ EMPSSL_INLINE void store_patch(const float* row, const Config& config, const Out
   if constexpr (std::is_same<T, float>::value) {
     if (output.stride_x == 1) {  // NCHW float32: straight from the vectors
       for (int c = 0; c < 3; ++c) {
-        const float mean = config.mean[c], std = config.std[c];
+        const float mean = config.mean[c], std = config.std[c], inv_std = ws.inv_std[c];
         for (int y = 0; y < S; ++y) {
           const float* in = &ws.plane[static_cast<size_t>(c) * n + static_cast<size_t>(y) * W];
           float* dst = out + c * output.stride_c + y * output.stride_y;
           for (int x = 0; x < W; x += L) {
             F v = load<F>(in + x);
             if (solarized) v = solarize(v, threshold);
-            v = normalize(v, mean, std);
+            v = normalize_channel<kByInverse>(v, mean, std, inv_std);
             if (x + L <= S) {
               store(dst + x, v);
             } else {
@@ -374,12 +395,12 @@ EMPSSL_INLINE void store_patch(const float* row, const Config& config, const Out
   for (int y = 0; y < S; ++y) {
     for (int c = 0; c < 3; ++c) {
       const float* in = &ws.plane[static_cast<size_t>(c) * n + static_cast<size_t>(y) * W];
-      const float mean = config.mean[c], std = config.std[c];
+      const float mean = config.mean[c], std = config.std[c], inv_std = ws.inv_std[c];
       float* value = values + static_cast<size_t>(c) * W;
       for (int x = 0; x < W; x += L) {
         F v = load<F>(in + x);
         if (solarized) v = solarize(v, threshold);
-        store(value + x, normalize(v, mean, std));
+        store(value + x, normalize_channel<kByInverse>(v, mean, std, inv_std));
       }
     }
     T* dst = out + y * output.stride_y;
@@ -396,7 +417,11 @@ EMPSSL_INLINE void augment_patch(const Images& images, int64_t image_index, cons
   if (row[JITTER] == 1.0f) color_jitter<L>(row, config, ws);
   if (row[GRAYSCALE] == 1.0f) to_grayscale<L>(ws);
   if (row[BLUR_SIGMA] > 0.0f) gaussian_blur<L>(row[BLUR_SIGMA], config.blur_kernel_size, ws);
-  store_patch<L, T>(row, config, output, p, ws);
+  if (ws.by_inverse_std) {
+    store_patch<L, T, true>(row, config, output, p, ws);
+  } else {
+    store_patch<L, T, false>(row, config, output, p, ws);
+  }
 }
 
 // ---- one build per instruction set ---------------------------------------------------------------
@@ -447,9 +472,12 @@ void augment_all(const Images& images, const int64_t* source_index, const float*
   const int64_t max_crop_len = std::max(images.height, images.width);
   const int taps = max_resample_taps(std::max(max_crop_len, static_cast<int64_t>(S)), S);
   const PatchFn<T> patch_fn = select_patch_fn<T>();
+  const bool by_inverse_std = all_powers_of_two(config.std);  // decided once per call
 #pragma omp parallel
   {
     Workspace ws(S, taps, max_crop_len, images.height, config.blur_kernel_size);
+    ws.by_inverse_std = by_inverse_std;
+    for (int c = 0; c < 3; ++c) ws.inv_std[c] = 1.0f / config.std[c];
 #pragma omp for schedule(dynamic, 8)
     for (int64_t p = 0; p < num_patches; ++p) {
       patch_fn(images, source_index[p], params + p * NUM_PARAMS, config, output, p, ws);
