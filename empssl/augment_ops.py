@@ -12,7 +12,6 @@ torch.library boundary); sampling ranges stay with the sampler.
 from __future__ import annotations
 
 import functools
-import types
 from typing import List, Optional
 
 import torch
@@ -115,8 +114,10 @@ def augment_patches_triton(
     module, reason = _triton_module()
     if module is None:
         raise backends.BackendUnavailableError(reason)
+    from .augment import AugmentConfig  # the op's arguments are plain values: rebuild the fields the kernel reads
+
     brightness, contrast, saturation, hue = jitter
-    kernel_config = types.SimpleNamespace(
+    kernel_config = AugmentConfig(
         output_size=output_size, blur_kernel_size=blur_kernel_size, solarize_threshold=solarize_threshold,
         mean=tuple(mean), std=tuple(std), brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
     )

