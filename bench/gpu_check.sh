@@ -31,6 +31,7 @@ if [ "$cpu_only" = 0 ]; then
   # one architecture only: this card's (saves half the nvcc time)
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
   export MAX_JOBS=${MAX_JOBS:-16}
+  export TRITON_INTERPRET=0  # compiled Triton kernels on the GPU, never the interpreter
   step build 300 "$py" setup.py build_ext --inplace
   step gpu_tests 180 "$py" -m pytest -q -m gpu -x -p no:cacheprovider tests
   step bench_tcr 120 "$py" bench/tcr.py --out "$out"

@@ -1,6 +1,7 @@
 import os
 
 # Triton kernels run on CPU tensors through the interpreter; it must be set before triton is imported.
+# bench/gpu_check.sh sets TRITON_INTERPRET=0 for the `gpu` tests, which run the compiled kernels.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
