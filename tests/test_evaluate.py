@@ -8,12 +8,7 @@ from empssl.data import make_synthetic
 from empssl.models import build_encoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _around(centres, num_per_class, generator):

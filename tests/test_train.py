@@ -12,13 +12,7 @@ from empssl.data import make_synthetic
 TINY = dict(dataset="synthetic", width=0.125, hidden_dim=64, z_dim=32, device="cpu", progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny convolutions gain nothing from a second thread, and OpenMP spin-waits make them crawl on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
