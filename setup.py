@@ -95,8 +95,9 @@ setup(
     version="0.1.0",
     description="Fast EMP-SSL: fused multi-patch augmentation and Total Coding Rate loss",
     python_requires=">=3.10",
-    packages=["empssl", "empssl.reference", "empssl.kernels"],
-    package_dir={"empssl": "empssl", "empssl.reference": "empssl/reference", "empssl.kernels": "kernels"},
+    packages=["empssl", "empssl.reference", "empssl.kernels", "empssl.bench"],
+    package_dir={"empssl": "empssl", "empssl.reference": "empssl/reference", "empssl.bench": "empssl/bench",
+                 "empssl.kernels": "kernels"},
     install_requires=["torch>=2.4", "torchvision", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton"],

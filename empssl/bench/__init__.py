@@ -1,0 +1,28 @@
+"""Benchmarks of the kernels and the training step, installed with the package.
+
+    empssl bench tcr | augment | step [--quick | --tiny] [--out DIR | --csv FILE] [--no-plot]
+    python -m empssl.bench tcr ...        (the same)
+
+Each writes one CSV (columns ``empssl.bench.common.FIELDS``, a row appended as soon as it is
+measured) with the device name and versions, a PNG where matplotlib is installed, and a table on
+stdout. ``--quick`` sizes a run for a CPU; ``--tiny`` checks the script in seconds.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import List, Optional
+
+BENCHMARKS = {
+    "tcr": "Total Coding Rate forward+backward: fused backends vs the published formula and peers",
+    "augment": "multi-patch augmentation throughput: fused backends vs PIL, torchvision, kornia, albumentations",
+    "step": "one training step split into augmentation, forward, loss, backward+optimiser",
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
+        print(__doc__.strip() + "\n\nbenchmarks:\n" + "\n".join(f"  {k:8s} {v}" for k, v in BENCHMARKS.items()))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return importlib.import_module(f"empssl.bench.{argv[0]}").main(argv[1:])

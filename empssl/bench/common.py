@@ -1,0 +1,182 @@
+"""What every benchmark shares: one timer, one results schema written row by row, the device's limits.
+
+Every benchmark row has the same columns (``FIELDS``) and is appended to its CSV the moment it is
+measured (flushed), so a benchmark that is killed keeps every row it finished. Each row names the
+device and the versions it ran under. Rates are set against a limit measured in the same run on the
+same device: the memory bandwidth of a device-to-device copy, or the dense matmul rate.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+FIELDS = ("bench", "case", "method", "dtype", "ms", "rate", "rate_unit", "limit_fraction", "limit", "note",
+          "device", "versions")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def versions() -> str:
+    import empssl
+
+    parts = [f"empssl {empssl.__version__}", f"torch {torch.__version__}"]
+    if torch.version.cuda:
+        parts.append(f"CUDA {torch.version.cuda}")
+    try:
+        import triton
+
+        parts.append(f"triton {triton.__version__}")
+    except ImportError:
+        parts.append("triton not installed")
+    parts.append(f"python {platform.python_version()}")
+    return ", ".join(parts)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls.
+
+    The result of each call is dropped before the next (as a training step drops its patches),
+    so the allocator reuses the memory; CUDA work is timed with events on the current stream.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
+    """Bytes per second (read + written) of a device-to-device copy: the memory-bound limit."""
+    numel = megabytes * 2**20 // 4
+    src = torch.empty(numel, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_call(lambda: dst.copy_(src), device, repeats=10 if device.type == "cuda" else 3)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: Optional[int] = None) -> float:
+    """FLOP per second of one dense (size x size) @ (size x size) product: the compute limit."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = time_call(lambda: a @ b, device, repeats=10 if device.type == "cuda" else 3, warmup=2)
+    return 2 * size**3 / seconds
+
+
+class Results:
+    """Rows of one benchmark run: printed, appended to ``csv_path`` as they come, kept for a plot."""
+
+    def __init__(self, bench: str, device: torch.device, csv_path: Optional[str]):
+        self.bench = bench
+        self.device = device_name(device)
+        self.versions = versions()
+        self.rows: List[Dict[str, object]] = []
+        self.csv_path = csv_path
+        if csv_path:
+            folder = os.path.dirname(os.path.abspath(csv_path))
+            os.makedirs(folder, exist_ok=True)
+            if not os.path.exists(csv_path) or os.path.getsize(csv_path) == 0:
+                with open(csv_path, "w", newline="") as handle:
+                    csv.DictWriter(handle, fieldnames=FIELDS).writeheader()
+        print(f"{bench}: {self.device} | {self.versions}", flush=True)
+
+    def add(self, case: str, method: str, seconds: float, rate: float, rate_unit: str, dtype: str = "",
+            limit_fraction: Optional[float] = None, limit: str = "", note: str = "") -> Dict[str, object]:
+        row = dict(bench=self.bench, case=case, method=method, dtype=dtype, ms=f"{seconds * 1e3:.4g}",
+                   rate=f"{rate:.4g}", rate_unit=rate_unit,
+                   limit_fraction="" if limit_fraction is None else f"{limit_fraction:.3g}", limit=limit, note=note,
+                   device=self.device, versions=self.versions)
+        self.rows.append(row)
+        if self.csv_path:
+            with open(self.csv_path, "a", newline="") as handle:
+                csv.DictWriter(handle, fieldnames=FIELDS).writerow(row)
+                handle.flush()
+                os.fsync(handle.fileno())
+        fraction = f"  {float(row['limit_fraction']):6.1%} of {limit}" if row["limit_fraction"] else ""
+        print(f"  {case:28s} {method:24s} {dtype:9s} {float(row['ms']):10.3f} ms {rate:12.4g} {rate_unit}{fraction}"
+              + (f"  ({note})" if note else ""), flush=True)
+        return row
+
+    def note(self, text: str) -> None:
+        print(f"  note: {text}", flush=True)
+
+    def plot(self, path: str) -> Optional[str]:
+        """A horizontal bar chart of the rates (log scale), where matplotlib is installed."""
+        return plot_rows(self.rows, path, f"{self.bench} on {self.device}")
+
+
+def plot_rows(rows: List[Dict[str, object]], path: str, title: str) -> Optional[str]:
+    if not rows:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  note: matplotlib not installed: no plot", flush=True)
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.28 * len(rows)))
+    labels = [f"{r['bench']} {r['case']} {r['dtype']} {r['method']}".replace("  ", " ") for r in rows]
+    ax.barh(range(len(rows)), [float(r["rate"]) for r in rows])
+    ax.set_yticks(range(len(rows)), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel(" / ".join(sorted({str(r["rate_unit"]) for r in rows})) + " (log)")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"  wrote {path}", flush=True)
+    return path
+
+
+def add_output_arguments(parser) -> None:
+    """--out / --csv / --no-plot, the same for every benchmark."""
+    parser.add_argument("--out", default="results", help="folder for <bench>.csv and <bench>.png (default: results)")
+    parser.add_argument("--csv", default=None, help="append the rows to this CSV instead of OUT/<bench>.csv")
+    parser.add_argument("--no-plot", action="store_true", help="no PNG")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda[:N] (default: cuda when a GPU is present)")
+
+
+def open_results(bench: str, args) -> Results:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{bench}: --device {args.device} asked for, but no CUDA GPU is available here")
+    return Results(bench, device, args.csv or os.path.join(args.out, f"{bench}.csv"))
+
+
+def finish(results: Results, args) -> int:
+    if not args.no_plot:
+        folder = os.path.dirname(os.path.abspath(results.csv_path)) if args.csv else args.out
+        results.plot(os.path.join(folder, f"{results.bench}.png"))
+    print(f"  wrote {results.csv_path}", flush=True)
+    return 0
