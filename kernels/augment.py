@@ -375,19 +375,26 @@ def _augment_kernel(
         _finish_channel(b, out + 2 * stride_oc, solarize, solarize_threshold, mean_b, std_b, inside)
 
 
-def launch_config(output_size: int) -> Tuple[int, int, int]:
-    """(BLOCK_S, CHUNK, num_warps) for patches of output_size x output_size pixels.
+def launch_config(output_size: int, capability: Tuple[int, int] = (9, 0)) -> Tuple[int, int, int]:
+    """(BLOCK_S, CHUNK, num_warps) for patches of output_size x output_size pixels on a GPU of this capability.
 
     BLOCK_S is the size padded to a power of two, at least 16 (tl.dot's smallest tile). The
     crop is read in CHUNK x CHUNK tiles (16: a CIFAR crop is one tile). The warp count keeps
-    the three patch tiles in registers with no local memory on sm_80 and sm_90
-    (tests/test_triton_aot.py checks it).
+    the three patch tiles in registers with no stack frame on sm_80 and sm_90 under triton 3.6
+    and 3.8 (tests/test_triton_aot.py checks it). At BLOCK_S = 16 no one count does for both:
+    2 warps leave an 8-byte stack on sm_90 under triton 3.6, 4 warps one on sm_80 under 3.6,
+    1 warp a 16-byte one on sm_80 under 3.8; so sm_90 and newer take 4 warps, older GPUs 2.
     """
     if not 1 <= output_size <= MAX_OUTPUT_SIZE:
         raise ValueError(f"output_size must be in [1, {MAX_OUTPUT_SIZE}] for the Triton augment kernel, got {output_size}")
     block_s = max(16, triton.next_power_of_2(output_size))
-    num_warps = {16: 2, 32: 4, 64: 8}[block_s]
+    num_warps = {16: 4 if tuple(capability) >= (9, 0) else 2, 32: 4, 64: 8}[block_s]
     return block_s, 16, num_warps
+
+
+def _capability(device: torch.device) -> Tuple[int, int]:
+    """The GPU's compute capability (the interpreter on a CPU is given the default's)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
 
 
 def _interpreted() -> bool:
@@ -471,7 +478,7 @@ def augment_patches(
     if reason:
         raise ValueError(reason)
     size = config.output_size
-    block_s, chunk, num_warps = launch_config(size)
+    block_s, chunk, num_warps = launch_config(size, _capability(images_nhwc.device))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     num_patches = params.shape[0]
     out = torch.empty((num_patches, 3, size, size), dtype=out_dtype, device=images_nhwc.device, memory_format=memory_format)
@@ -491,14 +498,16 @@ def augment_patches(
 
 
 def _aot_configs():
-    """Every (kernel, signature, constexprs, num_warps) that dispatch launches on a GPU.
+    """Every (kernel, signature, constexprs, options) that dispatch launches on sm_80 and sm_90.
 
     The integer arguments are not specialised (do_not_specialize), so one signature per
-    (BLOCK_S, output dtype) covers every stride pattern and shape.
+    (BLOCK_S, output dtype) covers every stride pattern and shape; ``options["cc"]`` names the
+    targets whose launch_config picks that warp count.
     """
     configs = []
     for size in (16, 32, 64):
-        block_s, chunk, num_warps = launch_config(size)
+        warps_by_cc = {cc: launch_config(size, divmod(cc, 10))[2] for cc in (80, 90)}
+        block_s, chunk, _ = launch_config(size)
         for dtype in SUPPORTED_OUT_DTYPES:
             signature = {
                 "images_ptr": "*u8", "source_index_ptr": "*i64", "params_ptr": "*fp32",
@@ -512,7 +521,9 @@ def _aot_configs():
                 "BLOCK_S": "constexpr", "CHUNK": "constexpr",
             }
             constexprs = {"BLOCK_S": block_s, "CHUNK": chunk}
-            configs.append((_augment_kernel, signature, constexprs, num_warps))
+            for num_warps in sorted(set(warps_by_cc.values())):
+                targets = [cc for cc, warps in warps_by_cc.items() if warps == num_warps]
+                configs.append((_augment_kernel, signature, constexprs, {"num_warps": num_warps, "cc": targets}))
     return configs
 
 

@@ -16,9 +16,13 @@ import pytest
 import torch
 
 from empssl import augment_params as AP
+from empssl import backends
 from empssl.augment import AugmentConfig, sample_augment_params
 from empssl.kernels import augment as triton_augment
 from empssl.reference.augment import apply_augment
+
+if backends.triton_reason(torch.device("cpu")) is not None:
+    pytest.skip(backends.triton_reason(torch.device("cpu")), allow_module_level=True)
 
 FLOAT32_TOL = 2e-5
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
@@ -274,12 +278,15 @@ def test_unsupported_reason_and_input_errors():
 
 
 def test_aot_configs_cover_every_launch_config():
-    """Each output size dispatch accepts maps to a (BLOCK_S, CHUNK, num_warps) listed, for every output dtype."""
-    listed = {(c["BLOCK_S"], c["CHUNK"], warps, sig["out_ptr"]) for _, sig, c, warps in triton_augment.AOT_CONFIGS}
-    for size in range(1, triton_augment.MAX_OUTPUT_SIZE + 1):
-        block_s, chunk, warps = triton_augment.launch_config(size)
-        for dtype in triton_augment.SUPPORTED_OUT_DTYPES:
-            assert (block_s, chunk, warps, "*" + triton_augment._SIGNATURE_DTYPES[dtype]) in listed
+    """Each output size dispatch accepts maps, on sm_80 and on sm_90, to a (BLOCK_S, CHUNK, num_warps)
+    listed for that target, for every output dtype."""
+    listed = {(c["BLOCK_S"], c["CHUNK"], options["num_warps"], sig["out_ptr"], cc)
+              for _, sig, c, options in triton_augment.AOT_CONFIGS for cc in options["cc"]}
+    for cc in (80, 90):
+        for size in range(1, triton_augment.MAX_OUTPUT_SIZE + 1):
+            block_s, chunk, warps = triton_augment.launch_config(size, divmod(cc, 10))
+            for dtype in triton_augment.SUPPORTED_OUT_DTYPES:
+                assert (block_s, chunk, warps, "*" + triton_augment._SIGNATURE_DTYPES[dtype], cc) in listed
     kernel_args = triton_augment._augment_kernel.arg_names
     for _, signature, _, _ in triton_augment.AOT_CONFIGS:
         assert list(signature) == kernel_args

@@ -1,5 +1,7 @@
 """Ahead-of-time compile of every Triton kernel configuration for sm_80 and sm_90, on the CPU.
 
+(``EMPSSL_AOT_TARGETS=90`` compiles for sm_90 only.)
+
 Convention: a kernel module ``empssl.kernels.<op>`` lists what its dispatch can launch as
 
     AOT_CONFIGS = [(kernel, signature, constexprs, options), ...]
@@ -10,7 +12,8 @@ Convention: a kernel module ``empssl.kernels.<op>`` lists what its dispatch can 
   integers that Triton specialises at run time (an argument equal to 1 becomes a constant);
 - ``constexprs``: ``{parameter name: value}`` for every ``"constexpr"`` entry of the signature;
 - ``options``: the launch's ``num_warps`` as an int, or a dict of ``triton.compile`` options
-  (``{"num_warps": 16, "num_stages": 1}``).
+  (``{"num_warps": 16, "num_stages": 1}``), optionally with ``"cc": [90]``: the targets this
+  configuration is launched on (default: every target).
 
 The list must hold every configuration the module's ``launch_config`` can pick (each module's
 own tests check that). This test compiles each one for both targets with
@@ -33,7 +36,8 @@ import pytest
 pytest.importorskip("triton")
 
 KERNEL_MODULES = ("empssl.kernels.tcr", "empssl.kernels.augment")
-TARGETS = (80, 90)
+# EMPSSL_AOT_TARGETS=90 narrows the targets (bench/gpu_check.sh --rehearse compiles for the H200's only)
+TARGETS = tuple(int(cc) for cc in os.environ.get("EMPSSL_AOT_TARGETS", "80,90").split(","))
 
 _COMPILE_SCRIPT = r"""
 import importlib, json, os, re, subprocess, sys, tempfile, time
@@ -45,7 +49,8 @@ targets = [int(cc) for cc in sys.argv[2].split(",")]
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 for kernel, signature, constexprs, options in module.AOT_CONFIGS:
     options = {"num_warps": options} if isinstance(options, int) else dict(options)
-    for cc in targets:
+    launched_on = options.pop("cc", targets)
+    for cc in (cc for cc in targets if cc in launched_on):
         record = {"kernel": kernel.__name__, "constexprs": constexprs, "options": options, "cc": cc,
                   "dtypes": sorted({t for t in signature.values() if t.startswith("*")})}
         start = time.perf_counter()
