@@ -96,6 +96,28 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)
+def triton_interpreter_bug() -> Reason:
+    """A known upstream bug that breaks the Triton interpreter with the installed versions, or None.
+
+    Triton < 3.8's interpreter turns a one-element block into a Python int with ``int(array)``
+    (``tensor.__index__`` in runtime/interpreter.py); numpy >= 2.4 raises TypeError for arrays
+    that are not 0-d. Triton 3.8 squeezes the array first.
+    """
+    import numpy
+    import triton
+
+    major_minor = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if major_minor >= (3, 8):
+        return None
+    try:
+        int(numpy.zeros(1))
+    except TypeError:
+        return (f"upstream bug: the Triton {triton.__version__} interpreter calls int() on one-element numpy arrays, "
+                f"which numpy {numpy.__version__} rejects (runtime/interpreter.py tensor.__index__; fixed in triton 3.8)")
+    return None
+
+
 def triton_reason(device: torch.device) -> Reason:
     reason = _triton_import_reason()
     if reason:
@@ -103,7 +125,7 @@ def triton_reason(device: torch.device) -> Reason:
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA GPU on this machine"
     if device.type == "cpu" and triton_interpreted():
-        return None
+        return triton_interpreter_bug()
     return f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
 
 
