@@ -1,61 +1,226 @@
 #!/usr/bin/env bash
-# The one prepared script for a lent GPU machine (no network; torch/triton preinstalled there):
-# builds the package in place, runs the tests marked `gpu` and every benchmark at sizes that fit,
-# writes CSV/JSON under OUT_DIR and prints a summary table last. Budget: under 8 minutes.
+# The one prepared device check for a lent GPU machine (no network; Python 3.12, torch, triton,
+# pytest preinstalled there). It installs the package for the card's architecture, checks that
+# everything imports, runs the tests marked `gpu` and every benchmark, and prints a short summary last.
 #
-#   bash bench/gpu_check.sh OUT_DIR              # on the GPU machine
-#   bash bench/gpu_check.sh --cpu-only OUT_DIR   # CI: quick CPU benchmarks only (no build, no GPU tests)
+#   bash bench/gpu_check.sh OUT                    # on the GPU machine: every step
+#   bash bench/gpu_check.sh OUT tests bench_tcr    # only these steps (env, imports and summary always run)
+#   bash bench/gpu_check.sh --rehearse OUT         # on a machine without a GPU: every part that needs none
+#
+# Every step runs under `timeout -k`; the GPU limits add up to at most 420 s (checked before anything
+# runs). Each step appends to OUT as it goes, so a step that hangs or is killed keeps what it measured.
+# OUT holds at most 8 files: gpu_check.log (everything printed), env.txt, steps.csv, results.csv (every
+# benchmark row), tests.txt (the gpu tests' outcome), summary.txt and results.png.
+# --rehearse runs the same install command, the imports, collects the gpu tests (an import or collection
+# error fails it), compiles every Triton configuration ahead of time for sm_90 under the installed
+# triton, runs each benchmark at a toy size on the CPU with the same output options, and checks the
+# file count and the limits; its time limits are the GPU ones times REHEARSE_SLOWDOWN (default 4: a
+# 2-core CPU builds and compiles that much slower than the 16-core GPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-cpu_only=0
-if [ "${1:-}" = "--cpu-only" ]; then cpu_only=1; shift; fi
-out=${1:?usage: bench/gpu_check.sh [--cpu-only] OUT_DIR}
-mkdir -p "$out"
+
+rehearse=0
+if [ "${1:-}" = "--rehearse" ]; then rehearse=1; shift; fi
+out=${1:?usage: bash bench/gpu_check.sh [--rehearse] OUT [STEP ...]}
+shift
+mkdir -p "$out" || exit 2
+out=$(cd "$out" && pwd)
+
+# step -> GPU time limit in seconds; the order is the order they run in
+STEP_NAMES=(env install imports tests bench_tcr bench_augment bench_step summary)
+declare -A LIMIT=([env]=15 [install]=130 [imports]=25 [tests]=130 [bench_tcr]=40 [bench_augment]=45 [bench_step]=25 [summary]=10)
+BUDGET=420
+MAX_FILES=8
+
+selected=("$@")
+if [ ${#selected[@]} -eq 0 ]; then selected=("${STEP_NAMES[@]}"); fi
+for name in "${selected[@]}"; do
+  [ -n "${LIMIT[$name]:-}" ] || { echo "gpu_check: unknown step '$name' (steps: ${STEP_NAMES[*]})"; exit 2; }
+done
+wanted() {  # env, imports and summary always run: they are cheap and every later step needs them
+  local name=$1 s
+  case $name in env|imports|summary) return 0 ;; esac
+  for s in "${selected[@]}"; do [ "$s" = "$name" ] && return 0; done
+  return 1
+}
+total=0
+for name in "${STEP_NAMES[@]}"; do wanted "$name" && total=$(( total + LIMIT[$name] )); done
+if [ "$total" -gt "$BUDGET" ]; then
+  echo "gpu_check: the selected steps' limits add up to ${total} s, over the ${BUDGET} s budget"
+  exit 2
+fi
+
+log="$out/gpu_check.log"
+: > "$log"
+echo "step,exit,seconds,limit" > "$out/steps.csv"
 py=${PYTHON:-python3}
 command -v "$py" >/dev/null || py=python
 export PYTHONUNBUFFERED=1
+slowdown=1
+if [ "$rehearse" = 1 ]; then
+  slowdown=${REHEARSE_SLOWDOWN:-4}
+  export CUDA_VISIBLE_DEVICES=""  # nothing here may find a GPU by accident
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # the H200's, as the GPU branch would probe it
+else
+  export TRITON_INTERPRET=0  # compiled Triton kernels on the GPU, never the interpreter
+fi
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 status=0
-step() {  # step NAME SECONDS CMD...: run with a time limit, keep its log, remember failures
-  local name=$1 limit=$2; shift 2
-  echo "=== $name (limit ${limit}s)"
-  local t0=$(date +%s)
-  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+say() { echo "$@" | tee -a "$log"; }
+
+step() {  # step NAME CMD...: run under its time limit, log everything, record exit code and time
+  local name=$1; shift
+  local limit=$(( LIMIT[$name] * slowdown ))
+  say "=== $name (limit ${limit} s)"
+  local t0=$SECONDS
+  # a step is one of the functions below, run by a child bash: timeout signals its whole process group
+  timeout -k 5 "$limit" bash -c '"$@"' "$name" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc in $(( $(date +%s) - t0 )) s"
+  local took=$(( SECONDS - t0 ))
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && say "=== $name: killed at its ${limit} s limit"
+  say "=== $name: exit $rc in ${took} s"
+  echo "$name,$rc,$took,$limit" >> "$out/steps.csv"
   [ "$rc" = 0 ] || status=1
-  echo "$name $rc $(( $(date +%s) - t0 ))" >> "$out/steps.txt"
+  return "$rc"
 }
 
-if [ "$cpu_only" = 0 ]; then
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
-  # one architecture only: this card's (saves half the nvcc time)
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
-  export MAX_JOBS=${MAX_JOBS:-16}
-  export TRITON_INTERPRET=0  # compiled Triton kernels on the GPU, never the interpreter
-  step build 300 "$py" setup.py build_ext --inplace
-  step gpu_tests 180 "$py" -m pytest -q -m gpu -x -p no:cacheprovider tests
-  step bench_tcr 120 "$py" bench/tcr.py --out "$out"
-  step bench_augment 150 "$py" bench/augment.py --out "$out"
-  [ -f bench/train_step.py ] && step bench_train_step 90 "$py" bench/train_step.py --out "$out"
-else
-  step bench_tcr 300 "$py" bench/tcr.py --quick --out "$out"
-  step bench_augment 300 "$py" bench/augment.py --quick --out "$out"
-fi
+env_report() {
+  env_facts 2>&1 | tee "$out/env.txt"
+}
+
+env_facts() {
+  if [ "$rehearse" = 0 ]; then
+    timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || echo "nvidia-smi failed"
+  fi
+  "$py" - <<'PY'
+import platform, sys
+import numpy, torch
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = "not installed"
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"triton {triton_version}, numpy {numpy.__version__}, {platform.machine()}")
+if torch.cuda.is_available():
+    major, minor = torch.cuda.get_device_capability()
+    print(f"gpu: {torch.cuda.get_device_name()} (sm_{major}{minor}), {torch.cuda.device_count()} device(s)")
+else:
+    print("gpu: none visible")
+PY
+}
+
+install_package() {
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # one architecture only, this card's: half the nvcc time
+    TORCH_CUDA_ARCH_LIST=$(timeout 30 "$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') || return 1
+    export TORCH_CUDA_ARCH_LIST
+  fi
+  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+  "$py" -m pip install --no-build-isolation --no-deps -e .
+}
+
+check_imports() {
+  "$py" - <<'PY' || return 1
+import empssl, empssl._C, empssl.kernels.tcr, empssl.kernels.augment, empssl.bench.tcr, empssl.bench.augment, empssl.bench.step
+print(f"empssl {empssl.__version__} from {empssl.__file__}; extension CUDA part: {empssl._C.with_cuda}")
+PY
+  "$py" -m empssl.cli info
+}
+
+pytest_timeout_args() {  # a per-test limit where pytest-timeout is installed (it is on the GPU machine)
+  if "$py" -c "import pytest_timeout" 2>/dev/null; then echo "--timeout=60"; fi
+}
+
+run_tests() {
+  local extra
+  extra=$(pytest_timeout_args)
+  [ -n "$extra" ] || echo "note: pytest-timeout not installed: no per-test limit (the step limit still holds)"
+  if [ "$rehearse" = 1 ]; then
+    # what the GPU run would hit before its first test: an import or collection error fails here too
+    "$py" -m pytest -q -m gpu --collect-only -p no:cacheprovider $extra tests > "$out/tests.txt" 2>&1
+    local rc=$?
+    tail -n 3 "$out/tests.txt"
+    [ "$rc" = 0 ] || { cat "$out/tests.txt"; return 1; }
+    echo "ahead-of-time compile of every Triton configuration for sm_90:"
+    EMPSSL_AOT_TARGETS=90 "$py" -m pytest -q -p no:cacheprovider -s tests/test_triton_aot.py 2>&1 | grep -v "^\s*$"
+    return "${PIPESTATUS[0]}"
+  fi
+  "$py" -m pytest -q -m gpu -p no:cacheprovider -rfE $extra tests 2>&1 | tee "$out/tests.txt"
+  return "${PIPESTATUS[0]}"
+}
+
+bench() {  # bench NAME: one benchmark, its rows appended to results.csv as they are measured
+  local name=$1
+  if [ "$rehearse" = 1 ]; then
+    "$py" -m empssl.bench "$name" --tiny --device cpu --csv "$out/results.csv" --no-plot
+  else
+    "$py" -m empssl.bench "$name" --device cuda --csv "$out/results.csv" --no-plot
+  fi
+}
+
+summary() {
+  "$py" - "$out" <<'PY'
+import csv, os, re, sys
+out = sys.argv[1]
+lines = []
+with open(os.path.join(out, "env.txt")) as f:
+    lines += [line.rstrip() for line in f if line.strip()][:4]
+tests = os.path.join(out, "tests.txt")
+if os.path.exists(tests):
+    text = open(tests).read()
+    counts = re.findall(r"^=*\s*(.*\b(?:passed|failed|error|errors|skipped|deselected|selected|collected)\b.*?)\s*=*$", text, re.M)
+    lines.append("gpu tests: " + (counts[-1] if counts else "no pytest summary line (see gpu_check.log)"))
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
+    lines += [f"  FAILED {name}" for name in failed[:12]] + ([f"  ... {len(failed) - 12} more"] if len(failed) > 12 else [])
+rows = []
+path = os.path.join(out, "results.csv")
+if os.path.exists(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+if rows:
+    lines.append(f"device: {rows[0]['device']} | {rows[0]['versions']}")
+    lines.append(f"{'bench':8s} {'case':30s} {'method':34s} {'dtype':8s} {'ms':>9s} {'rate':>10s} {'unit':10s} {'of limit':>8s}")
+    shown = rows if len(rows) <= 52 else rows[:52]
+    for r in shown:
+        fraction = f"{float(r['limit_fraction']):.1%}" if r["limit_fraction"] else ""
+        lines.append(f"{r['bench']:8s} {r['case'][:30]:30s} {r['method'][:34]:34s} {r['dtype'][:8]:8s} "
+                     f"{float(r['ms']):9.3g} {float(r['rate']):10.3g} {r['rate_unit'][:10]:10s} {fraction:>8s}")
+    if len(shown) < len(rows):
+        lines.append(f"... {len(rows) - len(shown)} more rows in results.csv")
+    try:
+        sys.path.insert(0, os.getcwd())
+        from empssl.bench.common import plot_rows
+        plot_rows(rows, os.path.join(out, "results.png"), f"{rows[0]['device']} | {rows[0]['versions']}")
+    except Exception as err:  # the plot is a convenience; the CSV is the record
+        lines.append(f"no plot: {type(err).__name__}: {err}")
+with open(os.path.join(out, "steps.csv")) as f:
+    steps = list(csv.DictReader(f))
+lines.append("steps: " + ", ".join(f"{s['step']} {'ok' if s['exit'] == '0' else 'EXIT ' + s['exit']} {s['seconds']}s/{s['limit']}s" for s in steps))
+with open(os.path.join(out, "summary.txt"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
+}
+
+export py out rehearse
+export -f env_report env_facts install_package check_imports pytest_timeout_args run_tests bench summary
+
+say "gpu_check: $( [ "$rehearse" = 1 ] && echo rehearsal || echo GPU run ) in $(pwd), OUT=$out, steps: ${selected[*]} (limits ${total} s of ${BUDGET})"
+step env env_report
+wanted install && step install install_package
+step imports check_imports
+wanted tests && step tests run_tests
+wanted bench_tcr && step bench_tcr bench tcr
+wanted bench_augment && step bench_augment bench augment
+wanted bench_step && step bench_step bench step
 
 echo
-echo "================ summary (${out}) ================"
-"$py" - "$out" <<'PY'
-import csv, glob, os, sys
-out = sys.argv[1]
-for path in sorted(glob.glob(os.path.join(out, "*.csv"))):
-    with open(path) as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        continue
-    print(f"--- {os.path.basename(path)}")
-    widths = [max(len(r[i]) if i < len(r) else 0 for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-PY
-cat "$out/steps.txt" 2>/dev/null | awk '{printf "step %-18s exit %s  %4s s\n", $1, $2, $3}'
+say "================ gpu_check summary ================"
+step summary summary
+files=$(find "$out" -type f | wc -l)
+if [ "$files" -gt "$MAX_FILES" ]; then
+  say "gpu_check: $files files under OUT, more than the $MAX_FILES that come back from the device machine"
+  status=1
+fi
+say "gpu_check: $( [ "$status" = 0 ] && echo "all steps passed" || echo "SOME STEPS FAILED" ) ($files files under OUT)"
 exit $status

@@ -2,7 +2,7 @@
 
 Times one full step (augment n*b patches, encoder forward, EMPSSLLoss, backward, LARS step) and
 its parts, for the reference backends and for `auto` (the fastest available), side by side in
-one run. The parts are timed with a synchronisation between them (so their sum is slower than a
+one run (methods "PART (reference backends)" and "PART (auto backends)"). The parts are timed with a synchronisation between them (so their sum is slower than a
 free-running step); the total is the median step time. The limit is the dense bf16 (GPU) or
 float32 (CPU) matmul rate measured in the same run, against the step's convolution and linear FLOPs.
 
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
             seconds = medians[part]
             note = f"{step_flops / 1e12:.3g} TFLOP per step (3x forward)" if part == "total" else ""
             fraction = step_flops / seconds / peak if part == "total" else None
-            results.add(case, f"augment={augment_backend} loss={loss_backend}: {part}", seconds,
+            results.add(case, f"{part} ({augment_backend} backends)", seconds,
                         args.batch * args.patches / seconds, "patches/s", "bf16" if device.type == "cuda" else "float32",
                         fraction, f"{str(matmul_dtype)[6:]} matmul", note)
     return common.finish(results, args)
