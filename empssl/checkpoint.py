@@ -23,6 +23,12 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file and says why."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     """``write(f)`` to a temporary file next to ``path``, then ``os.replace`` it into place."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -33,6 +39,7 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets a plain open()'s mode
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):

@@ -125,6 +125,9 @@ def test_cli_export_writes_refuses_to_overwrite_and_overwrites_when_asked(tmp_pa
     assert cli.main(["export", "--checkpoint", trained_checkpoint, "--out", str(out)]) == 0
     assert f"to {out}" in capsys.readouterr().out
     first = out.read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a plain file's mode, not mkstemp's 0600
     assert cli.main(["export", "--checkpoint", trained_checkpoint, "--out", str(out), "--with-head"]) == 1
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == first
