@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, BinaryIO, Callable, Dict, Optional
 
 import torch
 
@@ -23,21 +23,33 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file and says why."""
 
 
-def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then ``os.replace`` it into place."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """``write(f)`` to a temporary file next to ``path``, then ``os.replace`` it into place."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    handle, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(handle, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets a plain open()'s mode
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):
             os.remove(temp)
         raise
+
+
+def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
+    """``torch.save`` the payload with its format tag, atomically (``write_atomically``)."""
+    write_atomically(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
@@ -96,4 +108,4 @@ def load_encoder(path: str, device: Optional[torch.device] = None):
     return encoder, payload
 
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_encoder", "check_same_model", "load_model_state"]
+__all__ = ["CheckpointError", "write_atomically", "save_checkpoint", "load_checkpoint", "load_encoder", "check_same_model", "load_model_state"]

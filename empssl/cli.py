@@ -1,4 +1,4 @@
-"""The ``empssl`` command: ``empssl train``, ``empssl eval``, ``empssl info``.
+"""The ``empssl`` command: ``empssl train``, ``empssl eval``, ``empssl info``, ``empssl export``.
 
 Defaults reproduce the 1-epoch CIFAR-10 recipe: ResNet-18 (CIFAR stem), 20 patches of each
 of 100 images per step, lr 0.3 with a cosine schedule over 2 epochs, stopped after 1 epoch;
@@ -82,7 +82,7 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="empssl", description="EMP-SSL self-supervised learning: train, evaluate, inspect.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,info}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,info,export}")
 
     train = commands.add_parser("train", help="train an encoder with EMP-SSL",
                                 description="Train an EMP-SSL encoder; writes checkpoint.pt and metrics.jsonl to --out-dir.")
@@ -129,7 +129,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("info", help="versions, devices and the backend availability table",
                         description="Print versions, devices and which backend can run each op here (and why not).")
+    _add_export_parser(commands)
     return parser
+
+
+def _add_export_parser(commands) -> None:
+    export = commands.add_parser(
+        "export", help="write the trained backbone as a state_dict for torchvision.models.resnet18",
+        description="Write the backbone of a checkpoint as a state_dict that torchvision.models.resnet18() loads with "
+                    "only fc.* missing (resnet18-cifar: after conv1 = Conv2d(3, 64, 3, 1, 1, bias=False) and "
+                    "maxpool = Identity(); see the README). Width 1 encoders only.")
+    export.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint written by `empssl train`")
+    export.add_argument("--out", required=True, metavar="FILE", help="file to write (written atomically)")
+    export.add_argument("--with-head", action="store_true",
+                        help="also write pre_feature.* (Linear, BatchNorm1d, ReLU): the features evaluation uses")
+    export.add_argument("--format", choices=("pt", "safetensors"), default=None,
+                        help="torch.save state_dict or safetensors (needs the safetensors package) "
+                             "(default: safetensors for a .safetensors --out, else pt)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def _run_export(args) -> int:
+    from .export import export_checkpoint
+
+    state = export_checkpoint(args.checkpoint, args.out, with_head=args.with_head, format=args.format,
+                              overwrite=args.overwrite)
+    print(f"wrote {len(state)} tensors ({sum(t.numel() for t in state.values()):,} values) to {args.out}")
+    return 0
 
 
 def _setup_runtime(args) -> None:
@@ -266,9 +292,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .train import NonFiniteLossError
 
     try:
-        if args.command != "info":
+        if args.command not in ("info", "export"):
             _setup_runtime(args)
-        return {"train": _run_train, "eval": _run_eval, "info": _run_info}[args.command](args)
+        return {"train": _run_train, "eval": _run_eval, "info": _run_info, "export": _run_export}[args.command](args)
     except (DataError, CheckpointError, NonFiniteLossError, BackendUnavailableError, ValueError, TypeError) as err:
         print(f"empssl {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ through ``empssl.backends`` and calls that backend's implementation:
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -129,8 +129,34 @@ class TotalCodingRate(nn.Module):
         return -coding_rate(z, self.eps, self.backend).mean()
 
 
+def _patch_major(z):
+    """z (n, b, d) as given, or lightly's list/tuple of n views (b, d) stacked into it (checked first)."""
+    if isinstance(z, (list, tuple)):
+        if not z:
+            raise ValueError("EMPSSLLoss got an empty list of views; pass n >= 1 tensors of shape (b, d)")
+        for index, view in enumerate(z):
+            if not isinstance(view, torch.Tensor):
+                raise TypeError(f"view {index} must be a torch.Tensor, got {type(view).__name__}")
+            if view.ndim != 2:
+                raise ValueError(f"each view must have shape (b, d), got shape {tuple(view.shape)} for view {index}")
+        first = z[0]
+        for index, view in enumerate(z[1:], start=1):
+            for what, expected, got in (("shape", tuple(first.shape), tuple(view.shape)), ("device", first.device, view.device),
+                                        ("dtype", first.dtype, view.dtype)):
+                if expected != got:
+                    raise ValueError(f"all views must have the same {what}: view 0 has {expected}, view {index} has {got}")
+        return torch.stack(tuple(z))
+    if isinstance(z, torch.Tensor) and z.ndim != 3:
+        raise ValueError(f"EMPSSLLoss takes patch-major embeddings of shape (n, b, d) or a list of n views of shape "
+                         f"(b, d), got shape {tuple(z.shape)}")
+    return z
+
+
 class EMPSSLLoss(nn.Module):
     """tcr_coef * L_tcr + inv_coef * L_inv on patch-major embeddings z (n, b, d).
+
+    z may also be a list or tuple of n views of shape (b, d), lightly's calling convention:
+    the loss is the same as on ``torch.stack(views)`` (view i is patch group i).
 
     ``forward(z, return_parts=True)`` also returns the two terms (L_tcr, L_inv), undetached.
     With ``gather=True`` under torch.distributed, z (n, b_local, d) of every rank is gathered
@@ -152,9 +178,8 @@ class EMPSSLLoss(nn.Module):
         self.inv_coef, self.tcr_coef = float(inv_coef), float(tcr_coef)
         self.gather = bool(gather)
 
-    def forward(self, z: torch.Tensor, return_parts: bool = False):
-        if isinstance(z, torch.Tensor) and z.ndim != 3:
-            raise ValueError(f"EMPSSLLoss takes patch-major embeddings of shape (n, b, d), got shape {tuple(z.shape)}")
+    def forward(self, z: Union[torch.Tensor, Sequence[torch.Tensor]], return_parts: bool = False):
+        z = _patch_major(z)
         if self.gather:
             from .distributed import gather_batch
 

@@ -28,6 +28,7 @@ from .augment import AugmentConfig, MultiPatchAugment
 from .data import ImageDataset, check_batch_size, load_dataset
 from .loss import EMPSSLLoss
 from .models import build_encoder
+from .plots import write_training_curves
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -309,6 +310,7 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
         bar.close()
     if step > 0 and last_checkpoint_step != step:  # resumed at or past the end: still leave a checkpoint
         write_checkpoint()
+    write_training_curves(metrics_path)  # curves.png beside it, where matplotlib is installed
     return TrainResult(encoder, checkpoint_path, step, last_metrics, time.perf_counter() - start)
 
 

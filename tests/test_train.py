@@ -97,7 +97,7 @@ def test_interrupted_and_resumed_run_is_bitwise_equal(tmp_path, tiny_data, monke
 def test_checkpoint_contents_and_atomic_write(tmp_path, tiny_data):
     config = _config(tmp_path, "run", checkpoint_every=2, max_steps=5)
     result = T.train(config, tiny_data)
-    files = sorted(os.listdir(config.out_dir))
+    files = sorted(set(os.listdir(config.out_dir)) - {"curves.png"})  # written too where matplotlib is installed
     assert files == [T.CHECKPOINT_NAME, T.METRICS_NAME]  # no temporary files left behind
     saved = ckpt.load_checkpoint(result.checkpoint_path)
     assert saved["step"] == 5 and saved["model_config"] == config.model_config()
