@@ -82,7 +82,7 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="empssl", description="EMP-SSL self-supervised learning: train, evaluate, inspect.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,info,export}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,info,export,bench}")
 
     train = commands.add_parser("train", help="train an encoder with EMP-SSL",
                                 description="Train an EMP-SSL encoder; writes checkpoint.pt and metrics.jsonl to --out-dir.")
@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("info", help="versions, devices and the backend availability table",
                         description="Print versions, devices and which backend can run each op here (and why not).")
     _add_export_parser(commands)
+    _add_bench_parser(commands)
     return parser
 
 
@@ -147,6 +148,15 @@ def _add_export_parser(commands) -> None:
                         help="torch.save state_dict or safetensors (needs the safetensors package) "
                              "(default: safetensors for a .safetensors --out, else pt)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def _add_bench_parser(commands) -> None:
+    from .bench import BENCHMARKS
+
+    bench = commands.add_parser("bench", help="time the kernels and the training step on this machine",
+                                description="Benchmarks: " + "; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items())
+                                + ". `empssl bench NAME --help` lists each one's options.", add_help=False)
+    bench.add_argument("benchmark_args", nargs=argparse.REMAINDER, help="NAME [options]")
 
 
 def _run_export(args) -> int:
@@ -284,6 +294,11 @@ def _run_info(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # each benchmark parses its own options
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from .backends import BackendUnavailableError

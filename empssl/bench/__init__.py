@@ -22,7 +22,13 @@ BENCHMARKS = {
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
-        print(__doc__.strip() + "\n\nbenchmarks:\n" + "\n".join(f"  {k:8s} {v}" for k, v in BENCHMARKS.items()))
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    usage = __doc__.strip() + "\n\nbenchmarks:\n" + "\n".join(f"  {k:8s} {v}" for k, v in BENCHMARKS.items())
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    if not argv or argv[0] not in BENCHMARKS:
+        print(usage, file=sys.stderr)
+        print(f"empssl bench: error: {'name a benchmark' if not argv else f'unknown benchmark {argv[0]!r}'}"
+              f" (choose from {', '.join(BENCHMARKS)})", file=sys.stderr)
+        return 2
     return importlib.import_module(f"empssl.bench.{argv[0]}").main(argv[1:])
