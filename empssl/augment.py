@@ -435,7 +435,8 @@ class MultiPatchAugment(nn.Module):
         num_images, height, width, _ = images_nhwc.shape
         return sample_augment_params(self.config, num_images, num_patches, height, width, generator, images_nhwc.device)
 
-    def _apply(self, images_nhwc: torch.Tensor, source_index: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    def _run_backend(self, images_nhwc: torch.Tensor, source_index: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        # not named _apply: that is nn.Module's hook for .to() / .float() / .cuda()
         name = backends.select_backend("augment", self.backend, images_nhwc.device, images_nhwc, source_index, params, self.config)
         return _IMPLEMENTATIONS[name](images_nhwc, source_index, params, self.config, self.out_dtype, self.channels_last)
 
@@ -447,12 +448,12 @@ class MultiPatchAugment(nn.Module):
         """Patches (P, 3, S, S) for given parameters. Checks their values first (one host synchronisation)."""
         images_nhwc = _as_nhwc(images)
         _check_params(images_nhwc, source_index, params, check_values=True)
-        return self._apply(images_nhwc, source_index, params)
+        return self._run_backend(images_nhwc, source_index, params)
 
     def forward(self, images: torch.Tensor, num_patches: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         images_nhwc = _as_nhwc(images)
         source_index, params = self._sample(images_nhwc, num_patches, generator)
-        return self._apply(images_nhwc, source_index, params)  # valid by construction: no value check, no sync
+        return self._run_backend(images_nhwc, source_index, params)  # valid by construction: no value check, no sync
 
 
 try:

@@ -148,6 +148,36 @@ def test_public_exports():
     assert empssl.sample_augment_params is sample_augment_params
 
 
+# ---------------------------------------------------------------- nn.Module behaviour
+
+
+def test_module_moves_with_to_float_and_inside_a_parent():
+    # nn.Module.to / .float / .cuda all go through Module._apply(fn); an override with another
+    # signature made every one of them raise TypeError.
+    images = _images()
+    augment = MultiPatchAugment(AugmentConfig(output_size=16), backend="reference")
+    expected = augment(images, 3, generator=torch.Generator().manual_seed(10))
+    assert augment.to("cpu") is augment and augment.to(torch.float64) is augment
+    assert augment.float() is augment and augment.half() is augment and augment.to("meta") is augment
+    assert augment.out_dtype == torch.float32  # a setting of the output, not a parameter: .half() leaves it
+    parent = torch.nn.ModuleDict({"augment": augment, "head": torch.nn.Linear(4, 2)})
+    parent.to(torch.float64)
+    assert parent["head"].weight.dtype == torch.float64
+    parent.to("meta")
+    assert parent["head"].weight.device.type == "meta"
+    assert torch.equal(parent["augment"](images, 3, generator=torch.Generator().manual_seed(10)), expected)
+
+
+@pytest.mark.gpu
+def test_module_moves_with_cuda():
+    parent = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    parent.add_module("augment", MultiPatchAugment(AugmentConfig(output_size=16)))
+    parent.cuda()
+    assert parent[0].weight.is_cuda
+    images = _images().cuda()
+    assert parent.augment(images, 2, generator=torch.Generator(device="cuda").manual_seed(0)).is_cuda
+
+
 # ---------------------------------------------------------------- validation
 
 
