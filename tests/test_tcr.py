@@ -79,6 +79,62 @@ def test_invariance_gradient_flows_through_the_mean_embedding():
     torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-14)
 
 
+def _cosine_form(z):
+    """The published form of the invariance term, the specification of invariance_loss."""
+    return -F.cosine_similarity(z, z.mean(dim=0, keepdim=True), dim=-1).mean()
+
+
+# float32 / bfloat16: at most twice the error of the cosine_similarity form itself in that dtype
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,b,d", [(4, 7, 16), (3, 97, 33), (20, 10, 129)])
+def test_invariance_closed_form_equals_cosine_similarity_against_float64(dtype, n, b, d):
+    g = torch.Generator().manual_seed(n * b + d)
+    # rows of varied norm (0.05 to 3): for unit rows the gradient through the mean is zero
+    z = torch.randn(n, b, d, generator=g, dtype=torch.float64) * (3 * torch.rand(n, b, 1, generator=g, dtype=torch.float64) + 0.05)
+    z = z + 0.3 * torch.randn(1, b, d, generator=g, dtype=torch.float64)  # patches of one image alike, as in training
+    weight = torch.randn((), generator=g, dtype=torch.float64)
+    x64 = z.clone().requires_grad_()
+    (grad64,) = torch.autograd.grad(_cosine_form(x64) * weight, x64)
+    value64 = _cosine_form(z)
+    results = {}
+    for name, fn in (("closed", invariance_loss), ("cosine", _cosine_form)):
+        x = z.to(dtype).requires_grad_()
+        value = fn(x)
+        (grad,) = torch.autograd.grad(value * weight.to(value.dtype), x)
+        assert grad.dtype == dtype
+        results[name] = ((value.double() - value64).abs().item(),
+                         ((grad.double() - grad64).abs().max() / grad64.abs().max()).item())
+    value_err, grad_err = results["closed"]
+    if dtype == torch.float64:
+        assert value_err <= 1e-14 and grad_err <= 1e-13
+    else:
+        own_value_err, own_grad_err = results["cosine"]
+        rounding = torch.finfo(dtype).eps
+        assert value_err <= 2 * max(own_value_err, rounding), (value_err, own_value_err)
+        assert grad_err <= 2 * max(own_grad_err, rounding), (grad_err, own_grad_err)
+
+
+def test_invariance_of_zero_rows_is_finite_and_matches_cosine_similarity():
+    # cosine_similarity clamps each norm to 1e-8: a zero patch has cosine 0, a zero mean too
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 5, 6, generator=g, dtype=torch.float64)
+    z[0, 0] = 0
+    z[:, 1] = 0
+    x = z.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(invariance_loss(x), x)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(invariance_loss(z), _cosine_form(z), rtol=1e-14, atol=0)
+    x = z.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(_cosine_form(x), x)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_invariance_rejects_bad_input():
+    for bad in (torch.ones(3, 4), torch.ones(2, 0, 4), torch.ones(2, 3, 4, dtype=torch.int64), [[1.0]]):
+        with pytest.raises(ValueError, match=r"\(n, b, d\)"):
+            invariance_loss(bad)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_loss_parts_and_gradient(backend):
     z = make_z("random", 4, 10, 32, torch.float32)
