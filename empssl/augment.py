@@ -1,7 +1,8 @@
 """Multi-patch augmentation (SPEC.md section 4): recipes, parameter sampling, dispatch.
 
 Sampling and applying are separate. ``sample_augment_params`` draws every random choice
-of every patch on the device, vectorised, from a ``torch.Generator``, into a float32 tensor
+of every patch on the device, vectorised, from a ``torch.Generator`` or from counter-based random numbers (a hash of seed,
+step, image, patch and draw: ``counter_uniforms``), into a float32 tensor
 (P, NUM_PARAMS) laid out as in ``empssl.augment_params``. A backend (reference, Triton,
 CUDA, CPU C++) is a deterministic function of (images, source_index, params, config), so
 every backend gives the same patches for the same parameters. ``MultiPatchAugment`` is the
@@ -149,44 +150,159 @@ def _crop_uniform_count(scale: Tuple[float, float], ratio: Tuple[float, float]) 
     return 2 if _fixed_crop_size(1, scale, ratio) is not None else 2 + 2 * _CROP_ATTEMPTS
 
 
+def _constant_columns(like: torch.Tensor, values) -> torch.Tensor:
+    """(len(like), len(values)): every row equal to ``values``, made by fills (no host-to-device copy)."""
+    return torch.stack([torch.full_like(like, float(v)) for v in values], dim=1)
+
+
 def _crop_boxes_from_uniforms(u: torch.Tensor, image_height: int, image_width: int,
                               scale: Tuple[float, float], ratio: Tuple[float, float]) -> torch.Tensor:
-    """Boxes (see ``sample_crop_boxes``) from float64 uniforms ``u`` of shape (num_boxes, _crop_uniform_count)."""
-    num_boxes = u.shape[0]
-    boxes = u.new_empty(num_boxes, 4)
-    position, size = boxes[:, :2], boxes[:, 2:]
+    """Boxes (see ``sample_crop_boxes``) from float64 uniforms ``u`` of shape (num_boxes, _crop_uniform_count).
+
+    Every constant is a Python scalar and every result a new tensor (no copies of Python data to
+    the device, no writes into views), so the function is one traceable graph with no host sync.
+    """
     fallback_top, fallback_left, fallback_h, fallback_w = _fallback_crop_box(image_height, image_width, ratio)
     fixed = _fixed_crop_size(image_height * image_width, scale, ratio)
     if fixed is not None:
         # every attempt draws the same (h, w), so the first one decides for all boxes
         h, w = fixed
         if not (0 < w <= image_width and 0 < h <= image_height):
-            boxes.copy_(u.new_tensor([fallback_top, fallback_left, fallback_h, fallback_w]))
-            return boxes
-        size[:, 0], size[:, 1] = h, w
-        free = u.new_tensor([image_height - h, image_width - w])
+            return _constant_columns(u[:, 0], (fallback_top, fallback_left, fallback_h, fallback_w))
         # top ~ randint(0, H - h + 1), left ~ randint(0, W - w + 1)
-        torch.mul(u, free + 1, out=position).floor_()
-        torch.minimum(position, free, out=position)
-        return boxes
-    attempts = _CROP_ATTEMPTS
-    target_area = u[:, :attempts] * (image_height * image_width * (scale[1] - scale[0]))
-    target_area += image_height * image_width * scale[0]
+        top = torch.floor(u[:, 0] * (image_height - h + 1)).clamp_(max=image_height - h)
+        left = torch.floor(u[:, 1] * (image_width - w + 1)).clamp_(max=image_width - w)
+        return torch.stack((top, left, torch.full_like(top, h), torch.full_like(top, w)), dim=1)
+    attempts, area = _CROP_ATTEMPTS, image_height * image_width
+    target_area = u[:, :attempts] * (area * (scale[1] - scale[0])) + area * scale[0]
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    aspect = (u[:, attempts:2 * attempts] * (log_high - log_low)).add_(log_low).exp_()
-    # (num_boxes, 2, attempts): rounded heights and widths of every attempt
-    hw = torch.stack((target_area / aspect, target_area.mul_(aspect)), dim=1).sqrt_().round_()
-    bounds = u.new_tensor([image_height, image_width])
-    fits = ((hw > 0) & (hw <= bounds[:, None])).all(dim=1)
-    first_fit = fits.to(torch.uint8).argmax(dim=1)  # argmax returns the first maximum
-    found = fits.any(dim=1, keepdim=True)
-    chosen = hw.gather(2, first_fit[:, None, None].expand(num_boxes, 2, 1)).squeeze(2)
-    torch.where(found, chosen, u.new_tensor([fallback_h, fallback_w]), out=size)
-    free = bounds - size
-    torch.mul(u[:, 2 * attempts:], free + 1, out=position).floor_()
-    torch.minimum(position, free, out=position)
-    torch.where(found, position, u.new_tensor([fallback_top, fallback_left]), out=position)
-    return boxes
+    aspect = (u[:, attempts:2 * attempts] * (log_high - log_low) + log_low).exp()
+    # (num_boxes, attempts): rounded heights and widths of every attempt
+    h_try, w_try = (target_area / aspect).sqrt().round(), (target_area * aspect).sqrt().round()
+    fits = (h_try > 0) & (h_try <= image_height) & (w_try > 0) & (w_try <= image_width)
+    first_fit = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax returns the first maximum
+    found = fits.any(dim=1)
+    h = torch.where(found, h_try.gather(1, first_fit).squeeze(1), float(fallback_h))
+    w = torch.where(found, w_try.gather(1, first_fit).squeeze(1), float(fallback_w))
+    free_h, free_w = image_height - h, image_width - w
+    top = torch.minimum(torch.floor(u[:, 2 * attempts] * (free_h + 1)), free_h)
+    left = torch.minimum(torch.floor(u[:, 2 * attempts + 1] * (free_w + 1)), free_w)
+    top = torch.where(found, top, float(fallback_top))
+    left = torch.where(found, left, float(fallback_left))
+    return torch.stack((top, left, h, w), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based random numbers: no generator state, so a CUDA graph replays them and an image's
+# draws do not depend on which process or which slice of the batch samples it.
+
+_MASK64 = (1 << 64) - 1
+
+
+def _int64(value: int) -> int:
+    """The signed 64-bit integer with the low 64 bits of ``value`` (what an int64 tensor holds)."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _int64(0x9E3779B97F4A7C15)  # splitmix64's increment; odd, so multiplying by it is a bijection
+_MIX_1, _MIX_2 = _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+
+
+def _wrap64(x):
+    """int64 tensors wrap by themselves; Python ints are brought back into [-2^63, 2^63)."""
+    return x if isinstance(x, torch.Tensor) else _int64(x)
+
+
+def _shift_right(x, bits: int):
+    """Logical right shift of signed 64-bit words: the arithmetic shift with the copied sign bits masked off."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(x):
+    """splitmix64's finaliser, a bijection of 64-bit words, on int64 tensors and Python ints alike
+    (the same bits either way, so constant keys fold into Python scalars)."""
+    x = _wrap64(x)
+    x = x ^ _shift_right(x, 30)
+    x = _wrap64(x * _MIX_1)
+    x = x ^ _shift_right(x, 27)
+    x = _wrap64(x * _MIX_2)
+    return x ^ _shift_right(x, 31)
+
+
+def _absorb(state, word):
+    """A new state from ``state`` and one key word: one step of a splitmix64 stream seeded by ``state``."""
+    return _mix64(_wrap64(state + _wrap64((word + 1) * _GOLDEN)))
+
+
+def _check_int_key(value, name: str, device: torch.device) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.int64 or value.ndim != 0:
+            raise ValueError(f"{name} must be an int or a 0-d int64 tensor, got {value.dtype} of shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the parameters are sampled on {device}")
+    elif not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a 0-d int64 tensor, got {type(value).__name__}")
+
+
+def _check_counter_keys(seed, step, image_ids, num_images: int, device: torch.device) -> None:
+    _check_int_key(seed, "seed", device)
+    _check_int_key(step, "step", device)
+    if image_ids is None:
+        return
+    if not isinstance(image_ids, torch.Tensor):
+        raise TypeError(f"image_ids must be a 1-D int64 tensor or None, got {type(image_ids).__name__}")
+    if image_ids.dtype != torch.int64 or image_ids.shape != (num_images,):
+        raise ValueError(f"image_ids must be an int64 tensor of shape ({num_images},), got {image_ids.dtype} of shape {tuple(image_ids.shape)}")
+    if image_ids.device != device:
+        raise ValueError(f"image_ids is on {image_ids.device} but the parameters are sampled on {device}")
+
+
+def counter_uniforms(num_images: int, num_patches: int, num_draws: int, seed, step=0, image_ids=None,
+                     device=None) -> torch.Tensor:
+    """float64 uniforms in [0, 1), (num_patches * num_images, num_draws), patch-major like the
+    parameters: row ``i * num_images + j`` holds the draws of patch i of image j.
+
+    Each value is a hash of (seed, step, image_ids[j], i, draw) with 53 random bits (splitmix64:
+    the key words absorbed one by one, the draws a splitmix64 stream of the (image, patch) state).
+    ``seed`` and ``step`` are ints or 0-d int64 tensors (a device tensor lets a captured CUDA graph
+    advance the step); ``image_ids`` (default 0..num_images-1) keys each image, e.g. by its
+    position in the global batch, so a batch split across processes draws what one process would.
+    Plain int64 tensor ops: no generator, no host sync, one traceable graph.
+    """
+    for value, name in ((num_images, "num_images"), (num_patches, "num_patches"), (num_draws, "num_draws")):
+        _check_positive_int(value, name)
+    device = _default_device(None, step, image_ids, device)
+    _check_counter_keys(seed, step, image_ids, num_images, device)
+    if image_ids is None:
+        image_ids = torch.arange(num_images, device=device)
+    state = _absorb(_mix64(seed), step)  # folded to a Python int when seed and step are ints
+    image_state = _absorb(state, image_ids)  # (num_images,)
+    patch = torch.arange(num_patches, device=device)
+    patch_state = _absorb(image_state[None, :], patch[:, None]).reshape(-1, 1)  # (P, 1), patch-major
+    words = _absorb(patch_state, torch.arange(num_draws, device=device))
+    return _shift_right(words, 11).to(torch.float64) * 2.0 ** -53  # the top 53 bits: exact in float64
+
+
+def _draw_uniforms(num_images: int, num_patches: int, num_draws: int, generator, device: torch.device,
+                   seed, step, image_ids) -> torch.Tensor:
+    """(num_patches * num_images, num_draws) float64 uniforms from the generator or from the counter keys."""
+    if seed is None:
+        if not (isinstance(step, int) and step == 0 and image_ids is None):
+            raise ValueError("step and image_ids are keys of the counter-based source: pass seed as well")
+        return torch.rand(num_images * num_patches, num_draws, dtype=torch.float64, generator=generator, device=device)
+    if generator is not None:
+        raise ValueError("pass either generator or seed (the counter-based source), not both")
+    return counter_uniforms(num_images, num_patches, num_draws, seed, step, image_ids, device)
+
+
+def _default_device(generator, step, image_ids, device) -> torch.device:
+    if device is None:
+        for source in (image_ids, step):
+            if isinstance(source, torch.Tensor):
+                return source.device
+        device = generator.device if isinstance(generator, torch.Generator) else "cpu"
+    return torch.device(device)
 
 
 def sample_crop_boxes(
@@ -197,6 +313,10 @@ def sample_crop_boxes(
     ratio: Tuple[float, float],
     generator: Optional[torch.Generator] = None,
     device=None,
+    *,
+    seed=None,
+    step=0,
+    image_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """(num_boxes, 4) float64 boxes (top, left, height, width), each distributed as
     ``torchvision.transforms.RandomResizedCrop.get_params``.
@@ -204,9 +324,14 @@ def sample_crop_boxes(
     All 10 attempts of every box are drawn at once; a box takes its first attempt that fits
     (``0 < w <= W and 0 < h <= H``), or torchvision's centre-crop fallback if none does.
     ``torch.round`` rounds half to even, like Python's ``round``. When scale and ratio are
-    single values every attempt has the same size, so only the position is drawn.
+    single values every attempt has the same size, so only the position is drawn. The uniforms
+    come from ``generator`` or, with ``seed``, from ``counter_uniforms`` (box k is patch 0 of
+    image ``image_ids[k]``).
     """
-    u = torch.rand(num_boxes, _crop_uniform_count(scale, ratio), dtype=torch.float64, generator=generator, device=device)
+    _check_positive_int(num_boxes, "num_boxes")
+    device = _default_device(generator, step, image_ids, device)
+    _check_generator(generator, device)
+    u = _draw_uniforms(num_boxes, 1, _crop_uniform_count(scale, ratio), generator, device, seed, step, image_ids)
     return _crop_boxes_from_uniforms(u, image_height, image_width, scale, ratio)
 
 
@@ -228,6 +353,13 @@ def _check_generator(generator, device: torch.device) -> None:
         raise ValueError(f"generator is on {generator.device} but the parameters are sampled on {device}")
 
 
+# The order in which sample_augment_params concatenates its columns: the layout of augment_params.
+_PARAM_COLUMNS = (AP.CROP_TOP, AP.CROP_LEFT, AP.CROP_HEIGHT, AP.CROP_WIDTH, AP.FLIP, AP.JITTER,
+                  AP.BRIGHTNESS, AP.CONTRAST, AP.SATURATION, AP.HUE, AP.ORDER_0, AP.ORDER_1, AP.ORDER_2,
+                  AP.ORDER_3, AP.GRAYSCALE, AP.BLUR_SIGMA, AP.SOLARIZE)
+assert _PARAM_COLUMNS == tuple(range(AP.NUM_PARAMS)), "augment_params changed its layout: update sample_augment_params"
+
+
 def sample_augment_params(
     config: AugmentConfig,
     num_images: int,
@@ -236,55 +368,63 @@ def sample_augment_params(
     image_width: int,
     generator: Optional[torch.Generator] = None,
     device=None,
+    *,
+    seed=None,
+    step=0,
+    image_ids: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Random parameters of ``num_patches`` patches of each of ``num_images`` images.
 
     Returns ``(source_index, params)``: int64 (P,) and float32 (P, NUM_PARAMS) with
     P = num_patches * num_images, patch-major (patch ``i * num_images + j`` is the i-th
-    patch of image j). Drawn on ``device`` (default: the generator's, else CPU) with no
-    host synchronisation; each row is distributed as torchvision's RandomResizedCrop,
+    patch of image j). Each row is distributed as torchvision's RandomResizedCrop,
     RandomHorizontalFlip, RandomApply(ColorJitter), RandomGrayscale, Gaussian blur with a
     random sigma, and RandomSolarize with the probabilities of ``config``.
+
+    Two random sources:
+
+    - ``generator`` (or the global generator when it is None and no seed is given): ``torch.rand``;
+    - ``seed`` (int or 0-d int64 tensor), with ``step`` (int or 0-d int64 tensor, default 0) and
+      ``image_ids`` (int64 (num_images,), default 0..num_images-1): ``counter_uniforms``, a hash
+      of (seed, step, image id, patch, draw). Patch i of an image with a given id gets the same
+      parameters whatever the rest of the batch is, and a CUDA graph replays the draws (pass step
+      as a device tensor and advance it in place).
+
+    Drawn on ``device`` (default: the device of image_ids or step, else the generator's, else
+    CPU) with no host synchronisation and no copy of Python data to the device; with ``seed``
+    it traces as one graph under ``torch.compile(fullgraph=True)``.
     """
     if not isinstance(config, AugmentConfig):
         raise TypeError(f"config must be an AugmentConfig, got {type(config).__name__}")
     for value, name in ((num_images, "num_images"), (num_patches, "num_patches"),
                         (image_height, "image_height"), (image_width, "image_width")):
         _check_positive_int(value, name)
-    if device is None:
-        device = generator.device if isinstance(generator, torch.Generator) else "cpu"
-    device = torch.device(device)
+    device = _default_device(generator, step, image_ids, device)
     _check_generator(generator, device)
 
-    count = num_images * num_patches
-    source_index = torch.arange(num_images, device=device).repeat(num_patches)
     # one float64 draw per call: the crop's uniforms, then 5 gates, 4 jitter factors, 4 order keys, 1 sigma
     crop_uniforms = _crop_uniform_count(config.crop_scale, config.crop_ratio)
-    u = torch.rand(count, crop_uniforms + 14, dtype=torch.float64, generator=generator, device=device)
+    u = _draw_uniforms(num_images, num_patches, crop_uniforms + 14, generator, device, seed, step, image_ids)
     boxes = _crop_boxes_from_uniforms(u[:, :crop_uniforms], image_height, image_width,
                                       config.crop_scale, config.crop_ratio)
-    gate_u, factor_u = u[:, crop_uniforms:crop_uniforms + 5], u[:, crop_uniforms + 5:crop_uniforms + 9]
-    order_u, sigma_u = u[:, crop_uniforms + 9:crop_uniforms + 13], u[:, crop_uniforms + 13]
-    gate_p, factor_low, factor_span = _sampling_constants(config, device)
-
-    params = torch.empty(count, AP.NUM_PARAMS, device=device)
-    params[:, AP.CROP_TOP:AP.CROP_WIDTH + 1] = boxes
-    gates = gate_u < gate_p  # flip, jitter, grayscale, blur, solarize
-    params[:, AP.FLIP:AP.JITTER + 1] = gates[:, 0:2]
-    params[:, AP.GRAYSCALE] = gates[:, 2]
-    params[:, AP.SOLARIZE] = gates[:, 4]
+    gate_p, factor_low, factor_span = _sampling_constants(config)
+    gate = [u[:, crop_uniforms + k:crop_uniforms + k + 1] < gate_p[k] for k in range(5)]  # flip, jitter, grayscale, blur, solarize
     # brightness, contrast, saturation factors in [max(0, 1 - s), 1 + s]; hue shift in [-hue, hue]
-    torch.addcmul(factor_low, factor_span, factor_u, out=params[:, AP.BRIGHTNESS:AP.HUE + 1])
+    factors = [u[:, crop_uniforms + 5 + k:crop_uniforms + 6 + k] * factor_span[k] + factor_low[k] for k in range(4)]
     # a uniformly random permutation of the four ops per patch (torch.randperm(4) in torchvision)
-    params[:, AP.ORDER_0:AP.ORDER_3 + 1] = torch.argsort(order_u, dim=1)
+    order = torch.argsort(u[:, crop_uniforms + 9:crop_uniforms + 13], dim=1)
     sigma_low, sigma_high = config.blur_sigma
-    sigma = sigma_u * (sigma_high - sigma_low) + sigma_low
-    torch.mul(sigma, gates[:, 3], out=params[:, AP.BLUR_SIGMA])  # 0 where the blur gate is off
+    sigma = (u[:, crop_uniforms + 13:] * (sigma_high - sigma_low) + sigma_low) * gate[3]  # 0 where the blur gate is off
+    columns = [boxes, gate[0], gate[1], *factors, order, gate[2], sigma, gate[4]]  # in _PARAM_COLUMNS order
+    params = torch.cat(columns, dim=1).to(torch.float32)  # cat promotes the flags and the order to float64
+    source_index = torch.arange(num_images, device=device).repeat(num_patches)
     return source_index, params
 
 
-def _sampling_constants(config: AugmentConfig, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float64 gate probabilities (flip, jitter, grayscale, blur, solarize) and the jitter factors' low ends and spans."""
+def _sampling_constants(config: AugmentConfig) -> Tuple[Tuple[float, ...], Tuple[float, ...], Tuple[float, ...]]:
+    """Python floats (no device tensor per call): the gate probabilities (flip, jitter, grayscale,
+    blur, solarize), and the low ends and spans of the jitter factors (brightness, contrast,
+    saturation, hue)."""
     lows, spans = [], []
     for strength in (config.brightness, config.contrast, config.saturation):
         low, high = max(0.0, 1.0 - strength), 1.0 + strength
@@ -293,8 +433,7 @@ def _sampling_constants(config: AugmentConfig, device: torch.device) -> Tuple[to
     lows.append(-config.hue)
     spans.append(2.0 * config.hue)
     gate_p = (config.flip_p, config.jitter_p, config.grayscale_p, config.blur_p, config.solarize_p)
-    constants = torch.tensor((*gate_p, *lows, *spans), dtype=torch.float64, device=device)
-    return constants[:5], constants[5:9], constants[9:]
+    return gate_p, tuple(lows), tuple(spans)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,6 +541,9 @@ class MultiPatchAugment(nn.Module):
     has size 3, and a batch where both dimension 1 and dimension 3 have size 3 is read as
     (B, 3, H, W). ``augment(images, num_patches, generator=None)`` returns float patches of
     shape (num_patches * B, 3, S, S), patch-major: patch ``i * B + j`` comes from image j.
+    ``augment(images, num_patches, seed=..., step=..., image_ids=...)`` draws from the
+    counter-based source instead (see ``sample_augment_params``): no generator state, replayable
+    by a CUDA graph, independent of how the batch is split.
     ``sample`` and ``apply`` do the two halves separately: any backend given the same
     parameters returns the same patches.
 
@@ -429,20 +571,23 @@ class MultiPatchAugment(nn.Module):
     def extra_repr(self) -> str:
         return f"config={self.config}, backend={self.backend!r}, out_dtype={self.out_dtype}, channels_last={self.channels_last}"
 
-    def _sample(self, images_nhwc: torch.Tensor, num_patches, generator):
+    def _sample(self, images_nhwc: torch.Tensor, num_patches, generator, seed, step, image_ids):
         _check_positive_int(num_patches, "num_patches")
         _check_generator(generator, images_nhwc.device)
         num_images, height, width, _ = images_nhwc.shape
-        return sample_augment_params(self.config, num_images, num_patches, height, width, generator, images_nhwc.device)
+        return sample_augment_params(self.config, num_images, num_patches, height, width, generator, images_nhwc.device,
+                                     seed=seed, step=step, image_ids=image_ids)
 
     def _run_backend(self, images_nhwc: torch.Tensor, source_index: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         # not named _apply: that is nn.Module's hook for .to() / .float() / .cuda()
         name = backends.select_backend("augment", self.backend, images_nhwc.device, images_nhwc, source_index, params, self.config)
         return _IMPLEMENTATIONS[name](images_nhwc, source_index, params, self.config, self.out_dtype, self.channels_last)
 
-    def sample(self, images: torch.Tensor, num_patches: int, generator: Optional[torch.Generator] = None):
-        """(source_index, params) for ``num_patches`` patches of every image, on the images' device."""
-        return self._sample(_as_nhwc(images), num_patches, generator)
+    def sample(self, images: torch.Tensor, num_patches: int, generator: Optional[torch.Generator] = None, *,
+               seed=None, step=0, image_ids: Optional[torch.Tensor] = None):
+        """(source_index, params) for ``num_patches`` patches of every image, on the images' device;
+        the random source is ``generator`` or the counter keys, as in ``sample_augment_params``."""
+        return self._sample(_as_nhwc(images), num_patches, generator, seed, step, image_ids)
 
     def apply(self, images: torch.Tensor, source_index: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Patches (P, 3, S, S) for given parameters. Checks their values first (one host synchronisation)."""
@@ -450,9 +595,10 @@ class MultiPatchAugment(nn.Module):
         _check_params(images_nhwc, source_index, params, check_values=True)
         return self._run_backend(images_nhwc, source_index, params)
 
-    def forward(self, images: torch.Tensor, num_patches: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, num_patches: int, generator: Optional[torch.Generator] = None, *,
+                seed=None, step=0, image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         images_nhwc = _as_nhwc(images)
-        source_index, params = self._sample(images_nhwc, num_patches, generator)
+        source_index, params = self._sample(images_nhwc, num_patches, generator, seed, step, image_ids)
         return self._run_backend(images_nhwc, source_index, params)  # valid by construction: no value check, no sync
 
 
