@@ -231,8 +231,8 @@ def _mix64(x):
 
 
 def _absorb(state, word):
-    """A new state from ``state`` and one key word: one step of a splitmix64 stream seeded by ``state``."""
-    return _mix64(_wrap64(state + _wrap64((word + 1) * _GOLDEN)))
+    """A new state from ``state`` and one key word: word ``word`` of the splitmix64 stream seeded by ``state``."""
+    return _mix64(_wrap64(state + _wrap64(word * _GOLDEN)))
 
 
 def _check_int_key(value, name: str, device: torch.device) -> None:
@@ -263,8 +263,9 @@ def counter_uniforms(num_images: int, num_patches: int, num_draws: int, seed, st
     """float64 uniforms in [0, 1), (num_patches * num_images, num_draws), patch-major like the
     parameters: row ``i * num_images + j`` holds the draws of patch i of image j.
 
-    Each value is a hash of (seed, step, image_ids[j], i, draw) with 53 random bits (splitmix64:
-    the key words absorbed one by one, the draws a splitmix64 stream of the (image, patch) state).
+    Each value is a hash of (seed, step, image_ids[j], i, draw) with 53 random bits: seed and
+    step are absorbed into a state, the image id into the image's state, and the image's draws
+    are the splitmix64 stream of that state at positions ``i * num_draws + draw``.
     ``seed`` and ``step`` are ints or 0-d int64 tensors (a device tensor lets a captured CUDA graph
     advance the step); ``image_ids`` (default 0..num_images-1) keys each image, e.g. by its
     position in the global batch, so a batch split across processes draws what one process would.
@@ -278,10 +279,10 @@ def counter_uniforms(num_images: int, num_patches: int, num_draws: int, seed, st
         image_ids = torch.arange(num_images, device=device)
     state = _absorb(_mix64(seed), step)  # folded to a Python int when seed and step are ints
     image_state = _absorb(state, image_ids)  # (num_images,)
-    patch = torch.arange(num_patches, device=device)
-    patch_state = _absorb(image_state[None, :], patch[:, None]).reshape(-1, 1)  # (P, 1), patch-major
-    words = _absorb(patch_state, torch.arange(num_draws, device=device))
-    return _shift_right(words, 11).to(torch.float64) * 2.0 ** -53  # the top 53 bits: exact in float64
+    position = torch.arange(num_patches * num_draws, device=device).view(num_patches, 1, num_draws)
+    words = _absorb(image_state[None, :, None], position)  # (patch, image, draw): patch-major rows
+    uniforms = _shift_right(words, 11).to(torch.float64) * 2.0 ** -53  # the top 53 bits: exact in float64
+    return uniforms.view(num_patches * num_images, num_draws)
 
 
 def _draw_uniforms(num_images: int, num_patches: int, num_draws: int, generator, device: torch.device,
