@@ -14,11 +14,25 @@ resume), lr schedulers and GradScaler work as with any optimiser. Per step, for 
         d = (g + wd * p) * local                         if ||p|| != 0 and ||g|| != 0
         d = g                                            otherwise (no weight decay either)
     excluded (biases, norm weights): d = g               (no weight decay)
-    buf = d on the first step, else momentum * buf + d
+    buf = momentum * buf + d       (buf starts at zero, so the first step gives buf = d)
     p -= lr * (d + momentum * buf)   (nesterov)   or   p -= lr * buf
 
-The norms stay on the device (``torch.where`` instead of Python branches), so a step does not
-synchronise with the host. Unlike the published wrapper, ``p.grad`` is left unchanged.
+Built for a step that a CUDA graph can capture:
+
+- no host synchronisation: the norms stay on the device (``torch.where`` instead of Python
+  branches);
+- every ``torch._foreach_*`` call pairs tensors of equal shape and strides, all dense, so on CUDA
+  it takes the multi-tensor fast path (a few launches for all parameters). The per-parameter
+  factor ``local`` is written once into a buffer of the adapted parameters' total size (one
+  ``index_select`` through a cached segment index) whose views have the parameters' shapes,
+  instead of pairing each weight with a 0-d tensor (which falls back to one kernel per tensor);
+- every step runs the same ops: a momentum buffer starts at zero instead of the first step
+  copying d;
+- ``lr`` may be a 0-d tensor (``LARS(params, lr=torch.tensor(0.3, device=...))``): the step reads
+  it on the device, so a captured graph follows it; ``LambdaLR`` (``cosine_schedule``) updates it
+  in place. A float lr works as before.
+
+Unlike the published wrapper, ``p.grad`` is left unchanged.
 """
 from __future__ import annotations
 
@@ -31,13 +45,23 @@ from torch import nn
 _LARS_DEFAULTS = ("eta", "clip", "eps", "exclude_bias_and_norm")
 
 
+def _check_lr(lr) -> None:
+    if isinstance(lr, torch.Tensor):
+        if lr.ndim != 0 or not lr.is_floating_point():
+            raise ValueError(f"lr must be a number or a 0-d floating-point tensor, got {lr.dtype} of shape {tuple(lr.shape)}")
+        if not lr.item() >= 0:  # once, at construction
+            raise ValueError(f"lr must be >= 0, got {lr.item()!r}")
+    elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with (Nesterov) momentum under layer-wise adaptive rate scaling; see the module docstring."""
 
     def __init__(
         self,
         params: Iterable,
-        lr: float = 0.3,
+        lr=0.3,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         nesterov: bool = True,
@@ -46,7 +70,8 @@ class LARS(torch.optim.Optimizer):
         eps: float = 1e-8,
         exclude_bias_and_norm: bool = True,
     ):
-        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps)):
+        _check_lr(lr)
+        for name, value in (("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0:
@@ -64,6 +89,14 @@ class LARS(torch.optim.Optimizer):
             exclude_bias_and_norm=exclude_bias_and_norm,
         )
         super().__init__(params, defaults)
+        # (device, ids of the adapted parameters of one bucket) -> int32 index: element -> position in that list;
+        # made here for the usual case (every parameter has a gradient), so the first step makes none
+        self._segment_index: Dict[tuple, torch.Tensor] = {}
+        for group in self.param_groups:
+            for bucket in _by_device_and_dtype(group["params"]):
+                weights = _adapted(bucket, group)
+                if weights:
+                    self._segments(weights)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -81,15 +114,23 @@ class LARS(torch.optim.Optimizer):
                 self._momentum_update(bucket, directions, group)
         return loss
 
-    @staticmethod
-    def _lars_directions(params: List[torch.Tensor], group: dict) -> List[torch.Tensor]:
+    def _segments(self, weights: List[torch.Tensor]) -> torch.Tensor:
+        """int32 (total numel,): for each element of the flattened weights, the index of its weight."""
+        key = (weights[0].device, *(id(w) for w in weights))  # the optimiser holds the parameters: ids stay valid
+        index = self._segment_index.get(key)
+        if index is None:  # once per set of parameters; made on the host, copied once
+            index = torch.repeat_interleave(torch.arange(len(weights), dtype=torch.int32),
+                                            torch.tensor([w.numel() for w in weights]))
+            index = self._segment_index[key] = index.to(weights[0].device)
+        return index
+
+    def _lars_directions(self, params: List[torch.Tensor], group: dict) -> List[torch.Tensor]:
         """The rescaled gradients d (new tensors for adapted parameters, p.grad itself for excluded ones)."""
         directions = [p.grad for p in params]
-        adapted = [i for i, p in enumerate(params) if p.ndim > 1 or not group["exclude_bias_and_norm"]]
-        if not adapted:
+        weights = _adapted(params, group)
+        if not weights:
             return directions
-        weights = [params[i] for i in adapted]
-        grads = [params[i].grad for i in adapted]
+        grads = [w.grad for w in weights]
         weight_decay = group["weight_decay"]
         weight_norm = torch.stack(torch._foreach_norm(weights))
         grad_norm = torch.stack(torch._foreach_norm(grads))
@@ -97,40 +138,47 @@ class LARS(torch.optim.Optimizer):
         if group["clip"]:
             local = torch.clamp(local / group["lr"], max=1.0)  # lr = 0 gives inf -> 1
         # The published wrapper leaves g untouched (no decay, no scaling) when either norm is 0.
-        both_nonzero = (weight_norm != 0) & (grad_norm != 0)
-        scale = torch.where(both_nonzero, local, torch.ones_like(local))
+        # One factor covers both cases: ||p|| = 0 makes wd * p = 0, so factor 1 gives d = g;
+        # ||g|| = 0 makes g = 0, so factor 0 gives d = 0 = g.
+        scale = torch.where(weight_norm == 0, 1.0, torch.where(grad_norm == 0, 0.0, local))
+        flat_scale = scale.index_select(0, self._segments(weights))
+        scale_views = [v.view_as(w) for v, w in zip(flat_scale.split([w.numel() for w in weights]), weights)]
         if weight_decay != 0:
-            decay = both_nonzero.to(local.dtype) * weight_decay
-            scaled = torch._foreach_mul(weights, list(decay.unbind(0)))
-            torch._foreach_add_(scaled, grads)  # g + wd * p
-            torch._foreach_mul_(scaled, list(scale.unbind(0)))
+            scaled = torch._foreach_add(grads, weights, alpha=weight_decay)
+            torch._foreach_mul_(scaled, scale_views)  # (g + wd * p) * local, equal shapes
         else:
-            scaled = torch._foreach_mul(grads, list(scale.unbind(0)))
-        for i, d in zip(adapted, scaled):
-            directions[i] = d
+            scaled = torch._foreach_mul(grads, scale_views)
+        position = {id(p): i for i, p in enumerate(params)}
+        for w, d in zip(weights, scaled):
+            directions[position[id(w)]] = d
         return directions
 
     def _momentum_update(self, params: List[torch.Tensor], directions: List[torch.Tensor], group: dict) -> None:
         """torch.optim.SGD's update with dampening 0 and weight decay 0 (the wrapper zeroes it)."""
         momentum, lr = group["momentum"], group["lr"]
+        # lr is a float or a 0-d tensor: _foreach_mul takes either (alpha= would need a float)
         if momentum == 0:
-            torch._foreach_add_(params, directions, alpha=-lr)
-            return
-        buffers, old_buffers, old_directions = [], [], []
-        for p, d in zip(params, directions):
-            state = self.state[p]
-            buffer = state.get("momentum_buffer")
-            if buffer is None:
-                buffer = state["momentum_buffer"] = d.clone()
+            lr_update = torch._foreach_mul(directions, lr)
+        else:
+            buffers = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:  # zero, so the first step's arithmetic is every step's
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buffers.append(state["momentum_buffer"])
+            torch._foreach_mul_(buffers, momentum)
+            torch._foreach_add_(buffers, directions)
+            if group["nesterov"]:
+                lr_update = torch._foreach_add(directions, buffers, alpha=momentum)
+                torch._foreach_mul_(lr_update, lr)
             else:
-                old_buffers.append(buffer)
-                old_directions.append(d)
-            buffers.append(buffer)
-        if old_buffers:
-            torch._foreach_mul_(old_buffers, momentum)
-            torch._foreach_add_(old_buffers, old_directions)
-        updates = torch._foreach_add(directions, buffers, alpha=momentum) if group["nesterov"] else buffers
-        torch._foreach_add_(params, updates, alpha=-lr)
+                lr_update = torch._foreach_mul(buffers, lr)
+        torch._foreach_sub_(params, lr_update)
+
+
+def _adapted(params: List[torch.Tensor], group: dict) -> List[torch.Tensor]:
+    """The parameters LARS rescales: ndim > 1, or all of them without exclude_bias_and_norm."""
+    return [p for p in params if p.ndim > 1 or not group["exclude_bias_and_norm"]]
 
 
 def _by_device_and_dtype(params: List[torch.Tensor]) -> List[List[torch.Tensor]]:

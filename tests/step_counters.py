@@ -45,15 +45,28 @@ def count_host_syncs():
 
 class OpCounter(TorchDispatchMode):
     """Counts the aten ops dispatched, by name: ``ops`` those that compute (about one kernel
-    launch each on the GPU), ``views`` those that only make a view (no kernel)."""
+    launch each on the GPU), ``views`` those that only make a view (no kernel); the profiler's
+    record_function markers are not counted."""
 
-    def __init__(self):
+    def __init__(self, inspect=None):
         super().__init__()
         self.ops, self.views = collections.Counter(), collections.Counter()
+        self.sequence = []  # the names of the computing ops, in dispatch order
+        self._inspect = inspect  # called as inspect(func, args, kwargs) on every op
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        (self.views if func.is_view else self.ops)[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket.__name__)
+        if name.startswith("_record_function"):  # the profiler's markers around Optimizer.step: no kernel
+            pass
+        elif func.is_view:
+            self.views[name] += 1
+        else:
+            self.ops[name] += 1
+            self.sequence.append(name)
+        if self._inspect is not None:
+            self._inspect(func, args, kwargs)
+        return func(*args, **kwargs)
 
     @property
     def total(self) -> int:
