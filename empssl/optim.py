@@ -215,7 +215,13 @@ class CosineFactor:
     def __init__(self, total_steps: int):
         self.total_steps = total_steps
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step):
+        """``step`` an int gives a float; an int tensor (a step counter on the device) gives a float64
+        tensor computed there, with no host sync, e.g. ``lr.copy_(base_lr * factor(step))`` inside
+        a captured graph."""
+        if isinstance(step, torch.Tensor):
+            progress = step.clamp(max=self.total_steps).to(torch.float64) * (math.pi / self.total_steps)
+            return 0.5 * (1.0 + torch.cos(progress))
         return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
 
 

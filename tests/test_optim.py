@@ -405,6 +405,19 @@ def test_without_momentum_the_step_is_lr_times_the_direction():
         torch.testing.assert_close(p.detach(), start - 0.2 * d, rtol=1e-14, atol=1e-16)
 
 
+def test_cosine_factor_of_a_step_tensor_equals_the_float_one_without_host_sync():
+    from empssl.optim import CosineFactor
+
+    factor = CosineFactor(12)
+    steps = torch.arange(16)
+    with count_host_syncs() as syncs:
+        on_device = factor(steps)
+    assert dict(syncs) == {} and on_device.dtype == torch.float64
+    expected = torch.tensor([factor(int(t)) for t in range(16)], dtype=torch.float64)
+    torch.testing.assert_close(on_device, expected, rtol=1e-15, atol=1e-16)
+    assert (on_device[12:] == 0).all() and on_device[0] == 1
+
+
 def test_lr_tensor_must_be_a_non_negative_float_scalar():
     p = [nn.Parameter(torch.zeros(2, 2))]
     for bad in (torch.tensor([0.3]), torch.tensor(3), torch.tensor(-0.1)):
