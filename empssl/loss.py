@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable, Dict, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import backends, tcr_ops
