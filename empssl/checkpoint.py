@@ -23,6 +23,9 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file and says why."""
 
 
+TEMP_PREFIX = ".tmp-"  # temporary files of an atomic write; a kill can leave one, the next run removes it
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -33,7 +36,7 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     """``write(f)`` to a temporary file next to ``path``, then ``os.replace`` it into place."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    handle, temp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(handle, "wb") as f:
             write(f)

@@ -81,11 +81,17 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="empssl", description="EMP-SSL self-supervised learning: train, evaluate, inspect.")
+    parser.add_argument("--version", action="version", version=f"empssl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,info,export,bench}")
 
     train = commands.add_parser("train", help="train an encoder with EMP-SSL",
-                                description="Train an EMP-SSL encoder; writes checkpoint.pt and metrics.jsonl to --out-dir.")
+                                description="Train an EMP-SSL encoder; writes checkpoint.pt and metrics.jsonl to --out-dir. "
+                                "A folder that already holds another run's files is refused: continue that run with --resume "
+                                "DIR/checkpoint.pt, or replace it with --overwrite. Ctrl-C (SIGINT) or SIGTERM finishes the "
+                                "current step, writes a checkpoint and exits 130 / 143; a second Ctrl-C stops at once.")
     _add_data_options(train, defaults_from_checkpoint=False)
     _add_model_options(train, defaults_from_checkpoint=False)
     group = train.add_argument_group("training")
@@ -103,9 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--channels-last", action="store_true", help="channels_last memory format for patches and encoder")
     group.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     group = train.add_argument_group("output")
-    group.add_argument("--out-dir", default="runs/empssl", help="folder for checkpoint.pt and metrics.jsonl (default runs/empssl)")
+    group.add_argument("--out-dir", default="runs/empssl",
+                       help="folder for checkpoint.pt and metrics.jsonl; refused if it holds another run's files "
+                       "(default runs/empssl)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace another run's files in --out-dir (once this run has written its first checkpoint)")
     group.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (default 0: at the end only)")
-    group.add_argument("--resume", metavar="CHECKPOINT", default=None, help="continue exactly from this checkpoint")
+    group.add_argument("--resume", metavar="CHECKPOINT", default=None, help="continue exactly from this checkpoint; its run's metrics.jsonl is cut back to the checkpoint's step")
     group.add_argument("--log-every", type=_positive_int, default=10, help="steps between log lines (default 10)")
     _add_runtime_options(train)
 
@@ -184,7 +194,8 @@ def _run_train(args) -> int:
         arch=args.arch, width=args.width, hidden_dim=args.hidden_dim, z_dim=args.z_dim,
         num_patches=args.num_patches, batch_size=args.batch_size, lr=args.lr, epochs=args.epochs,
         schedule_epochs=args.schedule_epochs, eps=args.eps, inv_coef=args.inv_coef, tcr_coef=args.tcr_coef,
-        seed=args.seed, device=args.device, out_dir=args.out_dir, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, device=args.device, out_dir=args.out_dir, overwrite=args.overwrite,
+        checkpoint_every=args.checkpoint_every,
         resume=args.resume, loss_backend=args.loss_backend, augment_backend=args.augment_backend,
         channels_last=args.channels_last, compile=args.compile, bf16=args.bf16 == "on", max_steps=args.max_steps,
         log_every=args.log_every, progress=not args.no_progress,
@@ -304,7 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .backends import BackendUnavailableError
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .train import NonFiniteLossError
+    from .train import NonFiniteLossError, TrainingInterrupted
 
     try:
         if args.command not in ("info", "export"):
@@ -313,6 +324,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (DataError, CheckpointError, NonFiniteLossError, BackendUnavailableError, ValueError, TypeError) as err:
         print(f"empssl {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as err:
+        print(f"empssl {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"empssl {args.command}: interrupted", file=sys.stderr)
         return 130

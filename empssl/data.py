@@ -33,6 +33,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .checkpoint import write_atomically
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 TEST_FRACTION = 0.1  # of a data set that comes without a test split
 BAD_IMAGE_POLICIES = ("skip", "error")
@@ -148,9 +150,11 @@ def load_dataset(
         data = load_image_folder(path, image_size or 32, cache_dir, on_bad_image, seed, show_progress)
         data = data.subset(train_size, test_size)
     elif kind == "npz" and path:
-        if image_size is not None:
-            raise ValueError(f"npz images keep their stored size; image_size={image_size} applies to folder: and synthetic only")
         data = load_npz(path, seed).subset(train_size, test_size)
+        stored = data.image_size
+        if image_size is not None and stored != (image_size, image_size):
+            raise ValueError(f"npz file {path} holds {stored[0]}x{stored[1]} images, but image_size={image_size} was "
+                             f"asked for; npz images keep their stored size: drop --image-size or pass {stored[0]}")
     else:
         raise ValueError(f"unknown dataset spec {spec!r}; expected one of {DATASET_SPECS}")
     return data.to(device) if device is not None else data
@@ -257,6 +261,10 @@ def load_npz(path: str, seed: int = 0) -> ImageDataset:
         if key in content and (content[key].dtype != np.uint8 or content[key].ndim != 4 or content[key].shape[-1] != 3):
             raise DataError(f"npz file {path}: {key} must be uint8 of shape (N, H, W, 3), got "
                             f"{content[key].dtype} {content[key].shape}")
+    for images_key, labels_key in (("images", "labels"), ("test_images", "test_labels")):
+        if images_key in content and content[labels_key].shape != (len(content[images_key]),):
+            raise DataError(f"npz file {path}: {len(content[images_key])} {images_key} but {labels_key} of shape "
+                            f"{content[labels_key].shape}; expected one label per image, shape ({len(content[images_key])},)")
     images, labels = content["images"], content["labels"].astype(np.int64)
     if "test_images" in content:
         test_images, test_labels = content["test_images"], content["test_labels"].astype(np.int64)
@@ -370,16 +378,26 @@ def _decode_split(entries, classes, image_size, on_bad_image, description, show_
     return np.stack(images), np.asarray(labels, dtype=np.int64), skipped
 
 
-def _save_atomic(array: np.ndarray, path: str) -> None:
-    handle, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
+def check_writable_folder(path: str, option: str) -> None:
+    """ValueError unless ``path`` is a folder this process can write in, or one it can create.
+
+    Probes by creating and removing a temporary file in the nearest existing folder (access bits
+    say nothing for root or read-only mounts): nothing is left behind.
+    """
+    target = os.path.abspath(path)
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == target else f"lies under {existing}, which is a file"
+        raise ValueError(f"{option} {path} {where}, not a folder; pass a folder")
     try:
-        with os.fdopen(handle, "wb") as f:
-            np.save(f, array)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".tmp-probe-")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"{option} {path} is not writable: cannot create files in {existing} "
+                         f"({err.strerror or err}); pass a folder you can write to") from err
 
 
 def load_image_folder(path: str, image_size: int = 32, cache_dir: Optional[str] = None, on_bad_image: str = "skip",
@@ -396,7 +414,10 @@ def load_image_folder(path: str, image_size: int = 32, cache_dir: Optional[str] 
     files = {name: os.path.join(cache_dir, f"{key}.{name}.npy")
              for name in ("train-images", "train-labels", "test-images", "test-labels")}
     meta_path = os.path.join(cache_dir, f"{key}.meta.json")
-    if os.path.exists(meta_path) and all(os.path.exists(f) for f in files.values()):
+    cached = os.path.exists(meta_path) and all(os.path.exists(f) for f in files.values())
+    if not cached:  # before decoding: an unusable cache folder fails at once, not after the work
+        check_writable_folder(cache_dir, "--cache-dir")
+    if cached:
         arrays = {name: np.load(file) for name, file in files.items()}
         with open(meta_path) as f:
             classes = json.load(f)["classes"]
@@ -412,11 +433,9 @@ def load_image_folder(path: str, image_size: int = 32, cache_dir: Optional[str] 
             if not stale.startswith(key) and (stale.endswith(".npy") or stale.endswith(".meta.json")):
                 os.remove(os.path.join(cache_dir, stale))
         for name, file in files.items():
-            _save_atomic(arrays[name], file)
-        handle, temp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".json")
-        with os.fdopen(handle, "w") as f:
-            json.dump({"classes": classes, "image_size": image_size, "skipped": skipped, "source": os.path.abspath(path)}, f)
-        os.replace(temp, meta_path)
+            write_atomically(file, lambda f, array=arrays[name]: np.save(f, array))
+        meta = {"classes": classes, "image_size": image_size, "skipped": skipped, "source": os.path.abspath(path)}
+        write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()))
     tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
     return ImageDataset(f"folder:{path}", tensors["train-images"], tensors["train-labels"], tensors["test-images"],
                         tensors["test-labels"], classes=classes)
@@ -504,5 +523,5 @@ def check_batch_size(batch_size: int, num_images: int, what: str = "training set
 
 
 __all__: Sequence[str] = ["DataError", "ImageDataset", "load_dataset", "load_cifar", "download_cifar", "load_npz",
-                          "load_image_folder", "make_synthetic", "deterministic_split", "check_batch_size",
+                          "load_image_folder", "make_synthetic", "deterministic_split", "check_batch_size", "check_writable_folder",
                           "SYNTHETIC_CLASSES"]

@@ -28,7 +28,7 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and "event" not in record:  # not a resume mark
                 by_step[record["step"]] = record
     return [by_step[step] for step in sorted(by_step)]
 

@@ -9,6 +9,12 @@ The host reads values only every ``log_every`` steps and at checkpoints. Checkpo
 every random state (torch CPU/CUDA, the permutation and augmentation generators) and the
 current epoch's permutation, so a resumed run continues exactly: on the CPU it reaches
 bitwise the same parameters as an uninterrupted run.
+
+A run owns its ``out_dir``: a folder that holds another run's checkpoint or metrics is refused
+unless ``overwrite`` (then the old files are replaced once the new run writes its first
+checkpoint). SIGINT/SIGTERM stop the loop after the current step with a checkpoint of that step.
+On resume ``metrics.jsonl`` is cut back to the checkpoint's step and gets one resume marker, so
+each step appears at most once, in order; ``elapsed_s`` continues the run's clock.
 """
 from __future__ import annotations
 
@@ -17,24 +23,31 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
+import uuid
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from . import checkpoint as ckpt
 from .augment import AugmentConfig, MultiPatchAugment
-from .data import ImageDataset, check_batch_size, load_dataset
+from .data import ImageDataset, check_batch_size, check_writable_folder, load_dataset
 from .loss import EMPSSLLoss
 from .models import build_encoder
 from .plots import write_training_curves
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME)  # the files that make a folder a run's
 # fields that change the training trajectory: a resume with other values is not a continuation
 _TRAJECTORY_FIELDS = ("dataset", "num_patches", "batch_size", "lr", "schedule_epochs", "eps", "inv_coef", "tcr_coef",
                       "seed", "data_seed", "image_size", "train_size")
+# settings that decide which images a run trains on
+_DATA_FIELDS = ("dataset", "root", "train_size", "image_size", "data_seed")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,6 +81,7 @@ class TrainConfig:
     seed: int = 0  # encoder initialisation, batch order and augmentation
     device: str = "auto"
     out_dir: str = "runs/empssl"
+    overwrite: bool = False  # replace another run's files in out_dir (once this run writes its first checkpoint)
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
     resume: Optional[str] = None  # checkpoint path to continue from
     loss_backend: str = "auto"
@@ -109,11 +123,21 @@ class TrainResult:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch.device; ValueError for anything else or a missing GPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available here")
+    expected = "expected cpu, cuda, cuda:N or auto"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; {expected}") from err
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; {expected}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available here")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return resolved
 
 
@@ -172,22 +196,153 @@ def _check_resume_config(path: str, stored: Dict[str, Any], config: TrainConfig)
                       f"uninterrupted one")
 
 
+def _check_resume_data(path: str, resumed: Dict[str, Any], config: TrainConfig, data: ImageDataset) -> None:
+    """ValueError unless the data set has the size the checkpoint was trained on (its stored permutation indexes it)."""
+    stored = resumed.get("dataset", {})
+    num_train, image_size = int(data.train_images.shape[0]), data.image_size[0]
+    if stored.get("num_train", num_train) == num_train and stored.get("image_size", image_size) == image_size:
+        return
+    stored_config = resumed.get("config", {})
+    changed = [f"--{f.replace('_', '-')} {stored_config.get(f)!r} -> {getattr(config, f)!r}" for f in _DATA_FIELDS
+               if f in stored_config and stored_config[f] != getattr(config, f)]
+    why = "changed settings: " + "; ".join(changed) if changed else "the data set itself changed"
+    raise ValueError(f"cannot resume {path}: it was trained on {stored.get('num_train')} images of "
+                     f"{stored.get('image_size')}x{stored.get('image_size')} ({stored.get('name')}), this run has "
+                     f"{num_train} of {image_size}x{image_size} ({data.name}); {why}. Resume with the checkpoint's data "
+                     f"settings, or start a new run in another --out-dir")
+
+
+def _check_out_dir(config: TrainConfig, same_run: bool) -> bool:
+    """Refuse an out_dir that holds another run's files (unless overwrite); True when it holds such files."""
+    check_writable_folder(config.out_dir, "--out-dir")
+    present = [name for name in RUN_FILES if os.path.exists(os.path.join(config.out_dir, name))]
+    if present and not same_run and not config.overwrite:
+        own_checkpoint = os.path.join(config.out_dir, CHECKPOINT_NAME)
+        raise ValueError(f"--out-dir {config.out_dir} already holds another run ({', '.join(present)}); continue it with "
+                         f"--resume {own_checkpoint}, replace it with --overwrite (its files go once this run writes "
+                         f"its first checkpoint), or pass another --out-dir")
+    return bool(present)
+
+
+def _remove_stale_temporaries(folder: str) -> None:
+    """Temporary files of a checkpoint or metrics write that a kill interrupted (the next run in the folder removes them)."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(ckpt.TEMP_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+
+
+def _read_metrics_until(path: str, run_id: Optional[str], step: int) -> List[Dict[str, Any]]:
+    """The lines of ``path`` that this run wrote up to ``step`` (a kill may have left a partial last line: skipped)."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("run_id") == run_id and record.get("step", 0) <= step:
+                records.append(record)
+    return records
+
+
+class _MetricsLog:
+    """metrics.jsonl of one run. Until the run owns its folder (``owned``), lines wait in memory: under --overwrite the
+    old run's file stays until this run's first checkpoint, then ``take_over`` replaces it atomically."""
+
+    def __init__(self, path: str, records: List[Dict[str, Any]], owned: bool):
+        self.path, self.pending, self.owned = path, list(records), owned and not records
+        if owned and records:
+            self.take_over()
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not self.owned:
+            self.pending.append(record)
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def take_over(self) -> None:
+        """Replace the file with the pending lines (atomically: a kill leaves the old file or the new one)."""
+        ckpt.write_atomically(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.pending).encode()))
+        self.pending, self.owned = [], True
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; ``checkpoint_path`` holds ``step`` (None: stopped at once by a second signal)."""
+
+    def __init__(self, signum: int, step: Optional[int], checkpoint_path: Optional[str]):
+        self.signum, self.step, self.checkpoint_path = signum, step, checkpoint_path
+        name = signal.Signals(signum).name
+        if checkpoint_path is None:
+            message = f"stopped at once by a second {name}; no checkpoint of the current step was written"
+        else:
+            message = (f"interrupted by {name} after step {step}: checkpoint written to {checkpoint_path}; continue with "
+                       f"--resume {checkpoint_path}")
+        super().__init__(message)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM handlers for the training loop: the first signal asks the loop to stop after the current step
+    (with a checkpoint); a second one raises at once. Outside the main thread (where handlers cannot be set) a no-op."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise TrainingInterrupted(signum, None, None)
+        self.signum = signum
+        print(f"\nempssl: {signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResult:
     """Train an EMP-SSL encoder; returns it with the path of the final checkpoint.
 
-    ``data``: an already loaded data set (else ``config.dataset`` is loaded). Raises
-    NonFiniteLossError if the loss turns NaN/inf (the last good checkpoint stays in place).
+    ``data``: an already loaded data set (else ``config.dataset`` is loaded). Every input is checked before any
+    file is written. Raises NonFiniteLossError if the loss turns NaN/inf (the last good checkpoint stays in place)
+    and TrainingInterrupted after SIGINT/SIGTERM (a checkpoint of the step reached is written first).
     """
     config.validate()
     device = resolve_device(config.device)
+    checkpoint_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
+    metrics_path = os.path.join(config.out_dir, METRICS_NAME)
     resumed = ckpt.load_checkpoint(config.resume) if config.resume else None
     if resumed is not None:
         _check_resume_config(config.resume, resumed.get("config", {}), config)
+    # resuming from this folder's own checkpoint continues the run that owns the folder
+    same_run = resumed is not None and os.path.abspath(config.resume) == os.path.abspath(checkpoint_path)
+    holds_other_run = _check_out_dir(config, same_run)
 
     if data is None:
         data = load_dataset(config.dataset, root=config.root, download=config.download, image_size=config.image_size,
                             cache_dir=config.cache_dir, on_bad_image=config.on_bad_image, seed=config.data_seed,
                             train_size=config.train_size, show_progress=config.progress)
+    if resumed is not None:
+        _check_resume_data(config.resume, resumed, config, data)
     images = data.train_images.to(device)
     num_train = images.shape[0]
     check_batch_size(config.batch_size, num_train)
@@ -214,6 +369,9 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
         total_steps = min(total_steps, config.max_steps)
     step = 0
     permutation = None
+    run_id = uuid.uuid4().hex[:12]  # tags this run's metrics lines: a resume keeps only its own
+    elapsed_before = 0.0  # seconds of the run before this session (continued on resume)
+    history: List[Dict[str, Any]] = []
     if resumed is not None:
         ckpt.load_model_state(encoder, resumed["model"], config.resume)
         optimizer.load_state_dict(resumed["optimizer"])
@@ -221,10 +379,16 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
         _set_rng_state(resumed["rng"], device, generators)
         step = int(resumed["step"])
         permutation = resumed["permutation"].to(device)
+        run_id = resumed.get("run_id")
+        elapsed_before = float(resumed.get("elapsed_s", 0.0))
+        # the run's metrics cut back to the checkpoint's step (steps logged after it will be logged again)
+        history = _read_metrics_until(os.path.join(os.path.dirname(config.resume), METRICS_NAME), run_id, step)
+        history.append({"event": "resume", "step": step, "elapsed_s": elapsed_before, "run_id": run_id})
 
-    os.makedirs(config.out_dir, exist_ok=True)
-    checkpoint_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
-    metrics_path = os.path.join(config.out_dir, METRICS_NAME)
+    # every input is checked: from here on the folder is this run's
+    _remove_stale_temporaries(config.out_dir)
+    metrics = _MetricsLog(metrics_path, history, owned=not holds_other_run or same_run)
+    start = time.perf_counter()
 
     def write_checkpoint():
         ckpt.save_checkpoint(checkpoint_path, {
@@ -238,14 +402,16 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
             "epoch": step // steps_per_epoch,
             "permutation": permutation.cpu(),
             "dataset": {"name": data.name, "num_train": num_train, "image_size": int(height)},
+            "run_id": run_id,
+            "elapsed_s": elapsed_before + time.perf_counter() - start,
         })
+        if not metrics.owned:  # --overwrite: the old run's metrics go only now that its checkpoint is replaced
+            metrics.take_over()
 
     # device-side sums: read by the host only at log and checkpoint steps
     loss_sums = torch.zeros(3, device=device)  # loss, tcr, inv since the last log
     all_losses = torch.zeros((), device=device)  # NaN/inf once any step's loss was
-    # a checkpoint of the current step already exists only when resuming from this run's own file
-    same_file = resumed is not None and os.path.abspath(config.resume) == os.path.abspath(checkpoint_path)
-    last_checkpoint_step = step if same_file else None
+    last_checkpoint_step = step if same_run else None
     last_metrics: Dict[str, Any] = {}
 
     def check_finite(at_step):
@@ -258,61 +424,67 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not config.progress, dynamic_ncols=True)
-    start = time.perf_counter()
     window_start, window_steps = start, 0
     encoder.train()
-    try:
-        while step < total_steps:
-            position = step % steps_per_epoch
-            if position == 0:  # a new epoch: a new permutation (a resumed mid-epoch run keeps its stored one)
-                permutation = torch.randperm(num_train, device=device, generator=generators["permutation"])
-            batch = images[permutation[position * config.batch_size:(position + 1) * config.batch_size]]
-            patches = augment(batch, config.num_patches, generator=generators["augment"])
-            with autocast_context(device, config.bf16):
-                z = forward(patches)
-            z = z.float().reshape(config.num_patches, config.batch_size, -1)
-            loss, tcr, inv = criterion(z, return_parts=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            window_steps += 1
-            with torch.no_grad():
-                parts = torch.stack((loss.detach(), tcr.detach(), inv.detach())).float()
-                loss_sums += parts
-                all_losses += parts[0]
+    with _StopRequest() as stop:
+        try:
+            while step < total_steps:
+                position = step % steps_per_epoch
+                if position == 0:  # a new epoch: a new permutation (a resumed mid-epoch run keeps its stored one)
+                    permutation = torch.randperm(num_train, device=device, generator=generators["permutation"])
+                batch = images[permutation[position * config.batch_size:(position + 1) * config.batch_size]]
+                patches = augment(batch, config.num_patches, generator=generators["augment"])
+                with autocast_context(device, config.bf16):
+                    z = forward(patches)
+                z = z.float().reshape(config.num_patches, config.batch_size, -1)
+                loss, tcr, inv = criterion(z, return_parts=True)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                window_steps += 1
+                with torch.no_grad():
+                    parts = torch.stack((loss.detach(), tcr.detach(), inv.detach())).float()
+                    loss_sums += parts
+                    all_losses += parts[0]
 
-            log_now = step % config.log_every == 0 or step == total_steps
-            checkpoint_now = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == total_steps
-            if log_now or checkpoint_now:
-                check_finite(step)
-            if log_now:
-                means = (loss_sums / window_steps).tolist()
-                now = time.perf_counter()
-                last_metrics = {
-                    "step": step, "epoch": step / steps_per_epoch, "loss": means[0], "tcr": means[1], "inv": means[2],
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "patches_per_s": window_steps * config.batch_size * config.num_patches / max(now - window_start, 1e-9),
-                    "elapsed_s": now - start,
-                }
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last_metrics) + "\n")
-                bar.set_postfix(loss=f"{means[0]:.3f}", tcr=f"{means[1]:.3f}", inv=f"{means[2]:.4f}",
-                                lr=f"{last_metrics['lr']:.4f}", patches_s=f"{last_metrics['patches_per_s']:.0f}")
-                loss_sums.zero_()
-                window_start, window_steps = now, 0
-            if checkpoint_now:
-                write_checkpoint()
-                last_checkpoint_step = step
-            bar.update(1)
-    finally:
-        bar.close()
-    if step > 0 and last_checkpoint_step != step:  # resumed at or past the end: still leave a checkpoint
-        write_checkpoint()
+                stopping = stop.signum is not None
+                checkpoint_now = ((config.checkpoint_every and step % config.checkpoint_every == 0)
+                                  or step == total_steps or stopping)
+                # a line at every checkpoint too: the file cut back to a checkpoint on resume still covers every step
+                log_now = step % config.log_every == 0 or checkpoint_now
+                if log_now:
+                    check_finite(step)
+                    means = (loss_sums / window_steps).tolist()
+                    now = time.perf_counter()
+                    last_metrics = {
+                        "step": step, "epoch": step / steps_per_epoch, "loss": means[0], "tcr": means[1], "inv": means[2],
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "patches_per_s": window_steps * config.batch_size * config.num_patches / max(now - window_start, 1e-9),
+                        "elapsed_s": elapsed_before + now - start,
+                        "run_id": run_id,
+                    }
+                    metrics.write(last_metrics)
+                    bar.set_postfix(loss=f"{means[0]:.3f}", tcr=f"{means[1]:.3f}", inv=f"{means[2]:.4f}",
+                                    lr=f"{last_metrics['lr']:.4f}", patches_s=f"{last_metrics['patches_per_s']:.0f}")
+                    loss_sums.zero_()
+                    window_start, window_steps = now, 0
+                if checkpoint_now:
+                    write_checkpoint()
+                    last_checkpoint_step = step
+                bar.update(1)
+                if stopping and step < total_steps:
+                    raise TrainingInterrupted(stop.signum, step, checkpoint_path)
+        finally:
+            bar.close()
+        if step > 0 and last_checkpoint_step != step:  # resumed at or past the end: still leave a checkpoint
+            write_checkpoint()
+    if not metrics.owned:  # nothing to train (resumed at the end) and nothing written: the history still lands
+        metrics.take_over()
     write_training_curves(metrics_path)  # curves.png beside it, where matplotlib is installed
     return TrainResult(encoder, checkpoint_path, step, last_metrics, time.perf_counter() - start)
 
 
-__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train", "augment_config_for", "resolve_device",
+__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "train", "augment_config_for", "resolve_device",
            "autocast_context"]
