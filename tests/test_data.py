@@ -282,3 +282,51 @@ def test_npz_errors(tmp_path):
         D.load_dataset(f"npz:{tmp_path / 'garbage.npz'}")
     with pytest.raises(D.DataError, match="not found"):
         D.load_dataset(f"npz:{tmp_path / 'missing.npz'}")
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(labels=20), r"30 images but labels of shape \(20,\)"),  # shorter: no IndexError later
+    (dict(labels=31), r"30 images but labels of shape \(31,\)"),  # longer: no silent misalignment
+    (dict(labels=30, test_images=5, test_labels=4), r"5 test_images but test_labels of shape \(4,\)"),
+])
+def test_npz_label_count_must_match_the_images(tmp_path, arrays, message):
+    rng = np.random.default_rng()
+    content = {"images": rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)}
+    for key, count in arrays.items():
+        content[key] = (rng.integers(0, 256, (count, 8, 8, 3), dtype=np.uint8) if key.endswith("images")
+                        else rng.integers(0, 3, count))
+    np.savez(tmp_path / "bad.npz", **content)
+    with pytest.raises(D.DataError, match=message):
+        D.load_dataset(f"npz:{tmp_path / 'bad.npz'}")
+
+
+def test_npz_image_size_is_refused_only_when_it_differs(tmp_path):
+    images = np.random.default_rng().integers(0, 256, (10, 12, 12, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(10) % 2)
+    same = D.load_dataset(f"npz:{tmp_path / 'd.npz'}", image_size=12)
+    assert same.image_size == (12, 12)
+    with pytest.raises(ValueError, match="holds 12x12 images, but image_size=16 .* pass 12"):
+        D.load_dataset(f"npz:{tmp_path / 'd.npz'}", image_size=16)
+    with pytest.raises(D.DataError, match="missing.npz not found"):  # the missing file is named, not the size
+        D.load_dataset(f"npz:{tmp_path / 'missing.npz'}", image_size=16)
+
+
+def test_unusable_cache_dir_fails_before_decoding(tmp_path, monkeypatch):
+    _make_tree(tmp_path / "tree")
+    decoded = []
+    monkeypatch.setattr(D, "decode_image", lambda *args: decoded.append(args))
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(ValueError, match="--cache-dir .*a_file is a file, not a folder"):
+        D.load_dataset(f"folder:{tmp_path / 'tree'}", image_size=8, cache_dir=str(tmp_path / "a_file"), show_progress=False)
+    with pytest.raises(ValueError, match="a_file, which is a file"):
+        D.load_dataset(f"folder:{tmp_path / 'tree'}", image_size=8, cache_dir=str(tmp_path / "a_file" / "cache"),
+                       show_progress=False)
+    with pytest.raises(ValueError, match="is not writable: cannot create files in /proc"):
+        D.load_dataset(f"folder:{tmp_path / 'tree'}", image_size=8, cache_dir="/proc/empssl-cache", show_progress=False)
+    assert decoded == [] and (tmp_path / "a_file").read_text() == "not a folder"
+    assert not (tmp_path / "tree" / ".empssl_cache").exists()
+
+
+def test_check_writable_folder_leaves_nothing_behind(tmp_path):
+    D.check_writable_folder(str(tmp_path / "new" / "deeper"), "--out-dir")  # creatable: fine
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor the probe file
