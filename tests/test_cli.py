@@ -96,3 +96,97 @@ def test_info_as_a_program():
     assert ["tcr", "cpu", "reference", "yes"] in [row[:4] for row in backend_rows]
     if not torch.cuda.is_available():
         assert all(row[3] == "no:" for row in backend_rows if row[1] == "cuda" and row[2] == "cuda")
+
+
+def _snapshot(folder):
+    """Every path under folder with its bytes (None for folders): what a failed command must leave unchanged."""
+    return {str(path): None if path.is_dir() else path.read_bytes() for path in sorted(folder.rglob("*"))}
+
+
+def _bad_input_cases(tmp_path):
+    """(argv, message) of inputs that must fail with a clear error; the files they need are made in tmp_path."""
+    import numpy as np
+
+    rng = np.random.default_rng()
+    images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "short.npz", images=images, labels=rng.integers(0, 3, 30))
+    np.savez(tmp_path / "long.npz", images=images, labels=rng.integers(0, 3, 50))
+    np.savez(tmp_path / "good.npz", images=images, labels=rng.integers(0, 3, 40))
+    (tmp_path / "a_file").write_text("keep me")
+    from PIL import Image
+
+    for name, colour in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), colour).save(tmp_path / "tree" / name / f"{i}.png")
+    out = ["--out-dir", str(tmp_path / "out")]
+    tree = ["--dataset", f"folder:{tmp_path / 'tree'}", "--image-size", "8", "--batch-size", "2", *TINY_MODEL,
+            "--no-progress", *out]
+    return {
+        "npz labels shorter": (["train", "--dataset", f"npz:{tmp_path / 'short.npz'}", *out],
+                               "40 images but labels of shape (30,)"),
+        "npz labels longer": (["train", "--dataset", f"npz:{tmp_path / 'long.npz'}", *out],
+                              "40 images but labels of shape (50,)"),
+        "npz image size differs": (["train", "--dataset", f"npz:{tmp_path / 'good.npz'}", "--image-size", "16", *out],
+                                   "holds 8x8 images, but image_size=16"),
+        "npz missing, with image size": (["train", "--dataset", f"npz:{tmp_path / 'gone.npz'}", "--image-size", "8", *out],
+                                         "gone.npz not found"),
+        "out-dir is a file": (["train", *TINY_DATA, "--out-dir", str(tmp_path / "a_file")], "a_file is a file, not a folder"),
+        "out-dir under a file": (["train", *TINY_DATA, "--out-dir", str(tmp_path / "a_file" / "run")], "which is a file"),
+        "out-dir not writable": (["train", *TINY_DATA, "--out-dir", "/proc/empssl-run"],
+                                 "--out-dir /proc/empssl-run is not writable"),
+        "cache-dir is a file": (["train", *tree, "--cache-dir", str(tmp_path / "a_file")], "a_file is a file, not a folder"),
+        "cache-dir not writable": (["train", *tree, "--cache-dir", "/proc/empssl-cache"],
+                                   "--cache-dir /proc/empssl-cache is not writable"),
+        "unknown device": (["train", *TINY_DATA, "--device", "tpu", *out], "unknown device 'tpu'; expected cpu, cuda"),
+        "unsupported device": (["train", *TINY_DATA, "--device", "meta", *out], "device 'meta' is not supported"),
+        "eval on an unknown device": (["eval", "--random-init", *TINY_DATA, "--device", "tpu"], "unknown device 'tpu'"),
+        "backend that cannot run": (["train", *TINY_DATA, *TINY_MODEL, "--device", "cpu", "--batch-size", "16",
+                                     "--num-patches", "2", "--augment-backend", "cuda", *out],
+                                    "backend 'cuda' is not available"),
+    }
+
+
+BAD_INPUTS = ["npz labels shorter", "npz labels longer", "npz image size differs", "npz missing, with image size",
+              "out-dir is a file", "out-dir under a file", "out-dir not writable", "cache-dir is a file",
+              "cache-dir not writable", "unknown device", "unsupported device", "eval on an unknown device",
+              "backend that cannot run"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_a_clear_error_that_leaves_no_file(tmp_path, case, capsys):
+    cases = _bad_input_cases(tmp_path)
+    assert sorted(cases) == sorted(BAD_INPUTS)  # every case is run
+    argv, message = cases[case]
+    before = _snapshot(tmp_path)
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and f"empssl {argv[0]}: error: " in err and message in err, err
+    assert "Traceback" not in err
+    assert _snapshot(tmp_path) == before  # no out-dir, no cache, no probe file; a_file untouched
+
+
+def test_resume_with_changed_data_size_names_the_setting(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", *TINY_DATA, *TINY_MODEL, "--num-patches", "2", "--batch-size", "16", "--device", "cpu",
+            "--out-dir", str(out)]
+    assert cli.main([*base, "--max-steps", "1"]) == 0
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    changed = [*base, "--resume", str(out / "checkpoint.pt")]
+    changed[changed.index("--train-size") + 1] = "48"
+    assert cli.main(changed) == 1
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "trained on 64 images of 8x8" in err and "this run has 48" in err
+    assert "--train-size 64 -> 48" in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_version():
+    from empssl import __version__
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    as_module = subprocess.run([sys.executable, "-m", "empssl.cli", "--version"], capture_output=True, text=True)
+    assert as_module.returncode == 0 and as_module.stdout.strip() == f"empssl {__version__}"
