@@ -334,7 +334,7 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
     if resumed is not None:
         _check_resume_config(config.resume, resumed.get("config", {}), config)
     # resuming from this folder's own checkpoint continues the run that owns the folder
-    same_run = resumed is not None and os.path.abspath(config.resume) == os.path.abspath(checkpoint_path)
+    same_run = resumed is not None and os.path.realpath(config.resume) == os.path.realpath(checkpoint_path)
     holds_other_run = _check_out_dir(config, same_run)
 
     if data is None:
