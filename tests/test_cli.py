@@ -175,7 +175,8 @@ def test_resume_with_changed_data_size_names_the_setting(tmp_path, capsys):
     capsys.readouterr()
     changed = [*base, "--resume", str(out / "checkpoint.pt")]
     changed[changed.index("--train-size") + 1] = "48"
-    assert cli.main(changed) == 1
+    with pytest.warns(UserWarning, match="changed settings"):  # then refused: the data no longer fits the checkpoint
+        assert cli.main(changed) == 1
     err = capsys.readouterr().err
     assert "cannot resume" in err and "trained on 64 images of 8x8" in err and "this run has 48" in err
     assert "--train-size 64 -> 48" in err
