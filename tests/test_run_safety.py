@@ -141,7 +141,7 @@ def _wait_for_step(folder, step, process, timeout=300):
     raise AssertionError(f"no metrics line for step {step} within {timeout} s")
 
 
-@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_signal_keeps_progress_and_the_resumed_run_is_bitwise_equal(tmp_path, uninterrupted, signum, exit_code, capsys):
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "empssl.cli", "train", *TINY_ARGS, *LONG_ARGS,
@@ -176,12 +176,10 @@ def test_signal_keeps_progress_and_the_resumed_run_is_bitwise_equal(tmp_path, un
 def test_second_signal_stops_at_once_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGINT)
     with T._StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)  # the handler runs in this thread at the next bytecode
+        signal.raise_signal(signal.SIGINT)  # delivered to this thread: the handler runs before the next line
         assert stop.signum == signal.SIGINT  # the first only asks the loop to stop after its step
         with pytest.raises(T.TrainingInterrupted, match="stopped at once by a second SIGINT") as info:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)
+            signal.raise_signal(signal.SIGINT)
         assert info.value.exit_code == 130 and info.value.checkpoint_path is None
     assert signal.getsignal(signal.SIGINT) is before
 
