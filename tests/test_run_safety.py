@@ -66,7 +66,7 @@ def test_second_run_into_a_folder_is_refused_and_the_first_stays_byte_identical(
     out = tmp_path / "run"
     assert cli.main(["train", *TINY_ARGS, "--max-steps", "2", "--out-dir", str(out)]) == 0
     first = _files(out)
-    assert set(first) == {T.CHECKPOINT_NAME, T.METRICS_NAME}
+    assert {T.CHECKPOINT_NAME, T.METRICS_NAME} <= set(first)
     capsys.readouterr()
     code = cli.main(["train", *TINY_ARGS, "--max-steps", "2", "--seed", "1", "--out-dir", str(out)])
     err = capsys.readouterr().err
@@ -214,7 +214,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
 
     assert cli.main(["train", *TINY_ARGS, *LONG_ARGS, "--checkpoint-every", "2", "--max-steps", "6", "--out-dir", str(out),
                      "--resume", str(out / T.CHECKPOINT_NAME)]) == 0
-    assert sorted(os.listdir(out)) == [T.CHECKPOINT_NAME, T.METRICS_NAME]  # the stale temporary is gone
+    assert not [name for name in os.listdir(out) if name.startswith(ckpt.TEMP_PREFIX)]  # the stale temporary is gone
     assert ckpt.load_checkpoint(str(out / T.CHECKPOINT_NAME))["step"] == 6
     records = _metrics(out)
     assert [r["step"] for r in records] == [1, 2, 2, 3, 4, 5, 6]
