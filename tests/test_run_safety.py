@@ -14,6 +14,7 @@ from empssl import checkpoint as ckpt
 from empssl import cli
 from empssl import train as T
 from empssl.data import make_synthetic
+from empssl.plots import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -114,6 +115,8 @@ def test_resume_cuts_metrics_back_to_the_checkpoint_and_marks_it(tmp_path, monke
     assert records[3] == {"event": "resume", "step": 3, "elapsed_s": saved["elapsed_s"], "run_id": saved["run_id"]}
     _assert_true_history(records, resumed_at=[3])
     assert records[2]["elapsed_s"] <= saved["elapsed_s"] < records[4]["elapsed_s"]  # the clock continues
+    # the curves read each step once: the marker is not a step's record
+    assert [r["step"] for r in read_metrics(str(tmp_path / "run" / T.METRICS_NAME))] == list(range(1, 9))
 
 
 @pytest.fixture(scope="module")
