@@ -93,9 +93,9 @@ __global__ void __launch_bounds__(kThreads, 2) tcr_forward_backward_kernel(const
   // 1. Gram: thread (ty, tx) owns rows ty + 16 r and columns tx + 16 c. Each kDepth-column
   //    tile's partial Gram is an fma chain from 0 in registers, then added to the running total,
   //    which lives in a (free until the sweep; each thread touches only its own entries). One
-  //    chain over all of d let the rounding error of R grow with d (5-7x over 1e-5 on nearly
-  //    collapsed Z at d = 1024 in tests/test_tcr_float32_model.py); a second register tile for
-  //    the total would spill at BT = 128.
+  //    chain over all of d let the rounding error of R grow with d (4.8e-5 on nearly collapsed
+  //    Z at d = 1024, 0.8-1.4e-5 chunked: tests/test_tcr_float32_model.py); a second register
+  //    tile for the total would spill at BT = 128.
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
