@@ -189,6 +189,13 @@ at::Tensor augment_patches_cpu(const at::Tensor& images, const at::Tensor& sourc
                                at::ScalarType out_dtype, bool channels_last) {
   AugmentCall call = prepare_augment(images, source_index, params, output_size, blur_kernel_size, solarize_threshold,
                                      mean, std, jitter_op_mask, out_dtype, channels_last);
+  // on the CPU a real range check is cheap (the CUDA kernel clamps instead: no host sync)
+  if (call.source_index.numel() > 0) {
+    const auto [lowest, highest] = at::aminmax(call.source_index);
+    TORCH_CHECK(lowest.item<int64_t>() >= 0 && highest.item<int64_t>() < images.size(0),
+                "augment_patches: source_index must be in [0, ", images.size(0), "), got values in [",
+                lowest.item<int64_t>(), ", ", highest.item<int64_t>(), "]");
+  }
   if (call.out.numel() > 0) {
     empssl::augment::augment_cpu(call.images, call.source_index.data_ptr<int64_t>(), call.params.data_ptr<float>(),
                                  call.params.size(0), call.config, call.output);

@@ -32,6 +32,7 @@ every kernel configuration that dispatch can launch, for the ahead-of-time compi
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -40,11 +41,15 @@ import triton.language as tl
 
 from .. import augment_params as AP
 from ..backends import triton_reason
+from .launch import on_device
 
 MAX_OUTPUT_SIZE = 64  # largest patch whose three float32 S x S tiles stay in one program's registers
 SUPPORTED_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SIGNATURE_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _INT32_MAX = 2**31 - 1
+# set to 1 to range-check source_index on the host before every CUDA launch (one sync each);
+# otherwise the kernel clamps it (CPU tensors are always checked: no sync to avoid there)
+DEBUG_CHECKS_ENV = "EMPSSL_DEBUG_CHECKS"
 
 # parameter columns, as constexprs so that the jit functions may read them
 _CROP_TOP = tl.constexpr(AP.CROP_TOP)
@@ -233,13 +238,13 @@ def _resized_crop_channel(channel_ptr, stride_h, stride_w, height, width, top, l
         wy = _triangle(rows[:, None], jy[None, :], scale_y, support_y) / total_y[:, None]
         wy = tl.where((rows[:, None] < size) & (jy[None, :] < crop_h), wy, 0.0)
         src_rows = top + jy
-        rows_ok = (jy < crop_h) & (src_rows < height)
+        rows_ok = (jy < crop_h) & (src_rows >= 0) & (src_rows < height)
         for x0 in range(0, crop_w, CHUNK):
             jx = x0 + chunk
             wxt = _triangle(resized_cols[None, :], jx[:, None], scale_x, support_x) / total_x[None, :]
             wxt = tl.where((jx[:, None] < crop_w) & (cols[None, :] < size), wxt, 0.0)
             src_cols = left + jx
-            tile_ok = rows_ok[:, None] & ((jx < crop_w) & (src_cols < width))[None, :]
+            tile_ok = rows_ok[:, None] & ((jx < crop_w) & (src_cols >= 0) & (src_cols < width))[None, :]
             tile_ptrs = channel_ptr + src_rows[:, None] * stride_h + src_cols[None, :] * stride_w
             # uint8 -> [0, 1] as the reference: multiply by float32(1/255)
             tile = tl.load(tile_ptrs, mask=tile_ok, other=0).to(tl.float32) * (1.0 / 255.0)
@@ -266,7 +271,7 @@ def _cast_out(x, dtype: tl.constexpr):
     do_not_specialize=[
         "stride_in", "stride_ih", "stride_iw", "stride_ic", "stride_pp", "stride_pc",
         "stride_op", "stride_oc", "stride_oh", "stride_ow",
-        "height", "width", "size", "blur_kernel_size", "enabled_ops",
+        "num_images", "height", "width", "size", "blur_kernel_size", "enabled_ops",
     ]
 )  # one compiled variant serves every layout and shape of a given BLOCK_S and output dtype
 def _augment_kernel(
@@ -274,17 +279,19 @@ def _augment_kernel(
     stride_in, stride_ih, stride_iw, stride_ic,
     stride_pp, stride_pc,
     stride_op, stride_oc, stride_oh, stride_ow,
-    height, width, size, blur_kernel_size, enabled_ops,
+    num_images, height, width, size, blur_kernel_size, enabled_ops,
     solarize_threshold, mean_r, mean_g, mean_b, std_r, std_g, std_b,
     BLOCK_S: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
     patch = tl.program_id(0).to(tl.int64)
     row = params_ptr + patch * stride_pp
-    top = tl.load(row + _CROP_TOP * stride_pc).to(tl.int32)
-    left = tl.load(row + _CROP_LEFT * stride_pc).to(tl.int32)
-    crop_h = tl.load(row + _CROP_HEIGHT * stride_pc).to(tl.int32)
-    crop_w = tl.load(row + _CROP_WIDTH * stride_pc).to(tl.int32)
+    # the crop box clamped into the image as crop_box() of csrc/include/augment_math.h does for
+    # the C++ and CUDA kernels (the ops take unchecked rows; the masks below also hold both ways)
+    top = tl.minimum(tl.maximum(tl.load(row + _CROP_TOP * stride_pc).to(tl.int32), 0), height - 1)
+    left = tl.minimum(tl.maximum(tl.load(row + _CROP_LEFT * stride_pc).to(tl.int32), 0), width - 1)
+    crop_h = tl.minimum(tl.maximum(tl.load(row + _CROP_HEIGHT * stride_pc).to(tl.int32), 1), height - top)
+    crop_w = tl.minimum(tl.maximum(tl.load(row + _CROP_WIDTH * stride_pc).to(tl.int32), 1), width - left)
     flip = tl.load(row + _FLIP * stride_pc) != 0.0
     # the rest of the row is read now, packed (a live row pointer or nine live scalars across
     # the crop loops made ptxas spill): ops in application order, 2 bits each, then the flags
@@ -300,7 +307,12 @@ def _augment_kernel(
     saturation = tl.load(row + _SATURATION * stride_pc)
     hue = tl.load(row + _HUE * stride_pc)
     sigma = tl.load(row + _BLUR_SIGMA * stride_pc)
-    image = images_ptr + tl.load(source_index_ptr + patch) * stride_in
+    # clamped, not checked: a check would need a host sync (see DEBUG_CHECKS_ENV)
+    source = tl.minimum(tl.maximum(tl.load(source_index_ptr + patch), 0), num_images - 1)
+    image = images_ptr + source * stride_in
+    # channel planes by pointer steps: 2 * stride_ic in int32 would wrap for stride_ic >= 2^30
+    image_g = image + stride_ic
+    image_b = image_g + stride_ic
 
     rows = tl.arange(0, BLOCK_S)
     cols = tl.arange(0, BLOCK_S)
@@ -317,10 +329,10 @@ def _augment_kernel(
     total_x = _resize_totals(resized_cols, crop_w, scale_x, support_x)
     r = _resized_crop_channel(image, stride_ih, stride_iw, height, width, top, left, crop_h, crop_w, size, rows, cols,
                               resized_cols, scale_y, scale_x, support_y, support_x, total_y, total_x, BLOCK_S, CHUNK)
-    g = _resized_crop_channel(image + stride_ic, stride_ih, stride_iw, height, width, top, left, crop_h, crop_w, size,
+    g = _resized_crop_channel(image_g, stride_ih, stride_iw, height, width, top, left, crop_h, crop_w, size,
                               rows, cols, resized_cols, scale_y, scale_x, support_y, support_x, total_y, total_x,
                               BLOCK_S, CHUNK)
-    b = _resized_crop_channel(image + 2 * stride_ic, stride_ih, stride_iw, height, width, top, left, crop_h, crop_w,
+    b = _resized_crop_channel(image_b, stride_ih, stride_iw, height, width, top, left, crop_h, crop_w,
                               size, rows, cols, resized_cols, scale_y, scale_x, support_y, support_x, total_y, total_x,
                               BLOCK_S, CHUNK)
 
@@ -445,14 +457,29 @@ def unsupported_reason(device, images_nhwc, source_index, params, config) -> Opt
                 f"mean and the blur need all of it), so output_size <= {MAX_OUTPUT_SIZE}; got {config.output_size}")
     if any(abs(s) > _INT32_MAX for s in images_nhwc.stride()):
         return f"the Triton augment kernel takes int32 image strides, got {images_nhwc.stride()}"
-    if images_nhwc.shape[1] * abs(images_nhwc.stride(1)) + images_nhwc.shape[2] * abs(images_nhwc.stride(2)) > _INT32_MAX:
-        return "the Triton augment kernel indexes within one image in int32; this image is too large"
+    # the largest offset within one channel plane, and the step to the last channel (the image
+    # offset itself, source * stride_n, is int64)
+    _, height, width, _ = images_nhwc.shape
+    plane_span = (height - 1) * abs(images_nhwc.stride(1)) + (width - 1) * abs(images_nhwc.stride(2))
+    if plane_span > _INT32_MAX or 2 * abs(images_nhwc.stride(3)) > _INT32_MAX:
+        return (f"the Triton augment kernel indexes within one image in int32; this image's offsets reach "
+                f"{plane_span} within a channel and {2 * abs(images_nhwc.stride(3))} across channels "
+                f"(strides {images_nhwc.stride()}), beyond 2^31 - 1")
     reason = triton_reason(device)
     if reason:
         return reason
     if device.type == "cpu" and not _interpreted():
         return "TRITON_INTERPRET=1 was set after triton was imported, so the kernel cannot run on CPU tensors"
     return None
+
+
+def _check_source_index(source_index: torch.Tensor, num_images: int) -> None:
+    """Raise IndexError unless every source_index is in [0, num_images) (reads the values: a sync on CUDA)."""
+    if source_index.numel() == 0:
+        return
+    lowest, highest = (int(v) for v in torch.aminmax(source_index))
+    if lowest < 0 or highest >= num_images:
+        raise IndexError(f"source_index must be in [0, {num_images}), got values in [{lowest}, {highest}]")
 
 
 def augment_patches(
@@ -467,7 +494,9 @@ def augment_patches(
 
     ``images_nhwc`` is uint8 (N, H, W, 3) of any strides (an NCHW tensor permuted is fine: the
     strides go to the kernel, no copy). With ``channels_last`` the kernel writes the output in
-    torch.channels_last memory format directly.
+    torch.channels_last memory format directly. Crop boxes are clamped into the image and
+    ``source_index`` into [0, N) in the kernel, as the C++/CUDA kernels do; ``source_index`` is
+    also checked (IndexError) for CPU tensors, and for CUDA ones when EMPSSL_DEBUG_CHECKS=1.
     """
     error = _input_error(images_nhwc, source_index, params, config)
     if error:
@@ -484,16 +513,19 @@ def augment_patches(
     out = torch.empty((num_patches, 3, size, size), dtype=out_dtype, device=images_nhwc.device, memory_format=memory_format)
     if num_patches == 0:
         return out
-    _, height, width, _ = images_nhwc.shape
+    num_images, height, width, _ = images_nhwc.shape
+    if images_nhwc.device.type == "cpu" or os.environ.get(DEBUG_CHECKS_ENV) == "1":
+        _check_source_index(source_index, num_images)
     # float32 slot per patch for the blur's second read of the patch (only blurred patches touch it)
     scratch = torch.empty(num_patches * 3 * size * size, dtype=torch.float32, device=images_nhwc.device)
-    _augment_kernel[(num_patches,)](
-        images_nhwc, source_index, params, out, scratch,
-        *images_nhwc.stride(), *params.stride(), *out.stride(),
-        height, width, size, config.blur_kernel_size, config.jitter_op_mask(),
-        float(config.solarize_threshold), *(float(m) for m in config.mean), *(float(s) for s in config.std),
-        BLOCK_S=block_s, CHUNK=chunk, num_warps=num_warps,
-    )
+    with on_device(images_nhwc.device):
+        _augment_kernel[(num_patches,)](
+            images_nhwc, source_index, params, out, scratch,
+            *images_nhwc.stride(), *params.stride(), *out.stride(),
+            num_images, height, width, size, config.blur_kernel_size, config.jitter_op_mask(),
+            float(config.solarize_threshold), *(float(m) for m in config.mean), *(float(s) for s in config.std),
+            BLOCK_S=block_s, CHUNK=chunk, num_warps=num_warps,
+        )
     return out
 
 
@@ -515,7 +547,7 @@ def _aot_configs():
                 **{name: "i32" for name in (
                     "stride_in", "stride_ih", "stride_iw", "stride_ic", "stride_pp", "stride_pc",
                     "stride_op", "stride_oc", "stride_oh", "stride_ow",
-                    "height", "width", "size", "blur_kernel_size", "enabled_ops")},
+                    "num_images", "height", "width", "size", "blur_kernel_size", "enabled_ops")},
                 **{name: "fp32" for name in (
                     "solarize_threshold", "mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b")},
                 "BLOCK_S": "constexpr", "CHUNK": "constexpr",

@@ -7,15 +7,28 @@ For each group Z (b, d) of z (n, b, d), one program computes, on the b x b side,
 Steps inside the program:
   1. Gram: M accumulated with tl.dot over chunks of d (float32 input: IEEE products, not TF32,
      whose Gram error reaches 1e-2 relative; bf16/fp16: native dot, float32 accumulator).
+     Each chunk's dot starts from a zero accumulator and its partial Gram is then added to the
+     running total: one fma chain over all of d (the dot's own accumulator carried across
+     chunks) lets the rounding error grow with d (R off by 4.8e-5 on nearly collapsed Z at
+     d = 1024 in tests/test_tcr_float32_model.py); with chunk partials the Gram adds little
+     to what a float32 M and sweep cost anyway there (1-2e-5).
      b is padded up to a power of two BLOCK_B; the padded rows of Z load as 0, so the padded
      block of M is the identity and does not change logdet or M^{-1}.
   2. Symmetric Gauss-Jordan sweep on the register-resident tile, no pivoting (M is SPD with
      eigenvalues in [1, 1 + alpha b max|z|^2]: stable in float32). Sweeping pivot k maps
          A_ij -> A_ij - A_ik A_kj / p,  A_ik -> A_ik / p,  A_kj -> A_kj / p,  A_kk -> -1 / p
-     and after all b pivots the tile holds -M^{-1}; logdet M = sum of log pivots.
+     and after all b pivots the tile holds -M^{-1}; logdet M = sum of log pivots. 1 / p is
+     refined by one Newton step: compiled Triton division is approximate (div.full.f32, 2 ulp),
+     the interpreter's is exact, and the refined reciprocal is within an ulp on both.
   3. If the gradient is wanted: dZ = alpha M^{-1} Z in a second pass over the d chunks
      (tl.dot of the tile with each Z chunk). For 16-bit inputs the float32 inverse is split
      into hi + lo parts in the input dtype, two native dots recover ~16 mantissa bits.
+
+Offsets within a group are int32 (the group offset is int64): int64 tile offsets cost the
+BLOCK_B = 128 float32 kernel a stack frame (registers are at the 128 cap of 16 warps). A view
+whose group spans 2^31 elements or more (a transposed view of a huge buffer) is refused by
+``unsupported_reason``; the contiguous z that dispatch passes spans b * d elements. The launch
+runs under z's device (kernels/launch.py).
 
 Padding beyond b = 128 does not fit the register tile: b > 128 goes to the torch path
 (``unsupported_reason`` says so). b > d is fine here (Sylvester's identity holds for any b, d).
@@ -32,11 +45,27 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_reason
+from .launch import on_device
 
 MAX_B = 128  # largest padded group size whose b x b float32 tile stays in registers
+_INT32_MAX = 2**31 - 1
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _SIGNATURE_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@triton.jit
+def _tile_offsets(rows, cols, stride_row, stride_col):
+    """int32 element offsets of a (rows, cols) tile within one group (see the module docstring)."""
+    return rows[:, None] * stride_row + cols[None, :] * stride_col
+
+
+@triton.jit
+def _reciprocal(x):
+    """1 / x to within an ulp: the compiled division (div.full.f32) errs by up to 2 ulp; one
+    Newton step r + r (1 - x r), with the residual from an fma, squares that error away."""
+    r = 1.0 / x
+    return tl.fma(r, tl.fma(-x, r, 1.0), r)
 
 
 @triton.jit(do_not_specialize=["need_grad"])  # one compiled variant serves both values
@@ -57,15 +86,18 @@ def _tcr_fwd_bwd_kernel(
     row_ok = rows < b
     z_group = z_ptr + group * stride_zn
 
-    # 1. Gram of the group, IEEE float32 products for float32 input
+    # 1. Gram of the group, IEEE float32 products for float32 input; each chunk's partial Gram
+    #    from a zero accumulator, then added (short fma chains, see the module docstring)
     gram = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + chunk
         mask = row_ok[:, None] & (cols[None, :] < d)
-        zc = tl.load(z_group + rows[:, None] * stride_zb + cols[None, :] * stride_zd, mask=mask, other=0.0)
+        zc = tl.load(z_group + _tile_offsets(rows, cols, stride_zb, stride_zd), mask=mask, other=0.0)
         if UPCAST_DOT:
             zc = zc.to(tl.float32)
-        gram = tl.dot(zc, tl.trans(zc), gram, input_precision="ieee")
+        # an fma by 1, not `gram += dot`: Triton's combiner rewrites add(dot(a, b, 0), c) into
+        # dot(a, b, c), which is the one long chain again (seen in the TTIR of triton 3.8)
+        gram = tl.fma(tl.dot(zc, tl.trans(zc), input_precision="ieee"), 1.0, gram)
 
     diagonal = rows[:, None] == rows[None, :]
     tile = alpha * gram + diagonal.to(tl.float32)
@@ -78,7 +110,7 @@ def _tcr_fwd_bwd_kernel(
         col = tl.sum(tl.where(in_col_k, tile, 0.0), axis=1)  # A[:, k], indexed by row
         row = tl.sum(tl.where(in_row_k, tile, 0.0), axis=0)  # A[k, :], indexed by column
         pivot = tl.sum(tl.where(rows == k, col, 0.0), axis=0)
-        inv_pivot = 1.0 / pivot
+        inv_pivot = _reciprocal(pivot)
         logdet += tl.log(pivot)
         # zeroing row and column k, then subtracting u v^T with u_k = v_k = -1, gives all four
         # cases of the sweep in one rank-1 update
@@ -103,14 +135,14 @@ def _tcr_fwd_bwd_kernel(
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + chunk
             mask = row_ok[:, None] & (cols[None, :] < d)
-            zc = tl.load(z_group + rows[:, None] * stride_zb + cols[None, :] * stride_zd, mask=mask, other=0.0)
+            zc = tl.load(z_group + _tile_offsets(rows, cols, stride_zb, stride_zd), mask=mask, other=0.0)
             if UPCAST_DOT:
                 zc = zc.to(tl.float32)
             acc = tl.dot(inverse_hi, zc, input_precision="ieee")
             if z_ptr.dtype.element_ty != tl.float32:
                 acc = tl.dot(inverse_lo, zc, acc, input_precision="ieee")
             grad = (neg_alpha * acc).to(grad_ptr.dtype.element_ty)
-            tl.store(g_group + rows[:, None] * stride_gb + cols[None, :] * stride_gd, grad, mask=mask)
+            tl.store(g_group + _tile_offsets(rows, cols, stride_gb, stride_gd), grad, mask=mask)
 
 
 # BLOCK_B -> (BLOCK_D, num_warps). Measured with ptxas of triton 3.8 (sm_80 and sm_90, every dtype,
@@ -154,6 +186,12 @@ def unsupported_reason(z) -> Optional[str]:
         return f"the Triton TCR kernel needs a non-empty z, got shape {tuple(z.shape)}"
     if z.shape[1] > MAX_B:
         return f"the Triton TCR kernel holds b x b in registers for b <= {MAX_B}, got b = {z.shape[1]}"
+    _, b, d = z.shape
+    group_span = (b - 1) * abs(z.stride(1)) + (d - 1) * abs(z.stride(2))
+    if max(group_span, b * d - 1) > _INT32_MAX:  # z's group and the gradient's (contiguous)
+        return (f"the Triton TCR kernel indexes within a group in int32, and this z's group spans "
+                f"{max(group_span, b * d - 1) + 1} elements (>= 2^31; strides {z.stride()}): pass z.contiguous() "
+                f"with b * d < 2^31")
     reason = triton_reason(z.device)
     if reason:
         return reason
@@ -177,11 +215,12 @@ def tcr_forward_backward(z: torch.Tensor, alpha: float, need_grad: bool):
     rate = torch.empty(n, dtype=torch.float32, device=z.device)
     grad = torch.empty((n, b, d), dtype=z.dtype, device=z.device) if need_grad else z.new_empty(0)
     grad_strides = grad.stride() if need_grad else (0, 0, 0)
-    _tcr_fwd_bwd_kernel[(n,)](
-        z, rate, grad, b, d, *z.stride(), *grad_strides, float(alpha), int(bool(need_grad)),
-        BLOCK_B=block_b, BLOCK_D=block_d, UPCAST_DOT=_interpreted() and z.dtype == torch.bfloat16,
-        num_warps=num_warps, num_stages=NUM_STAGES,
-    )
+    with on_device(z.device):
+        _tcr_fwd_bwd_kernel[(n,)](
+            z, rate, grad, b, d, *z.stride(), *grad_strides, float(alpha), int(bool(need_grad)),
+            BLOCK_B=block_b, BLOCK_D=block_d, UPCAST_DOT=_interpreted() and z.dtype == torch.bfloat16,
+            num_warps=num_warps, num_stages=NUM_STAGES,
+        )
     return rate, grad
 
 

@@ -23,18 +23,26 @@ MAX_TIE_FRACTION = 1e-3
 SOLARIZE_TIE = 1e-5
 
 
+# "triton-cuda": the triton backend on CUDA tensors (compiled kernels); "triton" runs the
+# interpreter on CPU tensors
 def _device_for(backend):
-    return torch.device("cuda" if backend == "cuda" else "cpu")
+    return torch.device("cuda" if backend in ("cuda", "triton-cuda") else "cpu")
+
+
+def _backend_name(backend):
+    return "triton" if backend == "triton-cuda" else backend
 
 
 BACKEND_PARAMS = [
     pytest.param("cpu", id="cpu"),
     pytest.param("triton", id="triton"),
     pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+    pytest.param("triton-cuda", id="triton-cuda", marks=pytest.mark.gpu),
 ]
 
 
 def _require(backend, images_nhwc, source_index, params, config):
+    backend = _backend_name(backend)
     why = backends.reasons("augment", images_nhwc.device, images_nhwc, source_index, params, config)[backend]
     if why is not None:
         pytest.skip(f"{backend} backend unavailable: {why}")
@@ -105,7 +113,7 @@ def assert_matches_reference(out, ref, params, config, out_dtype, channels_last)
 def _run(backend, images, source_index, params, config, out_dtype=torch.float32, channels_last=False):
     nhwc = images if images.shape[-1] == 3 else images.permute(0, 2, 3, 1)
     _require(backend, nhwc, source_index, params, config)
-    fast = MultiPatchAugment(config, backend=backend, out_dtype=out_dtype, channels_last=channels_last)
+    fast = MultiPatchAugment(config, backend=_backend_name(backend), out_dtype=out_dtype, channels_last=channels_last)
     out = fast.apply(images, source_index, params)
     ref = MultiPatchAugment(config, backend="reference").apply(images, source_index, params)
     return out, ref
@@ -185,8 +193,8 @@ DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 # interpreter (seconds per patch) a covering subset: each dtype, each layout at least once
 CHAIN_CASES = [
     pytest.param(backend, DTYPES[dtype], channels_last, layout, id=f"{backend}-{dtype}-{'cl' if channels_last else 'nchw'}_out-{layout}",
-                 marks=[pytest.mark.gpu] if backend == "cuda" else [])
-    for backend in ("cpu", "cuda")
+                 marks=[pytest.mark.gpu] if backend in ("cuda", "triton-cuda") else [])
+    for backend in ("cpu", "cuda", "triton-cuda")
     for dtype in DTYPES
     for channels_last in (False, True)
     for layout in ("nhwc", "nchw")
@@ -322,6 +330,24 @@ def test_extension_op_rejects_bad_input_before_launch():
         call(output_size=6)
     with pytest.raises(RuntimeError, match="out_dtype"):
         call(out_dtype=torch.float64)
+    # the CPU op checks source_index's range itself (the CUDA kernel clamps it: no host sync)
+    for bad in (images.shape[0], -1):
+        with pytest.raises(RuntimeError, match=r"source_index must be in \[0, 3\)"):
+            call(source_index=torch.full_like(source_index, bad))
+
+
+@pytest.mark.gpu
+def test_cuda_op_clamps_source_index_out_of_range():
+    augment_ops, config, images, source_index, params = _extension_op_inputs("cuda")
+    if augment_ops.cuda_reason(images.device, images, source_index, params, config):
+        pytest.skip("needs a CUDA GPU: the CUDA extension is not built")
+
+    def call(index):
+        return torch.ops.empssl.augment_patches(images, index, params, 32, 13, 0.5, [0.5] * 3, [0.5] * 3, 15,
+                                                torch.float32, False)
+
+    out_of_range = torch.tensor([-5, images.shape[0] + 2], device="cuda")
+    assert torch.equal(call(out_of_range), call(torch.tensor([0, images.shape[0] - 1], device="cuda")))
 
 
 def test_backend_check_states_the_limit():

@@ -328,3 +328,134 @@ def test_output_cast_rounds_to_nearest_even():
         out = torch.empty(1024, dtype=dtype)
         cast_kernel[(1,)](x, out, BLOCK=1024)
         assert torch.equal(out, x.to(dtype)), dtype
+
+
+def _clamped_as_crop_box(params, height, width):
+    """The crop box rule of csrc/include/augment_math.h crop_box(), which every kernel applies."""
+    params = params.clone()
+    top = params[:, AP.CROP_TOP].trunc().clamp(0, height - 1)
+    left = params[:, AP.CROP_LEFT].trunc().clamp(0, width - 1)
+    params[:, AP.CROP_TOP], params[:, AP.CROP_LEFT] = top, left
+    params[:, AP.CROP_HEIGHT] = torch.minimum(params[:, AP.CROP_HEIGHT].trunc().clamp(min=1), height - top)
+    params[:, AP.CROP_WIDTH] = torch.minimum(params[:, AP.CROP_WIDTH].trunc().clamp(min=1), width - left)
+    return params
+
+
+def test_crop_boxes_outside_the_image_are_clamped_into_it():
+    """Boxes above, left of, below and right of the image (the ops take unchecked rows): the kernel
+    reads only inside the image, the box clamped as the C++ and CUDA kernels clamp it."""
+    gen = torch.Generator().manual_seed(21)
+    images = _images(2, 20, 18, gen)
+    params = _plain_params(4, 20, 18, gen)
+    params[:, AP.CROP_TOP : AP.CROP_WIDTH + 1] = torch.tensor(
+        [[-5.0, -3.0, 12.0, 10.0], [-30.0, 4.0, 8.0, 40.0], [15.0, -1.0, 20.0, 6.0], [25.0, 30.0, 9.0, 9.0]])
+    source_index = torch.tensor([0, 1, 1, 0])
+    config = AugmentConfig(output_size=16)
+    out = triton_augment.augment_patches(images, source_index, params, config, torch.float32, False)
+    ref = apply_augment(images, source_index, _clamped_as_crop_box(params, 20, 18), config)
+    assert (out - ref).abs().max().item() <= FLOAT32_TOL
+
+
+def test_source_index_out_of_range_is_refused_on_the_cpu_and_clamped_in_the_kernel(monkeypatch):
+    gen = torch.Generator().manual_seed(22)
+    images = _images(3, 16, 16, gen)
+    params = _plain_params(3, 16, 16, gen)
+    config = AugmentConfig(output_size=16)
+    for bad in ([0, 3, 1], [-1, 0, 2]):
+        with pytest.raises(IndexError, match=r"source_index must be in \[0, 3\)"):
+            triton_augment.augment_patches(images, torch.tensor(bad), params, config, torch.float32, False)
+    # what CUDA tensors get without EMPSSL_DEBUG_CHECKS=1 (no host sync): the kernel's clamp
+    monkeypatch.setattr(triton_augment, "_check_source_index", lambda source_index, num_images: None)
+    out = triton_augment.augment_patches(images, torch.tensor([-4, 7, 1]), params, config, torch.float32, False)
+    ref = apply_augment(images, torch.tensor([0, 2, 1]), params, config)
+    assert (out - ref).abs().max().item() <= FLOAT32_TOL
+
+
+@pytest.mark.parametrize("strides, words", [
+    ((1, 32, 1, 2**30), "across channels"),  # channel planes 2^30 apart (NCHW view, H*W = 2^30): 2 * stride_c wraps
+    ((1, 2**27, 1, 2**20), "within a channel"),  # (H - 1) * stride_h beyond 2^31
+])
+def test_image_offsets_beyond_int32_are_refused(strides, words):
+    images = torch.empty_strided((1, 32, 32, 3), strides, dtype=torch.uint8, device="meta")  # no memory
+    source_index = torch.zeros(1, dtype=torch.int64, device="meta")
+    params = torch.zeros(1, AP.NUM_PARAMS, device="meta")
+    reason = triton_augment.unsupported_reason("meta", images, source_index, params, AugmentConfig(output_size=16))
+    assert reason is not None and "int32" in reason and words in reason
+
+
+def test_launch_runs_inside_the_guard_of_the_images_device(monkeypatch):
+    events = []
+
+    class RecordingGuard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            events.append(("enter", self.device))
+
+        def __exit__(self, *exc_info):
+            events.append(("exit", self.device))
+
+    real_kernel = triton_augment._augment_kernel
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                events.append(("launch", None))
+                return real_kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_augment, "on_device", RecordingGuard)
+    monkeypatch.setattr(triton_augment, "_augment_kernel", RecordingKernel())
+    gen = torch.Generator().manual_seed(23)
+    images = _images(1, 16, 16, gen)
+    params = _plain_params(1, 16, 16, gen)
+    out = triton_augment.augment_patches(images, torch.tensor([0]), params, AugmentConfig(output_size=16), torch.float32, False)
+    assert events == [("enter", images.device), ("launch", None), ("exit", images.device)]
+    assert (out - apply_augment(images, torch.tensor([0]), params, AugmentConfig(output_size=16))).abs().max() <= FLOAT32_TOL
+
+
+@pytest.mark.gpu
+def test_images_on_a_second_gpu_are_augmented_there():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs a CUDA GPU: two devices")
+    images, source_index, params = _chain_inputs(32, 2, 4, 32, 32, seed=24)
+    images, source_index, params = images.to("cuda:1"), source_index.to("cuda:1"), params.to("cuda:1")
+    with torch.cuda.device(0):  # the current device is not the images'
+        out = triton_augment.augment_patches(images, source_index, params, _chain_config(32), torch.float32, False)
+    assert out.device == images.device
+    ref = apply_augment(images.cpu(), source_index.cpu(), params.cpu(), _chain_config(32))
+    assert (out.cpu() - ref).abs().max().item() <= FLOAT32_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", [12, 40, 64], ids=["block16", "block64-odd", "block64"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_gpu_every_output_size_class_dtype_and_layout(size, out_dtype, channels_last):
+    """Each compiled (BLOCK_S, output dtype) variant, both output layouts, against the reference
+    (size 32, the third class, is the other gpu tests' CIFAR size)."""
+    images, source_index, params = _chain_inputs(size, 4, 8, 48, 56, seed=size)
+    config = _chain_config(size)
+    cuda = [t.cuda() for t in (images, source_index, params)]
+    out = triton_augment.augment_patches(*cuda, config, out_dtype, channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out32 = triton_augment.augment_patches(*cuda, config, torch.float32, channels_last)
+    ref = apply_augment(images, source_index, params, config, torch.float32, channels_last)
+    assert (out32.cpu() - ref).abs().max().item() <= FLOAT32_TOL
+    if out_dtype != torch.float32:
+        # the 16-bit output is the kernel's float32 output rounded to nearest even
+        assert torch.equal(out.cpu(), out32.cpu().to(out_dtype))
+
+
+@pytest.mark.gpu
+def test_gpu_source_index_is_clamped_and_checked_in_debug_mode(monkeypatch):
+    images, _, params = _chain_inputs(16, 3, 2, 20, 20, seed=25)
+    images, params = images.cuda(), params[:3].cuda()
+    config = _chain_config(16)
+    out = triton_augment.augment_patches(images, torch.tensor([-2, 9, 1], device="cuda"), params, config, torch.float32, False)
+    clamped = triton_augment.augment_patches(images, torch.tensor([0, 2, 1], device="cuda"), params, config, torch.float32, False)
+    assert torch.equal(out, clamped)
+    monkeypatch.setenv(triton_augment.DEBUG_CHECKS_ENV, "1")
+    with pytest.raises(IndexError, match="source_index"):
+        triton_augment.augment_patches(images, torch.tensor([-2, 9, 1], device="cuda"), params, config, torch.float32, False)

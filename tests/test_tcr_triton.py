@@ -16,7 +16,9 @@ from tcr_inputs import make_z  # noqa: E402
 
 EPS = 0.2
 
-if triton_reason(torch.device("cpu")) is not None:  # the interpreter is off, or broken on this stack
+# the interpreter is off, or broken on this stack; the `gpu` tests (bench/gpu_check.sh sets
+# TRITON_INTERPRET=0) run the compiled kernels and need no interpreter
+if triton_reason(torch.device("cpu")) is not None and not torch.cuda.is_available():
     pytest.skip(triton_reason(torch.device("cpu")),
                 allow_module_level=True)
 
@@ -174,3 +176,80 @@ def test_every_launch_config_is_in_aot_configs():
             assert block_b >= b and block_b & (block_b - 1) == 0
             launched.add((name, block_b, block_d, num_warps, tcr.NUM_STAGES))
     assert launched == listed
+
+
+def test_group_spanning_2_31_elements_is_refused():
+    # a transposed view of a huge buffer: (b - 1) * stride_b >= 2^31 wraps int32 offsets
+    # (meta tensors: strides without memory)
+    huge = torch.empty_strided((2, 128, 16), (2**32, 2**25, 1), device="meta")
+    reason = tcr.unsupported_reason(huge)
+    assert reason is not None and "2^31" in reason and "int32" in reason
+    fine = torch.empty_strided((2, 128, 16), (2**31, 2**23 - 1, 1), device="meta")  # 127 * stride < 2^31
+    assert "2^31" not in (tcr.unsupported_reason(fine) or "")
+
+
+def test_on_device_makes_the_tensors_cuda_device_current():
+    from empssl.kernels.launch import on_device
+
+    guard = on_device(torch.device("cuda", 1))  # constructing it needs no GPU
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with on_device(torch.device("cpu")):  # a no-op for CPU tensors
+        pass
+
+
+def test_launch_runs_inside_the_guard_of_z_device(monkeypatch, generator):
+    events = []
+
+    class RecordingGuard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            events.append(("enter", self.device))
+
+        def __exit__(self, *exc_info):
+            events.append(("exit", self.device))
+
+    real_kernel = tcr._tcr_fwd_bwd_kernel
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                events.append(("launch", None))
+                return real_kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tcr, "on_device", RecordingGuard)
+    monkeypatch.setattr(tcr, "_tcr_fwd_bwd_kernel", RecordingKernel())
+    z = make_z("random", 2, 7, 24, generator=generator).float()
+    rate, _ = tcr.tcr_forward_backward(z, alpha_of(z), need_grad=True)
+    assert events == [("enter", z.device), ("launch", None), ("exit", z.device)]
+    torch.testing.assert_close(rate.double(), float64_rate_and_grad(z)[0], rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+def test_z_on_a_second_gpu_runs_there():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs a CUDA GPU: two devices")
+    z = make_z("random", 3, 33, 64, seed=2).float().to("cuda:1")
+    with torch.cuda.device(0):  # the current device is not z's
+        rate, grad = tcr.tcr_forward_backward(z, alpha_of(z), need_grad=True)
+    assert rate.device == z.device and grad.device == z.device
+    ref_rate, ref_grad = float64_rate_and_grad(z.cpu())
+    torch.testing.assert_close(rate.cpu().double(), ref_rate, rtol=1e-5, atol=0)
+    assert (grad.cpu().double() - ref_grad).abs().max() <= 1e-4 * ref_grad.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_gpu_strided_z_is_read_in_place(layout):
+    # the compiled kernel with non-unit feature strides (dispatch passes contiguous z only)
+    n, b, d = 3, 24, 200
+    if layout == "transposed":
+        z = make_z("random", n, b, d, seed=4).float().cuda().transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        z = make_z("random", 2 * n, b, 2 * d, seed=4).float().cuda()[::2, :, ::2]
+    rate, grad = tcr.tcr_forward_backward(z, alpha_of(z), need_grad=True)
+    ref_rate, ref_grad = float64_rate_and_grad(z.cpu())
+    torch.testing.assert_close(rate.cpu().double(), ref_rate, rtol=1e-5, atol=0)
+    assert (grad.cpu().double() - ref_grad).abs().max() <= 1e-4 * ref_grad.abs().max()

@@ -125,7 +125,10 @@ __global__ void __launch_bounds__(kThreads, 4) augment_kernel(Images images, con
     __syncthreads();
 
     // ---- resized crop (+ flip) of the region: horizontal sums first, as the reference
-    const uint8_t* image = images.data + source_index[p] * images.stride_n;
+    // clamped, not checked: a check would need a host sync per call (ops.cpp checks on the CPU;
+    // MultiPatchAugment.apply checks values before launch); an index out of range reads a real image
+    const int64_t source = min(max(source_index[p], (int64_t)0), images.num_images - 1);
+    const uint8_t* image = images.data + source * images.stride_n;
     for (int i = threadIdx.x; i < region_pixels; i += kThreads) {
       const int ly = i / RW, lx = i - ly * RW;
       const float* wy = y_weights + ly * taps;
