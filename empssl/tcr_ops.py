@@ -40,16 +40,8 @@ def _fake_forward_backward(z: torch.Tensor, alpha: float, need_grad: bool) -> Tu
 
 # ---- the Triton launcher as a custom op ------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
 def _triton_module():
-    """kernels/tcr.py, or the reason it cannot be used (triton missing, module not written)."""
-    try:
-        from empssl.kernels import tcr as module  # lazy: importing it imports triton
-    except ImportError as err:
-        return None, f"the Triton TCR kernel is not importable ({err})"
-    if not hasattr(module, "tcr_forward_backward") or not hasattr(module, "unsupported_reason"):
-        return None, "kernels/tcr.py lacks tcr_forward_backward / unsupported_reason"
-    return module, None
+    return backends.triton_kernel_module("tcr", "TCR", ("tcr_forward_backward", "unsupported_reason"))
 
 
 def triton_reason(z: torch.Tensor) -> Optional[str]:
