@@ -9,11 +9,13 @@ forward computes the gradient of R together with R (it costs one more pass over 
 backward only scales it: dL/dz = dL/dR[:, None, None] * dR/dz, with no host synchronisation.
 
 - ``empssl::tcr_forward_backward``: the compiled extension (csrc/ops.cpp), CPU and CUDA kernels.
+- ``empssl::tcr_forward_backward_composite``: the torch composite of csrc/ops.cpp that the CUDA
+  op runs for b > 128 or b > d.
 - ``empssl::tcr_forward_backward_triton``: a ``custom_op`` around kernels/tcr.py (``triton_op``
   does not run under torch.compile with the interpreter, see DESIGN.md).
 
-Both get a fake implementation (torch.compile traces them without running them) and the same
-autograd registration.
+Each gets a fake implementation (torch.compile traces them without running them) and the same
+autograd registration; tests/test_opcheck.py runs torch.library.opcheck on each.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import torch
 from . import backends
 
 EXTENSION_OP = "empssl::tcr_forward_backward"
+# the torch composite the CUDA op falls back to (b > 128 or b > d), an op of its own so that the CPU tests check it
+COMPOSITE_OP = "empssl::tcr_forward_backward_composite"
 TRITON_OP = "empssl::tcr_forward_backward_triton"
 
 
@@ -67,8 +71,9 @@ def _extension_op_registered() -> Optional[str]:
     reason = backends.extension_op_reason("tcr_forward_backward")
     if reason:
         return reason
-    torch.library.register_fake(EXTENSION_OP)(_fake_forward_backward)
-    _register_autograd(EXTENSION_OP)
+    for op in (EXTENSION_OP, COMPOSITE_OP):
+        torch.library.register_fake(op)(_fake_forward_backward)
+        _register_autograd(op)
     return None
 
 
