@@ -45,9 +45,21 @@ def _find_cuda_home():
             return
 
 
+def _write_generated_headers():
+    """csrc/include/augment_layout.h from the one definition of the layout, empssl/augment_params.py
+    (loaded by path: importing the package needs the extension this build makes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_augment_params", os.path.join(ROOT, "empssl", "augment_params.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_c_header(ROOT)
+
+
 def _extensions():
     if _flag("EMPSSL_BUILD_EXT") is False:
         return [], {}
+    _write_generated_headers()
     _find_cuda_home()
     from torch.utils import cpp_extension
 

@@ -1,6 +1,6 @@
 // The only file that includes torch headers: it checks tensors, turns them into raw
-// pointers and registers the ops with torch.library. Kernels live in cpu/ and cuda/ and
-// share their per-pixel and per-matrix math through include/.
+// pointers and registers the ops with torch.library. Kernels live in cpu/ and cuda/, are
+// declared in include/launchers.h and share their per-pixel and per-matrix math through include/.
 #include <torch/extension.h>
 
 #ifdef EMPSSL_WITH_CUDA
@@ -8,42 +8,32 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
-// ---- Total Coding Rate (tcr) -------------------------------------------------------
-
 #include <cmath>
 
-#include "tcr_math.h"
-
-namespace empssl {
-// csrc/cpu/tcr.cpp: rate (n,) float64; grad nullptr for the forward only
-void tcr_forward_backward_cpu(const void* z, int dtype, int64_t n, int64_t b, int64_t d, double alpha, double* rate,
-                              void* grad, int num_threads);
-bool tcr_cpu_reads_float16();  // the CPU kernel reads/writes fp16 itself (compiler has _Float16)
-#ifdef EMPSSL_WITH_CUDA
-// csrc/cuda/tcr.cu: b <= min(d, tcr_cuda_max_rows()); rate (n,) float32
-int tcr_cuda_max_rows();
-cudaError_t tcr_forward_backward_cuda(const void* z, int dtype, int64_t n, int64_t b, int64_t d, float alpha,
-                                      float* rate, void* grad, cudaStream_t stream);
-#endif
-}  // namespace empssl
+#include "launchers.h"
 
 namespace {
 
-int tcr_dtype_code(at::ScalarType t) {
+using empssl::DType;
+
+// The kernels' code for a torch dtype; `what` names the op and argument in the error.
+DType dtype_code(at::ScalarType t, const char* what) {
   switch (t) {
-    case at::kFloat: return empssl::tcr::kFloat32;
-    case at::kDouble: return empssl::tcr::kFloat64;
-    case at::kBFloat16: return empssl::tcr::kBFloat16;
-    case at::kHalf: return empssl::tcr::kFloat16;
-    default: TORCH_CHECK(false, "tcr_forward_backward: z must be float32, float64, bfloat16 or float16, got ", t);
+    case at::kFloat: return DType::Float32;
+    case at::kDouble: return DType::Float64;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
+    default: TORCH_CHECK(false, what, " must be float32, float64, bfloat16 or float16, got ", t);
   }
 }
+
+// ---- Total Coding Rate (tcr) -------------------------------------------------------
 
 void tcr_check(const at::Tensor& z, double alpha) {
   TORCH_CHECK(z.dim() == 3, "tcr_forward_backward: z must have shape (n, b, d), got ", z.sizes());
   TORCH_CHECK(z.numel() > 0, "tcr_forward_backward: z must not be empty, got ", z.sizes());
   TORCH_CHECK(std::isfinite(alpha) && alpha > 0, "tcr_forward_backward: alpha must be positive and finite, got ", alpha);
-  tcr_dtype_code(z.scalar_type());
+  dtype_code(z.scalar_type(), "tcr_forward_backward: z");
 }
 
 // Torch composite on the smaller side (any device): Gram by baddbmm, Cholesky, cholesky_solve.
@@ -75,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> tcr_forward_backward_cpu_op(const at::Tensor&
   const int64_t n = x.size(0), b = x.size(1), d = x.size(2);
   at::Tensor rate = at::empty({n}, x.options().dtype(at::kDouble));
   at::Tensor grad = need_grad ? at::empty_like(x) : at::empty({0}, z.options());
-  empssl::tcr_forward_backward_cpu(x.data_ptr(), tcr_dtype_code(x.scalar_type()), n, b, d, alpha,
+  empssl::tcr_forward_backward_cpu(x.data_ptr(), dtype_code(x.scalar_type(), "z"), n, b, d, alpha,
                                    rate.data_ptr<double>(), need_grad ? grad.data_ptr() : nullptr,
                                    at::get_num_threads());
   if (z.scalar_type() != at::kDouble) rate = rate.to(at::kFloat);
@@ -101,34 +91,14 @@ std::tuple<at::Tensor, at::Tensor> tcr_forward_backward_cuda_op(const at::Tensor
   at::Tensor rate = at::empty({n}, x.options().dtype(at::kFloat));
   at::Tensor grad = need_grad ? at::empty_like(x) : at::empty({0}, z.options());
   const cudaError_t err = empssl::tcr_forward_backward_cuda(
-      x.data_ptr(), tcr_dtype_code(x.scalar_type()), n, b, d, static_cast<float>(alpha), rate.data_ptr<float>(),
+      x.data_ptr(), dtype_code(x.scalar_type(), "z"), n, b, d, static_cast<float>(alpha), rate.data_ptr<float>(),
       need_grad ? grad.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream(z.device().index()).stream());
   TORCH_CHECK(err == cudaSuccess, "tcr_forward_backward (cuda): kernel launch failed: ", cudaGetErrorString(err));
   return {rate, grad};
 }
 #endif
 
-}  // namespace
-
 // ---- Multi-patch augmentation (augment) ---------------------------------------------
-
-#include "augment_params.h"
-
-namespace empssl {
-namespace augment {
-// csrc/cpu/augment.cpp
-void augment_cpu(const Images& images, const int64_t* source_index, const float* params, int64_t num_patches,
-                 const Config& config, const Output& output);
-#ifdef EMPSSL_WITH_CUDA
-// csrc/cuda/augment.cu: returns nullptr or an error message; scratch holds augment_cuda_scratch_floats floats
-const char* augment_cuda(const Images& images, const int64_t* source_index, const float* params, int64_t num_patches,
-                         const Config& config, const Output& output, float* scratch, cudaStream_t stream);
-int64_t augment_cuda_scratch_floats(int64_t num_patches, int output_size);
-#endif
-}  // namespace augment
-}  // namespace empssl
-
-namespace {
 
 struct AugmentCall {
   empssl::augment::Images images;
@@ -177,9 +147,7 @@ AugmentCall prepare_augment(const at::Tensor& images, const at::Tensor& source_i
     call.config.std[c] = static_cast<float>(std[c]);
   }
   call.config.jitter_op_mask = static_cast<int>(jitter_op_mask);
-  const A::OutDtype dtype = out_dtype == at::kFloat ? A::OutDtype::Float32
-                            : out_dtype == at::kBFloat16 ? A::OutDtype::BFloat16 : A::OutDtype::Float16;
-  call.output = {call.out.data_ptr(), dtype, call.out.stride(0), call.out.stride(1), call.out.stride(2), call.out.stride(3)};
+  call.output = {call.out.data_ptr(), dtype_code(out_dtype, "augment_patches: out_dtype"), call.out.stride(0), call.out.stride(1), call.out.stride(2), call.out.stride(3)};
   return call;
 }
 

@@ -93,16 +93,8 @@ def cuda_reason(device, images_nhwc, source_index, params, config) -> Optional[s
 
 # ---- the Triton kernel -----------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
 def _triton_module():
-    """kernels/augment.py, or the reason it cannot be used (triton missing, module not written)."""
-    try:
-        from empssl.kernels import augment as module  # lazy: importing it imports triton
-    except ImportError as err:
-        return None, f"the Triton augment kernel is not importable ({err})"
-    if not hasattr(module, "augment_patches") or not hasattr(module, "unsupported_reason"):
-        return None, "kernels/augment.py lacks augment_patches / unsupported_reason"
-    return module, None
+    return backends.triton_kernel_module("augment", "augment", ("augment_patches", "unsupported_reason"))
 
 
 @torch.library.custom_op(TRITON_OP, mutates_args=())

@@ -118,6 +118,21 @@ def triton_interpreter_bug() -> Reason:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def triton_kernel_module(name: str, what: str, entry_points: Sequence[str]):
+    """(empssl.kernels.<name>, None), or (None, why it cannot be used: triton missing, an entry point missing).
+
+    Imported lazily: importing a kernel module imports triton. ``what`` names the kernel in the reason."""
+    try:
+        module = importlib.import_module(f"empssl.kernels.{name}")
+    except ImportError as err:
+        return None, f"the Triton {what} kernel is not importable ({err})"
+    missing = [entry for entry in entry_points if not hasattr(module, entry)]
+    if missing:
+        return None, f"kernels/{name}.py lacks {' / '.join(missing)}"
+    return module, None
+
+
 def triton_reason(device: torch.device) -> Reason:
     reason = _triton_import_reason()
     if reason:

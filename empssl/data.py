@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import tempfile
 import urllib.error
 import warnings
@@ -162,12 +161,7 @@ def load_dataset(
 
 # ----------------------------------------------------------------------------- CIFAR
 
-_CIFAR = {
-    "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
-                    label_key=b"labels", meta=("batches.meta", b"label_names"), title="CIFAR-10"),
-    "cifar100": dict(folder="cifar-100-python", train=["train"], test=["test"], label_key=b"fine_labels",
-                     meta=("meta", b"fine_label_names"), title="CIFAR-100"),
-}
+_CIFAR_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 
 
 def _torchvision_cifar_class(kind):
@@ -176,68 +170,56 @@ def _torchvision_cifar_class(kind):
     return CIFAR10 if kind == "cifar10" else CIFAR100
 
 
+def _cifar_files(source):
+    """(file name, MD5) of every file torchvision's CIFAR class reads: the batches, then the class names."""
+    return [tuple(entry) for entry in source.train_list + source.test_list] + [(source.meta["filename"], source.meta["md5"])]
+
+
 def download_cifar(kind: str, root: str) -> None:
     """Fetch and extract the CIFAR archive with torchvision (MD5-checked) unless its files are already there."""
-    info = _CIFAR[kind]
-    folder = os.path.join(root, info["folder"])
-    if all(os.path.exists(os.path.join(folder, name)) for name in info["train"] + info["test"]):
+    source = _torchvision_cifar_class(kind)
+    folder = os.path.join(root, source.base_folder)
+    if all(os.path.exists(os.path.join(folder, name)) for name, _md5 in _cifar_files(source)):
         return
     from torchvision.datasets.utils import download_and_extract_archive
 
-    source = _torchvision_cifar_class(kind)
+    title = _CIFAR_TITLES[kind]
     try:
         download_and_extract_archive(source.url, root, filename=source.filename, md5=source.tgz_md5)
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
         raise DataError(
-            f"could not download {info['title']} from {source.url}: {err}. The network looks unreachable from this "
+            f"could not download {title} from {source.url}: {err}. The network looks unreachable from this "
             f"machine; download {source.filename} elsewhere, extract it under {os.path.abspath(root)} "
-            f"(giving {info['folder']}/) and run again without --download"
+            f"(giving {source.base_folder}/) and run again without --download"
         ) from err
     except RuntimeError as err:  # torchvision: "File not found or corrupted." after an MD5 mismatch
-        raise DataError(f"the downloaded {info['title']} archive failed its MD5 check ({err}); delete "
+        raise DataError(f"the downloaded {title} archive failed its MD5 check ({err}); delete "
                         f"{os.path.join(root, source.filename)} and retry") from err
 
 
-def _read_cifar_batch(path: str, label_key: bytes) -> Tuple[np.ndarray, np.ndarray]:
-    if not os.path.exists(path):
-        raise DataError(f"CIFAR batch file {path} not found")
-    try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
-        data = np.asarray(entry[b"data"], dtype=np.uint8)
-        labels = np.asarray(entry[label_key], dtype=np.int64)
-        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    except Exception as err:  # any unpickling or layout failure means the file is not a CIFAR batch
-        raise DataError(f"CIFAR batch file {path} is corrupt or not in the CIFAR pickle format "
-                        f"({type(err).__name__}: {err})") from err
-    if labels.shape != (images.shape[0],):
-        raise DataError(f"CIFAR batch file {path} is corrupt: {images.shape[0]} images but {labels.size} labels")
-    return np.ascontiguousarray(images), labels
-
-
 def load_cifar(kind: str, root: str) -> ImageDataset:
-    """CIFAR-10 / CIFAR-100 from torchvision's extracted pickle batches under ``root``."""
-    info = _CIFAR[kind]
-    folder = os.path.join(root, info["folder"])
+    """CIFAR-10 / CIFAR-100 under ``root`` in torchvision's download format, read by torchvision."""
+    from torchvision.datasets.utils import check_integrity
+
+    source, title = _torchvision_cifar_class(kind), _CIFAR_TITLES[kind]
+    folder = os.path.join(root, source.base_folder)
     if not os.path.isdir(folder):
-        raise DataError(f"{info['title']} not found: no folder {folder}; pass --root to the folder that holds "
-                        f"{info['folder']}/ or --download to fetch it")
+        raise DataError(f"{title} not found: no folder {folder}; pass --root to the folder that holds "
+                        f"{source.base_folder}/ or --download to fetch it")
+    # torchvision checks the same MD5s but only says "not found or corrupted": name the file
+    for name, md5 in _cifar_files(source):
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise DataError(f"CIFAR file {path} not found; run with --download to fetch {title} again")
+        if not check_integrity(path, md5):
+            raise DataError(f"CIFAR file {path} is corrupt (its MD5 is not torchvision's {md5}); delete it and "
+                            f"run with --download")
     splits = {}
     for split in ("train", "test"):
-        parts = [_read_cifar_batch(os.path.join(folder, name), info["label_key"]) for name in info[split]]
-        splits[split] = (torch.from_numpy(np.concatenate([p[0] for p in parts])),
-                         torch.from_numpy(np.concatenate([p[1] for p in parts])))
-    num_classes = 10 if kind == "cifar10" else 100
-    classes = [str(i) for i in range(num_classes)]
-    meta_path = os.path.join(folder, info["meta"][0])
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path, "rb") as f:
-                names = pickle.load(f, encoding="bytes")[info["meta"][1]]
-            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-        except Exception as err:  # class names are cosmetic: keep going with numbers
-            warnings.warn(f"could not read class names from {meta_path}: {err}")
-    return ImageDataset(kind, *splits["train"], *splits["test"], classes=classes)
+        dataset = source(root, train=split == "train", download=False)
+        splits[split] = (torch.from_numpy(np.ascontiguousarray(dataset.data, dtype=np.uint8)),
+                         torch.as_tensor(dataset.targets, dtype=torch.int64))
+    return ImageDataset(kind, *splits["train"], *splits["test"], classes=[str(name) for name in dataset.classes])
 
 
 # ----------------------------------------------------------------------------- npz

@@ -9,11 +9,13 @@ forward computes the gradient of R together with R (it costs one more pass over 
 backward only scales it: dL/dz = dL/dR[:, None, None] * dR/dz, with no host synchronisation.
 
 - ``empssl::tcr_forward_backward``: the compiled extension (csrc/ops.cpp), CPU and CUDA kernels.
+- ``empssl::tcr_forward_backward_composite``: the torch composite of csrc/ops.cpp that the CUDA
+  op runs for b > 128 or b > d.
 - ``empssl::tcr_forward_backward_triton``: a ``custom_op`` around kernels/tcr.py (``triton_op``
   does not run under torch.compile with the interpreter, see DESIGN.md).
 
-Both get a fake implementation (torch.compile traces them without running them) and the same
-autograd registration.
+Each gets a fake implementation (torch.compile traces them without running them) and the same
+autograd registration; tests/test_opcheck.py runs torch.library.opcheck on each.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import torch
 from . import backends
 
 EXTENSION_OP = "empssl::tcr_forward_backward"
+# the torch composite the CUDA op falls back to (b > 128 or b > d), an op of its own so that the CPU tests check it
+COMPOSITE_OP = "empssl::tcr_forward_backward_composite"
 TRITON_OP = "empssl::tcr_forward_backward_triton"
 
 
@@ -40,16 +44,8 @@ def _fake_forward_backward(z: torch.Tensor, alpha: float, need_grad: bool) -> Tu
 
 # ---- the Triton launcher as a custom op ------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
 def _triton_module():
-    """kernels/tcr.py, or the reason it cannot be used (triton missing, module not written)."""
-    try:
-        from empssl.kernels import tcr as module  # lazy: importing it imports triton
-    except ImportError as err:
-        return None, f"the Triton TCR kernel is not importable ({err})"
-    if not hasattr(module, "tcr_forward_backward") or not hasattr(module, "unsupported_reason"):
-        return None, "kernels/tcr.py lacks tcr_forward_backward / unsupported_reason"
-    return module, None
+    return backends.triton_kernel_module("tcr", "TCR", ("tcr_forward_backward", "unsupported_reason"))
 
 
 def triton_reason(z: torch.Tensor) -> Optional[str]:
@@ -75,8 +71,9 @@ def _extension_op_registered() -> Optional[str]:
     reason = backends.extension_op_reason("tcr_forward_backward")
     if reason:
         return reason
-    torch.library.register_fake(EXTENSION_OP)(_fake_forward_backward)
-    _register_autograd(EXTENSION_OP)
+    for op in (EXTENSION_OP, COMPOSITE_OP):
+        torch.library.register_fake(op)(_fake_forward_backward)
+        _register_autograd(op)
     return None
 
 

@@ -69,6 +69,15 @@ _SOLARIZE = tl.constexpr(AP.SOLARIZE)
 _OP_BRIGHTNESS = tl.constexpr(AP.OP_BRIGHTNESS)
 _OP_CONTRAST = tl.constexpr(AP.OP_CONTRAST)
 _OP_SATURATION = tl.constexpr(AP.OP_SATURATION)
+_NUM_JITTER_OPS = tl.constexpr(AP.NUM_JITTER_OPS)
+
+# The kernel packs the rest of a parameter row into one int32 (see _augment_kernel): the op at
+# jitter position k in bits [2k, 2k + 2), then one bit per flag.
+_ORDER_BITS = tl.constexpr(2)  # an op id < NUM_JITTER_OPS = 4
+_ORDER_MASK = tl.constexpr((1 << _ORDER_BITS.value) - 1)
+_PACKED_JITTER_BIT = tl.constexpr(_ORDER_BITS.value * AP.NUM_JITTER_OPS)
+_PACKED_GRAYSCALE_BIT = tl.constexpr(_PACKED_JITTER_BIT.value + 1)
+_PACKED_SOLARIZE_BIT = tl.constexpr(_PACKED_JITTER_BIT.value + 2)
 
 
 @triton.jit
@@ -294,14 +303,14 @@ def _augment_kernel(
     crop_w = tl.minimum(tl.maximum(tl.load(row + _CROP_WIDTH * stride_pc).to(tl.int32), 1), width - left)
     flip = tl.load(row + _FLIP * stride_pc) != 0.0
     # the rest of the row is read now, packed (a live row pointer or nine live scalars across
-    # the crop loops made ptxas spill): ops in application order, 2 bits each, then the flags
+    # the crop loops made ptxas spill): ops in application order, _ORDER_BITS each, then the flags
     ops = (tl.load(row + _ORDER_0 * stride_pc).to(tl.int32)
-           | (tl.load(row + (_ORDER_0 + 1) * stride_pc).to(tl.int32) << 2)
-           | (tl.load(row + (_ORDER_0 + 2) * stride_pc).to(tl.int32) << 4)
-           | (tl.load(row + (_ORDER_0 + 3) * stride_pc).to(tl.int32) << 6)
-           | ((tl.load(row + _JITTER * stride_pc) != 0.0).to(tl.int32) << 8)
-           | ((tl.load(row + _GRAYSCALE * stride_pc) != 0.0).to(tl.int32) << 9)
-           | ((tl.load(row + _SOLARIZE * stride_pc) != 0.0).to(tl.int32) << 10))
+           | (tl.load(row + (_ORDER_0 + 1) * stride_pc).to(tl.int32) << _ORDER_BITS)
+           | (tl.load(row + (_ORDER_0 + 2) * stride_pc).to(tl.int32) << (2 * _ORDER_BITS))
+           | (tl.load(row + (_ORDER_0 + 3) * stride_pc).to(tl.int32) << (3 * _ORDER_BITS))
+           | ((tl.load(row + _JITTER * stride_pc) != 0.0).to(tl.int32) << _PACKED_JITTER_BIT)
+           | ((tl.load(row + _GRAYSCALE * stride_pc) != 0.0).to(tl.int32) << _PACKED_GRAYSCALE_BIT)
+           | ((tl.load(row + _SOLARIZE * stride_pc) != 0.0).to(tl.int32) << _PACKED_SOLARIZE_BIT))
     brightness = tl.load(row + _BRIGHTNESS * stride_pc)
     contrast = tl.load(row + _CONTRAST * stride_pc)
     saturation = tl.load(row + _SATURATION * stride_pc)
@@ -337,9 +346,9 @@ def _augment_kernel(
                               BLOCK_S, CHUNK)
 
     # 2. colour jitter, the four ops in this patch's order; an op whose strength is 0 is skipped
-    if ((ops >> 8) & 1) != 0:  # JITTER
-        for position in tl.static_range(4):
-            op = (ops >> (2 * position)) & 3
+    if ((ops >> _PACKED_JITTER_BIT) & 1) != 0:
+        for position in tl.static_range(_NUM_JITTER_OPS):
+            op = (ops >> (_ORDER_BITS * position)) & _ORDER_MASK
             if ((enabled_ops >> op) & 1) != 0:
                 if op == _OP_BRIGHTNESS:
                     r = _clamp01(r * brightness)
@@ -359,12 +368,12 @@ def _augment_kernel(
                     r, g, b = _adjust_hue(r, g, b, hue)
 
     # 3. grayscale, then blur, solarize, normalise, cast, store through the strides (per channel)
-    if ((ops >> 9) & 1) != 0:  # GRAYSCALE
+    if ((ops >> _PACKED_GRAYSCALE_BIT) & 1) != 0:
         gray = _gray(r, g, b)
         r = gray
         g = gray
         b = gray
-    solarize = ((ops >> 10) & 1) != 0
+    solarize = ((ops >> _PACKED_SOLARIZE_BIT) & 1) != 0
     out = out_ptr + patch * stride_op + rows[:, None] * stride_oh + cols[None, :] * stride_ow
     if sigma > 0.0:
         # Separable taps need neighbours held by other threads: the patch goes through this

@@ -70,69 +70,94 @@ def test_check_batch_size():
 
 
 def _write_cifar_batch(path, images, labels, label_key):
-    # the real layout: rows of 3072 bytes, R plane then G then B, each row-major 32x32
-    entry = {b"batch_label": b"test", label_key: list(map(int, labels)),
-             b"data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072), b"filenames": [b"x.png"] * len(images)}
+    # the real layout: rows of 3072 bytes, R plane then G then B, each row-major 32x32; str keys,
+    # as the Python 2 pickles read with encoding="latin1" give
+    entry = {"batch_label": "test", label_key: list(map(int, labels)),
+             "data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072), "filenames": ["x.png"] * len(images)}
     with open(path, "wb") as f:
         pickle.dump(entry, f, protocol=2)
 
 
-def _fake_cifar10(root, rng, per_batch=4):
+def _accept_fake_files(monkeypatch, source, folder):
+    """Give torchvision's CIFAR class the MD5s of the fake files (it checks every file against its record)."""
+    from torchvision.datasets.utils import calculate_md5
+
+    def record(name):
+        return [name, calculate_md5(str(folder / name))]
+
+    monkeypatch.setattr(source, "train_list", [record(name) for name, _ in source.train_list])
+    monkeypatch.setattr(source, "test_list", [record(name) for name, _ in source.test_list])
+    monkeypatch.setattr(source, "meta", dict(source.meta, md5=record(source.meta["filename"])[1]))
+
+
+def _fake_cifar10(root, rng, monkeypatch, per_batch=4):
+    from torchvision.datasets import CIFAR10
+
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     written = {"train": [], "test": []}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         images = rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8)
         labels = rng.integers(0, 10, per_batch)
-        _write_cifar_batch(folder / name, images, labels, b"labels")
+        _write_cifar_batch(folder / name, images, labels, "labels")
         written["test" if name == "test_batch" else "train"].append((images, labels))
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f, protocol=2)
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f, protocol=2)
+    _accept_fake_files(monkeypatch, CIFAR10, folder)
     return {split: (np.concatenate([w[0] for w in parts]), np.concatenate([w[1] for w in parts]))
             for split, parts in written.items()}
 
 
-def test_cifar10_reader_matches_pickle_layout(tmp_path):
+def test_cifar10_reader_matches_pickle_layout(tmp_path, monkeypatch):
     rng = np.random.default_rng()
-    written = _fake_cifar10(tmp_path, rng)
+    written = _fake_cifar10(tmp_path, rng, monkeypatch)
     dataset = D.load_dataset("cifar10", root=str(tmp_path))
     assert dataset.train_images.shape == (20, 32, 32, 3) and dataset.test_images.shape == (4, 32, 32, 3)
     assert np.array_equal(dataset.train_images.numpy(), written["train"][0])
     assert np.array_equal(dataset.train_labels.numpy(), written["train"][1])
     assert np.array_equal(dataset.test_images.numpy(), written["test"][0])
     # one pixel by hand: channel c at (row, col) is byte c*1024 + row*32 + col of the row
-    raw = pickle.load(open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb"), encoding="bytes")[b"data"]
+    raw = pickle.load(open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb"), encoding="latin1")["data"]
     assert dataset.train_images[1, 5, 7, 2] == raw[1, 2 * 1024 + 5 * 32 + 7]
     assert dataset.classes[:2] == ["c0", "c1"] and dataset.train_labels.dtype == torch.int64
     assert dataset.subset(train_size=6).train_images.shape[0] == 6
 
 
-def test_cifar100_reader_uses_fine_labels(tmp_path):
+def test_cifar100_reader_uses_fine_labels(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR100
+
     rng = np.random.default_rng()
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     fine = rng.integers(0, 100, 6)
     for name in ("train", "test"):
-        entry = {b"data": images.transpose(0, 3, 1, 2).reshape(6, 3072), b"fine_labels": list(map(int, fine)),
-                 b"coarse_labels": [0] * 6}
+        entry = {"data": images.transpose(0, 3, 1, 2).reshape(6, 3072), "fine_labels": list(map(int, fine)),
+                 "coarse_labels": [0] * 6}
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f, protocol=2)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)]}, f, protocol=2)
+    _accept_fake_files(monkeypatch, CIFAR100, folder)
     dataset = D.load_dataset("cifar100", root=str(tmp_path))
     assert np.array_equal(dataset.train_labels.numpy(), fine) and dataset.num_classes == 100
-    assert np.array_equal(dataset.test_images.numpy(), images)
+    assert np.array_equal(dataset.test_images.numpy(), images) and dataset.classes[99] == "f99"
 
 
-def test_corrupt_cifar_batch_names_the_file(tmp_path):
-    _fake_cifar10(tmp_path, np.random.default_rng())
+def test_corrupt_cifar_batch_names_the_file(tmp_path, monkeypatch):
+    _fake_cifar10(tmp_path, np.random.default_rng(), monkeypatch)
     bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(D.DataError, match="data_batch_3 is corrupt"):
         D.load_dataset("cifar10", root=str(tmp_path))
 
 
-def test_missing_cifar_says_how_to_get_it(tmp_path):
+def test_missing_cifar_says_how_to_get_it(tmp_path, monkeypatch):
     with pytest.raises(D.DataError, match="--download"):
+        D.load_dataset("cifar10", root=str(tmp_path))
+    _fake_cifar10(tmp_path, np.random.default_rng(), monkeypatch)
+    os.remove(tmp_path / "cifar-10-batches-py" / "data_batch_4")
+    with pytest.raises(D.DataError, match="data_batch_4 not found; run with --download"):
         D.load_dataset("cifar10", root=str(tmp_path))
 
 
@@ -148,7 +173,7 @@ def test_download_without_network_says_so(tmp_path, monkeypatch):
 
 
 def test_download_skipped_when_files_exist(tmp_path, monkeypatch):
-    _fake_cifar10(tmp_path, np.random.default_rng())
+    _fake_cifar10(tmp_path, np.random.default_rng(), monkeypatch)
 
     def no_network(*args, **kwargs):
         raise AssertionError("must not download")

@@ -21,6 +21,7 @@
 
 #include "augment_math.h"
 #include "augment_params.h"
+#include "launchers.h"
 
 #pragma GCC optimize("fp-contract=off")  // a*b+c stays two roundings in the AVX2 / AVX-512 builds
 
@@ -335,11 +336,11 @@ EMPSSL_INLINE void gaussian_blur(float sigma, int kernel_size, Workspace& ws) {
 }
 
 template <typename T>
-EMPSSL_INLINE T convert_out(float v, OutDtype dtype) {
+EMPSSL_INLINE T convert_out(float v, DType dtype) {
   if constexpr (std::is_same<T, float>::value) {
     return v;
   } else {  // bf16 or fp16 bits, chosen at run time
-    return dtype == OutDtype::BFloat16 ? float_to_bf16_bits(v) : float_to_half_bits(v);
+    return dtype == DType::BFloat16 ? float_to_bf16_bits(v) : float_to_half_bits(v);
   }
 }
 
@@ -487,10 +488,10 @@ void augment_all(const Images& images, const int64_t* source_index, const float*
 
 }  // namespace
 
-// Entry point called by ops.cpp (declared there).
+// Entry point called by ops.cpp (declared in launchers.h).
 void augment_cpu(const Images& images, const int64_t* source_index, const float* params, int64_t num_patches,
                  const Config& config, const Output& output) {
-  if (output.dtype == OutDtype::Float32) {
+  if (output.dtype == DType::Float32) {
     augment_all<float>(images, source_index, params, num_patches, config, output);
   } else {
     augment_all<uint16_t>(images, source_index, params, num_patches, config, output);

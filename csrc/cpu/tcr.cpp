@@ -2,8 +2,8 @@
 //
 // Per group, with X the smaller side (X = Z, rows = b when b <= d; X = Z^T, rows = d otherwise):
 //   M = I + alpha X X^T  (Gram, lower triangle)
-//   sweep M -> -M^{-1} on the lower triangle, logdet M = sum of log pivots (the per-entry
-//   formulas of tcr_math.h, shared with CUDA), then alpha M^{-1} mirrored
+//   sweep M -> -M^{-1} on the lower triangle, logdet M = sum of log pivots (the sweep formulas
+//   documented in tcr_math.h, which CUDA runs on the full matrix), then alpha M^{-1} mirrored
 //   dR/dZ = alpha M^{-1} X (b <= d) or its transpose (b > d), one 32-column panel at a time,
 //   written straight to the gradient in z's dtype (float32, float64, bf16, fp16 read and written
 //   here: no widening pass in ops.cpp).
@@ -23,12 +23,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include <omp.h>
 
-#include "tcr_math.h"
+#include "float_bits.h"
+#include "launchers.h"
 
 #pragma GCC optimize("fp-contract=fast")  // let a*b+c become one FMA (ISO C++ mode turns it off)
 
@@ -275,7 +275,7 @@ double group_logdet_and_inverse(GroupBuffers& w, double alpha) {
     mi[i] = 1.0 + alpha * mi[i];
     std::fill(mi + i + 1, mi + side8, 0.0);
   }
-  // The sweep of tcr_math.h (the per-entry formulas of tcr::sweep_update_row) on the lower
+  // The sweep of tcr_math.h (the per-entry formulas of tcr::sweep_update_row) written for the lower
   // triangle only (M stays symmetric, half the traffic: the matrix stays in L1). Row i is updated
   // as one vector pass over [0, i] rounded up to 8 and the pivot entry patched afterwards; the
   // few entries past the diagonal it touches are discarded by the mirror at the end.
@@ -324,12 +324,7 @@ struct BFloat16Bits {
 
 inline double widen(float v) { return v; }
 inline double widen(double v) { return v; }
-inline double widen(BFloat16Bits v) {
-  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+inline double widen(BFloat16Bits v) { return bits_float(static_cast<uint32_t>(v.bits) << 16); }
 
 template <class T>
 inline T narrow(double v) {
@@ -339,12 +334,7 @@ inline T narrow(double v) {
 // torch's .to(bfloat16) gave.
 template <>
 inline BFloat16Bits narrow<BFloat16Bits>(double v) {
-  const float f = static_cast<float>(v);
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if (std::isnan(f)) return BFloat16Bits{static_cast<uint16_t>((u >> 16) | 0x40)};  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return BFloat16Bits{static_cast<uint16_t>(u >> 16)};
+  return BFloat16Bits{float_to_bf16_bits(static_cast<float>(v))};
 }
 
 #ifdef __FLT16_MAX__
@@ -431,20 +421,18 @@ void tcr_forward_backward_cpu_impl(const T* z, int64_t n, int64_t b, int64_t d, 
 
 }  // namespace
 
-// z (n, b, d) contiguous in the dtype tcr::DType names (float32, float64, bfloat16, and float16
-// where the compiler has _Float16: tcr_cpu_reads_float16()); rate (n,) float64; grad (n, b, d)
-// in z's dtype, or nullptr for the forward only.
-void tcr_forward_backward_cpu(const void* z, int dtype, int64_t n, int64_t b, int64_t d, double alpha, double* rate,
+// Declared (with its contract) in launchers.h.
+void tcr_forward_backward_cpu(const void* z, DType dtype, int64_t n, int64_t b, int64_t d, double alpha, double* rate,
                               void* grad, int num_threads) {
   switch (dtype) {
-    case tcr::kFloat64:
+    case DType::Float64:
       return tcr_forward_backward_cpu_impl(static_cast<const double*>(z), n, b, d, alpha, rate,
                                            static_cast<double*>(grad), num_threads);
-    case tcr::kBFloat16:
+    case DType::BFloat16:
       return tcr_forward_backward_cpu_impl(static_cast<const BFloat16Bits*>(z), n, b, d, alpha, rate,
                                            static_cast<BFloat16Bits*>(grad), num_threads);
 #ifdef EMPSSL_CPU_HAS_FLOAT16
-    case tcr::kFloat16:
+    case DType::Float16:
       return tcr_forward_backward_cpu_impl(static_cast<const _Float16*>(z), n, b, d, alpha, rate,
                                            static_cast<_Float16*>(grad), num_threads);
 #endif

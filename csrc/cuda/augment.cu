@@ -20,6 +20,7 @@
 
 #include "augment_math.h"
 #include "augment_params.h"
+#include "launchers.h"
 
 namespace empssl {
 namespace augment {
@@ -326,9 +327,9 @@ int64_t augment_cuda_scratch_floats(int64_t num_patches, int output_size) {
 const char* augment_cuda(const Images& images, const int64_t* source_index, const float* params, int64_t num_patches,
                          const Config& config, const Output& output, float* scratch, cudaStream_t stream) {
   switch (output.dtype) {
-    case OutDtype::Float32:
+    case DType::Float32:
       return launch<float>(images, source_index, params, num_patches, config, output, scratch, stream);
-    case OutDtype::BFloat16:
+    case DType::BFloat16:
       return launch<__nv_bfloat16>(images, source_index, params, num_patches, config, output, scratch, stream);
     default:
       return launch<__half>(images, source_index, params, num_patches, config, output, scratch, stream);

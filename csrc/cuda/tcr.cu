@@ -5,8 +5,8 @@
 //      float32) in shared memory; each of the 256 threads keeps an (BT/16) x (BT/16) register
 //      tile of the tile's partial Gram, added to a running total in shared memory. Float32 IEEE
 //      FMAs, also for bf16/fp16 input. M = I + alpha G replaces the total in shared memory.
-//   2. Symmetric Gauss-Jordan sweep of M in shared memory (tcr_math.h, the same arithmetic the
-//      CPU kernel runs): M -> -M^{-1}, pivots kept for logdet.
+//   2. Symmetric Gauss-Jordan sweep of M in shared memory (tcr_math.h; the CPU kernel applies the
+//      same per-entry formulas to the lower triangle): M -> -M^{-1}, pivots kept for logdet.
 //   3. logdet = sum log pivots by a block reduction; R = logdet / 2.
 //   4. dR/dZ = alpha M^{-1} Z: a second pass over d in tiles (Z read twice in all).
 // BT (32, 64, 128) is the smallest tile that holds b. ops.cpp routes b > 128 and b > d to a
@@ -18,6 +18,7 @@
 
 #include <cstdint>
 
+#include "launchers.h"
 #include "tcr_math.h"
 
 namespace empssl {
@@ -216,18 +217,17 @@ cudaError_t launch_for_rows(const void* z, void* grad, float* rate, int64_t n, i
 
 int tcr_cuda_max_rows() { return kMaxRows; }
 
-// z (n, b, d) contiguous on the stream's device, b <= min(d, 128), dtype a tcr::DType code
-// other than float64; rate (n,) float32; grad (n, b, d) in z's dtype or nullptr (forward only).
-cudaError_t tcr_forward_backward_cuda(const void* z, int dtype, int64_t n, int64_t b, int64_t d, float alpha,
+// Declared (with its contract) in launchers.h; z on the stream's device.
+cudaError_t tcr_forward_backward_cuda(const void* z, DType dtype, int64_t n, int64_t b, int64_t d, float alpha,
                                       float* rate, void* grad, cudaStream_t stream) {
   if (n <= 0 || b <= 0 || b > kMaxRows || b > d || d > INT32_MAX || n > INT32_MAX) return cudaErrorInvalidValue;
   const int bi = static_cast<int>(b), di = static_cast<int>(d);
   switch (dtype) {
-    case tcr::kFloat32:
+    case DType::Float32:
       return launch_for_rows<float>(z, grad, rate, n, bi, di, alpha, stream);
-    case tcr::kBFloat16:
+    case DType::BFloat16:
       return launch_for_rows<__nv_bfloat16>(z, grad, rate, n, bi, di, alpha, stream);
-    case tcr::kFloat16:
+    case DType::Float16:
       return launch_for_rows<__half>(z, grad, rate, n, bi, di, alpha, stream);
     default:
       return cudaErrorInvalidValue;

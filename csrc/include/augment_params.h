@@ -1,37 +1,14 @@
-// C++ mirror of empssl/augment_params.py: the columns of the per-patch parameter rows
-// (float32, shape (P, NUM_PARAMS)) and the configuration the kernels need. Any drift from
-// the Python layout is caught by tests/test_augment_backends.py (every op tested alone).
+// What the C++ kernels take besides the parameter rows, whose columns are augment_layout.h
+// (generated from empssl/augment_params.py).
 #pragma once
 
 #include <cstdint>
 
+#include "augment_layout.h"
+#include "dtype.h"
+
 namespace empssl {
 namespace augment {
-
-constexpr int CROP_TOP = 0;  // crop box in source pixels (integers stored as float)
-constexpr int CROP_LEFT = 1;
-constexpr int CROP_HEIGHT = 2;
-constexpr int CROP_WIDTH = 3;
-constexpr int FLIP = 4;
-constexpr int JITTER = 5;
-constexpr int BRIGHTNESS = 6;
-constexpr int CONTRAST = 7;
-constexpr int SATURATION = 8;
-constexpr int HUE = 9;
-constexpr int ORDER_0 = 10;  // ORDER_0..ORDER_3: op id applied at position k
-constexpr int GRAYSCALE = 14;
-constexpr int BLUR_SIGMA = 15;  // 0: no blur
-constexpr int SOLARIZE = 16;
-constexpr int NUM_PARAMS = 17;
-
-constexpr int OP_BRIGHTNESS = 0;
-constexpr int OP_CONTRAST = 1;
-constexpr int OP_SATURATION = 2;
-constexpr int OP_HUE = 3;
-constexpr int NUM_JITTER_OPS = 4;
-
-// Output element types of the kernels (the torch dtype is chosen in ops.cpp).
-enum class OutDtype : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
 
 // What the kernels need from AugmentConfig (sampling ranges are the sampler's business).
 struct Config {
@@ -56,7 +33,7 @@ struct Images {
 // Output (P, 3, S, S) with element strides (contiguous or channels_last).
 struct Output {
   void* data;
-  OutDtype dtype;
+  DType dtype;  // Float32, BFloat16 or Float16
   int64_t stride_p, stride_c, stride_y, stride_x;
 };
 
