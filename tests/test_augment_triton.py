@@ -20,6 +20,7 @@ from empssl import backends
 from empssl.augment import AugmentConfig, sample_augment_params
 from empssl.kernels import augment as triton_augment
 from empssl.reference.augment import apply_augment
+from launch_recorder import record_launches
 
 if backends.triton_reason(torch.device("cpu")) is not None:
     pytest.skip(backends.triton_reason(torch.device("cpu")), allow_module_level=True)
@@ -384,29 +385,7 @@ def test_image_offsets_beyond_int32_are_refused(strides, words):
 
 
 def test_launch_runs_inside_the_guard_of_the_images_device(monkeypatch):
-    events = []
-
-    class RecordingGuard:
-        def __init__(self, device):
-            self.device = device
-
-        def __enter__(self):
-            events.append(("enter", self.device))
-
-        def __exit__(self, *exc_info):
-            events.append(("exit", self.device))
-
-    real_kernel = triton_augment._augment_kernel
-
-    class RecordingKernel:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                events.append(("launch", None))
-                return real_kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(triton_augment, "on_device", RecordingGuard)
-    monkeypatch.setattr(triton_augment, "_augment_kernel", RecordingKernel())
+    events = record_launches(monkeypatch, triton_augment, "_augment_kernel")
     gen = torch.Generator().manual_seed(23)
     images = _images(1, 16, 16, gen)
     params = _plain_params(1, 16, 16, gen)

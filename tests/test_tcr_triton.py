@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 from empssl.backends import triton_reason  # noqa: E402
 from empssl.kernels import tcr  # noqa: E402
 from empssl.reference.tcr import coding_rate  # noqa: E402
+from launch_recorder import record_launches  # noqa: E402
 from tcr_inputs import make_z  # noqa: E402
 
 EPS = 0.2
@@ -198,29 +199,7 @@ def test_on_device_makes_the_tensors_cuda_device_current():
 
 
 def test_launch_runs_inside_the_guard_of_z_device(monkeypatch, generator):
-    events = []
-
-    class RecordingGuard:
-        def __init__(self, device):
-            self.device = device
-
-        def __enter__(self):
-            events.append(("enter", self.device))
-
-        def __exit__(self, *exc_info):
-            events.append(("exit", self.device))
-
-    real_kernel = tcr._tcr_fwd_bwd_kernel
-
-    class RecordingKernel:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                events.append(("launch", None))
-                return real_kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(tcr, "on_device", RecordingGuard)
-    monkeypatch.setattr(tcr, "_tcr_fwd_bwd_kernel", RecordingKernel())
+    events = record_launches(monkeypatch, tcr, "_tcr_fwd_bwd_kernel")
     z = make_z("random", 2, 7, 24, generator=generator).float()
     rate, _ = tcr.tcr_forward_backward(z, alpha_of(z), need_grad=True)
     assert events == [("enter", z.device), ("launch", None), ("exit", z.device)]

@@ -17,7 +17,6 @@ rates divide by the threads used.
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import random
@@ -168,11 +167,7 @@ def time_backend(backend, images, config, num_patches, repeats, threads=None, ou
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="empssl bench augment", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_output_arguments(parser)
-    parser.add_argument("--quick", action="store_true", help="CPU-sized: small P, few repeats")
-    parser.add_argument("--tiny", action="store_true", help="seconds-long run at toy sizes (checks the script, not speed)")
+    parser = common.make_parser("augment", __doc__)
     args = parser.parse_args(argv)
     results = common.open_results("augment", args)
     device = torch.device(args.device)

@@ -158,8 +158,21 @@ def plot_rows(rows: List[Dict[str, object]], path: str, title: str) -> Optional[
     return path
 
 
+def make_parser(bench: str, doc: str):
+    """The benchmark's parser with the options every benchmark shares: --out / --csv / --no-plot /
+    --device, --quick and --tiny; ``doc`` is the module docstring (first line, then the usage)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"empssl bench {bench}", description=doc.splitlines()[0],
+                                     epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_output_arguments(parser)
+    parser.add_argument("--quick", action="store_true", help="CPU-sized: small sizes, few repeats")
+    parser.add_argument("--tiny", action="store_true", help="seconds-long run at toy sizes (checks the script, not speed)")
+    return parser
+
+
 def add_output_arguments(parser) -> None:
-    """--out / --csv / --no-plot, the same for every benchmark."""
+    """--out / --csv / --no-plot / --device, the same for every benchmark."""
     parser.add_argument("--out", default="results", help="folder for <bench>.csv and <bench>.png (default: results)")
     parser.add_argument("--csv", default=None, help="append the rows to this CSV instead of OUT/<bench>.csv")
     parser.add_argument("--no-plot", action="store_true", help="no PNG")

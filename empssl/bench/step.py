@@ -11,7 +11,6 @@ float32 (CPU) matmul rate measured in the same run, against the step's convoluti
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -93,11 +92,7 @@ def time_step(device, args, augment_backend, loss_backend):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="empssl bench step", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_output_arguments(parser)
-    parser.add_argument("--quick", action="store_true", help="CPU-sized model and batch")
-    parser.add_argument("--tiny", action="store_true", help="seconds-long run at toy sizes (checks the script, not speed)")
+    parser = common.make_parser("step", __doc__)
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
     results = common.open_results("step", args)

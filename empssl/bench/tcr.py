@@ -17,7 +17,6 @@ against the floor of reading Z twice (Gram pass + gradient pass) and writing dR/
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 
 import torch
@@ -68,17 +67,13 @@ def _lightly_loss():
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="empssl bench tcr", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_output_arguments(parser)
+    parser = common.make_parser("tcr", __doc__)
     parser.add_argument("--n", type=int, nargs="+", default=None, help="groups (patches per image)")
     parser.add_argument("--b", type=int, default=None, help="images per group (default 100)")
     parser.add_argument("--d", type=int, default=None, help="embedding dimension (default 1024)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--naive-max-n", type=int, default=None, help="skip the naive loop above this n")
-    parser.add_argument("--quick", action="store_true", help="CPU-sized: n=20, few repeats")
-    parser.add_argument("--tiny", action="store_true", help="seconds-long run at toy sizes (checks the script, not speed)")
     args = parser.parse_args(argv)
     results = common.open_results("tcr", args)
     device = torch.device(args.device)
