@@ -184,3 +184,33 @@ def test_captured_step_gives_the_eager_parameters_after_ten_steps(tmp_path):
             scale = value.abs().max().item()
             torch.testing.assert_close(captured[name], value, rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=name)
     assert not torch.equal(eager["backbone.conv1.weight"].cpu(), initial["backbone.conv1.weight"])
+
+
+def test_cpu_training_never_enters_the_cuda_graph_path(tmp_path, monkeypatch):
+    def refuse(state):
+        raise AssertionError("the CUDA graph path was entered on the CPU")
+
+    monkeypatch.setattr(T, "_CapturedStep", refuse)
+    benchmark = torch.backends.cudnn.benchmark
+    config = T.TrainConfig(**{**TINY, "max_steps": 2, "out_dir": str(tmp_path / "run")})
+    assert config.cuda_graph  # the default: capture where there is CUDA
+    result = T.train(config, make_synthetic(NUM_IMAGES, 8, IMAGE_SIZE, seed=0))
+    assert result.steps == 2 and torch.backends.cudnn.benchmark == benchmark
+    assert result.encoder.backbone.conv1.weight.is_contiguous()  # channels_last is on by default on CUDA only
+
+
+def test_cli_train_options_reach_the_config(monkeypatch):
+    from empssl import cli
+
+    configs = []
+
+    def record(config):
+        configs.append(config)
+        return T.TrainResult(None, "unused", 0, {}, 0.0)
+
+    monkeypatch.setattr(T, "train", record)
+    for argv, cuda_graph, channels_last in ((["train"], True, None),
+                                            (["train", "--no-cuda-graph", "--no-channels-last"], False, False),
+                                            (["train", "--channels-last"], True, True)):
+        assert cli.main(argv) == 0
+        assert (configs[-1].cuda_graph, configs[-1].channels_last) == (cuda_graph, channels_last), argv
