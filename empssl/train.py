@@ -209,7 +209,7 @@ class TrainState:
         return self.step.device
 
     def state_dict(self) -> Dict[str, Any]:
-        """Model, optimiser, step, random states and permutation; tensors as they are (torch.save moves none)."""
+        """Model, optimiser, step (an int: reading it waits for the device), random states and permutation."""
         rng = {"torch_cpu": torch.get_rng_state(), "permutation": self.permutation_generator.get_state()}
         if self.device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)

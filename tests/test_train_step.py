@@ -3,12 +3,14 @@ eager and compiled agree; on CUDA, the captured step gives the eager step's para
 import collections
 import contextlib
 import copy
+import json
 import math
 
 import pytest
 import torch
 
 from empssl import augment_ops, backends, tcr_ops
+from empssl import checkpoint as ckpt
 from empssl import train as T
 from empssl.data import make_synthetic
 from step_counters import OpCounter, count_host_syncs
@@ -214,3 +216,38 @@ def test_cli_train_options_reach_the_config(monkeypatch):
                                             (["train", "--channels-last"], True, True)):
         assert cli.main(argv) == 0
         assert (configs[-1].cuda_graph, configs[-1].channels_last) == (cuda_graph, channels_last), argv
+
+
+def test_non_finite_loss_is_caught_one_window_late(tmp_path, monkeypatch):
+    original = T.EMPSSLLoss
+    calls = [0]
+
+    class NaNFromStepThree(original):
+        def forward(self, z, return_parts=False):
+            calls[0] += 1
+            loss, tcr, inv = super().forward(z, return_parts=True)
+            return (loss * float("nan") if calls[0] >= 3 else loss), tcr, inv
+
+    monkeypatch.setattr(T, "EMPSSLLoss", NaNFromStepThree)
+    config = T.TrainConfig(**{**TINY, "epochs": 2, "log_every": 2, "out_dir": str(tmp_path / "run")})
+    with pytest.raises(T.NonFiniteLossError, match="at or before step 4; stopping: no checkpoint was written"):
+        T.train(config, make_synthetic(NUM_IMAGES, 8, IMAGE_SIZE, seed=0))
+    # the window of steps 3-4 is read when the next one closes (step 6): the host never waited for the device
+    assert calls[0] == 6
+    with open(tmp_path / "run" / T.METRICS_NAME) as f:
+        assert [json.loads(line)["step"] for line in f] == [2]
+    assert not (tmp_path / "run" / T.CHECKPOINT_NAME).exists()
+
+
+def test_checkpoint_of_the_previous_trainer_is_refused_for_resume_but_loads_for_eval(tmp_path):
+    data = make_synthetic(NUM_IMAGES, 8, IMAGE_SIZE, seed=0)
+    first = T.train(T.TrainConfig(**{**TINY, "max_steps": 1, "out_dir": str(tmp_path / "run")}), data)
+    payload = ckpt.load_checkpoint(first.checkpoint_path)
+    del payload["train_state_version"]  # what the trainer before TrainState wrote (version 1)
+    old = tmp_path / "old.pt"
+    ckpt.save_checkpoint(str(old), {k: v for k, v in payload.items() if k not in ("format", "version")})
+    with pytest.raises(ckpt.CheckpointError, match="training state of version 1, this trainer continues version 2"):
+        T.train(T.TrainConfig(**{**TINY, "resume": str(old), "out_dir": str(tmp_path / "again")}), data)
+    assert not (tmp_path / "again").exists()
+    encoder, _ = ckpt.load_encoder(str(old))
+    assert torch.equal(encoder.state_dict()["backbone.conv1.weight"], first.encoder.state_dict()["backbone.conv1.weight"])
