@@ -3,7 +3,8 @@
 Times ``empssl.train.train_step`` as ``empssl train`` runs it, steps back to back with no
 synchronisation between them (the device queue stays full), and extrapolates a CIFAR-10 epoch
 (50,000 images at batch 100: 500 steps). Methods: "eager" (``--no-cuda-graph``) and, on CUDA,
-"captured" (the default of ``empssl train``: recorded once, replayed). The limit is the dense
+"captured" (the default of ``empssl train``: recorded once, replayed) and "captured + compiled"
+(``--compile``: the encoder compiled by torch.compile, then captured). The limit is the dense
 bf16 (GPU) or float32 (CPU) matmul rate measured in the same run, against the step's convolution
 and linear FLOPs (3x the forward's).
 
@@ -28,7 +29,7 @@ NUM_IMAGES = 1000  # synthetic uint8 images the batches are drawn from
 
 
 def _step_runner(state, method: str):
-    if method == "captured":
+    if method.startswith("captured"):
         return _CapturedStep(state)
     return lambda images, image_ids: train_step(state, images, image_ids)
 
@@ -37,7 +38,7 @@ def time_steps(device: torch.device, config: TrainConfig, method: str, steps: in
     """Median seconds per free-running step (``repeats`` runs of ``steps`` steps), and the forward FLOPs."""
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (NUM_IMAGES, 32, 32, 3), dtype=torch.uint8, device=device, generator=generator)
-    state = build_train_state(config, device, NUM_IMAGES, 32)
+    state = build_train_state(dataclasses.replace(config, compile=method.endswith("compiled")), device, NUM_IMAGES, 32)
     state.encoder.train()
     run = _step_runner(state, method)
     batches = [torch.randperm(NUM_IMAGES, device=device, generator=generator)[:config.batch_size] for _ in range(steps)]
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     peak = common.matmul_rate(device, matmul_dtype, size=256 if args.tiny else None)
     results.note(f"dense {str(matmul_dtype)[6:]} matmul rate {peak / 1e12:.3g} TFLOP/s")
     case = f"b={config.batch_size} n={config.num_patches} {config.arch} w{config.width}"
-    for method in ("eager", "captured") if on_gpu else ("eager",):
+    for method in ("eager", "captured", "captured + compiled") if on_gpu else ("eager",):
         seconds, flops = time_steps(device, config, method, steps, repeats)
         step_flops = 3 * flops  # forward + backward (input and weight gradients)
         results.add(case, method, seconds, 1.0 / seconds, "steps/s", "bf16" if on_gpu else "float32",
