@@ -638,5 +638,5 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
     return TrainResult(state.encoder, checkpoint_path, step, last_metrics, time.perf_counter() - start)
 
 
-__all__ = ["TrainConfig", "TrainResult", "TrainState", "build_train_state", "train_step", "NonFiniteLossError", "TrainingInterrupted", "train", "augment_config_for", "resolve_device",
-           "autocast_context"]
+__all__ = ["TrainConfig", "TrainResult", "TrainState", "build_train_state", "train_step", "NonFiniteLossError",
+           "TrainingInterrupted", "train", "augment_config_for", "resolve_device", "autocast_context"]
