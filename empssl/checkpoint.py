@@ -1,8 +1,9 @@
 """Training checkpoints: written atomically, read with clear errors.
 
 A checkpoint is one ``torch.save`` file holding a dict: the encoder's architecture
-(``model_config``) and weights, optimiser and scheduler states, every random generator's
-state, the step, the epoch's permutation and the training config. It is written to a
+(``model_config``) and weights, and the training state (``empssl.train.TrainState.state_dict()``:
+optimiser, step, random states, the epoch's permutation), tagged ``train_state_version``, and the
+training config. It is written to a
 temporary file in the same folder and moved into place with ``os.replace``, so a crash
 never leaves a half-written checkpoint behind.
 """
@@ -17,6 +18,9 @@ import torch
 FORMAT = "empssl-checkpoint"
 VERSION = 1
 MODEL_FIELDS = ("arch", "width", "hidden_dim", "z_dim")
+# the training state's layout, read only by a resume (eval and export read the model, unchanged):
+# 2 = TrainState (step counter, lr from the step, counter-based augmentation, no augment generator or scheduler)
+TRAIN_STATE_VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -74,6 +78,16 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     return payload
 
 
+def check_train_state(path: str, payload: Dict[str, Any]) -> None:
+    """CheckpointError unless ``payload`` holds a training state this trainer continues."""
+    version = payload.get("train_state_version", 1)
+    if version != TRAIN_STATE_VERSION:
+        raise CheckpointError(f"checkpoint {path} holds a training state of version {version}, this trainer continues "
+                              f"version {TRAIN_STATE_VERSION} (an older empssl wrote it: its augmentation drew from "
+                              f"another random source); it still loads for eval and export, but cannot be resumed. "
+                              f"Start a new run, or use the empssl that wrote it")
+
+
 def describe_model(model_config: Dict[str, Any]) -> str:
     return (f"{model_config['arch']} width {model_config['width']} hidden_dim {model_config['hidden_dim']} "
             f"z_dim {model_config['z_dim']}")
@@ -111,4 +125,4 @@ def load_encoder(path: str, device: Optional[torch.device] = None):
     return encoder, payload
 
 
-__all__ = ["CheckpointError", "write_atomically", "save_checkpoint", "load_checkpoint", "load_encoder", "check_same_model", "load_model_state"]
+__all__ = ["CheckpointError", "TRAIN_STATE_VERSION", "check_train_state", "write_atomically", "save_checkpoint", "load_checkpoint", "load_encoder", "check_same_model", "load_model_state"]

@@ -106,8 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--inv-coef", type=float, default=200.0, help="weight of the invariance term (default 200)")
     group.add_argument("--tcr-coef", type=float, default=1.0, help="weight of the coding-rate term (default 1)")
     group.add_argument("--loss-backend", choices=BACKEND_CHOICES, default="auto", help="coding-rate backend (default auto)")
-    group.add_argument("--channels-last", action="store_true", help="channels_last memory format for patches and encoder")
+    group.add_argument("--channels-last", dest="channels_last", action="store_const", const=True, default=None,
+                       help="channels_last memory format for patches and encoder (default: on CUDA only)")
+    group.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
+                       help="keep the default memory format on CUDA too")
     group.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    group.add_argument("--no-cuda-graph", action="store_true",
+                       help="run the step eagerly on CUDA (default: captured once as a CUDA graph and replayed)")
     group = train.add_argument_group("output")
     group.add_argument("--out-dir", default="runs/empssl",
                        help="folder for checkpoint.pt and metrics.jsonl; refused if it holds another run's files "
@@ -197,7 +202,8 @@ def _run_train(args) -> int:
         seed=args.seed, device=args.device, out_dir=args.out_dir, overwrite=args.overwrite,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume, loss_backend=args.loss_backend, augment_backend=args.augment_backend,
-        channels_last=args.channels_last, compile=args.compile, bf16=args.bf16 == "on", max_steps=args.max_steps,
+        channels_last=args.channels_last, compile=args.compile, cuda_graph=not args.no_cuda_graph,
+        bf16=args.bf16 == "on", max_steps=args.max_steps,
         log_every=args.log_every, progress=not args.no_progress,
     )
     result = train(config)

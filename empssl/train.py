@@ -1,14 +1,25 @@
 """The EMP-SSL trainer (SPEC.md sections 1 and 5).
 
-One step: take b image indices from a per-epoch random permutation, cut n augmented
-patches of each with ``MultiPatchAugment`` (patch-major), embed the n*b patches, reshape
-z to (n, b, d), minimise ``EMPSSLLoss``, take a LARS step and advance the per-step cosine
-schedule. The images live on the training device as uint8; a batch is an index slice.
+One step (``train_step``): cut n augmented patches of each of b images with ``MultiPatchAugment``
+(patch-major), embed the n*b patches, reshape z to (n, b, d), minimise ``EMPSSLLoss``, take a LARS
+step at the cosine schedule's lr. The step is a function of a ``TrainState`` (encoder, optimiser,
+schedule, step counter on the device, random state) and of device tensors (the uint8 batch and its
+images' indices in the data set); it returns device tensors only and never synchronises with the
+host, so on CUDA ``train`` records it once as a CUDA graph and replays it (``cuda_graph``):
 
-The host reads values only every ``log_every`` steps and at checkpoints. Checkpoints hold
-every random state (torch CPU/CUDA, the permutation and augmentation generators) and the
-current epoch's permutation, so a resumed run continues exactly: on the CPU it reaches
-bitwise the same parameters as an uninterrupted run.
+- the augmentation draws from the counter-based source keyed by (seed, step counter, image index in
+  the data set, patch): no generator state, and an image's patches do not depend on the batch split.
+  (This changed the random stream of runs made before it: same distribution, other patches.)
+- the lr is computed on the device from the step counter (``CosineFactor``) into the 0-d tensor LARS
+  reads; no ``LambdaLR.step()`` (it reads the lr back to the host).
+
+``train`` is the loop around it. The images live on the training device as uint8; a batch is an
+index slice of a per-epoch random permutation. The host reads the step's metric sums every
+``log_every`` steps one window late (a non-blocking copy queued when a window closes is read when
+the next one closes), so the non-finite check is one window late too; at a checkpoint the sums are
+read at once, so no checkpoint holds a step past a non-finite loss. Checkpoints hold the state and
+the current epoch's permutation, so a resumed run continues exactly: on the CPU it reaches bitwise
+the same parameters as an uninterrupted run.
 
 A run owns its ``out_dir``: a folder that holds another run's checkpoint or metrics is refused
 unless ``overwrite`` (then the old files are replaced once the new run writes its first
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -29,7 +41,7 @@ import threading
 import time
 import uuid
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -86,9 +98,10 @@ class TrainConfig:
     resume: Optional[str] = None  # checkpoint path to continue from
     loss_backend: str = "auto"
     augment_backend: str = "auto"
-    channels_last: bool = False
+    channels_last: Optional[bool] = None  # channels_last patches and encoder (None: on CUDA only)
     compile: bool = False
     bf16: bool = True  # bf16 autocast; used on CUDA only
+    cuda_graph: bool = True  # on CUDA: capture the step once as a CUDA graph and replay it
     max_steps: Optional[int] = None  # stop after this many steps in total (tests, quick runs)
     log_every: int = 10
     progress: bool = True
@@ -163,28 +176,111 @@ def autocast_context(device: torch.device, bf16: bool):
     return contextlib.nullcontext()
 
 
-def _build_optimization(encoder: torch.nn.Module, config: TrainConfig, num_train: int):
-    from .optim import build_optimizer, cosine_schedule, schedule_steps
+@dataclasses.dataclass
+class TrainState:
+    """Everything one training step reads and writes: the step is ``train_step(state, images, image_ids)``.
 
-    total_steps = schedule_steps(num_train, config.batch_size, config.schedule_epochs or config.epochs)
-    optimizer = build_optimizer(encoder, lr=config.lr)
-    scheduler = cosine_schedule(optimizer, total_steps)
-    return optimizer, scheduler, total_steps
+    ``step`` (int64, 0-d), ``lr`` (float32, 0-d: the tensor LARS reads as its lr) and ``metric_sums``
+    (float32 (3,): loss, tcr, inv summed since the loop last read them) are device tensors the step
+    updates in place, so a captured CUDA graph advances them. ``permutation_generator`` and
+    ``permutation`` (the current epoch's batch order) belong to the loop, not the step; they are here
+    so that ``state_dict`` holds every random state of a run. The augmentation needs none: its
+    random numbers are a function of (``seed``, ``step``, image index, patch).
+    """
+
+    encoder: torch.nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the encoder, or its compiled form
+    augment: MultiPatchAugment
+    criterion: EMPSSLLoss
+    optimizer: torch.optim.Optimizer
+    schedule: Callable  # step counter tensor -> lr factor tensor (CosineFactor)
+    base_lr: float
+    num_patches: int
+    seed: int
+    bf16: bool
+    step: torch.Tensor
+    lr: torch.Tensor
+    metric_sums: torch.Tensor
+    permutation_generator: torch.Generator
+    permutation: Optional[torch.Tensor] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.step.device
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Model, optimiser, step (an int: reading it waits for the device), random states and permutation."""
+        rng = {"torch_cpu": torch.get_rng_state(), "permutation": self.permutation_generator.get_state()}
+        if self.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"model": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict(), "step": int(self.step),
+                "rng": rng, "permutation": None if self.permutation is None else self.permutation.cpu()}
+
+    def load_state_dict(self, state: Dict[str, Any], path: str = "state") -> None:
+        """Continue from ``state_dict()``'s output (``path`` names it in errors)."""
+        ckpt.load_model_state(self.encoder, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # load_state_dict put the saved (CPU) lr tensor there
+            group["lr"] = self.lr
+        self.step.fill_(int(state["step"]))
+        self.lr.fill_(self.base_lr * self.schedule(int(state["step"])))
+        torch.set_rng_state(state["rng"]["torch_cpu"])
+        self.permutation_generator.set_state(state["rng"]["permutation"])
+        if self.device.type == "cuda" and "torch_cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["torch_cuda"], self.device)
+        self.permutation = None if state["permutation"] is None else state["permutation"].to(self.device)
 
 
-def _rng_state(device: torch.device, generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
-    state = {"torch_cpu": torch.get_rng_state(), **{name: g.get_state() for name, g in generators.items()}}
-    if device.type == "cuda":
-        state["torch_cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def build_train_state(config: TrainConfig, device: torch.device, num_train: int, image_size: int) -> TrainState:
+    """A fresh state for ``config`` (encoder initialised from ``config.seed``) on ``device``."""
+    from .optim import CosineFactor, build_optimizer, schedule_steps
+
+    torch.manual_seed(config.seed)
+    encoder = build_encoder(**config.model_config()).to(device)
+    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
+    if channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    bf16 = config.bf16 and device.type == "cuda"
+    augment = MultiPatchAugment(augment_config_for(image_size), backend=config.augment_backend,
+                                out_dtype=torch.bfloat16 if bf16 else torch.float32, channels_last=channels_last)
+    criterion = EMPSSLLoss(config.eps, config.inv_coef, config.tcr_coef, backend=config.loss_backend)
+    schedule = CosineFactor(schedule_steps(num_train, config.batch_size, config.schedule_epochs or config.epochs))
+    lr = torch.full((), config.lr * schedule(0), dtype=torch.float32, device=device)
+    return TrainState(
+        encoder=encoder, forward=torch.compile(encoder) if config.compile else encoder, augment=augment,
+        criterion=criterion, optimizer=build_optimizer(encoder, lr=lr), schedule=schedule, base_lr=config.lr,
+        num_patches=config.num_patches, seed=config.seed, bf16=bf16,
+        step=torch.zeros((), dtype=torch.int64, device=device), lr=lr,
+        metric_sums=torch.zeros(3, device=device),
+        permutation_generator=torch.Generator(device=device).manual_seed(config.seed))
 
 
-def _set_rng_state(state: Dict[str, Any], device: torch.device, generators: Dict[str, torch.Generator]) -> None:
-    torch.set_rng_state(state["torch_cpu"])
-    for name, generator in generators.items():
-        generator.set_state(state[name])
-    if device.type == "cuda" and "torch_cuda" in state:
-        torch.cuda.set_rng_state(state["torch_cuda"], device)
+def train_step(state: TrainState, images: torch.Tensor, image_ids: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """One EMP-SSL step on ``images`` (uint8 (b, H, W, 3) or (b, 3, H, W), on the state's device), the
+    images ``image_ids`` (int64 (b,)) of the data set. Returns (loss, tcr, inv), detached 0-d device tensors.
+
+    Only device work: no host read, no copy of Python data, the same ops every step (so a CUDA graph
+    can replay it). The record_function markers name the phases for profilers and op counters.
+    """
+    profile = torch.autograd.profiler.record_function
+    with profile("empssl.augment"):
+        patches = state.augment(images, state.num_patches, seed=state.seed, step=state.step, image_ids=image_ids)
+    with profile("empssl.forward"), autocast_context(images.device, state.bf16):
+        z = state.forward(patches)
+    with profile("empssl.loss"):
+        loss, tcr, inv = state.criterion(z.float().reshape(state.num_patches, images.shape[0], -1), return_parts=True)
+    with profile("empssl.backward"):
+        params = [p for group in state.optimizer.param_groups for p in group["params"]]
+        # autograd.grad rather than backward(): torch.compile traces it (trace_autograd_ops); same gradients
+        for param, grad in zip(params, torch.autograd.grad(loss, params)):
+            param.grad = grad
+    with profile("empssl.optimizer"):
+        state.lr.copy_(state.schedule(state.step) * state.base_lr)  # this step's lr, from the counter
+        state.optimizer.step()
+        state.step.add_(1)
+        parts = torch.stack((loss.detach(), tcr.detach(), inv.detach())).float()
+        state.metric_sums.add_(parts)
+    return parts[0], parts[1], parts[2]
 
 
 def _check_resume_config(path: str, stored: Dict[str, Any], config: TrainConfig) -> None:
@@ -319,6 +415,89 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
+class _LateReader:
+    """The step's device-side metric sums, read by the host one log window late.
+
+    ``close_window`` queues a non-blocking copy of the sums to the host and zeroes them (both on
+    the device's stream, after the window's steps), and hands the previous window to ``emit``: its
+    copy finished long ago, so the host does not wait for the device. ``flush`` emits the window
+    just closed at once (waiting for it), before a checkpoint and at the end.
+    """
+
+    def __init__(self, sums: torch.Tensor, emit: Callable[[Dict[str, Any], List[float], int], None]):
+        self.sums, self.emit = sums, emit
+        self.host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=sums.is_cuda)
+        self.pending: Optional[Tuple[Dict[str, Any], int, Any]] = None  # (record, steps, copy-done event)
+
+    def close_window(self, record: Dict[str, Any], window_steps: int) -> None:
+        self.flush()  # the previous window (long done on the device); the host buffer is free again
+        self.host.copy_(self.sums, non_blocking=True)
+        self.sums.zero_()
+        event = None
+        if self.sums.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (record, window_steps, event)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        record, window_steps, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        self.emit(record, self.host.tolist(), window_steps)
+
+
+class _CapturedStep:
+    """``train_step`` on CUDA, recorded once as a CUDA graph and replayed with the batch copied into static buffers.
+
+    The first ``WARMUP`` calls run eagerly on a side stream (cuDNN/cuBLAS/Triton autotuning and lazily made state,
+    such as the momentum buffers, must exist before capture); the next call records the step and every call from
+    then on replays it. Only ``train`` on a CUDA device with ``cuda_graph`` makes one.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, state: TrainState):
+        self.state, self.warmup_left = state, self.WARMUP
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.side_stream = torch.cuda.Stream(state.device)
+
+    def __call__(self, images: torch.Tensor, image_ids: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        if self.warmup_left > 0:
+            self.warmup_left -= 1
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                outputs = train_step(self.state, images, image_ids)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return outputs
+        if self.graph is None:
+            self.images, self.image_ids = images.clone(), image_ids.clone()
+            for group in self.state.optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None  # the graph's gradients live in its own memory pool
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records, runs nothing: the replay below runs this step
+                self.outputs = train_step(self.state, self.images, self.image_ids)
+        else:
+            self.images.copy_(images)
+            self.image_ids.copy_(image_ids)
+        self.graph.replay()
+        return self.outputs
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool):
+    """cudnn.benchmark on while training on CUDA (the step's shapes never change), restored after."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = previous or enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
 def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResult:
     """Train an EMP-SSL encoder; returns it with the path of the final checkpoint.
 
@@ -332,6 +511,7 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
     metrics_path = os.path.join(config.out_dir, METRICS_NAME)
     resumed = ckpt.load_checkpoint(config.resume) if config.resume else None
     if resumed is not None:
+        ckpt.check_train_state(config.resume, resumed)
         _check_resume_config(config.resume, resumed.get("config", {}), config)
     # resuming from this folder's own checkpoint continues the run that owns the folder
     same_run = resumed is not None and os.path.realpath(config.resume) == os.path.realpath(checkpoint_path)
@@ -350,35 +530,18 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
     if height != width:
         raise ValueError(f"training images must be square, got {height}x{width}")
 
-    torch.manual_seed(config.seed)
-    encoder = build_encoder(**config.model_config()).to(device)
-    if config.channels_last:
-        encoder = encoder.to(memory_format=torch.channels_last)
-    use_amp = config.bf16 and device.type == "cuda"
-    augment = MultiPatchAugment(augment_config_for(height), backend=config.augment_backend,
-                                out_dtype=torch.bfloat16 if use_amp else torch.float32, channels_last=config.channels_last)
-    criterion = EMPSSLLoss(config.eps, config.inv_coef, config.tcr_coef, backend=config.loss_backend)
-    optimizer, scheduler, schedule_length = _build_optimization(encoder, config, num_train)
-    forward = torch.compile(encoder) if config.compile else encoder
-
-    generators = {"permutation": torch.Generator(device=device).manual_seed(config.seed),
-                  "augment": torch.Generator(device=device).manual_seed(config.seed + 1)}
+    state = build_train_state(config, device, num_train, int(height))
     steps_per_epoch = num_train // config.batch_size
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    step = 0
-    permutation = None
+    step = 0  # the host's copy of state.step (the loop never reads the device's)
     run_id = uuid.uuid4().hex[:12]  # tags this run's metrics lines: a resume keeps only its own
     elapsed_before = 0.0  # seconds of the run before this session (continued on resume)
     history: List[Dict[str, Any]] = []
     if resumed is not None:
-        ckpt.load_model_state(encoder, resumed["model"], config.resume)
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        _set_rng_state(resumed["rng"], device, generators)
+        state.load_state_dict(resumed, config.resume)
         step = int(resumed["step"])
-        permutation = resumed["permutation"].to(device)
         run_id = resumed.get("run_id")
         elapsed_before = float(resumed.get("elapsed_s", 0.0))
         # the run's metrics cut back to the checkpoint's step (steps logged after it will be logged again)
@@ -392,15 +555,11 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
 
     def write_checkpoint():
         ckpt.save_checkpoint(checkpoint_path, {
+            **state.state_dict(),
+            "train_state_version": ckpt.TRAIN_STATE_VERSION,
             "config": dataclasses.asdict(config),
             "model_config": config.model_config(),
-            "model": encoder.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(device, generators),
-            "step": step,
             "epoch": step // steps_per_epoch,
-            "permutation": permutation.cpu(),
             "dataset": {"name": data.name, "num_train": num_train, "image_size": int(height)},
             "run_id": run_id,
             "elapsed_s": elapsed_before + time.perf_counter() - start,
@@ -408,74 +567,67 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
         if not metrics.owned:  # --overwrite: the old run's metrics go only now that its checkpoint is replaced
             metrics.take_over()
 
-    # device-side sums: read by the host only at log and checkpoint steps
-    loss_sums = torch.zeros(3, device=device)  # loss, tcr, inv since the last log
-    all_losses = torch.zeros((), device=device)  # NaN/inf once any step's loss was
     last_checkpoint_step = step if same_run else None
     last_metrics: Dict[str, Any] = {}
 
-    def check_finite(at_step):
-        if not math.isfinite(all_losses.item()):
+    def emit(record: Dict[str, Any], sums: List[float], window_steps: int) -> None:
+        """Write a closed window's line once its sums reached the host; NonFiniteLossError if the loss was NaN/inf."""
+        nonlocal last_metrics
+        if not math.isfinite(sums[0]):
             where = (f"the last good checkpoint {checkpoint_path} (step {last_checkpoint_step}) is intact"
                      if last_checkpoint_step is not None else "no checkpoint was written")
-            raise NonFiniteLossError(f"the loss became non-finite (NaN or inf) at or before step {at_step}; stopping: "
-                                     f"{where}. Try a lower --lr, or --bf16 off.")
+            raise NonFiniteLossError(f"the loss became non-finite (NaN or inf) at or before step {record['step']}; "
+                                     f"stopping: {where}. Try a lower --lr, or --bf16 off.")
+        means = [value / window_steps for value in sums]
+        last_metrics = {"step": record["step"], "epoch": record["epoch"], "loss": means[0], "tcr": means[1],
+                        "inv": means[2], **{k: v for k, v in record.items() if k not in ("step", "epoch")}}
+        metrics.write(last_metrics)
+        bar.set_postfix(loss=f"{means[0]:.3f}", tcr=f"{means[1]:.3f}", inv=f"{means[2]:.4f}",
+                        lr=f"{last_metrics['lr']:.4f}", patches_s=f"{last_metrics['patches_per_s']:.0f}")
 
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not config.progress, dynamic_ncols=True)
+    reader = _LateReader(state.metric_sums, emit)
     window_start, window_steps = start, 0
-    encoder.train()
-    with _StopRequest() as stop:
+    state.encoder.train()
+    run_step = _CapturedStep(state) if device.type == "cuda" and config.cuda_graph else functools.partial(train_step, state)
+    with _StopRequest() as stop, _cudnn_benchmark(device.type == "cuda"):
         try:
             while step < total_steps:
                 position = step % steps_per_epoch
                 if position == 0:  # a new epoch: a new permutation (a resumed mid-epoch run keeps its stored one)
-                    permutation = torch.randperm(num_train, device=device, generator=generators["permutation"])
-                batch = images[permutation[position * config.batch_size:(position + 1) * config.batch_size]]
-                patches = augment(batch, config.num_patches, generator=generators["augment"])
-                with autocast_context(device, config.bf16):
-                    z = forward(patches)
-                z = z.float().reshape(config.num_patches, config.batch_size, -1)
-                loss, tcr, inv = criterion(z, return_parts=True)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
+                    state.permutation = torch.randperm(num_train, device=device, generator=state.permutation_generator)
+                image_ids = state.permutation[position * config.batch_size:(position + 1) * config.batch_size]
+                run_step(images[image_ids], image_ids)
                 step += 1
                 window_steps += 1
-                with torch.no_grad():
-                    parts = torch.stack((loss.detach(), tcr.detach(), inv.detach())).float()
-                    loss_sums += parts
-                    all_losses += parts[0]
 
                 stopping = stop.signum is not None
                 checkpoint_now = ((config.checkpoint_every and step % config.checkpoint_every == 0)
                                   or step == total_steps or stopping)
                 # a line at every checkpoint too: the file cut back to a checkpoint on resume still covers every step
-                log_now = step % config.log_every == 0 or checkpoint_now
-                if log_now:
-                    check_finite(step)
-                    means = (loss_sums / window_steps).tolist()
+                if step % config.log_every == 0 or checkpoint_now:
                     now = time.perf_counter()
-                    last_metrics = {
-                        "step": step, "epoch": step / steps_per_epoch, "loss": means[0], "tcr": means[1], "inv": means[2],
-                        "lr": optimizer.param_groups[0]["lr"],
+                    reader.close_window({
+                        "step": step, "epoch": step / steps_per_epoch,
+                        "lr": config.lr * state.schedule(step),  # the next step's, as LambdaLR reported it
                         "patches_per_s": window_steps * config.batch_size * config.num_patches / max(now - window_start, 1e-9),
                         "elapsed_s": elapsed_before + now - start,
                         "run_id": run_id,
-                    }
-                    metrics.write(last_metrics)
-                    bar.set_postfix(loss=f"{means[0]:.3f}", tcr=f"{means[1]:.3f}", inv=f"{means[2]:.4f}",
-                                    lr=f"{last_metrics['lr']:.4f}", patches_s=f"{last_metrics['patches_per_s']:.0f}")
-                    loss_sums.zero_()
+                    }, window_steps)
                     window_start, window_steps = now, 0
                 if checkpoint_now:
+                    reader.flush()  # a checkpoint waits for its step: it never holds a step past a non-finite loss
                     write_checkpoint()
                     last_checkpoint_step = step
                 bar.update(1)
                 if stopping and step < total_steps:
                     raise TrainingInterrupted(stop.signum, step, checkpoint_path)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the last window's line still lands; the first error is the one raised
+                reader.flush()
+            raise
         finally:
             bar.close()
         if step > 0 and last_checkpoint_step != step:  # resumed at or past the end: still leave a checkpoint
@@ -483,8 +635,8 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
     if not metrics.owned:  # nothing to train (resumed at the end) and nothing written: the history still lands
         metrics.take_over()
     write_training_curves(metrics_path)  # curves.png beside it, where matplotlib is installed
-    return TrainResult(encoder, checkpoint_path, step, last_metrics, time.perf_counter() - start)
+    return TrainResult(state.encoder, checkpoint_path, step, last_metrics, time.perf_counter() - start)
 
 
-__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "train", "augment_config_for", "resolve_device",
-           "autocast_context"]
+__all__ = ["TrainConfig", "TrainResult", "TrainState", "build_train_state", "train_step", "NonFiniteLossError",
+           "TrainingInterrupted", "train", "augment_config_for", "resolve_device", "autocast_context"]
