@@ -51,6 +51,8 @@ if [ "$total" -gt "$BUDGET" ]; then
 fi
 
 log="$out/gpu_check.log"
+# this run's files only: a rerun into the same OUT must not mix an earlier run's rows into its own
+rm -f "$out"/{env.txt,tests.txt,results.csv,summary.txt,results.png}
 : > "$log"
 echo "step,exit,seconds,limit" > "$out/steps.csv"
 py=${PYTHON:-python3}

@@ -126,8 +126,12 @@ def main(argv=None) -> int:
                     results.note(f"{name} skipped: {why_not[name]}")
             if lightly_loss is not None:
                 ours = EMPSSLLoss(eps=EPS)
-                record("lightly EMPSSLLoss", _fwd_bwd(lambda x: lightly_loss(list(x.unbind(0))), z.float()),
-                       "whole loss; inverted coding-rate sign")
+                lightly_run = _fwd_bwd(lambda x: lightly_loss(list(x.unbind(0))), z.float())
+                if on_gpu:
+                    record("lightly EMPSSLLoss", lightly_run, "whole loss; inverted coding-rate sign", slow=True)
+                else:  # its batched d x d logdet: the same multi-threaded torch bug as batched_logdet
+                    with _torch_threads(1):
+                        record("lightly EMPSSLLoss", lightly_run, "whole loss; inverted coding-rate sign; 1 thread", slow=True)
                 record("empssl EMPSSLLoss", _fwd_bwd(ours, z.float()), "whole loss, same views")
     return common.finish(results, args)
 
