@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .augment import AugmentConfig, MultiPatchAugment
 from .data import ImageDataset
 from .models import EMPSSLEncoder
-from .train import augment_config_for
+from .train import _cudnn_benchmark, augment_config_for
 
 # patches per encoder forward: large on a GPU; on a CPU smaller chunks stay in cache (1371 vs 972
 # patches/s for 512 vs 8192 16x16 patches, width 0.25, 2-core CPU)
@@ -110,7 +110,8 @@ def extract_features(
     BatchNorm-folded copy of the encoder (``fold_batchnorm``; on CUDA in bf16 when ``bf16``, with the
     patches' memory format); otherwise the encoder itself in eval mode (its mode is restored after).
     Chunks hold ``max_patches_per_forward // num_patches`` images (default: ``MAX_PATCHES_PER_FORWARD``
-    of the device type); the last is padded to that size, so every forward has the same shape.
+    of the device type; at most a rank's share of the images); the last is padded to that size, so
+    every forward has the same shape.
     Under ``torch.distributed`` (world size > 1) each rank extracts its slice and the result is
     gathered: every rank returns the features of all N images.
     """
@@ -129,8 +130,9 @@ def extract_features(
                                            channels_last=device.type == "cuda")
     if max_patches_per_forward is None:
         max_patches_per_forward = MAX_PATCHES_PER_FORWARD.get(device.type, 8192)
-    images_per_chunk = max(1, max_patches_per_forward // num_patches)
     num_images = images.shape[0]
+    # never more than a rank's share of the images: a small set is not padded to a large chunk
+    images_per_chunk = max(1, min(max_patches_per_forward // num_patches, math.ceil(num_images / world)))
     # this rank's images: a whole number of chunks; ids past the end repeat the last image and are dropped
     per_rank = math.ceil(math.ceil(num_images / world) / images_per_chunk) * images_per_chunk
     if fold:
@@ -147,24 +149,25 @@ def extract_features(
     from tqdm import tqdm
 
     try:
-        for start in tqdm(range(rank * per_rank, (rank + 1) * per_rank, images_per_chunk), desc=description,
-                          unit="chunk", disable=not progress, leave=False):
-            image_ids = torch.arange(start, start + images_per_chunk, device=device).clamp_(max=num_images - 1)
-            batch = images.index_select(0, image_ids)
-            if generator is not None:
-                patches = augment(batch, num_patches, generator=generator)
-            else:
-                patches = augment(batch, num_patches, seed=seed, step=split_key, image_ids=image_ids)
-            if not fold and on_gpu_bf16:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    features = network.features(patches)
-            else:
-                features = network.features(patches.to(next(network.parameters()).dtype))
-            # patch-major: row i * b + j is patch i of image j
-            mean = features.reshape(num_patches, images_per_chunk, -1).mean(0, dtype=torch.float32)
-            if local is None:
-                local = torch.empty(per_rank, mean.shape[1], device=device)
-            local[start - rank * per_rank:start - rank * per_rank + images_per_chunk] = mean
+        with _cudnn_benchmark(device.type == "cuda"):  # one chunk shape: cuDNN's search runs once
+            for start in tqdm(range(rank * per_rank, (rank + 1) * per_rank, images_per_chunk), desc=description,
+                              unit="chunk", disable=not progress, leave=False):
+                image_ids = torch.arange(start, start + images_per_chunk, device=device).clamp_(max=num_images - 1)
+                batch = images.index_select(0, image_ids)
+                if generator is not None:
+                    patches = augment(batch, num_patches, generator=generator)
+                else:
+                    patches = augment(batch, num_patches, seed=seed, step=split_key, image_ids=image_ids)
+                if not fold and on_gpu_bf16:
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        features = network.features(patches)
+                else:
+                    features = network.features(patches.to(next(network.parameters()).dtype))
+                # patch-major: row i * b + j is patch i of image j
+                mean = features.reshape(num_patches, images_per_chunk, -1).mean(0, dtype=torch.float32)
+                if local is None:
+                    local = torch.empty(per_rank, mean.shape[1], device=device)
+                local[start - rank * per_rank:start - rank * per_rank + images_per_chunk] = mean
     finally:
         encoder.train(was_training)
     if world > 1:
