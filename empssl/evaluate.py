@@ -117,8 +117,8 @@ def extract_features(
     """
     if not isinstance(num_patches, int) or num_patches < 1:
         raise ValueError(f"num_patches must be a positive integer, got {num_patches!r}")
-    if images.ndim != 4 or images.dtype != torch.uint8:
-        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    if images.ndim != 4 or images.dtype != torch.uint8 or images.shape[0] == 0:
+        raise ValueError(f"images must be uint8 (N, H, W, 3) with N > 0, got {images.dtype} {tuple(images.shape)}")
     device = images.device
     rank, world = rank_and_world_size()
     if generator is not None and world > 1:

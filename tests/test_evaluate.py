@@ -205,3 +205,8 @@ def test_probe_and_features_refuse_bad_input():
                            torch.zeros(2, dtype=torch.long), 2, epochs=0)
     with pytest.raises(TypeError, match="needs an EMPSSLEncoder"):
         E.fold_batchnorm(torch.nn.Linear(2, 2))
+    encoder = build_encoder(width=0.125, hidden_dim=32, z_dim=16)
+    with pytest.raises(ValueError, match="N > 0"):
+        E.extract_features(encoder, torch.zeros(0, 8, 8, 3, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError, match="num_patches must be a positive integer"):
+        E.extract_features(encoder, torch.zeros(2, 8, 8, 3, dtype=torch.uint8), 0)
