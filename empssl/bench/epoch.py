@@ -55,7 +55,7 @@ SIZES = {
                   published_steps=3, workers=2, feature_images=32, feature_patches=16, probe=(5000, 1000, 2),
                   knn=(5000, 1000)),
     "gpu": dict(model=dict(width=1.0, hidden_dim=4096, z_dim=1024, batch_size=100, num_patches=20), steps=100,
-                repeats=2, published_steps=10, workers=None, feature_images=1000, feature_patches=EVAL_PATCHES,
+                repeats=2, published_steps=10, workers=None, feature_images=1024, feature_patches=EVAL_PATCHES,
                 probe=(EVAL_TRAIN, EVAL_TEST, EVAL_EPOCHS), knn=(EVAL_TRAIN, EVAL_TEST)),
 }
 
