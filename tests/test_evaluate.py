@@ -178,9 +178,12 @@ def test_probe_equals_the_python_loop_reference():
 
 
 def test_evaluation_equals_the_unfolded_encoder_and_reference_probe():
-    """Today's pipeline (unfolded eval-mode encoder, autograd probe) and the fast one agree on the same patches."""
+    """Today's pipeline (unfolded eval-mode encoder, autograd probe) and the fast one agree on the same patches.
+
+    In float64, so that folding's rounding (float32: features equal to 1e-4, see above) cannot flip a
+    near-tied kNN vote: the kNN results are then identical."""
     generator = torch.Generator().manual_seed(torch.seed())
-    encoder = _encoder_with_trained_statistics(generator)
+    encoder = _encoder_with_trained_statistics(generator, torch.float64)
     data = make_synthetic(120, 60, 8, seed=int(torch.randint(1000, (1,), generator=generator)))
     fast, slow = {}, {}
     for split, key in E.SPLIT_KEYS.items():
@@ -210,3 +213,32 @@ def test_probe_and_features_refuse_bad_input():
         E.extract_features(encoder, torch.zeros(0, 8, 8, 3, dtype=torch.uint8), 2)
     with pytest.raises(ValueError, match="num_patches must be a positive integer"):
         E.extract_features(encoder, torch.zeros(2, 8, 8, 3, dtype=torch.uint8), 0)
+
+
+@pytest.mark.gpu
+def test_cuda_probe_replaying_its_captured_epoch_equals_the_reference():
+    generator = torch.Generator().manual_seed(torch.seed())
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _separable_features(generator)]
+    seed = int(torch.randint(1000, (1,), generator=generator))
+    weight, bias, top1 = E.fit_linear_probe(*args, epochs=5, seed=seed)  # epoch 0 eager, 1..4 graph replays
+    eager_weight, eager_bias, eager_top1 = E.fit_linear_probe(*args, epochs=5, seed=seed, cuda_graph=False)
+    torch.testing.assert_close(weight, eager_weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(bias, eager_bias, rtol=1e-6, atol=1e-7)
+    reference_weight, reference_bias, reference_top1 = reference_probe.fit_linear_probe(*args, epochs=5, seed=seed)
+    torch.testing.assert_close(weight, reference_weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bias, reference_bias, rtol=1e-4, atol=1e-5)
+    assert (top1 - reference_top1).abs().max() <= 0.005 and (top1 - eager_top1).abs().max() <= 0.005
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_folded_features_match_the_autocast_encoder():
+    generator = torch.Generator().manual_seed(torch.seed())
+    encoder = _encoder_with_trained_statistics(generator).cuda().to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=generator).cuda()
+    folded = E.extract_features(encoder, images, 8, max_patches_per_forward=64)  # 8 images a chunk
+    autocast = E.extract_features(encoder, images, 8, max_patches_per_forward=64, fold=False)
+    assert folded.dtype == torch.float32 and folded.shape == (40, 32)
+    # both in bf16 (8 significant bits): equal to a few bf16 roundings, relative to the features' size
+    assert (folded - autocast).norm() <= 0.05 * autocast.norm()
+    float32 = E.extract_features(encoder, images, 8, max_patches_per_forward=64, bf16=False)
+    assert (folded - float32).norm() <= 0.05 * float32.norm()
