@@ -7,7 +7,7 @@
 #   bash bench/gpu_check.sh OUT tests bench_tcr    # only these steps (env, imports and summary always run)
 #   bash bench/gpu_check.sh --rehearse OUT         # on a machine without a GPU: every part that needs none
 #
-# Every step runs under `timeout -k`; the GPU limits add up to at most 420 s (checked before anything
+# Every step runs under `timeout -k`; the GPU limits add up to at most 500 s (checked before anything
 # runs). Each step appends to OUT as it goes, so a step that hangs or is killed keeps what it measured.
 # OUT holds at most 8 files: gpu_check.log (everything printed), env.txt, steps.csv, results.csv (every
 # benchmark row), tests.txt (the gpu tests' outcome), summary.txt and results.png.
@@ -27,9 +27,10 @@ mkdir -p "$out" || exit 2
 out=$(cd "$out" && pwd)
 
 # step -> GPU time limit in seconds; the order is the order they run in
-STEP_NAMES=(env install imports tests bench_tcr bench_augment bench_step summary)
-declare -A LIMIT=([env]=15 [install]=130 [imports]=25 [tests]=130 [bench_tcr]=40 [bench_augment]=45 [bench_step]=25 [summary]=10)
-BUDGET=420
+STEP_NAMES=(env install imports tests bench_tcr bench_augment bench_step bench_epoch summary)
+# install and imports trimmed for bench_epoch (rehearsal, x4 limits: install 123-132 s of 520, imports 13-16 s of 100)
+declare -A LIMIT=([env]=15 [install]=105 [imports]=20 [tests]=130 [bench_tcr]=40 [bench_augment]=45 [bench_step]=25 [bench_epoch]=110 [summary]=10)
+BUDGET=500
 MAX_FILES=8
 
 selected=("$@")
@@ -123,7 +124,7 @@ install_package() {
 
 check_imports() {
   "$py" - <<'PY' || return 1
-import empssl, empssl._C, empssl.kernels.tcr, empssl.kernels.augment, empssl.bench.tcr, empssl.bench.augment, empssl.bench.step
+import empssl, empssl._C, empssl.kernels.tcr, empssl.kernels.augment, empssl.bench.tcr, empssl.bench.augment, empssl.bench.step, empssl.bench.epoch
 print(f"empssl {empssl.__version__} from {empssl.__file__}; extension CUDA part: {empssl._C.with_cuda}")
 PY
   "$py" -m empssl.cli info
@@ -223,6 +224,7 @@ wanted tests && step tests run_tests
 wanted bench_tcr && step bench_tcr bench tcr
 wanted bench_augment && step bench_augment bench augment
 wanted bench_step && step bench_step bench step
+wanted bench_epoch && step bench_epoch bench epoch
 
 echo
 say "================ gpu_check summary ================"

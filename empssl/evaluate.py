@@ -5,24 +5,85 @@ encoder) of T augmented patches (T = 128 by default; the training augmentation),
 encoder in eval mode. On these features: a linear probe (SGD lr 0.03, momentum 0.9, weight
 decay 5e-5, batch 100, 100 epochs, cosine schedule; the final test accuracy is the result,
 the best epoch's is reported as such) and a weighted kNN (cosine similarity, k = 20,
-temperature 0.07, top-1 and top-5). Features stay on the device; the probe takes index
-slices of full tensors.
+temperature 0.07, top-1 and top-5).
+
+Built to run at device speed: features come from a copy of the encoder with every BatchNorm
+folded into the convolution or linear layer before it (bf16 channels_last on CUDA), in chunks of
+one fixed size (the last one padded), from patches of the counter-based augmentation keyed by
+(seed, split, image index) -- so an image's patches do not depend on how the images are chunked
+or split across processes. Under ``torch.distributed`` (world size > 1) each rank extracts the
+features of its slice of the images and all ranks gather them; every rank then runs the probe
+and the kNN on the same features, so every rank returns the same results. The probe's gradient
+is in closed form and an epoch is a fixed sequence of tensor ops over device-resident features,
+captured once as a CUDA graph and replayed for every later epoch on CUDA.
 """
 from __future__ import annotations
 
+import copy
+import math
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .augment import AugmentConfig, MultiPatchAugment
 from .data import ImageDataset
-from .train import augment_config_for, autocast_context
+from .models import EMPSSLEncoder
+from .train import _cudnn_benchmark, augment_config_for
 
 # patches per encoder forward: large on a GPU; on a CPU smaller chunks stay in cache (1371 vs 972
 # patches/s for 512 vs 8192 16x16 patches, width 0.25, 2-core CPU)
 MAX_PATCHES_PER_FORWARD = {"cuda": 8192, "cpu": 1024}
+# the counter-based augmentation's ``step`` key of each split: train and test image k get different patches
+SPLIT_KEYS = {"train": 0, "test": 1}
+
+
+def rank_and_world_size() -> Tuple[int, int]:
+    """(rank, world size) of the default torch.distributed process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _fold_pairs(encoder: EMPSSLEncoder):
+    """(parent, layer name, BatchNorm name) of every conv/linear layer that a BatchNorm follows directly."""
+    backbone = encoder.backbone
+    yield backbone, "conv1", "bn1"
+    for stage in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
+        for block in stage:
+            yield block, "conv1", "bn1"
+            yield block, "conv2", "bn2"
+            if block.downsample is not None:
+                yield block.downsample, "0", "1"
+    yield encoder.pre_feature, "0", "1"
+    yield encoder.projection, "0", "1"
+
+
+@torch.no_grad()
+def fold_batchnorm(encoder: EMPSSLEncoder) -> EMPSSLEncoder:
+    """A copy of ``encoder`` in eval mode in which every BatchNorm is folded into the layer before it.
+
+    With y = W x + b and BN(y) = gamma (y - mean) / sqrt(var + eps) + beta (running statistics):
+    W' = s W, b' = s (b - mean) + beta, s = gamma / sqrt(var + eps) (computed in float64). The copy
+    computes the eval-mode encoder's outputs (to rounding) with no BatchNorm pass over the
+    activations; the BatchNorms become Identity. ``encoder`` itself is not changed.
+    """
+    if not isinstance(encoder, EMPSSLEncoder):
+        raise TypeError(f"fold_batchnorm needs an EMPSSLEncoder, got {type(encoder).__name__}")
+    folded = copy.deepcopy(encoder).eval()
+    for parent, layer_name, norm_name in _fold_pairs(folded):
+        layer, norm = getattr(parent, layer_name), getattr(parent, norm_name)
+        scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+        bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(scale)
+        weight = layer.weight.double() * scale.reshape(-1, *([1] * (layer.weight.ndim - 1)))
+        layer.weight.copy_(weight)  # in place: keeps the parameter's dtype and memory format
+        layer.bias = torch.nn.Parameter(((bias - norm.running_mean.double()) * scale + norm.bias.double())
+                                        .to(layer.weight.dtype), requires_grad=False)
+        setattr(parent, norm_name, torch.nn.Identity())
+    return folded.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -36,39 +97,178 @@ def extract_features(
     max_patches_per_forward: Optional[int] = None,
     progress: bool = False,
     description: str = "features",
+    *,
+    seed: int = 0,
+    split_key: int = 0,
+    fold: bool = True,
 ) -> torch.Tensor:
     """(N, feature_dim) float32: per image, the mean ``encoder.features`` of ``num_patches`` augmented patches.
 
-    ``images``: uint8 (N, H, W, 3) on the encoder's device. The encoder runs in eval mode
-    (its previous mode is restored) on chunks of at most ``max_patches_per_forward`` patches
-    (default: ``MAX_PATCHES_PER_FORWARD`` of the device type).
+    ``images``: uint8 (N, H, W, 3) on the encoder's device. Patch i of image k is drawn from the
+    counter-based source keyed by (``seed``, ``split_key``, k, i), or from ``generator`` when one is
+    given (then the patches depend on the chunking, and a process group is refused). ``fold``: run a
+    BatchNorm-folded copy of the encoder (``fold_batchnorm``; on CUDA in bf16 when ``bf16``, with the
+    patches' memory format); otherwise the encoder itself in eval mode (its mode is restored after).
+    Chunks hold ``max_patches_per_forward // num_patches`` images (default: ``MAX_PATCHES_PER_FORWARD``
+    of the device type; at most a rank's share of the images); the last is padded to that size, so
+    every forward has the same shape.
+    Under ``torch.distributed`` (world size > 1) each rank extracts its slice and the result is
+    gathered: every rank returns the features of all N images.
     """
     if not isinstance(num_patches, int) or num_patches < 1:
         raise ValueError(f"num_patches must be a positive integer, got {num_patches!r}")
-    if images.ndim != 4 or images.dtype != torch.uint8:
-        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    if images.ndim != 4 or images.dtype != torch.uint8 or images.shape[0] == 0:
+        raise ValueError(f"images must be uint8 (N, H, W, 3) with N > 0, got {images.dtype} {tuple(images.shape)}")
     device = images.device
-    augment = augment or MultiPatchAugment(augment_config_for(int(images.shape[1])))
+    rank, world = rank_and_world_size()
+    if generator is not None and world > 1:
+        raise ValueError("a generator's patches depend on how the images are split across ranks: "
+                         "under torch.distributed use the counter-based source (seed, no generator)")
+    on_gpu_bf16 = bf16 and device.type == "cuda"
+    augment = augment or MultiPatchAugment(augment_config_for(int(images.shape[1])),
+                                           out_dtype=torch.bfloat16 if on_gpu_bf16 else torch.float32,
+                                           channels_last=device.type == "cuda")
     if max_patches_per_forward is None:
         max_patches_per_forward = MAX_PATCHES_PER_FORWARD.get(device.type, 8192)
-    images_per_chunk = max(1, max_patches_per_forward // num_patches)
+    num_images = images.shape[0]
+    # never more than a rank's share of the images: a small set is not padded to a large chunk
+    images_per_chunk = max(1, min(max_patches_per_forward // num_patches, math.ceil(num_images / world)))
+    # this rank's images: a whole number of chunks; ids past the end repeat the last image and are dropped
+    per_rank = math.ceil(math.ceil(num_images / world) / images_per_chunk) * images_per_chunk
+    if fold:
+        network = fold_batchnorm(encoder)
+        if device.type == "cuda":
+            network = network.to(memory_format=torch.channels_last)
+            if on_gpu_bf16:
+                network = network.to(torch.bfloat16)
+    else:
+        network = encoder
     was_training = encoder.training
-    encoder.eval()
-    chunks = []
+    network.eval()
+    local = None
     from tqdm import tqdm
 
     try:
-        for start in tqdm(range(0, images.shape[0], images_per_chunk), desc=description, unit="chunk",
-                          disable=not progress, leave=False):
-            batch = images[start:start + images_per_chunk]
-            patches = augment(batch, num_patches, generator=generator)
-            with autocast_context(device, bf16):
-                features = encoder.features(patches)
-            # patch-major: row i * b + j is patch i of image j
-            chunks.append(features.float().reshape(num_patches, batch.shape[0], -1).mean(0))
+        with _cudnn_benchmark(device.type == "cuda"):  # one chunk shape: cuDNN's search runs once
+            for start in tqdm(range(rank * per_rank, (rank + 1) * per_rank, images_per_chunk), desc=description,
+                              unit="chunk", disable=not progress, leave=False):
+                image_ids = torch.arange(start, start + images_per_chunk, device=device).clamp_(max=num_images - 1)
+                batch = images.index_select(0, image_ids)
+                if generator is not None:
+                    patches = augment(batch, num_patches, generator=generator)
+                else:
+                    patches = augment(batch, num_patches, seed=seed, step=split_key, image_ids=image_ids)
+                if not fold and on_gpu_bf16:
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        features = network.features(patches)
+                else:
+                    features = network.features(patches.to(next(network.parameters()).dtype))
+                # patch-major: row i * b + j is patch i of image j
+                mean = features.reshape(num_patches, images_per_chunk, -1).mean(0, dtype=torch.float32)
+                if local is None:
+                    local = torch.empty(per_rank, mean.shape[1], device=device)
+                local[start - rank * per_rank:start - rank * per_rank + images_per_chunk] = mean
     finally:
         encoder.train(was_training)
-    return torch.cat(chunks)
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)  # equal-size padded slices, in rank order
+        local = torch.cat(gathered)
+    return local[:num_images]
+
+
+def _probe_epoch(theta, momentum_buffer, train_inputs, train_targets, order, neg_lr, batch_size, momentum,
+                 weight_decay) -> None:
+    """One epoch of mini-batch SGD (momentum, weight decay) on mean cross-entropy, in place on ``theta``.
+
+    ``theta`` (C, D + 1) is [weight | bias] and ``train_inputs`` (N, D + 1) the features with a ones
+    column, so the logits and both gradients are one matmul each; weight decay applies to the bias
+    as torch.optim.SGD applies it to every parameter. The gradient of the mean cross-entropy is
+    (softmax - onehot)^T x / b. A fixed sequence of ops on tensors that exist before the call: a
+    CUDA graph captures it and replays it with a new ``order`` and ``neg_lr`` (0-d, minus the lr).
+    """
+    num_train = train_inputs.shape[0]
+    for start in range(0, num_train, batch_size):
+        index = order[start:start + batch_size]
+        inputs = train_inputs.index_select(0, index)
+        residual = torch.softmax(inputs @ theta.T, 1).sub_(train_targets.index_select(0, index))
+        gradient = torch.addmm(theta, residual.T, inputs, beta=weight_decay, alpha=1.0 / index.shape[0])
+        torch.add(gradient, momentum_buffer, alpha=momentum, out=momentum_buffer)  # buf = grad + m buf
+        theta.addcmul_(momentum_buffer, neg_lr)
+
+
+def fit_linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    epochs: int = 100,
+    lr: float = 0.03,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-5,
+    batch_size: int = 100,
+    seed: int = 0,
+    cuda_graph: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight (C, D), bias (C,), test top-1 after every epoch (epochs,)) of a linear probe.
+
+    The algorithm of ``empssl.reference.probe.fit_linear_probe`` (nn.Linear initialisation under
+    ``torch.manual_seed(seed)``, SGD with momentum and weight decay, CosineAnnealingLR over the
+    epochs, the same per-epoch ``randperm`` orders, all drawn up front) with the gradient in closed
+    form and no autograd or optimiser objects. On CUDA (``cuda_graph``) epoch 0 runs eagerly (it
+    creates the cuBLAS state), the epoch is captured once as a CUDA graph and replayed for every
+    later epoch: no Python per mini-batch and no host synchronisation until the accuracies are read.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+    device = train_features.device
+    num_train, dim = train_features.shape
+    generator = torch.Generator(device=device).manual_seed(seed)
+    orders = torch.stack([torch.randperm(num_train, device=device, generator=generator) for _ in range(epochs)])
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        init = torch.nn.Linear(dim, num_classes).to(device)
+    theta = torch.cat((init.weight.detach(), init.bias.detach()[:, None]), 1)
+    momentum_buffer = torch.zeros_like(theta)  # SGD's first step sets buf = grad: the same as 0 * m + grad
+
+    def with_ones(features):
+        return torch.cat((features.float(), torch.ones(features.shape[0], 1, device=device)), 1)
+
+    train_inputs, test_inputs = with_ones(train_features), with_ones(test_features)
+    train_targets = F.one_hot(train_labels, num_classes).float()
+    # CosineAnnealingLR(T_max=epochs): epoch e trains at lr (1 + cos(pi e / epochs)) / 2; one copy, up front
+    neg_lrs = torch.tensor([-lr * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)], device=device)
+    test_top1 = torch.zeros(epochs, device=device)
+    order, neg_lr = orders[0].clone(), neg_lrs[0].clone()  # the inputs a captured epoch reads
+    args = (theta, momentum_buffer, train_inputs, train_targets, order, neg_lr, batch_size, momentum, weight_decay)
+
+    def score(epoch):
+        test_top1[epoch] = ((test_inputs @ theta.T).argmax(1) == test_labels).float().mean()
+
+    graph = None
+    for epoch in range(epochs):
+        order.copy_(orders[epoch])
+        neg_lr.copy_(neg_lrs[epoch])
+        if graph is not None:
+            graph.replay()
+        elif device.type == "cuda" and cuda_graph and epoch == 1:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records, runs nothing: the replay runs this epoch
+                _probe_epoch(*args)
+            graph.replay()
+        elif device.type == "cuda" and cuda_graph:  # epoch 0, on a side stream, as capture needs
+            side_stream = torch.cuda.Stream(device)
+            side_stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side_stream):
+                _probe_epoch(*args)
+            torch.cuda.current_stream(device).wait_stream(side_stream)
+        else:
+            _probe_epoch(*args)
+        score(epoch)
+    return theta[:, :dim].clone(), theta[:, dim].clone(), test_top1
 
 
 def linear_probe(
@@ -84,39 +284,16 @@ def linear_probe(
     batch_size: int = 100,
     seed: int = 0,
 ) -> Dict[str, float]:
-    """Train Linear(feature_dim, num_classes) on fixed features; test top-1 after every epoch.
+    """Train Linear(feature_dim, num_classes) on fixed features (``fit_linear_probe``); test top-1 after every epoch.
 
     Returns ``final_top1`` (the result: accuracy after the last epoch), ``best_epoch_top1`` and
     ``best_epoch`` (1-based; the maximum over epochs, which peeks at the test set: for reference only).
-    The learning rate follows a cosine over the epochs (CosineAnnealingLR(T_max=epochs)).
     """
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
-    device = train_features.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        probe = torch.nn.Linear(train_features.shape[1], num_classes).to(device)
-    optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    num_train = train_features.shape[0]
-    test_top1 = torch.zeros(epochs, device=device)  # read once at the end: no host sync per epoch
-    for epoch in range(epochs):
-        order = torch.randperm(num_train, device=device, generator=generator)
-        for start in range(0, num_train, batch_size):
-            index = order[start:start + batch_size]
-            loss = F.cross_entropy(probe(train_features[index]), train_labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            test_top1[epoch] = (probe(test_features).argmax(1) == test_labels).float().mean()
-    accuracies = test_top1.tolist()
+    _, _, test_top1 = fit_linear_probe(train_features, train_labels, test_features, test_labels, num_classes,
+                                       epochs, lr, momentum, weight_decay, batch_size, seed)
+    accuracies = test_top1.tolist()  # the one host read
     best = max(range(epochs), key=lambda e: accuracies[e])
     return {"final_top1": accuracies[-1], "best_epoch_top1": accuracies[best], "best_epoch": best + 1}
-
-
 @torch.no_grad()
 def knn_classify(
     train_features: torch.Tensor,
@@ -177,20 +354,22 @@ def evaluate(
     data = data.to(device)
     config = augment_config or augment_config_for(data.image_size[0])
     use_amp = bf16 and device.type == "cuda"
-    augment = MultiPatchAugment(config, backend=augment_backend, out_dtype=torch.bfloat16 if use_amp else torch.float32)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    augment = MultiPatchAugment(config, backend=augment_backend, out_dtype=torch.bfloat16 if use_amp else torch.float32,
+                                channels_last=device.type == "cuda")
     features = {
-        split: extract_features(encoder, getattr(data, f"{split}_images"), num_patches, augment, generator, bf16,
-                                progress=progress, description=f"{split} features")
-        for split in ("train", "test")
+        split: extract_features(encoder, getattr(data, f"{split}_images"), num_patches, augment, bf16=bf16,
+                                progress=progress, description=f"{split} features", seed=seed, split_key=key)
+        for split, key in SPLIT_KEYS.items()
     }
-    feature_seconds = time.perf_counter() - start
     for split, value in features.items():
-        if not torch.isfinite(value).all():
+        if not torch.isfinite(value).all():  # also the wait for the features: feature_seconds is their time
             raise ValueError(f"the encoder produced non-finite {split} features; the checkpoint is probably diverged")
+    feature_seconds = time.perf_counter() - start
     args = (features["train"], data.train_labels, features["test"], data.test_labels, data.num_classes)
     probe = linear_probe(*args, epochs=linear_epochs, lr=linear_lr, batch_size=linear_batch_size, seed=seed)
+    probe_seconds = time.perf_counter() - start - feature_seconds
     knn = knn_classify(*args, k=knn_k, temperature=knn_temperature)
+    knn_seconds = time.perf_counter() - start - feature_seconds - probe_seconds
     return {
         "linear_top1": probe["final_top1"],
         "linear_best_epoch_top1": probe["best_epoch_top1"],
@@ -203,8 +382,11 @@ def evaluate(
         "num_classes": data.num_classes,
         "feature_dim": int(features["train"].shape[1]),
         "feature_seconds": feature_seconds,
+        "probe_seconds": probe_seconds,
+        "knn_seconds": knn_seconds,
         "total_seconds": time.perf_counter() - start,
     }
 
 
-__all__ = ["evaluate", "extract_features", "linear_probe", "knn_classify"]
+__all__ = ["evaluate", "extract_features", "fold_batchnorm", "fit_linear_probe", "linear_probe", "knn_classify",
+           "rank_and_world_size"]

@@ -1,4 +1,5 @@
-"""Bag-of-features evaluation: feature averaging, linear probe, weighted kNN."""
+"""Bag-of-features evaluation: feature averaging, BatchNorm folding, linear probe (against the
+Python-loop reference), weighted kNN."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,6 +7,7 @@ import torch.nn.functional as F
 from empssl import evaluate as E
 from empssl.data import make_synthetic
 from empssl.models import build_encoder
+from empssl.reference import probe as reference_probe
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -67,7 +69,7 @@ def test_knn_matches_a_float64_weighted_vote():
 class _ScaledCopies:
     """A stand-in augmentation: patch i of image j is image j (as float) times (i + 1), patch-major."""
 
-    def __call__(self, images, num_patches, generator=None):
+    def __call__(self, images, num_patches, generator=None, **counter_keys):
         base = images.permute(0, 3, 1, 2).float() / 255
         return torch.cat([base * (i + 1) for i in range(num_patches)])
 
@@ -77,7 +79,8 @@ def test_features_are_the_mean_over_patches_in_eval_mode():
     encoder = build_encoder(width=0.125, hidden_dim=32, z_dim=16)
     encoder.train()
     images = torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8)
-    features = E.extract_features(encoder, images, num_patches=3, augment=_ScaledCopies(), max_patches_per_forward=6)
+    features = E.extract_features(encoder, images, num_patches=3, augment=_ScaledCopies(), max_patches_per_forward=6,
+                                  fold=False)
     assert encoder.training  # mode restored
     encoder.eval()
     with torch.no_grad():
@@ -98,3 +101,144 @@ def test_evaluate_end_to_end_on_tiny_synthetic():
     assert result["feature_dim"] == 32 and result["num_train"] == 100 and result["num_test"] == 40
     again = E.evaluate(encoder, data, num_patches=2, linear_epochs=3)
     assert again["linear_top1"] == result["linear_top1"] and again["knn_top1"] == result["knn_top1"]  # seeded
+
+
+def _encoder_with_trained_statistics(generator, dtype=torch.float32):
+    """A small encoder whose BatchNorms have non-trivial running statistics and affine parameters."""
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+    encoder = build_encoder(width=0.125, hidden_dim=32, z_dim=16).to(dtype)
+    with torch.no_grad():
+        for module in encoder.modules():
+            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                c = module.num_features
+                module.running_mean.copy_(0.5 * torch.randn(c, generator=generator))
+                module.running_var.copy_(0.2 + torch.rand(c, generator=generator))
+                module.weight.copy_(1 + 0.3 * torch.randn(c, generator=generator))
+                module.bias.copy_(0.3 * torch.randn(c, generator=generator))
+    return encoder.train()
+
+
+def test_folded_encoder_equals_the_eval_mode_encoder_in_float64():
+    generator = torch.Generator().manual_seed(torch.seed())
+    encoder = _encoder_with_trained_statistics(generator, torch.float64)
+    folded = E.fold_batchnorm(encoder)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert encoder.training and sum(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules()) == 20  # untouched
+    x = torch.randn(5, 3, 16, 16, generator=generator, dtype=torch.float64)
+    encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(folded.features(x), encoder.features(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(folded(x), encoder(x), rtol=1e-12, atol=1e-12)
+
+
+def test_features_do_not_depend_on_chunking_and_folded_equals_unfolded():
+    generator = torch.Generator().manual_seed(torch.seed())
+    encoder = _encoder_with_trained_statistics(generator)
+    images = torch.randint(0, 256, (7, 8, 8, 3), dtype=torch.uint8, generator=generator)
+    seed = int(torch.randint(1000, (1,), generator=generator))
+    # 1, 3 (the last chunk padded by 2) and 8 (one chunk padded by 1) images per forward
+    runs = [E.extract_features(encoder, images, 2, max_patches_per_forward=size, seed=seed) for size in (2, 6, 16)]
+    for other in runs[1:]:
+        torch.testing.assert_close(other, runs[0], rtol=1e-5, atol=1e-6)
+    unfolded = E.extract_features(encoder, images, 2, max_patches_per_forward=6, seed=seed, fold=False)
+    torch.testing.assert_close(unfolded, runs[0], rtol=1e-4, atol=1e-5)
+    assert runs[0].shape == (7, 32)
+    test_split = E.extract_features(encoder, images, 2, seed=seed, split_key=1)
+    assert not torch.allclose(test_split, runs[0])  # the split key draws other patches
+
+
+def _separable_features(generator, num_classes=6, dim=24, num_train=530, num_test=200, noise=1.6):
+    """Overlapping classes (accuracy well below 1), so the probe's result depends on every step."""
+    centres = torch.randn(num_classes, dim, generator=generator)
+    train_y = torch.randint(num_classes, (num_train,), generator=generator)
+    test_y = torch.randint(num_classes, (num_test,), generator=generator)
+    train_x = centres[train_y] + noise * torch.randn(num_train, dim, generator=generator)
+    test_x = centres[test_y] + noise * torch.randn(num_test, dim, generator=generator)
+    return train_x, train_y, test_x, test_y, num_classes
+
+
+def test_probe_equals_the_python_loop_reference():
+    generator = torch.Generator().manual_seed(torch.seed())
+    args = _separable_features(generator)  # 530 = 5 full batches and one of 30
+    seed = int(torch.randint(1000, (1,), generator=generator))
+    weight, bias, top1 = E.fit_linear_probe(*args, epochs=4, seed=seed)
+    reference_weight, reference_bias, reference_top1 = reference_probe.fit_linear_probe(*args, epochs=4, seed=seed)
+    torch.testing.assert_close(weight, reference_weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bias, reference_bias, rtol=1e-5, atol=1e-6)
+    assert (top1 - reference_top1).abs().max() <= 0.005  # one test image of 200 may flip on a rounding tie
+    assert 0.3 < float(top1[-1]) < 0.99
+    # the whole schedule: different momentum, weight decay and batch size too
+    options = dict(epochs=12, lr=0.1, momentum=0.5, weight_decay=1e-3, batch_size=64, seed=seed)
+    _, _, top1 = E.fit_linear_probe(*args, **options)
+    _, _, reference_top1 = reference_probe.fit_linear_probe(*args, **options)
+    assert abs(float(top1[-1]) - float(reference_top1[-1])) <= 0.005
+    result = E.linear_probe(*args, **options)
+    assert result["final_top1"] == pytest.approx(float(top1[-1]))
+    assert result["best_epoch_top1"] == pytest.approx(float(top1.max()))
+
+
+def test_evaluation_equals_the_unfolded_encoder_and_reference_probe():
+    """Today's pipeline (unfolded eval-mode encoder, autograd probe) and the fast one agree on the same patches.
+
+    In float64, so that folding's rounding (float32: features equal to 1e-4, see above) cannot flip a
+    near-tied kNN vote: the kNN results are then identical."""
+    generator = torch.Generator().manual_seed(torch.seed())
+    encoder = _encoder_with_trained_statistics(generator, torch.float64)
+    data = make_synthetic(120, 60, 8, seed=int(torch.randint(1000, (1,), generator=generator)))
+    fast, slow = {}, {}
+    for split, key in E.SPLIT_KEYS.items():
+        images = getattr(data, f"{split}_images")
+        fast[split] = E.extract_features(encoder, images, 2, seed=3, split_key=key)
+        slow[split] = E.extract_features(encoder, images, 2, seed=3, split_key=key, fold=False)
+    fast_args = (fast["train"], data.train_labels, fast["test"], data.test_labels, data.num_classes)
+    slow_args = (slow["train"], data.train_labels, slow["test"], data.test_labels, data.num_classes)
+    _, _, top1 = E.fit_linear_probe(*fast_args, epochs=10, seed=3)
+    _, _, reference_top1 = reference_probe.fit_linear_probe(*slow_args, epochs=10, seed=3)
+    assert abs(float(top1[-1]) - float(reference_top1[-1])) <= 0.005 + 1e-6
+    assert E.knn_classify(*fast_args) == E.knn_classify(*slow_args)
+    result = E.evaluate(encoder, data, num_patches=2, linear_epochs=10, seed=3)
+    assert result["linear_top1"] == pytest.approx(float(top1[-1]))
+    assert result["knn_top1"] == E.knn_classify(*fast_args)["top1"]
+    assert result["probe_seconds"] > 0 and result["knn_seconds"] > 0
+
+
+def test_probe_and_features_refuse_bad_input():
+    with pytest.raises(ValueError, match="epochs and batch_size must be positive"):
+        E.fit_linear_probe(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 3),
+                           torch.zeros(2, dtype=torch.long), 2, epochs=0)
+    with pytest.raises(TypeError, match="needs an EMPSSLEncoder"):
+        E.fold_batchnorm(torch.nn.Linear(2, 2))
+    encoder = build_encoder(width=0.125, hidden_dim=32, z_dim=16)
+    with pytest.raises(ValueError, match="N > 0"):
+        E.extract_features(encoder, torch.zeros(0, 8, 8, 3, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError, match="num_patches must be a positive integer"):
+        E.extract_features(encoder, torch.zeros(2, 8, 8, 3, dtype=torch.uint8), 0)
+
+
+@pytest.mark.gpu
+def test_cuda_probe_replaying_its_captured_epoch_equals_the_reference():
+    generator = torch.Generator().manual_seed(torch.seed())
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _separable_features(generator)]
+    seed = int(torch.randint(1000, (1,), generator=generator))
+    weight, bias, top1 = E.fit_linear_probe(*args, epochs=5, seed=seed)  # epoch 0 eager, 1..4 graph replays
+    eager_weight, eager_bias, eager_top1 = E.fit_linear_probe(*args, epochs=5, seed=seed, cuda_graph=False)
+    torch.testing.assert_close(weight, eager_weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(bias, eager_bias, rtol=1e-6, atol=1e-7)
+    reference_weight, reference_bias, reference_top1 = reference_probe.fit_linear_probe(*args, epochs=5, seed=seed)
+    torch.testing.assert_close(weight, reference_weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bias, reference_bias, rtol=1e-4, atol=1e-5)
+    assert (top1 - reference_top1).abs().max() <= 0.005 and (top1 - eager_top1).abs().max() <= 0.005
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_folded_features_match_the_autocast_encoder():
+    generator = torch.Generator().manual_seed(torch.seed())
+    encoder = _encoder_with_trained_statistics(generator).cuda().to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=generator).cuda()
+    folded = E.extract_features(encoder, images, 8, max_patches_per_forward=64)  # 8 images a chunk
+    autocast = E.extract_features(encoder, images, 8, max_patches_per_forward=64, fold=False)
+    assert folded.dtype == torch.float32 and folded.shape == (40, 32)
+    # both in bf16 (8 significant bits): equal to a few bf16 roundings, relative to the features' size
+    assert (folded - autocast).norm() <= 0.05 * autocast.norm()
+    float32 = E.extract_features(encoder, images, 8, max_patches_per_forward=64, bf16=False)
+    assert (folded - float32).norm() <= 0.05 * float32.norm()
