@@ -181,7 +181,8 @@ def register_op(op: str, table: Dict[str, Backend], stand_ins: Callable[..., tup
     clear_resolved()
 
 
-def implementation(op: str, backend: str) -> Backend:
+def get_backend(op: str, backend: str) -> Backend:
+    """The registered ``backend`` of ``op`` (a name ``select_backend`` or ``resolve`` returned)."""
     return _OPS[op].backends[backend]
 
 

@@ -78,3 +78,17 @@ def test_every_backend_says_what_it_supports():
             assert text == "-" or len(text) > 10
     assert "b <= d and b <= 128" in backends.supports("tcr", "cuda")
     assert "any b, d" in backends.supports("tcr", "composite")
+
+
+def test_the_triton_limits_in_words_are_the_kernels():
+    triton_augment = pytest.importorskip("empssl.kernels.augment")
+    triton_tcr = pytest.importorskip("empssl.kernels.tcr")
+    assert f"output_size <= {triton_augment.MAX_OUTPUT_SIZE} " in backends.supports("augment", "triton")
+    assert f"b <= {triton_tcr.MAX_B} " in backends.supports("tcr", "triton")
+
+
+def test_the_cuda_row_limit_is_the_kernels():
+    if backends.extension_reason() or not backends.extension().with_cuda:
+        pytest.skip("needs a CUDA GPU: the extension was built without its CUDA part")
+    max_rows = backends.extension().tcr_cuda_max_rows()
+    assert f"b <= {max_rows}" in backends.supports("tcr", "cuda")

@@ -37,7 +37,7 @@ CUDA_MAX_DOWNSCALE = 16  # image side <= 16 * output_size (resampling taps per o
 
 class KernelConfig(NamedTuple):
     """The fields of an AugmentConfig that the kernels and their checks read: constants, so a torch.compile
-    trace can key the backend choice by them (as a plain tuple: Dynamo rebuilds named tuples wrongly) and
+    trace can key the backend choice by them (as a plain tuple: a named tuple made a constant by Dynamo lost its fields) and
     the ops can take them as plain arguments."""
 
     output_size: int
@@ -156,8 +156,8 @@ BACKENDS = {
         f"CUDA; uint8 images of any strides; blur_kernel_size <= {CUDA_MAX_BLUR_KERNEL_SIZE}, image side <= "
         f"{CUDA_MAX_DOWNSCALE} x output_size (shared memory per tile)", cuda_reason, _extension_patches),
     "triton": backends.Backend(
-        "CUDA (CPU under TRITON_INTERPRET=1); uint8 images with int32 strides; a whole patch per program "
-        "(output_size limit in kernels/augment.py)", triton_reason, _triton_patches),
+        "CUDA (CPU under TRITON_INTERPRET=1); uint8 images with int32 strides; output_size <= 64 (a whole "
+        "patch in one program's registers)", triton_reason, _triton_patches),
     "cpu": backends.Backend("CPU; uint8 images of any strides, any size", cpu_reason, _extension_patches),
     "reference": backends.Backend("any device; any recipe (torch ops, chunked over patches)",
                                   lambda device, images_nhwc, source_index, params, config: None,
@@ -188,9 +188,11 @@ backends.register_op("augment", BACKENDS, _stand_ins, example=_example_inputs)
 def augment_patches(images_nhwc: torch.Tensor, source_index: torch.Tensor, params: torch.Tensor, config,
                     out_dtype: torch.dtype, channels_last: bool, backend: str = "auto") -> torch.Tensor:
     """Patches (P, 3, S, S) for inputs validated by the caller (empssl.augment.MultiPatchAugment), through
-    ``backend`` or the first that fits. ``config`` is an AugmentConfig."""
+    ``backend`` or the first that fits. ``config`` is an AugmentConfig. In a torch.compile trace the recipe's
+    fields key the choice as constants: automatic dynamic shapes keep them so, but ``dynamic=True`` makes its
+    floats symbolic, which Dynamo refuses there (a graph break; an error with fullgraph=True)."""
     name = backends.resolve("augment", backend, images_nhwc.device, images_nhwc.dtype,
                             backends.static_sizes(images_nhwc.shape), backends.static_sizes(images_nhwc.stride()),
                             backends.static_sizes(params.shape[:1])[0], tuple(KernelConfig.of(config)))
-    return backends.implementation("augment", name).run(images_nhwc, source_index, params, config, out_dtype,
-                                                        channels_last)
+    return backends.get_backend("augment", name).run(images_nhwc, source_index, params, config, out_dtype,
+                                                     channels_last)

@@ -89,8 +89,7 @@ def tcr_forward_backward_triton(z: torch.Tensor, alpha: float, need_grad: bool) 
     return module.tcr_forward_backward(z, alpha, need_grad)
 
 
-tcr_forward_backward_triton.register_fake(_fake_forward_backward)
-torch.library.register_autograd(TRITON_OP, _backward, setup_context=_setup_context)
+_register_python_side(TRITON_OP)
 
 # the extension defines its ops when it loads (here, if it is built); their Python side is registered with it
 _EXTENSION_REASON = backends.extension_op_reason("tcr_forward_backward")
@@ -117,10 +116,10 @@ def _cuda_reason(device: torch.device, z: torch.Tensor) -> Optional[str]:
     if z.dtype not in LOW_PRECISION:
         return f"the cuda kernel takes float32, bfloat16 or float16, got {z.dtype}"
     b, d = z.shape[-2:]
-    max_rows = backends.extension().tcr_cuda_max_rows()
+    max_rows = backends.extension().tcr_cuda_max_rows()  # the kernel's own limit (kMaxRows, csrc/cuda/tcr.cu)
     if b > d or b > max_rows:
-        return (f"the cuda kernel sweeps the b x b side in one block's shared memory: b <= d and b <= {max_rows}, "
-                f"got b = {b}, d = {d} (the composite backend takes these)")
+        return (f"the cuda kernel holds the b x b side of one group in a block's shared memory: b <= d and "
+                f"b <= {max_rows}, got b = {b}, d = {d} (the composite backend takes these)")
     return None
 
 
@@ -183,4 +182,4 @@ def coding_rate(z: torch.Tensor, eps: float, backend: str = "auto") -> torch.Ten
     ``backend`` or the first that fits; float32 (float64 for float64 z), differentiable."""
     b, d = backends.static_sizes(z.shape[1:])
     name = backends.resolve("tcr", backend, z.device, z.dtype, b, d)
-    return backends.implementation("tcr", name).run(z, eps)
+    return backends.get_backend("tcr", name).run(z, eps)
