@@ -439,6 +439,7 @@ def _sampling_constants(config: AugmentConfig) -> Tuple[Tuple[float, ...], Tuple
 # ---------------------------------------------------------------------------------------------
 # Validation and the module (the op, its backends and its dispatch: empssl.ops.augment)
 
+
 def _as_nhwc(images) -> torch.Tensor:
     """Validate a uint8 image batch and view it as (B, H, W, 3) without copying."""
     if not isinstance(images, torch.Tensor):
@@ -571,4 +572,3 @@ class MultiPatchAugment(nn.Module):
         images_nhwc = _as_nhwc(images)
         source_index, params = self._sample(images_nhwc, num_patches, generator, seed, step, image_ids)
         return self._run_backend(images_nhwc, source_index, params)  # valid by construction: no value check, no sync
-
