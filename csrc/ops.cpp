@@ -37,8 +37,9 @@ void tcr_check(const at::Tensor& z, double alpha) {
 }
 
 // Torch composite on the smaller side (any device): Gram by baddbmm, Cholesky, cholesky_solve.
-// The CUDA op uses it where its kernel does not apply (b > 128 or b > d).
-std::tuple<at::Tensor, at::Tensor> tcr_composite(const at::Tensor& z, double alpha, bool need_grad) {
+// Backend "composite" (empssl/ops/tcr.py): it takes the shapes the CUDA kernel refuses (b > 128 or b > d).
+std::tuple<at::Tensor, at::Tensor> tcr_composite_op(const at::Tensor& z, double alpha, bool need_grad) {
+  tcr_check(z, alpha);
   const auto compute = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x = z.scalar_type() == compute ? z : z.to(compute);
   const int64_t n = z.size(0), b = z.size(1), d = z.size(2);
@@ -73,12 +74,6 @@ std::tuple<at::Tensor, at::Tensor> tcr_forward_backward_cpu_op(const at::Tensor&
   return {rate, grad};
 }
 
-// The composite as an op of its own, so that the CPU tests check the CUDA op's fallback.
-std::tuple<at::Tensor, at::Tensor> tcr_composite_op(const at::Tensor& z, double alpha, bool need_grad) {
-  tcr_check(z, alpha);
-  return tcr_composite(z, alpha, need_grad);
-}
-
 #ifdef EMPSSL_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> tcr_forward_backward_cuda_op(const at::Tensor& z, double alpha, bool need_grad) {
   tcr_check(z, alpha);
@@ -86,7 +81,8 @@ std::tuple<at::Tensor, at::Tensor> tcr_forward_backward_cuda_op(const at::Tensor
   TORCH_CHECK(z.scalar_type() != at::kDouble, "tcr_forward_backward (cuda): z must be float32, bfloat16 or float16");
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t n = z.size(0), b = z.size(1), d = z.size(2);
-  if (b > d || b > empssl::tcr_cuda_max_rows()) return tcr_composite(z, alpha, need_grad);
+  TORCH_CHECK(b <= d && b <= empssl::tcr_cuda_max_rows(), "tcr_forward_backward (cuda): the kernel takes b <= d and b <= ",
+              empssl::tcr_cuda_max_rows(), ", got b = ", b, ", d = ", d, " (backend 'composite' takes the others)");
   const at::Tensor x = z.contiguous();
   at::Tensor rate = at::empty({n}, x.options().dtype(at::kFloat));
   at::Tensor grad = need_grad ? at::empty_like(x) : at::empty({0}, z.options());
@@ -226,6 +222,8 @@ TORCH_LIBRARY_IMPL(empssl, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #ifdef EMPSSL_WITH_CUDA
   module.attr("with_cuda") = true;
+  // the largest group size b of the CUDA TCR kernel, for its backend check (empssl/ops/tcr.py)
+  module.def("tcr_cuda_max_rows", &empssl::tcr_cuda_max_rows);
 #else
   module.attr("with_cuda") = false;
 #endif

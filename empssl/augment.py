@@ -1,4 +1,4 @@
-"""Multi-patch augmentation (SPEC.md section 4): recipes, parameter sampling, dispatch.
+"""Multi-patch augmentation (SPEC.md section 4): recipes, parameter sampling, the module.
 
 Sampling and applying are separate. ``sample_augment_params`` draws every random choice
 of every patch on the device, vectorised, from a ``torch.Generator`` or from counter-based random numbers (a hash of seed,
@@ -6,22 +6,21 @@ step, image, patch and draw: ``counter_uniforms``), into a float32 tensor
 (P, NUM_PARAMS) laid out as in ``empssl.augment_params``. A backend (reference, Triton,
 CUDA, CPU C++) is a deterministic function of (images, source_index, params, config), so
 every backend gives the same patches for the same parameters. ``MultiPatchAugment`` is the
-public entry point: it validates its inputs, samples, and dispatches through
-``empssl.backends``.
+public entry point: it validates its inputs, samples, and calls the op, whose backends and
+dispatch are in ``empssl.ops.augment``.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import augment_params as AP
 from . import backends
-from .reference import augment as reference_augment
+from .ops import augment as augment_op
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -438,35 +437,7 @@ def _sampling_constants(config: AugmentConfig) -> Tuple[Tuple[float, ...], Tuple
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends and dispatch
-
-# backend name -> impl(images_nhwc, source_index, params, config, out_dtype, channels_last) -> (P, 3, S, S)
-_IMPLEMENTATIONS: Dict[str, Callable[..., torch.Tensor]] = {"reference": reference_augment.apply_augment}
-
-
-def _example_inputs() -> tuple:
-    """Typical inputs for `empssl info`: 100 CIFAR images, 20 patches each."""
-    count = 20 * 100
-    return (
-        torch.zeros(100, 32, 32, 3, dtype=torch.uint8),
-        torch.zeros(count, dtype=torch.int64),
-        torch.zeros(count, AP.NUM_PARAMS),
-        AugmentConfig.cifar(),
-    )
-
-
-backends.register_op(
-    "augment",
-    {"reference": lambda device, images_nhwc, source_index, params, config: None},
-    example=_example_inputs,
-)
-
-
-def register_augment_backend(name: str, impl: Callable[..., torch.Tensor], check: Callable[..., backends.Reason]) -> None:
-    """Add a fast path: ``impl`` has the reference's signature, ``check(device, images_nhwc,
-    source_index, params, config)`` returns None when it can run these inputs, else why not."""
-    backends.register_backend("augment", name, check)
-    _IMPLEMENTATIONS[name] = impl
+# Validation and the module (the op, its backends and its dispatch: empssl.ops.augment)
 
 
 def _as_nhwc(images) -> torch.Tensor:
@@ -581,8 +552,8 @@ class MultiPatchAugment(nn.Module):
 
     def _run_backend(self, images_nhwc: torch.Tensor, source_index: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         # not named _apply: that is nn.Module's hook for .to() / .float() / .cuda()
-        name = backends.select_backend("augment", self.backend, images_nhwc.device, images_nhwc, source_index, params, self.config)
-        return _IMPLEMENTATIONS[name](images_nhwc, source_index, params, self.config, self.out_dtype, self.channels_last)
+        return augment_op.augment_patches(images_nhwc, source_index, params, self.config, self.out_dtype,
+                                          self.channels_last, self.backend)
 
     def sample(self, images: torch.Tensor, num_patches: int, generator: Optional[torch.Generator] = None, *,
                seed=None, step=0, image_ids: Optional[torch.Tensor] = None):
@@ -601,11 +572,3 @@ class MultiPatchAugment(nn.Module):
         images_nhwc = _as_nhwc(images)
         source_index, params = self._sample(images_nhwc, num_patches, generator, seed, step, image_ids)
         return self._run_backend(images_nhwc, source_index, params)  # valid by construction: no value check, no sync
-
-
-try:
-    # registers the compiled and Triton backends; import_module names the missing module in err.name
-    importlib.import_module(f"{__package__}.augment_ops")
-except ImportError as err:
-    if err.name != f"{__package__}.augment_ops":
-        raise

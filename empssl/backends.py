@@ -1,29 +1,55 @@
-"""Which backends exist on this machine for each op, and why the others do not.
+"""The machinery every op's backends share: the registry, first-fit dispatch, its cache, and the checks
+that say whether the extension and Triton can run here.
 
-Every op takes ``backend="auto" | "cuda" | "triton" | "cpu" | "reference"``. Each op module
-registers, per backend, a function that returns ``None`` when the backend can run on the
-given inputs, or a sentence saying why not (no GPU, extension not built, shape outside the
-kernel's limits). ``select_backend`` is the one dispatch point; ``availability_table`` is
-what ``empssl info`` prints.
+Every op takes ``backend="auto" | "cuda" | "composite" | "triton" | "cpu" | "reference"``. Each op's
+interface module (``empssl.ops.augment``, ``empssl.ops.tcr``) registers its table of ``Backend``: what
+each supports, in words, a check that returns ``None`` when the backend can run the given inputs or
+a sentence saying why not (no GPU, extension not built, shape outside the kernel's limits), and the
+function that runs it. ``select_backend`` is the one dispatch point, first fit in ``AUTO_ORDER``;
+``resolve`` is the same choice made once per (op, request, device, facts) and remembered, so that a
+call in a ``torch.compile`` trace reads a constant; ``availability_table`` is what ``empssl info`` prints.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
+import operator
 import os
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-BACKENDS = ("cuda", "triton", "cpu", "reference")
-# auto picks the first backend in this order that can run the inputs
-AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+BACKENDS = ("cuda", "composite", "triton", "cpu", "reference")
+# auto picks the first backend in this order that can run the inputs. On CUDA the composite (torch ops of
+# the extension) takes the shapes the cuda kernel refuses, as the cuda op did itself before the choice
+# moved here; triton runs where the extension has no CUDA part. The CPU's composite is LAPACK's Cholesky,
+# as in the reference, so auto does not pick it there (backend="composite" asks for it).
+AUTO_ORDER = {"cuda": ("cuda", "composite", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 Reason = Optional[str]
-# op name -> backend -> check(device, *op inputs) -> reason or None
-_OP_CHECKS: Dict[str, Dict[str, Callable[..., Reason]]] = {}
-# op name -> () -> typical inputs (CPU tensors standing in for shape and dtype), for `empssl info`
-_OP_EXAMPLES: Dict[str, Callable[[], tuple]] = {}
+
+
+@dataclasses.dataclass
+class Backend:
+    """One implementation of an op. ``check(device, *inputs)`` reads only the inputs' metadata (devices,
+    dtypes, sizes, strides, configuration), never their values; ``run`` has the op's signature."""
+
+    supports: str  # devices, dtypes and sizes, in words, for `empssl info`
+    check: Callable[..., Reason]
+    run: Callable[..., Any]
+
+
+@dataclasses.dataclass
+class _Op:
+    backends: Dict[str, Backend]
+    stand_ins: Callable[..., tuple]  # (device, *facts) -> inputs for the checks, built from the facts alone
+    example: Callable[[], tuple]  # typical inputs (CPU tensors standing in for shape and dtype), for `empssl info`
+
+
+_OPS: Dict[str, _Op] = {}
+# (op, requested, device, facts) -> backend name: what resolve chose
+_RESOLVED: Dict[tuple, str] = {}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -144,34 +170,47 @@ def triton_reason(device: torch.device) -> Reason:
     return f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
 
 
-def register_op(op: str, checks: Dict[str, Callable[..., Reason]], example: Callable[[], tuple]) -> None:
-    """Declare, for one op, the check of each backend (missing backends are unsupported) and typical inputs."""
-    _OP_CHECKS[op] = checks
-    _OP_EXAMPLES[op] = example
+def register_op(op: str, table: Dict[str, Backend], stand_ins: Callable[..., tuple],
+                example: Callable[[], tuple]) -> None:
+    """Declare an op's backends (those missing from ``table`` are unsupported), how ``resolve`` rebuilds
+    inputs for their checks from the facts, and typical inputs for ``empssl info``."""
+    unknown = set(table) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"{op}: unknown backends {sorted(unknown)}; the names are {BACKENDS}")
+    _OPS[op] = _Op(dict(table), stand_ins, example)
+    clear_resolved()
 
 
-def register_backend(op: str, backend: str, check: Callable[..., Reason]) -> None:
-    """Add or replace one backend's check of an op already registered (fast paths register themselves)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}")
-    _OP_CHECKS[op][backend] = check
+def get_backend(op: str, backend: str) -> Backend:
+    """The registered ``backend`` of ``op`` (a name ``select_backend`` or ``resolve`` returned)."""
+    return _OPS[op].backends[backend]
+
+
+def supports(op: str, backend: str) -> str:
+    """What ``backend`` of ``op`` takes, in words ("-" when the op has no such backend)."""
+    entry = _OPS[op].backends.get(backend)
+    return entry.supports if entry else "-"
 
 
 def reasons(op: str, device: torch.device, *inputs) -> Dict[str, Reason]:
     """For each backend, None if it can run ``op`` on these inputs on ``device``, else why not."""
-    checks = _OP_CHECKS[op]
+    table = _OPS[op].backends
     if device.type == "cuda" and not torch.cuda.is_available():
         return {name: "no CUDA GPU on this machine" for name in BACKENDS}
     return {
-        name: (checks[name](device, *inputs) if name in checks else f"{op} has no {name} backend")
+        name: (table[name].check(device, *inputs) if name in table else f"{op} has no {name} backend")
         for name in BACKENDS
     }
 
 
-def select_backend(op: str, requested: str, device: torch.device, *inputs) -> str:
-    """Resolve ``requested`` (a backend name or "auto") for ``op`` on these inputs."""
+def _check_requested(requested: str) -> None:
     if requested != "auto" and requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; choose one of 'auto', " + ", ".join(repr(b) for b in BACKENDS))
+
+
+def select_backend(op: str, requested: str, device: torch.device, *inputs) -> str:
+    """Resolve ``requested`` (a backend name or "auto") for ``op`` on these inputs: first fit in AUTO_ORDER."""
+    _check_requested(requested)
     why_not = reasons(op, device, *inputs)
     if requested != "auto":
         if why_not[requested] is not None:
@@ -184,6 +223,35 @@ def select_backend(op: str, requested: str, device: torch.device, *inputs) -> st
     raise BackendUnavailableError(f"{op}: no backend can run these inputs: " + "; ".join(f"{k}: {v}" for k, v in why_not.items()))
 
 
+def static_sizes(sizes: Iterable) -> Tuple[int, ...]:
+    """Sizes as Python ints. In a torch.compile trace with dynamic shapes ``operator.index`` specialises
+    each (a guard per size, so another size recompiles), which lets ``resolve`` take them as constants."""
+    return tuple(operator.index(size) for size in sizes)
+
+
+@torch.compiler.assume_constant_result
+def resolve(op: str, requested: str, device: torch.device, *facts) -> str:
+    """``select_backend`` once per (op, requested, device, facts), then the remembered answer.
+
+    ``facts`` are Python constants, everything the op's checks read (dtypes, sizes, strides, the
+    configuration fields the kernels take); the checks see stand-in tensors built from them. Under
+    torch.compile this runs at trace time and the name is a constant of the graph: dispatch adds no
+    Python work to the trace. Refusals are not remembered (each call says why again). Whatever
+    changes what the checks see beyond the facts (a test that swaps a check) calls ``clear_resolved``.
+    """
+    key = (op, requested, device, facts)
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = select_backend(op, requested, device, *_OPS[op].stand_ins(device, *facts))
+        _RESOLVED[key] = name
+    return name
+
+
+def clear_resolved() -> None:
+    """Forget every choice ``resolve`` made (the next call runs the checks again)."""
+    _RESOLVED.clear()
+
+
 def availability_table() -> list:
     """Rows (op, device type, backend, reason or None) for ``empssl info``.
 
@@ -191,8 +259,8 @@ def availability_table() -> list:
     why the CUDA backends are absent on a machine without a GPU.
     """
     rows = []
-    for op, make_inputs in _OP_EXAMPLES.items():
-        inputs = make_inputs()
+    for op, entry in _OPS.items():
+        inputs = entry.example()
         for device in (torch.device("cpu"), torch.device("cuda")):
             for name, why in reasons(op, device, *inputs).items():
                 rows.append((op, device.type, name, why))

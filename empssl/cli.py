@@ -278,7 +278,7 @@ def _run_info(args) -> int:
     import torch
 
     from . import __version__, backends
-    from . import augment, loss  # noqa: F401  importing registers the ops
+    from . import ops  # noqa: F401  importing registers the ops
 
     def version(module_name):
         try:
@@ -307,6 +307,13 @@ def _run_info(args) -> int:
     print("  ".join(f"{h:<{w}}" for h, w in zip(header[:3], widths)) + "  " + header[3])
     for row in table:
         print("  ".join(f"{value:<{w}}" for value, w in zip(row[:3], widths)) + "  " + row[3])
+    print()
+    ops_listed = list(dict.fromkeys(op for op, *_ in rows))
+    described = [(op, name) for op in ops_listed for name in backends.BACKENDS if backends.supports(op, name) != "-"]
+    width = max(len(f"{op} {name}") for op, name in described)
+    print(f"{'op backend':<{width}}  supports")
+    for op, name in described:
+        print(f"{op + ' ' + name:<{width}}  {backends.supports(op, name)}")
     return 0
 
 

@@ -1,21 +1,16 @@
 """The EMP-SSL loss: Total Coding Rate and patch invariance (SPEC.md sections 1-2).
 
-``coding_rate`` is the one entry point for R; it validates its input, picks a backend
-through ``empssl.backends`` and calls that backend's implementation:
-
-- reference: plain torch (empssl/reference/tcr.py), autograd through cholesky_ex;
-- cpu / cuda: the compiled extension's fused forward+backward (csrc/), via empssl.tcr_ops;
-- triton: kernels/tcr.py, via empssl.tcr_ops.
+``coding_rate`` is the one entry point for R; it validates its input and calls the TCR op,
+whose backends (reference, cpu, cuda, composite, triton) and dispatch are in ``empssl.ops.tcr``.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn
 
-from . import backends, tcr_ops
-from .reference import tcr as reference_tcr
+from .ops import tcr as tcr_op
 
 
 def _check_z(z, eps) -> None:
@@ -31,71 +26,6 @@ def _check_z(z, eps) -> None:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
 
 
-# Largest matrix side min(b, d) the cpu kernel takes: its O(side^3) sweep is slower than
-# LAPACK's Cholesky in the reference beyond this, so auto falls back there.
-CPU_MAX_SIDE = 1024
-_LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def coding_rate_alpha(b: int, d: int, eps: float) -> float:
-    """alpha = d / (b * eps) of R(Z) = 1/2 logdet(I + alpha Z^T Z)."""
-    return d / (b * eps)
-
-
-def _cpu_reason(device: torch.device, z: torch.Tensor):
-    reason = backends.cpu_extension_reason(device) or tcr_ops.extension_reason()
-    if reason:
-        return reason
-    if min(z.shape[-2:]) > CPU_MAX_SIDE:
-        return f"min(b, d) = {min(z.shape[-2:])} exceeds the cpu kernel's limit {CPU_MAX_SIDE}"
-    return None
-
-
-def _cuda_reason(device: torch.device, z: torch.Tensor):
-    reason = backends.cuda_extension_reason(device) or tcr_ops.extension_reason()
-    if reason:
-        return reason
-    if z.dtype not in _LOW_PRECISION:
-        return f"the cuda kernel takes float32, bfloat16 or float16, got {z.dtype}"
-    return None
-
-
-def _triton_reason(device: torch.device, z: torch.Tensor):
-    return backends.triton_reason(device) or tcr_ops.triton_reason(z)
-
-
-def _fused(backend: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
-    def implementation(z: torch.Tensor, eps: float) -> torch.Tensor:
-        return tcr_ops.coding_rate_fused(z, coding_rate_alpha(z.shape[1], z.shape[2], eps), backend)
-
-    implementation.__name__ = f"coding_rate_{backend}"
-    return implementation
-
-
-# backend name -> implementation(z (n, b, d), eps) -> R (n,)
-_IMPLEMENTATIONS: Dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    "reference": reference_tcr.coding_rate,
-    "cpu": _fused("cpu"),
-    "cuda": _fused("cuda"),
-    "triton": _fused("triton"),
-}
-
-backends.register_op(
-    "tcr", {"reference": lambda device, z: None}, example=lambda: (torch.zeros(20, 100, 1024),)
-)
-backends.register_backend("tcr", "cpu", _cpu_reason)
-backends.register_backend("tcr", "cuda", _cuda_reason)
-backends.register_backend("tcr", "triton", _triton_reason)
-
-
-@torch.compiler.assume_constant_result
-def _resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, shape: tuple) -> str:
-    """The backend for inputs of this device, dtype and shape. Under torch.compile it runs once,
-    eagerly, at trace time (its lazy imports cannot be traced); the result is a constant."""
-    stand_in = torch.empty_strided(shape, (0,) * len(shape), dtype=dtype, device=device)  # no storage
-    return backends.select_backend("tcr", requested, device, stand_in)
-
-
 def coding_rate(z: torch.Tensor, eps: float = 0.2, backend: str = "auto") -> torch.Tensor:
     """Total Coding Rate R of each group: z (n, b, d) -> (n,) float32; z (b, d) -> scalar.
 
@@ -104,8 +34,7 @@ def coding_rate(z: torch.Tensor, eps: float = 0.2, backend: str = "auto") -> tor
     _check_z(z, eps)
     single = z.ndim == 2
     groups = z.unsqueeze(0) if single else z
-    name = _resolve_backend(backend, groups.device, groups.dtype, tuple(groups.shape))
-    rate = _IMPLEMENTATIONS[name](groups, float(eps))
+    rate = tcr_op.coding_rate(groups, float(eps), backend)
     return rate[0] if single else rate
 
 

@@ -9,6 +9,7 @@ import empssl
 from empssl import augment_params as AP
 from empssl.augment import AugmentConfig, MultiPatchAugment, sample_augment_params
 from empssl.backends import BackendUnavailableError
+from empssl.ops import augment as augment_op
 from empssl.reference import augment as ref
 
 # every colour op off, no normalisation: a constant image stays its colour
@@ -250,7 +251,7 @@ def test_bad_parameters_are_rejected_before_applying(change, error, match, monke
     def must_not_run(*args):
         raise AssertionError("the backend ran on invalid parameters")
 
-    monkeypatch.setattr("empssl.augment._IMPLEMENTATIONS", {"reference": must_not_run})
+    monkeypatch.setattr(augment_op.BACKENDS["reference"], "run", must_not_run)
     source_index, params = change(*_valid_params())
     with pytest.raises(error, match=match) as raised:
         MultiPatchAugment(NO_COLOUR, backend="reference").apply(_images(), source_index, params)

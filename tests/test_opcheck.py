@@ -7,20 +7,21 @@ import dataclasses
 import pytest
 import torch
 
-from empssl import augment_ops, backends, tcr_ops
+from empssl import backends
 from empssl.augment import AugmentConfig, sample_augment_params
-from empssl.loss import coding_rate_alpha
+from empssl.ops import augment as augment_op
+from empssl.ops import tcr as tcr_op
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 # every op the package defines, and the backend whose check loads and registers it
 OPS = {
     "tcr_forward_backward": ("tcr", "cpu"),
-    "tcr_forward_backward_composite": ("tcr", "cpu"),
+    "tcr_forward_backward_composite": ("tcr", "composite"),
     "tcr_forward_backward_triton": ("tcr", "triton"),
     "augment_patches": ("augment", "cpu"),
     "augment_patches_triton": ("augment", "triton"),
 }
-CUDA_BACKEND = {"cpu": "cuda", "triton": "triton"}  # the backend of the same op on a CUDA tensor
+CUDA_BACKEND = {"cpu": "cuda", "composite": "composite", "triton": "triton"}  # the backend of the same op on a CUDA tensor
 
 
 def _require(op_name, device, *inputs):
@@ -46,7 +47,7 @@ def test_every_empssl_op_is_checked():
 TCR_OPS = {
     "tcr_forward_backward": lambda: torch.ops.empssl.tcr_forward_backward.default,
     "tcr_forward_backward_composite": lambda: torch.ops.empssl.tcr_forward_backward_composite.default,
-    "tcr_forward_backward_triton": lambda: tcr_ops.tcr_forward_backward_triton,
+    "tcr_forward_backward_triton": lambda: tcr_op.tcr_forward_backward_triton,
 }
 
 
@@ -57,9 +58,14 @@ TCR_OPS = {
 @pytest.mark.parametrize("need_grad", [True, False], ids=["grad", "forward"])
 def test_tcr_op(device, op_name, shape, dtype, need_grad):
     z = torch.randn(shape, device=device).to(dtype)
+    if device == "cuda" and op_name == "tcr_forward_backward" and shape[1] > shape[2]:
+        # the CUDA kernel takes b <= d only; dispatch sends b > d to the composite, and the op itself refuses it
+        assert "composite backend takes these" in backends.reasons("tcr", z.device, z)["cuda"]
+        with pytest.raises(RuntimeError, match="backend 'composite' takes the others"):
+            TCR_OPS[op_name]()(z, tcr_op.coding_rate_alpha(shape[1], shape[2], 0.2), need_grad)
+        return
     _require(op_name, device, z)
-    tcr_ops.extension_reason()  # registers the fakes and the autograd of the extension ops
-    alpha = coding_rate_alpha(shape[1], shape[2], 0.2)
+    alpha = tcr_op.coding_rate_alpha(shape[1], shape[2], 0.2)
     # the gradient exists only when the forward computed it (need_grad), so only then may z require grad
     z.requires_grad_(need_grad)
     torch.library.opcheck(TCR_OPS[op_name](), (z, alpha, need_grad))
@@ -87,5 +93,5 @@ def test_augment_op(device, op_name, out_dtype, channels_last):
     if op_name == "augment_patches":
         op, args = torch.ops.empssl.augment_patches.default, common + (config.jitter_op_mask(),)
     else:
-        op, args = augment_ops.augment_patches_triton, common + (list(config.jitter_strengths()),)
+        op, args = augment_op.augment_patches_triton, common + (config.jitter_op_mask(),)
     torch.library.opcheck(op, args + (out_dtype, channels_last))

@@ -152,7 +152,7 @@ def test_cpu_backend_low_precision_flash_rule(n, b, d, kind, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,b,d", [(3, 129, 64), (4, 100, 16), (2, 7, 30)])
 def test_cuda_fallback_composite_op_on_cpu(n, b, d, dtype):
-    # the CUDA op runs this composite for b > 128 or b > d; it is device-agnostic, so check it here
+    # backend "composite", auto's choice on CUDA for b > 128 or b > d: the op is device-agnostic, so check it here
     backends.extension()  # loads the library that defines the op
     z = make_z("random", n, b, d, torch.float32, seed=b * d).to(dtype)
     alpha = d / (b * EPS)
@@ -166,6 +166,21 @@ def test_cuda_fallback_composite_op_on_cpu(n, b, d, dtype):
     rate_only, empty = torch.ops.empssl.tcr_forward_backward_composite(z, alpha, False)
     assert empty.numel() == 0
     torch.testing.assert_close(rate_only, rate)
+
+
+@pytest.mark.parametrize("n,b,d", [(3, 129, 64), (4, 100, 16)], ids=["b>128", "b>d"])
+def test_composite_backend_through_coding_rate(n, b, d):
+    # what auto runs on CUDA where the cuda kernel refuses; on the CPU only when asked for by name
+    z = make_z("near", n, b, d, torch.float32, seed=n + b * d)
+    if not available("composite", z):
+        pytest.skip(f"composite backend unavailable: {backends.reasons('tcr', z.device, z)['composite']}")
+    weights = torch.randn(n)
+    fast = value_and_grad(lambda x: coding_rate(x, EPS, backend="composite"), z, weights)
+    assert_float32_or_flash_rule(fast, value_and_grad(lambda x: reference_tcr.coding_rate(x, EPS), z, weights),
+                                 float64_truth(z, weights))
+    assert backends.select_backend("tcr", "auto", z.device, z) == "cpu"
+    with pytest.raises(backends.BackendUnavailableError, match="float64 goes to the reference"):
+        coding_rate(z.double(), EPS, backend="composite")
 
 
 # ---- triton (under the interpreter on CPU: small shapes only) ---------------------------
@@ -202,7 +217,7 @@ def test_triton_backend_low_precision(dtype):
     assert_flash_rule(fast, torch_in_dtype(z, weights), float64_truth(z, weights))
 
 
-# ---- GPU: the cuda kernel (b <= 128, b <= d) and its composite fallback, triton ------------
+# ---- GPU: the cuda kernel (b <= 128, b <= d), the composite (the shapes it refuses), triton ------------
 
 # every compiled block size: triton BLOCK_B 16 (b=1), 32 (b=24), 64 (b=33), 128 (b=100, 128); cuda BT
 # 32 (b=1, 24), 64 (b=33), 128 (b=100, 128); and the composite (b > 128, b > d)
@@ -211,13 +226,18 @@ GPU_SHAPES = [(20, 100, 1024), (200, 100, 1024), (4, 128, 1024), (3, 1, 16), (6,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cuda", "composite", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["random", "near", "collapsed"])
 @pytest.mark.parametrize("n,b,d", GPU_SHAPES)
 def test_gpu_backends_against_float64(backend, dtype, kind, n, b, d):
     torch.backends.cuda.matmul.allow_tf32 = False
     z = make_z(kind, n, b, d, torch.float32, seed=n + b + d).to("cuda", dtype)
+    if backend == "cuda" and (b > d or b > 128) and backends.cuda_extension_reason(z.device) is None:
+        # outside the kernel's tile: the backend refuses, naming the composite (auto's next choice)
+        assert "composite backend takes these" in backends.reasons("tcr", z.device, z)["cuda"]
+        assert backends.select_backend("tcr", "auto", z.device, z) == "composite"
+        return
     if not available(backend, z):
         pytest.skip(backends.reasons("tcr", z.device, z)[backend])
     weights = torch.randn(n, device="cuda")

@@ -1,7 +1,6 @@
 """The training step as a function of state: no host sync, one graph, a launch budget, exact continuation,
 eager and compiled agree; on CUDA, the captured step gives the eager step's parameters."""
 import collections
-import contextlib
 import copy
 import json
 import math
@@ -9,7 +8,6 @@ import math
 import pytest
 import torch
 
-from empssl import augment_ops, backends, tcr_ops
 from empssl import checkpoint as ckpt
 from empssl import train as T
 from empssl.data import make_synthetic
@@ -115,34 +113,6 @@ def test_augmentation_is_keyed_by_step_and_image(images):
     assert not torch.equal(patches, later)
 
 
-@contextlib.contextmanager
-def _backends_resolved_once():
-    """Backend selection resolved outside the trace. empssl.backends.select_backend and the extension loaders
-    (lru_cache'd: import_module, torch.library.register_fake) run on every call and Dynamo cannot trace them, so
-    until backends.py resolves them once per (op, backend, device), this test records the eager choices (the steps
-    run before ``freeze()``) and answers with them after it. Everything else of the step is traced as written."""
-    chosen, select = {}, backends.select_backend
-    loaders = [(backends, "_load_extension"), (augment_ops, "_extension_op_reason"), (tcr_ops, "_extension_op_registered")]
-    saved = [(module, name, getattr(module, name)) for module, name in loaders]
-
-    def remember(op, requested, device, *inputs):
-        chosen[(op, requested, device.type)] = select(op, requested, device, *inputs)
-        return chosen[(op, requested, device.type)]
-
-    def freeze():
-        for module, name, loader in saved:
-            setattr(module, name, (lambda value: lambda: value)(loader()))
-        backends.select_backend = lambda op, requested, device, *inputs: chosen[(op, requested, device.type)]
-
-    backends.select_backend = remember
-    try:
-        yield freeze
-    finally:
-        backends.select_backend = select
-        for module, name, loader in saved:
-            setattr(module, name, loader)
-
-
 def test_compiled_step_is_one_graph_and_agrees_with_eager(images):
     eager, compiled = _state(), _state()
     first, *rest = _batches(3)
@@ -150,10 +120,9 @@ def test_compiled_step_is_one_graph_and_agrees_with_eager(images):
     # fullgraph: any graph break raises; backward (autograd.grad), LARS and the counters are in the graph
     step = torch.compile(T.train_step, backend="aot_eager", fullgraph=True)
     try:
-        with _backends_resolved_once() as freeze, torch._dynamo.config.patch(trace_autograd_ops=True):
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
             for state in (eager, compiled):  # one eager step each: the momentum buffers exist, so one compilation
                 T.train_step(state, images[first], first)
-            freeze()
             for ids in rest:
                 T.train_step(eager, images[ids], ids)
                 step(compiled, images[ids], ids)

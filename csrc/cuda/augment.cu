@@ -9,7 +9,7 @@
 //    fixed order (deterministic, no atomics), recomputing the tile's earlier steps.
 //  - blur needs a halo of blur_kernel_size / 2 pixels: a blurred patch's tile is computed
 //    with its halo (clipped to the patch; reflect padding reads inside the clipped region).
-// Limits (checked by the launcher; empssl/augment_ops.py states them before launch): the
+// Limits (checked by the launcher; empssl/ops/augment.py states them before launch): the
 // shared memory of a tile with its halo and resampling tables must fit the device's opt-in
 // limit: blur_kernel_size <= 31 and image side <= 16 x output_size always fit (about 70 KiB).
 #include <cuda_bf16.h>

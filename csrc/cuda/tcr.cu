@@ -9,8 +9,8 @@
 //      same per-entry formulas to the lower triangle): M -> -M^{-1}, pivots kept for logdet.
 //   3. logdet = sum log pivots by a block reduction; R = logdet / 2.
 //   4. dR/dZ = alpha M^{-1} Z: a second pass over d in tiles (Z read twice in all).
-// BT (32, 64, 128) is the smallest tile that holds b. ops.cpp routes b > 128 and b > d to a
-// torch composite. Not run on a GPU yet: checked by the CPU tests of the shared math and by
+// BT (32, 64, 128) is the smallest tile that holds b. Dispatch (empssl/ops/tcr.py) sends b > 128
+// and b > d to backend "composite". Not run on a GPU yet: checked by the CPU tests of the shared math and by
 // tests/test_compile_nvcc.py (sm_80/sm_90, no spills); the gpu tests compare it with float64.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
