@@ -18,10 +18,10 @@ from empssl import augment_params as AP
 from empssl import backends
 from empssl.ops import augment as augment_op
 from empssl.augment import AugmentConfig, MultiPatchAugment, sample_augment_params
+from solarize_ties import solarize_ties, unnormalise
 
 FLOAT32_TOLERANCE = 2e-5
 MAX_TIE_FRACTION = 1e-3
-SOLARIZE_TIE = 1e-5
 
 
 # "triton-cuda": the triton backend on CUDA tensors (compiled kernels); "triton" runs the
@@ -64,22 +64,6 @@ def _sampled(config, images, num_patches, generator):
     return source_index.to(images.device), params.to(images.device)
 
 
-def _unnormalise(x, config):
-    mean = torch.tensor(config.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(config.std, device=x.device).view(1, 3, 1, 1)
-    return x.float() * std + mean
-
-
-def _solarize_ties(out, ref, params, config):
-    """Elements where out and ref landed on the two sides of the solarize step (both next to it)."""
-    threshold = config.solarize_threshold
-    solarized = (params[:, AP.SOLARIZE] == 1.0).view(-1, 1, 1, 1)
-    near = lambda x: torch.minimum((x - threshold).abs(), (x - (1 - threshold)).abs()) <= SOLARIZE_TIE  # noqa: E731
-    out_unit, ref_unit = _unnormalise(out, config), _unnormalise(ref, config)
-    flipped = (out_unit - ref_unit).abs() > 1e-3  # the two sides of the step differ by about 1/255
-    return solarized & near(out_unit) & near(ref_unit) & flipped
-
-
 def assert_matches_reference(out, ref, params, config, out_dtype, channels_last):
     """The accuracy contract of the module docstring; returns the number of solarize ties."""
     assert out.dtype == out_dtype
@@ -88,7 +72,7 @@ def assert_matches_reference(out, ref, params, config, out_dtype, channels_last)
     assert out.is_contiguous(memory_format=memory_format)
     # 2e-5 is the contract for std = 0.5; a smaller std magnifies the [0, 1] errors by 0.5 / std
     tolerance = FLOAT32_TOLERANCE * (0.5 / torch.tensor(config.std, device=ref.device)).clamp(min=1.0).view(1, 3, 1, 1)
-    ties = _solarize_ties(out, ref, params, config)
+    ties = solarize_ties(out, ref, params, config)
     # flat source regions at level 128 resample to within an ulp of the threshold, all together
     assert ties.sum().item() <= 0.01 * ref.numel(), "solarize ties are not rare"
     out32 = out.float()
@@ -183,7 +167,7 @@ def test_solarize_threshold_on_exact_levels(backend):
     params[:, AP.CROP_TOP : AP.CROP_WIDTH + 1] = torch.tensor([0.0, 0.0, 32.0, 32.0], device=device)
     out, ref = _run(backend, images, source_index, params, config)
     assert torch.equal(out, ref)
-    solarized_128 = ref[_unnormalise(ref, config) == 1 - torch.tensor(128 / 255, dtype=torch.float32)]
+    solarized_128 = ref[unnormalise(ref, config) == 1 - torch.tensor(128 / 255, dtype=torch.float32)]
     assert solarized_128.numel() > 0  # level 128 was solarized
 
 
