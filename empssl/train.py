@@ -51,6 +51,7 @@ from .config import BACKEND_CHOICES, RuntimeConfig, option, positive_float, posi
 from .data import BAD_IMAGE_POLICIES, DATASET_SPECS, ImageDataset, check_batch_size, check_writable_folder, load_dataset
 from .loss import EMPSSLLoss
 from .models import ARCHS, build_encoder
+from .optim import RECIPE_LR
 from .plots import write_training_curves
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -99,7 +100,7 @@ class TrainConfig(RuntimeConfig):
     # training
     num_patches: int = option(20, "patches per image per step, n", group="training", type=positive_int)
     batch_size: int = option(100, "images per step, b", group="training", type=positive_int)
-    lr: float = option(0.3, "peak learning rate of LARS-SGD", group="training", type=positive_float)
+    lr: float = option(RECIPE_LR, "peak learning rate of LARS-SGD", group="training", type=positive_float)
     epochs: int = option(1, "epochs to train", group="training", type=positive_int)
     schedule_epochs: Optional[int] = option(2, "length of the cosine schedule in epochs; the 1-epoch recipe uses 2",
                                             group="training", type=positive_int)
