@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 _LARS_DEFAULTS = ("eta", "clip", "eps", "exclude_bias_and_norm")
+RECIPE_LR = 0.3  # the authors' peak lr at batch 100: LARS's default and TrainConfig's
 
 
 def _check_lr(lr) -> None:
@@ -61,7 +62,7 @@ class LARS(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable,
-        lr=0.3,
+        lr=RECIPE_LR,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         nesterov: bool = True,
@@ -189,23 +190,16 @@ def _by_device_and_dtype(params: List[torch.Tensor]) -> List[List[torch.Tensor]]
     return list(buckets.values())
 
 
-def build_optimizer(
-    model: nn.Module,
-    lr: float = 0.3,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    eta: float = 0.005,
-    clip: bool = True,
-    nesterov: bool = True,
-) -> LARS:
-    """The authors' optimiser for ``model``: one group of all trainable parameters; LARS
-    adaptation and weight decay apply to parameters with ndim > 1 only."""
+def build_optimizer(model: nn.Module, **lars_options) -> LARS:
+    """The authors' optimiser for ``model``: ``LARS`` (its defaults are the recipe's; ``lars_options``
+    override them) over one group of all trainable parameters; LARS adaptation and weight decay
+    apply to parameters with ndim > 1 only."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
-    return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, eta=eta, clip=clip)
+    return LARS(params, **lars_options)
 
 
 class CosineFactor:

@@ -47,9 +47,11 @@ import torch
 
 from . import checkpoint as ckpt
 from .augment import AugmentConfig, MultiPatchAugment
-from .data import ImageDataset, check_batch_size, check_writable_folder, load_dataset
+from .config import BACKEND_CHOICES, RuntimeConfig, option, positive_float, positive_int
+from .data import BAD_IMAGE_POLICIES, DATASET_SPECS, ImageDataset, check_batch_size, check_writable_folder, load_dataset
 from .loss import EMPSSLLoss
-from .models import build_encoder
+from .models import ARCHS, build_encoder
+from .optim import RECIPE_LR
 from .plots import write_training_curves
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -67,44 +69,62 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    """Everything a training run depends on. Defaults: the 1-epoch CIFAR-10 recipe (20 patches, batch 100)."""
+class TrainConfig(RuntimeConfig):
+    """Everything a training run depends on. Defaults: the 1-epoch CIFAR-10 recipe (20 patches, batch 100).
 
-    dataset: str = "cifar10"
-    root: str = "data"
-    download: bool = False
-    image_size: Optional[int] = None  # folder: and synthetic data sets only
-    train_size: Optional[int] = None  # synthetic: images generated; others: the first images used
-    cache_dir: Optional[str] = None
-    on_bad_image: str = "skip"
-    data_seed: int = 0  # synthetic generation and deterministic train/test splits
-    arch: str = "resnet18-cifar"
-    width: float = 1.0
-    hidden_dim: int = 4096
-    z_dim: int = 1024
-    num_patches: int = 20
-    batch_size: int = 100
-    lr: float = 0.3
-    epochs: int = 1
-    schedule_epochs: Optional[int] = 2  # cosine schedule length in epochs (None: epochs)
-    eps: float = 0.2
-    inv_coef: float = 200.0
-    tcr_coef: float = 1.0
-    seed: int = 0  # encoder initialisation, batch order and augmentation
-    device: str = "auto"
-    out_dir: str = "runs/empssl"
-    overwrite: bool = False  # replace another run's files in out_dir (once this run writes its first checkpoint)
-    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
-    resume: Optional[str] = None  # checkpoint path to continue from
-    loss_backend: str = "auto"
-    augment_backend: str = "auto"
-    channels_last: Optional[bool] = None  # channels_last patches and encoder (None: on CUDA only)
-    compile: bool = False
-    bf16: bool = True  # bf16 autocast; used on CUDA only
-    cuda_graph: bool = True  # on CUDA: capture the step once as a CUDA graph and replay it
-    max_steps: Optional[int] = None  # stop after this many steps in total (tests, quick runs)
-    log_every: int = 10
-    progress: bool = True
+    Each field is also an option of ``empssl train`` (``batch_size`` -> ``--batch-size``) with the help text here.
+    """
+
+    # data (also options of `empssl eval`, whose defaults are the checkpoint's)
+    dataset: str = option("cifar10", f"data set: {DATASET_SPECS}", group="data", metavar="SPEC")
+    root: str = option("data", "folder holding cifar-10-batches-py/ or cifar-100-python/", group="data")
+    download: bool = option(False, "download CIFAR with torchvision (MD5-checked) if missing", group="data",
+                            form="switch")
+    image_size: Optional[int] = option(None, "image size of folder: and synthetic data sets (default: 32)",
+                                       group="data", type=positive_int, show_default=False)
+    train_size: Optional[int] = option(None, "synthetic: number of train images (default 10000); others: use only the "
+                                       "first N", group="data", type=positive_int, show_default=False)
+    cache_dir: Optional[str] = option(None, "where folder: data sets cache their decoded arrays (default: "
+                                      "PATH/.empssl_cache)", group="data", show_default=False)
+    on_bad_image: str = option("skip", "an image of a folder: data set that does not decode: skip it with a warning, "
+                               "or stop", group="data", choices=BAD_IMAGE_POLICIES)
+    data_seed: int = option(0, "seed of the synthetic data set and of train/test splits", group="data", type=int)
+    # encoder (also options of `empssl eval`)
+    arch: str = option("resnet18-cifar", "backbone: ResNet-18 with the CIFAR stem or the ImageNet stem",
+                       group="encoder", choices=ARCHS)
+    width: float = option(1.0, "channel multiplier of the backbone (1: 512 features)", group="encoder",
+                          type=positive_float)
+    hidden_dim: int = option(4096, "size of the pre_feature layer used for evaluation", group="encoder",
+                             type=positive_int)
+    z_dim: int = option(1024, "embedding size", group="encoder", type=positive_int)
+    # training
+    num_patches: int = option(20, "patches per image per step, n", group="training", type=positive_int)
+    batch_size: int = option(100, "images per step, b", group="training", type=positive_int)
+    lr: float = option(RECIPE_LR, "peak learning rate of LARS-SGD", group="training", type=positive_float)
+    epochs: int = option(1, "epochs to train", group="training", type=positive_int)
+    schedule_epochs: Optional[int] = option(2, "length of the cosine schedule in epochs; the 1-epoch recipe uses 2",
+                                            group="training", type=positive_int)
+    max_steps: Optional[int] = option(None, "stop after this many steps in total (tests, quick runs)",
+                                      group="training", type=positive_int, show_default=False)
+    eps: float = option(0.2, "coding-rate distortion eps", group="training", type=positive_float)
+    inv_coef: float = option(200.0, "weight of the invariance term", group="training", type=float)
+    tcr_coef: float = option(1.0, "weight of the coding-rate term", group="training", type=float)
+    loss_backend: str = option("auto", "coding-rate backend", group="training", choices=BACKEND_CHOICES)
+    channels_last: Optional[bool] = option(
+        None, "channels_last memory format for patches and encoder (default: on CUDA only) | keep the default memory "
+        "format on CUDA too", group="training", form="tristate")
+    compile: bool = option(False, "torch.compile the encoder", group="training", form="switch")
+    cuda_graph: bool = option(True, "run the step eagerly on CUDA (default: captured once as a CUDA graph and "
+                              "replayed)", group="training", form="negated")
+    # output
+    out_dir: str = option("runs/empssl", "folder for checkpoint.pt and metrics.jsonl; refused if it holds another "
+                          "run's files", group="output")
+    overwrite: bool = option(False, "replace another run's files in --out-dir (once this run has written its first "
+                             "checkpoint)", group="output", form="switch")
+    checkpoint_every: int = option(0, "steps between checkpoints (0: at the end only)", group="output", type=int)
+    resume: Optional[str] = option(None, "continue exactly from this checkpoint; its run's metrics.jsonl is cut back "
+                                   "to the checkpoint's step", group="output", metavar="CHECKPOINT", show_default=False)
+    log_every: int = option(10, "steps between log lines", group="output", type=positive_int)
 
     def model_config(self) -> Dict[str, Any]:
         return {field: getattr(self, field) for field in ckpt.MODEL_FIELDS}
