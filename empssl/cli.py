@@ -155,7 +155,8 @@ def _run_eval(args) -> int:
                         show_progress=config.progress)
     results = evaluate(encoder.to(device), data, num_patches=config.num_patches, augment_backend=config.augment_backend,
                        device=device, seed=config.seed, bf16=config.bf16, linear_epochs=config.linear_epochs,
-                       linear_lr=config.linear_lr, linear_batch_size=config.linear_batch_size, knn_k=config.knn_k,
+                       linear_lr=config.linear_lr, linear_batch_size=config.linear_batch_size,
+                       linear_momentum=config.linear_momentum, linear_weight_decay=config.linear_weight_decay, knn_k=config.knn_k,
                        knn_temperature=config.knn_temperature, progress=config.progress)
     results = {"encoder": source, "dataset": data.name, **results}
     rows = [

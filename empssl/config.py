@@ -130,6 +130,8 @@ class EvalConfig(RuntimeConfig):
     linear_lr: float = option(0.03, "linear probe learning rate (cosine over the epochs)", group="evaluation",
                               type=positive_float)
     linear_batch_size: int = option(100, "linear probe mini-batch size", group="evaluation", type=positive_int)
+    linear_momentum: float = option(0.9, "linear probe SGD momentum", group="evaluation", type=float)
+    linear_weight_decay: float = option(5e-5, "linear probe weight decay", group="evaluation", type=float)
     knn_k: int = option(20, "neighbours of the kNN", group="evaluation", type=positive_int)
     knn_temperature: float = option(0.07, "kNN vote temperature", group="evaluation", type=positive_float)
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import AugmentConfig, MultiPatchAugment
+from .config import EvalConfig
 from .data import ImageDataset
 from .models import EMPSSLEncoder
 from .train import _cudnn_benchmark, augment_config_for
@@ -35,6 +36,7 @@ from .train import _cudnn_benchmark, augment_config_for
 # patches per encoder forward: large on a GPU; on a CPU smaller chunks stay in cache (1371 vs 972
 # patches/s for 512 vs 8192 16x16 patches, width 0.25, 2-core CPU)
 MAX_PATCHES_PER_FORWARD = {"cuda": 8192, "cpu": 1024}
+DEFAULTS = EvalConfig()  # the recipe's settings: every default below is read from here
 # the counter-based augmentation's ``step`` key of each split: train and test image k get different patches
 SPLIT_KEYS = {"train": 0, "test": 1}
 
@@ -205,12 +207,12 @@ def fit_linear_probe(
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
     num_classes: int,
-    epochs: int = 100,
-    lr: float = 0.03,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-5,
-    batch_size: int = 100,
-    seed: int = 0,
+    epochs: int = DEFAULTS.linear_epochs,
+    lr: float = DEFAULTS.linear_lr,
+    momentum: float = DEFAULTS.linear_momentum,
+    weight_decay: float = DEFAULTS.linear_weight_decay,
+    batch_size: int = DEFAULTS.linear_batch_size,
+    seed: int = DEFAULTS.seed,
     cuda_graph: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weight (C, D), bias (C,), test top-1 after every epoch (epochs,)) of a linear probe.
@@ -277,12 +279,12 @@ def linear_probe(
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
     num_classes: int,
-    epochs: int = 100,
-    lr: float = 0.03,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-5,
-    batch_size: int = 100,
-    seed: int = 0,
+    epochs: int = DEFAULTS.linear_epochs,
+    lr: float = DEFAULTS.linear_lr,
+    momentum: float = DEFAULTS.linear_momentum,
+    weight_decay: float = DEFAULTS.linear_weight_decay,
+    batch_size: int = DEFAULTS.linear_batch_size,
+    seed: int = DEFAULTS.seed,
 ) -> Dict[str, float]:
     """Train Linear(feature_dim, num_classes) on fixed features (``fit_linear_probe``); test top-1 after every epoch.
 
@@ -301,8 +303,8 @@ def knn_classify(
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
     num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = DEFAULTS.knn_k,
+    temperature: float = DEFAULTS.knn_temperature,
     chunk_size: int = 1024,
 ) -> Dict[str, float]:
     """Weighted kNN on cosine similarity: each of the k nearest train features votes for its class
@@ -330,17 +332,19 @@ def knn_classify(
 def evaluate(
     encoder: torch.nn.Module,
     data: ImageDataset,
-    num_patches: int = 128,
+    num_patches: int = DEFAULTS.num_patches,
     augment_config: Optional[AugmentConfig] = None,
-    augment_backend: str = "auto",
+    augment_backend: str = DEFAULTS.augment_backend,
     device=None,
-    seed: int = 0,
-    bf16: bool = True,
-    linear_epochs: int = 100,
-    linear_lr: float = 0.03,
-    linear_batch_size: int = 100,
-    knn_k: int = 20,
-    knn_temperature: float = 0.07,
+    seed: int = DEFAULTS.seed,
+    bf16: bool = DEFAULTS.bf16,
+    linear_epochs: int = DEFAULTS.linear_epochs,
+    linear_lr: float = DEFAULTS.linear_lr,
+    linear_batch_size: int = DEFAULTS.linear_batch_size,
+    linear_momentum: float = DEFAULTS.linear_momentum,
+    linear_weight_decay: float = DEFAULTS.linear_weight_decay,
+    knn_k: int = DEFAULTS.knn_k,
+    knn_temperature: float = DEFAULTS.knn_temperature,
     progress: bool = False,
 ) -> Dict[str, float]:
     """Bag-of-features evaluation of ``encoder`` on ``data``; accuracies are fractions in [0, 1].
@@ -366,7 +370,8 @@ def evaluate(
             raise ValueError(f"the encoder produced non-finite {split} features; the checkpoint is probably diverged")
     feature_seconds = time.perf_counter() - start
     args = (features["train"], data.train_labels, features["test"], data.test_labels, data.num_classes)
-    probe = linear_probe(*args, epochs=linear_epochs, lr=linear_lr, batch_size=linear_batch_size, seed=seed)
+    probe = linear_probe(*args, epochs=linear_epochs, lr=linear_lr, momentum=linear_momentum,
+                         weight_decay=linear_weight_decay, batch_size=linear_batch_size, seed=seed)
     probe_seconds = time.perf_counter() - start - feature_seconds
     knn = knn_classify(*args, k=knn_k, temperature=knn_temperature)
     knn_seconds = time.perf_counter() - start - feature_seconds - probe_seconds

@@ -62,3 +62,23 @@ def test_help_prints_the_config_defaults(command, capsys):
     config = TrainConfig() if command == "train" else EvalConfig()
     assert f"(default {config.num_patches})" in text
     assert "(default auto)" in text and "(default on)" in text
+
+
+def test_the_library_functions_default_to_the_eval_config():
+    import inspect
+
+    from empssl import evaluate as E
+
+    defaults = EvalConfig()
+    evaluate_defaults = {name: p.default for name, p in inspect.signature(E.evaluate).parameters.items()
+                         if p.default is not inspect.Parameter.empty}
+    for name, value in evaluate_defaults.items():
+        # the library's own: no progress bars, and the encoder's device
+        if hasattr(defaults, name) and name not in ("progress", "device"):
+            assert value == getattr(defaults, name), name
+    probe = inspect.signature(E.linear_probe).parameters
+    assert (probe["epochs"].default, probe["lr"].default, probe["momentum"].default, probe["weight_decay"].default,
+            probe["batch_size"].default) == (defaults.linear_epochs, defaults.linear_lr, defaults.linear_momentum,
+                                             defaults.linear_weight_decay, defaults.linear_batch_size)
+    knn = inspect.signature(E.knn_classify).parameters
+    assert (knn["k"].default, knn["temperature"].default) == (defaults.knn_k, defaults.knn_temperature)
