@@ -77,6 +77,9 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
                        help="augmentation backend (default auto: the fastest available)")
     group.add_argument("--bf16", choices=ON_OFF, default="on", help="bf16 autocast on CUDA (default on; ignored on CPU)")
     group.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
+    group.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+                       help="under torchrun: how long a rank waits for the others in a collective before it stops with an "
+                            "error (a rank died or stalled); rank 0's checkpoint writes must fit in it (default 600)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -96,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(train, defaults_from_checkpoint=False)
     group = train.add_argument_group("training")
     group.add_argument("--num-patches", type=_positive_int, default=20, help="patches per image per step, n (default 20)")
-    group.add_argument("--batch-size", type=_positive_int, default=100, help="images per step, b (default 100)")
+    group.add_argument("--batch-size", type=_positive_int, default=100,
+                       help="images per step, b, over all ranks under torchrun: must divide by their number (default 100)")
     group.add_argument("--lr", type=_positive_float, default=0.3, help="peak learning rate of LARS-SGD (default 0.3)")
     group.add_argument("--epochs", type=_positive_int, default=1, help="epochs to train (default 1)")
     group.add_argument("--schedule-epochs", type=_positive_int, default=2,
@@ -111,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
                        help="keep the default memory format on CUDA too")
     group.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    group.add_argument("--sync-bn", action="store_true",
+                       help="under torchrun: BatchNorm statistics over every rank's images, so N ranks train as one "
+                            "process (default: per rank, as the published DataParallel code)")
     group.add_argument("--no-cuda-graph", action="store_true",
                        help="run the step eagerly on CUDA (default: captured once as a CUDA graph and replayed)")
     group = train.add_argument_group("output")
@@ -184,10 +191,21 @@ def _run_export(args) -> int:
 
 
 def _setup_runtime(args) -> None:
+    """Threads; under torchrun, the process group (``args.device`` becomes this rank's device)."""
     import torch
+
+    from . import distributed
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = distributed.init_from_env(args.device, args.dist_timeout)
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 (or the only process) prints the results; the other ranks hold the same ones."""
+    from . import distributed
+
+    return distributed.rank() == 0
 
 
 def _run_train(args) -> int:
@@ -203,10 +221,12 @@ def _run_train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume, loss_backend=args.loss_backend, augment_backend=args.augment_backend,
         channels_last=args.channels_last, compile=args.compile, cuda_graph=not args.no_cuda_graph,
-        bf16=args.bf16 == "on", max_steps=args.max_steps,
+        bf16=args.bf16 == "on", max_steps=args.max_steps, sync_bn=args.sync_bn,
         log_every=args.log_every, progress=not args.no_progress,
     )
     result = train(config)
+    if not _is_main_rank():
+        return 0
     metrics = result.last_metrics
     print(f"trained {result.steps} steps in {result.seconds:.1f} s; final loss {metrics.get('loss', float('nan')):.4f} "
           f"(tcr {metrics.get('tcr', float('nan')):.4f}, inv {metrics.get('inv', float('nan')):.4f}); "
@@ -255,6 +275,8 @@ def _run_eval(args) -> int:
                        device=device, seed=args.seed, bf16=args.bf16 == "on", linear_epochs=args.linear_epochs,
                        linear_lr=args.linear_lr, knn_k=args.knn_k, knn_temperature=args.knn_temperature,
                        progress=not args.no_progress)
+    if not _is_main_rank():
+        return 0
     results = {"encoder": source, "dataset": data.name, **results}
     rows = [
         ("encoder", source),
@@ -321,21 +343,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .backends import BackendUnavailableError
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import DistributedError, destroy
     from .train import NonFiniteLossError, TrainingInterrupted
 
     try:
         if args.command not in ("info", "export"):
             _setup_runtime(args)
-        return {"train": _run_train, "eval": _run_eval, "info": _run_info, "export": _run_export}[args.command](args)
-    except (DataError, CheckpointError, NonFiniteLossError, BackendUnavailableError, ValueError, TypeError) as err:
-        print(f"empssl {args.command}: error: {err}", file=sys.stderr)
+        code = {"train": _run_train, "eval": _run_eval, "info": _run_info, "export": _run_export}[args.command](args)
+        destroy()  # only after success: after a failed collective, NCCL's teardown can wait for the dead rank
+        return code
+    except (DataError, CheckpointError, NonFiniteLossError, BackendUnavailableError, DistributedError, ValueError,
+            TypeError) as err:
+        print(f"{_prog(args)}: error: {err}", file=sys.stderr)
         return 1
     except TrainingInterrupted as err:
-        print(f"empssl {args.command}: {err}", file=sys.stderr)
+        print(f"{_prog(args)}: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print(f"empssl {args.command}: interrupted", file=sys.stderr)
+        print(f"{_prog(args)}: interrupted", file=sys.stderr)
         return 130
+
+
+def _prog(args) -> str:
+    """``empssl train``, with the rank under torchrun (every rank prints its own errors)."""
+    from . import distributed
+
+    where = f" (rank {distributed.rank()} of {distributed.world_size()})" if distributed.world_size() > 1 else ""
+    return f"empssl {args.command}{where}"
 
 
 if __name__ == "__main__":
