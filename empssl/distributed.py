@@ -231,9 +231,10 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     """``torch.nn.SyncBatchNorm`` that also runs on the CPU (torch's refuses CPU input).
 
     On the CPU, in training with more than one rank: the batch statistics are sums over every rank, mean first, then
-    the centred sum of squares (two passes, as ``F.batch_norm`` computes them, so the result equals one process's
-    BatchNorm on the concatenated batch up to float rounding), with a differentiable sum over ranks. Elsewhere,
-    torch's SyncBatchNorm (fused CUDA kernels, one all-gather).
+    the centred sum of squares (two passes), with a differentiable sum over ranks, computed in float64 as the CPU's
+    ``F.batch_norm`` accumulates them (in float32 the statistics' rounding differs from one process's by ~1e-6, which
+    a few training steps of a small network amplify well past 1e-5). Elsewhere, torch's SyncBatchNorm (fused CUDA
+    kernels, one all-gather).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,11 +243,12 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         self._check_input_dim(x)
         dims = [0] + list(range(2, x.ndim))
         shape = [1, -1] + [1] * (x.ndim - 2)
-        local_count = torch.full((1,), x.numel() // x.shape[1], dtype=x.dtype)
-        sums = _SumOverRanks.apply(torch.cat((x.sum(dims), local_count)))
+        wide = x.double()
+        local_count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float64)
+        sums = _SumOverRanks.apply(torch.cat((wide.sum(dims), local_count)))
         count = sums[-1]
         mean = sums[:-1] / count
-        centred = x - mean.reshape(shape)
+        centred = wide - mean.reshape(shape)
         var = _SumOverRanks.apply(centred.square().sum(dims)) / count
         y = centred * torch.rsqrt(var + self.eps).reshape(shape)
         if self.weight is not None:
@@ -255,9 +257,10 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.lerp_(mean.detach(), factor)
-                self.running_var.lerp_(var.detach() * count / (count - 1), factor)  # unbiased, as F.batch_norm
-        return y
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                unbiased = var * count / (count - 1)  # as F.batch_norm's running_var
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        return y.to(x.dtype)
 
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
