@@ -231,10 +231,9 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     """``torch.nn.SyncBatchNorm`` that also runs on the CPU (torch's refuses CPU input).
 
     On the CPU, in training with more than one rank: the batch statistics are sums over every rank, mean first, then
-    the centred sum of squares (two passes), with a differentiable sum over ranks, computed in float64 as the CPU's
-    ``F.batch_norm`` accumulates them (in float32 the statistics' rounding differs from one process's by ~1e-6, which
-    a few training steps of a small network amplify well past 1e-5). Elsewhere, torch's SyncBatchNorm (fused CUDA
-    kernels, one all-gather).
+    the centred sum of squares (two passes), with a differentiable sum over ranks, in float64 as the CPU's
+    ``F.batch_norm`` accumulates its statistics. Elsewhere, torch's SyncBatchNorm (fused CUDA kernels, one
+    all-gather).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,10 @@
 a batch that does not split is refused before training; a rank that dies or stalls stops the run with a clear
 message and leaves the last checkpoint intact.
 
-Exact equality is checked in float64 (the launched script below turns the encoder to float64): in float32, 4 steps of this tiny ResNet at lr 0.3 amplify rounding so much that one process on 1 thread and on 2
-threads already differs by ~3e-4 (relative norm of the parameters), the same as 2 ranks against one process; the
-float32 run through `-m empssl` itself is checked on its logged losses (1e-5) and its files.
+Exact equality is checked in float64 (the launched script below turns the encoder to float64): in float32, 4 steps
+of this tiny ResNet at lr 0.3 amplify rounding so much that one process on 1 thread and on 2 threads already
+differs by ~3e-4 (relative norm of the parameters), as 2 ranks do against one process; the float32 run through
+`-m empssl` itself is checked on its logged losses (1e-5) and its files.
 """
 import json
 import os
