@@ -522,7 +522,7 @@ def _collective_failure(err: BaseException, rank: int, step: int, last_checkpoin
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return distributed.DistributedError(
         f"rank {rank}: a collective with the other ranks failed during step {step + 1} (another rank died, or did not "
-        f"answer within the distributed timeout): {first_line}. {last_checkpoint}")
+        f"answer within the distributed timeout); stopping: {last_checkpoint} [{type(err).__name__}: {first_line}]")
 
 
 def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResult:
@@ -698,7 +698,8 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
             with contextlib.suppress(Exception):  # the last window's line still lands; the first error is the one raised
                 reader.flush()
             if world > 1 and distributed.is_collective_failure(err):
-                raise _collective_failure(err, rank, step, checkpoint_note()) from err
+                resume = f"; continue with --resume {checkpoint_path}" if last_checkpoint_step is not None else ""
+                raise _collective_failure(err, rank, step, checkpoint_note() + resume) from err
             raise
         finally:
             bar.close()
