@@ -27,6 +27,8 @@ from torch import nn
 DEFAULT_TIMEOUT_S = 600.0  # NCCL's own default; a checkpoint write on rank 0 must fit in it (the others wait)
 # torchrun's environment: a process that has these joins a process group
 _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_timeout = datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)  # init_from_env's; a group made by the caller: the default
+_host_group = None  # made on first use (see _host)
 
 
 class DistributedError(RuntimeError):
@@ -92,10 +94,6 @@ def destroy() -> None:
     if is_initialized():
         dist.destroy_process_group()
     _host_group = None
-
-
-_host_group = None
-_timeout = datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)  # init_from_env's; a group made by the caller: the default
 
 
 def _host() -> Any:
