@@ -1,6 +1,6 @@
 """`torchrun -m empssl train` on 2 gloo processes equals one process; a 2-rank checkpoint resumes on 1 process;
-a batch that does not split is refused before training; a rank that dies or stalls stops the run with a clear
-message and leaves the last checkpoint intact.
+a batch that does not split, or an input error on one rank, stops every rank before training; a rank that dies
+or stalls stops the run with a clear message and leaves the last checkpoint intact.
 
 Exact equality is checked in float64 (the launched script below turns the encoder to float64): in float32, 4 steps
 of this tiny ResNet at lr 0.3 amplify rounding so much that one process on 1 thread and on 2 threads already
@@ -196,6 +196,20 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_training(t
     assert process.returncode != 0
     assert "--batch-size 15 is the global batch and must divide by the world size 2" in process.stderr
     assert not out.exists()
+
+
+def test_an_input_error_on_rank_0_alone_stops_every_rank_at_once(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / T.METRICS_NAME).write_text('{"step": 1}\n')  # another run's: rank 0 (the one that writes) refuses the folder
+    started = time.perf_counter()
+    process = _torchrun(["train", *RUN, "--out-dir", str(out)])  # --dist-timeout 60
+    assert process.returncode != 0
+    assert "(rank 0 of 2): error: --out-dir" in process.stderr and "already holds another run" in process.stderr
+    # rank 1 did not wait for a collective until the timeout: it learnt rank 0's error
+    assert "(rank 1 of 2): error: rank 0 stopped: ValueError: --out-dir" in process.stderr
+    assert time.perf_counter() - started < 60
+    assert os.listdir(out) == [T.METRICS_NAME] and (out / T.METRICS_NAME).read_text() == '{"step": 1}\n'
 
 
 @pytest.mark.parametrize("failure", ["kill", "stall"])
