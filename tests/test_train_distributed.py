@@ -9,6 +9,8 @@ differs by ~3e-4 (relative norm of the parameters), as 2 ranks do against one pr
 """
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -70,12 +72,15 @@ def _environment(**extra):
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
 
+def _torchrun_command(args, script=None):
+    target = [script] if script else ["-m", "empssl"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD), *target, *args]
+
+
 def _torchrun(args, script=None, timeout=240, **env):
     """`torchrun --nproc-per-node 2` of ``-m empssl`` (or ``script``) with ``args``; the finished process."""
-    target = [script] if script else ["-m", "empssl"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD), *target,
-               *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_environment(**env))
+    return subprocess.run(_torchrun_command(args, script), capture_output=True, text=True, timeout=timeout,
+                          env=_environment(**env))
 
 
 def _one_process(args, script, **env):
@@ -231,3 +236,22 @@ def test_a_rank_that_dies_or_stalls_stops_the_run_and_the_checkpoint_stays(tmp_p
     assert not [name for name in os.listdir(out) if name.startswith(ckpt.TEMP_PREFIX)]
     assert _losses(out)[0] == [1, 2]
     print(f"\nrank 1 {failure}: the run stopped after {seconds:.1f} s")
+
+
+def test_ctrl_c_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(_torchrun_command(["train", *RUN, "--epochs", "1000", "--out-dir", str(out)]),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment())
+    metrics, deadline = out / T.METRICS_NAME, time.monotonic() + 180
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # training, a few steps in
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends torchrun, which passes it on to every rank
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    # the signal reached the ranks at different moments; they agreed on one step to stop after
+    stopped = re.findall(r"\(rank (\d) of 2\): interrupted by SIGINT after step (\d+)", stderr)
+    assert sorted(rank for rank, _ in stopped) == ["0", "1"] and len({step for _, step in stopped}) == 1, stderr[-3000:]
+    step = int(stopped[0][1])
+    assert ckpt.load_checkpoint(str(out / T.CHECKPOINT_NAME))["step"] == step
+    assert _losses(str(out))[0] == list(range(1, step + 1))
