@@ -14,13 +14,19 @@ import platform
 import sys
 from typing import List, Optional
 
-from .config import EvalConfig, add_options, from_args, positive_int
+from .config import EvalConfig, add_options, from_args, positive_float, positive_int
 
 
-def _add_threads_option(parser: argparse.ArgumentParser, groups) -> None:
-    """--threads: a setting of this process, not of the run (not in the configs)."""
+def _add_process_options(parser: argparse.ArgumentParser, groups) -> None:
+    """Settings of this process, not of the run (so not in the configs): --threads and --dist-timeout."""
+    from .distributed import DEFAULT_TIMEOUT_S
+
     groups["runtime"].add_argument("--threads", type=positive_int, default=None,
                                    help="CPU threads for torch (default: torch's)")
+    groups["runtime"].add_argument("--dist-timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                                   help="under torchrun: how long a rank waits for the others in a collective before "
+                                        "it stops with an error (a rank died or stalled); rank 0's checkpoint writes "
+                                        f"must fit in it (default {DEFAULT_TIMEOUT_S:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = {}
     for group in ("data", "encoder", "training", "output", "runtime"):
         add_options(train, TrainConfig, group, groups=groups)
-    _add_threads_option(train, groups)
+    _add_process_options(train, groups)
 
     evaluate = commands.add_parser("eval", help="bag-of-features evaluation: linear probe and kNN",
                                    description="Evaluate an encoder by bag of features: linear probe and weighted kNN.")
@@ -53,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_options(evaluate, EvalConfig, group, groups=groups)
     groups["evaluation"].add_argument("--json", action="store_true",
                                       help="print the results as one JSON object on the last line")
-    _add_threads_option(evaluate, groups)
+    _add_process_options(evaluate, groups)
 
     commands.add_parser("info", help="versions, devices and the backend availability table",
                         description="Print versions, devices and which backend can run each op here (and why not).")
@@ -97,10 +103,21 @@ def _run_export(args) -> int:
 
 
 def _setup_runtime(args) -> None:
+    """Threads; under torchrun, the process group (``args.device`` becomes this rank's device)."""
     import torch
+
+    from . import distributed
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = distributed.init_from_env(args.device, args.dist_timeout)
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 (or the only process) prints the results; the other ranks hold the same ones."""
+    from . import distributed
+
+    return distributed.rank() == 0
 
 
 def _run_train(args) -> int:
@@ -108,6 +125,8 @@ def _run_train(args) -> int:
 
     config = from_args(TrainConfig, args)
     result = train(config)
+    if not _is_main_rank():
+        return 0
     metrics = result.last_metrics
     print(f"trained {result.steps} steps in {result.seconds:.1f} s; final loss {metrics.get('loss', float('nan')):.4f} "
           f"(tcr {metrics.get('tcr', float('nan')):.4f}, inv {metrics.get('inv', float('nan')):.4f}); "
@@ -158,6 +177,8 @@ def _run_eval(args) -> int:
                        linear_lr=config.linear_lr, linear_batch_size=config.linear_batch_size,
                        linear_momentum=config.linear_momentum, linear_weight_decay=config.linear_weight_decay, knn_k=config.knn_k,
                        knn_temperature=config.knn_temperature, progress=config.progress)
+    if not _is_main_rank():
+        return 0
     results = {"encoder": source, "dataset": data.name, **results}
     rows = [
         ("encoder", source),
@@ -231,21 +252,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .backends import BackendUnavailableError
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import DistributedError, destroy
     from .train import NonFiniteLossError, TrainingInterrupted
 
     try:
         if args.command not in ("info", "export"):
             _setup_runtime(args)
-        return {"train": _run_train, "eval": _run_eval, "info": _run_info, "export": _run_export}[args.command](args)
-    except (DataError, CheckpointError, NonFiniteLossError, BackendUnavailableError, ValueError, TypeError) as err:
-        print(f"empssl {args.command}: error: {err}", file=sys.stderr)
+        code = {"train": _run_train, "eval": _run_eval, "info": _run_info, "export": _run_export}[args.command](args)
+        destroy()  # only after success: after a failed collective, NCCL's teardown can wait for the dead rank
+        return code
+    except (DataError, CheckpointError, NonFiniteLossError, BackendUnavailableError, DistributedError, ValueError,
+            TypeError) as err:
+        print(f"{_prog(args)}: error: {err}", file=sys.stderr)
         return 1
     except TrainingInterrupted as err:
-        print(f"empssl {args.command}: {err}", file=sys.stderr)
+        print(f"{_prog(args)}: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print(f"empssl {args.command}: interrupted", file=sys.stderr)
+        print(f"{_prog(args)}: interrupted", file=sys.stderr)
         return 130
+
+
+def _prog(args) -> str:
+    """``empssl train``, with the rank under torchrun (every rank prints its own errors)."""
+    from . import distributed
+
+    where = f" (rank {distributed.rank()} of {distributed.world_size()})" if distributed.world_size() > 1 else ""
+    return f"empssl {args.command}{where}"
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .augment import AugmentConfig, MultiPatchAugment
 from .config import EvalConfig
 from .data import ImageDataset
@@ -39,15 +40,6 @@ MAX_PATCHES_PER_FORWARD = {"cuda": 8192, "cpu": 1024}
 DEFAULTS = EvalConfig()  # the recipe's settings: every default below is read from here
 # the counter-based augmentation's ``step`` key of each split: train and test image k get different patches
 SPLIT_KEYS = {"train": 0, "test": 1}
-
-
-def rank_and_world_size() -> Tuple[int, int]:
-    """(rank, world size) of the default torch.distributed process group; (0, 1) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _fold_pairs(encoder: EMPSSLEncoder):
@@ -122,7 +114,7 @@ def extract_features(
     if images.ndim != 4 or images.dtype != torch.uint8 or images.shape[0] == 0:
         raise ValueError(f"images must be uint8 (N, H, W, 3) with N > 0, got {images.dtype} {tuple(images.shape)}")
     device = images.device
-    rank, world = rank_and_world_size()
+    rank, world = distributed.rank(), distributed.world_size()
     if generator is not None and world > 1:
         raise ValueError("a generator's patches depend on how the images are split across ranks: "
                          "under torch.distributed use the counter-based source (seed, no generator)")
@@ -393,5 +385,4 @@ def evaluate(
     }
 
 
-__all__ = ["evaluate", "extract_features", "fold_batchnorm", "fit_linear_probe", "linear_probe", "knn_classify",
-           "rank_and_world_size"]
+__all__ = ["evaluate", "extract_features", "fold_batchnorm", "fit_linear_probe", "linear_probe", "knn_classify"]

@@ -46,6 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .augment import AugmentConfig, MultiPatchAugment
 from .config import BACKEND_CHOICES, RuntimeConfig, option, positive_float, positive_int
 from .data import BAD_IMAGE_POLICIES, DATASET_SPECS, ImageDataset, check_batch_size, check_writable_folder, load_dataset
@@ -59,7 +60,7 @@ METRICS_NAME = "metrics.jsonl"
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME)  # the files that make a folder a run's
 # fields that change the training trajectory: a resume with other values is not a continuation
 _TRAJECTORY_FIELDS = ("dataset", "num_patches", "batch_size", "lr", "schedule_epochs", "eps", "inv_coef", "tcr_coef",
-                      "seed", "data_seed", "image_size", "train_size")
+                      "seed", "data_seed", "image_size", "train_size", "sync_bn")
 # settings that decide which images a run trains on
 _DATA_FIELDS = ("dataset", "root", "train_size", "image_size", "data_seed")
 
@@ -99,7 +100,8 @@ class TrainConfig(RuntimeConfig):
     z_dim: int = option(1024, "embedding size", group="encoder", type=positive_int)
     # training
     num_patches: int = option(20, "patches per image per step, n", group="training", type=positive_int)
-    batch_size: int = option(100, "images per step, b", group="training", type=positive_int)
+    batch_size: int = option(100, "images per step, b; under torchrun the global batch over all ranks (each takes "
+                             "b / W: it must divide by their number W)", group="training", type=positive_int)
     lr: float = option(RECIPE_LR, "peak learning rate of LARS-SGD", group="training", type=positive_float)
     epochs: int = option(1, "epochs to train", group="training", type=positive_int)
     schedule_epochs: Optional[int] = option(2, "length of the cosine schedule in epochs; the 1-epoch recipe uses 2",
@@ -114,6 +116,9 @@ class TrainConfig(RuntimeConfig):
         None, "channels_last memory format for patches and encoder (default: on CUDA only) | keep the default memory "
         "format on CUDA too", group="training", form="tristate")
     compile: bool = option(False, "torch.compile the encoder", group="training", form="switch")
+    sync_bn: bool = option(False, "under torchrun: BatchNorm statistics over every rank's images, so N ranks train as "
+                           "one process (default: per rank, as the published DataParallel code)", group="training",
+                           form="switch")
     cuda_graph: bool = option(True, "run the step eagerly on CUDA (default: captured once as a CUDA graph and "
                               "replayed)", group="training", form="negated")
     # output
@@ -205,7 +210,8 @@ class TrainState:
     updates in place, so a captured CUDA graph advances them. ``permutation_generator`` and
     ``permutation`` (the current epoch's batch order) belong to the loop, not the step; they are here
     so that ``state_dict`` holds every random state of a run. The augmentation needs none: its
-    random numbers are a function of (``seed``, ``step``, image index, patch).
+    random numbers are a function of (``seed``, ``step``, image index, patch). Under torch.distributed
+    every rank holds the same random states (same seed, same draws), so rank 0's are every rank's.
     """
 
     encoder: torch.nn.Module
@@ -223,6 +229,7 @@ class TrainState:
     metric_sums: torch.Tensor
     permutation_generator: torch.Generator
     permutation: Optional[torch.Tensor] = None
+    world_size: int = 1  # ranks of the process group; > 1: the step averages the gradients over them
 
     @property
     def device(self) -> torch.device:
@@ -255,15 +262,19 @@ def build_train_state(config: TrainConfig, device: torch.device, num_train: int,
     """A fresh state for ``config`` (encoder initialised from ``config.seed``) on ``device``."""
     from .optim import CosineFactor, build_optimizer, schedule_steps
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # every rank draws the same initial weights: no broadcast needed
     encoder = build_encoder(**config.model_config()).to(device)
+    world_size = distributed.world_size()
+    if config.sync_bn and world_size > 1:
+        encoder = distributed.convert_sync_batchnorm(encoder)
     channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     bf16 = config.bf16 and device.type == "cuda"
     augment = MultiPatchAugment(augment_config_for(image_size), backend=config.augment_backend,
                                 out_dtype=torch.bfloat16 if bf16 else torch.float32, channels_last=channels_last)
-    criterion = EMPSSLLoss(config.eps, config.inv_coef, config.tcr_coef, backend=config.loss_backend)
+    # gather: the coding rate and the invariance term of the global batch (a no-op on one process)
+    criterion = EMPSSLLoss(config.eps, config.inv_coef, config.tcr_coef, backend=config.loss_backend, gather=True)
     schedule = CosineFactor(schedule_steps(num_train, config.batch_size, config.schedule_epochs or config.epochs))
     lr = torch.full((), config.lr * schedule(0), dtype=torch.float32, device=device)
     return TrainState(
@@ -272,7 +283,7 @@ def build_train_state(config: TrainConfig, device: torch.device, num_train: int,
         num_patches=config.num_patches, seed=config.seed, bf16=bf16,
         step=torch.zeros((), dtype=torch.int64, device=device), lr=lr,
         metric_sums=torch.zeros(3, device=device),
-        permutation_generator=torch.Generator(device=device).manual_seed(config.seed))
+        permutation_generator=torch.Generator(device=device).manual_seed(config.seed), world_size=world_size)
 
 
 def train_step(state: TrainState, images: torch.Tensor, image_ids: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -288,11 +299,15 @@ def train_step(state: TrainState, images: torch.Tensor, image_ids: torch.Tensor)
     with profile("empssl.forward"), autocast_context(images.device, state.bf16):
         z = state.forward(patches)
     with profile("empssl.loss"):
-        loss, tcr, inv = state.criterion(z.float().reshape(state.num_patches, images.shape[0], -1), return_parts=True)
+        z = z if z.dtype == torch.float64 else z.float()  # the loss in float32 at least (float64: for exact checks)
+        loss, tcr, inv = state.criterion(z.reshape(state.num_patches, images.shape[0], -1), return_parts=True)
     with profile("empssl.backward"):
         params = [p for group in state.optimizer.param_groups for p in group["params"]]
         # autograd.grad rather than backward(): torch.compile traces it (trace_autograd_ops); same gradients
-        for param, grad in zip(params, torch.autograd.grad(loss, params)):
+        grads = torch.autograd.grad(loss, params)
+        if state.world_size > 1:  # DDP's reducer hooks backward(), not autograd.grad: one explicit all-reduce
+            grads = distributed.average_gradients(grads)
+        for param, grad in zip(params, grads):
             param.grad = grad
     with profile("empssl.optimizer"):
         state.lr.copy_(state.schedule(state.step) * state.base_lr)  # this step's lr, from the counter
@@ -518,40 +533,76 @@ def _cudnn_benchmark(enabled: bool):
         torch.backends.cudnn.benchmark = previous
 
 
+def check_world_size(batch_size: int, world_size: int) -> None:
+    """ValueError unless the global batch splits evenly over the ranks."""
+    if batch_size % world_size:
+        raise ValueError(f"--batch-size {batch_size} is the global batch and must divide by the world size "
+                         f"{world_size} (each rank takes batch_size / world_size images); pass a multiple of "
+                         f"{world_size}, or start another number of processes")
+
+
+def _collective_failure(err: BaseException, rank: int, step: int, last_checkpoint: str) -> distributed.DistributedError:
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return distributed.DistributedError(
+        f"rank {rank}: a collective with the other ranks failed during step {step + 1} (another rank died, or did not "
+        f"answer within the distributed timeout); stopping: {last_checkpoint} [{type(err).__name__}: {first_line}]")
+
+
 def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResult:
     """Train an EMP-SSL encoder; returns it with the path of the final checkpoint.
 
     ``data``: an already loaded data set (else ``config.dataset`` is loaded). Every input is checked before any
     file is written. Raises NonFiniteLossError if the loss turns NaN/inf (the last good checkpoint stays in place)
     and TrainingInterrupted after SIGINT/SIGTERM (a checkpoint of the step reached is written first).
+
+    Under torch.distributed (an initialised process group; ``empssl train`` under torchrun makes one) every rank
+    calls it: ``batch_size`` is the global batch, each rank trains on its slice of the same global permutation, the
+    loss is the global batch's and the gradients are averaged over the ranks, so the run is one process's (with
+    ``sync_bn`` its BatchNorm statistics too). Rank 0 alone reads the checkpoint to resume (and sends it to the
+    others) and writes the run's files. An input error on any rank stops every rank before training; a collective
+    that fails or times out (a rank died or stalled) raises DistributedError, the last checkpoint intact.
     """
-    config.validate()
-    device = resolve_device(config.device)
+    world, rank = distributed.world_size(), distributed.rank()
+    main = rank == 0  # the rank that writes the run's files
     checkpoint_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
     metrics_path = os.path.join(config.out_dir, METRICS_NAME)
-    resumed = ckpt.load_checkpoint(config.resume) if config.resume else None
-    if resumed is not None:
-        ckpt.check_train_state(config.resume, resumed)
-        _check_resume_config(config.resume, resumed.get("config", {}), config)
-    # resuming from this folder's own checkpoint continues the run that owns the folder
-    same_run = resumed is not None and os.path.realpath(config.resume) == os.path.realpath(checkpoint_path)
-    holds_other_run = _check_out_dir(config, same_run)
+    resumed, same_run, holds_other_run = None, False, False
+    with distributed.same_outcome_on_every_rank():
+        config.validate()
+        check_world_size(config.batch_size, world)
+        device = resolve_device(config.device)
+        if main:
+            resumed = ckpt.load_checkpoint(config.resume) if config.resume else None
+            if resumed is not None:
+                ckpt.check_train_state(config.resume, resumed)
+                _check_resume_config(config.resume, resumed.get("config", {}), config)
+            # resuming from this folder's own checkpoint continues the run that owns the folder
+            same_run = resumed is not None and os.path.realpath(config.resume) == os.path.realpath(checkpoint_path)
+            holds_other_run = _check_out_dir(config, same_run)
+    # rank 0's checkpoint for every rank (the other nodes need no copy of the file)
+    resumed, same_run = distributed.broadcast_object((resumed, same_run))
 
-    if data is None:
-        data = load_dataset(config.dataset, root=config.root, download=config.download, image_size=config.image_size,
-                            cache_dir=config.cache_dir, on_bad_image=config.on_bad_image, seed=config.data_seed,
-                            train_size=config.train_size, show_progress=config.progress)
-    if resumed is not None:
-        _check_resume_data(config.resume, resumed, config, data)
-    images = data.train_images.to(device)
-    num_train = images.shape[0]
-    check_batch_size(config.batch_size, num_train)
-    height, width = images.shape[1:3]
-    if height != width:
-        raise ValueError(f"training images must be square, got {height}x{width}")
+    with distributed.same_outcome_on_every_rank():
+        if data is None:
+            data = load_dataset(config.dataset, root=config.root, download=config.download, image_size=config.image_size,
+                                cache_dir=config.cache_dir, on_bad_image=config.on_bad_image, seed=config.data_seed,
+                                train_size=config.train_size, show_progress=config.progress and main)
+        if resumed is not None:
+            _check_resume_data(config.resume, resumed, config, data)
+        images = data.train_images.to(device)
+        num_train = images.shape[0]
+        check_batch_size(config.batch_size, num_train)
+        height, width = images.shape[1:3]
+        if height != width:
+            raise ValueError(f"training images must be square, got {height}x{width}")
+    shapes = distributed.all_gather_object(tuple(images.shape))
+    if len(set(shapes)) > 1:  # each rank loaded its own copy: the permutation indexes the same images on every rank
+        raise ValueError(f"the ranks loaded different training sets (images of shape {shapes} by rank); give every "
+                         f"node the same data set")
 
     state = build_train_state(config, device, num_train, int(height))
     steps_per_epoch = num_train // config.batch_size
+    local_batch = config.batch_size // world
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -564,13 +615,15 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
         step = int(resumed["step"])
         run_id = resumed.get("run_id")
         elapsed_before = float(resumed.get("elapsed_s", 0.0))
-        # the run's metrics cut back to the checkpoint's step (steps logged after it will be logged again)
-        history = _read_metrics_until(os.path.join(os.path.dirname(config.resume), METRICS_NAME), run_id, step)
-        history.append({"event": "resume", "step": step, "elapsed_s": elapsed_before, "run_id": run_id})
+        if main:  # the run's metrics cut back to the checkpoint's step (steps logged after it will be logged again)
+            history = _read_metrics_until(os.path.join(os.path.dirname(config.resume), METRICS_NAME), run_id, step)
+            history.append({"event": "resume", "step": step, "elapsed_s": elapsed_before, "run_id": run_id})
 
-    # every input is checked: from here on the folder is this run's
-    _remove_stale_temporaries(config.out_dir)
-    metrics = _MetricsLog(metrics_path, history, owned=not holds_other_run or same_run)
+    # every input is checked: from here on the folder is this run's (rank 0's alone)
+    metrics = None
+    if main:
+        _remove_stale_temporaries(config.out_dir)
+        metrics = _MetricsLog(metrics_path, history, owned=not holds_other_run or same_run)
     start = time.perf_counter()
 
     def write_checkpoint():
@@ -582,6 +635,7 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
             "epoch": step // steps_per_epoch,
             "dataset": {"name": data.name, "num_train": num_train, "image_size": int(height)},
             "run_id": run_id,
+            "world_size": world,  # for the record: any number of ranks that divides batch_size resumes it
             "elapsed_s": elapsed_before + time.perf_counter() - start,
         })
         if not metrics.owned:  # --overwrite: the old run's metrics go only now that its checkpoint is replaced
@@ -590,40 +644,58 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
     last_checkpoint_step = step if same_run else None
     last_metrics: Dict[str, Any] = {}
 
+    def checkpoint_note() -> str:
+        if last_checkpoint_step is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint {checkpoint_path} (step {last_checkpoint_step}) is intact"
+
     def emit(record: Dict[str, Any], sums: List[float], window_steps: int) -> None:
-        """Write a closed window's line once its sums reached the host; NonFiniteLossError if the loss was NaN/inf."""
+        """Write a closed window's line once its sums reached the host; NonFiniteLossError if the loss was NaN/inf.
+        Every rank holds the global batch's loss, so every rank stops at the same window."""
         nonlocal last_metrics
         if not math.isfinite(sums[0]):
-            where = (f"the last good checkpoint {checkpoint_path} (step {last_checkpoint_step}) is intact"
-                     if last_checkpoint_step is not None else "no checkpoint was written")
             raise NonFiniteLossError(f"the loss became non-finite (NaN or inf) at or before step {record['step']}; "
-                                     f"stopping: {where}. Try a lower --lr, or --bf16 off.")
+                                     f"stopping: {checkpoint_note()}. Try a lower --lr, or --bf16 off.")
         means = [value / window_steps for value in sums]
         last_metrics = {"step": record["step"], "epoch": record["epoch"], "loss": means[0], "tcr": means[1],
                         "inv": means[2], **{k: v for k, v in record.items() if k not in ("step", "epoch")}}
-        metrics.write(last_metrics)
+        if metrics is not None:
+            metrics.write(last_metrics)
         bar.set_postfix(loss=f"{means[0]:.3f}", tcr=f"{means[1]:.3f}", inv=f"{means[2]:.4f}",
                         lr=f"{last_metrics['lr']:.4f}", patches_s=f"{last_metrics['patches_per_s']:.0f}")
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not config.progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (config.progress and main),
+               dynamic_ncols=True)
     reader = _LateReader(state.metric_sums, emit)
     window_start, window_steps = start, 0
     state.encoder.train()
-    run_step = _CapturedStep(state) if device.type == "cuda" and config.cuda_graph else functools.partial(train_step, state)
+    captured = device.type == "cuda" and config.cuda_graph
+    if captured and world > 1:
+        # a replayed graph's NCCL collectives are not watched by the timeout watchdog: a dead rank would hang the
+        # others for ever. Eager steps keep the timeout (and capture with NCCL is untested here).
+        captured = False
+        if main:
+            print(f"empssl: {world} ranks: the step runs eagerly (no CUDA graph), so that a rank that dies makes the "
+                  f"others stop at the distributed timeout", file=sys.stderr, flush=True)
+    run_step = _CapturedStep(state) if captured else functools.partial(train_step, state)
     with _StopRequest() as stop, _cudnn_benchmark(device.type == "cuda"):
         try:
             while step < total_steps:
                 position = step % steps_per_epoch
                 if position == 0:  # a new epoch: a new permutation (a resumed mid-epoch run keeps its stored one)
                     state.permutation = torch.randperm(num_train, device=device, generator=state.permutation_generator)
-                image_ids = state.permutation[position * config.batch_size:(position + 1) * config.batch_size]
+                # this rank's slice of the global batch (the whole batch on one process)
+                first = position * config.batch_size + rank * local_batch
+                image_ids = state.permutation[first:first + local_batch]
                 run_step(images[image_ids], image_ids)
                 step += 1
                 window_steps += 1
 
-                stopping = stop.signum is not None
+                # every rank stops after the same step, whichever rank the signal reached
+                signum = stop.signum if world == 1 else distributed.agree_on_stop(stop.signum)
+                stopping = signum is not None
                 checkpoint_now = ((config.checkpoint_every and step % config.checkpoint_every == 0)
                                   or step == total_steps or stopping)
                 # a line at every checkpoint too: the file cut back to a checkpoint on resume still covers every step
@@ -639,24 +711,29 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
                     window_start, window_steps = now, 0
                 if checkpoint_now:
                     reader.flush()  # a checkpoint waits for its step: it never holds a step past a non-finite loss
-                    write_checkpoint()
+                    if main:
+                        write_checkpoint()
                     last_checkpoint_step = step
                 bar.update(1)
                 if stopping and step < total_steps:
-                    raise TrainingInterrupted(stop.signum, step, checkpoint_path)
-        except BaseException:
+                    raise TrainingInterrupted(signum, step, checkpoint_path)
+        except BaseException as err:
             with contextlib.suppress(Exception):  # the last window's line still lands; the first error is the one raised
                 reader.flush()
+            if world > 1 and distributed.is_collective_failure(err):
+                resume = f"; continue with --resume {checkpoint_path}" if last_checkpoint_step is not None else ""
+                raise _collective_failure(err, rank, step, checkpoint_note() + resume) from err
             raise
         finally:
             bar.close()
-        if step > 0 and last_checkpoint_step != step:  # resumed at or past the end: still leave a checkpoint
+        if step > 0 and last_checkpoint_step != step and main:  # resumed at or past the end: still leave a checkpoint
             write_checkpoint()
-    if not metrics.owned:  # nothing to train (resumed at the end) and nothing written: the history still lands
+    if metrics is not None and not metrics.owned:  # nothing to train (resumed at the end) and nothing written
         metrics.take_over()
-    write_training_curves(metrics_path)  # curves.png beside it, where matplotlib is installed
+    if main:
+        write_training_curves(metrics_path)  # curves.png beside it, where matplotlib is installed
     return TrainResult(state.encoder, checkpoint_path, step, last_metrics, time.perf_counter() - start)
 
 
 __all__ = ["TrainConfig", "TrainResult", "TrainState", "build_train_state", "train_step", "NonFiniteLossError",
-           "TrainingInterrupted", "train", "augment_config_for", "resolve_device", "autocast_context"]
+           "TrainingInterrupted", "train", "check_world_size", "augment_config_for", "resolve_device", "autocast_context"]

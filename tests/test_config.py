@@ -7,8 +7,8 @@ from empssl import cli
 from empssl.config import EvalConfig, RuntimeConfig, from_args
 from empssl.train import TrainConfig
 
-TRAIN_ONLY_IN_CLI = {"threads"}  # a setting of the process, not of the run
-EVAL_ONLY_IN_CLI = {"threads", "json", "checkpoint", "random_init"}
+TRAIN_ONLY_IN_CLI = {"threads", "dist_timeout"}  # settings of the process, not of the run
+EVAL_ONLY_IN_CLI = {"threads", "dist_timeout", "json", "checkpoint", "random_init"}
 
 
 def _parse(argv):

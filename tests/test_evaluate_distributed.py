@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from empssl import distributed
 from empssl import evaluate as E
 from empssl.data import make_synthetic
 from empssl.models import build_encoder
@@ -43,7 +44,7 @@ def _worker(rank, port, seed, results):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        assert E.rank_and_world_size() == (rank, WORLD)
+        assert (distributed.rank(), distributed.world_size()) == (rank, WORLD)
         results[rank] = _run(seed)
     finally:
         dist.destroy_process_group()
@@ -54,7 +55,7 @@ def test_two_rank_evaluation_equals_one_process():
     manager = mp.Manager()
     results = manager.dict()
     mp.spawn(_worker, args=(_free_port(), seed, results), nprocs=WORLD, join=True)
-    assert E.rank_and_world_size() == (0, 1)
+    assert (distributed.rank(), distributed.world_size()) == (0, 1)
     torch.set_num_threads(1)
     features, result = _run(seed)
     for rank in range(WORLD):
