@@ -115,7 +115,8 @@ class TrainConfig(RuntimeConfig):
     channels_last: Optional[bool] = option(
         None, "channels_last memory format for patches and encoder (default: on CUDA only) | keep the default memory "
         "format on CUDA too", group="training", form="tristate")
-    compile: bool = option(False, "torch.compile the encoder", group="training", form="switch")
+    compile: bool = option(False, "torch.compile the encoder's forward and the loss as one graph (fullgraph on one "
+                           "process)", group="training", form="switch")
     sync_bn: bool = option(False, "under torchrun: BatchNorm statistics over every rank's images, so N ranks train as "
                            "one process (default: per rank, as the published DataParallel code)", group="training",
                            form="switch")
@@ -215,7 +216,9 @@ class TrainState:
     """
 
     encoder: torch.nn.Module
-    forward: Callable[[torch.Tensor], torch.Tensor]  # the encoder, or its compiled form
+    forward: Callable[[torch.Tensor], torch.Tensor]  # patches -> z: the encoder
+    # (state, patches, batch size) -> (loss, tcr, inv): ``forward_and_loss``, or its torch.compile'd form (--compile)
+    forward_and_loss: Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     augment: MultiPatchAugment
     criterion: EMPSSLLoss
     optimizer: torch.optim.Optimizer
@@ -277,13 +280,30 @@ def build_train_state(config: TrainConfig, device: torch.device, num_train: int,
     criterion = EMPSSLLoss(config.eps, config.inv_coef, config.tcr_coef, backend=config.loss_backend, gather=True)
     schedule = CosineFactor(schedule_steps(num_train, config.batch_size, config.schedule_epochs or config.epochs))
     lr = torch.full((), config.lr * schedule(0), dtype=torch.float32, device=device)
+    step_forward_and_loss = forward_and_loss
+    if config.compile:
+        # one graph of forward and loss, so Inductor fuses BatchNorm, ReLU and residual traffic across them; under
+        # torch.distributed the loss's gather (an autograd.Function around all_gather) may break the graph: allowed
+        step_forward_and_loss = torch.compile(forward_and_loss, fullgraph=world_size == 1)
     return TrainState(
-        encoder=encoder, forward=torch.compile(encoder) if config.compile else encoder, augment=augment,
+        encoder=encoder, forward=encoder, forward_and_loss=step_forward_and_loss, augment=augment,
         criterion=criterion, optimizer=build_optimizer(encoder, lr=lr), schedule=schedule, base_lr=config.lr,
         num_patches=config.num_patches, seed=config.seed, bf16=bf16,
         step=torch.zeros((), dtype=torch.int64, device=device), lr=lr,
         metric_sums=torch.zeros(3, device=device),
         permutation_generator=torch.Generator(device=device).manual_seed(config.seed), world_size=world_size)
+
+
+def forward_and_loss(state: TrainState, patches: torch.Tensor, batch_size: int) -> Tuple[torch.Tensor, ...]:
+    """(loss, tcr, inv) of the patch-major ``patches`` of ``batch_size`` images: the encoder under
+    autocast, then the loss in float32 (float64 z stays float64, for exact checks). One function,
+    so that ``--compile`` makes forward and loss one graph."""
+    profile = torch.autograd.profiler.record_function
+    with profile("empssl.forward"), autocast_context(patches.device, state.bf16):
+        z = state.forward(patches)
+    with profile("empssl.loss"):
+        z = z if z.dtype == torch.float64 else z.float()
+        return state.criterion(z.reshape(state.num_patches, batch_size, -1), return_parts=True)
 
 
 def train_step(state: TrainState, images: torch.Tensor, image_ids: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -296,11 +316,7 @@ def train_step(state: TrainState, images: torch.Tensor, image_ids: torch.Tensor)
     profile = torch.autograd.profiler.record_function
     with profile("empssl.augment"):
         patches = state.augment(images, state.num_patches, seed=state.seed, step=state.step, image_ids=image_ids)
-    with profile("empssl.forward"), autocast_context(images.device, state.bf16):
-        z = state.forward(patches)
-    with profile("empssl.loss"):
-        z = z if z.dtype == torch.float64 else z.float()  # the loss in float32 at least (float64: for exact checks)
-        loss, tcr, inv = state.criterion(z.reshape(state.num_patches, images.shape[0], -1), return_parts=True)
+    loss, tcr, inv = state.forward_and_loss(state, patches, images.shape[0])
     with profile("empssl.backward"):
         params = [p for group in state.optimizer.param_groups for p in group["params"]]
         # autograd.grad rather than backward(): torch.compile traces it (trace_autograd_ops); same gradients

@@ -140,6 +140,34 @@ def test_compiled_step_is_one_graph_and_agrees_with_eager(images):
     torch.testing.assert_close(compiled.metric_sums, eager.metric_sums, rtol=1e-5, atol=1e-4)
 
 
+def test_compile_option_makes_forward_and_loss_one_graph(images, monkeypatch):
+    """--compile: forward and loss in one fullgraph torch.compile (aot_eager here: Inductor's C++ build is too slow
+    for CI), the rest of the step eager; the steps agree with an eager state's within float32 rounding."""
+    requested = []
+    real_compile = torch.compile
+
+    def compile_with_aot_eager(function, **options):
+        requested.append((function, options))
+        return real_compile(function, backend="aot_eager", **options)
+
+    monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
+    compiled = _state(compile=True)
+    monkeypatch.undo()
+    eager = _state()
+    assert requested == [(T.forward_and_loss, {"fullgraph": True})]
+    assert eager.forward_and_loss is T.forward_and_loss and compiled.forward_and_loss is not T.forward_and_loss
+    try:
+        for ids in _batches(3):
+            for state in (eager, compiled):
+                T.train_step(state, images[ids], ids)
+    finally:
+        torch._dynamo.reset()
+    for (name, a), b in zip(eager.encoder.named_parameters(), compiled.encoder.parameters()):
+        scale = a.detach().abs().max().item()
+        assert (a - b).abs().max().item() <= 1e-5 * max(scale, 1.0), name
+    torch.testing.assert_close(compiled.metric_sums, eager.metric_sums, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.gpu
 def test_captured_step_gives_the_eager_parameters_after_ten_steps(tmp_path):
     data = make_synthetic(80, 8, 32, seed=0)
