@@ -255,3 +255,41 @@ def test_ctrl_c_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path)
     step = int(stopped[0][1])
     assert ckpt.load_checkpoint(str(out / T.CHECKPOINT_NAME))["step"] == step
     assert _losses(str(out))[0] == list(range(1, step + 1))
+
+
+# prints the process group the CLI joined (nothing without torchrun), then runs `empssl`
+BACKEND_PROBE = """
+import sys
+import torch.distributed as dist
+from empssl import cli, distributed
+
+join = distributed.init_from_env
+
+def join_and_report(*args):
+    device = join(*args)
+    if dist.is_initialized():
+        print(f"process group: {dist.get_backend()}, world {dist.get_world_size()}, {device}", flush=True)
+    return device
+
+distributed.init_from_env = join_and_report
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.gpu
+def test_torchrun_on_one_gpu_joins_nccl_and_trains_as_one_process(tmp_path):
+    """World size 1 with NCCL (the captured step stays on for one rank) logs the losses of a plain process."""
+    script = tmp_path / "backend_probe.py"
+    script.write_text(BACKEND_PROBE)
+    args = [value if value != "cpu" else "cuda" for value in RUN] + ["--max-steps", str(STEPS), "--bf16", "off"]
+    launched, plain = str(tmp_path / "torchrun"), str(tmp_path / "plain")
+    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                              str(script), "train", *args, "--out-dir", launched],
+                             capture_output=True, text=True, timeout=240, env=_environment())
+    _check_ok(process)
+    assert "process group: nccl, world 1, cuda:0" in process.stdout
+    _check_ok(_one_process(["train", *args, "--out-dir", plain], str(script)))
+    steps, losses = _losses(launched)
+    assert steps == list(range(1, STEPS + 1))
+    # two processes may pick other cuDNN algorithms (cudnn.benchmark): float32 rounding, not a looser contract
+    torch.testing.assert_close(losses, _losses(plain)[1], rtol=1e-4, atol=0)
