@@ -271,23 +271,21 @@ def linear_probe(
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
     num_classes: int,
-    epochs: int = DEFAULTS.linear_epochs,
-    lr: float = DEFAULTS.linear_lr,
-    momentum: float = DEFAULTS.linear_momentum,
-    weight_decay: float = DEFAULTS.linear_weight_decay,
-    batch_size: int = DEFAULTS.linear_batch_size,
-    seed: int = DEFAULTS.seed,
+    **probe_options,
 ) -> Dict[str, float]:
-    """Train Linear(feature_dim, num_classes) on fixed features (``fit_linear_probe``); test top-1 after every epoch.
+    """Train Linear(feature_dim, num_classes) on fixed features (``fit_linear_probe``, which takes
+    ``probe_options``: epochs, lr, momentum, weight_decay, batch_size, seed); test top-1 after every epoch.
 
     Returns ``final_top1`` (the result: accuracy after the last epoch), ``best_epoch_top1`` and
     ``best_epoch`` (1-based; the maximum over epochs, which peeks at the test set: for reference only).
     """
     _, _, test_top1 = fit_linear_probe(train_features, train_labels, test_features, test_labels, num_classes,
-                                       epochs, lr, momentum, weight_decay, batch_size, seed)
+                                       **probe_options)
     accuracies = test_top1.tolist()  # the one host read
-    best = max(range(epochs), key=lambda e: accuracies[e])
+    best = max(range(len(accuracies)), key=accuracies.__getitem__)
     return {"final_top1": accuracies[-1], "best_epoch_top1": accuracies[best], "best_epoch": best + 1}
+
+
 @torch.no_grad()
 def knn_classify(
     train_features: torch.Tensor,

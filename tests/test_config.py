@@ -76,7 +76,7 @@ def test_the_library_functions_default_to_the_eval_config():
         # the library's own: no progress bars, and the encoder's device
         if hasattr(defaults, name) and name not in ("progress", "device"):
             assert value == getattr(defaults, name), name
-    probe = inspect.signature(E.linear_probe).parameters
+    probe = inspect.signature(E.fit_linear_probe).parameters
     assert (probe["epochs"].default, probe["lr"].default, probe["momentum"].default, probe["weight_decay"].default,
             probe["batch_size"].default) == (defaults.linear_epochs, defaults.linear_lr, defaults.linear_momentum,
                                              defaults.linear_weight_decay, defaults.linear_batch_size)
