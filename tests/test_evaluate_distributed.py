@@ -2,11 +2,11 @@
 the images (patches keyed by image index, so they do not depend on the split), the slices are
 gathered, and every rank runs the probe and the kNN on the same features."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from free_port import free_port
 
 from empssl import distributed
 from empssl import evaluate as E
@@ -16,12 +16,6 @@ from empssl.models import build_encoder
 WORLD = 2
 # 13 test images, 3 per chunk: each rank extracts 3 chunks (ids 0..8 and 9..17, those past 12 padding)
 TRAIN, TEST, PATCHES, CHUNK_PATCHES = 23, 13, 2, 6
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup(seed):
@@ -54,7 +48,7 @@ def test_two_rank_evaluation_equals_one_process():
     seed = int(torch.randint(1000, (1,)))
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), seed, results), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), seed, results), nprocs=WORLD, join=True)
     assert (distributed.rank(), distributed.world_size()) == (0, 1)
     torch.set_num_threads(1)
     features, result = _run(seed)

@@ -1,24 +1,18 @@
 """EMPSSLLoss(gather=True) on 2 gloo processes equals the single-process loss on the
 concatenated batch, and DDP-style gradient averaging gives the single-process gradient."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from free_port import free_port
 
 from empssl import EMPSSLLoss
 from empssl.distributed import gather_batch
 
 WORLD = 2
 N, B_LOCAL, D_IN, D = 3, 5, 6, 8
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs():
@@ -60,7 +54,7 @@ def _worker(rank, port, results):
 def test_gather_matches_single_process_on_the_global_batch():
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)  # one spawn for both backends (process start dominates)
+    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)  # one spawn for both backends (process start dominates)
     x, weight = _inputs()
     for rank, backend in [(r, name) for r in range(WORLD) for name in BACKENDS]:
         loss, weight_grad, z_grad = _loss_and_grads(x, weight, backend)  # no process group: gather is a no-op
