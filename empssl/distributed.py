@@ -249,7 +249,9 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         var = _SumOverRanks.apply(centred.square().sum(dims)) / count
         y = centred * torch.rsqrt(var + self.eps).reshape(shape)
         if self.weight is not None:
-            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+            y = y * self.weight.reshape(shape)
+        if self.bias is not None:
+            y = y + self.bias.reshape(shape)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -265,8 +267,10 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     state_dict keys and values are the same; a plain encoder loads it)."""
     converted = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+        # an affine BatchNorm without a bias exists from torch 2.14 on (its bias= keyword); torch 2.11 has neither
+        no_bias = {"bias": False} if module.affine and module.bias is None else {}
         converted = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                  module.track_running_stats, bias=module.bias is not None)
+                                  module.track_running_stats, **no_bias)
         if module.affine:
             converted.weight, converted.bias = module.weight, module.bias
         converted.running_mean, converted.running_var = module.running_mean, module.running_var
