@@ -72,15 +72,24 @@ def _environment(**extra):
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
 
-def _torchrun_command(args, script=None):
+def _torchrun_command(args, script=None, ranks=WORLD):
     target = [script] if script else ["-m", "empssl"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD), *target, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *target, *args]
 
 
-def _torchrun(args, script=None, timeout=240, **env):
-    """`torchrun --nproc-per-node 2` of ``-m empssl`` (or ``script``) with ``args``; the finished process."""
-    return subprocess.run(_torchrun_command(args, script), capture_output=True, text=True, timeout=timeout,
+def _torchrun(args, script=None, timeout=240, ranks=WORLD, **env):
+    """`torchrun --nproc-per-node RANKS` of ``-m empssl`` (or ``script``) with ``args``; the finished process."""
+    return subprocess.run(_torchrun_command(args, script, ranks), capture_output=True, text=True, timeout=timeout,
                           env=_environment(**env))
+
+
+def _train_in_this_process(args):
+    """`empssl train ARGS` in the test's process (no launcher: one process, no process group)."""
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["train", *args]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads 1 set it for this process
 
 
 def _one_process(args, script, **env):
@@ -182,11 +191,7 @@ def test_torchrun_empssl_float32_logs_the_losses_of_one_process(tmp_path):
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     args = [*RUN, "--max-steps", str(STEPS)]
     _check_ok(_torchrun(["train", *args, "--out-dir", two]))
-    threads = torch.get_num_threads()
-    try:
-        assert cli.main(["train", *args, "--out-dir", one]) == 0
-    finally:
-        torch.set_num_threads(threads)  # --threads 1 set it for this process
+    _train_in_this_process([*args, "--out-dir", one])
     steps, losses = _losses(two)
     assert steps == list(range(1, STEPS + 1))
     torch.testing.assert_close(losses, _losses(one)[1], rtol=1e-5, atol=0)
@@ -283,16 +288,10 @@ def test_torchrun_on_one_gpu_joins_nccl_and_trains_as_one_process(tmp_path):
     script.write_text(BACKEND_PROBE)
     args = [value if value != "cpu" else "cuda" for value in RUN] + ["--max-steps", str(STEPS), "--bf16", "off"]
     launched, plain = str(tmp_path / "torchrun"), str(tmp_path / "plain")
-    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-                              str(script), "train", *args, "--out-dir", launched],
-                             capture_output=True, text=True, timeout=240, env=_environment())
+    process = _torchrun(["train", *args, "--out-dir", launched], str(script), ranks=1)
     _check_ok(process)
     assert "process group: nccl, world 1, cuda:0" in process.stdout
-    threads = torch.get_num_threads()
-    try:  # in this process: no second CUDA start-up (the device check's tests step is short)
-        assert cli.main(["train", *args, "--out-dir", plain]) == 0
-    finally:
-        torch.set_num_threads(threads)  # --threads 1 set it for this process
+    _train_in_this_process([*args, "--out-dir", plain])  # no second CUDA start-up (the device check's step is short)
     steps, losses = _losses(launched)
     assert steps == list(range(1, STEPS + 1))
     # two processes may pick other cuDNN algorithms (cudnn.benchmark): float32 rounding, not a looser contract
