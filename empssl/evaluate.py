@@ -84,7 +84,7 @@ def fold_batchnorm(encoder: EMPSSLEncoder) -> EMPSSLEncoder:
 def extract_features(
     encoder: torch.nn.Module,
     images: torch.Tensor,
-    num_patches: int = 128,
+    num_patches: int = DEFAULTS.num_patches,
     augment: Optional[MultiPatchAugment] = None,
     generator: Optional[torch.Generator] = None,
     bf16: bool = True,
@@ -92,7 +92,7 @@ def extract_features(
     progress: bool = False,
     description: str = "features",
     *,
-    seed: int = 0,
+    seed: int = DEFAULTS.seed,
     split_key: int = 0,
     fold: bool = True,
 ) -> torch.Tensor:

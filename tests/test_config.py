@@ -80,5 +80,7 @@ def test_the_library_functions_default_to_the_eval_config():
     assert (probe["epochs"].default, probe["lr"].default, probe["momentum"].default, probe["weight_decay"].default,
             probe["batch_size"].default) == (defaults.linear_epochs, defaults.linear_lr, defaults.linear_momentum,
                                              defaults.linear_weight_decay, defaults.linear_batch_size)
+    extract = inspect.signature(E.extract_features).parameters
+    assert (extract["num_patches"].default, extract["seed"].default) == (defaults.num_patches, defaults.seed)
     knn = inspect.signature(E.knn_classify).parameters
     assert (knn["k"].default, knn["temperature"].default) == (defaults.knn_k, defaults.knn_temperature)
