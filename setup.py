@@ -2,16 +2,23 @@
 
 Environment switches:
   EMPSSL_BUILD_EXT=0     no compiled extension at all (pure Python: Triton + reference)
-  EMPSSL_BUILD_CUDA=0/1  skip / force the CUDA part (default: built when torch has CUDA and nvcc is found)
+  EMPSSL_BUILD_CUDA=0/1  skip / force the CUDA part (default: built when torch has CUDA and a usable nvcc is found)
   TORCH_CUDA_ARCH_LIST   CUDA targets (default "8.0;9.0")
+
+Whatever cannot be built is left out with one warning that says why and which switch decides it:
+no usable nvcc gives the CPU-only extension, no C++ compiler (or no torch at build time) a pure-Python
+install. What was built is recorded in empssl/_build_info.py and shown by `empssl info`.
 """
 import glob
 import os
 import shutil
+import sys
+import sysconfig
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_INFO = os.path.join(ROOT, "empssl", "_build_info.py")
 
 
 def _flag(name):
@@ -19,6 +26,18 @@ def _flag(name):
     if value in ("", "auto"):
         return None
     return value not in ("0", "false", "no", "off")
+
+
+def _warn(message):
+    # setuptools hides a build's stdout unless pip runs with -v; stderr lines reach the user
+    print(f"empssl build: WARNING: {message}", file=sys.stderr)
+
+
+def _packages():
+    """Every package under empssl/, found rather than listed, and kernels/ installed as empssl.kernels."""
+    found = find_packages(ROOT, include=["empssl", "empssl.*"])
+    kernels = ["empssl.kernels"] + [f"empssl.kernels.{name}" for name in find_packages(os.path.join(ROOT, "kernels"))]
+    return found + kernels, {"empssl.kernels": "kernels"}
 
 
 def _nvidia_wheel_include_dirs():
@@ -33,16 +52,59 @@ def _nvidia_wheel_include_dirs():
     return dirs
 
 
+def _is_cuda_toolkit(folder):
+    return os.path.exists(os.path.join(folder, "bin", "nvcc")) and os.path.exists(
+        os.path.join(folder, "include", "cuda_runtime.h"))
+
+
 def _find_cuda_home():
     """torch guesses CUDA_HOME from `which nvcc`, wrong when nvcc is a wrapper script outside the toolkit."""
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
     for candidate in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
-        if os.path.exists(os.path.join(candidate, "bin", "nvcc")) and os.path.exists(
-            os.path.join(candidate, "include", "cuda_runtime.h")
-        ):
+        if _is_cuda_toolkit(candidate):
             os.environ["CUDA_HOME"] = candidate
             return
+
+
+def _cuda_missing_reason(cpp_extension, torch):
+    """Why the CUDA part cannot be built here, or None when it can."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    home = cpp_extension.CUDA_HOME
+    if home is None:
+        return "no CUDA toolkit found (no nvcc on the PATH, CUDA_HOME unset)"
+    if not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return f"CUDA_HOME={home} holds no bin/nvcc"
+    return None
+
+
+def _compiler_missing_reason():
+    compiler = (os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++").split()[0]
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} not found; set CXX)"
+    return None
+
+
+def _write_build_info(built, cuda_archs="", reason=""):
+    """empssl/_build_info.py: what this build made (read by `empssl info`); written before setup() collects
+    the package, so wheels and editable installs carry it alike (git ignores it)."""
+    torch_version = ""
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        pass
+    text = (
+        '"""Written by setup.py at build time: what the compiled extension holds (not tracked by git)."""\n'
+        f"EXTENSION = {built!r}  # 'cpu+cuda', 'cpu' or 'none'\n"
+        f"CUDA_ARCHS = {cuda_archs!r}\n"
+        f"BUILT_AGAINST_TORCH = {torch_version!r}\n"
+        f"REASON = {reason!r}  # why a part was left out\n"
+    )
+    with open(BUILD_INFO, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _write_generated_headers():
@@ -58,17 +120,32 @@ def _write_generated_headers():
 
 def _extensions():
     if _flag("EMPSSL_BUILD_EXT") is False:
+        _write_build_info("none", reason="EMPSSL_BUILD_EXT=0")
+        return [], {}
+    reason = _compiler_missing_reason()
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as err:
+        reason = reason or f"torch is not importable at build time ({err})"
+    if reason:
+        if _flag("EMPSSL_BUILD_EXT"):
+            raise RuntimeError(f"EMPSSL_BUILD_EXT=1 but {reason}")
+        _warn(f"{reason}: installing without the compiled extension (Triton and reference backends only; "
+              "EMPSSL_BUILD_EXT=0 silences this)")
+        _write_build_info("none", reason=reason)
         return [], {}
     _write_generated_headers()
     _find_cuda_home()
-    from torch.utils import cpp_extension
 
     want_cuda = _flag("EMPSSL_BUILD_CUDA")
-    nvcc_found = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
-    torch_has_cuda = __import__("torch").version.cuda is not None
-    build_cuda = (torch_has_cuda and nvcc_found) if want_cuda is None else want_cuda
-    if want_cuda and not (torch_has_cuda and nvcc_found):
-        raise RuntimeError("EMPSSL_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found")
+    cuda_missing = _cuda_missing_reason(cpp_extension, torch) if want_cuda is not False else "EMPSSL_BUILD_CUDA=0"
+    if want_cuda and cuda_missing:
+        raise RuntimeError(f"EMPSSL_BUILD_CUDA=1 but {cuda_missing}")
+    build_cuda = cuda_missing is None
+    if want_cuda is None and not build_cuda:
+        _warn(f"{cuda_missing}: building the CPU part of the extension only (the CUDA kernels need nvcc; "
+              "EMPSSL_BUILD_CUDA=0 silences this, =1 makes it an error)")
 
     def rel(paths):
         return sorted(os.path.relpath(p, ROOT) for p in paths)
@@ -86,8 +163,10 @@ def _extensions():
         define_macros.append(("EMPSSL_WITH_CUDA", "1"))
         extra["nvcc"] = ["-O3", "-lineinfo", "-Xptxas=-v"]
         ext = cpp_extension.CUDAExtension
+        _write_build_info("cpu+cuda", cuda_archs=os.environ["TORCH_CUDA_ARCH_LIST"])
     else:
         ext = cpp_extension.CppExtension
+        _write_build_info("cpu", reason=cuda_missing)
     module = ext(
         name="empssl._C",
         sources=sources,
@@ -101,20 +180,23 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
+packages, package_dir = _packages()
 
 setup(
     name="empssl",
     version="0.1.0",
     description="Fast EMP-SSL: fused multi-patch augmentation and Total Coding Rate loss",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["empssl", "empssl.reference", "empssl.kernels", "empssl.bench"],
-    package_dir={"empssl": "empssl", "empssl.reference": "empssl/reference", "empssl.bench": "empssl/bench",
-                 "empssl.kernels": "kernels"},
+    packages=packages,
+    package_dir=package_dir,
     # the floors are the GPU machine's stack, which CI tests (.ci/run), as it tests the newest
     install_requires=["torch>=2.11", "torchvision>=0.26", "numpy>=2.4", "tqdm"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "pytest-timeout", "pillow", "ninja"],
+        "plot": ["matplotlib"],
+        "test": ["pytest", "pytest-timeout", "pillow", "ninja", "matplotlib", "safetensors", "build"],
         "bench": ["matplotlib", "pillow"],
     },
     entry_points={"console_scripts": ["empssl=empssl.cli:main"]},

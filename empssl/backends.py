@@ -56,14 +56,45 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot run here; the message says why."""
 
 
+def build_info() -> Dict[str, str]:
+    """What setup.py built into this install (empssl/_build_info.py), or {} for a build older than that record."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return {}
+    return {"extension": _build_info.EXTENSION, "cuda_archs": _build_info.CUDA_ARCHS,
+            "torch": _build_info.BUILT_AGAINST_TORCH, "reason": _build_info.REASON}
+
+
+def build_summary() -> str:
+    """One line for `empssl info`: which parts of the extension this install was built with, and why not the rest."""
+    info = build_info()
+    if not info:
+        return "no build record (installed before setup.py wrote one)"
+    parts = {"cpu+cuda": f"CPU and CUDA kernels (TORCH_CUDA_ARCH_LIST {info['cuda_archs']})",
+             "cpu": "CPU kernels only", "none": "no compiled extension (pure Python)"}[info["extension"]]
+    against = f", against torch {info['torch']}" if info["torch"] and info["extension"] != "none" else ""
+    why = f"; left out: {info['reason']}" if info["reason"] else ""
+    return parts + against + why
+
+
+_REBUILD = "reinstall with `pip install --no-build-isolation .` (`-e .` in a checkout) against the torch in use"
+
+
 @functools.lru_cache(maxsize=None)
 def _load_extension():
     if os.environ.get("EMPSSL_DISABLE_EXT", "0") == "1":
         return None, "disabled by EMPSSL_DISABLE_EXT=1"
+    info = build_info()
+    if info.get("extension") == "none":
+        return None, f"not built ({info['reason']}): a pure-Python install, Triton and reference backends only"
     try:
         module = importlib.import_module("empssl._C")
-    except ImportError as err:  # not built (EMPSSL_BUILD_EXT=0) or built against another torch
-        return None, f"compiled extension empssl._C not importable ({err}); rebuild with `pip install --no-build-isolation -e .`"
+    except ImportError as err:  # not built, or built against another torch (an ABI mismatch: undefined symbols)
+        built = info.get("torch")
+        if built and built != torch.__version__:
+            return None, f"compiled extension built against torch {built}, running torch {torch.__version__}; {_REBUILD}"
+        return None, f"compiled extension empssl._C not importable ({err}); {_REBUILD}"
     return module, None
 
 
