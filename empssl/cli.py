@@ -1,4 +1,4 @@
-"""The ``empssl`` command: ``empssl train``, ``empssl eval``, ``empssl info``, ``empssl export``.
+"""The ``empssl`` command: ``empssl train``, ``empssl eval``, ``empssl plot``, ``empssl info``, ``empssl export``.
 
 The options of train and eval are generated from the fields of ``TrainConfig`` and ``EvalConfig``
 (empssl.config), where their defaults and help live: the 1-epoch CIFAR-10 recipe (ResNet-18 with
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="empssl", description="EMP-SSL self-supervised learning: train, evaluate, inspect.")
     parser.add_argument("--version", action="version", version=f"empssl {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,info,export,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,plot,info,export,bench}")
 
     train = commands.add_parser("train", help="train an encoder with EMP-SSL",
                                 description="Train an EMP-SSL encoder; writes checkpoint.pt and metrics.jsonl to --out-dir. "
@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       help="print the results as one JSON object on the last line")
     _add_process_options(evaluate, groups)
 
+    plot = commands.add_parser("plot", help="draw a run's training curves from its metrics.jsonl",
+                               description="Draw the loss, its two parts and the learning rate against step from the "
+                                           "metrics.jsonl of a run folder (what `empssl train` writes at its end, "
+                                           "redrawn at any time, also while the run goes on). Needs matplotlib.")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `empssl train`, or its metrics.jsonl")
+    plot.add_argument("--out", metavar="FILE", help="PNG to write (default: RUN_DIR/curves.png)")
     commands.add_parser("info", help="versions, devices and the backend availability table",
                         description="Print versions, devices and which backend can run each op here (and why not).")
     _add_export_parser(commands)
@@ -99,6 +105,25 @@ def _run_export(args) -> int:
     state = export_checkpoint(args.checkpoint, args.out, with_head=args.with_head, format=args.format,
                               overwrite=args.overwrite)
     print(f"wrote {len(state)} tensors ({sum(t.numel() for t in state.values()):,} values) to {args.out}")
+    return 0
+
+
+def _run_plot(args) -> int:
+    from .plots import read_metrics, write_training_curves
+    from .train import METRICS_NAME
+
+    metrics = os.path.join(args.run_dir, METRICS_NAME) if os.path.isdir(args.run_dir) else args.run_dir
+    if not os.path.isfile(metrics):
+        raise ValueError(f"{metrics} does not exist: RUN_DIR must be a folder written by `empssl train`")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("empssl plot needs matplotlib: pip install matplotlib") from None
+    records = read_metrics(metrics)
+    if not records:
+        raise ValueError(f"{metrics} holds no step record to plot")
+    written = write_training_curves(metrics, args.out)
+    print(f"wrote {written}: {len(records)} records, steps {records[0]['step']} to {records[-1]['step']}")
     return 0
 
 
@@ -215,6 +240,7 @@ def _run_info(args) -> int:
     print(f"torch        {torch.__version__} (CUDA {torch.version.cuda})")
     print(f"triton       {version('triton')}")
     print(f"torchvision  {version('torchvision')}")
+    print(f"built        {backends.build_summary()}")
     print(f"extension    {backends.extension_reason() or 'empssl._C loaded'}")
     print(f"cpu          {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
     if torch.cuda.is_available():
@@ -256,9 +282,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .train import NonFiniteLossError, TrainingInterrupted
 
     try:
-        if args.command not in ("info", "export"):
+        if args.command not in ("info", "export", "plot"):
             _setup_runtime(args)
-        code = {"train": _run_train, "eval": _run_eval, "info": _run_info, "export": _run_export}[args.command](args)
+        code = {"train": _run_train, "eval": _run_eval, "plot": _run_plot, "info": _run_info,
+                "export": _run_export}[args.command](args)
         destroy()  # only after success: after a failed collective, NCCL's teardown can wait for the dead rank
         return code
     except (DataError, CheckpointError, NonFiniteLossError, BackendUnavailableError, DistributedError, ValueError,

@@ -74,6 +74,8 @@ def add_options(parser: argparse.ArgumentParser, config_class, group: str, *, fr
         if cli["show_default"] and form not in ("switch", "negated", "tristate"):  # their help says what they change
             shown = _shown(field.default, form)
             help_text += f" (default: the checkpoint's, else {shown})" if from_checkpoint else f" (default {shown})"
+        elif from_checkpoint:  # a default spelled in the help text: the checkpoint's value still comes first
+            help_text += "; with --checkpoint, the checkpoint's value unless given"
         if form == "switch":
             target.add_argument(flag, dest=name, action="store_true", help=help_text)
         elif form == "negated":
