@@ -30,6 +30,7 @@ def coding_rate(z: torch.Tensor, eps: float = 0.2, backend: str = "auto") -> tor
     """Total Coding Rate R of each group: z (n, b, d) -> (n,) float32; z (b, d) -> scalar.
 
     R(Z) = 1/2 logdet(I + d/(b*eps) Z^T Z). Differentiable; bf16/fp16 inputs are accumulated in float32.
+    R grows with the scale of Z's rows: EMP-SSL feeds it L2-normalised rows (docs/method.md section 2).
     """
     _check_z(z, eps)
     single = z.ndim == 2
@@ -141,6 +142,12 @@ def _patch_major(z):
 class EMPSSLLoss(nn.Module):
     """tcr_coef * L_tcr + inv_coef * L_inv on patch-major embeddings z (n, b, d).
 
+    z must be what EMP-SSL's projector gives: each row L2-normalised (z = normalize(projection(...)),
+    docs/method.md section 3). The coding rate depends on the rows' scale (alpha = d / (b eps) assumes
+    unit rows), so unnormalised rows give another loss, not a rescaled one; ``normalize=True`` normalises
+    each row first (F.normalize, in the autograd graph) for raw projector outputs. The layout is
+    patch-major: z[i, j] is patch i of image j, so z[i] is the group Z_i of the coding rate.
+
     z may also be a list or tuple of n views of shape (b, d), lightly's calling convention:
     the loss is the same as on ``torch.stack(views)`` (view i is patch group i).
 
@@ -158,14 +165,17 @@ class EMPSSLLoss(nn.Module):
         tcr_coef: float = 1.0,
         backend: str = "auto",
         gather: bool = False,
+        normalize: bool = False,
     ):
         super().__init__()
         self.total_coding_rate = TotalCodingRate(eps, backend)
         self.inv_coef, self.tcr_coef = float(inv_coef), float(tcr_coef)
-        self.gather = bool(gather)
+        self.gather, self.normalize = bool(gather), bool(normalize)
 
     def forward(self, z: Union[torch.Tensor, Sequence[torch.Tensor]], return_parts: bool = False):
         z = _patch_major(z)
+        if self.normalize:  # before the gather: every rank sends unit rows, as the encoder's would be
+            z = nn.functional.normalize(z, dim=-1)
         if self.gather:
             from .distributed import gather_batch
 
