@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="empssl", description="EMP-SSL self-supervised learning: train, evaluate, inspect.")
     parser.add_argument("--version", action="version", version=f"empssl {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,plot,info,export,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,plot,reproduce,info,export,bench}")
 
     train = commands.add_parser("train", help="train an encoder with EMP-SSL",
                                 description="Train an EMP-SSL encoder; writes checkpoint.pt and metrics.jsonl to --out-dir. "
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("info", help="versions, devices and the backend availability table",
                         description="Print versions, devices and which backend can run each op here (and why not).")
     _add_export_parser(commands)
+    _add_reproduce_parser(commands)
     _add_bench_parser(commands)
     return parser
 
@@ -88,6 +89,15 @@ def _add_export_parser(commands) -> None:
                         help="torch.save state_dict or safetensors (needs the safetensors package) "
                              "(default: safetensors for a .safetensors --out, else pt)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def _add_reproduce_parser(commands) -> None:
+    from .reproduce import EXPERIMENTS
+
+    reproduce = commands.add_parser("reproduce", help="the paper's experiments as resumable sweeps, with a report",
+                                    description="Experiments: " + "; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items())
+                                    + ". `empssl reproduce --help` lists the options.", add_help=False)
+    reproduce.add_argument("reproduce_args", nargs=argparse.REMAINDER, help="EXPERIMENT [options]")
 
 
 def _add_bench_parser(commands) -> None:
@@ -273,6 +283,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["reproduce"]:  # a sweep of train and eval commands, with options of its own
+        from .reproduce import main as reproduce_main
+
+        return reproduce_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from .backends import BackendUnavailableError

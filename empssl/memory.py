@@ -1,0 +1,100 @@
+"""How much memory a training step needs, estimated before anything is allocated on the device.
+
+The encoder runs once on the ``meta`` device (no memory, no compute) under a saved-tensor hook at two
+batch sizes: the difference is what backward keeps per patch (activations), the rest is per step
+(weights that are saved by reference, not copies, so not counted). Weights, gradients, momentum and
+LARS's scratch, the patches and a margin for workspaces and the allocator's slack are added. The
+estimate is an upper bound within tens of percent, enough to refuse a cell that cannot fit before a
+sweep spends hours on the cells before it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Optional
+
+import torch
+
+MARGIN = 1.25  # cuDNN workspaces, the caching allocator's rounding and fragmentation
+OPTIMIZER_COPIES = 4  # weight, gradient, momentum, LARS's per-step scratch: each the size of the weights
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """Bytes a training step needs: ``per_patch`` times the patches of a step, plus ``fixed``."""
+    per_patch: int
+    fixed: int
+    patches: int
+
+    @property
+    def total(self) -> int:
+        return int(MARGIN * (self.per_patch * self.patches + self.fixed))
+
+    def largest_num_patches(self, available: int, batch_size: int) -> int:
+        """The most patches per image whose step fits in ``available`` bytes (0 if not even one)."""
+        room = available / MARGIN - self.fixed
+        return max(0, int(room // (self.per_patch * batch_size)))
+
+
+@functools.lru_cache(maxsize=None)
+def _saved_bytes_per_patch(arch: str, width: float, hidden_dim: int, z_dim: int, image_size: int) -> int:
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from .models import build_encoder
+
+    encoder = build_encoder(arch, width=width, hidden_dim=hidden_dim, z_dim=z_dim).to("meta")
+
+    def saved(batch: int) -> int:
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with saved_tensors_hooks(pack, lambda tensor: tensor):
+            encoder(torch.empty(batch, 3, image_size, image_size, device="meta"))
+        return total
+
+    return (saved(8) - saved(4)) // 4
+
+
+def estimate_step_memory(*, arch: str, width: float, hidden_dim: int, z_dim: int, image_size: int, batch_size: int,
+                         num_patches: int, bf16: bool) -> StepMemory:
+    """What one step of this configuration needs (bf16: activations and patches in bfloat16, under autocast)."""
+    from .models import build_encoder
+
+    activation_scale = 0.5 if bf16 else 1.0  # the hook saw float32 tensors; autocast keeps them in bfloat16
+    per_patch = _saved_bytes_per_patch(arch, float(width), int(hidden_dim), int(z_dim), int(image_size))
+    patch_bytes = 3 * image_size * image_size * (2 if bf16 else 4)
+    with torch.device("meta"):
+        weights = sum(p.numel() * 4 for p in build_encoder(arch, width=width, hidden_dim=hidden_dim, z_dim=z_dim).parameters())
+    embedding_bytes = 4 * (z_dim + hidden_dim) * 4  # z, its gradient and the loss's float32 copies, per patch
+    return StepMemory(per_patch=int(per_patch * activation_scale) + patch_bytes + embedding_bytes,
+                      fixed=OPTIMIZER_COPIES * weights, patches=batch_size * num_patches)
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes the step may use on ``device``: free GPU memory, or the memory the OS can still give; None if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"
+
+
+__all__ = ["StepMemory", "estimate_step_memory", "available_memory", "gib"]
