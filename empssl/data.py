@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import urllib.error
 import warnings
 from typing import List, Optional, Sequence, Tuple
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from .checkpoint import write_atomically
+from .run_dir import check_writable_folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 TEST_FRACTION = 0.1  # of a data set that comes without a test split
@@ -360,28 +360,6 @@ def _decode_split(entries, classes, image_size, on_bad_image, description, show_
     return np.stack(images), np.asarray(labels, dtype=np.int64), skipped
 
 
-def check_writable_folder(path: str, option: str) -> None:
-    """ValueError unless ``path`` is a folder this process can write in, or one it can create.
-
-    Probes by creating and removing a temporary file in the nearest existing folder (access bits
-    say nothing for root or read-only mounts): nothing is left behind.
-    """
-    target = os.path.abspath(path)
-    existing = target
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        where = "is a file" if existing == target else f"lies under {existing}, which is a file"
-        raise ValueError(f"{option} {path} {where}, not a folder; pass a folder")
-    try:
-        handle, probe = tempfile.mkstemp(dir=existing, prefix=".tmp-probe-")
-        os.close(handle)
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"{option} {path} is not writable: cannot create files in {existing} "
-                         f"({err.strerror or err}); pass a folder you can write to") from err
-
-
 def load_image_folder(path: str, image_size: int = 32, cache_dir: Optional[str] = None, on_bad_image: str = "skip",
                       seed: int = 0, show_progress: bool = True) -> ImageDataset:
     """An ImageFolder tree decoded once (in parallel) into uint8 arrays, cached as .npy and reused.
@@ -505,5 +483,5 @@ def check_batch_size(batch_size: int, num_images: int, what: str = "training set
 
 
 __all__: Sequence[str] = ["DataError", "ImageDataset", "load_dataset", "load_cifar", "download_cifar", "load_npz",
-                          "load_image_folder", "make_synthetic", "deterministic_split", "check_batch_size", "check_writable_folder",
+                          "load_image_folder", "make_synthetic", "deterministic_split", "check_batch_size",
                           "SYNTHETIC_CLASSES"]

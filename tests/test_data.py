@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from empssl import data as D
+from empssl import run_dir
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -353,5 +354,5 @@ def test_unusable_cache_dir_fails_before_decoding(tmp_path, monkeypatch):
 
 
 def test_check_writable_folder_leaves_nothing_behind(tmp_path):
-    D.check_writable_folder(str(tmp_path / "new" / "deeper"), "--out-dir")  # creatable: fine
+    run_dir.check_writable_folder(str(tmp_path / "new" / "deeper"), "--out-dir")  # creatable: fine
     assert list(tmp_path.iterdir()) == []  # neither the folder nor the probe file

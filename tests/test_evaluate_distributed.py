@@ -10,6 +10,7 @@ from free_port import free_port
 
 from empssl import distributed
 from empssl import evaluate as E
+from empssl.config import EvalConfig
 from empssl.data import make_synthetic
 from empssl.models import build_encoder
 
@@ -29,7 +30,7 @@ def _run(seed):
     encoder, data = _setup(seed)
     features = E.extract_features(encoder, data.test_images, PATCHES, max_patches_per_forward=CHUNK_PATCHES,
                                   seed=seed, split_key=1)
-    result = E.evaluate(encoder, data, num_patches=PATCHES, linear_epochs=3, seed=seed)
+    result = E.evaluate(encoder, data, EvalConfig(num_patches=PATCHES, linear_epochs=3, seed=seed, progress=False))
     return features, {k: v for k, v in result.items() if not k.endswith("_seconds")}
 
 

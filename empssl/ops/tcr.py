@@ -168,6 +168,7 @@ BACKENDS = {
         "any device and floating dtype, any size (torch: Cholesky on the smaller side, autograd)",
         lambda device, z: None, reference_tcr.coding_rate),
 }
+BACKEND_CHOICES = backends.choices(BACKENDS)  # what backend= and --loss-backend accept
 
 
 def _stand_ins(device: torch.device, dtype: torch.dtype, b: int, d: int) -> tuple:
