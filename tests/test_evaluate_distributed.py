@@ -3,6 +3,7 @@ the images (patches keyed by image index, so they do not depend on the split), t
 gathered, and every rank runs the probe and the kNN on the same features."""
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -45,6 +46,7 @@ def _worker(rank, port, seed, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes with a process group: ~17 s
 def test_two_rank_evaluation_equals_one_process():
     seed = int(torch.randint(1000, (1,)))
     manager = mp.Manager()

@@ -146,6 +146,7 @@ def _wait_for_step(folder, step, process, timeout=300):
     raise AssertionError(f"no metrics line for step {step} within {timeout} s")
 
 
+@pytest.mark.slow  # a subprocess run signalled mid-training: ~7 s each
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_signal_keeps_progress_and_the_resumed_run_is_bitwise_equal(tmp_path, uninterrupted, signum, exit_code, capsys):
     out = tmp_path / "run"
@@ -207,6 +208,7 @@ KILL_DURING_SECOND_CHECKPOINT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess run killed mid-write: ~6 s
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     out = tmp_path / "run"
     killed = subprocess.run([sys.executable, "-c", KILL_DURING_SECOND_CHECKPOINT, "train", *TINY_ARGS, *LONG_ARGS,

@@ -29,6 +29,9 @@ RUN = ["--dataset", "synthetic", "--image-size", "8", "--train-size", "64", "--w
        "--z-dim", "16", "--num-patches", "2", "--batch-size", "16", "--device", "cpu", "--threads", "1",
        "--no-progress", "--log-every", "1", "--sync-bn", "--dist-timeout", "60"]
 
+pytestmark = pytest.mark.slow  # every test starts torchrun with two ranks: 7-20 s each
+
+
 # The entry point the launcher runs: `empssl` itself, with two switches for these tests only (environment):
 # EMPSSL_TEST_FLOAT64 trains a float64 encoder (the patches are the same floats), EMPSSL_TEST_FAIL=kill|stall
 # makes rank 1 die (SIGKILL) or hang at the start of step EMPSSL_TEST_FAIL_STEP.
