@@ -52,7 +52,7 @@ class TrainState:
     augment: MultiPatchAugment
     criterion: EMPSSLLoss
     optimizer: torch.optim.Optimizer
-    schedule: Callable  # step counter tensor -> lr factor tensor (CosineFactor)
+    schedule: CosineFactor  # the lr factor of a step counter (an int, or the device tensor in the step)
     base_lr: float
     num_patches: int
     seed: int

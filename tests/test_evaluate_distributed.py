@@ -47,13 +47,12 @@ def _worker(rank, port, seed, results):
 
 
 @pytest.mark.slow  # two processes with a process group: ~17 s
-def test_two_rank_evaluation_equals_one_process():
+def test_two_rank_evaluation_equals_one_process(one_torch_thread):
     seed = int(torch.randint(1000, (1,)))
     manager = mp.Manager()
     results = manager.dict()
     mp.spawn(_worker, args=(free_port(), seed, results), nprocs=WORLD, join=True)
     assert (distributed.rank(), distributed.world_size()) == (0, 1)
-    torch.set_num_threads(1)
     features, result = _run(seed)
     for rank in range(WORLD):
         rank_features, rank_result = results[rank]
