@@ -86,7 +86,7 @@ def _compiler_missing_reason():
     return None
 
 
-def _write_build_info(built, cuda_archs="", reason=""):
+def _write_build_info(built, cuda_archs="", reason="", cuda_home=""):
     """empssl/_build_info.py: what this build made (read by `empssl info`); written before setup() collects
     the package, so wheels and editable installs carry it alike (git ignores it)."""
     torch_version = ""
@@ -102,6 +102,7 @@ def _write_build_info(built, cuda_archs="", reason=""):
         f"CUDA_ARCHS = {cuda_archs!r}\n"
         f"BUILT_AGAINST_TORCH = {torch_version!r}\n"
         f"REASON = {reason!r}  # why a part was left out\n"
+        f"CUDA_HOME = {cuda_home!r}  # the toolkit the CUDA part was built with\n"
     )
     with open(BUILD_INFO, "w", encoding="utf-8") as f:
         f.write(text)
@@ -123,6 +124,7 @@ def _extensions():
         _write_build_info("none", reason="EMPSSL_BUILD_EXT=0")
         return [], {}
     reason = _compiler_missing_reason()
+    _find_cuda_home()  # before torch's cpp_extension reads CUDA_HOME at import
     try:
         import torch
         from torch.utils import cpp_extension
@@ -136,7 +138,6 @@ def _extensions():
         _write_build_info("none", reason=reason)
         return [], {}
     _write_generated_headers()
-    _find_cuda_home()
 
     want_cuda = _flag("EMPSSL_BUILD_CUDA")
     cuda_missing = _cuda_missing_reason(cpp_extension, torch) if want_cuda is not False else "EMPSSL_BUILD_CUDA=0"
@@ -163,7 +164,7 @@ def _extensions():
         define_macros.append(("EMPSSL_WITH_CUDA", "1"))
         extra["nvcc"] = ["-O3", "-lineinfo", "-Xptxas=-v"]
         ext = cpp_extension.CUDAExtension
-        _write_build_info("cpu+cuda", cuda_archs=os.environ["TORCH_CUDA_ARCH_LIST"])
+        _write_build_info("cpu+cuda", cuda_archs=os.environ["TORCH_CUDA_ARCH_LIST"], cuda_home=cpp_extension.CUDA_HOME)
     else:
         ext = cpp_extension.CppExtension
         _write_build_info("cpu", reason=cuda_missing)

@@ -1,6 +1,7 @@
 """empssl: EMP-SSL self-supervised learning with a fused multi-patch augmentation and a
 fused Total Coding Rate loss."""
-from .augment import AugmentConfig, MultiPatchAugment, sample_augment_params
+from .augment import MultiPatchAugment, sample_augment_params
+from .augment_config import AugmentConfig
 from .backends import BackendUnavailableError
 from .loss import EMPSSLLoss, TotalCodingRate, coding_rate, invariance_loss
 from .models import EMPSSLEncoder, build_encoder
@@ -9,7 +10,8 @@ from .data import DataError, ImageDataset, load_dataset, make_synthetic
 from .checkpoint import CheckpointError, load_encoder
 # train() and evaluate() stay in their modules (empssl.train.train, empssl.evaluate.evaluate): exporting them
 # here would shadow the submodules of the same names
-from .train import NonFiniteLossError, TrainConfig
+from .config import TrainConfig
+from .train import NonFiniteLossError
 from .evaluate import extract_features, knn_classify, linear_probe
 
 __version__ = "0.1.0"

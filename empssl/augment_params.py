@@ -1,4 +1,4 @@
-"""Layout of the per-patch augmentation parameter tensor (SPEC.md section 4): the one definition.
+"""Layout of the per-patch augmentation parameter tensor (docs/method.md section 4): the one definition.
 
 The sampler draws one row per patch into a float32 tensor of shape (P, NUM_PARAMS); every
 backend (reference, Triton, CUDA, CPU C++) reads the same columns. Integers (crop box,

@@ -212,6 +212,11 @@ def register_op(op: str, table: Dict[str, Backend], stand_ins: Callable[..., tup
     clear_resolved()
 
 
+def choices(table: Dict[str, Backend]) -> Tuple[str, ...]:
+    """What an op with this backend table accepts as ``backend``: "auto" and the table's names."""
+    return ("auto", *table)
+
+
 def get_backend(op: str, backend: str) -> Backend:
     """The registered ``backend`` of ``op`` (a name ``select_backend`` or ``resolve`` returned)."""
     return _OPS[op].backends[backend]

@@ -14,7 +14,7 @@ import platform
 import sys
 from typing import List, Optional
 
-from .config import EvalConfig, add_options, from_args, positive_float, positive_int
+from .config import EvalConfig, TrainConfig, add_options, from_args, positive_float, positive_int
 
 
 def _add_process_options(parser: argparse.ArgumentParser, groups) -> None:
@@ -31,7 +31,6 @@ def _add_process_options(parser: argparse.ArgumentParser, groups) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="empssl", description="EMP-SSL self-supervised learning: train, evaluate, inspect.")
     parser.add_argument("--version", action="version", version=f"empssl {__version__}")
@@ -120,7 +119,7 @@ def _run_export(args) -> int:
 
 def _run_plot(args) -> int:
     from .plots import read_metrics, write_training_curves
-    from .train import METRICS_NAME
+    from .run_dir import METRICS_NAME
 
     metrics = os.path.join(args.run_dir, METRICS_NAME) if os.path.isdir(args.run_dir) else args.run_dir
     if not os.path.isfile(metrics):
@@ -156,7 +155,7 @@ def _is_main_rank() -> bool:
 
 
 def _run_train(args) -> int:
-    from .train import TrainConfig, train
+    from .train import train
 
     config = from_args(TrainConfig, args)
     result = train(config)
@@ -176,7 +175,7 @@ def _run_eval(args) -> int:
     from .data import load_dataset
     from .evaluate import evaluate
     from .models import build_encoder
-    from .train import TrainConfig, resolve_device
+    from .runtime import resolve_device
 
     config = from_args(EvalConfig, args)
     device = resolve_device(config.device)
@@ -207,11 +206,7 @@ def _run_eval(args) -> int:
                         cache_dir=pick("cache_dir"), on_bad_image=pick("on_bad_image"), seed=pick("data_seed"),
                         train_size=pick("train_size"), test_size=config.test_size, device=device,
                         show_progress=config.progress)
-    results = evaluate(encoder.to(device), data, num_patches=config.num_patches, augment_backend=config.augment_backend,
-                       device=device, seed=config.seed, bf16=config.bf16, linear_epochs=config.linear_epochs,
-                       linear_lr=config.linear_lr, linear_batch_size=config.linear_batch_size,
-                       linear_momentum=config.linear_momentum, linear_weight_decay=config.linear_weight_decay, knn_k=config.knn_k,
-                       knn_temperature=config.knn_temperature, progress=config.progress)
+    results = evaluate(encoder.to(device), data, config)
     if not _is_main_rank():
         return 0
     results = {"encoder": source, "dataset": data.name, **results}
@@ -286,7 +281,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["reproduce"]:  # a sweep of train and eval commands, with options of its own
         from .reproduce import main as reproduce_main
 
-        return reproduce_main(argv[1:])
+        return reproduce_main(argv[1:], run_command=main)
     parser = build_parser()
     args = parser.parse_args(argv)
     from .backends import BackendUnavailableError

@@ -3,7 +3,7 @@
 ``option(default, help, ...)`` is a ``dataclasses.field`` with the option's help text, group and
 form in its metadata; ``add_options`` turns the fields of a config class into ``argparse`` options
 (``batch_size`` -> ``--batch-size``) and ``from_args`` builds the config back from the parsed
-namespace. ``TrainConfig`` (empssl.train) and ``EvalConfig`` (here) are declared this way, so
+namespace. ``TrainConfig`` and ``EvalConfig`` (both here) are declared this way, so
 ``empssl train --help`` and ``empssl eval --help`` print the dataclasses' defaults.
 
 Forms: ``value`` (``--name VALUE``), ``switch`` (``--name`` sets True), ``negated`` (a True
@@ -14,10 +14,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Any, Callable, Dict, Optional, Sequence
 
+from . import checkpoint as ckpt
+from .data import BAD_IMAGE_POLICIES, DATASET_SPECS
+from .models import ARCHS
+from .ops import augment as augment_op
+from .ops import tcr as tcr_op
+from .optim import RECIPE_LR
+
 FORMS = ("value", "switch", "negated", "on_off", "tristate")
-BACKEND_CHOICES = ("auto", "cuda", "triton", "cpu", "reference")
 
 
 def positive_int(text: str) -> int:
@@ -116,14 +123,14 @@ class RuntimeConfig:
     seed: int = option(0, "seed of everything random: initialisation, batch order, patches, the probe", group="runtime",
                        type=int)
     augment_backend: str = option("auto", "augmentation backend (auto: the fastest available)", group="runtime",
-                                  choices=BACKEND_CHOICES)
+                                  choices=augment_op.BACKEND_CHOICES)
     bf16: bool = option(True, "bf16 autocast on CUDA (ignored on CPU)", group="runtime", form="on_off")
     progress: bool = option(True, "no progress bars", group="runtime", form="negated")
 
 
 @dataclasses.dataclass
 class EvalConfig(RuntimeConfig):
-    """The bag-of-features evaluation (SPEC.md section 6): T patches per image, a linear probe and a weighted kNN."""
+    """The bag-of-features evaluation (docs/method.md section 6): T patches per image, a linear probe and a weighted kNN."""
 
     num_patches: int = option(128, "patches per image in the bag, T", group="evaluation", type=positive_int)
     test_size: Optional[int] = option(None, "synthetic: number of test images (default 2000); others: use only the "
@@ -138,5 +145,89 @@ class EvalConfig(RuntimeConfig):
     knn_temperature: float = option(0.07, "kNN vote temperature", group="evaluation", type=positive_float)
 
 
-__all__ = ["RuntimeConfig", "EvalConfig", "option", "add_options", "from_args", "option_value", "positive_int", "positive_float",
-           "BACKEND_CHOICES"]
+
+@dataclasses.dataclass
+class TrainConfig(RuntimeConfig):
+    """Everything a training run depends on. Defaults: the 1-epoch CIFAR-10 recipe (20 patches, batch 100).
+
+    Each field is also an option of ``empssl train`` (``batch_size`` -> ``--batch-size``) with the help text here.
+    """
+
+    # data (also options of `empssl eval`, whose defaults are the checkpoint's)
+    dataset: str = option("cifar10", f"data set: {DATASET_SPECS}", group="data", metavar="SPEC")
+    root: str = option("data", "folder holding cifar-10-batches-py/ or cifar-100-python/", group="data")
+    download: bool = option(False, "download CIFAR with torchvision (MD5-checked) if missing", group="data",
+                            form="switch")
+    image_size: Optional[int] = option(None, "image size of folder: and synthetic data sets (default: 32)",
+                                       group="data", type=positive_int, show_default=False)
+    train_size: Optional[int] = option(None, "synthetic: number of train images (default 10000); others: use only the "
+                                       "first N", group="data", type=positive_int, show_default=False)
+    cache_dir: Optional[str] = option(None, "where folder: data sets cache their decoded arrays (default: "
+                                      "PATH/.empssl_cache)", group="data", show_default=False)
+    on_bad_image: str = option("skip", "an image of a folder: data set that does not decode: skip it with a warning, "
+                               "or stop", group="data", choices=BAD_IMAGE_POLICIES)
+    data_seed: int = option(0, "seed of the synthetic data set and of train/test splits", group="data", type=int)
+    # encoder (also options of `empssl eval`)
+    arch: str = option("resnet18-cifar", "backbone: ResNet-18 with the CIFAR stem or the ImageNet stem",
+                       group="encoder", choices=ARCHS)
+    width: float = option(1.0, "channel multiplier of the backbone (1: 512 features)", group="encoder",
+                          type=positive_float)
+    hidden_dim: int = option(4096, "size of the pre_feature layer used for evaluation", group="encoder",
+                             type=positive_int)
+    z_dim: int = option(1024, "embedding size", group="encoder", type=positive_int)
+    # training
+    num_patches: int = option(20, "patches per image per step, n", group="training", type=positive_int)
+    batch_size: int = option(100, "images per step, b; under torchrun the global batch over all ranks (each takes "
+                             "b / W: it must divide by their number W)", group="training", type=positive_int)
+    lr: float = option(RECIPE_LR, "peak learning rate of LARS-SGD", group="training", type=positive_float)
+    epochs: int = option(1, "epochs to train", group="training", type=positive_int)
+    schedule_epochs: Optional[int] = option(2, "length of the cosine schedule in epochs; the 1-epoch recipe uses 2",
+                                            group="training", type=positive_int)
+    max_steps: Optional[int] = option(None, "stop after this many steps in total (tests, quick runs)",
+                                      group="training", type=positive_int, show_default=False)
+    eps: float = option(0.2, "coding-rate distortion eps", group="training", type=positive_float)
+    inv_coef: float = option(200.0, "weight of the invariance term", group="training", type=float)
+    tcr_coef: float = option(1.0, "weight of the coding-rate term", group="training", type=float)
+    loss_backend: str = option("auto", "coding-rate backend", group="training", choices=tcr_op.BACKEND_CHOICES)
+    channels_last: Optional[bool] = option(
+        None, "channels_last memory format for patches and encoder (default: on CUDA only) | keep the default memory "
+        "format on CUDA too", group="training", form="tristate")
+    compile: bool = option(False, "torch.compile the encoder's forward and the loss as one graph (fullgraph on one "
+                           "process)", group="training", form="switch")
+    sync_bn: bool = option(False, "under torchrun: BatchNorm statistics over every rank's images, so N ranks train as "
+                           "one process (default: per rank, as the published DataParallel code)", group="training",
+                           form="switch")
+    cuda_graph: bool = option(True, "run the step eagerly on CUDA (default: captured once as a CUDA graph and "
+                              "replayed)", group="training", form="negated")
+    # output
+    out_dir: str = option("runs/empssl", "folder for checkpoint.pt and metrics.jsonl; refused if it holds another "
+                          "run's files", group="output")
+    overwrite: bool = option(False, "replace another run's files in --out-dir (once this run has written its first "
+                             "checkpoint)", group="output", form="switch")
+    checkpoint_every: int = option(0, "steps between checkpoints (0: at the end only)", group="output", type=int)
+    resume: Optional[str] = option(None, "continue exactly from this checkpoint; its run's metrics.jsonl is cut back "
+                                   "to the checkpoint's step", group="output", metavar="CHECKPOINT", show_default=False)
+    log_every: int = option(10, "steps between log lines", group="output", type=positive_int)
+
+    def model_config(self) -> Dict[str, Any]:
+        return {field: getattr(self, field) for field in ckpt.MODEL_FIELDS}
+
+    def validate(self) -> None:
+        for name in ("num_patches", "batch_size", "epochs", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.schedule_epochs is not None and (not isinstance(self.schedule_epochs, int) or self.schedule_epochs < 1):
+            raise ValueError(f"schedule_epochs must be a positive integer or None, got {self.schedule_epochs!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be a positive integer or None, got {self.max_steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.num_patches < 2:
+            raise ValueError(f"num_patches must be >= 2 (the invariance term compares patches), got {self.num_patches}")
+
+
+__all__ = ["RuntimeConfig", "EvalConfig", "TrainConfig", "option", "add_options", "from_args", "option_value", "positive_int",
+           "positive_float"]

@@ -1,4 +1,4 @@
-"""Data sets as uint8 tensors (SPEC.md sections 1 and 6).
+"""Data sets as uint8 tensors (docs/method.md sections 1 and 6).
 
 Every data set becomes ``ImageDataset``: train and test images as uint8 tensors of shape
 (N, H, W, 3) with int64 labels, moved to the training device once. The trainer and the
@@ -11,105 +11,28 @@ Specs understood by ``load_dataset``:
   (cifar-10-batches-py/, cifar-100-python/); ``download=True`` fetches the archive
   with torchvision (MD5-checked).
 - ``folder:PATH``: an ImageFolder tree (PATH/train/<class>/*, PATH/val or PATH/test/<class>/*,
-  or one PATH/<class>/* tree split deterministically), decoded once into a cached uint8 array.
+  or one PATH/<class>/* tree split deterministically), decoded once into a cached uint8 array
+  (empssl.image_folder).
 - ``npz:PATH``: arrays ``images`` (N, H, W, 3) uint8 and ``labels`` (N,), optionally
   ``test_images`` / ``test_labels``.
 - ``synthetic``: procedural shapes and textures in 10 classes, generated from a seed.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
-import hashlib
-import json
 import math
 import os
-import tempfile
 import urllib.error
-import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .checkpoint import write_atomically
+from .image_dataset import DataError, ImageDataset, check_batch_size, deterministic_split
+from .image_folder import load_image_folder
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-TEST_FRACTION = 0.1  # of a data set that comes without a test split
 BAD_IMAGE_POLICIES = ("skip", "error")
 DATASET_SPECS = "cifar10, cifar100, synthetic, folder:PATH or npz:PATH"
 
-
-class DataError(ValueError):
-    """A data set cannot be read; the message names the file or folder and says why."""
-
-
-@dataclasses.dataclass
-class ImageDataset:
-    """Train and test images (N, H, W, 3) uint8 with int64 labels, all on one device."""
-
-    name: str
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    classes: List[str]
-
-    def __post_init__(self):
-        for split in ("train", "test"):
-            images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
-            if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-                raise DataError(f"{self.name}: {split} images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
-            if labels.shape != (images.shape[0],):
-                raise DataError(f"{self.name}: {split} labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
-            if images.shape[0] == 0:
-                raise DataError(f"{self.name}: the {split} split is empty")
-        if self.train_images.shape[1:] != self.test_images.shape[1:]:
-            raise DataError(f"{self.name}: train images {tuple(self.train_images.shape[1:])} and test images "
-                            f"{tuple(self.test_images.shape[1:])} differ in size")
-        self.train_labels = self.train_labels.long()
-        self.test_labels = self.test_labels.long()
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def image_size(self) -> Tuple[int, int]:
-        return int(self.train_images.shape[1]), int(self.train_images.shape[2])
-
-    def to(self, device) -> "ImageDataset":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return dataclasses.replace(self, train_images=move(self.train_images), train_labels=move(self.train_labels),
-                                   test_images=move(self.test_images), test_labels=move(self.test_labels))
-
-    def subset(self, train_size: Optional[int] = None, test_size: Optional[int] = None) -> "ImageDataset":
-        """The first ``train_size`` / ``test_size`` images of each split (for quick runs)."""
-        def first(images, labels, size, split):
-            if size is None:
-                return images, labels
-            if size <= 0:
-                raise ValueError(f"{split}_size must be positive, got {size}")
-            return images[:size], labels[:size]
-
-        train_images, train_labels = first(self.train_images, self.train_labels, train_size, "train")
-        test_images, test_labels = first(self.test_images, self.test_labels, test_size, "test")
-        return dataclasses.replace(self, train_images=train_images, train_labels=train_labels,
-                                   test_images=test_images, test_labels=test_labels)
-
-    def __repr__(self) -> str:
-        h, w = self.image_size
-        return (f"ImageDataset({self.name!r}: {len(self.train_labels)} train / {len(self.test_labels)} test images, "
-                f"{h}x{w}, {self.num_classes} classes, on {self.train_images.device})")
-
-
-def deterministic_split(n: int, test_fraction: float = TEST_FRACTION, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    """Sorted train and test indices of a seeded permutation of range(n); the test part gets at least one."""
-    if n < 2:
-        raise DataError(f"cannot split {n} image(s) into train and test; provide at least 2")
-    order = np.random.default_rng(seed).permutation(n)
-    num_test = min(n - 1, max(1, int(round(n * test_fraction))))
-    return np.sort(order[num_test:]), np.sort(order[:num_test])
 
 
 def load_dataset(
@@ -263,165 +186,6 @@ def load_npz(path: str, seed: int = 0) -> ImageDataset:
                         classes=[str(i) for i in range(num_classes)])
 
 
-# ----------------------------------------------------------------------------- image folder
-
-
-def _list_class_tree(folder: str) -> List[Tuple[str, str]]:
-    """(relative path, class name) of every image file under folder/<class>/, sorted."""
-    entries = []
-    for class_name in sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith(".")):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(folder, class_name)):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for filename in sorted(filenames):
-                if filename.lower().endswith(IMAGE_EXTENSIONS):
-                    entries.append((os.path.join(dirpath, filename), class_name))
-    return entries
-
-
-def _find_splits(path: str, seed: int):
-    """{split: [(file, class)]} of an ImageFolder tree, with or without its own test split."""
-    if not os.path.isdir(path):
-        raise DataError(f"image folder {path} not found")
-    train_dir = os.path.join(path, "train")
-    if os.path.isdir(train_dir):
-        test_dir = next((os.path.join(path, d) for d in ("val", "test") if os.path.isdir(os.path.join(path, d))), None)
-        if test_dir is None:
-            raise DataError(f"image folder {path} has train/ but neither val/ nor test/")
-        splits = {"train": _list_class_tree(train_dir), "test": _list_class_tree(test_dir)}
-        for split, folder in (("train", train_dir), ("test", test_dir)):
-            if not splits[split]:
-                raise DataError(f"image folder {folder} holds no images (expected {folder}/<class>/*.png|jpg)")
-    else:
-        entries = _list_class_tree(path)
-        if not entries:
-            raise DataError(f"image folder {path} holds no images (expected {path}/train/<class>/*, "
-                            f"{path}/val/<class>/* or {path}/<class>/*.png|jpg)")
-        train_idx, test_idx = deterministic_split(len(entries), seed=seed)
-        splits = {"train": [entries[i] for i in train_idx], "test": [entries[i] for i in test_idx]}
-    classes = sorted({c for entries in splits.values() for _, c in entries})
-    return splits, classes
-
-
-def _fingerprint(path: str, splits, image_size: int, on_bad_image: str, seed: int) -> str:
-    """Hash of every file's relative path, size and mtime, plus the decoding settings."""
-    digest = hashlib.sha256(f"v1|{image_size}|{on_bad_image}|{seed}".encode())
-    for split in ("train", "test"):
-        for file, class_name in splits[split]:
-            stat = os.stat(file)
-            digest.update(f"{split}|{os.path.relpath(file, path)}|{class_name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:20]
-
-
-def decode_image(file: str, image_size: int) -> np.ndarray:
-    """One image file -> (S, S, 3) uint8: RGB, shorter side resized to S, centre crop."""
-    from PIL import Image
-
-    with Image.open(file) as image:
-        image = image.convert("RGB")
-        width, height = image.size
-        scale = image_size / min(width, height)
-        new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
-        if (new_w, new_h) != (width, height):
-            image = image.resize((new_w, new_h), Image.BILINEAR)
-        left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-        image = image.crop((left, top, left + image_size, top + image_size))
-        return np.asarray(image, dtype=np.uint8)
-
-
-def _decode_or_error(args):
-    file, image_size = args
-    try:
-        return decode_image(file, image_size), None
-    except Exception as err:  # PIL raises several types for a broken file: report them all the same way
-        return None, f"{type(err).__name__}: {err}"
-
-
-def _decode_split(entries, classes, image_size, on_bad_image, description, show_progress):
-    from tqdm import tqdm
-
-    class_index = {c: i for i, c in enumerate(classes)}
-    images, labels, skipped = [], [], []
-    workers = min(32, (os.cpu_count() or 1) + 4)
-    # threads: PIL releases the GIL while decoding and resizing, and nothing needs pickling
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_decode_or_error, [(file, image_size) for file, _ in entries])
-        for (file, class_name), (image, error) in tqdm(zip(entries, results), total=len(entries), desc=description,
-                                                       unit="img", disable=not show_progress):
-            if image is None:
-                if on_bad_image == "error":
-                    raise DataError(f"cannot decode image {file}: {error} (pass --on-bad-image skip to skip such files)")
-                skipped.append(file)
-                warnings.warn(f"skipping image {file} that does not decode: {error}")
-                continue
-            images.append(image)
-            labels.append(class_index[class_name])
-    if not images:
-        raise DataError(f"no image of the {description} decoded")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), skipped
-
-
-def check_writable_folder(path: str, option: str) -> None:
-    """ValueError unless ``path`` is a folder this process can write in, or one it can create.
-
-    Probes by creating and removing a temporary file in the nearest existing folder (access bits
-    say nothing for root or read-only mounts): nothing is left behind.
-    """
-    target = os.path.abspath(path)
-    existing = target
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        where = "is a file" if existing == target else f"lies under {existing}, which is a file"
-        raise ValueError(f"{option} {path} {where}, not a folder; pass a folder")
-    try:
-        handle, probe = tempfile.mkstemp(dir=existing, prefix=".tmp-probe-")
-        os.close(handle)
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"{option} {path} is not writable: cannot create files in {existing} "
-                         f"({err.strerror or err}); pass a folder you can write to") from err
-
-
-def load_image_folder(path: str, image_size: int = 32, cache_dir: Optional[str] = None, on_bad_image: str = "skip",
-                      seed: int = 0, show_progress: bool = True) -> ImageDataset:
-    """An ImageFolder tree decoded once (in parallel) into uint8 arrays, cached as .npy and reused.
-
-    The cache key is a fingerprint of every file's relative path, size and mtime, so the cache is
-    rebuilt when the tree changes. Cache files are written atomically (temp file + os.replace);
-    the metadata file is written last and marks a complete cache.
-    """
-    splits, classes = _find_splits(path, seed)
-    cache_dir = cache_dir or os.path.join(path, ".empssl_cache")
-    key = _fingerprint(path, splits, image_size, on_bad_image, seed)
-    files = {name: os.path.join(cache_dir, f"{key}.{name}.npy")
-             for name in ("train-images", "train-labels", "test-images", "test-labels")}
-    meta_path = os.path.join(cache_dir, f"{key}.meta.json")
-    cached = os.path.exists(meta_path) and all(os.path.exists(f) for f in files.values())
-    if not cached:  # before decoding: an unusable cache folder fails at once, not after the work
-        check_writable_folder(cache_dir, "--cache-dir")
-    if cached:
-        arrays = {name: np.load(file) for name, file in files.items()}
-        with open(meta_path) as f:
-            classes = json.load(f)["classes"]
-    else:
-        arrays, skipped = {}, []
-        for split in ("train", "test"):
-            images, labels, bad = _decode_split(splits[split], classes, image_size, on_bad_image,
-                                                f"{split} split of {path}", show_progress)
-            arrays[f"{split}-images"], arrays[f"{split}-labels"] = images, labels
-            skipped += bad
-        os.makedirs(cache_dir, exist_ok=True)
-        for stale in os.listdir(cache_dir):  # caches of an earlier state of this tree
-            if not stale.startswith(key) and (stale.endswith(".npy") or stale.endswith(".meta.json")):
-                os.remove(os.path.join(cache_dir, stale))
-        for name, file in files.items():
-            write_atomically(file, lambda f, array=arrays[name]: np.save(f, array))
-        meta = {"classes": classes, "image_size": image_size, "skipped": skipped, "source": os.path.abspath(path)}
-        write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()))
-    tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
-    return ImageDataset(f"folder:{path}", tensors["train-images"], tensors["train-labels"], tensors["test-images"],
-                        tensors["test-labels"], classes=classes)
-
 
 # ----------------------------------------------------------------------------- synthetic
 
@@ -495,15 +259,8 @@ def make_synthetic(train_size: int = 10000, test_size: int = 2000, image_size: i
     return ImageDataset("synthetic", train_images, train_labels, test_images, test_labels, classes=list(SYNTHETIC_CLASSES))
 
 
-def check_batch_size(batch_size: int, num_images: int, what: str = "training set") -> None:
-    """Raise if ``batch_size`` is not a positive integer no larger than the data set."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if batch_size > num_images:
-        raise ValueError(f"batch_size {batch_size} is larger than the {what} ({num_images} images); "
-                         f"pass a smaller --batch-size or use more images")
 
-
+# ImageDataset, DataError and the shared checks live in empssl.image_dataset, the folder loader in empssl.image_folder
 __all__: Sequence[str] = ["DataError", "ImageDataset", "load_dataset", "load_cifar", "download_cifar", "load_npz",
-                          "load_image_folder", "make_synthetic", "deterministic_split", "check_batch_size", "check_writable_folder",
+                          "load_image_folder", "make_synthetic", "deterministic_split", "check_batch_size",
                           "SYNTHETIC_CLASSES"]

@@ -162,6 +162,22 @@ def is_collective_failure(err: BaseException) -> bool:
                                           "timed out", "NCCL", "Gloo", "gloo")))
 
 
+def check_world_size(batch_size: int, world_size: int) -> None:
+    """ValueError unless the global batch splits evenly over the ranks."""
+    if batch_size % world_size:
+        raise ValueError(f"--batch-size {batch_size} is the global batch and must divide by the world size "
+                         f"{world_size} (each rank takes batch_size / world_size images); pass a multiple of "
+                         f"{world_size}, or start another number of processes")
+
+
+def collective_failure(err: BaseException, rank: int, step: int, last_checkpoint: str) -> DistributedError:
+    """The error a rank raises when a collective of step ``step + 1`` failed; ``last_checkpoint`` says what is intact."""
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return DistributedError(
+        f"rank {rank}: a collective with the other ranks failed during step {step + 1} (another rank died, or did not "
+        f"answer within the distributed timeout); stopping: {last_checkpoint} [{type(err).__name__}: {first_line}]")
+
+
 def average_gradients(grads: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """The mean over ranks of each gradient, in one all-reduce of one flat buffer (few large messages, and the
     same ops every step, so a CUDA graph could record it). Views into that buffer are returned."""

@@ -1,4 +1,4 @@
-"""Evaluation by bag of features (SPEC.md section 6).
+"""Evaluation by bag of features (docs/method.md section 6).
 
 Each image is represented by the mean of the ``pre_feature`` outputs (4096-d in the paper's
 encoder) of T augmented patches (T = 128 by default; the training augmentation), with the
@@ -8,7 +8,7 @@ the best epoch's is reported as such) and a weighted kNN (cosine similarity, k =
 temperature 0.07, top-1 and top-5).
 
 Built to run at device speed: features come from a copy of the encoder with every BatchNorm
-folded into the convolution or linear layer before it (bf16 channels_last on CUDA), in chunks of
+folded into the convolution or linear layer before it (``empssl.models.fold_batchnorm``) (bf16 channels_last on CUDA), in chunks of
 one fixed size (the last one padded), from patches of the counter-based augmentation keyed by
 (seed, split, image index) -- so an image's patches do not depend on how the images are chunked
 or split across processes. Under ``torch.distributed`` (world size > 1) each rank extracts the
@@ -19,7 +19,6 @@ captured once as a CUDA graph and replayed for every later epoch on CUDA.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Dict, Optional, Tuple
@@ -28,11 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .augment import AugmentConfig, MultiPatchAugment
+from .augment import MultiPatchAugment
+from .augment_config import AugmentConfig, augment_config_for
 from .config import EvalConfig
 from .data import ImageDataset
-from .models import EMPSSLEncoder
-from .train import _cudnn_benchmark, augment_config_for
+from .models import fold_batchnorm
+from .runtime import CudaGraphCall, cudnn_benchmark
 
 # patches per encoder forward: large on a GPU; on a CPU smaller chunks stay in cache (1371 vs 972
 # patches/s for 512 vs 8192 16x16 patches, width 0.25, 2-core CPU)
@@ -40,44 +40,6 @@ MAX_PATCHES_PER_FORWARD = {"cuda": 8192, "cpu": 1024}
 DEFAULTS = EvalConfig()  # the recipe's settings: every default below is read from here
 # the counter-based augmentation's ``step`` key of each split: train and test image k get different patches
 SPLIT_KEYS = {"train": 0, "test": 1}
-
-
-def _fold_pairs(encoder: EMPSSLEncoder):
-    """(parent, layer name, BatchNorm name) of every conv/linear layer that a BatchNorm follows directly."""
-    backbone = encoder.backbone
-    yield backbone, "conv1", "bn1"
-    for stage in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
-        for block in stage:
-            yield block, "conv1", "bn1"
-            yield block, "conv2", "bn2"
-            if block.downsample is not None:
-                yield block.downsample, "0", "1"
-    yield encoder.pre_feature, "0", "1"
-    yield encoder.projection, "0", "1"
-
-
-@torch.no_grad()
-def fold_batchnorm(encoder: EMPSSLEncoder) -> EMPSSLEncoder:
-    """A copy of ``encoder`` in eval mode in which every BatchNorm is folded into the layer before it.
-
-    With y = W x + b and BN(y) = gamma (y - mean) / sqrt(var + eps) + beta (running statistics):
-    W' = s W, b' = s (b - mean) + beta, s = gamma / sqrt(var + eps) (computed in float64). The copy
-    computes the eval-mode encoder's outputs (to rounding) with no BatchNorm pass over the
-    activations; the BatchNorms become Identity. ``encoder`` itself is not changed.
-    """
-    if not isinstance(encoder, EMPSSLEncoder):
-        raise TypeError(f"fold_batchnorm needs an EMPSSLEncoder, got {type(encoder).__name__}")
-    folded = copy.deepcopy(encoder).eval()
-    for parent, layer_name, norm_name in _fold_pairs(folded):
-        layer, norm = getattr(parent, layer_name), getattr(parent, norm_name)
-        scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
-        bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(scale)
-        weight = layer.weight.double() * scale.reshape(-1, *([1] * (layer.weight.ndim - 1)))
-        layer.weight.copy_(weight)  # in place: keeps the parameter's dtype and memory format
-        layer.bias = torch.nn.Parameter(((bias - norm.running_mean.double()) * scale + norm.bias.double())
-                                        .to(layer.weight.dtype), requires_grad=False)
-        setattr(parent, norm_name, torch.nn.Identity())
-    return folded.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -143,7 +105,7 @@ def extract_features(
     from tqdm import tqdm
 
     try:
-        with _cudnn_benchmark(device.type == "cuda"):  # one chunk shape: cuDNN's search runs once
+        with cudnn_benchmark(device.type == "cuda"):  # one chunk shape: cuDNN's search runs once
             for start in tqdm(range(rank * per_rank, (rank + 1) * per_rank, images_per_chunk), desc=description,
                               unit="chunk", disable=not progress, leave=False):
                 image_ids = torch.arange(start, start + images_per_chunk, device=device).clamp_(max=num_images - 1)
@@ -236,32 +198,16 @@ def fit_linear_probe(
     # CosineAnnealingLR(T_max=epochs): epoch e trains at lr (1 + cos(pi e / epochs)) / 2; one copy, up front
     neg_lrs = torch.tensor([-lr * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)], device=device)
     test_top1 = torch.zeros(epochs, device=device)
-    order, neg_lr = orders[0].clone(), neg_lrs[0].clone()  # the inputs a captured epoch reads
-    args = (theta, momentum_buffer, train_inputs, train_targets, order, neg_lr, batch_size, momentum, weight_decay)
 
-    def score(epoch):
-        test_top1[epoch] = ((test_inputs @ theta.T).argmax(1) == test_labels).float().mean()
+    def epoch_with(order, neg_lr):
+        _probe_epoch(theta, momentum_buffer, train_inputs, train_targets, order, neg_lr, batch_size, momentum,
+                     weight_decay)
 
-    graph = None
+    # epoch 0 eagerly (it creates the cuBLAS state), then one capture replayed with each epoch's order and lr
+    run_epoch = CudaGraphCall(epoch_with, device, warmup=1) if device.type == "cuda" and cuda_graph else epoch_with
     for epoch in range(epochs):
-        order.copy_(orders[epoch])
-        neg_lr.copy_(neg_lrs[epoch])
-        if graph is not None:
-            graph.replay()
-        elif device.type == "cuda" and cuda_graph and epoch == 1:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # records, runs nothing: the replay runs this epoch
-                _probe_epoch(*args)
-            graph.replay()
-        elif device.type == "cuda" and cuda_graph:  # epoch 0, on a side stream, as capture needs
-            side_stream = torch.cuda.Stream(device)
-            side_stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side_stream):
-                _probe_epoch(*args)
-            torch.cuda.current_stream(device).wait_stream(side_stream)
-        else:
-            _probe_epoch(*args)
-        score(epoch)
+        run_epoch(orders[epoch], neg_lrs[epoch])
+        test_top1[epoch] = ((test_inputs @ theta.T).argmax(1) == test_labels).float().mean()
     return theta[:, :dim].clone(), theta[:, dim].clone(), test_top1
 
 
@@ -319,40 +265,28 @@ def knn_classify(
     return {"top1": top1, "top5": top5}
 
 
-def evaluate(
-    encoder: torch.nn.Module,
-    data: ImageDataset,
-    num_patches: int = DEFAULTS.num_patches,
-    augment_config: Optional[AugmentConfig] = None,
-    augment_backend: str = DEFAULTS.augment_backend,
-    device=None,
-    seed: int = DEFAULTS.seed,
-    bf16: bool = DEFAULTS.bf16,
-    linear_epochs: int = DEFAULTS.linear_epochs,
-    linear_lr: float = DEFAULTS.linear_lr,
-    linear_batch_size: int = DEFAULTS.linear_batch_size,
-    linear_momentum: float = DEFAULTS.linear_momentum,
-    linear_weight_decay: float = DEFAULTS.linear_weight_decay,
-    knn_k: int = DEFAULTS.knn_k,
-    knn_temperature: float = DEFAULTS.knn_temperature,
-    progress: bool = False,
-) -> Dict[str, float]:
-    """Bag-of-features evaluation of ``encoder`` on ``data``; accuracies are fractions in [0, 1].
+def evaluate(encoder: torch.nn.Module, data: ImageDataset, config: Optional[EvalConfig] = None,
+             augment_config: Optional[AugmentConfig] = None) -> Dict[str, float]:
+    """Bag-of-features evaluation of ``encoder`` on ``data`` with the settings of ``config`` (default: the
+    recipe's, ``EvalConfig()``); accuracies are fractions in [0, 1]. Runs on the encoder's device (``empssl eval``
+    puts it on ``config.device``); ``augment_config``: the recipe of the patches (default: the one for the images'
+    size).
 
     Keys: linear_top1 (the result), linear_best_epoch_top1 and linear_best_epoch (reference only),
     knn_top1, knn_top5, plus num_patches, num_train, num_test, feature_dim and timings.
     """
     start = time.perf_counter()
-    device = torch.device(device) if device is not None else next(encoder.parameters()).device
-    encoder = encoder.to(device)
+    config = config or EvalConfig()
+    device = next(encoder.parameters()).device
     data = data.to(device)
-    config = augment_config or augment_config_for(data.image_size[0])
-    use_amp = bf16 and device.type == "cuda"
-    augment = MultiPatchAugment(config, backend=augment_backend, out_dtype=torch.bfloat16 if use_amp else torch.float32,
-                                channels_last=device.type == "cuda")
+    recipe = augment_config or augment_config_for(data.image_size[0])
+    use_amp = config.bf16 and device.type == "cuda"
+    augment = MultiPatchAugment(recipe, backend=config.augment_backend,
+                                out_dtype=torch.bfloat16 if use_amp else torch.float32, channels_last=device.type == "cuda")
     features = {
-        split: extract_features(encoder, getattr(data, f"{split}_images"), num_patches, augment, bf16=bf16,
-                                progress=progress, description=f"{split} features", seed=seed, split_key=key)
+        split: extract_features(encoder, getattr(data, f"{split}_images"), config.num_patches, augment, bf16=config.bf16,
+                                progress=config.progress, description=f"{split} features", seed=config.seed,
+                                split_key=key)
         for split, key in SPLIT_KEYS.items()
     }
     for split, value in features.items():
@@ -360,10 +294,10 @@ def evaluate(
             raise ValueError(f"the encoder produced non-finite {split} features; the checkpoint is probably diverged")
     feature_seconds = time.perf_counter() - start
     args = (features["train"], data.train_labels, features["test"], data.test_labels, data.num_classes)
-    probe = linear_probe(*args, epochs=linear_epochs, lr=linear_lr, momentum=linear_momentum,
-                         weight_decay=linear_weight_decay, batch_size=linear_batch_size, seed=seed)
+    probe = linear_probe(*args, epochs=config.linear_epochs, lr=config.linear_lr, momentum=config.linear_momentum,
+                         weight_decay=config.linear_weight_decay, batch_size=config.linear_batch_size, seed=config.seed)
     probe_seconds = time.perf_counter() - start - feature_seconds
-    knn = knn_classify(*args, k=knn_k, temperature=knn_temperature)
+    knn = knn_classify(*args, k=config.knn_k, temperature=config.knn_temperature)
     knn_seconds = time.perf_counter() - start - feature_seconds - probe_seconds
     return {
         "linear_top1": probe["final_top1"],
@@ -371,7 +305,7 @@ def evaluate(
         "linear_best_epoch": probe["best_epoch"],
         "knn_top1": knn["top1"],
         "knn_top5": knn["top5"],
-        "num_patches": num_patches,
+        "num_patches": config.num_patches,
         "num_train": int(data.train_labels.shape[0]),
         "num_test": int(data.test_labels.shape[0]),
         "num_classes": data.num_classes,
@@ -383,4 +317,5 @@ def evaluate(
     }
 
 
+# fold_batchnorm lives beside the encoder (empssl.models); here as the extractor's
 __all__ = ["evaluate", "extract_features", "fold_batchnorm", "fit_linear_probe", "linear_probe", "knn_classify"]

@@ -1,4 +1,4 @@
-"""The EMP-SSL loss: Total Coding Rate and patch invariance (SPEC.md sections 1-2).
+"""The EMP-SSL loss: Total Coding Rate and patch invariance (docs/method.md sections 1-2).
 
 ``coding_rate`` is the one entry point for R; it validates its input and calls the TCR op,
 whose backends (reference, cpu, cuda, composite, triton) and dispatch are in ``empssl.ops.tcr``.

@@ -1,4 +1,4 @@
-"""The EMP-SSL encoder (SPEC.md section 3): a ResNet-18 backbone and the projector.
+"""The EMP-SSL encoder (docs/method.md section 3): a ResNet-18 backbone and the projector.
 
 The backbone has exactly the module and parameter names of ``torchvision.models.resnet18``
 without ``fc`` (conv1, bn1, layer1..layer4 of BasicBlocks with conv1/bn1/conv2/bn2/downsample.0/1),
@@ -8,6 +8,7 @@ multiplier (small CPU runs, ablations) needs another value.
 """
 from __future__ import annotations
 
+import copy
 from typing import Tuple, Union
 
 import torch
@@ -135,7 +136,7 @@ class EMPSSLEncoder(nn.Module):
 def build_encoder(
     arch: str = "resnet18-cifar", width: float = 1.0, hidden_dim: int = 4096, z_dim: int = 1024
 ) -> EMPSSLEncoder:
-    """The encoder of SPEC.md section 3 (defaults: the paper's CIFAR ResNet-18, 4096-d features, 1024-d z)."""
+    """The encoder of docs/method.md section 3 (defaults: the paper's CIFAR ResNet-18, 4096-d features, 1024-d z)."""
     return EMPSSLEncoder(arch=arch, width=width, hidden_dim=hidden_dim, z_dim=z_dim)
 
 
@@ -160,3 +161,41 @@ def _check_images(x) -> None:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"x must have shape (N, 3, H, W), got {tuple(x.shape)}")
+
+
+def _fold_pairs(encoder: EMPSSLEncoder):
+    """(parent, layer name, BatchNorm name) of every conv/linear layer that a BatchNorm follows directly."""
+    backbone = encoder.backbone
+    yield backbone, "conv1", "bn1"
+    for stage in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
+        for block in stage:
+            yield block, "conv1", "bn1"
+            yield block, "conv2", "bn2"
+            if block.downsample is not None:
+                yield block.downsample, "0", "1"
+    yield encoder.pre_feature, "0", "1"
+    yield encoder.projection, "0", "1"
+
+
+@torch.no_grad()
+def fold_batchnorm(encoder: EMPSSLEncoder) -> EMPSSLEncoder:
+    """A copy of ``encoder`` in eval mode in which every BatchNorm is folded into the layer before it.
+
+    With y = W x + b and BN(y) = gamma (y - mean) / sqrt(var + eps) + beta (running statistics):
+    W' = s W, b' = s (b - mean) + beta, s = gamma / sqrt(var + eps) (computed in float64). The copy
+    computes the eval-mode encoder's outputs (to rounding) with no BatchNorm pass over the
+    activations; the BatchNorms become Identity. ``encoder`` itself is not changed.
+    """
+    if not isinstance(encoder, EMPSSLEncoder):
+        raise TypeError(f"fold_batchnorm needs an EMPSSLEncoder, got {type(encoder).__name__}")
+    folded = copy.deepcopy(encoder).eval()
+    for parent, layer_name, norm_name in _fold_pairs(folded):
+        layer, norm = getattr(parent, layer_name), getattr(parent, norm_name)
+        scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+        bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(scale)
+        weight = layer.weight.double() * scale.reshape(-1, *([1] * (layer.weight.ndim - 1)))
+        layer.weight.copy_(weight)  # in place: keeps the parameter's dtype and memory format
+        layer.bias = torch.nn.Parameter(((bias - norm.running_mean.double()) * scale + norm.bias.double())
+                                        .to(layer.weight.dtype), requires_grad=False)
+        setattr(parent, norm_name, torch.nn.Identity())
+    return folded.requires_grad_(False)

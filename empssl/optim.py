@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule (SPEC.md section 5).
+"""Optimiser and learning-rate schedule (docs/method.md section 5).
 
 ``LARS`` reproduces what the authors run: ``SGD(lr, momentum=0.9, weight_decay=1e-4,
 nesterov=True)`` wrapped by solo-learn's ``LARSWrapper(eta=0.005, clip=True,

@@ -44,7 +44,7 @@ def rows(sweep) -> List[Dict[str, Any]]:
 def _hardware(device: str) -> str:
     import torch
 
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     resolved = resolve_device(device)
     if resolved.type == "cuda":

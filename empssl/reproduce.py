@@ -23,7 +23,7 @@ import shlex
 import shutil
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import published
 from .published import Recipe
@@ -114,8 +114,8 @@ def _write_json(path: str, value: Any) -> None:
 class Sweep:
     """The tasks of one experiment in one folder: what is done, running the rest, and the log."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
+    def __init__(self, args: argparse.Namespace, run_command: Callable[[List[str]], int]):
+        self.args, self.run_command = args, run_command
         self.out_dir = os.path.abspath(args.out_dir)
         self.tasks = plan(args.experiment, args.dataset, args.epochs, args.patches)
         self.train_args, self.eval_args = shlex.split(args.train_args), shlex.split(args.eval_args)
@@ -129,7 +129,7 @@ class Sweep:
 
     def check_folder(self) -> None:
         """SweepError unless the folder is new, empty, or holds this very sweep."""
-        from .data import check_writable_folder
+        from .run_dir import check_writable_folder
 
         check_writable_folder(self.out_dir, "--out-dir")
         path = os.path.join(self.out_dir, SWEEP_FILE)
@@ -192,8 +192,6 @@ class Sweep:
         return command
 
     def run(self, task: Task) -> None:
-        from . import cli
-
         folder = self.cell_dir(task.cell)
         os.makedirs(folder, exist_ok=True)
         start = time.perf_counter()
@@ -211,14 +209,14 @@ class Sweep:
         with open(os.path.join(folder, "commands.txt"), "a") as f:
             f.write("empssl " + shlex.join(command) + "\n")
         if task.kind == "train":
-            code = cli.main(command)
+            code = self.run_command(command)
             self._check_exit(task, code)
             _write_json(os.path.join(folder, TRAIN_DONE), {"epochs": task.recipe.epochs,
                                                           "seconds": _run_seconds(folder)})
         else:
             captured = io.StringIO()
             with contextlib.redirect_stdout(captured):
-                code = cli.main(command)
+                code = self.run_command(command)
             printed = captured.getvalue()
             print(printed, end="")
             self._check_exit(task, code)
@@ -256,7 +254,8 @@ def _run_seconds(folder: str) -> float:
 def check_memory(sweep: Sweep) -> None:
     """Refuse, before any cell runs, a training cell whose step cannot fit on the device."""
     from .memory import available_memory, estimate_step_memory, gib
-    from .train import TrainConfig, resolve_device
+    from .config import TrainConfig
+    from .runtime import resolve_device
 
     device = resolve_device(sweep.args.device)
     available = available_memory(device)
@@ -290,10 +289,10 @@ def _eta(sweep: Sweep, remaining: List[Task], rates: Dict[str, float]) -> str:
     return f"about {seconds / 60:.0f} min left" if seconds >= 90 else f"about {seconds:.0f} s left"
 
 
-def run_sweep(args: argparse.Namespace) -> int:
+def run_sweep(args: argparse.Namespace, run_command: Callable[[List[str]], int]) -> int:
     from .report import write_report
 
-    sweep = Sweep(args)
+    sweep = Sweep(args, run_command)
     sweep.check_folder()
     check_memory(sweep)  # before the folder is claimed: a refused sweep leaves nothing behind
     sweep.record()
@@ -353,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: List[str], run_command: Callable[[List[str]], int]) -> int:
+    """``empssl reproduce ARGV``; ``run_command`` runs one ``empssl`` command line in this process (empssl.cli.main,
+    handed in by it: this module does not import the command line that dispatches to it)."""
     args = build_parser().parse_args(argv)
     args.dataset = args.dataset or ["cifar10", "cifar100"]
     if args.experiment == "transfer" and len(set(args.dataset)) < 2:
@@ -363,7 +364,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.patches = args.patches or ([20, 50, 100, 200] if args.experiment == "patches" else [20])
     args.out_dir = args.out_dir or os.path.join("runs", f"reproduce-{args.experiment}")
     try:
-        return run_sweep(args)
+        return run_sweep(args, run_command)
     except SweepStopped as err:
         print(f"empssl reproduce: {err}", file=sys.stderr)
         return err.code

@@ -1,4 +1,4 @@
-"""Fused multi-patch augmentation in one Triton launch (SPEC.md section 4).
+"""Fused multi-patch augmentation in one Triton launch (docs/method.md section 4).
 
 One program makes one patch, from its uint8 source image to the normalised output, with the
 whole S x S patch held in registers as three float32 (BLOCK_S, BLOCK_S) tiles (R, G, B):
@@ -40,7 +40,6 @@ import triton
 import triton.language as tl
 
 from .. import augment_params as AP
-from ..backends import triton_reason
 from .launch import on_device
 
 MAX_OUTPUT_SIZE = 64  # largest patch whose three float32 S x S tiles stay in one program's registers
@@ -456,7 +455,8 @@ def _input_error(images_nhwc, source_index, params, config) -> Optional[Tuple[ty
 
 
 def unsupported_reason(device, images_nhwc, source_index, params, config) -> Optional[str]:
-    """None when ``augment_patches`` can run these inputs on ``device``, else a sentence saying why not."""
+    """None when ``augment_patches`` can run these inputs on ``device``, else a sentence saying why not.
+    Whether Triton can run on the device at all (a GPU, the interpreter) is the dispatcher's check (empssl.backends)."""
     device = torch.device(device)
     error = _input_error(images_nhwc, source_index, params, config)
     if error:
@@ -474,9 +474,6 @@ def unsupported_reason(device, images_nhwc, source_index, params, config) -> Opt
         return (f"the Triton augment kernel indexes within one image in int32; this image's offsets reach "
                 f"{plane_span} within a channel and {2 * abs(images_nhwc.stride(3))} across channels "
                 f"(strides {images_nhwc.stride()}), beyond 2^31 - 1")
-    reason = triton_reason(device)
-    if reason:
-        return reason
     if device.type == "cpu" and not _interpreted():
         return "TRITON_INTERPRET=1 was set after triton was imported, so the kernel cannot run on CPU tensors"
     return None

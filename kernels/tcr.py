@@ -1,4 +1,4 @@
-"""Fused Total Coding Rate forward + backward in one Triton launch (SPEC.md section 2).
+"""Fused Total Coding Rate forward + backward in one Triton launch (docs/method.md section 2).
 
 For each group Z (b, d) of z (n, b, d), one program computes, on the b x b side,
 
@@ -44,7 +44,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_reason
 from .launch import on_device
 
 MAX_B = 128  # largest padded group size whose b x b float32 tile stays in registers
@@ -175,7 +174,8 @@ def _interpreted() -> bool:
 
 
 def unsupported_reason(z) -> Optional[str]:
-    """None when ``tcr_forward_backward`` can run ``z``, else a sentence saying why not."""
+    """None when ``tcr_forward_backward`` can run ``z``, else a sentence saying why not.
+    Whether Triton can run on the device at all (a GPU, the interpreter) is the dispatcher's check (empssl.backends)."""
     if not isinstance(z, torch.Tensor):
         return f"z must be a torch.Tensor, got {type(z).__name__}"
     if z.ndim != 3:
@@ -192,9 +192,6 @@ def unsupported_reason(z) -> Optional[str]:
         return (f"the Triton TCR kernel indexes within a group in int32, and this z's group spans "
                 f"{max(group_span, b * d - 1) + 1} elements (>= 2^31; strides {z.stride()}): pass z.contiguous() "
                 f"with b * d < 2^31")
-    reason = triton_reason(z.device)
-    if reason:
-        return reason
     if z.device.type == "cpu" and not _interpreted():
         return "TRITON_INTERPRET=1 was set after triton was imported, so the kernel cannot run on CPU tensors"
     return None

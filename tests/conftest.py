@@ -65,6 +65,18 @@ def pytest_make_collect_report(collector):
     _fail_disallowed_skip(outcome.get_result())  # module-level skips
 
 
+@pytest.fixture(autouse=True)
+def restore_global_switches():
+    """Each test leaves torch's process-wide switches as it found them (threads, TF32, cuDNN), whatever it sets."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (torch.get_num_threads(), matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic,
+             torch.get_float32_matmul_precision())
+    yield
+    torch.set_num_threads(saved[0])
+    matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved[1:5]
+    torch.set_float32_matmul_precision(saved[5])
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny convolutions gain nothing from a second thread, and OpenMP spin-waits make them crawl on a busy machine."""

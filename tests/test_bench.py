@@ -36,6 +36,7 @@ def test_time_call_is_the_median_after_warmup(monkeypatch):
     assert common.time_call(fn, torch.device("cpu"), repeats=3, warmup=1) == pytest.approx(0.02)
 
 
+@pytest.mark.slow  # a subprocess that imports every benchmark: ~8 s
 def test_unknown_benchmark_is_a_usage_error():
     done = subprocess.run([sys.executable, "-m", "empssl", "bench", "nope"], capture_output=True, text=True)
     assert done.returncode == 2 and "unknown benchmark 'nope'" in done.stderr

@@ -85,6 +85,7 @@ def test_bad_option_values_are_usage_errors(argv, message, capsys):
     assert "usage: empssl" in err and message in err
 
 
+@pytest.mark.slow  # a subprocess that loads the extension and Triton: ~8 s
 def test_info_as_a_program():
     env = dict(os.environ, TRITON_INTERPRET="1")
     info = subprocess.run([sys.executable, "-m", "empssl.cli", "info"], capture_output=True, text=True, env=env)

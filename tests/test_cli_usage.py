@@ -68,7 +68,7 @@ def _help_of(parser, command):
 def test_eval_help_says_where_a_checkpoint_overrides_the_default():
     from empssl import checkpoint as ckpt
     from empssl.config import _cli_fields
-    from empssl.train import TrainConfig
+    from empssl.config import TrainConfig
 
     helps = _help_of(cli.build_parser(), "eval")
     from_checkpoint = [name for name, field in _cli_fields(TrainConfig).items()

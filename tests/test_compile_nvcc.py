@@ -59,6 +59,7 @@ def _nvcc():
     return nvcc
 
 
+@pytest.mark.slow  # nvcc: 8-9 s per source
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
 def test_cuda_source_compiles_without_spills(source, tmp_path):

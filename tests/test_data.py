@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from empssl import data as D
+from empssl import image_folder, run_dir
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -219,7 +220,7 @@ def test_image_folder_decodes_caches_and_reuses(tmp_path, monkeypatch):
     def must_not_decode(*args):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(D, "decode_image", must_not_decode)
+    monkeypatch.setattr(image_folder, "decode_image", must_not_decode)
     again = D.load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
     assert torch.equal(again.train_images, dataset.train_images)
 
@@ -339,7 +340,7 @@ def test_npz_image_size_is_refused_only_when_it_differs(tmp_path):
 def test_unusable_cache_dir_fails_before_decoding(tmp_path, monkeypatch):
     _make_tree(tmp_path / "tree")
     decoded = []
-    monkeypatch.setattr(D, "decode_image", lambda *args: decoded.append(args))
+    monkeypatch.setattr(image_folder, "decode_image", lambda *args: decoded.append(args))
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(ValueError, match="--cache-dir .*a_file is a file, not a folder"):
         D.load_dataset(f"folder:{tmp_path / 'tree'}", image_size=8, cache_dir=str(tmp_path / "a_file"), show_progress=False)
@@ -353,5 +354,5 @@ def test_unusable_cache_dir_fails_before_decoding(tmp_path, monkeypatch):
 
 
 def test_check_writable_folder_leaves_nothing_behind(tmp_path):
-    D.check_writable_folder(str(tmp_path / "new" / "deeper"), "--out-dir")  # creatable: fine
+    run_dir.check_writable_folder(str(tmp_path / "new" / "deeper"), "--out-dir")  # creatable: fine
     assert list(tmp_path.iterdir()) == []  # neither the folder nor the probe file

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from empssl import evaluate as E
+from empssl.config import EvalConfig
 from empssl.data import make_synthetic
 from empssl.models import build_encoder
 from empssl.reference import probe as reference_probe
@@ -94,12 +95,12 @@ def test_evaluate_end_to_end_on_tiny_synthetic():
     torch.manual_seed(0)
     encoder = build_encoder(width=0.125, hidden_dim=32, z_dim=16)
     data = make_synthetic(100, 40, 8, seed=0)
-    result = E.evaluate(encoder, data, num_patches=2, linear_epochs=3)
+    result = E.evaluate(encoder, data, EvalConfig(num_patches=2, linear_epochs=3, progress=False))
     for key in ("linear_top1", "linear_best_epoch_top1", "knn_top1", "knn_top5"):
         assert 0.0 <= result[key] <= 1.0, key
     assert result["linear_best_epoch_top1"] >= result["linear_top1"] and result["knn_top5"] >= result["knn_top1"]
     assert result["feature_dim"] == 32 and result["num_train"] == 100 and result["num_test"] == 40
-    again = E.evaluate(encoder, data, num_patches=2, linear_epochs=3)
+    again = E.evaluate(encoder, data, EvalConfig(num_patches=2, linear_epochs=3, progress=False))
     assert again["linear_top1"] == result["linear_top1"] and again["knn_top1"] == result["knn_top1"]  # seeded
 
 
@@ -200,7 +201,7 @@ def test_evaluation_equals_the_unfolded_encoder_and_reference_probe():
     _, _, reference_top1 = reference_probe.fit_linear_probe(*slow_args, epochs=10, seed=3)
     assert abs(float(top1[-1]) - float(reference_top1[-1])) <= 0.005 + 1e-6
     assert E.knn_classify(*fast_args) == E.knn_classify(*slow_args)
-    result = E.evaluate(encoder, data, num_patches=2, linear_epochs=10, seed=3)
+    result = E.evaluate(encoder, data, EvalConfig(num_patches=2, linear_epochs=10, seed=3, progress=False))
     assert result["linear_top1"] == pytest.approx(float(top1[-1]))
     assert result["knn_top1"] == E.knn_classify(*fast_args)["top1"]
     assert result["probe_seconds"] > 0 and result["knn_seconds"] > 0

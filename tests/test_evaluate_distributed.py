@@ -3,6 +3,7 @@ the images (patches keyed by image index, so they do not depend on the split), t
 gathered, and every rank runs the probe and the kNN on the same features."""
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -10,6 +11,7 @@ from free_port import free_port
 
 from empssl import distributed
 from empssl import evaluate as E
+from empssl.config import EvalConfig
 from empssl.data import make_synthetic
 from empssl.models import build_encoder
 
@@ -29,7 +31,7 @@ def _run(seed):
     encoder, data = _setup(seed)
     features = E.extract_features(encoder, data.test_images, PATCHES, max_patches_per_forward=CHUNK_PATCHES,
                                   seed=seed, split_key=1)
-    result = E.evaluate(encoder, data, num_patches=PATCHES, linear_epochs=3, seed=seed)
+    result = E.evaluate(encoder, data, EvalConfig(num_patches=PATCHES, linear_epochs=3, seed=seed, progress=False))
     return features, {k: v for k, v in result.items() if not k.endswith("_seconds")}
 
 
@@ -44,13 +46,13 @@ def _worker(rank, port, seed, results):
         dist.destroy_process_group()
 
 
-def test_two_rank_evaluation_equals_one_process():
+@pytest.mark.slow  # two processes with a process group: ~17 s
+def test_two_rank_evaluation_equals_one_process(one_torch_thread):
     seed = int(torch.randint(1000, (1,)))
     manager = mp.Manager()
     results = manager.dict()
     mp.spawn(_worker, args=(free_port(), seed, results), nprocs=WORLD, join=True)
     assert (distributed.rank(), distributed.world_size()) == (0, 1)
-    torch.set_num_threads(1)
     features, result = _run(seed)
     for rank in range(WORLD):
         rank_features, rank_result = results[rank]

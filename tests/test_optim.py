@@ -1,4 +1,4 @@
-"""LARS and the cosine schedule (SPEC.md section 5) against hand computations in float64."""
+"""LARS and the cosine schedule (docs/method.md section 5) against hand computations in float64."""
 import io
 import math
 import warnings

@@ -49,6 +49,7 @@ def _python_modules(tree):
 def _setup(tree, **env):
     environment = {k: v for k, v in os.environ.items() if not k.startswith("EMPSSL_BUILD")}
     environment.update(env)
+    environment = {k: v for k, v in environment.items() if v is not None}  # None: unset
     return subprocess.run([sys.executable, "setup.py", "--name"], cwd=tree, env=environment, capture_output=True,
                           text=True, timeout=300)
 
@@ -102,6 +103,19 @@ def test_no_usable_nvcc_builds_the_cpu_extension_with_one_warning(clean_tree):
     assert "EMPSSL_BUILD_CUDA" in warnings[0]
     record = _build_record(clean_tree)
     assert record["EXTENSION"] == "cpu" and "nvcc" in record["REASON"]
+
+
+def test_the_cuda_part_is_built_with_a_whole_toolkit(clean_tree):
+    import torch
+
+    if torch.version.cuda is None or shutil.which("nvcc") is None:
+        pytest.skip("needs a CUDA GPU: or at least torch with CUDA and nvcc on the PATH, to build the CUDA part")
+    run = _setup(clean_tree, CUDA_HOME=None, CUDA_PATH=None)
+    assert run.returncode == 0 and "WARNING" not in run.stderr, run.stderr
+    record = _build_record(clean_tree)
+    # torch reads CUDA_HOME when its cpp_extension is imported: a wrapper nvcc on the PATH must not decide it
+    assert record["EXTENSION"] == "cpu+cuda"
+    assert os.path.exists(os.path.join(record["CUDA_HOME"], "include", "cuda_runtime.h")), record["CUDA_HOME"]
 
 
 def test_forcing_cuda_without_nvcc_is_an_error_that_says_why(clean_tree):

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 # runs each block in a fresh namespace, as a reader pasting it into a new interpreter would
 RUNNER = """
@@ -20,6 +22,7 @@ def python_blocks():
     return re.findall(r"^```python\n(.*?)^```$", README.read_text(), flags=re.S | re.M)
 
 
+@pytest.mark.slow  # trains and evaluates: ~12 s
 def test_readme_python_blocks_run(tmp_path):
     blocks = python_blocks()
     assert len(blocks) >= 3  # the loss, the augmentation, the trainer

@@ -12,11 +12,15 @@ import time
 import numpy as np
 import pytest
 
-from empssl import published, report, reproduce
+from empssl import cli, published, report, reproduce
 from empssl.published import Recipe
 
 TRAIN = "--image-size 16 --train-size 48 --batch-size 16 --width 0.125 --hidden-dim 32 --z-dim 16 --threads 1"
 EVAL = "--test-size 32 --num-patches 2 --linear-epochs 2 --threads 1"
+
+
+def _reproduce(args):
+    return cli.main(["reproduce", *args])
 
 
 def _args(experiment, out_dir, *extra, datasets=("synthetic",)):
@@ -51,7 +55,7 @@ def _lines(figure):
 
 def test_one_epoch_runs_both_recipes_as_normal_run_folders(tmp_path, capsys):
     out = tmp_path / "sweep"
-    assert reproduce.main(_args("one-epoch", out)) == 0
+    assert _reproduce(_args("one-epoch", out)) == 0
     rows = _check_report_against_cells(out, ["synthetic-schedule-1", "synthetic-optimised"])
     assert [(row["epochs"], row["schedule_epochs"], row["num_patches"]) for row in rows] == [(1, 1, 20), (1, 2, 20)]
     for cell in ("synthetic-schedule-1", "synthetic-optimised"):  # what `empssl train` and `empssl eval` write
@@ -63,7 +67,7 @@ def test_one_epoch_runs_both_recipes_as_normal_run_folders(tmp_path, capsys):
 def test_convergence_evaluates_the_checkpoint_of_every_epoch(tmp_path):
     pytest.importorskip("matplotlib", reason="optional dependency not installed: matplotlib")
     out = tmp_path / "sweep"
-    assert reproduce.main(_args("convergence", out, "--epochs", "3", "--patches", "2")) == 0
+    assert _reproduce(_args("convergence", out, "--epochs", "3", "--patches", "2")) == 0
     rows = _check_report_against_cells(out, [f"synthetic-epoch-{e:03d}" for e in (1, 2, 3)])
     import torch
 
@@ -82,7 +86,7 @@ def test_patches_reports_accuracy_and_time_per_patch_count(tmp_path):
     from PIL import Image
 
     out = tmp_path / "sweep"
-    assert reproduce.main(_args("patches", out, "--epochs", "1", "--patches", "2,4")) == 0
+    assert _reproduce(_args("patches", out, "--epochs", "1", "--patches", "2,4")) == 0
     rows = _check_report_against_cells(out, ["synthetic-patches-002", "synthetic-patches-004"])
     for row in rows:  # the time is the run's own clock, from its metrics.jsonl
         last = [json.loads(line) for line in (out / row["cell"] / "metrics.jsonl").read_text().splitlines()][-1]
@@ -101,7 +105,7 @@ def test_transfer_evaluates_each_encoder_on_each_data_set(tmp_path):
              test_images=rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8), test_labels=rng.integers(0, 5, 32))
     out = tmp_path / "sweep"
     datasets = ("synthetic", f"npz:{other}")
-    assert reproduce.main(_args("transfer", out, datasets=datasets)) == 0
+    assert _reproduce(_args("transfer", out, datasets=datasets)) == 0
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert [(r["trained_on"], r["evaluated_on"]) for r in rows] == [(a, b) for a in datasets for b in datasets]
     for row in rows:
@@ -126,14 +130,14 @@ def test_a_changed_option_is_refused_and_a_foreign_folder_too(tmp_path, capsys):
     out = tmp_path / "sweep"
     out.mkdir()
     (out / "sweep.json").write_text(json.dumps({"experiment": "patches", "datasets": ["synthetic"], "epochs": 2}))
-    assert reproduce.main(_args("patches", out, "--epochs", "1", "--patches", "2")) == 1
+    assert _reproduce(_args("patches", out, "--epochs", "1", "--patches", "2")) == 1
     err = capsys.readouterr().err
     assert "holds another sweep" in err and "epochs: 2 -> 1" in err
     assert os.listdir(out) == ["sweep.json"]
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    assert reproduce.main(_args("patches", foreign, "--patches", "2")) == 1
+    assert _reproduce(_args("patches", foreign, "--patches", "2")) == 1
     assert "is not empty and holds no sweep" in capsys.readouterr().err
 
 
@@ -143,7 +147,7 @@ def test_a_cell_that_cannot_fit_is_refused_before_anything_runs(tmp_path, capsys
     monkeypatch.setattr(memory, "available_memory", lambda device: 3 * 2**30)  # a 3 GiB device
     out = tmp_path / "sweep"
     args = ["patches", "--dataset", "synthetic", "--patches", "2,50", "--device", "cpu", "--out-dir", str(out)]
-    assert reproduce.main(args) == 1
+    assert _reproduce(args) == 1
     err = capsys.readouterr().err
     need = memory.estimate_step_memory(arch="resnet18-cifar", width=1.0, hidden_dim=4096, z_dim=1024, image_size=32,
                                        batch_size=100, num_patches=50, bf16=False)

@@ -12,6 +12,7 @@ import torch
 
 from empssl import checkpoint as ckpt
 from empssl import cli
+from empssl import step as S
 from empssl import train as T
 from empssl.data import make_synthetic
 from empssl.plots import read_metrics
@@ -51,7 +52,7 @@ def _assert_true_history(records, resumed_at):
 
 def _crash_at_step(step):
     """An EMPSSLLoss that raises KeyboardInterrupt (a crash with no handler: no checkpoint) in step ``step``."""
-    class Crashing(T.EMPSSLLoss):
+    class Crashing(S.EMPSSLLoss):
         calls = 0
 
         def forward(self, z, return_parts=False):
@@ -83,7 +84,7 @@ def test_overwrite_replaces_the_old_run_only_at_the_first_checkpoint(tmp_path, m
     old_run_id = ckpt.load_checkpoint(old.checkpoint_path)["run_id"]
 
     # the new run crashes in step 3, before its first checkpoint: the old run is untouched
-    monkeypatch.setattr(T, "EMPSSLLoss", _crash_at_step(3))
+    monkeypatch.setattr(S, "EMPSSLLoss", _crash_at_step(3))
     with pytest.raises(KeyboardInterrupt, match="simulated crash"):
         T.train(T.TrainConfig(**TINY, seed=1, overwrite=True, out_dir=str(tmp_path / "run")), data)
     monkeypatch.undo()
@@ -100,7 +101,7 @@ def test_overwrite_replaces_the_old_run_only_at_the_first_checkpoint(tmp_path, m
 def test_resume_cuts_metrics_back_to_the_checkpoint_and_marks_it(tmp_path, monkeypatch):
     data = make_synthetic(64, 16, 8, seed=0)
     config = T.TrainConfig(**TINY, epochs=2, checkpoint_every=3, out_dir=str(tmp_path / "run"))
-    monkeypatch.setattr(T, "EMPSSLLoss", _crash_at_step(6))  # steps 4 and 5 are logged after the checkpoint at 3
+    monkeypatch.setattr(S, "EMPSSLLoss", _crash_at_step(6))  # steps 4 and 5 are logged after the checkpoint at 3
     with pytest.raises(KeyboardInterrupt):
         T.train(config, data)
     monkeypatch.undo()
@@ -145,6 +146,7 @@ def _wait_for_step(folder, step, process, timeout=300):
     raise AssertionError(f"no metrics line for step {step} within {timeout} s")
 
 
+@pytest.mark.slow  # a subprocess run signalled mid-training: ~7 s each
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_signal_keeps_progress_and_the_resumed_run_is_bitwise_equal(tmp_path, uninterrupted, signum, exit_code, capsys):
     out = tmp_path / "run"
@@ -206,6 +208,7 @@ KILL_DURING_SECOND_CHECKPOINT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess run killed mid-write: ~6 s
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     out = tmp_path / "run"
     killed = subprocess.run([sys.executable, "-c", KILL_DURING_SECOND_CHECKPOINT, "train", *TINY_ARGS, *LONG_ARGS,

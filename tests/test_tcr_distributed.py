@@ -51,6 +51,7 @@ def _worker(rank, port, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes with a process group: ~12 s
 def test_gather_matches_single_process_on_the_global_batch():
     manager = mp.Manager()
     results = manager.dict()

@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from empssl import checkpoint as ckpt
+from empssl import step as S
 from empssl import train as T
+from empssl.augment_config import AugmentConfig, augment_config_for
+from empssl.config import EvalConfig
 from empssl.data import make_synthetic
+from empssl.models import build_encoder
 
 TINY = dict(dataset="synthetic", width=0.125, hidden_dim=64, z_dim=32, device="cpu", progress=False)
 
@@ -50,7 +54,7 @@ def test_twenty_steps_reduce_the_loss(tmp_path):
 
 def _crash_after(calls_allowed):
     """An EMPSSLLoss that raises KeyboardInterrupt (a simulated kill) on call calls_allowed + 1."""
-    original = T.EMPSSLLoss
+    original = S.EMPSSLLoss
 
     class Crashing(original):
         calls = 0
@@ -70,7 +74,7 @@ def test_interrupted_and_resumed_run_is_bitwise_equal(tmp_path, tiny_data, monke
     reference = T.train(_config(tmp_path, "whole"), tiny_data)
     assert reference.steps == 8
 
-    monkeypatch.setattr(T, "EMPSSLLoss", _crash_after(6))
+    monkeypatch.setattr(S, "EMPSSLLoss", _crash_after(6))
     with pytest.raises(KeyboardInterrupt):
         T.train(_config(tmp_path, "crashed", checkpoint_every=3), tiny_data)
     monkeypatch.undo()
@@ -92,7 +96,7 @@ def test_interrupted_and_resumed_run_is_bitwise_equal(tmp_path, tiny_data, monke
     assert torch.equal(final_whole["rng"]["permutation"], final_resumed["rng"]["permutation"])
     # and training did change the parameters (the comparison is not trivially true)
     torch.manual_seed(0)
-    fresh = T.build_encoder(**_config(tmp_path, "x").model_config()).state_dict()
+    fresh = build_encoder(**_config(tmp_path, "x").model_config()).state_dict()
     assert not torch.equal(fresh["backbone.conv1.weight"], actual["backbone.conv1.weight"])
 
 
@@ -114,7 +118,7 @@ def test_checkpoint_contents_and_atomic_write(tmp_path, tiny_data):
 
 class _NaNAfter:
     def __init__(self, good_steps):
-        original = T.EMPSSLLoss
+        original = S.EMPSSLLoss
 
         class Poisoned(original):
             calls = 0
@@ -130,7 +134,7 @@ class _NaNAfter:
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
-    monkeypatch.setattr(T, "EMPSSLLoss", _NaNAfter(5).cls)
+    monkeypatch.setattr(S, "EMPSSLLoss", _NaNAfter(5).cls)
     config = _config(tmp_path, "run", checkpoint_every=2, log_every=3)
     with pytest.raises(T.NonFiniteLossError, match="non-finite .* step 6.*step 4\\) is intact"):
         T.train(config, tiny_data)
@@ -144,7 +148,7 @@ def test_resume_from_another_architecture_is_refused(tmp_path, tiny_data):
     first = T.train(_config(tmp_path, "run", max_steps=1), tiny_data)
     with pytest.raises(ckpt.CheckpointError, match="holds a resnet18-cifar width 0.125 .* asks for resnet18-cifar width 0.25"):
         T.train(_config(tmp_path, "other", width=0.25, resume=first.checkpoint_path), tiny_data)
-    wider = T.build_encoder(width=0.25, hidden_dim=64, z_dim=32)
+    wider = build_encoder(width=0.25, hidden_dim=64, z_dim=32)
     with pytest.raises(ckpt.CheckpointError, match="does not fit this encoder"):
         ckpt.load_model_state(wider, ckpt.load_checkpoint(first.checkpoint_path)["model"], first.checkpoint_path)
 
@@ -183,10 +187,10 @@ def test_config_validation():
 
 
 def test_augment_config_follows_image_size():
-    assert T.augment_config_for(32) == T.AugmentConfig.cifar()
-    assert T.augment_config_for(64) == T.AugmentConfig.tinyimagenet()
-    assert T.augment_config_for(16).output_size == 16 and T.augment_config_for(16).crop_scale == (0.25, 0.25)
-    imagenet = T.augment_config_for(160)
+    assert augment_config_for(32) == AugmentConfig.cifar()
+    assert augment_config_for(64) == AugmentConfig.tinyimagenet()
+    assert augment_config_for(16).output_size == 16 and augment_config_for(16).crop_scale == (0.25, 0.25)
+    imagenet = augment_config_for(160)
     assert imagenet.output_size == 160 and imagenet.crop_ratio == (3 / 4, 4 / 3)
 
 
@@ -204,11 +208,11 @@ def test_cuda_bf16_training_resumes_and_evaluates(tmp_path):
     resumed = T.train(_config(tmp_path, "half", resume=half.checkpoint_path, **common), data)
     assert whole.steps == resumed.steps == 8
     torch.manual_seed(0)
-    initial = T.build_encoder(width=0.25, hidden_dim=256, z_dim=64).state_dict()
+    initial = build_encoder(width=0.25, hidden_dim=256, z_dim=64).state_dict()
     moved = sum((whole.encoder.state_dict()[k].float().cpu() - initial[k].float()).norm() ** 2 for k in initial) ** 0.5
     apart = sum((whole.encoder.state_dict()[k].float() - resumed.encoder.state_dict()[k].float()).norm().cpu() ** 2
                 for k in initial) ** 0.5
     # GPU kernels may reduce in another order, so not bitwise: but the runs must follow the same trajectory
     assert apart < 0.01 * moved
-    result = evaluate(resumed.encoder, data, num_patches=16, linear_epochs=5)
+    result = evaluate(resumed.encoder, data, EvalConfig(num_patches=16, linear_epochs=5, progress=False))
     assert 0.0 <= result["linear_top1"] <= 1.0 and 0.0 <= result["knn_top1"] <= 1.0

@@ -21,12 +21,16 @@ import torch
 from empssl import checkpoint as ckpt
 from empssl import cli
 from empssl import train as T
+from empssl.models import build_encoder
 
 WORLD = 2
 STEPS = 4
 RUN = ["--dataset", "synthetic", "--image-size", "8", "--train-size", "64", "--width", "0.125", "--hidden-dim", "32",
        "--z-dim", "16", "--num-patches", "2", "--batch-size", "16", "--device", "cpu", "--threads", "1",
        "--no-progress", "--log-every", "1", "--sync-bn", "--dist-timeout", "60"]
+
+pytestmark = pytest.mark.slow  # every test starts torchrun with two ranks: 7-20 s each
+
 
 # The entry point the launcher runs: `empssl` itself, with two switches for these tests only (environment):
 # EMPSSL_TEST_FLOAT64 trains a float64 encoder (the patches are the same floats), EMPSSL_TEST_FAIL=kill|stall
@@ -41,7 +45,7 @@ if os.environ.get("EMPSSL_TEST_FLOAT64"):
     def build_float64(*args, **kwargs):
         state = build(*args, **kwargs)
         state.encoder.double()
-        state.forward = lambda patches: state.encoder(patches.double())
+        state.encoder.register_forward_pre_hook(lambda encoder, args: (args[0].double(),))  # float64 z
         return state
 
     T.build_train_state = build_float64
@@ -161,7 +165,7 @@ def test_two_ranks_train_as_one_process(float64_runs):
     assert _model(two)["backbone.conv1.weight"].dtype == torch.float64
     # the steps moved the weights far beyond that tolerance
     torch.manual_seed(0)
-    initial = T.build_encoder(width=0.125, hidden_dim=32, z_dim=16).state_dict()["backbone.conv1.weight"]
+    initial = build_encoder(width=0.125, hidden_dim=32, z_dim=16).state_dict()["backbone.conv1.weight"]
     assert (_model(one)["backbone.conv1.weight"] - initial.double()).abs().max() > 1e-3
     # every rank computed the global batch's loss; rank 0 alone logged it, each step once
     steps, losses = _losses(two)

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from empssl import checkpoint as ckpt
+from empssl import step as S
 from empssl import train as T
 from empssl.data import make_synthetic
+from empssl.models import build_encoder
 from step_counters import OpCounter, count_host_syncs
 
 TINY = dict(dataset="synthetic", width=0.125, hidden_dim=64, z_dim=32, device="cpu", progress=False, num_patches=4,
@@ -154,8 +156,8 @@ def test_compile_option_makes_forward_and_loss_one_graph(images, monkeypatch):
     compiled = _state(compile=True)
     monkeypatch.undo()
     eager = _state()
-    assert requested == [(T.forward_and_loss, {"fullgraph": True})]
-    assert eager.forward_and_loss is T.forward_and_loss and compiled.forward_and_loss is not T.forward_and_loss
+    assert requested == [(S.forward_and_loss, {"fullgraph": True})]
+    assert eager.compiled_forward_and_loss is None and compiled.compiled_forward_and_loss is not None
     try:
         for ids in _batches(3):
             for state in (eager, compiled):
@@ -175,7 +177,7 @@ def test_captured_step_gives_the_eager_parameters_after_ten_steps(tmp_path):
     runs = {graph: T.train(T.TrainConfig(**common, cuda_graph=graph, out_dir=str(tmp_path / str(graph))), data)
             for graph in (False, True)}
     torch.manual_seed(0)
-    initial = T.build_encoder(width=0.125, hidden_dim=64, z_dim=32).state_dict()
+    initial = build_encoder(width=0.125, hidden_dim=64, z_dim=32).state_dict()
     eager, captured = (runs[g].encoder.state_dict() for g in (False, True))
     assert runs[True].steps == 10
     for name, value in eager.items():
@@ -189,7 +191,7 @@ def test_cpu_training_never_enters_the_cuda_graph_path(tmp_path, monkeypatch):
     def refuse(state):
         raise AssertionError("the CUDA graph path was entered on the CPU")
 
-    monkeypatch.setattr(T, "_CapturedStep", refuse)
+    monkeypatch.setattr(T, "captured_train_step", refuse)
     benchmark = torch.backends.cudnn.benchmark
     config = T.TrainConfig(**{**TINY, "max_steps": 2, "out_dir": str(tmp_path / "run")})
     assert config.cuda_graph  # the default: capture where there is CUDA
@@ -216,7 +218,7 @@ def test_cli_train_options_reach_the_config(monkeypatch):
 
 
 def test_non_finite_loss_is_caught_one_window_late(tmp_path, monkeypatch):
-    original = T.EMPSSLLoss
+    original = S.EMPSSLLoss
     calls = [0]
 
     class NaNFromStepThree(original):
@@ -225,7 +227,7 @@ def test_non_finite_loss_is_caught_one_window_late(tmp_path, monkeypatch):
             loss, tcr, inv = super().forward(z, return_parts=True)
             return (loss * float("nan") if calls[0] >= 3 else loss), tcr, inv
 
-    monkeypatch.setattr(T, "EMPSSLLoss", NaNFromStepThree)
+    monkeypatch.setattr(S, "EMPSSLLoss", NaNFromStepThree)
     config = T.TrainConfig(**{**TINY, "epochs": 2, "log_every": 2, "out_dir": str(tmp_path / "run")})
     with pytest.raises(T.NonFiniteLossError, match="at or before step 4; stopping: no checkpoint was written"):
         T.train(config, make_synthetic(NUM_IMAGES, 8, IMAGE_SIZE, seed=0))

@@ -24,11 +24,12 @@ import random
 import torch
 
 from .. import backends
-from ..augment import AugmentConfig, MultiPatchAugment
+from ..augment import MultiPatchAugment
+from ..augment_config import AugmentConfig
 from . import common
 
 
-def _pil_pipeline(output_size):
+def pil_pipeline(output_size):
     import torchvision.transforms as T
     from PIL import ImageFilter
 
@@ -57,7 +58,7 @@ def _pil_worker_init(images_np, output_size):
 
     torch.set_num_threads(1)
     _WORKER["images"] = [Image.fromarray(a) for a in images_np]
-    _WORKER["pipeline"] = _pil_pipeline(output_size)
+    _WORKER["pipeline"] = pil_pipeline(output_size)
 
 
 def _pil_worker(indices):

@@ -35,7 +35,9 @@ from .. import evaluate as E
 from ..models import build_encoder
 from ..optim import build_optimizer
 from ..reference import tcr as reference_tcr
-from ..train import TrainConfig, _CapturedStep, autocast_context, build_train_state, train_step
+from ..config import TrainConfig
+from ..runtime import autocast_context
+from ..step import CAPTURE_WARMUP_STEPS, build_train_state, captured_train_step, train_step
 from . import common
 from .step import forward_flops
 
@@ -139,7 +141,7 @@ def time_steps(device: torch.device, config: TrainConfig, method: str, steps: in
     images = _synthetic_images(device, generator)
     state = build_train_state(dataclasses.replace(config, compile=method.endswith("compiled")), device, NUM_IMAGES, 32)
     state.encoder.train()
-    run = _CapturedStep(state) if method.startswith("captured") else (
+    run = captured_train_step(state) if method.startswith("captured") else (
         lambda batch, image_ids: train_step(state, batch, image_ids))
     batches = [torch.randperm(NUM_IMAGES, device=device, generator=generator)[:config.batch_size] for _ in range(steps)]
 
@@ -155,7 +157,7 @@ def time_steps(device: torch.device, config: TrainConfig, method: str, steps: in
     torch.backends.cudnn.benchmark = device.type == "cuda"
     try:
         # warm-up: the captured runner's eager steps and its capture; cuDNN's algorithm search; compilation
-        for index in range(_CapturedStep.WARMUP + 2 if device.type == "cuda" else 1):
+        for index in range(CAPTURE_WARMUP_STEPS + 2 if device.type == "cuda" else 1):
             one_step(index)
         seconds = common.time_call(run_steps, device, repeats=repeats, warmup=0) / steps
         kernels = count_kernels(one_step, device)
@@ -182,10 +184,10 @@ class _PublishedViews(torch.utils.data.Dataset):
     def __getitem__(self, index):
         from PIL import Image
 
-        from .augment import _pil_pipeline
+        from .augment import pil_pipeline
 
         if self.pipeline is None:  # made in the worker
-            self.pipeline = _pil_pipeline(32)
+            self.pipeline = pil_pipeline(32)
         image = Image.fromarray(self.images[index % len(self.images)])
         return torch.stack([self.pipeline(image) for _ in range(self.num_patches)])
 

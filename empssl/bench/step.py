@@ -16,11 +16,12 @@ import time
 
 import torch
 
-from ..augment import AugmentConfig, MultiPatchAugment
+from ..augment import MultiPatchAugment
+from ..augment_config import AugmentConfig
 from ..loss import EMPSSLLoss
 from ..models import build_encoder
 from ..optim import build_optimizer
-from ..train import autocast_context
+from ..runtime import autocast_context
 from . import common
 
 PARTS = ("augment", "forward", "loss", "backward+step", "total")

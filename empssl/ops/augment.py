@@ -7,12 +7,13 @@ compiled training step traces through the augmentation), both taking the same ar
 - ``empssl::augment_patches``: the compiled extension (schema in csrc/ops.cpp), CPU kernel
   csrc/cpu/augment.cpp and CUDA kernel csrc/cuda/augment.cu. Backends "cpu" and "cuda".
 - ``empssl::augment_patches_triton``: a ``custom_op`` around kernels/augment.py (``triton_op``
-  does not run under torch.compile with the interpreter, see DESIGN.md). Backend "triton".
+  does not run under torch.compile with the interpreter, see docs/design.md section 3). Backend "triton".
 
 The reference (empssl/reference/augment.py) is backend "reference". The ops take the few fields of
 the recipe the kernels read (``KernelConfig``; a dataclass cannot cross the torch.library boundary);
 sampling ranges stay with the sampler. ``augment_patches`` dispatches: the backend is resolved once
-per (request, device, image layout, patch count, KernelConfig).
+per (request, device, image layout, patch count, KernelConfig). The recipe (``AugmentConfig``) comes
+from empssl.augment_config.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 
 from .. import augment_params as AP
 from .. import backends
+from ..augment_config import AugmentConfig
 from ..reference import augment as reference_augment
 
 EXTENSION_OP = "empssl::augment_patches"
@@ -163,6 +165,7 @@ BACKENDS = {
                                   lambda device, images_nhwc, source_index, params, config: None,
                                   reference_augment.apply_augment),
 }
+BACKEND_CHOICES = backends.choices(BACKENDS)  # what backend= and --augment-backend accept
 
 
 def _stand_ins(device: torch.device, dtype: torch.dtype, shape: tuple, stride: tuple, num_patches: int,
@@ -175,8 +178,6 @@ def _stand_ins(device: torch.device, dtype: torch.dtype, shape: tuple, stride: t
 
 def _example_inputs() -> tuple:
     """Typical inputs for `empssl info`: 100 CIFAR images, 20 patches each, the CIFAR recipe."""
-    from ..augment import AugmentConfig  # the recipe lives with the sampler, which imports this module
-
     count = 20 * 100
     return (torch.zeros(100, 32, 32, 3, dtype=torch.uint8), torch.zeros(count, dtype=torch.int64),
             torch.zeros(count, AP.NUM_PARAMS), AugmentConfig.cifar())

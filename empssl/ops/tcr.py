@@ -1,6 +1,6 @@
 """The Total Coding Rate op: R of every group of z (n, b, d), with its gradient, and its backends.
 
-R(Z) = 1/2 logdet(I + alpha Z^T Z), alpha = d / (b eps) (SPEC.md section 2). The fused backends
+R(Z) = 1/2 logdet(I + alpha Z^T Z), alpha = d / (b eps) (docs/method.md section 2). The fused backends
 compute R and, when z needs a gradient, dR/dz = alpha Z (I + alpha Z^T Z)^{-1} in the same call
 (``(z, alpha, need_grad) -> (R, dR/dz)``); one autograd formula scales that saved gradient.
 
@@ -11,7 +11,7 @@ Ops (each with a fake, so a compiled step traces through the loss):
 - ``empssl::tcr_forward_backward_composite``: torch ops in the extension on the smaller side of
   Sylvester's identity (Gram, Cholesky, cholesky_solve), any shape. Backend "composite".
 - ``empssl::tcr_forward_backward_triton``: a ``custom_op`` around kernels/tcr.py (``triton_op``
-  does not run under torch.compile with the interpreter, see DESIGN.md). Backend "triton".
+  does not run under torch.compile with the interpreter, see docs/design.md section 3). Backend "triton".
 
 The reference (empssl/reference/tcr.py, autograd through cholesky_ex) is backend "reference".
 ``coding_rate`` dispatches: the backend is resolved once per (request, device, dtype, b, d).
@@ -168,6 +168,7 @@ BACKENDS = {
         "any device and floating dtype, any size (torch: Cholesky on the smaller side, autograd)",
         lambda device, z: None, reference_tcr.coding_rate),
 }
+BACKEND_CHOICES = backends.choices(BACKENDS)  # what backend= and --loss-backend accept
 
 
 def _stand_ins(device: torch.device, dtype: torch.dtype, b: int, d: int) -> tuple:

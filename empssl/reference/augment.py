@@ -1,4 +1,4 @@
-"""Per-patch augmentation in plain PyTorch (SPEC.md section 4): the specification in code.
+"""Per-patch augmentation in plain PyTorch (docs/method.md section 4): the specification in code.
 
 ``apply_augment`` turns sampled parameters (layout in ``empssl.augment_params``) into
 normalised patches. It is batched over patches, each with its own parameter row, and does

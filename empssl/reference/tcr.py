@@ -1,4 +1,4 @@
-"""Total Coding Rate in plain PyTorch (SPEC.md section 2).
+"""Total Coding Rate in plain PyTorch (docs/method.md section 2).
 
     R(Z) = 1/2 logdet(I_d + alpha Z^T Z),  alpha = d / (b * eps)
 

@@ -1,0 +1,97 @@
+"""``ImageDataset`` (train and test images as uint8 tensors, int64 labels), its errors, and the checks and
+splits every loader shares (empssl.data and empssl.image_folder make data sets of this type)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+TEST_FRACTION = 0.1  # of a data set that comes without a test split
+
+
+class DataError(ValueError):
+    """A data set cannot be read; the message names the file or folder and says why."""
+
+
+@dataclasses.dataclass
+class ImageDataset:
+    """Train and test images (N, H, W, 3) uint8 with int64 labels, all on one device."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: List[str]
+
+    def __post_init__(self):
+        for split in ("train", "test"):
+            images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
+            if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+                raise DataError(f"{self.name}: {split} images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+            if labels.shape != (images.shape[0],):
+                raise DataError(f"{self.name}: {split} labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+            if images.shape[0] == 0:
+                raise DataError(f"{self.name}: the {split} split is empty")
+        if self.train_images.shape[1:] != self.test_images.shape[1:]:
+            raise DataError(f"{self.name}: train images {tuple(self.train_images.shape[1:])} and test images "
+                            f"{tuple(self.test_images.shape[1:])} differ in size")
+        self.train_labels = self.train_labels.long()
+        self.test_labels = self.test_labels.long()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        return int(self.train_images.shape[1]), int(self.train_images.shape[2])
+
+    def to(self, device) -> "ImageDataset":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return dataclasses.replace(self, train_images=move(self.train_images), train_labels=move(self.train_labels),
+                                   test_images=move(self.test_images), test_labels=move(self.test_labels))
+
+    def subset(self, train_size: Optional[int] = None, test_size: Optional[int] = None) -> "ImageDataset":
+        """The first ``train_size`` / ``test_size`` images of each split (for quick runs)."""
+        def first(images, labels, size, split):
+            if size is None:
+                return images, labels
+            if size <= 0:
+                raise ValueError(f"{split}_size must be positive, got {size}")
+            return images[:size], labels[:size]
+
+        train_images, train_labels = first(self.train_images, self.train_labels, train_size, "train")
+        test_images, test_labels = first(self.test_images, self.test_labels, test_size, "test")
+        return dataclasses.replace(self, train_images=train_images, train_labels=train_labels,
+                                   test_images=test_images, test_labels=test_labels)
+
+    def __repr__(self) -> str:
+        h, w = self.image_size
+        return (f"ImageDataset({self.name!r}: {len(self.train_labels)} train / {len(self.test_labels)} test images, "
+                f"{h}x{w}, {self.num_classes} classes, on {self.train_images.device})")
+
+
+def deterministic_split(n: int, test_fraction: float = TEST_FRACTION, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Sorted train and test indices of a seeded permutation of range(n); the test part gets at least one."""
+    if n < 2:
+        raise DataError(f"cannot split {n} image(s) into train and test; provide at least 2")
+    order = np.random.default_rng(seed).permutation(n)
+    num_test = min(n - 1, max(1, int(round(n * test_fraction))))
+    return np.sort(order[num_test:]), np.sort(order[:num_test])
+
+
+
+def check_batch_size(batch_size: int, num_images: int, what: str = "training set") -> None:
+    """Raise if ``batch_size`` is not a positive integer no larger than the data set."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size > num_images:
+        raise ValueError(f"batch_size {batch_size} is larger than the {what} ({num_images} images); "
+                         f"pass a smaller --batch-size or use more images")
+
+
+
+__all__: Sequence[str] = ["DataError", "ImageDataset", "deterministic_split", "check_batch_size", "TEST_FRACTION"]

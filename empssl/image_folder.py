@@ -1,0 +1,160 @@
+"""``folder:PATH`` data sets: an ImageFolder tree decoded once (threads, PIL) into uint8 arrays, cached on disk.
+
+PATH/train/<class>/* with PATH/val or PATH/test/<class>/*, or one PATH/<class>/* tree split deterministically.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import warnings
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .checkpoint import write_atomically
+from .image_dataset import DataError, ImageDataset, deterministic_split
+from .run_dir import check_writable_folder
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def _list_class_tree(folder: str) -> List[Tuple[str, str]]:
+    """(relative path, class name) of every image file under folder/<class>/, sorted."""
+    entries = []
+    for class_name in sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith(".")):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(folder, class_name)):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for filename in sorted(filenames):
+                if filename.lower().endswith(IMAGE_EXTENSIONS):
+                    entries.append((os.path.join(dirpath, filename), class_name))
+    return entries
+
+
+def _find_splits(path: str, seed: int):
+    """{split: [(file, class)]} of an ImageFolder tree, with or without its own test split."""
+    if not os.path.isdir(path):
+        raise DataError(f"image folder {path} not found")
+    train_dir = os.path.join(path, "train")
+    if os.path.isdir(train_dir):
+        test_dir = next((os.path.join(path, d) for d in ("val", "test") if os.path.isdir(os.path.join(path, d))), None)
+        if test_dir is None:
+            raise DataError(f"image folder {path} has train/ but neither val/ nor test/")
+        splits = {"train": _list_class_tree(train_dir), "test": _list_class_tree(test_dir)}
+        for split, folder in (("train", train_dir), ("test", test_dir)):
+            if not splits[split]:
+                raise DataError(f"image folder {folder} holds no images (expected {folder}/<class>/*.png|jpg)")
+    else:
+        entries = _list_class_tree(path)
+        if not entries:
+            raise DataError(f"image folder {path} holds no images (expected {path}/train/<class>/*, "
+                            f"{path}/val/<class>/* or {path}/<class>/*.png|jpg)")
+        train_idx, test_idx = deterministic_split(len(entries), seed=seed)
+        splits = {"train": [entries[i] for i in train_idx], "test": [entries[i] for i in test_idx]}
+    classes = sorted({c for entries in splits.values() for _, c in entries})
+    return splits, classes
+
+
+def _fingerprint(path: str, splits, image_size: int, on_bad_image: str, seed: int) -> str:
+    """Hash of every file's relative path, size and mtime, plus the decoding settings."""
+    digest = hashlib.sha256(f"v1|{image_size}|{on_bad_image}|{seed}".encode())
+    for split in ("train", "test"):
+        for file, class_name in splits[split]:
+            stat = os.stat(file)
+            digest.update(f"{split}|{os.path.relpath(file, path)}|{class_name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def decode_image(file: str, image_size: int) -> np.ndarray:
+    """One image file -> (S, S, 3) uint8: RGB, shorter side resized to S, centre crop."""
+    from PIL import Image
+
+    with Image.open(file) as image:
+        image = image.convert("RGB")
+        width, height = image.size
+        scale = image_size / min(width, height)
+        new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), Image.BILINEAR)
+        left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+        image = image.crop((left, top, left + image_size, top + image_size))
+        return np.asarray(image, dtype=np.uint8)
+
+
+def _decode_or_error(args):
+    file, image_size = args
+    try:
+        return decode_image(file, image_size), None
+    except Exception as err:  # PIL raises several types for a broken file: report them all the same way
+        return None, f"{type(err).__name__}: {err}"
+
+
+def _decode_split(entries, classes, image_size, on_bad_image, description, show_progress):
+    from tqdm import tqdm
+
+    class_index = {c: i for i, c in enumerate(classes)}
+    images, labels, skipped = [], [], []
+    workers = min(32, (os.cpu_count() or 1) + 4)
+    # threads: PIL releases the GIL while decoding and resizing, and nothing needs pickling
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(_decode_or_error, [(file, image_size) for file, _ in entries])
+        for (file, class_name), (image, error) in tqdm(zip(entries, results), total=len(entries), desc=description,
+                                                       unit="img", disable=not show_progress):
+            if image is None:
+                if on_bad_image == "error":
+                    raise DataError(f"cannot decode image {file}: {error} (pass --on-bad-image skip to skip such files)")
+                skipped.append(file)
+                warnings.warn(f"skipping image {file} that does not decode: {error}")
+                continue
+            images.append(image)
+            labels.append(class_index[class_name])
+    if not images:
+        raise DataError(f"no image of the {description} decoded")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), skipped
+
+
+def load_image_folder(path: str, image_size: int = 32, cache_dir: Optional[str] = None, on_bad_image: str = "skip",
+                      seed: int = 0, show_progress: bool = True) -> ImageDataset:
+    """An ImageFolder tree decoded once (in parallel) into uint8 arrays, cached as .npy and reused.
+
+    The cache key is a fingerprint of every file's relative path, size and mtime, so the cache is
+    rebuilt when the tree changes. Cache files are written atomically (temp file + os.replace);
+    the metadata file is written last and marks a complete cache.
+    """
+    splits, classes = _find_splits(path, seed)
+    cache_dir = cache_dir or os.path.join(path, ".empssl_cache")
+    key = _fingerprint(path, splits, image_size, on_bad_image, seed)
+    files = {name: os.path.join(cache_dir, f"{key}.{name}.npy")
+             for name in ("train-images", "train-labels", "test-images", "test-labels")}
+    meta_path = os.path.join(cache_dir, f"{key}.meta.json")
+    cached = os.path.exists(meta_path) and all(os.path.exists(f) for f in files.values())
+    if not cached:  # before decoding: an unusable cache folder fails at once, not after the work
+        check_writable_folder(cache_dir, "--cache-dir")
+    if cached:
+        arrays = {name: np.load(file) for name, file in files.items()}
+        with open(meta_path) as f:
+            classes = json.load(f)["classes"]
+    else:
+        arrays, skipped = {}, []
+        for split in ("train", "test"):
+            images, labels, bad = _decode_split(splits[split], classes, image_size, on_bad_image,
+                                                f"{split} split of {path}", show_progress)
+            arrays[f"{split}-images"], arrays[f"{split}-labels"] = images, labels
+            skipped += bad
+        os.makedirs(cache_dir, exist_ok=True)
+        for stale in os.listdir(cache_dir):  # caches of an earlier state of this tree
+            if not stale.startswith(key) and (stale.endswith(".npy") or stale.endswith(".meta.json")):
+                os.remove(os.path.join(cache_dir, stale))
+        for name, file in files.items():
+            write_atomically(file, lambda f, array=arrays[name]: np.save(f, array))
+        meta = {"classes": classes, "image_size": image_size, "skipped": skipped, "source": os.path.abspath(path)}
+        write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+    tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
+    return ImageDataset(f"folder:{path}", tensors["train-images"], tensors["train-labels"], tensors["test-images"],
+                        tensors["test-labels"], classes=classes)
+
+
+
+__all__: Sequence[str] = ["load_image_folder", "decode_image", "IMAGE_EXTENSIONS"]

@@ -1,0 +1,122 @@
+"""Where and how the device runs the work: device resolution, autocast, the cuDNN benchmark switch, the one
+CUDA-graph capture helper (the training step, the linear probe's epoch and the benchmarks replay through it), and
+the reader that brings device-side sums to the host without waiting for the device."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch.device; ValueError for anything else or a missing GPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = "expected cpu, cuda, cuda:N or auto"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; {expected}") from err
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; {expected}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available here")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return resolved
+
+
+def autocast_context(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA (when asked); nothing elsewhere."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool):
+    """cudnn.benchmark on while the work runs (when ``enabled``: its shapes never change), restored after."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = previous or enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+class CudaGraphCall:
+    """``function(*inputs)`` on CUDA, recorded once as a CUDA graph and replayed with the inputs copied into static
+    buffers.
+
+    The first ``warmup`` calls run eagerly on a side stream (cuDNN/cuBLAS/Triton autotuning and lazily made state,
+    such as momentum buffers or the cuBLAS handle, must exist before capture); the next call records ``function``
+    and every call from then on replays it, returning the same output tensors (overwritten by each replay).
+    ``before_capture`` runs just before the recording (e.g. to drop tensors the graph's own memory pool replaces).
+    ``function`` must be a fixed sequence of device work on tensors that outlive the call: no host reads.
+    """
+
+    def __init__(self, function: Callable, device: torch.device, warmup: int,
+                 before_capture: Optional[Callable[[], None]] = None):
+        self.function, self.device, self.warmup_left, self.before_capture = function, device, warmup, before_capture
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.side_stream = torch.cuda.Stream(device)
+
+    def __call__(self, *inputs: torch.Tensor):
+        if self.warmup_left > 0:
+            self.warmup_left -= 1
+            self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.side_stream):
+                outputs = self.function(*inputs)
+            torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
+            return outputs
+        if self.graph is None:
+            self.inputs = tuple(value.clone() for value in inputs)
+            if self.before_capture is not None:
+                self.before_capture()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records, runs nothing: the replay below runs this call
+                self.outputs = self.function(*self.inputs)
+        else:
+            for static, value in zip(self.inputs, inputs):
+                static.copy_(value)
+        self.graph.replay()
+        return self.outputs
+
+
+class LateReader:
+    """The step's device-side metric sums, read by the host one log window late.
+
+    ``close_window`` queues a non-blocking copy of the sums to the host and zeroes them (both on
+    the device's stream, after the window's steps), and hands the previous window to ``emit``: its
+    copy finished long ago, so the host does not wait for the device. ``flush`` emits the window
+    just closed at once (waiting for it), before a checkpoint and at the end.
+    """
+
+    def __init__(self, sums: torch.Tensor, emit: Callable[[Dict[str, Any], List[float], int], None]):
+        self.sums, self.emit = sums, emit
+        self.host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=sums.is_cuda)
+        self.pending: Optional[Tuple[Dict[str, Any], int, Any]] = None  # (record, steps, copy-done event)
+
+    def close_window(self, record: Dict[str, Any], window_steps: int) -> None:
+        self.flush()  # the previous window (long done on the device); the host buffer is free again
+        self.host.copy_(self.sums, non_blocking=True)
+        self.sums.zero_()
+        event = None
+        if self.sums.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (record, window_steps, event)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        record, window_steps, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        self.emit(record, self.host.tolist(), window_steps)
+
+
+__all__ = ["resolve_device", "autocast_context", "cudnn_benchmark", "CudaGraphCall", "LateReader"]
