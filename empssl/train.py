@@ -120,6 +120,9 @@ class TrainConfig(RuntimeConfig):
     sync_bn: bool = option(False, "under torchrun: BatchNorm statistics over every rank's images, so N ranks train as "
                            "one process (default: per rank, as the published DataParallel code)", group="training",
                            form="switch")
+    tf32: bool = option(False, "TF32 for float32 matmuls and cuDNN convolutions on CUDA (default: IEEE float32, "
+                        "chosen rather than torch's defaults: the loss's float32 Gram needs it; bf16 autocast is unaffected)",
+                        group="training", form="switch")
     cuda_graph: bool = option(True, "run the step eagerly on CUDA (default: captured once as a CUDA graph and "
                               "replayed)", group="training", form="negated")
     # output
@@ -196,9 +199,10 @@ def augment_config_for(image_size: int) -> AugmentConfig:
 
 
 def autocast_context(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA (when asked); nothing elsewhere."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on ``device`` when asked, else nothing. Callers ask on CUDA only (``TrainState.bf16`` is
+    False off CUDA); a CPU test asks on the CPU to trace this same region under torch.compile."""
+    if bf16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -549,6 +553,18 @@ def _cudnn_benchmark(enabled: bool):
         torch.backends.cudnn.benchmark = previous
 
 
+@contextlib.contextmanager
+def float32_precision(tf32: bool):
+    """TF32 on or off for float32 matmuls and cuDNN convolutions, as chosen (``TrainConfig.tf32``), not as
+    inherited from torch's defaults (matmul off, cuDNN on) or a caller's settings; restored after."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
 def check_world_size(batch_size: int, world_size: int) -> None:
     """ValueError unless the global batch splits evenly over the ranks."""
     if batch_size % world_size:
@@ -696,7 +712,7 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
             print(f"empssl: {world} ranks: the step runs eagerly (no CUDA graph), so that a rank that dies makes the "
                   f"others stop at the distributed timeout", file=sys.stderr, flush=True)
     run_step = _CapturedStep(state) if captured else functools.partial(train_step, state)
-    with _StopRequest() as stop, _cudnn_benchmark(device.type == "cuda"):
+    with _StopRequest() as stop, _cudnn_benchmark(device.type == "cuda"), float32_precision(config.tf32):
         try:
             while step < total_steps:
                 position = step % steps_per_epoch
@@ -752,4 +768,5 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
 
 
 __all__ = ["TrainConfig", "TrainResult", "TrainState", "build_train_state", "train_step", "NonFiniteLossError",
-           "TrainingInterrupted", "train", "check_world_size", "augment_config_for", "resolve_device", "autocast_context"]
+           "TrainingInterrupted", "train", "check_world_size", "augment_config_for", "resolve_device", "autocast_context",
+           "float32_precision"]
