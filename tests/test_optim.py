@@ -337,7 +337,9 @@ def test_channels_last_weights_take_the_steps_of_contiguous_ones():
         for optimizer in optimizers:
             optimizer.step()
     for (name, a), b in zip(contiguous.named_parameters(), permuted.parameters()):
-        assert torch.equal(a, b), name
+        assert b.is_contiguous() == a.is_contiguous() or b.is_contiguous(memory_format=torch.channels_last), name
+        # equal up to float32 rounding: the norms sum the elements in another order
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
 
 
 # Ops one step of the tiny encoder's LARS dispatches (70 parameters, one device and dtype), views and
