@@ -197,6 +197,9 @@ class TrainConfig(RuntimeConfig):
     sync_bn: bool = option(False, "under torchrun: BatchNorm statistics over every rank's images, so N ranks train as "
                            "one process (default: per rank, as the published DataParallel code)", group="training",
                            form="switch")
+    tf32: bool = option(False, "TF32 for float32 matmuls and cuDNN convolutions on CUDA (default: IEEE float32, "
+                        "chosen rather than torch's defaults: the loss's float32 Gram needs it; bf16 autocast is unaffected)",
+                        group="training", form="switch")
     cuda_graph: bool = option(True, "run the step eagerly on CUDA (default: captured once as a CUDA graph and "
                               "replayed)", group="training", form="negated")
     # output

@@ -24,7 +24,8 @@ Built for a step that a CUDA graph can capture:
 - every ``torch._foreach_*`` call pairs tensors of equal shape and strides, all dense, so on CUDA
   it takes the multi-tensor fast path (a few launches for all parameters). The per-parameter
   factor ``local`` is written once into a buffer of the adapted parameters' total size (one
-  ``index_select`` through a cached segment index) whose views have the parameters' shapes,
+  ``index_select`` through a cached segment index) whose views have the parameters' shapes and
+  strides (channels_last conv weights included),
   instead of pairing each weight with a 0-d tensor (which falls back to one kernel per tensor);
 - every step runs the same ops: a momentum buffer starts at zero instead of the first step
   copying d;
@@ -143,7 +144,11 @@ class LARS(torch.optim.Optimizer):
         # ||g|| = 0 makes g = 0, so factor 0 gives d = 0 = g.
         scale = torch.where(weight_norm == 0, 1.0, torch.where(grad_norm == 0, 0.0, local))
         flat_scale = scale.index_select(0, self._segments(weights))
-        scale_views = [v.view_as(w) for v, w in zip(flat_scale.split([w.numel() for w in weights]), weights)]
+        # each view takes its weight's strides (channels_last conv weights too): the foreach calls below pair
+        # tensors of equal strides, or CUDA leaves the multi-tensor path. A weight's factor is one value, so
+        # any dense arrangement of its segment holds it.
+        segments = flat_scale.split([w.numel() for w in weights])
+        scale_views = [_view_with_strides_of(v, w) for v, w in zip(segments, weights)]
         if weight_decay != 0:
             scaled = torch._foreach_add(grads, weights, alpha=weight_decay)
             torch._foreach_mul_(scaled, scale_views)  # (g + wd * p) * local, equal shapes
@@ -175,6 +180,24 @@ class LARS(torch.optim.Optimizer):
             else:
                 lr_update = torch._foreach_mul(buffers, lr)
         torch._foreach_sub_(params, lr_update)
+
+
+def _view_with_strides_of(segment: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The 1-D ``segment`` (numel of ``like``) viewed with ``like``'s shape and strides where ``like`` is dense
+    (contiguous or permuted, as channels_last is), else with its shape alone."""
+    if like.is_contiguous() or not _dense(like):
+        return segment.view_as(like)
+    return segment.as_strided(like.shape, like.stride())
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the strides, sorted, are those of a contiguous tensor of some permutation."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _adapted(params: List[torch.Tensor], group: dict) -> List[torch.Tensor]:

@@ -29,9 +29,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def autocast_context(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA (when asked); nothing elsewhere."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on ``device`` when asked, else nothing. Callers ask on CUDA only (``TrainState.bf16`` is
+    False off CUDA); a CPU test asks on the CPU to trace this same region under torch.compile."""
+    if bf16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -44,6 +45,18 @@ def cudnn_benchmark(enabled: bool):
         yield
     finally:
         torch.backends.cudnn.benchmark = previous
+
+
+@contextlib.contextmanager
+def float32_precision(tf32: bool):
+    """TF32 on or off for float32 matmuls and cuDNN convolutions, as chosen (``TrainConfig.tf32``), not as
+    inherited from torch's defaults (matmul off, cuDNN on) or a caller's settings; restored after."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 class CudaGraphCall:
@@ -119,4 +132,4 @@ class LateReader:
         self.emit(record, self.host.tolist(), window_steps)
 
 
-__all__ = ["resolve_device", "autocast_context", "cudnn_benchmark", "CudaGraphCall", "LateReader"]
+__all__ = ["resolve_device", "autocast_context", "cudnn_benchmark", "float32_precision", "CudaGraphCall", "LateReader"]

@@ -32,7 +32,7 @@ from .config import TrainConfig
 from .data import ImageDataset, check_batch_size, load_dataset
 from .plots import write_training_curves
 from .run_dir import CHECKPOINT_NAME, METRICS_NAME
-from .runtime import LateReader, cudnn_benchmark, resolve_device
+from .runtime import LateReader, cudnn_benchmark, float32_precision, resolve_device
 from .step import TrainState, build_train_state, captured_train_step, train_step
 
 
@@ -244,7 +244,7 @@ class _TrainingLoop:
         window_start, window_steps = self.start, 0
         state.encoder.train()
         run_step = self.step_function()
-        with _StopRequest() as stop, cudnn_benchmark(state.device.type == "cuda"):
+        with _StopRequest() as stop, cudnn_benchmark(state.device.type == "cuda"), float32_precision(config.tf32):
             try:
                 while self.step < self.total_steps:
                     position = self.step % self.steps_per_epoch

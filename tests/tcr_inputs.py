@@ -7,11 +7,13 @@ KINDS = ("random", "near", "collapsed", "rank2")
 
 def make_z(kind, n, b, d, dtype=torch.float64, seed=0, generator=None):
     """Unit-norm rows (n, b, d): random; nearly collapsed (one vector + 1e-3 noise); exactly
-    collapsed (all rows equal); or rank-deficient (rank 2 < min(b, d)). Drawn in float64."""
+    collapsed (all rows equal); or rank-deficient (rank 2 < min(b, d)). Drawn in float64 on the
+    generator's device (the CPU's seeded by ``seed`` when none is given): a CUDA generator draws
+    there, with no host work that grows with the shape."""
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
 
     def draw(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
+        return torch.randn(*shape, generator=g, dtype=torch.float64, device=g.device)
 
     if kind == "random":
         z = draw(n, b, d)

@@ -25,6 +25,23 @@ def test_results_rows_reach_the_csv_as_they_are_measured(tmp_path):
     assert [line.split(",")[0] for line in lines[1:]] == ["tcr", "augment"]
 
 
+def test_a_row_that_raises_is_written_with_its_error_and_the_next_row_runs(tmp_path, capsys):
+    path = tmp_path / "r.csv"
+    results = common.Results("epoch", torch.device("cpu"), str(path))
+    with results.row("case A", "captured", "bf16"):
+        raise RuntimeError("capture failed\nmore detail")
+    with results.row("case A", "eager", "bf16"):
+        results.add("case A", "eager", 0.5, 2.0, "steps/s", "bf16")
+    with pytest.raises(ImportError):  # a missing optional contender is the caller's note, not a failed row
+        with results.row("case A", "kornia"):
+            raise ImportError("no kornia")
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["method"], r["error"], r["ms"]) for r in rows] == [("captured", "RuntimeError: capture failed", ""),
+                                                                 ("eager", "", "500")]
+    assert results.failures == 1 and "FAILED: RuntimeError: capture failed" in capsys.readouterr().out
+
+
 def test_time_call_is_the_median_after_warmup(monkeypatch):
     clock = [0.0]
     durations = iter([5.0, 0.03, 0.01, 0.02])  # the first call is the warm-up: not timed
@@ -56,3 +73,21 @@ def test_tcr_benchmark_tiny_run_writes_every_method(tmp_path):
     assert all(r["bench"] == "tcr" and float(r["ms"]) > 0 and float(r["rate"]) > 0 for r in rows)
     assert all("torch " + torch.__version__ in r["versions"] for r in rows)
     assert not list(tmp_path.glob("*.png"))  # --no-plot
+
+
+@pytest.mark.slow
+def test_tcr_benchmark_has_one_row_per_shape_for_its_float32_only_methods(tmp_path):
+    """naive, batched_logdet and the whole-loss rows compute in float32: no second row for bf16 inputs."""
+    path = tmp_path / "results.csv"
+    done = subprocess.run([sys.executable, "-m", "empssl", "bench", "tcr", "--tiny", "--device", "cpu",
+                           "--csv", str(path), "--no-plot"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    keys = [(r["case"], r["method"]) for r in rows]
+    float32_only = [k for k in keys if k[1] in ("naive", "batched_logdet")]
+    assert float32_only and len(float32_only) == len(set(float32_only))
+    assert all(r["dtype"] == "float32" for r in rows if r["method"] in ("naive", "batched_logdet"))
+    # the kernels that take bf16 do get their bf16 rows
+    assert {(r["method"], r["dtype"]) for r in rows} >= {("cpu", "float32"), ("cpu", "bfloat16"),
+                                                         ("composite", "bfloat16")}

@@ -270,12 +270,17 @@ def test_step_does_not_synchronise_with_the_host():
 # ---------------------------------------------------------------- a step a CUDA graph can capture
 
 
-def _encoder_with_grads(seed=6):
+def _encoder_with_grads(seed=6, channels_last=False):
+    """The tiny encoder with random gradients; ``channels_last`` as training on CUDA holds it (conv weights
+    and their gradients channels_last)."""
     torch.manual_seed(seed)
     model = EMPSSLEncoder("resnet18-cifar", width=0.0625, hidden_dim=16, z_dim=8)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(seed)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=generator)
+        # empty_like keeps the weight's strides, as autograd's gradients of a channels_last conv weight have them
+        p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=generator))
     return model
 
 
@@ -310,9 +315,12 @@ def _fast_route_violations(func, args, kwargs):
     return problems
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("weight_decay, momentum, nesterov", [(1e-4, 0.9, True), (0.0, 0.9, False), (1e-4, 0.0, False)])
-def test_every_foreach_call_takes_the_multi_tensor_fast_path(weight_decay, momentum, nesterov):
-    model = _encoder_with_grads()
+def test_every_foreach_call_takes_the_multi_tensor_fast_path(weight_decay, momentum, nesterov, channels_last):
+    model = _encoder_with_grads(channels_last=channels_last)
+    if channels_last:  # the case is real: conv weights are permuted
+        assert sum(not p.is_contiguous() for p in model.parameters()) >= 17
     optimizer = LARS(model.parameters(), weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
     problems = []
     for _ in range(2):  # the first step (buffers created) and a later one
@@ -320,6 +328,18 @@ def test_every_foreach_call_takes_the_multi_tensor_fast_path(weight_decay, momen
             optimizer.step()
         assert counter.ops["_foreach_norm"] == 2  # the checked calls did run
     assert not problems, sorted(set(problems))
+
+
+def test_channels_last_weights_take_the_steps_of_contiguous_ones():
+    contiguous, permuted = _encoder_with_grads(), _encoder_with_grads(channels_last=True)
+    optimizers = [LARS(m.parameters()) for m in (contiguous, permuted)]
+    for _ in range(2):
+        for optimizer in optimizers:
+            optimizer.step()
+    for (name, a), b in zip(contiguous.named_parameters(), permuted.parameters()):
+        assert b.is_contiguous() == a.is_contiguous() or b.is_contiguous(memory_format=torch.channels_last), name
+        # equal up to float32 rounding: the norms sum the elements in another order
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
 
 
 # Ops one step of the tiny encoder's LARS dispatches (70 parameters, one device and dtype), views and

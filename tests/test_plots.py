@@ -8,6 +8,7 @@ import pytest
 
 from empssl import plots
 from empssl import train as T
+from empssl.bench import common
 from empssl.data import make_synthetic
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -92,3 +93,64 @@ def test_train_writes_curves_png_beside_the_metrics(tmp_path):
         assert image.format == "PNG" and image.size == (1000, 650)
         # drawn, not blank: the lines and text make many colours
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 20
+
+
+# ---- benchmark plots (empssl.bench.common): one panel per unit, every label inside the image
+
+EPOCH_UNITS = ["steps/s", "of step", "images/s", "samples/s", "queries/s", "evals/s"]  # bench epoch's six
+
+
+def _bench_rows(units, per_unit=2, label="method"):
+    return [dict(bench="epoch", case="b=100 n=20 resnet18-cifar w1.0", method=f"{label} {unit} {i}", dtype="bf16",
+                 rate=str(10.0 ** (i + 1)), rate_unit=unit) for unit in units for i in range(per_unit)]
+
+
+def _assert_every_text_inside(figure):
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    width, height = figure.bbox.width, figure.bbox.height
+    texts = [figure._suptitle]
+    for ax in figure.get_axes():
+        low, high = ax.get_xlim()  # tick labels outside the view are not drawn
+        shown = [t for t, x in zip(ax.get_xticklabels(), ax.get_xticks()) if low <= x <= high]
+        texts += [*ax.get_yticklabels(), *shown, ax.xaxis.label]
+    for text in texts:
+        if not text.get_visible() or not text.get_text():
+            continue
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, f"clipped: {text.get_text()!r}"
+
+
+def test_bench_plot_puts_each_unit_on_its_own_panel_and_every_label_inside(tmp_path):
+    _require_matplotlib()
+    from PIL import Image
+
+    rows = _bench_rows(EPOCH_UNITS)
+    rows.insert(3, dict(rows[0], method="captured + compiled", rate="", ms="", rate_unit="", error="RuntimeError: x"))
+    figure = common.rows_figure(rows, "epoch on a test device")
+    axes = figure.get_axes()
+    assert len(axes) == len(EPOCH_UNITS)
+    assert [ax.get_xlabel() for ax in axes] == [f"{unit} (log)" for unit in EPOCH_UNITS]
+    for ax, unit in zip(axes, EPOCH_UNITS):  # each panel holds the rows of its unit, in order; the failed row none
+        assert [t.get_text() for t in ax.get_yticklabels()] == [
+            common._row_label(r) for r in rows if r["rate_unit"] == unit and r["rate"]]
+    _assert_every_text_inside(figure)
+    path = common.plot_rows(rows, str(tmp_path / "epoch.png"), "epoch on a test device")
+    with Image.open(path) as image:  # the PNG is the whole figure: nothing cut off by the save either
+        assert image.size == tuple(round(v * common.PLOT_DPI) for v in figure.get_size_inches())
+
+
+def test_bench_plot_is_wide_enough_for_its_longest_label(tmp_path):
+    _require_matplotlib()
+    from PIL import Image
+
+    long = "lightly EMPSSLLoss with a long note that once ran past the left edge of tcr.png"
+    rows = _bench_rows(["groups/s"], per_unit=3) + _bench_rows(["groups/s"], per_unit=1, label=long)
+    figure = common.rows_figure(rows, "tcr")
+    assert len(figure.get_axes()) == 1
+    _assert_every_text_inside(figure)
+    short = common.rows_figure(_bench_rows(["groups/s"], per_unit=3), "tcr")
+    assert figure.get_size_inches()[0] > short.get_size_inches()[0]  # the figure grows with its labels
+    path = common.plot_rows(rows, str(tmp_path / "tcr.png"), "tcr")
+    with Image.open(path) as image:
+        assert image.size == tuple(round(v * common.PLOT_DPI) for v in figure.get_size_inches())

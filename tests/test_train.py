@@ -186,6 +186,27 @@ def test_config_validation():
         T.TrainConfig(batch_size=0).validate()
 
 
+@pytest.mark.parametrize("tf32", [False, True])
+def test_train_sets_tf32_as_configured_whatever_it_inherits_and_restores_it(tmp_path, tiny_data, monkeypatch, tf32):
+    inherited = (not tf32, tf32)  # a caller's settings that differ from the choice in at least one switch
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = inherited
+    seen, step = [], T.train_step
+
+    def recording_step(state, images, image_ids):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return step(state, images, image_ids)
+
+    monkeypatch.setattr(T, "train_step", recording_step)
+    try:
+        T.train(_config(tmp_path, "run", max_steps=2, tf32=tf32), tiny_data)
+        after = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert seen == [(tf32, tf32)] * 2
+    assert after == inherited
+
+
 def test_augment_config_follows_image_size():
     assert augment_config_for(32) == AugmentConfig.cifar()
     assert augment_config_for(64) == AugmentConfig.tinyimagenet()

@@ -298,5 +298,8 @@ def test_torchrun_on_one_gpu_joins_nccl_and_trains_as_one_process(tmp_path):
     _train_in_this_process([*args, "--out-dir", plain])  # no second CUDA start-up (the device check's step is short)
     steps, losses = _losses(launched)
     assert steps == list(range(1, STEPS + 1))
-    # two processes may pick other cuDNN algorithms (cudnn.benchmark): float32 rounding, not a looser contract
+    # TF32 is off in both processes (the trainer sets it from TrainConfig.tf32, default off, whatever torch's
+    # defaults), so the float32 convolutions are IEEE in both; they may still pick other cuDNN algorithms
+    # (cudnn.benchmark): float32 rounding, not a looser contract
+    assert T.TrainConfig().tf32 is False and "--tf32" not in args
     torch.testing.assert_close(losses, _losses(plain)[1], rtol=1e-4, atol=0)

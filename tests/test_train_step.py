@@ -170,6 +170,40 @@ def test_compile_option_makes_forward_and_loss_one_graph(images, monkeypatch):
     torch.testing.assert_close(compiled.metric_sums, eager.metric_sums, rtol=1e-5, atol=1e-4)
 
 
+def test_forward_and_loss_under_bf16_autocast_compiles_as_one_graph(images):
+    """What --compile traces on the GPU: forward_and_loss with state.bf16 on, so the encoder runs inside
+    autocast_context (bf16 autocast on the patches' device: the CPU here, by the same code), compiled with
+    fullgraph=True. One graph that holds the autocast region; value and gradients those of the eager call."""
+    graphs = []
+
+    def recording_aot_eager(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return torch._dynamo.backends.registry.lookup_backend("aot_eager")(graph_module, example_inputs)
+
+    state = _state()
+    state.bf16 = True  # as build_train_state sets it on CUDA
+    ids = _batches(1)[0]
+    patches = state.augment(images[ids], state.num_patches, seed=0, image_ids=ids)
+    params = [p for p in state.encoder.parameters()]
+    try:
+        compiled = torch.compile(S.forward_and_loss, backend=recording_aot_eager, fullgraph=True)(state, patches, 8)
+        compiled_grads = torch.autograd.grad(compiled[0], params)
+    finally:
+        torch._dynamo.reset()
+    eager = S.forward_and_loss(state, patches, 8)
+    eager_grads = torch.autograd.grad(eager[0], params)
+    state.bf16 = False
+    float32 = S.forward_and_loss(state, patches, 8)
+    assert len(graphs) == 1
+    code = graphs[0].code
+    assert "_enter_autocast" in code and "torch.bfloat16" in code and "_exit_autocast" in code
+    assert abs(eager[0].item() - float32[0].item()) > 1e-4  # the autocast region changes the numbers: it ran in bf16
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 @pytest.mark.gpu
 def test_captured_step_gives_the_eager_parameters_after_ten_steps(tmp_path):
     data = make_synthetic(80, 8, 32, seed=0)

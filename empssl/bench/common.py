@@ -4,9 +4,14 @@ Every benchmark row has the same columns (``FIELDS``) and is appended to its CSV
 measured (flushed), so a benchmark that is killed keeps every row it finished. Each row names the
 device and the versions it ran under. Rates are set against a limit measured in the same run on the
 same device: the memory bandwidth of a device-to-device copy, or the dense matmul rate.
+
+Each row stands on its own: a row whose measurement raises (a failed capture or compile, out of
+memory) is written with its ``error`` and empty figures, and the benchmark goes on to the next row;
+it exits 1 at the end if any row failed.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import platform
@@ -17,7 +22,18 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 FIELDS = ("bench", "case", "method", "dtype", "ms", "rate", "rate_unit", "limit_fraction", "limit", "note",
-          "device", "versions")
+          "device", "versions", "error")
+
+
+def readable_seconds(seconds: float) -> str:
+    """A duration in the unit a reader takes in at a glance: ms below 1 s, then s, min, h."""
+    if seconds < 1:
+        return f"{seconds * 1e3:.3f} ms"
+    if seconds < 120:
+        return f"{seconds:.2f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def device_name(device: torch.device) -> str:
@@ -39,6 +55,8 @@ def versions() -> str:
     except ImportError:
         parts.append("triton not installed")
     parts.append(f"python {platform.python_version()}")
+    parts.append(f"TF32 matmul {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}, "
+                 f"cuDNN {'on' if torch.backends.cudnn.allow_tf32 else 'off'}")
     return ", ".join(parts)
 
 
@@ -95,6 +113,8 @@ class Results:
 
     def __init__(self, bench: str, device: torch.device, csv_path: Optional[str]):
         self.bench = bench
+        self.torch_device = device
+        self.failures = 0  # rows whose measurement raised
         self.device = device_name(device)
         self.versions = versions()
         self.rows: List[Dict[str, object]] = []
@@ -112,17 +132,45 @@ class Results:
         row = dict(bench=self.bench, case=case, method=method, dtype=dtype, ms=f"{seconds * 1e3:.4g}",
                    rate=f"{rate:.4g}", rate_unit=rate_unit,
                    limit_fraction="" if limit_fraction is None else f"{limit_fraction:.3g}", limit=limit, note=note,
-                   device=self.device, versions=self.versions)
+                   device=self.device, versions=self.versions, error="")
+        self._write(row)
+        fraction = f"  {float(row['limit_fraction']):6.1%} of {limit}" if row["limit_fraction"] else ""
+        print(f"  {case:28s} {method:24s} {dtype:9s} {readable_seconds(seconds):>12s} {rate:12.4g} {rate_unit}{fraction}"
+              + (f"  ({note})" if note else ""), flush=True)
+        return row
+
+    def failed(self, case: str, method: str, error: BaseException, dtype: str = "") -> Dict[str, object]:
+        """The row of a measurement that raised: no figures, the error's type and first line."""
+        message = (str(error).strip().splitlines() or [""])[0][:300]
+        row = dict(bench=self.bench, case=case, method=method, dtype=dtype, ms="", rate="", rate_unit="",
+                   limit_fraction="", limit="", note="", device=self.device, versions=self.versions,
+                   error=f"{type(error).__name__}: {message}")
+        self._write(row)
+        self.failures += 1
+        print(f"  {case:28s} {method:24s} {dtype:9s} FAILED: {row['error']}", flush=True)
+        return row
+
+    @contextlib.contextmanager
+    def row(self, case: str, method: str, dtype: str = ""):
+        """Run one row's measurement: an exception in it becomes that row's ``failed`` row, and the caller goes
+        on to its next row (KeyboardInterrupt and SystemExit still stop the benchmark; an ImportError passes
+        through too: a missing optional contender is its caller's note, not a failed measurement)."""
+        try:
+            yield
+        except ImportError:
+            raise
+        except Exception as err:  # noqa: BLE001  a capture, compile or out-of-memory error must not end the run
+            self.failed(case, method, err, dtype)
+            if self.torch_device.type == "cuda":
+                torch.cuda.empty_cache()  # an out-of-memory row leaves its cached blocks to the next one
+
+    def _write(self, row: Dict[str, object]) -> None:
         self.rows.append(row)
         if self.csv_path:
             with open(self.csv_path, "a", newline="") as handle:
                 csv.DictWriter(handle, fieldnames=FIELDS).writerow(row)
                 handle.flush()
                 os.fsync(handle.fileno())
-        fraction = f"  {float(row['limit_fraction']):6.1%} of {limit}" if row["limit_fraction"] else ""
-        print(f"  {case:28s} {method:24s} {dtype:9s} {float(row['ms']):10.3f} ms {rate:12.4g} {rate_unit}{fraction}"
-              + (f"  ({note})" if note else ""), flush=True)
-        return row
 
     def note(self, text: str) -> None:
         print(f"  note: {text}", flush=True)
@@ -132,28 +180,54 @@ class Results:
         return plot_rows(self.rows, path, f"{self.bench} on {self.device}")
 
 
-def plot_rows(rows: List[Dict[str, object]], path: str, title: str) -> Optional[str]:
+PLOT_DPI = 110
+PLOT_FONT = 6  # points, the row labels'
+
+
+def _row_label(row: Dict[str, object]) -> str:
+    return f"{row['bench']} {row['case']} {row['dtype']} {row['method']}".replace("  ", " ")
+
+
+def rows_figure(rows: List[Dict[str, object]], title: str):
+    """A matplotlib Figure of horizontal bars of the rates (log scale), one panel per rate unit (rates of
+    different units share no axis), rows in their order; failed rows (no rate) left out. The figure is wide
+    enough for its longest label, and its constrained layout keeps every label inside it. None without rows."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in rows if r.get("rate") not in ("", None)]
     if not rows:
         return None
-    try:
-        import matplotlib
+    units = list(dict.fromkeys(str(r["rate_unit"]) for r in rows))  # first-seen order
+    panels = [[r for r in rows if r["rate_unit"] == unit] for unit in units]
+    longest = max(len(_row_label(r)) for r in rows)
+    label_inches = longest * PLOT_FONT * 0.62 / 72  # an upper bound of a character's width in the default font
+    height = 0.5 * len(panels) + 0.2 * len(rows) + 0.4
+    figure = Figure(figsize=(4.5 + label_inches, height), dpi=PLOT_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(panels), 1, squeeze=False, height_ratios=[len(p) + 1.5 for p in panels])[:, 0]
+    for ax, unit, panel in zip(axes, units, panels):
+        ax.barh(range(len(panel)), [float(r["rate"]) for r in panel])
+        ax.set_yticks(range(len(panel)), [_row_label(r) for r in panel], fontsize=PLOT_FONT)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{unit} (log)", fontsize=7)
+        ax.tick_params(axis="x", labelsize=6)
+    figure.suptitle(title, fontsize=8)
+    return figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def plot_rows(rows: List[Dict[str, object]], path: str, title: str) -> Optional[str]:
+    """``rows_figure`` written to ``path`` as a PNG, where matplotlib is installed; the path, or None."""
+    try:
+        import matplotlib  # noqa: F401
     except ImportError:
         print("  note: matplotlib not installed: no plot", flush=True)
         return None
-    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.28 * len(rows)))
-    labels = [f"{r['bench']} {r['case']} {r['dtype']} {r['method']}".replace("  ", " ") for r in rows]
-    ax.barh(range(len(rows)), [float(r["rate"]) for r in rows])
-    ax.set_yticks(range(len(rows)), labels, fontsize=6)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel(" / ".join(sorted({str(r["rate_unit"]) for r in rows})) + " (log)")
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figure = rows_figure(rows, title)
+    if figure is None:
+        return None
+    figure.savefig(path, dpi=PLOT_DPI)
     print(f"  wrote {path}", flush=True)
     return path
 
@@ -181,9 +255,14 @@ def add_output_arguments(parser) -> None:
 
 
 def open_results(bench: str, args) -> Results:
+    """The benchmark's results; first sets float32 precision as training does (TrainConfig.tf32), so every row
+    states a chosen TF32 setting (in its versions), not torch's defaults."""
+    from ..train import TrainConfig
+
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"{bench}: --device {args.device} asked for, but no CUDA GPU is available here")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = TrainConfig.tf32
     return Results(bench, device, args.csv or os.path.join(args.out, f"{bench}.csv"))
 
 
@@ -192,4 +271,7 @@ def finish(results: Results, args) -> int:
         folder = os.path.dirname(os.path.abspath(results.csv_path)) if args.csv else args.out
         results.plot(os.path.join(folder, f"{results.bench}.png"))
     print(f"  wrote {results.csv_path}", flush=True)
+    if results.failures:
+        print(f"  {results.failures} row(s) FAILED (their error column says why); the other rows ran", flush=True)
+        return 1
     return 0

@@ -5,7 +5,8 @@ synchronisation between them (the device queue stays full; CUDA events around >=
 GPU), and extrapolates a CIFAR-10 epoch (50,000 images at batch 100: 500 steps). Methods:
   eager                  ``--no-cuda-graph``
   captured               (CUDA) the default of ``empssl train``: recorded once as a CUDA graph, replayed
-  captured + compiled    (CUDA) ``--compile``, then captured; run last (its compile is the slowest part)
+  captured + compiled    (CUDA) ``--compile``, then captured; run last (its compile is the slowest part),
+                         or alone (``--compiled only``) or not at all (``--compiled skip``)
   published              the authors' path on the same synthetic CIFAR-shaped data and model: PIL
                          augmentation in DataLoader workers, float32 NCHW, the d x d logdet loop
 Each step row's note: the extrapolated epoch, TFLOP/s, kernels per step (CUDA: profiled device
@@ -15,6 +16,8 @@ step (their ``record_function`` markers; device time on CUDA). "eval" rows: feat
 the BatchNorm-folded extractor, the linear probe and the kNN at CIFAR-10 size (GPU; scaled down and
 extrapolated on a CPU), and the extrapolated 128-patch CIFAR-10 evaluation. The limit is the dense
 bf16 (GPU) or float32 (CPU) matmul rate measured in the same run, against 3x the forward's FLOPs.
+Each row stands on its own: an error in one (a failed capture or compile, out of memory) is written
+as that row's error and the next row runs.
 
   empssl bench epoch            # GPU: b=100, n=20, ResNet-18 (the 1-epoch recipe), bf16 channels_last
   empssl bench epoch --quick    # CPU-sized: width 0.25, b=16, n=4 (under a minute on 2 cores)
@@ -36,7 +39,7 @@ from ..models import build_encoder
 from ..optim import build_optimizer
 from ..reference import tcr as reference_tcr
 from ..config import TrainConfig
-from ..runtime import autocast_context
+from ..runtime import autocast_context, cudnn_benchmark, float32_precision
 from ..step import CAPTURE_WARMUP_STEPS, build_train_state, captured_train_step, train_step
 from . import common
 from .step import forward_flops
@@ -153,9 +156,7 @@ def time_steps(device: torch.device, config: TrainConfig, method: str, steps: in
         for index in range(steps):
             one_step(index)
 
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    try:
+    with cudnn_benchmark(device.type == "cuda"):  # as train() runs the step
         # warm-up: the captured runner's eager steps and its capture; cuDNN's algorithm search; compilation
         for index in range(CAPTURE_WARMUP_STEPS + 2 if device.type == "cuda" else 1):
             one_step(index)
@@ -163,8 +164,6 @@ def time_steps(device: torch.device, config: TrainConfig, method: str, steps: in
         kernels = count_kernels(one_step, device)
         syncs = count_host_syncs(one_step, device)
         phases = phase_seconds(one_step, device) if method == "eager" else None
-    finally:
-        torch.backends.cudnn.benchmark = previous
     patches = state.augment(images[batches[0]], config.num_patches, seed=0, image_ids=batches[0])
     with autocast_context(device, state.bf16):
         flops = forward_flops(state.encoder, patches)
@@ -274,7 +273,7 @@ def time_evaluation(device: torch.device, config: TrainConfig, size: Dict, resul
 def _step_note(timing: StepTiming, step_flops: int, device: torch.device) -> str:
     kernels = "kernels" if device.type == "cuda" else "aten ops"
     syncs = "n/a off CUDA" if timing.host_syncs is None else f"{timing.host_syncs:g}"
-    return (f"CIFAR-10 epoch ({EPOCH_STEPS} steps) {EPOCH_STEPS * timing.seconds:.1f} s; "
+    return (f"CIFAR-10 epoch ({EPOCH_STEPS} steps) {common.readable_seconds(EPOCH_STEPS * timing.seconds)}; "
             f"{step_flops / timing.seconds / 1e12:.3g} TFLOP/s; {timing.kernels} {kernels}/step; host syncs/step {syncs}")
 
 
@@ -282,6 +281,9 @@ def main(argv=None) -> int:
     parser = common.make_parser("epoch", __doc__)
     parser.add_argument("--steps", type=int, default=None, help="free-running steps per timed run")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers of the published path")
+    parser.add_argument("--compiled", choices=("last", "skip", "only"), default="last",
+                        help="the captured + compiled row (CUDA): after the others (default), not at all, or alone "
+                             "(bench/gpu_check.sh runs it as its own last step: its cold compile is the slowest part)")
     args = parser.parse_args(argv)
     results = common.open_results("epoch", args)
     device = torch.device(args.device)
@@ -295,39 +297,45 @@ def main(argv=None) -> int:
     results.note(f"dense {limit} rate {peak / 1e12:.3g} TFLOP/s")
     case = f"b={config.batch_size} n={config.num_patches} {config.arch} w{config.width}"
     dtype = "bf16" if on_gpu else "float32"
-    fastest = None
+    timings: Dict[str, StepTiming] = {}
 
-    def step_row(method, timing):
-        step_flops = 3 * timing.forward_flops  # forward + backward (input and weight gradients)
-        results.add(case, method, timing.seconds, 1.0 / timing.seconds, "steps/s", dtype,
-                    step_flops / timing.seconds / peak, limit, _step_note(timing, step_flops, device))
+    def step_row(method):  # one row, on its own: an error in it (capture, compile, out of memory) is that row's
+        with results.row(case, method, dtype):
+            timing = timings[method] = time_steps(device, config, method, steps, size["repeats"])
+            step_flops = 3 * timing.forward_flops  # forward + backward (input and weight gradients)
+            results.add(case, method, timing.seconds, 1.0 / timing.seconds, "steps/s", dtype,
+                        step_flops / timing.seconds / peak, limit, _step_note(timing, step_flops, device))
+        phases = timings[method].phases if method in timings else None
+        for phase, seconds in (phases or {}).items():
+            profiled = sum(phases.values())
+            results.add(case, f"share {phase} (eager, profiled)", seconds, seconds / profiled if profiled else 0.0,
+                        "of step", dtype, note="one profiled step; device time" if on_gpu else "one profiled step")
 
-    methods = ("eager", "captured") if on_gpu else ("eager",)
-    for method in methods:
-        timing = time_steps(device, config, method, steps, size["repeats"])
-        step_row(method, timing)
-        fastest = timing if fastest is None or timing.seconds < fastest.seconds else fastest
-        if timing.phases:
-            profiled = sum(timing.phases.values())
-            for phase, seconds in timing.phases.items():
-                results.add(case, f"share {phase} (eager, profiled)", seconds, seconds / profiled if profiled else 0.0,
-                            "of step", dtype, note="one profiled step; device time" if on_gpu else "one profiled step")
-    workers = args.workers or size["workers"] or min(8, os.cpu_count() or 1)
-    try:
-        published = time_published(device, config, size["published_steps"], workers)
-    except ImportError as err:
-        results.note(f"no published-path row: it needs PIL and torchvision ({err})")
-    else:
-        flops = 3 * fastest.forward_flops
-        results.add(case, "published", published, 1.0 / published, "steps/s", "float32", flops / published / peak,
-                    limit, f"CIFAR-10 epoch ({EPOCH_STEPS} steps) {EPOCH_STEPS * published:.1f} s; PIL in {workers} "
-                    f"DataLoader workers, float32 NCHW, d x d logdet loop; the fastest step above is "
-                    f"{published / fastest.seconds:.3g}x faster")
-    time_evaluation(device, config, size, results, peak)
-    if on_gpu:  # last: a compile that outruns the step's time limit loses no other row
-        step_row("captured + compiled", time_steps(device, config, "captured + compiled", steps, size["repeats"]))
-    else:
-        results.note("the captured steps need a CUDA GPU: only the eager step is timed here")
+    with float32_precision(config.tf32):  # as train() runs the step
+        if args.compiled != "only":
+            for method in ("eager", "captured") if on_gpu else ("eager",):
+                step_row(method)
+            workers = args.workers or size["workers"] or min(8, os.cpu_count() or 1)
+            with results.row(case, "published", "float32"):
+                try:
+                    published = time_published(device, config, size["published_steps"], workers)
+                except ImportError as err:
+                    results.note(f"no published-path row: it needs PIL and torchvision ({err})")
+                else:
+                    fastest = min(timings.values(), key=lambda t: t.seconds, default=None)
+                    # the fraction of the limit needs a step row's FLOPs; without one (it failed) the row has none
+                    fraction = 3 * fastest.forward_flops / published / peak if fastest else None
+                    speed_up = (f"the fastest step above is {published / fastest.seconds:.3g}x faster" if fastest
+                                else "no step row above to compare with")
+                    results.add(case, "published", published, 1.0 / published, "steps/s", "float32", fraction, limit,
+                                f"CIFAR-10 epoch ({EPOCH_STEPS} steps) {common.readable_seconds(EPOCH_STEPS * published)}; "
+                                f"PIL in {workers} DataLoader workers, float32 NCHW, d x d logdet loop; {speed_up}")
+            with results.row(f"eval {config.arch} w{config.width} d={config.hidden_dim}", "evaluation"):
+                time_evaluation(device, config, size, results, peak)
+        if not on_gpu:
+            results.note("the captured steps need a CUDA GPU: only the eager step is timed here")
+        elif args.compiled != "skip":  # last: a compile that outruns the step's time limit loses no other row
+            step_row("captured + compiled")
     return common.finish(results, args)
 
 

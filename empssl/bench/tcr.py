@@ -8,7 +8,8 @@ Methods, side by side in one run (each: R of n groups of (b, d), then dR/dZ of a
   cpu/cuda/triton empssl's fused backends, where they run on the device
   lightly         lightly's EMPSSLLoss (whole loss, inverted coding-rate sign), where installed,
                   next to empssl's EMPSSLLoss on the same views
-Low-precision inputs go to naive / batched_logdet as float32 (torch.logdet needs it). Medians over
+naive / batched_logdet (torch.logdet needs float32) and the whole-loss rows run in float32 whatever the
+input dtype, so they appear once per shape, in the float32 rows, not again for bf16. Medians over
 repeats (CUDA events on a GPU). The limit is the device copy bandwidth measured in the same run,
 against the floor of reading Z twice (Gram pass + gradient pass) and writing dR/dZ once.
 
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--naive-max-n", type=int, default=None, help="skip the naive loop above this n")
     args = parser.parse_args(argv)
     results = common.open_results("tcr", args)
+    torch.backends.cuda.matmul.allow_tf32 = False  # IEEE float32 Gram for every method (as TrainConfig's default)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     b = args.b or (16 if args.tiny else 100)
@@ -83,8 +85,6 @@ def main(argv=None) -> int:
     n_values = args.n or ([2] if args.tiny else [20] if args.quick or not on_gpu else [20, 200])
     repeats = args.repeats or (1 if args.tiny else 3 if args.quick or not on_gpu else 20)
     naive_max_n = args.naive_max_n if args.naive_max_n is not None else (200 if on_gpu else 20)
-    if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = False  # IEEE float32 Gram for every method
     bandwidth = common.copy_bandwidth(device, megabytes=16 if args.tiny else 256)
     results.note(f"device copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
     try:
@@ -93,28 +93,38 @@ def main(argv=None) -> int:
         lightly_loss = None
         results.note("lightly not installed: no lightly row")
     generator = torch.Generator().manual_seed(0)
+    # naive, batched_logdet and the whole-loss rows compute in float32 whatever the input dtype: one row each per
+    # shape (in the float32 rows, or in the first dtype's rows, labelled float32, when float32 is not asked for)
+    float32_dtype = "float32" if "float32" in args.dtypes else args.dtypes[0]
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
+        float32_rows = dtype_name == float32_dtype
+        if not float32_rows:
+            results.note(f"{dtype_name}: naive, batched_logdet and the whole-loss rows compute in float32: "
+                         f"their rows are the {float32_dtype} ones above")
         for n in n_values:
             z = torch.nn.functional.normalize(torch.randn(n, b, d, generator=generator), dim=-1).to(device, dtype)
             case = f"n={n} b={b} d={d}"
             bytes_floor = 3 * z.numel() * z.element_size()  # read Z twice, write dR/dZ once
 
-            def record(method, run, note="", slow=False):
+            def record(method, run, note="", slow=False, label=dtype_name):
                 # the d x d methods take seconds per call on a CPU (one timed call there), ~1 s at n=200 on a GPU
-                seconds = common.time_call(run, device, (min(repeats, 3) if on_gpu else 1) if slow else repeats)
-                results.add(case, method, seconds, n / seconds, "groups/s", dtype_name,
-                            bytes_floor / seconds / bandwidth, "copy GB/s", note)
+                with results.row(case, method, label):  # an error (out of memory, say) is this row's; the next runs
+                    seconds = common.time_call(run, device, (min(repeats, 3) if on_gpu else 1) if slow else repeats)
+                    results.add(case, method, seconds, n / seconds, "groups/s", label,
+                                bytes_floor / seconds / bandwidth, "copy GB/s", note)
 
-            if n <= naive_max_n:
-                record("naive", _fwd_bwd(naive, z), "published d x d logdet loop", slow=True)
-            else:
-                results.note(f"naive skipped at n={n} (> --naive-max-n {naive_max_n})")
-            if on_gpu:
-                record("batched_logdet", _fwd_bwd(batched_logdet, z), slow=True)
-            else:
-                with _torch_threads(1):
-                    record("batched_logdet", _fwd_bwd(batched_logdet, z), "1 thread: torch 2.14.1 gave wrong multi-threaded CPU batched logdets", slow=True)
+            if float32_rows:
+                if n <= naive_max_n:
+                    record("naive", _fwd_bwd(naive, z), "published d x d logdet loop; float32", slow=True, label="float32")
+                else:
+                    results.note(f"naive skipped at n={n} (> --naive-max-n {naive_max_n})")
+                if on_gpu:
+                    record("batched_logdet", _fwd_bwd(batched_logdet, z), "float32", slow=True, label="float32")
+                else:
+                    with _torch_threads(1):
+                        record("batched_logdet", _fwd_bwd(batched_logdet, z), "float32; 1 thread: torch 2.14.1 gave "
+                               "wrong multi-threaded CPU batched logdets", slow=True, label="float32")
             record("composite", _fwd_bwd(lambda x: coding_rate(x, EPS, backend="reference"), z), "backend=reference")
             why_not = backends.reasons("tcr", device, z)
             for name in ("cpu", "cuda", "triton"):
@@ -124,15 +134,17 @@ def main(argv=None) -> int:
                     record(name, _fwd_bwd(lambda x, name=name: coding_rate(x, EPS, backend=name), z), "fused")
                 elif (name == "cpu") != on_gpu:
                     results.note(f"{name} skipped: {why_not[name]}")
-            if lightly_loss is not None:
+            if lightly_loss is not None and float32_rows:
                 ours = EMPSSLLoss(eps=EPS)
                 lightly_run = _fwd_bwd(lambda x: lightly_loss(list(x.unbind(0))), z.float())
                 if on_gpu:
-                    record("lightly EMPSSLLoss", lightly_run, "whole loss; inverted coding-rate sign", slow=True)
+                    record("lightly EMPSSLLoss", lightly_run, "whole loss; inverted coding-rate sign", slow=True,
+                           label="float32")
                 else:  # its batched d x d logdet: the same multi-threaded torch bug as batched_logdet
                     with _torch_threads(1):
-                        record("lightly EMPSSLLoss", lightly_run, "whole loss; inverted coding-rate sign; 1 thread", slow=True)
-                record("empssl EMPSSLLoss", _fwd_bwd(ours, z.float()), "whole loss, same views")
+                        record("lightly EMPSSLLoss", lightly_run, "whole loss; inverted coding-rate sign; 1 thread",
+                               slow=True, label="float32")
+                record("empssl EMPSSLLoss", _fwd_bwd(ours, z.float()), "whole loss, same views", label="float32")
     return common.finish(results, args)
 
 
