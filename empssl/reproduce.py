@@ -25,8 +25,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from . import published
 from .published import Recipe
+from .run_dir import CHECKPOINT_NAME, METRICS_NAME
 
 EXPERIMENTS = {
     "one-epoch": "one epoch at 20 patches, with a 1-epoch schedule and optimised for 1 epoch (a 2-epoch schedule)",
@@ -165,7 +165,7 @@ class Sweep:
             record = _read_json(os.path.join(folder, TRAIN_DONE))
             return record is not None and record.get("epochs", 0) >= task.recipe.epochs
         if task.kind == "snapshot":
-            return os.path.exists(os.path.join(folder, "checkpoint.pt"))
+            return os.path.exists(os.path.join(folder, CHECKPOINT_NAME))
         return _read_json(os.path.join(folder, EVAL_DONE)) is not None
 
     # -- running ---------------------------------------------------------------------------------------------
@@ -176,15 +176,15 @@ class Sweep:
                    "--schedule-epochs", str(task.recipe.schedule_epochs), "--out-dir", folder, *self.train_args]
         if self.args.no_progress:
             command.append("--no-progress")
-        checkpoint = os.path.join(folder, "checkpoint.pt")
+        checkpoint = os.path.join(folder, CHECKPOINT_NAME)
         if os.path.exists(checkpoint):  # a stage of convergence, or a cell a kill interrupted: continue it
             command += ["--resume", checkpoint]
-        elif os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, name)) for name in ("metrics.jsonl",)):
+        elif os.path.exists(os.path.join(folder, METRICS_NAME)):
             command.append("--overwrite")  # killed before its first checkpoint: nothing to continue
         return command
 
     def eval_command(self, task: Task) -> List[str]:
-        checkpoint = os.path.join(self.cell_dir(task.source), "checkpoint.pt")
+        checkpoint = os.path.join(self.cell_dir(task.source), CHECKPOINT_NAME)
         command = ["eval", "--checkpoint", checkpoint, "--dataset", task.dataset, "--root", self.args.root,
                    "--device", self.args.device, "--json", *self.eval_args]
         if self.args.no_progress:
@@ -198,12 +198,12 @@ class Sweep:
         if task.kind == "snapshot":
             from .checkpoint import write_atomically
 
-            source = os.path.join(self.cell_dir(task.source), "checkpoint.pt")
+            source = os.path.join(self.cell_dir(task.source), CHECKPOINT_NAME)
             # the run's time so far goes with its checkpoint: the report's time for this epoch
             _write_json(os.path.join(folder, TRAIN_DONE), {"epochs": task.recipe.epochs,
                                                           "seconds": _run_seconds(self.cell_dir(task.source))})
             with open(source, "rb") as src:
-                write_atomically(os.path.join(folder, "checkpoint.pt"), lambda f: shutil.copyfileobj(src, f))
+                write_atomically(os.path.join(folder, CHECKPOINT_NAME), lambda f: shutil.copyfileobj(src, f))
             return
         command = self.train_command(task) if task.kind == "train" else self.eval_command(task)
         with open(os.path.join(folder, "commands.txt"), "a") as f:
@@ -247,7 +247,7 @@ class SweepStopped(RuntimeError):
 def _run_seconds(folder: str) -> float:
     from .plots import read_metrics
 
-    records = read_metrics(os.path.join(folder, "metrics.jsonl"))
+    records = read_metrics(os.path.join(folder, METRICS_NAME))
     return float(records[-1].get("elapsed_s", 0.0)) if records else 0.0
 
 
