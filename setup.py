@@ -88,7 +88,8 @@ def _compiler_missing_reason():
 
 def _write_build_info(built, cuda_archs="", reason="", cuda_home=""):
     """empssl/_build_info.py: what this build made (read by `empssl info`); written before setup() collects
-    the package, so wheels and editable installs carry it alike (git ignores it)."""
+    the package, so wheels and editable installs carry it alike (git ignores it). One entry per Python ABI,
+    as the compiled module's file name is: two interpreters' editable installs of one checkout keep theirs."""
     torch_version = ""
     try:
         import torch
@@ -96,13 +97,21 @@ def _write_build_info(built, cuda_archs="", reason="", cuda_home=""):
         torch_version = torch.__version__
     except ImportError:
         pass
+    builds = {}
+    try:
+        with open(BUILD_INFO, encoding="utf-8") as f:
+            exec(f.read(), builds)  # noqa: S102 (this build's own earlier record)
+        builds = dict(builds.get("BUILDS", {}))
+    except Exception:  # absent, or an older layout: start over
+        builds = {}
+    builds[sysconfig.get_config_var("EXT_SUFFIX") or ""] = {
+        "extension": built, "cuda_archs": cuda_archs, "torch": torch_version, "reason": reason,
+        "cuda_home": cuda_home or "",
+    }
     text = (
-        '"""Written by setup.py at build time: what the compiled extension holds (not tracked by git)."""\n'
-        f"EXTENSION = {built!r}  # 'cpu+cuda', 'cpu' or 'none'\n"
-        f"CUDA_ARCHS = {cuda_archs!r}\n"
-        f"BUILT_AGAINST_TORCH = {torch_version!r}\n"
-        f"REASON = {reason!r}  # why a part was left out\n"
-        f"CUDA_HOME = {cuda_home!r}  # the toolkit the CUDA part was built with\n"
+        '"""Written by setup.py at build time: what the compiled extension holds, per Python ABI (not tracked by git).\n\n'
+        "extension: 'cpu+cuda', 'cpu' or 'none'; reason: why a part was left out.\n\"\"\"\n"
+        f"BUILDS = {builds!r}\n"
     )
     with open(BUILD_INFO, "w", encoding="utf-8") as f:
         f.write(text)

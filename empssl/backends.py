@@ -57,13 +57,20 @@ class BackendUnavailableError(RuntimeError):
 
 
 def build_info() -> Dict[str, str]:
-    """What setup.py built into this install (empssl/_build_info.py), or {} for a build older than that record."""
+    """What setup.py built into this install for this Python (empssl/_build_info.py), or {} where it recorded
+    nothing (an install older than that record, or a build for another Python)."""
+    import sysconfig
+
     try:
         from . import _build_info
     except ImportError:
         return {}
-    return {"extension": _build_info.EXTENSION, "cuda_archs": _build_info.CUDA_ARCHS,
-            "torch": _build_info.BUILT_AGAINST_TORCH, "reason": _build_info.REASON}
+    builds = getattr(_build_info, "BUILDS", {})
+    mine = builds.get(sysconfig.get_config_var("EXT_SUFFIX") or "")
+    if mine is None and len(builds) == 1:
+        (only,) = builds.values()
+        mine = only if only["extension"] == "none" else None  # a pure-Python wheel serves any Python
+    return dict(mine) if mine else {}
 
 
 def build_summary() -> str:

@@ -254,8 +254,6 @@ def _run_info(args) -> int:
             print(f"cuda:{index}       {props.name}, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}")
     else:
         print("cuda         no CUDA GPU visible")
-    from .config import TrainConfig
-
     print(f"float32      training sets TF32 {'on' if TrainConfig.tf32 else 'off'} for float32 matmuls and cuDNN "
           f"convolutions (--tf32 turns it on); torch's settings in this process: matmul "
           f"{torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}")

@@ -54,10 +54,14 @@ def _setup(tree, **env):
                           text=True, timeout=300)
 
 
-def _build_record(tree):
-    record = {}
-    exec((tree / "empssl" / "_build_info.py").read_text(), record)
-    return record
+def _build_record(tree, text=None):
+    """This Python's entry of a build record, with the keys upper-cased as the tests name them."""
+    import sysconfig
+
+    namespace = {}
+    exec(text if text is not None else (tree / "empssl" / "_build_info.py").read_text(), namespace)
+    entry = namespace["BUILDS"][sysconfig.get_config_var("EXT_SUFFIX")]
+    return {key.upper(): value for key, value in entry.items()}
 
 
 @pytest.mark.slow
@@ -71,8 +75,7 @@ def test_pure_python_wheel_holds_every_module(clean_tree, tmp_path):
     assert wheel.name.endswith("-py3-none-any.whl")  # no compiled code claimed
     with zipfile.ZipFile(wheel) as archive:
         shipped = set(archive.namelist())
-        record = {}
-        exec(archive.read("empssl/_build_info.py").decode(), record)
+        record = _build_record(None, archive.read("empssl/_build_info.py").decode())
     missing = sorted(_python_modules(clean_tree) - shipped)
     assert not missing, f"the wheel lacks {missing}"
     assert "empssl/ops/__init__.py" in shipped and "empssl/kernels/tcr.py" in shipped
@@ -130,6 +133,22 @@ def test_no_compiler_gives_a_pure_python_install_with_one_warning(clean_tree):
     warnings = [line for line in run.stderr.splitlines() if "empssl build: WARNING" in line]
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0] and "EMPSSL_BUILD_EXT=0" in warnings[0]
     assert _build_record(clean_tree)["EXTENSION"] == "none"
+
+
+def test_each_python_keeps_its_own_build_record(clean_tree):
+    """Two interpreters' editable installs of one checkout (the newest and the floor stack in CI) share the
+    record file: each writes its own entry, keyed like the compiled module's file name."""
+    import sysconfig
+
+    path = clean_tree / "empssl" / "_build_info.py"
+    other = {".cpython-399-x86_64-linux-gnu.so": {"extension": "cpu+cuda", "cuda_archs": "9.0", "torch": "9.9",
+                                                  "reason": "", "cuda_home": "/x"}}
+    path.write_text(f"BUILDS = {other!r}\n")
+    assert _setup(clean_tree, EMPSSL_BUILD_CUDA="0").returncode == 0
+    namespace = {}
+    exec(path.read_text(), namespace)
+    assert namespace["BUILDS"][".cpython-399-x86_64-linux-gnu.so"] == other[".cpython-399-x86_64-linux-gnu.so"]
+    assert namespace["BUILDS"][sysconfig.get_config_var("EXT_SUFFIX")]["extension"] == "cpu"
 
 
 def test_build_ext_off_is_silent_and_recorded(clean_tree):
