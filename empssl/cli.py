@@ -171,7 +171,8 @@ def describe_training(result) -> str:
     if trained == 0:
         return (f"nothing to train: the run in {os.path.dirname(result.checkpoint_path) or '.'} is already at step "
                 f"{result.steps} of {result.total_steps}; checkpoint {result.checkpoint_path}")
-    where = f" (steps {result.first_step + 1}-{result.steps} of {result.total_steps})" if result.first_step else ""
+    span = f"step {result.steps}" if trained == 1 else f"steps {result.first_step + 1}-{result.steps}"
+    where = f" ({span} of {result.total_steps})" if result.first_step else ""
     return (f"trained {trained} step{'s' if trained != 1 else ''}{where} in {result.seconds:.1f} s; final loss "
             f"{metrics.get('loss', float('nan')):.4f} (tcr {metrics.get('tcr', float('nan')):.4f}, inv "
             f"{metrics.get('inv', float('nan')):.4f}); checkpoint {result.checkpoint_path}")

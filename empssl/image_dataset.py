@@ -114,7 +114,7 @@ def check_labels(labels: np.ndarray, source: str, array: str, num_images: int) -
                         f"(e.g. {labels.ravel()[:1].tolist()}); map class names to 0, 1, ... first")
     bound = max(num_images, MAX_CLASSES)
     if values.size and (values.min() < 0 or values.max() >= bound):
-        worst = values.min() if values.min() < 0 else values.max()
+        worst = int(values.min() if values.min() < 0 else values.max())
         raise DataError(f"{source}: {array} holds the label {worst!r}; labels must be class indices with 0 <= label < "
                         f"{bound:,} (the larger of the number of images and {MAX_CLASSES:,})")
     return values.astype(np.int64)
