@@ -117,4 +117,15 @@ def augment_config_for(image_size: int) -> AugmentConfig:
     return dataclasses.replace(AugmentConfig.cifar(), output_size=image_size)
 
 
-__all__ = ["AugmentConfig", "augment_config_for"]
+def smallest_image_size() -> int:
+    """The smallest square image ``augment_config_for`` takes (the blur kernel's reflect padding needs room)."""
+    for size in range(1, 129):
+        try:
+            augment_config_for(size)
+        except ValueError:
+            continue
+        return size
+    return 128
+
+
+__all__ = ["AugmentConfig", "augment_config_for", "smallest_image_size"]

@@ -5,13 +5,21 @@ A checkpoint is one ``torch.save`` file holding a dict: the encoder's architectu
 optimiser, step, random states, the epoch's permutation), tagged ``train_state_version``, and the
 training config. It is written to a
 temporary file in the same folder and moved into place with ``os.replace``, so a crash
-never leaves a half-written checkpoint behind.
+never leaves a half-written checkpoint behind; a write that fails (a full disk, a read-only folder)
+raises OSError naming the file, and removes its temporary file.
+
+Every tensor's bytes have a CRC-32 stored beside them (``checksums``, keyed by the tensor's place,
+e.g. ``model/conv1.weight``), verified on every load: a flipped byte is a CheckpointError naming
+the tensor. A checkpoint written before checksums loads with a one-line note. ``check_finite``
+refuses a model state with NaN or inf (eval and export use it; the trainer never writes one).
 """
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
-from typing import Any, BinaryIO, Callable, Dict, Optional
+import zlib
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -21,6 +29,7 @@ MODEL_FIELDS = ("arch", "width", "hidden_dim", "z_dim")
 # the training state's layout, read only by a resume (eval and export read the model, unchanged):
 # 2 = TrainState (step counter, lr from the step, counter-based augmentation, no augment generator or scheduler)
 TRAIN_STATE_VERSION = 2
+TRAIN_STATE_KEYS = ("model", "optimizer", "step", "rng", "permutation")  # what TrainState.load_state_dict reads
 
 
 class CheckpointError(ValueError):
@@ -36,27 +45,128 @@ def _umask() -> int:
     return mask
 
 
+class _WriteRecorder:
+    """A binary file that remembers the OSError of a failed write: torch.save's zip writer turns it into a
+    RuntimeError ("file write failed"), and the caller should see the system's reason instead."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
 def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """``write(f)`` to a temporary file next to ``path``, then ``os.replace`` it into place."""
+    """``write(f)`` to a temporary file next to ``path``, then ``os.replace`` it into place.
+
+    OSError(errno, reason, path) if the folder or the file cannot be written (no space, permission, read-only, the
+    folder vanished): the temporary file is removed and ``path`` keeps its old content."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1])
+    temp = None
     try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
+        os.makedirs(folder, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1])
+        with os.fdopen(handle, "wb") as raw:
+            f = _WriteRecorder(raw)
+            try:
+                write(f)
+            except RuntimeError as err:
+                if f.error is None:
+                    raise
+                raise f.error from err
             f.flush()
             os.fsync(f.fileno())
         os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets a plain open()'s mode
         os.replace(temp, path)
+    except OSError as err:
+        _remove_quietly(temp)
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}", path) from err
     except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
+        _remove_quietly(temp)
         raise
+
+
+def _remove_quietly(path: Optional[str]) -> None:
+    if path is not None:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def _tensors(value: Any, place: str = "") -> Iterator[Tuple[str, torch.Tensor]]:
+    """(place, tensor) of every tensor in nested dicts, lists and tuples (place: the keys joined by '/')."""
+    if isinstance(value, torch.Tensor):
+        yield place, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, f"{place}/{key}" if place else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _tensors(item, f"{place}/{index}" if place else str(index))
+
+
+def tensor_checksum(tensor: torch.Tensor) -> int:
+    """CRC-32 of the tensor's bytes (its dtype and shape are checked by the loaders that use it)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return 0
+    return zlib.crc32(flat.view(torch.uint8).numpy().data)
+
+
+def checksums(payload: Dict[str, Any]) -> Dict[str, int]:
+    return {place: tensor_checksum(tensor) for place, tensor in _tensors(payload) if place != "checksums"}
+
+
+def verify_checksums(path: str, payload: Dict[str, Any]) -> None:
+    """CheckpointError naming the first tensor whose bytes differ from the ones written; a note if none are stored."""
+    stored = payload.get("checksums")
+    if stored is None:
+        print(f"empssl: note: checkpoint {path} was written before checkpoints held checksums; its tensors cannot be "
+              f"verified", file=sys.stderr)
+        return
+    found = checksums(payload)
+    for place in sorted(set(stored) | set(found)):
+        if place not in found:
+            raise CheckpointError(f"checkpoint {path} is corrupt: tensor {place} is missing")
+        if stored.get(place) != found[place]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: tensor {place} does not match its checksum (its "
+                                  f"bytes changed after it was written); use another checkpoint")
+
+
+# beyond it a value's square overflows float32 (LARS's norms and BatchNorm's variances square what they see): a
+# weight or statistic this large is the overflow of a diverged run on its way to inf, even while the loss is finite
+OVERFLOW_BOUND = 2.0 ** 64  # about 1.8e19; trained weights and BatchNorm statistics are many orders below it
+NON_FINITE = "non-finite (NaN, inf, or beyond 1.8e19, whose square overflows float32)"
+
+
+def non_finite_tensors(state: Dict[str, Any]) -> List[str]:
+    """Places of the floating-point tensors in ``state`` with a NaN, an inf or a value beyond ``OVERFLOW_BOUND``."""
+    return [place for place, tensor in _tensors(state)
+            if tensor.is_floating_point() and not bool((tensor.detach().abs() <= OVERFLOW_BOUND).all())]
+
+
+def check_finite(path: str, state: Dict[str, Any], what: str = "model") -> None:
+    """CheckpointError naming the tensors of ``state`` that are not finite."""
+    bad = non_finite_tensors(state)
+    if bad:
+        shown = ", ".join(f"{what}/{place}" for place in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(f"checkpoint {path} holds {NON_FINITE} values in {shown}; the run that wrote "
+                              f"it diverged: use an earlier checkpoint, or train again with a lower --lr")
 
 
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
     """``torch.save`` the payload with its format tag, atomically (``write_atomically``)."""
-    write_atomically(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    payload["checksums"] = checksums(payload)
+    write_atomically(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
@@ -75,12 +185,17 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     missing = [key for key in ("model_config", "model") if key not in payload]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    verify_checksums(path, payload)
     return payload
 
 
 def check_train_state(path: str, payload: Dict[str, Any]) -> None:
     """CheckpointError unless ``payload`` holds a training state this trainer continues."""
     version = payload.get("train_state_version", 1)
+    missing = [key for key in TRAIN_STATE_KEYS if key not in payload]
+    if version == TRAIN_STATE_VERSION and missing:
+        raise CheckpointError(f"checkpoint {path} lacks the training state a resume needs ({', '.join(missing)}); it "
+                              f"still loads for eval and export, but cannot be resumed. Start a new run")
     if version != TRAIN_STATE_VERSION:
         raise CheckpointError(f"checkpoint {path} holds a training state of version {version}, this trainer continues "
                               f"version {TRAIN_STATE_VERSION} (an older empssl wrote it: its augmentation drew from "
@@ -119,10 +234,13 @@ def load_encoder(path: str, device: Optional[torch.device] = None):
         encoder = build_encoder(**{field: model_config[field] for field in MODEL_FIELDS})
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} has an unusable model_config {model_config!r}: {err}") from err
+    check_finite(path, payload["model"])
     load_model_state(encoder, payload["model"], path)
     if device is not None:
         encoder = encoder.to(device)
     return encoder, payload
 
 
-__all__ = ["CheckpointError", "TRAIN_STATE_VERSION", "check_train_state", "write_atomically", "save_checkpoint", "load_checkpoint", "load_encoder", "check_same_model", "load_model_state"]
+__all__ = ["CheckpointError", "TRAIN_STATE_VERSION", "check_train_state", "write_atomically", "save_checkpoint", "load_checkpoint", "load_encoder", "check_same_model", "load_model_state",
+           "checksums", "tensor_checksum", "verify_checksums", "non_finite_tensors", "check_finite", "TRAIN_STATE_KEYS",
+           "OVERFLOW_BOUND", "NON_FINITE"]

@@ -161,11 +161,21 @@ def _run_train(args) -> int:
     result = train(config)
     if not _is_main_rank():
         return 0
-    metrics = result.last_metrics
-    print(f"trained {result.steps} steps in {result.seconds:.1f} s; final loss {metrics.get('loss', float('nan')):.4f} "
-          f"(tcr {metrics.get('tcr', float('nan')):.4f}, inv {metrics.get('inv', float('nan')):.4f}); "
-          f"checkpoint {result.checkpoint_path}")
+    print(describe_training(result))
     return 0
+
+
+def describe_training(result) -> str:
+    """The line ``empssl train`` ends with: the steps this process trained (after a resume: which of the run's)."""
+    metrics, trained = result.last_metrics, result.steps_this_run
+    if trained == 0:
+        return (f"nothing to train: the run in {os.path.dirname(result.checkpoint_path) or '.'} is already at step "
+                f"{result.steps} of {result.total_steps}; checkpoint {result.checkpoint_path}")
+    span = f"step {result.steps}" if trained == 1 else f"steps {result.first_step + 1}-{result.steps}"
+    where = f" ({span} of {result.total_steps})" if result.first_step else ""
+    return (f"trained {trained} step{'s' if trained != 1 else ''}{where} in {result.seconds:.1f} s; final loss "
+            f"{metrics.get('loss', float('nan')):.4f} (tcr {metrics.get('tcr', float('nan')):.4f}, inv "
+            f"{metrics.get('inv', float('nan')):.4f}); checkpoint {result.checkpoint_path}")
 
 
 def _run_eval(args) -> int:
@@ -206,6 +216,10 @@ def _run_eval(args) -> int:
                         cache_dir=pick("cache_dir"), on_bad_image=pick("on_bad_image"), seed=pick("data_seed"),
                         train_size=pick("train_size"), test_size=config.test_size, device=device,
                         show_progress=config.progress)
+    from .augment_config import smallest_image_size
+    from .image_dataset import check_image_size
+
+    check_image_size(data, smallest_image_size())
     results = evaluate(encoder.to(device), data, config)
     if not _is_main_rank():
         return 0
@@ -277,6 +291,15 @@ def _run_info(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while starting up (imports, data loading) or outside a command's own handling
+        name = next((word for word in argv if not word.startswith("-")), "")
+        print(f"empssl{' ' + name if name else ''}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: List[str]) -> int:
     if argv[:1] == ["bench"]:  # each benchmark parses its own options
         from .bench import main as bench_main
 
@@ -304,12 +327,27 @@ def main(argv: Optional[List[str]] = None) -> int:
             TypeError) as err:
         print(f"{_prog(args)}: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a full disk, a permission, a read-only folder, a path that vanished: one line
+        print(f"{_prog(args)}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as err:
         print(f"{_prog(args)}: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"{_prog(args)}: interrupted", file=sys.stderr)
         return 130
+
+
+def describe_os_error(err: OSError) -> str:
+    """``reason: path`` of an OSError (its errno's text when it has no message of its own)."""
+    import errno as errnos
+
+    reason = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
+    hint = {errnos.ENOSPC: "free some space or pass another --out-dir", errnos.EROFS: "the file system is read-only",
+            errnos.EACCES: "check the permissions", errnos.EPERM: "check the permissions",
+            errnos.ENOENT: "did the path vanish?"}.get(err.errno)
+    where = f" ({err.filename})" if err.filename and str(err.filename) not in reason else ""
+    return f"{reason}{where}" + (f"; {hint}" if hint else "")
 
 
 def _prog(args) -> str:

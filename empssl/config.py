@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from . import checkpoint as ckpt
@@ -34,11 +35,34 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
+FLOAT32_MAX = 3.4028234663852886e38  # a value beyond it becomes inf in the float32 the step computes in
+
+
+def finite_float(text: str) -> float:
+    """A float that float32 holds: NaN, inf and values beyond float32's range are refused."""
     value = float(text)
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be a finite number within float32's range (|x| <= 3.4e38), got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def check_numbers(config) -> None:
+    """ValueError naming the option of any float field of ``config`` that is NaN, inf or beyond float32's range,
+    and of any int field beyond what a tensor index holds (the command line's types refuse them too)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, float) and (not math.isfinite(value) or abs(value) > FLOAT32_MAX):
+            raise ValueError(f"{flag} must be a finite number within float32's range (|x| <= 3.4e38), got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2 ** 63:
+            raise ValueError(f"{flag} {value} is too large (beyond a 64-bit integer)")
 
 
 def option(default: Any, help: str, *, group: str, form: str = "value", type: Optional[Callable[[str], Any]] = None,
@@ -139,8 +163,8 @@ class EvalConfig(RuntimeConfig):
     linear_lr: float = option(0.03, "linear probe learning rate (cosine over the epochs)", group="evaluation",
                               type=positive_float)
     linear_batch_size: int = option(100, "linear probe mini-batch size", group="evaluation", type=positive_int)
-    linear_momentum: float = option(0.9, "linear probe SGD momentum", group="evaluation", type=float)
-    linear_weight_decay: float = option(5e-5, "linear probe weight decay", group="evaluation", type=float)
+    linear_momentum: float = option(0.9, "linear probe SGD momentum", group="evaluation", type=finite_float)
+    linear_weight_decay: float = option(5e-5, "linear probe weight decay", group="evaluation", type=finite_float)
     knn_k: int = option(20, "neighbours of the kNN", group="evaluation", type=positive_int)
     knn_temperature: float = option(0.07, "kNN vote temperature", group="evaluation", type=positive_float)
 
@@ -186,8 +210,8 @@ class TrainConfig(RuntimeConfig):
     max_steps: Optional[int] = option(None, "stop after this many steps in total (tests, quick runs)",
                                       group="training", type=positive_int, show_default=False)
     eps: float = option(0.2, "coding-rate distortion eps", group="training", type=positive_float)
-    inv_coef: float = option(200.0, "weight of the invariance term", group="training", type=float)
-    tcr_coef: float = option(1.0, "weight of the coding-rate term", group="training", type=float)
+    inv_coef: float = option(200.0, "weight of the invariance term", group="training", type=finite_float)
+    tcr_coef: float = option(1.0, "weight of the coding-rate term", group="training", type=finite_float)
     loss_backend: str = option("auto", "coding-rate backend", group="training", choices=tcr_op.BACKEND_CHOICES)
     channels_last: Optional[bool] = option(
         None, "channels_last memory format for patches and encoder (default: on CUDA only) | keep the default memory "
@@ -215,7 +239,17 @@ class TrainConfig(RuntimeConfig):
     def model_config(self) -> Dict[str, Any]:
         return {field: getattr(self, field) for field in ckpt.MODEL_FIELDS}
 
+    def warn_short_schedule(self, steps_per_epoch: int, total_steps: int) -> None:
+        """A warning when the cosine schedule ends before the run: its learning rate is 0 for the steps after it."""
+        schedule = steps_per_epoch * (self.schedule_epochs or self.epochs)
+        if schedule < total_steps:
+            warnings.warn(f"--schedule-epochs {self.schedule_epochs} ends the cosine schedule at step {schedule}, "
+                          f"before this run's {total_steps} steps (--epochs {self.epochs}): the learning rate is 0 "
+                          f"for the last {total_steps - schedule} of them; pass --schedule-epochs {self.epochs} to "
+                          f"spread the schedule over the run")
+
     def validate(self) -> None:
+        check_numbers(self)
         for name in ("num_patches", "batch_size", "epochs", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -233,4 +267,4 @@ class TrainConfig(RuntimeConfig):
 
 
 __all__ = ["RuntimeConfig", "EvalConfig", "TrainConfig", "option", "add_options", "from_args", "option_value", "positive_int",
-           "positive_float"]
+           "positive_float", "finite_float", "check_numbers", "FLOAT32_MAX"]

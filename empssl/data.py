@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .image_dataset import DataError, ImageDataset, check_batch_size, deterministic_split
+from .image_dataset import DataError, ImageDataset, check_batch_size, check_labels, deterministic_split
 from .image_folder import load_image_folder
 
 BAD_IMAGE_POLICIES = ("skip", "error")
@@ -170,15 +170,17 @@ def load_npz(path: str, seed: int = 0) -> ImageDataset:
         if images_key in content and content[labels_key].shape != (len(content[images_key]),):
             raise DataError(f"npz file {path}: {len(content[images_key])} {images_key} but {labels_key} of shape "
                             f"{content[labels_key].shape}; expected one label per image, shape ({len(content[images_key])},)")
-    images, labels = content["images"], content["labels"].astype(np.int64)
+    num_images = sum(len(content[key]) for key in ("images", "test_images") if key in content)
+    for key in ("labels", "test_labels"):  # before anything is sized by them
+        if key in content:
+            content[key] = check_labels(content[key], f"npz file {path}", key, num_images)
+    images, labels = content["images"], content["labels"]
     if "test_images" in content:
-        test_images, test_labels = content["test_images"], content["test_labels"].astype(np.int64)
+        test_images, test_labels = content["test_images"], content["test_labels"]
     else:
         train_idx, test_idx = deterministic_split(len(images), seed=seed)
         images, labels, test_images, test_labels = images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
     all_labels = np.concatenate([labels, test_labels])
-    if all_labels.size and all_labels.min() < 0:
-        raise DataError(f"npz file {path}: labels must be non-negative integers")
     num_classes = int(all_labels.max()) + 1
     name = f"npz:{path}"
     return ImageDataset(name, torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels),

@@ -9,6 +9,9 @@ import numpy as np
 import torch
 
 TEST_FRACTION = 0.1  # of a data set that comes without a test split
+# labels are class indices 0 <= label < max(number of images, MAX_CLASSES): a larger one is a broken file, not a class
+# (ImageNet-21k has 21,841 classes); the check comes before a list of class names is built
+MAX_CLASSES = 2 ** 20
 
 
 class DataError(ValueError):
@@ -74,6 +77,15 @@ class ImageDataset:
                 f"{h}x{w}, {self.num_classes} classes, on {self.train_images.device})")
 
 
+def check_image_size(data: "ImageDataset", smallest: int) -> None:
+    """DataError in the data's terms when its images are smaller than the augmentation recipe takes."""
+    height, width = data.image_size
+    if min(height, width) < smallest:
+        raise DataError(f"{data.name}: images are {height}x{width}; the smallest the augmentation takes is "
+                        f"{smallest}x{smallest} (its blur kernel needs room): use larger images, or a folder: data "
+                        f"set with --image-size {smallest} or more")
+
+
 def deterministic_split(n: int, test_fraction: float = TEST_FRACTION, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """Sorted train and test indices of a seeded permutation of range(n); the test part gets at least one."""
     if n < 2:
@@ -82,6 +94,30 @@ def deterministic_split(n: int, test_fraction: float = TEST_FRACTION, seed: int 
     num_test = min(n - 1, max(1, int(round(n * test_fraction))))
     return np.sort(order[num_test:]), np.sort(order[:num_test])
 
+
+
+def check_labels(labels: np.ndarray, source: str, array: str, num_images: int) -> np.ndarray:
+    """``labels`` as int64 class indices; DataError naming ``source`` and ``array`` unless they are integral numbers
+    with 0 <= label < max(num_images, MAX_CLASSES)."""
+    if labels.dtype.kind in "iu":
+        values = labels
+    elif labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+            bad = labels[~(np.isfinite(labels) & (labels == np.round(labels)))].ravel()[:3]
+            raise DataError(f"{source}: {array} must be integer class indices, but it holds non-integral values "
+                            f"such as {', '.join(repr(float(v)) for v in bad)}")
+        values = labels
+    elif labels.dtype.kind == "b":
+        values = labels.astype(np.int64)
+    else:
+        raise DataError(f"{source}: {array} must be integer class indices, got an array of {labels.dtype} "
+                        f"(e.g. {labels.ravel()[:1].tolist()}); map class names to 0, 1, ... first")
+    bound = max(num_images, MAX_CLASSES)
+    if values.size and (values.min() < 0 or values.max() >= bound):
+        worst = int(values.min() if values.min() < 0 else values.max())
+        raise DataError(f"{source}: {array} holds the label {worst!r}; labels must be class indices with 0 <= label < "
+                        f"{bound:,} (the larger of the number of images and {MAX_CLASSES:,})")
+    return values.astype(np.int64)
 
 
 def check_batch_size(batch_size: int, num_images: int, what: str = "training set") -> None:
@@ -94,4 +130,5 @@ def check_batch_size(batch_size: int, num_images: int, what: str = "training set
 
 
 
-__all__: Sequence[str] = ["DataError", "ImageDataset", "deterministic_split", "check_batch_size", "TEST_FRACTION"]
+__all__: Sequence[str] = ["DataError", "ImageDataset", "deterministic_split", "check_batch_size", "TEST_FRACTION",
+                          "check_labels", "MAX_CLASSES", "check_image_size"]

@@ -67,12 +67,34 @@ def _fingerprint(path: str, splits, image_size: int, on_bad_image: str, seed: in
     return digest.hexdigest()[:20]
 
 
+def to_rgb8(image):
+    """An RGB image of 8 bits per channel. High-depth modes (I;16*, I, F) are scaled to 8 bits, never clipped: PIL's
+    own convert("RGB") clips them at 255, so a 16-bit photo would come out nearly white. 16-bit data (I;16*, and I
+    whose values fit 16 bits) is divided by 257; F in [0, 1] is multiplied by 255; wider ranges are scaled from 0 to
+    their bit depth's maximum (negative values: from their minimum)."""
+    from PIL import Image
+
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    low = min(0.0, float(values.min())) if values.size else 0.0
+    high = float(values.max()) - low if values.size else 0.0
+    if image.mode == "F" and low == 0 and high <= 1.0:
+        full = 1.0
+    elif image.mode.startswith("I;16") or high <= 65535:
+        full = 65535.0
+    else:
+        full = float(2 ** int(np.ceil(np.log2(high + 1))) - 1)
+    gray = np.clip(np.round((values - low) * (255.0 / full)), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
 def decode_image(file: str, image_size: int) -> np.ndarray:
     """One image file -> (S, S, 3) uint8: RGB, shorter side resized to S, centre crop."""
     from PIL import Image
 
     with Image.open(file) as image:
-        image = image.convert("RGB")
+        image = to_rgb8(image)
         width, height = image.size
         scale = image_size / min(width, height)
         new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
@@ -81,6 +103,28 @@ def decode_image(file: str, image_size: int) -> np.ndarray:
         left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
         image = image.crop((left, top, left + image_size, top + image_size))
         return np.asarray(image, dtype=np.uint8)
+
+
+def _readable(file: str) -> bool:
+    """Whether a cache file loads whole (the one a failed load names)."""
+    try:
+        if file.endswith(".npy"):
+            np.load(file, allow_pickle=False)
+        else:
+            with open(file) as f:
+                json.load(f)["classes"]
+        return True
+    except (OSError, ValueError, KeyError, EOFError):
+        return False
+
+
+def _check_cache(arrays, image_size: int, num_classes: int) -> None:
+    """ValueError unless the cached arrays have the shapes and types this loader writes."""
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}-images"], arrays[f"{split}-labels"]
+        if (images.dtype != np.uint8 or images.shape[1:] != (image_size, image_size, 3) or labels.dtype != np.int64
+                or labels.shape != images.shape[:1] or (labels.size and not 0 <= labels.min() <= labels.max() < num_classes)):
+            raise ValueError(f"the cached {split} arrays have unexpected shapes or values")
 
 
 def _decode_or_error(args):
@@ -133,10 +177,19 @@ def load_image_folder(path: str, image_size: int = 32, cache_dir: Optional[str] 
     if not cached:  # before decoding: an unusable cache folder fails at once, not after the work
         check_writable_folder(cache_dir, "--cache-dir")
     if cached:
-        arrays = {name: np.load(file) for name, file in files.items()}
-        with open(meta_path) as f:
-            classes = json.load(f)["classes"]
-    else:
+        try:
+            arrays = {name: np.load(file, allow_pickle=False) for name, file in files.items()}
+            with open(meta_path) as f:
+                cached_classes = json.load(f)["classes"]
+            _check_cache(arrays, image_size, len(cached_classes))
+            classes = cached_classes
+        except (OSError, ValueError, KeyError, EOFError) as err:  # truncated, unreadable or foreign: decode again
+            broken = next((file for file in [*files.values(), meta_path] if not _readable(file)), meta_path)
+            warnings.warn(f"the cache file {broken} is truncated or unreadable ({type(err).__name__}: {err}); "
+                          f"rebuilding the cache of {path}")
+            cached = False
+            check_writable_folder(cache_dir, "--cache-dir")
+    if not cached:
         arrays, skipped = {}, []
         for split in ("train", "test"):
             images, labels, bad = _decode_split(splits[split], classes, image_size, on_bad_image,

@@ -43,7 +43,8 @@ def _saved_bytes_per_patch(arch: str, width: float, hidden_dim: int, z_dim: int,
 
     from .models import build_encoder
 
-    encoder = build_encoder(arch, width=width, hidden_dim=hidden_dim, z_dim=z_dim).to("meta")
+    with torch.device("meta"):  # never allocated: an absurd size is estimated, not attempted
+        encoder = build_encoder(arch, width=width, hidden_dim=hidden_dim, z_dim=z_dim)
 
     def saved(batch: int) -> int:
         total = 0
@@ -93,8 +94,29 @@ def available_memory(device: torch.device) -> Optional[int]:
         return None
 
 
+def check_step_fits(config, device: torch.device, image_size: int, world_size: int = 1) -> None:
+    """ValueError, before the model is built, if one step of ``config`` (a TrainConfig) cannot fit in ``device``'s
+    memory, or its encoder has tensors too large to exist."""
+    available = available_memory(device)
+    if available is None:
+        return
+    local_batch = config.batch_size // world_size
+    try:
+        need = estimate_step_memory(arch=config.arch, width=config.width, hidden_dim=config.hidden_dim,
+                                    z_dim=config.z_dim, image_size=image_size, batch_size=local_batch,
+                                    num_patches=config.num_patches, bf16=config.bf16 and device.type == "cuda")
+    except (RuntimeError, OverflowError, ValueError) as err:  # sizes no tensor can have (storage size overflows)
+        raise ValueError(f"an encoder of --width {config.width:g} --hidden-dim {config.hidden_dim} --z-dim "
+                         f"{config.z_dim} cannot be built: its tensors are too large ({str(err).splitlines()[0]})") from None
+    if need.total > available:
+        raise ValueError(f"a training step of this configuration needs about {gib(need.total)} on {device} "
+                         f"(--width {config.width:g} --hidden-dim {config.hidden_dim} --z-dim {config.z_dim}, "
+                         f"{config.num_patches} patches of {local_batch} images of {image_size}x{image_size}), but "
+                         f"only {gib(available)} is available; lower these, or use a larger device")
+
+
 def gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.1f} GiB"
 
 
-__all__ = ["StepMemory", "estimate_step_memory", "available_memory", "gib"]
+__all__ = ["StepMemory", "estimate_step_memory", "available_memory", "check_step_fits", "gib"]

@@ -5,13 +5,25 @@ unless ``overwrite`` (then the old files are replaced once the new run writes it
 checkpoint). On resume ``metrics.jsonl`` is cut back to the checkpoint's step and gets one resume
 marker, so each step appears at most once, in order. A kill can leave temporary files of an atomic
 write behind: the next run in the folder removes them.
+
+One run at a time: ``RunLock`` holds an exclusive ``flock`` on ``.lock`` in the folder for the whole run, taken
+before the folder's files are judged, so a second run into the folder is refused with the holder's pid, host,
+run id and start time (the lock file's text, for the message only). The kernel drops the lock when its process
+dies, so a lock file left by a killed run never blocks. A folder holding only ``metrics.jsonl`` (its run stopped
+before its first checkpoint: a full disk, a crash, a non-finite loss) holds nothing to resume: a new run replaces
+it, with a note, once it writes its first checkpoint (no ``--overwrite`` needed).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -19,6 +31,7 @@ from . import checkpoint as ckpt
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+LOCK_NAME = ".lock"
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME)  # the files that make a folder a run's
 # fields that change the training trajectory: a resume with other values is not a continuation
 _TRAJECTORY_FIELDS = ("dataset", "num_patches", "batch_size", "lr", "schedule_epochs", "eps", "inv_coef", "tcr_coef",
@@ -36,6 +49,7 @@ def check_run_folder(config) -> Tuple[Optional[Dict[str, Any]], bool, bool]:
     resumed = ckpt.load_checkpoint(config.resume) if config.resume else None
     if resumed is not None:
         ckpt.check_train_state(config.resume, resumed)
+        ckpt.check_finite(config.resume, {"model": resumed["model"], "optimizer": resumed["optimizer"]}, what="state")
         check_resume_config(config.resume, resumed.get("config", {}), config)
     own_checkpoint = os.path.join(config.out_dir, CHECKPOINT_NAME)
     same_run = resumed is not None and os.path.realpath(config.resume) == os.path.realpath(own_checkpoint)
@@ -102,6 +116,11 @@ def check_out_dir(config, same_run: bool) -> bool:
     """Refuse an out_dir that holds another run's files (unless overwrite); True when it holds such files."""
     check_writable_folder(config.out_dir, "--out-dir")
     present = [name for name in RUN_FILES if os.path.exists(os.path.join(config.out_dir, name))]
+    if present == [METRICS_NAME] and not same_run:
+        print(f"empssl: note: --out-dir {config.out_dir} holds only the {METRICS_NAME} of a run that wrote no "
+              f"checkpoint (nothing to resume); this run replaces it once it writes its first checkpoint",
+              file=sys.stderr, flush=True)
+        return True
     if present and not same_run and not config.overwrite:
         own_checkpoint = os.path.join(config.out_dir, CHECKPOINT_NAME)
         raise ValueError(f"--out-dir {config.out_dir} already holds another run ({', '.join(present)}); continue it with "
@@ -136,6 +155,85 @@ def read_metrics_until(path: str, run_id: Optional[str], step: int) -> List[Dict
     return records
 
 
+class RunFolderBusy(ValueError):
+    """Another live process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``folder/.lock``, held from ``acquire`` to ``release`` (a context manager).
+
+    The file's text (pid, host, run id, start time) only names the holder in the refusal; the lock itself is the
+    kernel's and goes with its process. ``release`` removes the file; ``acquire`` checks that the file it locked is
+    still the one at the path (a release between its open and its flock removed it), else it tries again.
+    Creating the folder is the only thing written before the run's inputs are checked; an empty folder this lock
+    created is removed again on release.
+    """
+
+    def __init__(self, folder: str):
+        self.folder, self.path = folder, os.path.join(folder, LOCK_NAME)
+        self.fd: Optional[int] = None
+        self.created_folder = False
+        self.started = time.strftime("%Y-%m-%d %H:%M:%S")
+
+    def acquire(self) -> "RunLock":
+        self.created_folder = not os.path.isdir(self.folder)
+        os.makedirs(self.folder, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise RunFolderBusy(f"--out-dir {self.folder} is in use by another run ({self.holder()}); wait for it "
+                                    f"to finish, or pass another --out-dir") from None
+            try:
+                same_file = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                self.fd = fd
+                self.record(None)
+                return self
+            os.close(fd)
+
+    def holder(self) -> str:
+        try:
+            with open(self.path) as f:
+                info = json.loads(f.read() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not info:
+            return "its lock file names no holder"
+        return (f"pid {info.get('pid')} on {info.get('host')}, run id {info.get('run_id') or 'not yet known'}, "
+                f"started {info.get('started')}")
+
+    def record(self, run_id: Optional[str]) -> None:
+        """Write the holder's description into the lock file (for a refused second run's message)."""
+        text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id, "started": self.started})
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, (text + "\n").encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.path)  # while still locked: a waiting process sees the path gone and tries again
+        os.close(self.fd)
+        self.fd = None
+        if self.created_folder:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.folder)  # only if empty: the run failed before writing anything
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class MetricsLog:
     """metrics.jsonl of one run. Until the run owns its folder (``owned``), lines wait in memory: under --overwrite the
     old run's file stays until this run's first checkpoint, then ``take_over`` replaces it atomically."""
@@ -159,6 +257,6 @@ class MetricsLog:
         self.pending, self.owned = [], True
 
 
-__all__ = ["CHECKPOINT_NAME", "METRICS_NAME", "RUN_FILES", "check_run_folder", "resumed_metrics", "check_writable_folder",
+__all__ = ["CHECKPOINT_NAME", "METRICS_NAME", "LOCK_NAME", "RunLock", "RunFolderBusy", "RUN_FILES", "check_run_folder", "resumed_metrics", "check_writable_folder",
            "check_resume_config", "check_resume_data", "check_out_dir", "remove_stale_temporaries", "read_metrics_until",
            "MetricsLog"]

@@ -1,9 +1,13 @@
 """Where and how the device runs the work: device resolution, autocast, the cuDNN benchmark switch, the one
 CUDA-graph capture helper (the training step, the linear probe's epoch and the benchmarks replay through it), and
-the reader that brings device-side sums to the host without waiting for the device."""
+the reader that brings device-side sums to the host without waiting for the device, and the SIGINT/SIGTERM
+handling of a loop that stops after its current step (``StopRequest``, ``TrainingInterrupted``)."""
 from __future__ import annotations
 
 import contextlib
+import signal
+import sys
+import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -20,6 +24,8 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"unknown device {device!r}; {expected}") from err
     if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is not supported; {expected}")
+    if resolved.type == "cpu" and resolved.index not in (None, 0):
+        raise ValueError(f"device {device!r} does not exist: the CPU is one device, cpu (or cpu:0)")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available here")
@@ -132,4 +138,51 @@ class LateReader:
         self.emit(record, self.host.tolist(), window_steps)
 
 
-__all__ = ["resolve_device", "autocast_context", "cudnn_benchmark", "float32_precision", "CudaGraphCall", "LateReader"]
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; ``checkpoint_path`` holds ``step`` (None: stopped at once by a second signal)."""
+
+    def __init__(self, signum: int, step: Optional[int], checkpoint_path: Optional[str]):
+        self.signum, self.step, self.checkpoint_path = signum, step, checkpoint_path
+        name = signal.Signals(signum).name
+        if checkpoint_path is None:
+            message = f"stopped at once by a second {name}; no checkpoint of the current step was written"
+        else:
+            message = (f"interrupted by {name} after step {step}: checkpoint written to {checkpoint_path}; continue with "
+                       f"--resume {checkpoint_path}")
+        super().__init__(message)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopRequest:
+    """SIGINT/SIGTERM handlers for the training loop: the first signal asks the loop to stop after the current step
+    (with a checkpoint); a second one raises at once. Outside the main thread (where handlers cannot be set) a no-op."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise TrainingInterrupted(signum, None, None)
+        self.signum = signum
+        print(f"\nempssl: {signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+__all__ = ["resolve_device", "autocast_context", "cudnn_benchmark", "float32_precision", "CudaGraphCall", "LateReader",
+           "StopRequest", "TrainingInterrupted"]

@@ -7,7 +7,10 @@ window late (a non-blocking copy queued when a window closes is read when the ne
 check is one window late too; at a checkpoint the sums are read at once, so no checkpoint holds a step past a
 non-finite loss. Checkpoints hold the state and the current epoch's permutation, so a resumed run continues exactly:
 on the CPU it reaches bitwise the same parameters as an uninterrupted run; ``elapsed_s`` continues the run's clock.
-SIGINT/SIGTERM stop the loop after the current step with a checkpoint of that step.
+SIGINT/SIGTERM stop the loop after the current step with a checkpoint of that step. Before each checkpoint the
+parameters and BatchNorm buffers are checked: a non-finite one stops the run as a non-finite loss does
+(NonFiniteStateError), so no checkpoint holds NaN or inf. Rank 0 holds the folder's lock (run_dir.RunLock) for the
+whole call.
 """
 from __future__ import annotations
 
@@ -16,11 +19,10 @@ import dataclasses
 import functools
 import math
 import os
-import signal
 import sys
-import threading
 import time
 import uuid
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -29,10 +31,13 @@ from . import checkpoint as ckpt
 from . import distributed
 from . import run_dir
 from .config import TrainConfig
+from .augment_config import smallest_image_size
 from .data import ImageDataset, check_batch_size, load_dataset
+from .image_dataset import check_image_size
 from .plots import write_training_curves
 from .run_dir import CHECKPOINT_NAME, METRICS_NAME
-from .runtime import LateReader, cudnn_benchmark, float32_precision, resolve_device
+from .memory import check_step_fits
+from .runtime import LateReader, StopRequest, TrainingInterrupted, cudnn_benchmark, float32_precision, resolve_device
 from .step import TrainState, build_train_state, captured_train_step, train_step
 
 
@@ -40,61 +45,24 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last checkpoint written before it is intact."""
 
 
+class NonFiniteStateError(NonFiniteLossError):
+    """A parameter or BatchNorm buffer became NaN or infinite (the loss may still be finite); no checkpoint of it."""
+
+
 @dataclasses.dataclass
 class TrainResult:
+    """``steps``: the run's step at the end; this call trained ``first_step + 1`` to ``steps`` of ``total_steps``."""
     encoder: torch.nn.Module
     checkpoint_path: str
     steps: int
     last_metrics: Dict[str, Any]
     seconds: float
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the run; ``checkpoint_path`` holds ``step`` (None: stopped at once by a second signal)."""
-
-    def __init__(self, signum: int, step: Optional[int], checkpoint_path: Optional[str]):
-        self.signum, self.step, self.checkpoint_path = signum, step, checkpoint_path
-        name = signal.Signals(signum).name
-        if checkpoint_path is None:
-            message = f"stopped at once by a second {name}; no checkpoint of the current step was written"
-        else:
-            message = (f"interrupted by {name} after step {step}: checkpoint written to {checkpoint_path}; continue with "
-                       f"--resume {checkpoint_path}")
-        super().__init__(message)
+    first_step: int = 0
+    total_steps: int = 0
 
     @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM handlers for the training loop: the first signal asks the loop to stop after the current step
-    (with a checkpoint); a second one raises at once. Outside the main thread (where handlers cannot be set) a no-op."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._previous: Dict[int, Any] = {}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise TrainingInterrupted(signum, None, None)
-        self.signum = signum
-        print(f"\nempssl: {signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def __enter__(self) -> "_StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
+    def steps_this_run(self) -> int:  # 0: resumed at the end, nothing trained
+        return self.steps - self.first_step
 
 
 def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResult:
@@ -111,18 +79,21 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
     others) and writes the run's files. An input error on any rank stops every rank before training; a collective
     that fails or times out (a rank died or stalled) raises DistributedError, the last checkpoint intact.
     """
-    resumed, same_run, holds_other_run = None, False, False
-    with distributed.same_outcome_on_every_rank():
-        config.validate()
-        distributed.check_world_size(config.batch_size, distributed.world_size())
-        device = resolve_device(config.device)
-        if distributed.rank() == 0:
-            resumed, same_run, holds_other_run = run_dir.check_run_folder(config)
-    # rank 0's checkpoint for every rank (the other nodes need no copy of the file)
-    resumed, same_run = distributed.broadcast_object((resumed, same_run))
-    data, images = _training_images(config, data, resumed, device)
-    state = build_train_state(config, device, images.shape[0], int(images.shape[1]))
-    return _TrainingLoop(config, state, data, images, resumed, same_run, holds_other_run).run()
+    with contextlib.ExitStack() as held:
+        resumed, same_run, holds_other_run, lock = None, False, False, None
+        with distributed.same_outcome_on_every_rank():
+            config.validate()
+            distributed.check_world_size(config.batch_size, distributed.world_size())
+            device = resolve_device(config.device)
+            if distributed.rank() == 0:
+                run_dir.check_writable_folder(config.out_dir, "--out-dir")
+                lock = held.enter_context(run_dir.RunLock(config.out_dir))  # before the folder's files are judged
+                resumed, same_run, holds_other_run = run_dir.check_run_folder(config)
+        # rank 0's checkpoint for every rank (the other nodes need no copy of the file)
+        resumed, same_run = distributed.broadcast_object((resumed, same_run))
+        data, images = _training_images(config, data, resumed, device)
+        state = build_train_state(config, device, images.shape[0], int(images.shape[1]))
+        return _TrainingLoop(config, state, data, images, resumed, same_run, holds_other_run, lock).run()
 
 
 def _training_images(config: TrainConfig, data: Optional[ImageDataset], resumed: Optional[Dict[str, Any]],
@@ -133,6 +104,7 @@ def _training_images(config: TrainConfig, data: Optional[ImageDataset], resumed:
             data = load_dataset(config.dataset, root=config.root, download=config.download, image_size=config.image_size,
                                 cache_dir=config.cache_dir, on_bad_image=config.on_bad_image, seed=config.data_seed,
                                 train_size=config.train_size, show_progress=config.progress and distributed.rank() == 0)
+        check_image_size(data, smallest_image_size())
         if resumed is not None:
             run_dir.check_resume_data(config.resume, resumed, config, data)
         images = data.train_images.to(device)
@@ -140,6 +112,7 @@ def _training_images(config: TrainConfig, data: Optional[ImageDataset], resumed:
         height, width = images.shape[1:3]
         if height != width:
             raise ValueError(f"training images must be square, got {height}x{width}")
+        check_step_fits(config, device, int(height), distributed.world_size())
     shapes = distributed.all_gather_object(tuple(images.shape))
     if len(set(shapes)) > 1:  # each rank loaded its own copy: the permutation indexes the same images on every rank
         raise ValueError(f"the ranks loaded different training sets (images of shape {shapes} by rank); give every "
@@ -155,7 +128,8 @@ class _TrainingLoop:
     """
 
     def __init__(self, config: TrainConfig, state: TrainState, data: ImageDataset, images: torch.Tensor,
-                 resumed: Optional[Dict[str, Any]], same_run: bool, holds_other_run: bool):
+                 resumed: Optional[Dict[str, Any]], same_run: bool, holds_other_run: bool,
+                 lock: Optional[run_dir.RunLock] = None):
         self.config, self.state, self.data, self.images = config, state, data, images
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.main = self.rank == 0  # the rank that writes the run's files
@@ -178,9 +152,13 @@ class _TrainingLoop:
             self.elapsed_before = float(resumed.get("elapsed_s", 0.0))
             if self.main:
                 history = run_dir.resumed_metrics(config.resume, self.run_id, self.step, self.elapsed_before)
+        self.first_step = self.step
         # every input is checked: from here on the folder is this run's (rank 0's alone)
         self.metrics: Optional[run_dir.MetricsLog] = None
-        if self.main:
+        if lock is not None:
+            lock.record(self.run_id)
+        if self.main and self.step < self.total_steps:
+            config.warn_short_schedule(self.steps_per_epoch, self.total_steps)
             run_dir.remove_stale_temporaries(config.out_dir)
             self.metrics = run_dir.MetricsLog(self.metrics_path, history, owned=not holds_other_run or same_run)
         self.start = time.perf_counter()
@@ -188,7 +166,16 @@ class _TrainingLoop:
         self.last_metrics: Dict[str, Any] = {}
         self.bar = None
 
+    def check_finite_state(self) -> None:
+        """NonFiniteStateError if a parameter or buffer is NaN/inf: a checkpoint never holds one."""
+        bad = ckpt.non_finite_tensors(self.state.encoder.state_dict())
+        if bad:
+            raise NonFiniteStateError(f"the encoder's {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''} became "
+                                      f"{ckpt.NON_FINITE} at or before step {self.step} although the loss is "
+                                      f"finite; stopping: {self.checkpoint_note()}. Try a lower --lr.")
+
     def write_checkpoint(self) -> None:
+        self.check_finite_state()
         ckpt.save_checkpoint(self.checkpoint_path, {
             **self.state.state_dict(),
             "train_state_version": ckpt.TRAIN_STATE_VERSION,
@@ -244,7 +231,7 @@ class _TrainingLoop:
         window_start, window_steps = self.start, 0
         state.encoder.train()
         run_step = self.step_function()
-        with _StopRequest() as stop, cudnn_benchmark(state.device.type == "cuda"), float32_precision(config.tf32):
+        with StopRequest() as stop, cudnn_benchmark(state.device.type == "cuda"), float32_precision(config.tf32):
             try:
                 while self.step < self.total_steps:
                     position = self.step % self.steps_per_epoch
@@ -277,6 +264,7 @@ class _TrainingLoop:
                         window_start, window_steps = now, 0
                     if checkpoint_now:
                         reader.flush()  # a checkpoint waits for its step: it never holds a step past a non-finite loss
+                        self.check_finite_state()  # on every rank: each stops at the same step
                         if self.main:
                             self.write_checkpoint()
                         self.last_checkpoint_step = self.step
@@ -301,9 +289,10 @@ class _TrainingLoop:
         if self.main:
             write_training_curves(self.metrics_path)  # curves.png beside it, where matplotlib is installed
         return TrainResult(state.encoder, self.checkpoint_path, self.step, self.last_metrics,
-                           time.perf_counter() - self.start)
+                           time.perf_counter() - self.start, self.first_step, self.total_steps)
 
 
 # TrainConfig, CHECKPOINT_NAME and METRICS_NAME live in empssl.config and empssl.run_dir; here for the trainer's callers
-__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "train", "CHECKPOINT_NAME",
+__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "NonFiniteStateError", "TrainingInterrupted", "train",
+ "CHECKPOINT_NAME",
            "METRICS_NAME"]

@@ -181,7 +181,7 @@ def test_signal_keeps_progress_and_the_resumed_run_is_bitwise_equal(tmp_path, un
 
 def test_second_signal_stops_at_once_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGINT)
-    with T._StopRequest() as stop:
+    with T.StopRequest() as stop:
         signal.raise_signal(signal.SIGINT)  # delivered to this thread: the handler runs before the next line
         assert stop.signum == signal.SIGINT  # the first only asks the loop to stop after its step
         with pytest.raises(T.TrainingInterrupted, match="stopped at once by a second SIGINT") as info:
