@@ -26,7 +26,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from .published import Recipe
-from .run_dir import CHECKPOINT_NAME, METRICS_NAME
+from .run_dir import CHECKPOINT_NAME, LOCK_NAME, METRICS_NAME, RunLock, check_writable_folder
 
 EXPERIMENTS = {
     "one-epoch": "one epoch at 20 patches, with a 1-epoch schedule and optimised for 1 epoch (a 2-epoch schedule)",
@@ -129,9 +129,6 @@ class Sweep:
 
     def check_folder(self) -> None:
         """SweepError unless the folder is new, empty, or holds this very sweep."""
-        from .run_dir import check_writable_folder
-
-        check_writable_folder(self.out_dir, "--out-dir")
         path = os.path.join(self.out_dir, SWEEP_FILE)
         stored = _read_json(path) if os.path.exists(path) else None
         if os.path.exists(path) and stored is None:
@@ -143,7 +140,7 @@ class Sweep:
             if changed:
                 raise SweepError(f"--out-dir {self.out_dir} holds another sweep ({'; '.join(changed)}); its cells would "
                                  f"mix with this one's. Rerun its own command to continue it, or pass another --out-dir")
-        elif os.path.isdir(self.out_dir) and os.listdir(self.out_dir):
+        elif os.path.isdir(self.out_dir) and set(os.listdir(self.out_dir)) - {LOCK_NAME}:
             raise SweepError(f"--out-dir {self.out_dir} is not empty and holds no sweep; pass an empty or new folder")
 
     def record(self) -> None:
@@ -290,12 +287,18 @@ def _eta(sweep: Sweep, remaining: List[Task], rates: Dict[str, float]) -> str:
 
 
 def run_sweep(args: argparse.Namespace, run_command: Callable[[List[str]], int]) -> int:
+    sweep = Sweep(args, run_command)
+    check_writable_folder(sweep.out_dir, "--out-dir")
+    with RunLock(sweep.out_dir):  # one sweep per folder, as one run per run folder
+        sweep.check_folder()
+        check_memory(sweep)  # before the folder is claimed: a refused sweep leaves nothing behind
+        sweep.record()
+        return _run_tasks(sweep, args)
+
+
+def _run_tasks(sweep: Sweep, args: argparse.Namespace) -> int:
     from .report import write_report
 
-    sweep = Sweep(args, run_command)
-    sweep.check_folder()
-    check_memory(sweep)  # before the folder is claimed: a refused sweep leaves nothing behind
-    sweep.record()
     start = time.perf_counter()
     rates: Dict[str, float] = {}
     todo = [task for task in sweep.tasks if not sweep.done(task)]
@@ -368,7 +371,7 @@ def main(argv: List[str], run_command: Callable[[List[str]], int]) -> int:
     except SweepStopped as err:
         print(f"empssl reproduce: {err}", file=sys.stderr)
         return err.code
-    except (SweepError, ValueError) as err:
+    except (SweepError, ValueError, OSError) as err:
         print(f"empssl reproduce: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

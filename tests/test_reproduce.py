@@ -141,6 +141,17 @@ def test_a_changed_option_is_refused_and_a_foreign_folder_too(tmp_path, capsys):
     assert "is not empty and holds no sweep" in capsys.readouterr().err
 
 
+def test_one_sweep_per_folder(tmp_path, capsys):
+    from empssl.run_dir import RunLock
+
+    out = tmp_path / "sweep"
+    with RunLock(str(out)):  # as a sweep still running in it holds it
+        assert _reproduce(_args("patches", out, "--patches", "2")) == 1
+        assert "is in use by another run" in capsys.readouterr().err
+        assert os.listdir(out) == [".lock"]  # nothing of the refused sweep
+    assert not out.exists()
+
+
 def test_a_cell_that_cannot_fit_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
     from empssl import memory
 
