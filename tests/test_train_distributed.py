@@ -215,7 +215,9 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_training(t
 def test_an_input_error_on_rank_0_alone_stops_every_rank_at_once(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / T.METRICS_NAME).write_text('{"step": 1}\n')  # another run's: rank 0 (the one that writes) refuses the folder
+    # another run's checkpoint: rank 0 (the one that writes) refuses the folder (a metrics.jsonl alone would be taken
+    # over: its run wrote no checkpoint)
+    (out / T.CHECKPOINT_NAME).write_bytes(b"another run's checkpoint")
     started = time.perf_counter()
     process = _torchrun(["train", *RUN, "--out-dir", str(out)])  # --dist-timeout 60
     assert process.returncode != 0
@@ -223,7 +225,7 @@ def test_an_input_error_on_rank_0_alone_stops_every_rank_at_once(tmp_path):
     # rank 1 did not wait for a collective until the timeout: it learnt rank 0's error
     assert "(rank 1 of 2): error: rank 0 stopped: ValueError: --out-dir" in process.stderr
     assert time.perf_counter() - started < 60
-    assert os.listdir(out) == [T.METRICS_NAME] and (out / T.METRICS_NAME).read_text() == '{"step": 1}\n'
+    assert os.listdir(out) == [T.CHECKPOINT_NAME] and (out / T.CHECKPOINT_NAME).read_bytes() == b"another run's checkpoint"
 
 
 @pytest.mark.parametrize("failure", ["kill", "stall"])
