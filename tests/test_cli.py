@@ -184,6 +184,7 @@ def test_resume_with_changed_data_size_names_the_setting(tmp_path, capsys):
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.slow  # a subprocess or a compile: over 4.5 s on 2 cores
 def test_version():
     from empssl import __version__
 

@@ -73,6 +73,7 @@ def test_a_stale_lock_file_of_a_dead_process_never_blocks(tmp_path):
     assert (out / run_dir.CHECKPOINT_NAME).exists() and not (out / run_dir.LOCK_NAME).exists()
 
 
+@pytest.mark.slow  # a subprocess or a compile: over 4.5 s on 2 cores
 def test_two_concurrent_processes_one_run_per_folder(tmp_path):
     out, go = tmp_path / "run", tmp_path / "go"
     # the first run holds the folder while its data loads until the second has tried (no race on timing)
@@ -372,6 +373,7 @@ def test_images_smaller_than_the_recipe_are_refused_in_the_datas_terms(tmp_path,
 
 # ---------------------------------------------------------------------- the small ones
 
+@pytest.mark.slow  # a subprocess or a compile: over 4.5 s on 2 cores
 def test_sigint_while_the_data_loads_exits_130_with_one_line(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys, time
@@ -391,6 +393,7 @@ def test_sigint_while_the_data_loads_exits_130_with_one_line(tmp_path):
     assert not (tmp_path / "run").exists()  # the lock and its folder are gone
 
 
+@pytest.mark.slow  # a subprocess or a compile: over 4.5 s on 2 cores
 def test_sigint_before_the_loop_exits_130_without_a_traceback(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "empssl", "train", *TINY_ARGS, "--epochs", "250", "--schedule-epochs", "250",

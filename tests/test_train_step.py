@@ -115,6 +115,7 @@ def test_augmentation_is_keyed_by_step_and_image(images):
     assert not torch.equal(patches, later)
 
 
+@pytest.mark.slow  # a subprocess or a compile: over 4.5 s on 2 cores
 def test_compiled_step_is_one_graph_and_agrees_with_eager(images):
     eager, compiled = _state(), _state()
     first, *rest = _batches(3)
