@@ -119,16 +119,6 @@ def default_device(generator, step, image_ids, device) -> torch.device:
     return torch.device(device)
 
 
-def default_device(generator, step, image_ids, device) -> torch.device:
-    """``device``, else the device of image_ids or step (device tensors), else the generator's, else the CPU."""
-    if device is None:
-        for source in (image_ids, step):
-            if isinstance(source, torch.Tensor):
-                return source.device
-        device = generator.device if isinstance(generator, torch.Generator) else "cpu"
-    return torch.device(device)
-
-
 def check_positive_int(value, name: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

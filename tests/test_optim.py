@@ -285,13 +285,10 @@ def _encoder_with_grads(seed=6, channels_last=False):
 
 
 def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
-    """ATen's is_non_overlapping_and_dense: the strides, sorted, are those of a contiguous tensor of some permutation."""
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+    """torch's own test of what foreach kernels take (ATen's is_non_overlapping_and_dense), not the optimiser's copy."""
+    from torch._prims_common import is_non_overlapping_and_dense_or_false
+
+    return bool(is_non_overlapping_and_dense_or_false(t))
 
 
 def _fast_route_violations(func, args, kwargs):
