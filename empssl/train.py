@@ -157,9 +157,11 @@ class _TrainingLoop:
         self.metrics: Optional[run_dir.MetricsLog] = None
         if lock is not None:
             lock.record(self.run_id)
-        if self.main and self.step < self.total_steps:
-            config.warn_short_schedule(self.steps_per_epoch, self.total_steps)
+        if self.main:
+            if self.step < self.total_steps:
+                config.warn_short_schedule(self.steps_per_epoch, self.total_steps)
             run_dir.remove_stale_temporaries(config.out_dir)
+            # also for a run resumed at its end: into another folder it still leaves its checkpoint and metrics there
             self.metrics = run_dir.MetricsLog(self.metrics_path, history, owned=not holds_other_run or same_run)
         self.start = time.perf_counter()
         self.last_checkpoint_step = self.step if same_run else None

@@ -430,6 +430,13 @@ def test_resuming_reports_the_steps_this_process_trained(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"nothing to train: the run in {out} is already at step 4 of 4" in printed
     assert "nan" not in printed and "trained" not in printed
+    # a finished run continued into another folder: nothing to train, and that folder gets the run's files
+    other = tmp_path / "other"
+    assert _train(other, "--resume", str(path)) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert {run_dir.CHECKPOINT_NAME, run_dir.METRICS_NAME} <= set(os.listdir(other))
+    assert torch.equal(ckpt.load_checkpoint(str(other / run_dir.CHECKPOINT_NAME))["model"]["projection.3.weight"],
+                       ckpt.load_checkpoint(str(path))["model"]["projection.3.weight"])
 
 
 def test_devices_that_do_not_exist_are_refused(monkeypatch, tmp_path, capsys):
