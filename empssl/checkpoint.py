@@ -148,9 +148,14 @@ NON_FINITE = "non-finite (NaN, inf, or beyond 1.8e19, whose square overflows flo
 
 
 def non_finite_tensors(state: Dict[str, Any]) -> List[str]:
-    """Places of the floating-point tensors in ``state`` with a NaN, an inf or a value beyond ``OVERFLOW_BOUND``."""
-    return [place for place, tensor in _tensors(state)
-            if tensor.is_floating_point() and not bool((tensor.detach().abs() <= OVERFLOW_BOUND).all())]
+    """Places of the floating-point tensors in ``state`` with a NaN, an inf or a value beyond ``OVERFLOW_BOUND``.
+    One flag per tensor on its device, read back once (not one host sync per tensor)."""
+    found = [(place, tensor) for place, tensor in _tensors(state) if tensor.is_floating_point()]
+    if not found:
+        return []
+    device = found[0][1].device
+    flags = torch.stack([~(tensor.detach().abs() <= OVERFLOW_BOUND).all().to(device) for _, tensor in found])
+    return [place for (place, _), bad in zip(found, flags.tolist()) if bad]
 
 
 def check_finite(path: str, state: Dict[str, Any], what: str = "model") -> None:

@@ -109,10 +109,12 @@ def check_step_fits(config, device: torch.device, image_size: int, world_size: i
         raise ValueError(f"an encoder of --width {config.width:g} --hidden-dim {config.hidden_dim} --z-dim "
                          f"{config.z_dim} cannot be built: its tensors are too large ({str(err).splitlines()[0]})") from None
     if need.total > available:
+        fits = need.largest_num_patches(available, local_batch)
         raise ValueError(f"a training step of this configuration needs about {gib(need.total)} on {device} "
                          f"(--width {config.width:g} --hidden-dim {config.hidden_dim} --z-dim {config.z_dim}, "
                          f"{config.num_patches} patches of {local_batch} images of {image_size}x{image_size}), but "
-                         f"only {gib(available)} is available; lower these, or use a larger device")
+                         f"only {gib(available)} is available: at most {fits} patches per image fit; lower these, "
+                         f"or use a larger device")
 
 
 def gib(nbytes: float) -> str:

@@ -249,34 +249,26 @@ def _run_seconds(folder: str) -> float:
 
 
 def check_memory(sweep: Sweep) -> None:
-    """Refuse, before any cell runs, a training cell whose step cannot fit on the device."""
-    from .memory import available_memory, estimate_step_memory, gib
-    from .config import TrainConfig
+    """Refuse, before any cell runs, a training cell whose step cannot fit on the device (the trainer's own check,
+    empssl.memory.check_step_fits, on each cell's configuration)."""
+    from .config import TrainConfig, add_options, from_args
+    from .memory import check_step_fits
     from .runtime import resolve_device
 
+    parser = argparse.ArgumentParser(add_help=False)  # the train options of --train-args, as `empssl train` reads them
+    groups: Dict[str, Any] = {}
+    for group in ("data", "encoder", "training", "output", "runtime"):
+        add_options(parser, TrainConfig, group, groups=groups)
+    known, _ = parser.parse_known_args(sweep.train_args)  # process options (--threads) are not the config's
+    config = from_args(TrainConfig, known)
     device = resolve_device(sweep.args.device)
-    available = available_memory(device)
-    if available is None:
-        return
-    parser = argparse.ArgumentParser(add_help=False)  # the few train options the estimate reads
-    defaults = TrainConfig()
-    for name in ("arch", "width", "hidden_dim", "z_dim", "image_size", "batch_size"):
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=getattr(defaults, name))
-    parser.add_argument("--bf16", choices=("on", "off"), default="on" if defaults.bf16 else "off")
-    known, _ = parser.parse_known_args(sweep.train_args)
-    bf16 = device.type == "cuda" and known.bf16 == "on"
     for task in sweep.tasks:
-        if task.kind != "train":
-            continue
-        need = estimate_step_memory(arch=known.arch, width=float(known.width), hidden_dim=int(known.hidden_dim),
-                                    z_dim=int(known.z_dim), image_size=int(known.image_size or 32),
-                                    batch_size=int(known.batch_size), num_patches=task.recipe.num_patches, bf16=bf16)
-        if need.total > available:
-            fits = need.largest_num_patches(available, int(known.batch_size))
-            raise SweepError(f"cell {task.cell} cannot fit on {device}: its step needs about {gib(need.total)} "
-                             f"({task.recipe.num_patches} patches of {known.batch_size} images), {gib(available)} is "
-                             f"free; at most {fits} patches per image fit. Lower --patches or --batch-size in "
-                             f"--train-args, or use a larger device")
+        if task.kind == "train":
+            try:
+                check_step_fits(dataclasses.replace(config, num_patches=task.recipe.num_patches), device,
+                                config.image_size or 32)
+            except ValueError as err:
+                raise SweepError(f"cell {task.cell} cannot fit: {err}") from None
 
 
 def _eta(sweep: Sweep, remaining: List[Task], rates: Dict[str, float]) -> str:

@@ -177,7 +177,7 @@ class _TrainingLoop:
                                       f"finite; stopping: {self.checkpoint_note()}. Try a lower --lr.")
 
     def write_checkpoint(self) -> None:
-        self.check_finite_state()
+        """The state checked finite: by the loop before this call, or by the resume that loaded it."""
         ckpt.save_checkpoint(self.checkpoint_path, {
             **self.state.state_dict(),
             "train_state_version": ckpt.TRAIN_STATE_VERSION,

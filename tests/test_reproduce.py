@@ -163,7 +163,7 @@ def test_a_cell_that_cannot_fit_is_refused_before_anything_runs(tmp_path, capsys
     need = memory.estimate_step_memory(arch="resnet18-cifar", width=1.0, hidden_dim=4096, z_dim=1024, image_size=32,
                                        batch_size=100, num_patches=50, bf16=False)
     fits = need.largest_num_patches(3 * 2**30, 100)
-    assert "cell synthetic-patches-050 cannot fit on cpu" in err and f"at most {fits} patches per image fit" in err
+    assert "cell synthetic-patches-050 cannot fit: a training step" in err and f"at most {fits} patches per image fit" in err
     assert 2 <= fits < 50 and not out.exists()  # nothing written, not even the sweep's record
 
 
