@@ -1,4 +1,4 @@
-"""Build of empssl: the Python package, its Triton kernels and the compiled extension.
+"""Build of empssl: the packages (kernels/ installed as empssl.kernels) and the compiled extension.
 
 Environment switches:
   EMPSSL_BUILD_EXT=0     no compiled extension at all (pure Python: Triton + reference)
@@ -118,11 +118,11 @@ def _write_build_info(built, cuda_archs="", reason="", cuda_home=""):
 
 
 def _write_generated_headers():
-    """csrc/include/augment_layout.h from the one definition of the layout, empssl/augment_params.py
+    """csrc/include/augment_layout.h from the one definition of the layout, empssl/augment/params.py
     (loaded by path: importing the package needs the extension this build makes)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_augment_params", os.path.join(ROOT, "empssl", "augment_params.py"))
+    spec = importlib.util.spec_from_file_location("_augment_params", os.path.join(ROOT, "empssl", "augment", "params.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.write_c_header(ROOT)
@@ -192,24 +192,11 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 packages, package_dir = _packages()
 
+# the project's metadata (name, version, dependencies, extras, the command) is pyproject.toml's [project]; this file
+# only finds the packages and builds the extension
 setup(
-    name="empssl",
-    version="0.1.0",
-    description="Fast EMP-SSL: fused multi-patch augmentation and Total Coding Rate loss",
-    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.11",
     packages=packages,
     package_dir=package_dir,
-    # the floors are the GPU machine's stack, which CI tests (.ci/run), as it tests the newest
-    install_requires=["torch>=2.11", "torchvision>=0.26", "numpy>=2.4", "tqdm"],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        "plot": ["matplotlib"],
-        "test": ["pytest", "pytest-timeout", "pillow", "ninja", "matplotlib", "safetensors", "build"],
-        "bench": ["matplotlib", "pillow"],
-    },
-    entry_points={"console_scripts": ["empssl=empssl.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

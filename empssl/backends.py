@@ -22,9 +22,9 @@ import torch
 
 BACKENDS = ("cuda", "composite", "triton", "cpu", "reference")
 # auto picks the first backend in this order that can run the inputs. On CUDA the composite (torch ops of
-# the extension) takes the shapes the cuda kernel refuses, as the cuda op did itself before the choice
-# moved here; triton runs where the extension has no CUDA part. The CPU's composite is LAPACK's Cholesky,
-# as in the reference, so auto does not pick it there (backend="composite" asks for it).
+# the extension) takes the shapes the cuda kernel refuses; triton runs where the extension has no CUDA part.
+# The CPU's composite is LAPACK's Cholesky, as in the reference, so auto does not pick it there
+# (backend="composite" asks for it).
 AUTO_ORDER = {"cuda": ("cuda", "composite", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 Reason = Optional[str]

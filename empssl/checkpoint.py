@@ -1,7 +1,7 @@
 """Training checkpoints: written atomically, read with clear errors.
 
 A checkpoint is one ``torch.save`` file holding a dict: the encoder's architecture
-(``model_config``) and weights, and the training state (``empssl.train.TrainState.state_dict()``:
+(``model_config``) and weights, and the training state (``empssl.training.step.TrainState.state_dict()``:
 optimiser, step, random states, the epoch's permutation), tagged ``train_state_version``, and the
 training config. It is written to a
 temporary file in the same folder and moved into place with ``os.replace``, so a crash
@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import zlib
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
+
+from .files import write_atomically
 
 FORMAT = "empssl-checkpoint"
 VERSION = 1
@@ -34,71 +35,6 @@ TRAIN_STATE_KEYS = ("model", "optimizer", "step", "rng", "permutation")  # what 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file and says why."""
-
-
-TEMP_PREFIX = ".tmp-"  # temporary files of an atomic write; a kill can leave one, the next run removes it
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class _WriteRecorder:
-    """A binary file that remembers the OSError of a failed write: torch.save's zip writer turns it into a
-    RuntimeError ("file write failed"), and the caller should see the system's reason instead."""
-
-    def __init__(self, file: BinaryIO):
-        self.file, self.error = file, None
-
-    def write(self, data) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-
-def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """``write(f)`` to a temporary file next to ``path``, then ``os.replace`` it into place.
-
-    OSError(errno, reason, path) if the folder or the file cannot be written (no space, permission, read-only, the
-    folder vanished): the temporary file is removed and ``path`` keeps its old content."""
-    folder = os.path.dirname(os.path.abspath(path))
-    temp = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1])
-        with os.fdopen(handle, "wb") as raw:
-            f = _WriteRecorder(raw)
-            try:
-                write(f)
-            except RuntimeError as err:
-                if f.error is None:
-                    raise
-                raise f.error from err
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets a plain open()'s mode
-        os.replace(temp, path)
-    except OSError as err:
-        _remove_quietly(temp)
-        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}", path) from err
-    except BaseException:
-        _remove_quietly(temp)
-        raise
-
-
-def _remove_quietly(path: Optional[str]) -> None:
-    if path is not None:
-        try:
-            os.remove(path)
-        except OSError:
-            pass
 
 
 def _tensors(value: Any, place: str = "") -> Iterator[Tuple[str, torch.Tensor]]:
@@ -229,23 +165,3 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], pat
                               f"{str(err).splitlines()[0]} ...") from err
 
 
-def load_encoder(path: str, device: Optional[torch.device] = None):
-    """(encoder, checkpoint dict): the encoder built from the checkpoint's architecture, its weights loaded."""
-    from .models import build_encoder
-
-    payload = load_checkpoint(path)
-    model_config = payload["model_config"]
-    try:
-        encoder = build_encoder(**{field: model_config[field] for field in MODEL_FIELDS})
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} has an unusable model_config {model_config!r}: {err}") from err
-    check_finite(path, payload["model"])
-    load_model_state(encoder, payload["model"], path)
-    if device is not None:
-        encoder = encoder.to(device)
-    return encoder, payload
-
-
-__all__ = ["CheckpointError", "TRAIN_STATE_VERSION", "check_train_state", "write_atomically", "save_checkpoint", "load_checkpoint", "load_encoder", "check_same_model", "load_model_state",
-           "checksums", "tensor_checksum", "verify_checksums", "non_finite_tensors", "check_finite", "TRAIN_STATE_KEYS",
-           "OVERFLOW_BOUND", "NON_FINITE"]

@@ -14,7 +14,8 @@ import platform
 import sys
 from typing import List, Optional
 
-from .config import EvalConfig, TrainConfig, add_options, from_args, positive_float, positive_int
+from .config import EvalConfig, TrainConfig, add_options, from_args
+from .checks import positive_float, positive_int
 
 
 def _add_process_options(parser: argparse.ArgumentParser, groups) -> None:
@@ -79,7 +80,7 @@ def _add_export_parser(commands) -> None:
         "export", help="write the trained backbone as a state_dict for torchvision.models.resnet18",
         description="Write the backbone of a checkpoint as a state_dict that torchvision.models.resnet18() loads with "
                     "only fc.* missing (resnet18-cifar: after conv1 = Conv2d(3, 64, 3, 1, 1, bias=False) and "
-                    "maxpool = Identity(); see the README). Width 1 encoders only.")
+                    "maxpool = Identity(); see docs/training.md section 7). Width 1 encoders only.")
     export.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint written by `empssl train`")
     export.add_argument("--out", required=True, metavar="FILE", help="file to write (written atomically)")
     export.add_argument("--with-head", action="store_true",
@@ -91,7 +92,7 @@ def _add_export_parser(commands) -> None:
 
 
 def _add_reproduce_parser(commands) -> None:
-    from .reproduce import EXPERIMENTS
+    from .reproduce.sweep import EXPERIMENTS
 
     reproduce = commands.add_parser("reproduce", help="the paper's experiments as resumable sweeps, with a report",
                                     description="Experiments: " + "; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items())
@@ -109,7 +110,7 @@ def _add_bench_parser(commands) -> None:
 
 
 def _run_export(args) -> int:
-    from .export import export_checkpoint
+    from .models.export import export_checkpoint
 
     state = export_checkpoint(args.checkpoint, args.out, with_head=args.with_head, format=args.format,
                               overwrite=args.overwrite)
@@ -118,8 +119,8 @@ def _run_export(args) -> int:
 
 
 def _run_plot(args) -> int:
-    from .plots import read_metrics, write_training_curves
-    from .run_dir import METRICS_NAME
+    from .training.curves import write_training_curves
+    from .training.run_folder import CURVES_NAME, METRICS_NAME, read_step_metrics
 
     metrics = os.path.join(args.run_dir, METRICS_NAME) if os.path.isdir(args.run_dir) else args.run_dir
     if not os.path.isfile(metrics):
@@ -128,10 +129,11 @@ def _run_plot(args) -> int:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ValueError("empssl plot needs matplotlib: pip install matplotlib") from None
-    records = read_metrics(metrics)
+    records = read_step_metrics(metrics)
     if not records:
         raise ValueError(f"{metrics} holds no step record to plot")
-    written = write_training_curves(metrics, args.out)
+    written = write_training_curves(records, args.out or os.path.join(os.path.dirname(os.path.abspath(metrics)),
+                                                                      CURVES_NAME))
     print(f"wrote {written}: {len(records)} records, steps {records[0]['step']} to {records[-1]['step']}")
     return 0
 
@@ -155,7 +157,7 @@ def _is_main_rank() -> bool:
 
 
 def _run_train(args) -> int:
-    from .train import train
+    from .training.loop import train
 
     config = from_args(TrainConfig, args)
     result = train(config)
@@ -182,10 +184,10 @@ def _run_eval(args) -> int:
     import torch
 
     from . import checkpoint as ckpt
-    from .data import load_dataset
-    from .evaluate import evaluate
-    from .models import build_encoder
-    from .runtime import resolve_device
+    from .data.load import load_dataset
+    from .evaluation.pipeline import evaluate
+    from .models.encoder import build_encoder, load_encoder
+    from .device import resolve_device
 
     config = from_args(EvalConfig, args)
     device = resolve_device(config.device)
@@ -193,7 +195,7 @@ def _run_eval(args) -> int:
     stored = {}
     requested_model = {field: getattr(args, field) for field in ckpt.MODEL_FIELDS}
     if args.checkpoint:
-        encoder, payload = ckpt.load_encoder(args.checkpoint)
+        encoder, payload = load_encoder(args.checkpoint)
         stored = payload.get("config", {})
         given = {field: value for field, value in requested_model.items() if value is not None}
         if given:  # an explicit architecture must be the checkpoint's
@@ -216,8 +218,8 @@ def _run_eval(args) -> int:
                         cache_dir=pick("cache_dir"), on_bad_image=pick("on_bad_image"), seed=pick("data_seed"),
                         train_size=pick("train_size"), test_size=config.test_size, device=device,
                         show_progress=config.progress)
-    from .augment_config import smallest_image_size
-    from .image_dataset import check_image_size
+    from .augment.config import smallest_image_size
+    from .data.dataset import check_image_size
 
     check_image_size(data, smallest_image_size())
     results = evaluate(encoder.to(device), data, config)
@@ -305,16 +307,17 @@ def _main(argv: List[str]) -> int:
 
         return bench_main(argv[1:])
     if argv[:1] == ["reproduce"]:  # a sweep of train and eval commands, with options of its own
-        from .reproduce import main as reproduce_main
+        from .reproduce.sweep import main as reproduce_main
 
         return reproduce_main(argv[1:], run_command=main)
     parser = build_parser()
     args = parser.parse_args(argv)
     from .backends import BackendUnavailableError
     from .checkpoint import CheckpointError
-    from .data import DataError
+    from .data.dataset import DataError
     from .distributed import DistributedError, destroy
-    from .train import NonFiniteLossError, TrainingInterrupted
+    from .training.loop import NonFiniteLossError
+    from .training.signals import TrainingInterrupted
 
     try:
         if args.command not in ("info", "export", "plot"):

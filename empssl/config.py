@@ -19,8 +19,9 @@ import warnings
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from . import checkpoint as ckpt
-from .data import BAD_IMAGE_POLICIES, DATASET_SPECS
-from .models import ARCHS
+from .checks import FLOAT32_MAX, finite_float, positive_float, positive_int
+from .data.load import BAD_IMAGE_POLICIES, DATASET_SPECS
+from .models.resnet import ARCHS
 from .ops import augment as augment_op
 from .ops import tcr as tcr_op
 from .optim import RECIPE_LR
@@ -28,29 +29,6 @@ from .optim import RECIPE_LR
 FORMS = ("value", "switch", "negated", "on_off", "tristate")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-FLOAT32_MAX = 3.4028234663852886e38  # a value beyond it becomes inf in the float32 the step computes in
-
-
-def finite_float(text: str) -> float:
-    """A float that float32 holds: NaN, inf and values beyond float32's range are refused."""
-    value = float(text)
-    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
-        raise argparse.ArgumentTypeError(f"must be a finite number within float32's range (|x| <= 3.4e38), got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = finite_float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def check_numbers(config) -> None:
@@ -169,7 +147,6 @@ class EvalConfig(RuntimeConfig):
     knn_temperature: float = option(0.07, "kNN vote temperature", group="evaluation", type=positive_float)
 
 
-
 @dataclasses.dataclass
 class TrainConfig(RuntimeConfig):
     """Everything a training run depends on. Defaults: the 1-epoch CIFAR-10 recipe (20 patches, batch 100).
@@ -264,7 +241,3 @@ class TrainConfig(RuntimeConfig):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.num_patches < 2:
             raise ValueError(f"num_patches must be >= 2 (the invariance term compares patches), got {self.num_patches}")
-
-
-__all__ = ["RuntimeConfig", "EvalConfig", "TrainConfig", "option", "add_options", "from_args", "option_value", "positive_int",
-           "positive_float", "finite_float", "check_numbers", "FLOAT32_MAX"]

@@ -43,7 +43,6 @@ from typing import Dict, Iterable, List, Tuple
 import torch
 from torch import nn
 
-_LARS_DEFAULTS = ("eta", "clip", "eps", "exclude_bias_and_norm")
 RECIPE_LR = 0.3  # the authors' peak lr at batch 100: LARS's default and TrainConfig's
 
 

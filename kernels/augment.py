@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import augment_params as AP
+from ..augment import params as AP
 from .launch import on_device
 
 MAX_OUTPUT_SIZE = 64  # largest patch whose three float32 S x S tiles stay in one program's registers

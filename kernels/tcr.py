@@ -49,7 +49,6 @@ from .launch import on_device
 MAX_B = 128  # largest padded group size whose b x b float32 tile stays in registers
 _INT32_MAX = 2**31 - 1
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _SIGNATURE_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -57,6 +56,16 @@ _SIGNATURE_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float1
 def _tile_offsets(rows, cols, stride_row, stride_col):
     """int32 element offsets of a (rows, cols) tile within one group (see the module docstring)."""
     return rows[:, None] * stride_row + cols[None, :] * stride_col
+
+
+@triton.jit
+def _load_chunk(z_group, rows, row_ok, cols, d, stride_zb, stride_zd, UPCAST_DOT: tl.constexpr):
+    """The (rows, cols) tile of one group's z, zero outside (b, d); float32 under ``UPCAST_DOT``."""
+    mask = row_ok[:, None] & (cols[None, :] < d)
+    zc = tl.load(z_group + _tile_offsets(rows, cols, stride_zb, stride_zd), mask=mask, other=0.0)
+    if UPCAST_DOT:
+        zc = zc.to(tl.float32)
+    return zc
 
 
 @triton.jit
@@ -89,11 +98,7 @@ def _tcr_fwd_bwd_kernel(
     #    from a zero accumulator, then added (short fma chains, see the module docstring)
     gram = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):
-        cols = d0 + chunk
-        mask = row_ok[:, None] & (cols[None, :] < d)
-        zc = tl.load(z_group + _tile_offsets(rows, cols, stride_zb, stride_zd), mask=mask, other=0.0)
-        if UPCAST_DOT:
-            zc = zc.to(tl.float32)
+        zc = _load_chunk(z_group, rows, row_ok, d0 + chunk, d, stride_zb, stride_zd, UPCAST_DOT)
         # an fma by 1, not `gram += dot`: Triton's combiner rewrites add(dot(a, b, 0), c) into
         # dot(a, b, c), which is the one long chain again (seen in the TTIR of triton 3.8)
         gram = tl.fma(tl.dot(zc, tl.trans(zc), input_precision="ieee"), 1.0, gram)
@@ -134,9 +139,7 @@ def _tcr_fwd_bwd_kernel(
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + chunk
             mask = row_ok[:, None] & (cols[None, :] < d)
-            zc = tl.load(z_group + _tile_offsets(rows, cols, stride_zb, stride_zd), mask=mask, other=0.0)
-            if UPCAST_DOT:
-                zc = zc.to(tl.float32)
+            zc = _load_chunk(z_group, rows, row_ok, cols, d, stride_zb, stride_zd, UPCAST_DOT)
             acc = tl.dot(inverse_hi, zc, input_precision="ieee")
             if z_ptr.dtype.element_ty != tl.float32:
                 acc = tl.dot(inverse_lo, zc, acc, input_precision="ieee")

@@ -6,7 +6,7 @@ reference exclude exactly those elements (and check that they are rare).
 """
 import torch
 
-from empssl import augment_params as AP
+from empssl.augment import params as AP
 
 SOLARIZE_TIE = 1e-5  # how close to the threshold (in [0, 1] units) both values must be
 

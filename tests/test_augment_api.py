@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import empssl
-from empssl import augment_params as AP
-from empssl.augment import AugmentConfig, MultiPatchAugment, sample_augment_params
+from empssl.augment import params as AP
+from empssl.augment.config import AugmentConfig
+from empssl.augment.multipatch import MultiPatchAugment, sample_augment_params
 from empssl.backends import BackendUnavailableError
 from empssl.ops import augment as augment_op
 from empssl.reference import augment as ref

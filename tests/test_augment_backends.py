@@ -13,12 +13,13 @@ import dataclasses
 
 import pytest
 import torch
-
-from empssl import augment_params as AP
-from empssl import backends
-from empssl.ops import augment as augment_op
-from empssl.augment import AugmentConfig, MultiPatchAugment, sample_augment_params
 from solarize_ties import solarize_ties, unnormalise
+
+from empssl import backends
+from empssl.augment import params as AP
+from empssl.augment.config import AugmentConfig
+from empssl.augment.multipatch import MultiPatchAugment, sample_augment_params
+from empssl.ops import augment as augment_op
 
 FLOAT32_TOLERANCE = 2e-5
 MAX_TIE_FRACTION = 1e-3

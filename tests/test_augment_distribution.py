@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from empssl import backends
-from empssl.augment import AugmentConfig, MultiPatchAugment
+from empssl.augment.config import AugmentConfig
+from empssl.augment.multipatch import MultiPatchAugment
 
 PIL = pytest.importorskip("PIL")
-from PIL import Image, ImageFilter  # noqa: E402
-
 import torchvision.transforms as T  # noqa: E402
 import torchvision.transforms.functional as TF  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
 
 NUM_IMAGES = 200
 FUSED_PATCHES_PER_IMAGE = 100  # 20k patches

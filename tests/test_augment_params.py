@@ -1,7 +1,7 @@
-"""The parameter layout has one definition, empssl/augment_params.py; the C++ header is generated from it."""
+"""The parameter layout has one definition, empssl/augment/params.py; the C++ header is generated from it."""
 import os
 
-from empssl import augment_params as AP
+from empssl.augment import params as AP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from empssl import augment_params as AP
-from empssl.augment import AugmentConfig, sample_augment_params
+from empssl.augment import params as AP
+from empssl.augment.config import AugmentConfig
+from empssl.augment.multipatch import sample_augment_params
 from empssl.reference import augment as ref
 
 TOL = 1e-5

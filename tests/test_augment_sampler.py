@@ -7,11 +7,14 @@ import math
 
 import pytest
 import torch
+from step_counters import OpCounter, count_host_syncs
 from torchvision.transforms import RandomResizedCrop
 
-from empssl import augment_params as AP
-from empssl.augment import AugmentConfig, MultiPatchAugment, counter_uniforms, sample_augment_params, sample_crop_boxes
-from step_counters import OpCounter, count_host_syncs
+from empssl.augment import params as AP
+from empssl.augment.config import AugmentConfig
+from empssl.augment.crops import sample_crop_boxes
+from empssl.augment.multipatch import MultiPatchAugment, sample_augment_params
+from empssl.augment.rng import counter_uniforms
 
 N = 100_000
 BOX = [AP.CROP_TOP, AP.CROP_LEFT, AP.CROP_HEIGHT, AP.CROP_WIDTH]

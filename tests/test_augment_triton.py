@@ -14,14 +14,15 @@ import dataclasses
 
 import pytest
 import torch
-
-from empssl import augment_params as AP
-from empssl import backends
-from empssl.augment import AugmentConfig, sample_augment_params
-from empssl.kernels import augment as triton_augment
-from empssl.reference.augment import apply_augment
 from launch_recorder import record_launches
 from solarize_ties import solarize_ties
+
+from empssl import backends
+from empssl.augment import params as AP
+from empssl.augment.config import AugmentConfig
+from empssl.augment.multipatch import sample_augment_params
+from empssl.kernels import augment as triton_augment
+from empssl.reference.augment import apply_augment
 
 # Not a module-level skip on the interpreter: the GPU run (bench/gpu_check.sh) sets TRITON_INTERPRET=0, and its
 # `gpu` tests below run the compiled kernel. Without triton there is nothing to test here at all.

@@ -1,5 +1,6 @@
 """What a user reads and types: `empssl plot`, the eval help's defaults, and every `empssl` command line
-of the README parsing with the current options."""
+of the README and of the docs/ pages parsing with the current options."""
+import glob
 import json
 import os
 import re
@@ -9,7 +10,9 @@ import pytest
 
 from empssl import cli
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+DOCS = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 
 def _write_run(folder, steps):
@@ -67,8 +70,7 @@ def _help_of(parser, command):
 
 def test_eval_help_says_where_a_checkpoint_overrides_the_default():
     from empssl import checkpoint as ckpt
-    from empssl.config import _cli_fields
-    from empssl.config import TrainConfig
+    from empssl.config import TrainConfig, _cli_fields
 
     helps = _help_of(cli.build_parser(), "eval")
     from_checkpoint = [name for name, field in _cli_fields(TrainConfig).items()
@@ -79,36 +81,40 @@ def test_eval_help_says_where_a_checkpoint_overrides_the_default():
     assert not silent, f"eval --help shows a default that --checkpoint overrides without saying so: {silent}"
 
 
-def _readme_command_lines():
-    text = open(README).read()
+def _readme_command_lines(paths=(README, *DOCS)):
+    """(file, words after `empssl`) of every `empssl` command in the ```bash blocks of the README and docs/*.md."""
     commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```$", text, flags=re.S | re.M):
-        block = block.replace("\\\n", " ")
-        for line in block.splitlines():
-            line = line.split(" #", 1)[0] if not line.lstrip().startswith("#") else ""
-            for part in line.split("&&"):
-                words = shlex.split(part)
-                if "empssl" in words:  # empssl ..., or torchrun ... -m empssl ...
-                    commands.append(words[words.index("empssl") + 1:])
+    for path in paths:
+        text = open(path).read()
+        for block in re.findall(r"^```bash\n(.*?)^```$", text, flags=re.S | re.M):
+            block = block.replace("\\\n", " ")
+            for line in block.splitlines():
+                line = line.split(" #", 1)[0] if not line.lstrip().startswith("#") else ""
+                for part in line.split("&&"):
+                    words = shlex.split(part)
+                    if "empssl" in words:  # empssl ..., or torchrun ... -m empssl ...
+                        commands.append((os.path.relpath(path, ROOT), words[words.index("empssl") + 1:]))
     return commands
 
 
 def test_every_readme_command_line_parses():
     commands = _readme_command_lines()
-    assert len(commands) >= 15
+    assert len(commands) >= 15 and {"README.md", "docs/training.md"} <= {path for path, _ in commands}
     parser = cli.build_parser()
-    for words in commands:
+    for path, words in commands:
         if words[:1] == ["bench"]:
             from empssl.bench import BENCHMARKS
 
-            assert words[1] in BENCHMARKS or words[1] == "--help", words
+            assert words[1] in BENCHMARKS or words[1] == "--help", (path, words)
             continue
         if "RUN_DIR" in words or "--help" in words:
             continue  # a synopsis
-        if words[:1] == ["reproduce"]:
-            from empssl import reproduce
+        parse, args = parser.parse_args, words
+        if words[:1] == ["reproduce"]:  # the sweep parses its own options
+            from empssl.reproduce.sweep import build_parser
 
-            reproduce.build_parser().parse_args(words[1:])
-            continue
-        parser.parse_args(words)  # argparse exits (SystemExit) on an option that does not exist
-
+            parse, args = build_parser().parse_args, words[1:]
+        try:
+            parse(args)
+        except SystemExit:  # argparse exits on an option that does not exist: say which command of which file
+            pytest.fail(f"{path}: `empssl {shlex.join(words)}` does not parse")

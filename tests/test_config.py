@@ -4,8 +4,7 @@ import dataclasses
 import pytest
 
 from empssl import cli
-from empssl.config import EvalConfig, RuntimeConfig, from_args
-from empssl.train import TrainConfig
+from empssl.config import EvalConfig, RuntimeConfig, TrainConfig, from_args
 
 TRAIN_ONLY_IN_CLI = {"threads", "dist_timeout"}  # settings of the process, not of the run
 EVAL_ONLY_IN_CLI = {"threads", "dist_timeout", "json", "checkpoint", "random_init"}
@@ -67,7 +66,8 @@ def test_help_prints_the_config_defaults(command, capsys):
 def test_the_library_functions_default_to_the_eval_config():
     import inspect
 
-    from empssl import evaluate as E
+    from empssl import evaluation as E
+    from empssl.evaluation.probe import fit_linear_probe
 
     defaults = EvalConfig()
     evaluate_defaults = {name: p.default for name, p in inspect.signature(E.evaluate).parameters.items()
@@ -76,7 +76,7 @@ def test_the_library_functions_default_to_the_eval_config():
         # the library's own: no progress bars, and the encoder's device
         if hasattr(defaults, name) and name not in ("progress", "device"):
             assert value == getattr(defaults, name), name
-    probe = inspect.signature(E.fit_linear_probe).parameters
+    probe = inspect.signature(fit_linear_probe).parameters
     assert (probe["epochs"].default, probe["lr"].default, probe["momentum"].default, probe["weight_decay"].default,
             probe["batch_size"].default) == (defaults.linear_epochs, defaults.linear_lr, defaults.linear_momentum,
                                              defaults.linear_weight_decay, defaults.linear_batch_size)

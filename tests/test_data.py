@@ -8,17 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from empssl import data as D
-from empssl import image_folder, run_dir
-
+from empssl.data import folder as image_folder
+from empssl.data.dataset import DataError, check_batch_size
+from empssl.data.load import load_dataset
+from empssl.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
+from empssl.training import run_folder as run_dir
 
 # ----------------------------------------------------------------------------- synthetic
 
 
 def test_synthetic_is_deterministic_labelled_and_varied():
-    first = D.make_synthetic(300, 100, 16, seed=3)
-    again = D.make_synthetic(300, 100, 16, seed=3)
-    other = D.make_synthetic(300, 100, 16, seed=4)
+    first = make_synthetic(300, 100, 16, seed=3)
+    again = make_synthetic(300, 100, 16, seed=3)
+    other = make_synthetic(300, 100, 16, seed=4)
     assert first.train_images.shape == (300, 16, 16, 3) and first.train_images.dtype == torch.uint8
     assert first.test_images.shape == (100, 16, 16, 3)
     assert first.train_labels.dtype == torch.int64 and first.num_classes == 10
@@ -32,39 +34,39 @@ def test_synthetic_is_deterministic_labelled_and_varied():
 
 def test_synthetic_classes_differ_in_structure_not_only_colour():
     # per-class mean of the horizontal vs vertical gradient energy separates the stripe classes
-    dataset = D.make_synthetic(2000, 10, 32, seed=0)
+    dataset = make_synthetic(2000, 10, 32, seed=0)
     gray = dataset.train_images.float().mean(-1)
     horizontal_edges = (gray[:, 1:, :] - gray[:, :-1, :]).abs().mean((1, 2))  # change along y
     vertical_edges = (gray[:, :, 1:] - gray[:, :, :-1]).abs().mean((1, 2))  # change along x
     labels = dataset.train_labels
-    h = D.SYNTHETIC_CLASSES.index("stripes_horizontal")
-    v = D.SYNTHETIC_CLASSES.index("stripes_vertical")
+    h = SYNTHETIC_CLASSES.index("stripes_horizontal")
+    v = SYNTHETIC_CLASSES.index("stripes_vertical")
     assert (horizontal_edges[labels == h] > vertical_edges[labels == h]).float().mean() > 0.95
     assert (vertical_edges[labels == v] > horizontal_edges[labels == v]).float().mean() > 0.95
 
 
 def test_load_dataset_synthetic_sizes_and_device():
-    dataset = D.load_dataset("synthetic", train_size=50, test_size=20, image_size=8, device="cpu")
+    dataset = load_dataset("synthetic", train_size=50, test_size=20, image_size=8, device="cpu")
     assert dataset.train_images.shape == (50, 8, 8, 3) and dataset.test_images.shape == (20, 8, 8, 3)
 
 
 def test_unknown_spec_and_bad_arguments():
     with pytest.raises(ValueError, match="unknown dataset spec 'imagenet'"):
-        D.load_dataset("imagenet")
+        load_dataset("imagenet")
     with pytest.raises(ValueError, match="unknown dataset spec 'folder:'"):
-        D.load_dataset("folder:")
+        load_dataset("folder:")
     with pytest.raises(ValueError, match="on_bad_image"):
-        D.load_dataset("synthetic", on_bad_image="ignore")
+        load_dataset("synthetic", on_bad_image="ignore")
     with pytest.raises(ValueError, match="image_size"):
-        D.load_dataset("cifar10", image_size=64)
+        load_dataset("cifar10", image_size=64)
 
 
 def test_check_batch_size():
-    D.check_batch_size(10, 10)
+    check_batch_size(10, 10)
     with pytest.raises(ValueError, match="batch_size 11 is larger than the training set \\(10 images\\)"):
-        D.check_batch_size(11, 10)
+        check_batch_size(11, 10)
     with pytest.raises(ValueError, match="positive"):
-        D.check_batch_size(0, 10)
+        check_batch_size(0, 10)
 
 
 # ----------------------------------------------------------------------------- CIFAR
@@ -112,7 +114,7 @@ def _fake_cifar10(root, rng, monkeypatch, per_batch=4):
 def test_cifar10_reader_matches_pickle_layout(tmp_path, monkeypatch):
     rng = np.random.default_rng()
     written = _fake_cifar10(tmp_path, rng, monkeypatch)
-    dataset = D.load_dataset("cifar10", root=str(tmp_path))
+    dataset = load_dataset("cifar10", root=str(tmp_path))
     assert dataset.train_images.shape == (20, 32, 32, 3) and dataset.test_images.shape == (4, 32, 32, 3)
     assert np.array_equal(dataset.train_images.numpy(), written["train"][0])
     assert np.array_equal(dataset.train_labels.numpy(), written["train"][1])
@@ -140,7 +142,7 @@ def test_cifar100_reader_uses_fine_labels(tmp_path, monkeypatch):
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)]}, f, protocol=2)
     _accept_fake_files(monkeypatch, CIFAR100, folder)
-    dataset = D.load_dataset("cifar100", root=str(tmp_path))
+    dataset = load_dataset("cifar100", root=str(tmp_path))
     assert np.array_equal(dataset.train_labels.numpy(), fine) and dataset.num_classes == 100
     assert np.array_equal(dataset.test_images.numpy(), images) and dataset.classes[99] == "f99"
 
@@ -149,17 +151,17 @@ def test_corrupt_cifar_batch_names_the_file(tmp_path, monkeypatch):
     _fake_cifar10(tmp_path, np.random.default_rng(), monkeypatch)
     bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     bad.write_bytes(bad.read_bytes()[:100])
-    with pytest.raises(D.DataError, match="data_batch_3 is corrupt"):
-        D.load_dataset("cifar10", root=str(tmp_path))
+    with pytest.raises(DataError, match="data_batch_3 is corrupt"):
+        load_dataset("cifar10", root=str(tmp_path))
 
 
 def test_missing_cifar_says_how_to_get_it(tmp_path, monkeypatch):
-    with pytest.raises(D.DataError, match="--download"):
-        D.load_dataset("cifar10", root=str(tmp_path))
+    with pytest.raises(DataError, match="--download"):
+        load_dataset("cifar10", root=str(tmp_path))
     _fake_cifar10(tmp_path, np.random.default_rng(), monkeypatch)
     os.remove(tmp_path / "cifar-10-batches-py" / "data_batch_4")
-    with pytest.raises(D.DataError, match="data_batch_4 not found; run with --download"):
-        D.load_dataset("cifar10", root=str(tmp_path))
+    with pytest.raises(DataError, match="data_batch_4 not found; run with --download"):
+        load_dataset("cifar10", root=str(tmp_path))
 
 
 def test_download_without_network_says_so(tmp_path, monkeypatch):
@@ -167,8 +169,8 @@ def test_download_without_network_says_so(tmp_path, monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(urllib.request, "urlopen", unreachable)
-    with pytest.raises(D.DataError, match="network looks unreachable") as info:
-        D.load_dataset("cifar10", root=str(tmp_path), download=True)
+    with pytest.raises(DataError, match="network looks unreachable") as info:
+        load_dataset("cifar10", root=str(tmp_path), download=True)
     assert "cifar-10-python.tar.gz" in str(info.value)
     assert not (tmp_path / "cifar-10-batches-py").exists()
 
@@ -180,7 +182,7 @@ def test_download_skipped_when_files_exist(tmp_path, monkeypatch):
         raise AssertionError("must not download")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    assert D.load_dataset("cifar10", root=str(tmp_path), download=True).train_images.shape[0] == 20
+    assert load_dataset("cifar10", root=str(tmp_path), download=True).train_images.shape[0] == 20
 
 
 # ----------------------------------------------------------------------------- image folder
@@ -207,7 +209,7 @@ def _make_tree(root, with_split=True):
 
 def test_image_folder_decodes_caches_and_reuses(tmp_path, monkeypatch):
     colours = _make_tree(tmp_path)
-    dataset = D.load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
+    dataset = load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
     assert dataset.train_images.shape == (6, 8, 8, 3) and dataset.test_images.shape == (4, 8, 8, 3)
     assert dataset.classes == ["apple", "sky"]
     for images, labels in ((dataset.train_images, dataset.train_labels), (dataset.test_images, dataset.test_labels)):
@@ -221,17 +223,17 @@ def test_image_folder_decodes_caches_and_reuses(tmp_path, monkeypatch):
         raise AssertionError("the cache should have been used")
 
     monkeypatch.setattr(image_folder, "decode_image", must_not_decode)
-    again = D.load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
+    again = load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
     assert torch.equal(again.train_images, dataset.train_images)
 
 
 def test_image_folder_cache_rebuilt_when_a_file_changes(tmp_path):
     _make_tree(tmp_path)
-    before = D.load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
+    before = load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
     changed = tmp_path / "train" / "apple" / "0.png"
     _write_image(changed, (10, 250, 10), size=(24, 24))
     os.utime(changed, ns=(os.stat(changed).st_atime_ns, os.stat(changed).st_mtime_ns + 10**9))
-    after = D.load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
+    after = load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
     index = [i for i in range(len(before.train_labels)) if not torch.equal(before.train_images[i], after.train_images[i])]
     assert len(index) == 1 and after.train_images[index[0], 4, 4].tolist() == [10, 250, 10]
     assert len(list((tmp_path / ".empssl_cache").glob("*.meta.json"))) == 1  # the stale cache is gone
@@ -239,8 +241,8 @@ def test_image_folder_cache_rebuilt_when_a_file_changes(tmp_path):
 
 def test_image_folder_single_tree_split_is_deterministic(tmp_path):
     _make_tree(tmp_path, with_split=False)
-    first = D.load_dataset(f"folder:{tmp_path}", image_size=8, cache_dir=str(tmp_path / "c1"), show_progress=False)
-    second = D.load_dataset(f"folder:{tmp_path}", image_size=8, cache_dir=str(tmp_path / "c2"), show_progress=False)
+    first = load_dataset(f"folder:{tmp_path}", image_size=8, cache_dir=str(tmp_path / "c1"), show_progress=False)
+    second = load_dataset(f"folder:{tmp_path}", image_size=8, cache_dir=str(tmp_path / "c2"), show_progress=False)
     assert len(first.train_labels) + len(first.test_labels) == 10 and len(first.test_labels) == 1
     assert torch.equal(first.train_labels, second.train_labels) and torch.equal(first.test_images, second.test_images)
 
@@ -250,26 +252,26 @@ def test_undecodable_image_skipped_with_warning_or_error(tmp_path):
     bad = tmp_path / "train" / "sky" / "broken.png"
     bad.write_bytes(b"this is not a png")
     with pytest.warns(UserWarning, match="broken.png"):
-        dataset = D.load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
+        dataset = load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
     assert dataset.train_images.shape[0] == 6
 
     cache = tmp_path / "strict-cache"
-    with pytest.raises(D.DataError, match="cannot decode image .*broken.png"):
-        D.load_dataset(f"folder:{tmp_path}", image_size=8, on_bad_image="error", cache_dir=str(cache), show_progress=False)
+    with pytest.raises(DataError, match="cannot decode image .*broken.png"):
+        load_dataset(f"folder:{tmp_path}", image_size=8, on_bad_image="error", cache_dir=str(cache), show_progress=False)
     assert not cache.exists() or not any(cache.iterdir())  # nothing half-written
 
 
 def test_missing_or_empty_folder(tmp_path):
-    with pytest.raises(D.DataError, match="not found"):
-        D.load_dataset(f"folder:{tmp_path / 'nowhere'}")
-    with pytest.raises(D.DataError, match="holds no images"):
-        D.load_dataset(f"folder:{tmp_path}")
+    with pytest.raises(DataError, match="not found"):
+        load_dataset(f"folder:{tmp_path / 'nowhere'}")
+    with pytest.raises(DataError, match="holds no images"):
+        load_dataset(f"folder:{tmp_path}")
     (tmp_path / "train" / "a").mkdir(parents=True)
-    with pytest.raises(D.DataError, match="neither val/ nor test/"):
-        D.load_dataset(f"folder:{tmp_path}")
+    with pytest.raises(DataError, match="neither val/ nor test/"):
+        load_dataset(f"folder:{tmp_path}")
     (tmp_path / "val" / "a").mkdir(parents=True)
-    with pytest.raises(D.DataError, match="holds no images"):
-        D.load_dataset(f"folder:{tmp_path}")
+    with pytest.raises(DataError, match="holds no images"):
+        load_dataset(f"folder:{tmp_path}")
 
 
 # ----------------------------------------------------------------------------- npz
@@ -282,13 +284,13 @@ def test_npz_round_trip_with_and_without_test_split(tmp_path):
     test_images = rng.integers(0, 256, (7, 12, 12, 3), dtype=np.uint8)
     test_labels = rng.integers(0, 4, 7)
     np.savez(tmp_path / "full.npz", images=images, labels=labels, test_images=test_images, test_labels=test_labels)
-    dataset = D.load_dataset(f"npz:{tmp_path / 'full.npz'}")
+    dataset = load_dataset(f"npz:{tmp_path / 'full.npz'}")
     assert np.array_equal(dataset.train_images.numpy(), images) and np.array_equal(dataset.train_labels.numpy(), labels)
     assert np.array_equal(dataset.test_images.numpy(), test_images) and np.array_equal(dataset.test_labels.numpy(), test_labels)
 
     np.savez(tmp_path / "train_only.npz", images=images, labels=labels)
-    split = D.load_dataset(f"npz:{tmp_path / 'train_only.npz'}")
-    again = D.load_dataset(f"npz:{tmp_path / 'train_only.npz'}")
+    split = load_dataset(f"npz:{tmp_path / 'train_only.npz'}")
+    again = load_dataset(f"npz:{tmp_path / 'train_only.npz'}")
     assert torch.equal(split.test_images, again.test_images)
     assert len(split.train_labels) == 27 and len(split.test_labels) == 3
     together = torch.cat([split.train_images, split.test_images]).reshape(30, -1)
@@ -298,16 +300,16 @@ def test_npz_round_trip_with_and_without_test_split(tmp_path):
 
 def test_npz_errors(tmp_path):
     np.savez(tmp_path / "float.npz", images=np.zeros((4, 8, 8, 3), np.float32), labels=np.zeros(4))
-    with pytest.raises(D.DataError, match="images must be uint8"):
-        D.load_dataset(f"npz:{tmp_path / 'float.npz'}")
+    with pytest.raises(DataError, match="images must be uint8"):
+        load_dataset(f"npz:{tmp_path / 'float.npz'}")
     np.savez(tmp_path / "nolabels.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
-    with pytest.raises(D.DataError, match="no array 'labels'"):
-        D.load_dataset(f"npz:{tmp_path / 'nolabels.npz'}")
+    with pytest.raises(DataError, match="no array 'labels'"):
+        load_dataset(f"npz:{tmp_path / 'nolabels.npz'}")
     (tmp_path / "garbage.npz").write_bytes(b"garbage")
-    with pytest.raises(D.DataError, match="garbage.npz is corrupt"):
-        D.load_dataset(f"npz:{tmp_path / 'garbage.npz'}")
-    with pytest.raises(D.DataError, match="not found"):
-        D.load_dataset(f"npz:{tmp_path / 'missing.npz'}")
+    with pytest.raises(DataError, match="garbage.npz is corrupt"):
+        load_dataset(f"npz:{tmp_path / 'garbage.npz'}")
+    with pytest.raises(DataError, match="not found"):
+        load_dataset(f"npz:{tmp_path / 'missing.npz'}")
 
 
 @pytest.mark.parametrize("arrays, message", [
@@ -322,19 +324,19 @@ def test_npz_label_count_must_match_the_images(tmp_path, arrays, message):
         content[key] = (rng.integers(0, 256, (count, 8, 8, 3), dtype=np.uint8) if key.endswith("images")
                         else rng.integers(0, 3, count))
     np.savez(tmp_path / "bad.npz", **content)
-    with pytest.raises(D.DataError, match=message):
-        D.load_dataset(f"npz:{tmp_path / 'bad.npz'}")
+    with pytest.raises(DataError, match=message):
+        load_dataset(f"npz:{tmp_path / 'bad.npz'}")
 
 
 def test_npz_image_size_is_refused_only_when_it_differs(tmp_path):
     images = np.random.default_rng().integers(0, 256, (10, 12, 12, 3), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", images=images, labels=np.arange(10) % 2)
-    same = D.load_dataset(f"npz:{tmp_path / 'd.npz'}", image_size=12)
+    same = load_dataset(f"npz:{tmp_path / 'd.npz'}", image_size=12)
     assert same.image_size == (12, 12)
     with pytest.raises(ValueError, match="holds 12x12 images, but image_size=16 .* pass 12"):
-        D.load_dataset(f"npz:{tmp_path / 'd.npz'}", image_size=16)
-    with pytest.raises(D.DataError, match="missing.npz not found"):  # the missing file is named, not the size
-        D.load_dataset(f"npz:{tmp_path / 'missing.npz'}", image_size=16)
+        load_dataset(f"npz:{tmp_path / 'd.npz'}", image_size=16)
+    with pytest.raises(DataError, match="missing.npz not found"):  # the missing file is named, not the size
+        load_dataset(f"npz:{tmp_path / 'missing.npz'}", image_size=16)
 
 
 def test_unusable_cache_dir_fails_before_decoding(tmp_path, monkeypatch):
@@ -343,12 +345,12 @@ def test_unusable_cache_dir_fails_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(image_folder, "decode_image", lambda *args: decoded.append(args))
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(ValueError, match="--cache-dir .*a_file is a file, not a folder"):
-        D.load_dataset(f"folder:{tmp_path / 'tree'}", image_size=8, cache_dir=str(tmp_path / "a_file"), show_progress=False)
+        load_dataset(f"folder:{tmp_path / 'tree'}", image_size=8, cache_dir=str(tmp_path / "a_file"), show_progress=False)
     with pytest.raises(ValueError, match="a_file, which is a file"):
-        D.load_dataset(f"folder:{tmp_path / 'tree'}", image_size=8, cache_dir=str(tmp_path / "a_file" / "cache"),
+        load_dataset(f"folder:{tmp_path / 'tree'}", image_size=8, cache_dir=str(tmp_path / "a_file" / "cache"),
                        show_progress=False)
     with pytest.raises(ValueError, match="is not writable: cannot create files in /proc"):
-        D.load_dataset(f"folder:{tmp_path / 'tree'}", image_size=8, cache_dir="/proc/empssl-cache", show_progress=False)
+        load_dataset(f"folder:{tmp_path / 'tree'}", image_size=8, cache_dir="/proc/empssl-cache", show_progress=False)
     assert decoded == [] and (tmp_path / "a_file").read_text() == "not a folder"
     assert not (tmp_path / "tree" / ".empssl_cache").exists()
 

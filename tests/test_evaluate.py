@@ -4,12 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from empssl import evaluate as E
 from empssl.config import EvalConfig
-from empssl.data import make_synthetic
-from empssl.models import build_encoder
+from empssl.data.synthetic import make_synthetic
+from empssl.evaluation.features import SPLIT_KEYS, extract_features
+from empssl.evaluation.pipeline import evaluate
+from empssl.evaluation.probe import LabelledFeatures, fit_linear_probe, knn_classify, linear_probe
+from empssl.models.encoder import build_encoder
+from empssl.models.fold import fold_batchnorm
 from empssl.reference import probe as reference_probe
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,9 +29,9 @@ def test_linear_probe_and_knn_reach_100_percent_on_separable_features():
     centres = 4.0 * torch.randn(5, 32, generator=generator)
     train_x, train_y = _around(centres, 60, generator)
     test_x, test_y = _around(centres, 20, generator)
-    probe = E.linear_probe(train_x, train_y, test_x, test_y, 5, epochs=20)
+    probe = linear_probe(LabelledFeatures(train_x, train_y, test_x, test_y, 5), epochs=20)
     assert probe["final_top1"] == 1.0 and probe["best_epoch_top1"] == 1.0
-    knn = E.knn_classify(train_x, train_y, test_x, test_y, 5)
+    knn = knn_classify(LabelledFeatures(train_x, train_y, test_x, test_y, 5))
     assert knn["top1"] == 1.0 and knn["top5"] == 1.0
 
 
@@ -37,8 +39,8 @@ def test_random_labels_give_chance_accuracy():
     generator = torch.Generator().manual_seed(torch.seed())
     train_x, test_x = torch.randn(800, 64, generator=generator), torch.randn(800, 64, generator=generator)
     train_y, test_y = torch.randint(4, (800,), generator=generator), torch.randint(4, (800,), generator=generator)
-    probe = E.linear_probe(train_x, train_y, test_x, test_y, 4, epochs=10)
-    knn = E.knn_classify(train_x, train_y, test_x, test_y, 4)
+    probe = linear_probe(LabelledFeatures(train_x, train_y, test_x, test_y, 4), epochs=10)
+    knn = knn_classify(LabelledFeatures(train_x, train_y, test_x, test_y, 4))
     # chance is 0.25; the standard deviation of the accuracy of 800 guesses is 0.015
     assert abs(probe["final_top1"] - 0.25) < 0.07
     assert abs(knn["top1"] - 0.25) < 0.07
@@ -52,7 +54,7 @@ def test_knn_matches_a_float64_weighted_vote():
     train_x, test_x = torch.randn(50, 16, generator=generator), torch.randn(30, 16, generator=generator)
     train_y = torch.arange(50)[torch.randperm(50, generator=generator)] % num_classes
     test_y = torch.randint(num_classes, (30,), generator=generator)
-    result = E.knn_classify(train_x, train_y, test_x, test_y, num_classes, k=k, temperature=temperature, chunk_size=7)
+    result = knn_classify(LabelledFeatures(train_x, train_y, test_x, test_y, num_classes), k=k, temperature=temperature, chunk_size=7)
     top1 = top5 = 0
     for x, y in zip(test_x.double(), test_y.tolist()):
         similarity = F.cosine_similarity(x[None], train_x.double(), dim=1)
@@ -80,7 +82,7 @@ def test_features_are_the_mean_over_patches_in_eval_mode():
     encoder = build_encoder(width=0.125, hidden_dim=32, z_dim=16)
     encoder.train()
     images = torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8)
-    features = E.extract_features(encoder, images, num_patches=3, augment=_ScaledCopies(), max_patches_per_forward=6,
+    features = extract_features(encoder, images, num_patches=3, augment=_ScaledCopies(), max_patches_per_forward=6,
                                   fold=False)
     assert encoder.training  # mode restored
     encoder.eval()
@@ -95,12 +97,12 @@ def test_evaluate_end_to_end_on_tiny_synthetic():
     torch.manual_seed(0)
     encoder = build_encoder(width=0.125, hidden_dim=32, z_dim=16)
     data = make_synthetic(100, 40, 8, seed=0)
-    result = E.evaluate(encoder, data, EvalConfig(num_patches=2, linear_epochs=3, progress=False))
+    result = evaluate(encoder, data, EvalConfig(num_patches=2, linear_epochs=3, progress=False))
     for key in ("linear_top1", "linear_best_epoch_top1", "knn_top1", "knn_top5"):
         assert 0.0 <= result[key] <= 1.0, key
     assert result["linear_best_epoch_top1"] >= result["linear_top1"] and result["knn_top5"] >= result["knn_top1"]
     assert result["feature_dim"] == 32 and result["num_train"] == 100 and result["num_test"] == 40
-    again = E.evaluate(encoder, data, EvalConfig(num_patches=2, linear_epochs=3, progress=False))
+    again = evaluate(encoder, data, EvalConfig(num_patches=2, linear_epochs=3, progress=False))
     assert again["linear_top1"] == result["linear_top1"] and again["knn_top1"] == result["knn_top1"]  # seeded
 
 
@@ -122,7 +124,7 @@ def _encoder_with_trained_statistics(generator, dtype=torch.float32):
 def test_folded_encoder_equals_the_eval_mode_encoder_in_float64():
     generator = torch.Generator().manual_seed(torch.seed())
     encoder = _encoder_with_trained_statistics(generator, torch.float64)
-    folded = E.fold_batchnorm(encoder)
+    folded = fold_batchnorm(encoder)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     assert encoder.training and sum(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules()) == 20  # untouched
     x = torch.randn(5, 3, 16, 16, generator=generator, dtype=torch.float64)
@@ -138,17 +140,17 @@ def test_features_do_not_depend_on_chunking_and_folded_equals_unfolded():
     images = torch.randint(0, 256, (7, 8, 8, 3), dtype=torch.uint8, generator=generator)
     seed = int(torch.randint(1000, (1,), generator=generator))
     # 1, 3 (the last chunk padded by 2) and 8 (one chunk padded by 1) images per forward
-    runs = [E.extract_features(encoder, images, 2, max_patches_per_forward=size, seed=seed) for size in (2, 6, 16)]
+    runs = [extract_features(encoder, images, 2, max_patches_per_forward=size, seed=seed) for size in (2, 6, 16)]
     # float32 rounding relative to the features' scale: the CPU's convolutions sum in an order that depends on the
     # batch (a chunk of 1, 3 or 8 images), so a feature near 0 may differ by a few ulps of the largest (seen: 2e-6);
     # a padded image left in the mean, or another image's patches, would differ by the scale itself
     scale = runs[0].abs().max().item()
     for other in runs[1:]:
         assert (other - runs[0]).abs().max().item() <= 1e-5 * scale
-    unfolded = E.extract_features(encoder, images, 2, max_patches_per_forward=6, seed=seed, fold=False)
+    unfolded = extract_features(encoder, images, 2, max_patches_per_forward=6, seed=seed, fold=False)
     assert (unfolded - runs[0]).abs().max().item() <= 1e-4 * scale  # folding rounds the weights once more
     assert runs[0].shape == (7, 32)
-    test_split = E.extract_features(encoder, images, 2, seed=seed, split_key=1)
+    test_split = extract_features(encoder, images, 2, seed=seed, split_key=1)
     assert not torch.allclose(test_split, runs[0])  # the split key draws other patches
 
 
@@ -166,7 +168,7 @@ def test_probe_equals_the_python_loop_reference():
     generator = torch.Generator().manual_seed(torch.seed())
     args = _separable_features(generator)  # 530 = 5 full batches and one of 30
     seed = int(torch.randint(1000, (1,), generator=generator))
-    weight, bias, top1 = E.fit_linear_probe(*args, epochs=4, seed=seed)
+    weight, bias, top1 = fit_linear_probe(LabelledFeatures(*args), epochs=4, seed=seed)
     reference_weight, reference_bias, reference_top1 = reference_probe.fit_linear_probe(*args, epochs=4, seed=seed)
     torch.testing.assert_close(weight, reference_weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(bias, reference_bias, rtol=1e-5, atol=1e-6)
@@ -174,10 +176,10 @@ def test_probe_equals_the_python_loop_reference():
     assert 0.3 < float(top1[-1]) < 0.99
     # the whole schedule: different momentum, weight decay and batch size too
     options = dict(epochs=12, lr=0.1, momentum=0.5, weight_decay=1e-3, batch_size=64, seed=seed)
-    _, _, top1 = E.fit_linear_probe(*args, **options)
+    _, _, top1 = fit_linear_probe(LabelledFeatures(*args), **options)
     _, _, reference_top1 = reference_probe.fit_linear_probe(*args, **options)
     assert abs(float(top1[-1]) - float(reference_top1[-1])) <= 0.005
-    result = E.linear_probe(*args, **options)
+    result = linear_probe(LabelledFeatures(*args), **options)
     assert result["final_top1"] == pytest.approx(float(top1[-1]))
     assert result["best_epoch_top1"] == pytest.approx(float(top1.max()))
 
@@ -191,33 +193,33 @@ def test_evaluation_equals_the_unfolded_encoder_and_reference_probe():
     encoder = _encoder_with_trained_statistics(generator, torch.float64)
     data = make_synthetic(120, 60, 8, seed=int(torch.randint(1000, (1,), generator=generator)))
     fast, slow = {}, {}
-    for split, key in E.SPLIT_KEYS.items():
+    for split, key in SPLIT_KEYS.items():
         images = getattr(data, f"{split}_images")
-        fast[split] = E.extract_features(encoder, images, 2, seed=3, split_key=key)
-        slow[split] = E.extract_features(encoder, images, 2, seed=3, split_key=key, fold=False)
+        fast[split] = extract_features(encoder, images, 2, seed=3, split_key=key)
+        slow[split] = extract_features(encoder, images, 2, seed=3, split_key=key, fold=False)
     fast_args = (fast["train"], data.train_labels, fast["test"], data.test_labels, data.num_classes)
     slow_args = (slow["train"], data.train_labels, slow["test"], data.test_labels, data.num_classes)
-    _, _, top1 = E.fit_linear_probe(*fast_args, epochs=10, seed=3)
+    _, _, top1 = fit_linear_probe(LabelledFeatures(*fast_args), epochs=10, seed=3)
     _, _, reference_top1 = reference_probe.fit_linear_probe(*slow_args, epochs=10, seed=3)
     assert abs(float(top1[-1]) - float(reference_top1[-1])) <= 0.005 + 1e-6
-    assert E.knn_classify(*fast_args) == E.knn_classify(*slow_args)
-    result = E.evaluate(encoder, data, EvalConfig(num_patches=2, linear_epochs=10, seed=3, progress=False))
+    assert knn_classify(LabelledFeatures(*fast_args)) == knn_classify(LabelledFeatures(*slow_args))
+    result = evaluate(encoder, data, EvalConfig(num_patches=2, linear_epochs=10, seed=3, progress=False))
     assert result["linear_top1"] == pytest.approx(float(top1[-1]))
-    assert result["knn_top1"] == E.knn_classify(*fast_args)["top1"]
+    assert result["knn_top1"] == knn_classify(LabelledFeatures(*fast_args))["top1"]
     assert result["probe_seconds"] > 0 and result["knn_seconds"] > 0
 
 
 def test_probe_and_features_refuse_bad_input():
     with pytest.raises(ValueError, match="epochs and batch_size must be positive"):
-        E.fit_linear_probe(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 3),
-                           torch.zeros(2, dtype=torch.long), 2, epochs=0)
+        fit_linear_probe(LabelledFeatures(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 3),
+                                          torch.zeros(2, dtype=torch.long), 2), epochs=0)
     with pytest.raises(TypeError, match="needs an EMPSSLEncoder"):
-        E.fold_batchnorm(torch.nn.Linear(2, 2))
+        fold_batchnorm(torch.nn.Linear(2, 2))
     encoder = build_encoder(width=0.125, hidden_dim=32, z_dim=16)
     with pytest.raises(ValueError, match="N > 0"):
-        E.extract_features(encoder, torch.zeros(0, 8, 8, 3, dtype=torch.uint8), 2)
+        extract_features(encoder, torch.zeros(0, 8, 8, 3, dtype=torch.uint8), 2)
     with pytest.raises(ValueError, match="num_patches must be a positive integer"):
-        E.extract_features(encoder, torch.zeros(2, 8, 8, 3, dtype=torch.uint8), 0)
+        extract_features(encoder, torch.zeros(2, 8, 8, 3, dtype=torch.uint8), 0)
 
 
 @pytest.mark.gpu
@@ -225,8 +227,8 @@ def test_cuda_probe_replaying_its_captured_epoch_equals_the_reference():
     generator = torch.Generator().manual_seed(torch.seed())
     args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _separable_features(generator)]
     seed = int(torch.randint(1000, (1,), generator=generator))
-    weight, bias, top1 = E.fit_linear_probe(*args, epochs=5, seed=seed)  # epoch 0 eager, 1..4 graph replays
-    eager_weight, eager_bias, eager_top1 = E.fit_linear_probe(*args, epochs=5, seed=seed, cuda_graph=False)
+    weight, bias, top1 = fit_linear_probe(LabelledFeatures(*args), epochs=5, seed=seed)  # epoch 0 eager, 1..4 graph replays
+    eager_weight, eager_bias, eager_top1 = fit_linear_probe(LabelledFeatures(*args), epochs=5, seed=seed, cuda_graph=False)
     torch.testing.assert_close(weight, eager_weight, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(bias, eager_bias, rtol=1e-6, atol=1e-7)
     reference_weight, reference_bias, reference_top1 = reference_probe.fit_linear_probe(*args, epochs=5, seed=seed)
@@ -240,10 +242,10 @@ def test_cuda_bf16_folded_features_match_the_autocast_encoder():
     generator = torch.Generator().manual_seed(torch.seed())
     encoder = _encoder_with_trained_statistics(generator).cuda().to(memory_format=torch.channels_last)
     images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=generator).cuda()
-    folded = E.extract_features(encoder, images, 8, max_patches_per_forward=64)  # 8 images a chunk
-    autocast = E.extract_features(encoder, images, 8, max_patches_per_forward=64, fold=False)
+    folded = extract_features(encoder, images, 8, max_patches_per_forward=64)  # 8 images a chunk
+    autocast = extract_features(encoder, images, 8, max_patches_per_forward=64, fold=False)
     assert folded.dtype == torch.float32 and folded.shape == (40, 32)
     # both in bf16 (8 significant bits): equal to a few bf16 roundings, relative to the features' size
     assert (folded - autocast).norm() <= 0.05 * autocast.norm()
-    float32 = E.extract_features(encoder, images, 8, max_patches_per_forward=64, bf16=False)
+    float32 = extract_features(encoder, images, 8, max_patches_per_forward=64, bf16=False)
     assert (folded - float32).norm() <= 0.05 * float32.norm()

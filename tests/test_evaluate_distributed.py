@@ -10,10 +10,11 @@ import torch.multiprocessing as mp
 from free_port import free_port
 
 from empssl import distributed
-from empssl import evaluate as E
 from empssl.config import EvalConfig
-from empssl.data import make_synthetic
-from empssl.models import build_encoder
+from empssl.data.synthetic import make_synthetic
+from empssl.evaluation.features import extract_features
+from empssl.evaluation.pipeline import evaluate
+from empssl.models.encoder import build_encoder
 
 WORLD = 2
 # 13 test images, 3 per chunk: each rank extracts 3 chunks (ids 0..8 and 9..17, those past 12 padding)
@@ -29,9 +30,9 @@ def _setup(seed):
 def _run(seed):
     """Features at small chunks (several per rank, the last padded) and the full evaluation."""
     encoder, data = _setup(seed)
-    features = E.extract_features(encoder, data.test_images, PATCHES, max_patches_per_forward=CHUNK_PATCHES,
+    features = extract_features(encoder, data.test_images, PATCHES, max_patches_per_forward=CHUNK_PATCHES,
                                   seed=seed, split_key=1)
-    result = E.evaluate(encoder, data, EvalConfig(num_patches=PATCHES, linear_epochs=3, seed=seed, progress=False))
+    result = evaluate(encoder, data, EvalConfig(num_patches=PATCHES, linear_epochs=3, seed=seed, progress=False))
     return features, {k: v for k, v in result.items() if not k.endswith("_seconds")}
 
 

@@ -11,10 +11,11 @@ from torch import nn
 
 from empssl import checkpoint as ckpt
 from empssl import cli
-from empssl import train as T
-from empssl.data import make_synthetic
-from empssl.export import ExportError, export_checkpoint, export_state_dict
-from empssl.models import build_encoder
+from empssl.config import TrainConfig
+from empssl.data.synthetic import make_synthetic
+from empssl.models.encoder import build_encoder, load_encoder
+from empssl.models.export import ExportError, export_checkpoint, export_state_dict
+from empssl.training import loop as T
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -22,7 +23,7 @@ HIDDEN_DIM = 48
 
 
 def torchvision_resnet18(arch, hidden_dim=None):
-    """torchvision's resnet18 as the README tells a user to build it: CIFAR stem patched, fc dropped,
+    """torchvision's resnet18 as docs/training.md section 7 tells a user to build it: CIFAR stem patched, fc dropped,
     and with ``hidden_dim`` the pre_feature head that --with-head exports."""
     model = torchvision.models.resnet18()
     if arch == "resnet18-cifar":
@@ -38,7 +39,7 @@ def torchvision_resnet18(arch, hidden_dim=None):
 def trained_checkpoint(tmp_path_factory):
     """A width-1 CIFAR-stem encoder after 2 training steps (BatchNorm statistics and weights moved)."""
     out = tmp_path_factory.mktemp("run")
-    config = T.TrainConfig(dataset="synthetic", width=1.0, hidden_dim=HIDDEN_DIM, z_dim=16, num_patches=2, batch_size=8,
+    config = TrainConfig(dataset="synthetic", width=1.0, hidden_dim=HIDDEN_DIM, z_dim=16, num_patches=2, batch_size=8,
                            max_steps=2, log_every=1, device="cpu", progress=False, out_dir=str(out))
     return T.train(config, make_synthetic(16, 8, 16, seed=0)).checkpoint_path
 
@@ -59,7 +60,7 @@ def _saved_encoder(folder, arch="resnet18-cifar", width=1.0):
 
 
 def _ours(checkpoint):
-    encoder, _ = ckpt.load_encoder(checkpoint)
+    encoder, _ = load_encoder(checkpoint)
     return encoder.double().eval()
 
 

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from empssl.models import EMPSSLEncoder, ResNet18Backbone, build_encoder
+from empssl.models.encoder import EMPSSLEncoder, build_encoder
+from empssl.models.resnet import ResNet18Backbone
 
 
 def torchvision_resnet18(arch: str) -> nn.Module:

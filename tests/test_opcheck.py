@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from empssl import backends
-from empssl.augment import AugmentConfig, sample_augment_params
+from empssl.augment.config import AugmentConfig
+from empssl.augment.multipatch import sample_augment_params
 from empssl.ops import augment as augment_op
 from empssl.ops import tcr as tcr_op
 

@@ -5,11 +5,11 @@ import warnings
 
 import pytest
 import torch
+from step_counters import OpCounter, count_host_syncs
 from torch import nn
 
-from empssl.models import EMPSSLEncoder
+from empssl.models.encoder import EMPSSLEncoder
 from empssl.optim import LARS, build_optimizer, cosine_schedule, schedule_steps
-from step_counters import OpCounter, count_host_syncs
 
 
 class Tiny(nn.Module):

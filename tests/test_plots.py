@@ -6,10 +6,12 @@ import sys
 
 import pytest
 
-from empssl import plots
-from empssl import train as T
 from empssl.bench import common
-from empssl.data import make_synthetic
+from empssl.config import TrainConfig
+from empssl.data.synthetic import make_synthetic
+from empssl.training import curves as plots
+from empssl.training import loop as T
+from empssl.training.run_folder import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME, read_step_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,7 +50,7 @@ def test_read_metrics_orders_steps_keeps_the_last_record_of_a_step_and_skips_cut
     lines = [json.dumps(r) for r in first] + ['{"step": 4, "lo'] + [json.dumps(r) for r in resumed]
     path = tmp_path / "metrics.jsonl"
     _write_metrics(path, lines)
-    records = plots.read_metrics(str(path))
+    records = read_step_metrics(str(path))
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[2]["loss"] == 42.0 and records[3] == resumed[1]
 
@@ -56,16 +58,16 @@ def test_read_metrics_orders_steps_keeps_the_last_record_of_a_step_and_skips_cut
 def test_without_matplotlib_nothing_is_written_and_one_line_says_why(tmp_path, capsys, no_matplotlib):
     path = tmp_path / "metrics.jsonl"
     _write_metrics(path, [json.dumps(r) for r in _records([1, 2])])
-    assert plots.write_training_curves(str(path)) is None
+    assert plots.write_training_curves(read_step_metrics(str(path)), str(tmp_path / CURVES_NAME)) is None
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
     note = capsys.readouterr().err.strip().splitlines()
     assert len(note) == 1 and "matplotlib is not installed, so no curves.png" in note[0]
 
 
 def test_train_without_matplotlib_writes_its_files_and_no_curves(tmp_path, capsys, no_matplotlib):
-    config = T.TrainConfig(**TINY, max_steps=2, out_dir=str(tmp_path / "run"))
+    config = TrainConfig(**TINY, max_steps=2, out_dir=str(tmp_path / "run"))
     T.train(config, make_synthetic(32, 16, 8, seed=0))
-    assert sorted(os.listdir(config.out_dir)) == [T.CHECKPOINT_NAME, T.METRICS_NAME]
+    assert sorted(os.listdir(config.out_dir)) == [CHECKPOINT_NAME, METRICS_NAME]
     assert "matplotlib is not installed" in capsys.readouterr().err
 
 
@@ -86,10 +88,10 @@ def test_train_writes_curves_png_beside_the_metrics(tmp_path):
     _require_matplotlib()
     from PIL import Image
 
-    config = T.TrainConfig(**TINY, max_steps=3, out_dir=str(tmp_path / "run"))
+    config = TrainConfig(**TINY, max_steps=3, out_dir=str(tmp_path / "run"))
     T.train(config, make_synthetic(64, 16, 8, seed=0))
-    assert sorted(os.listdir(config.out_dir)) == [T.CHECKPOINT_NAME, plots.CURVES_NAME, T.METRICS_NAME]  # no temp file
-    with Image.open(os.path.join(config.out_dir, plots.CURVES_NAME)) as image:
+    assert sorted(os.listdir(config.out_dir)) == [CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME]  # no temp file
+    with Image.open(os.path.join(config.out_dir, CURVES_NAME)) as image:
         assert image.format == "PNG" and image.size == (1000, 650)
         # drawn, not blank: the lines and text make many colours
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 20

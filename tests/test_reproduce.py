@@ -12,8 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from empssl import cli, published, report, reproduce
-from empssl.published import Recipe
+from empssl import cli
+from empssl.reproduce import published, report
+from empssl.reproduce import sweep as reproduce
+from empssl.reproduce.published import Recipe
 
 TRAIN = "--image-size 16 --train-size 48 --batch-size 16 --width 0.125 --hidden-dim 32 --z-dim 16 --threads 1"
 EVAL = "--test-size 32 --num-patches 2 --linear-epochs 2 --threads 1"
@@ -142,7 +144,7 @@ def test_a_changed_option_is_refused_and_a_foreign_folder_too(tmp_path, capsys):
 
 
 def test_one_sweep_per_folder(tmp_path, capsys):
-    from empssl.run_dir import RunLock
+    from empssl.training.run_folder import RunLock
 
     out = tmp_path / "sweep"
     with RunLock(str(out)):  # as a sweep still running in it holds it
@@ -153,7 +155,7 @@ def test_one_sweep_per_folder(tmp_path, capsys):
 
 
 def test_a_cell_that_cannot_fit_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
-    from empssl import memory
+    from empssl.training import memory
 
     monkeypatch.setattr(memory, "available_memory", lambda device: 3 * 2**30)  # a 3 GiB device
     out = tmp_path / "sweep"
@@ -168,7 +170,7 @@ def test_a_cell_that_cannot_fit_is_refused_before_anything_runs(tmp_path, capsys
 
 
 def test_the_memory_estimate_scales_with_the_patches_and_halves_activations_in_bf16():
-    from empssl.memory import estimate_step_memory
+    from empssl.training.memory import estimate_step_memory
 
     common = dict(arch="resnet18-cifar", width=0.5, hidden_dim=256, z_dim=64, image_size=32, batch_size=10)
     small, large = estimate_step_memory(num_patches=2, bf16=False, **common), estimate_step_memory(num_patches=4, bf16=False, **common)

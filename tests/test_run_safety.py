@@ -12,10 +12,13 @@ import torch
 
 from empssl import checkpoint as ckpt
 from empssl import cli
-from empssl import step as S
-from empssl import train as T
-from empssl.data import make_synthetic
-from empssl.plots import read_metrics
+from empssl.config import TrainConfig
+from empssl.data.synthetic import make_synthetic
+from empssl.files import TEMP_PREFIX
+from empssl.training import loop as T
+from empssl.training import step as S
+from empssl.training.run_folder import CHECKPOINT_NAME, METRICS_NAME, read_step_metrics
+from empssl.training.signals import StopRequest, TrainingInterrupted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,7 +38,7 @@ def _files(folder):
 
 
 def _metrics(folder):
-    with open(folder / T.METRICS_NAME) as f:
+    with open(folder / METRICS_NAME) as f:
         return [json.loads(line) for line in f]
 
 
@@ -68,29 +71,29 @@ def test_second_run_into_a_folder_is_refused_and_the_first_stays_byte_identical(
     out = tmp_path / "run"
     assert cli.main(["train", *TINY_ARGS, "--max-steps", "2", "--out-dir", str(out)]) == 0
     first = _files(out)
-    assert {T.CHECKPOINT_NAME, T.METRICS_NAME} <= set(first)
+    assert {CHECKPOINT_NAME, METRICS_NAME} <= set(first)
     capsys.readouterr()
     code = cli.main(["train", *TINY_ARGS, "--max-steps", "2", "--seed", "1", "--out-dir", str(out)])
     err = capsys.readouterr().err
     assert code == 1 and "already holds another run (checkpoint.pt, metrics.jsonl)" in err
-    assert f"--resume {out / T.CHECKPOINT_NAME}" in err and "--overwrite" in err
+    assert f"--resume {out / CHECKPOINT_NAME}" in err and "--overwrite" in err
     assert _files(out) == first
 
 
 def test_overwrite_replaces_the_old_run_only_at_the_first_checkpoint(tmp_path, monkeypatch):
     data = make_synthetic(64, 16, 8, seed=0)
-    old = T.train(T.TrainConfig(**TINY, max_steps=2, out_dir=str(tmp_path / "run")), data)
+    old = T.train(TrainConfig(**TINY, max_steps=2, out_dir=str(tmp_path / "run")), data)
     before = _files(tmp_path / "run")
     old_run_id = ckpt.load_checkpoint(old.checkpoint_path)["run_id"]
 
     # the new run crashes in step 3, before its first checkpoint: the old run is untouched
     monkeypatch.setattr(S, "EMPSSLLoss", _crash_at_step(3))
     with pytest.raises(KeyboardInterrupt, match="simulated crash"):
-        T.train(T.TrainConfig(**TINY, seed=1, overwrite=True, out_dir=str(tmp_path / "run")), data)
+        T.train(TrainConfig(**TINY, seed=1, overwrite=True, out_dir=str(tmp_path / "run")), data)
     monkeypatch.undo()
     assert _files(tmp_path / "run") == before
 
-    new = T.train(T.TrainConfig(**TINY, seed=1, max_steps=3, overwrite=True, out_dir=str(tmp_path / "run")), data)
+    new = T.train(TrainConfig(**TINY, seed=1, max_steps=3, overwrite=True, out_dir=str(tmp_path / "run")), data)
     saved = ckpt.load_checkpoint(new.checkpoint_path)
     assert saved["step"] == 3 and saved["config"]["seed"] == 1 and saved["run_id"] != old_run_id
     records = _metrics(tmp_path / "run")
@@ -100,24 +103,24 @@ def test_overwrite_replaces_the_old_run_only_at_the_first_checkpoint(tmp_path, m
 
 def test_resume_cuts_metrics_back_to_the_checkpoint_and_marks_it(tmp_path, monkeypatch):
     data = make_synthetic(64, 16, 8, seed=0)
-    config = T.TrainConfig(**TINY, epochs=2, checkpoint_every=3, out_dir=str(tmp_path / "run"))
+    config = TrainConfig(**TINY, epochs=2, checkpoint_every=3, out_dir=str(tmp_path / "run"))
     monkeypatch.setattr(S, "EMPSSLLoss", _crash_at_step(6))  # steps 4 and 5 are logged after the checkpoint at 3
     with pytest.raises(KeyboardInterrupt):
         T.train(config, data)
     monkeypatch.undo()
     assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
-    saved = ckpt.load_checkpoint(str(tmp_path / "run" / T.CHECKPOINT_NAME))
+    saved = ckpt.load_checkpoint(str(tmp_path / "run" / CHECKPOINT_NAME))
     assert saved["step"] == 3
 
-    T.train(T.TrainConfig(**TINY, epochs=2, checkpoint_every=3, out_dir=str(tmp_path / "run"),
-                          resume=str(tmp_path / "run" / T.CHECKPOINT_NAME)), data)
+    T.train(TrainConfig(**TINY, epochs=2, checkpoint_every=3, out_dir=str(tmp_path / "run"),
+                          resume=str(tmp_path / "run" / CHECKPOINT_NAME)), data)
     records = _metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3, 3, 4, 5, 6, 7, 8]
     assert records[3] == {"event": "resume", "step": 3, "elapsed_s": saved["elapsed_s"], "run_id": saved["run_id"]}
     _assert_true_history(records, resumed_at=[3])
     assert records[2]["elapsed_s"] <= saved["elapsed_s"] < records[4]["elapsed_s"]  # the clock continues
     # the curves read each step once: the marker is not a step's record
-    curves = read_metrics(str(tmp_path / "run" / T.METRICS_NAME))
+    curves = read_step_metrics(str(tmp_path / "run" / METRICS_NAME))
     assert [r["step"] for r in curves] == list(range(1, 9)) and all("loss" in r for r in curves)
 
 
@@ -128,7 +131,7 @@ def uninterrupted(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         out = tmp_path_factory.mktemp("whole")
-        return T.train(T.TrainConfig(**TINY, **LONG, max_steps=FINAL_STEP, out_dir=str(out))).encoder.state_dict()
+        return T.train(TrainConfig(**TINY, **LONG, max_steps=FINAL_STEP, out_dir=str(out))).encoder.state_dict()
     finally:
         torch.set_num_threads(threads)
 
@@ -138,7 +141,7 @@ def _wait_for_step(folder, step, process, timeout=300):
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"training exited early ({process.returncode}): {process.stderr.read()}")
-        path = folder / T.METRICS_NAME
+        path = folder / METRICS_NAME
         if path.exists() and any(json.loads(line).get("step", 0) >= step for line in path.read_text().splitlines()
                                  if line.endswith("}")):
             return
@@ -160,17 +163,17 @@ def test_signal_keeps_progress_and_the_resumed_run_is_bitwise_equal(tmp_path, un
     finally:
         process.kill()
     assert process.returncode == exit_code, err
-    saved = ckpt.load_checkpoint(str(out / T.CHECKPOINT_NAME))
+    saved = ckpt.load_checkpoint(str(out / CHECKPOINT_NAME))
     stopped_at = saved["step"]
     assert 2 <= stopped_at < FINAL_STEP
-    assert (f"interrupted by {signum.name} after step {stopped_at}: checkpoint written to {out / T.CHECKPOINT_NAME}"
+    assert (f"interrupted by {signum.name} after step {stopped_at}: checkpoint written to {out / CHECKPOINT_NAME}"
             in err)
     assert _metrics(out)[-1]["step"] == stopped_at  # the checkpoint is at the last step logged
-    assert not [name for name in os.listdir(out) if name.startswith(ckpt.TEMP_PREFIX)]
+    assert not [name for name in os.listdir(out) if name.startswith(TEMP_PREFIX)]
 
     assert cli.main(["train", *TINY_ARGS, *LONG_ARGS, "--max-steps", str(FINAL_STEP), "--out-dir", str(out),
-                     "--resume", str(out / T.CHECKPOINT_NAME)]) == 0
-    final = ckpt.load_checkpoint(str(out / T.CHECKPOINT_NAME))
+                     "--resume", str(out / CHECKPOINT_NAME)]) == 0
+    final = ckpt.load_checkpoint(str(out / CHECKPOINT_NAME))
     assert final["step"] == FINAL_STEP and uninterrupted.keys() == final["model"].keys()
     for name, value in uninterrupted.items():
         assert torch.equal(value, final["model"][name]), name
@@ -181,10 +184,10 @@ def test_signal_keeps_progress_and_the_resumed_run_is_bitwise_equal(tmp_path, un
 
 def test_second_signal_stops_at_once_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGINT)
-    with T.StopRequest() as stop:
+    with StopRequest() as stop:
         signal.raise_signal(signal.SIGINT)  # delivered to this thread: the handler runs before the next line
         assert stop.signum == signal.SIGINT  # the first only asks the loop to stop after its step
-        with pytest.raises(T.TrainingInterrupted, match="stopped at once by a second SIGINT") as info:
+        with pytest.raises(TrainingInterrupted, match="stopped at once by a second SIGINT") as info:
             signal.raise_signal(signal.SIGINT)
         assert info.value.exit_code == 130 and info.value.checkpoint_path is None
     assert signal.getsignal(signal.SIGINT) is before
@@ -215,14 +218,14 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
                              "--checkpoint-every", "2", "--max-steps", "6", "--out-dir", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    temporaries = [name for name in os.listdir(out) if name.startswith(ckpt.TEMP_PREFIX)]
+    temporaries = [name for name in os.listdir(out) if name.startswith(TEMP_PREFIX)]
     assert len(temporaries) == 1 and temporaries[0].endswith(".pt")  # the kill did hit the write
-    assert ckpt.load_checkpoint(str(out / T.CHECKPOINT_NAME))["step"] == 2  # the previous checkpoint is intact
+    assert ckpt.load_checkpoint(str(out / CHECKPOINT_NAME))["step"] == 2  # the previous checkpoint is intact
 
     assert cli.main(["train", *TINY_ARGS, *LONG_ARGS, "--checkpoint-every", "2", "--max-steps", "6", "--out-dir", str(out),
-                     "--resume", str(out / T.CHECKPOINT_NAME)]) == 0
-    assert not [name for name in os.listdir(out) if name.startswith(ckpt.TEMP_PREFIX)]  # the stale temporary is gone
-    assert ckpt.load_checkpoint(str(out / T.CHECKPOINT_NAME))["step"] == 6
+                     "--resume", str(out / CHECKPOINT_NAME)]) == 0
+    assert not [name for name in os.listdir(out) if name.startswith(TEMP_PREFIX)]  # the stale temporary is gone
+    assert ckpt.load_checkpoint(str(out / CHECKPOINT_NAME))["step"] == 6
     records = _metrics(out)
     assert [r["step"] for r in records] == [1, 2, 2, 3, 4, 5, 6]
     _assert_true_history(records, resumed_at=[2])

@@ -19,11 +19,13 @@ import torch
 
 from empssl import checkpoint as ckpt
 from empssl import cli
-from empssl import run_dir
 from empssl.config import TrainConfig
-from empssl.data import DataError, load_dataset, load_npz
-from empssl.image_folder import decode_image, load_image_folder
-from empssl.runtime import resolve_device
+from empssl.data.dataset import DataError
+from empssl.data.folder import decode_image, load_image_folder
+from empssl.data.npz import load_npz
+from empssl.device import resolve_device
+from empssl.files import TEMP_PREFIX
+from empssl.training import run_folder as run_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -79,14 +81,14 @@ def test_two_concurrent_processes_one_run_per_folder(tmp_path):
     # the first run holds the folder while its data loads until the second has tried (no race on timing)
     first_script = textwrap.dedent(f"""
         import os, sys, time
-        import empssl.data
+        import empssl.data.load
         from empssl import cli
-        real = empssl.data.make_synthetic
+        real = empssl.data.load.make_synthetic
         def waiting(*args, **kwargs):
             while not os.path.exists({str(go)!r}):
                 time.sleep(0.02)
             return real(*args, **kwargs)
-        empssl.data.make_synthetic = waiting
+        empssl.data.load.make_synthetic = waiting
         sys.exit(cli.main(["train", *{TINY_ARGS!r}, "--max-steps", "4", "--out-dir", {str(out)!r}]))
     """)
     first = subprocess.Popen([sys.executable, "-c", first_script], env=_env(), stdout=subprocess.PIPE,
@@ -312,7 +314,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_a_rerun_needs_no_overwrite(tm
     assert _train(out, "--max-steps", "2") == 1
     line = _one_clear_line(capsys.readouterr().err)
     assert text in line and f"cannot write {out / run_dir.CHECKPOINT_NAME}" in line
-    assert not [name for name in os.listdir(out) if name.startswith(ckpt.TEMP_PREFIX)]
+    assert not [name for name in os.listdir(out) if name.startswith(TEMP_PREFIX)]
     monkeypatch.setattr(ckpt.os, "fdopen", real_fdopen)
     assert _train(out, "--max-steps", "2") == 0  # metrics.jsonl without a checkpoint does not block the rerun
     assert (out / run_dir.CHECKPOINT_NAME).exists() and len(_run_ids(out)) == 1
@@ -377,14 +379,14 @@ def test_images_smaller_than_the_recipe_are_refused_in_the_datas_terms(tmp_path,
 def test_sigint_while_the_data_loads_exits_130_with_one_line(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys, time
-        import empssl.data
+        import empssl.data.load
         from empssl import cli
-        real = empssl.data.make_synthetic
+        real = empssl.data.load.make_synthetic
         def slow(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the data loads
             time.sleep(5)
             return real(*args, **kwargs)
-        empssl.data.make_synthetic = slow
+        empssl.data.load.make_synthetic = slow
         sys.exit(cli.main(["train", *{TINY_ARGS!r}, "--out-dir", {str(tmp_path / "run")!r}]))
     """)
     done = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=120)

@@ -7,12 +7,12 @@ test_tcr_backends.py.
 import pytest
 import torch
 import torch.nn.functional as F
+from tcr_inputs import make_z  # noqa: E402
 
 import empssl
 from empssl import EMPSSLLoss, TotalCodingRate, coding_rate, invariance_loss
 from empssl.backends import BackendUnavailableError
 from empssl.reference import tcr as reference_tcr
-from tcr_inputs import make_z  # noqa: E402
 
 EPS = 0.2
 

@@ -22,10 +22,10 @@ Tolerances:
 """
 import pytest
 import torch
+from tcr_inputs import make_z  # noqa: E402
 
 from empssl import backends, coding_rate
 from empssl.reference import tcr as reference_tcr
-from tcr_inputs import make_z  # noqa: E402
 
 EPS = 0.2
 

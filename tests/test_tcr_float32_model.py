@@ -33,9 +33,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from tcr_inputs import make_z
 
 from empssl.kernels import tcr
-from tcr_inputs import make_z
 
 EPS = 0.2
 B, D = 100, 1024

@@ -9,11 +9,12 @@ import torch
 
 pytest.importorskip("triton")
 
+from launch_recorder import record_launches  # noqa: E402
+from tcr_inputs import make_z  # noqa: E402
+
 from empssl.backends import triton_reason  # noqa: E402
 from empssl.kernels import tcr  # noqa: E402
 from empssl.reference.tcr import coding_rate  # noqa: E402
-from launch_recorder import record_launches  # noqa: E402
-from tcr_inputs import make_z  # noqa: E402
 
 EPS = 0.2
 

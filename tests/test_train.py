@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from empssl import checkpoint as ckpt
-from empssl import step as S
-from empssl import train as T
-from empssl.augment_config import AugmentConfig, augment_config_for
-from empssl.config import EvalConfig
-from empssl.data import make_synthetic
-from empssl.models import build_encoder
+from empssl.augment.config import AugmentConfig, augment_config_for
+from empssl.config import EvalConfig, TrainConfig
+from empssl.data.synthetic import make_synthetic
+from empssl.models.encoder import build_encoder, load_encoder
+from empssl.training import loop as T
+from empssl.training import step as S
+from empssl.training.run_folder import CHECKPOINT_NAME, METRICS_NAME
+from empssl.training.step import train_step
 
 TINY = dict(dataset="synthetic", width=0.125, hidden_dim=64, z_dim=32, device="cpu", progress=False)
 
@@ -28,11 +30,11 @@ def tiny_data():
 def _config(tmp_path, name, **overrides):
     values = dict(TINY, num_patches=4, batch_size=16, epochs=2, schedule_epochs=2, log_every=1, out_dir=str(tmp_path / name))
     values.update(overrides)
-    return T.TrainConfig(**values)
+    return TrainConfig(**values)
 
 
 def _read_metrics(out_dir):
-    with open(os.path.join(out_dir, T.METRICS_NAME)) as f:
+    with open(os.path.join(out_dir, METRICS_NAME)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -78,9 +80,9 @@ def test_interrupted_and_resumed_run_is_bitwise_equal(tmp_path, tiny_data, monke
     with pytest.raises(KeyboardInterrupt):
         T.train(_config(tmp_path, "crashed", checkpoint_every=3), tiny_data)
     monkeypatch.undo()
-    saved = ckpt.load_checkpoint(str(tmp_path / "crashed" / T.CHECKPOINT_NAME))
+    saved = ckpt.load_checkpoint(str(tmp_path / "crashed" / CHECKPOINT_NAME))
     assert saved["step"] == 6 and saved["epoch"] == 1
-    resumed = T.train(_config(tmp_path, "crashed", checkpoint_every=3, resume=str(tmp_path / "crashed" / T.CHECKPOINT_NAME)),
+    resumed = T.train(_config(tmp_path, "crashed", checkpoint_every=3, resume=str(tmp_path / "crashed" / CHECKPOINT_NAME)),
                       tiny_data)
     assert resumed.steps == 8
 
@@ -104,14 +106,14 @@ def test_checkpoint_contents_and_atomic_write(tmp_path, tiny_data):
     config = _config(tmp_path, "run", checkpoint_every=2, max_steps=5)
     result = T.train(config, tiny_data)
     files = sorted(set(os.listdir(config.out_dir)) - {"curves.png"})  # written too where matplotlib is installed
-    assert files == [T.CHECKPOINT_NAME, T.METRICS_NAME]  # no temporary files left behind
+    assert files == [CHECKPOINT_NAME, METRICS_NAME]  # no temporary files left behind
     saved = ckpt.load_checkpoint(result.checkpoint_path)
     assert saved["step"] == 5 and saved["model_config"] == config.model_config()
     assert {"torch_cpu", "permutation"} <= set(saved["rng"])  # the augmentation is keyed by the step: no state
     assert saved["config"]["batch_size"] == 16 and saved["train_state_version"] == ckpt.TRAIN_STATE_VERSION
     # the lr tensor LARS reads holds the last step's lr, computed from its step counter (4: the fifth step)
     assert float(saved["optimizer"]["param_groups"][0]["lr"]) == pytest.approx(0.3 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
-    encoder, _ = ckpt.load_encoder(result.checkpoint_path)
+    encoder, _ = load_encoder(result.checkpoint_path)
     for name, value in encoder.state_dict().items():
         assert torch.equal(value, result.encoder.state_dict()[name])
 
@@ -138,7 +140,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_dat
     config = _config(tmp_path, "run", checkpoint_every=2, log_every=3)
     with pytest.raises(T.NonFiniteLossError, match="non-finite .* step 6.*step 4\\) is intact"):
         T.train(config, tiny_data)
-    saved = ckpt.load_checkpoint(os.path.join(config.out_dir, T.CHECKPOINT_NAME))
+    saved = ckpt.load_checkpoint(os.path.join(config.out_dir, CHECKPOINT_NAME))
     assert saved["step"] == 4
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
     assert not [f for f in os.listdir(config.out_dir) if f.startswith(".tmp")]
@@ -165,7 +167,7 @@ def test_truncated_or_foreign_checkpoint_is_refused(tmp_path, tiny_data):
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(ckpt.CheckpointError, match="not an empssl checkpoint"):
-        ckpt.load_encoder(str(foreign))
+        load_encoder(str(foreign))
     with pytest.raises(ckpt.CheckpointError, match="not found"):
         ckpt.load_checkpoint(str(tmp_path / "missing.pt"))
 
@@ -179,11 +181,11 @@ def test_batch_larger_than_data_set_fails_before_writing(tmp_path, tiny_data):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="num_patches must be >= 2"):
-        T.TrainConfig(num_patches=1).validate()
+        TrainConfig(num_patches=1).validate()
     with pytest.raises(ValueError, match="lr must be a positive"):
-        T.TrainConfig(lr=0.0).validate()
+        TrainConfig(lr=0.0).validate()
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        T.TrainConfig(batch_size=0).validate()
+        TrainConfig(batch_size=0).validate()
 
 
 @pytest.mark.parametrize("tf32", [False, True])
@@ -191,7 +193,7 @@ def test_train_sets_tf32_as_configured_whatever_it_inherits_and_restores_it(tmp_
     inherited = (not tf32, tf32)  # a caller's settings that differ from the choice in at least one switch
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = inherited
-    seen, step = [], T.train_step
+    seen, step = [], train_step
 
     def recording_step(state, images, image_ids):
         seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
@@ -217,7 +219,7 @@ def test_augment_config_follows_image_size():
 
 @pytest.mark.gpu
 def test_cuda_bf16_training_resumes_and_evaluates(tmp_path):
-    from empssl.evaluate import evaluate
+    from empssl.evaluation.pipeline import evaluate
 
     data = make_synthetic(256, 64, 32, seed=0)
     common = dict(device="cuda", bf16=True, channels_last=True, num_patches=8, batch_size=64, width=0.25,

@@ -20,8 +20,10 @@ import torch
 
 from empssl import checkpoint as ckpt
 from empssl import cli
-from empssl import train as T
-from empssl.models import build_encoder
+from empssl.config import TrainConfig
+from empssl.files import TEMP_PREFIX
+from empssl.models.encoder import build_encoder
+from empssl.training.run_folder import CHECKPOINT_NAME, METRICS_NAME
 
 WORLD = 2
 STEPS = 4
@@ -37,7 +39,8 @@ pytestmark = pytest.mark.slow  # every test starts torchrun with two ranks: 7-20
 # makes rank 1 die (SIGKILL) or hang at the start of step EMPSSL_TEST_FAIL_STEP.
 LAUNCHED = """
 import os, signal, sys, time
-from empssl import cli, train as T
+from empssl import cli
+from empssl.training import loop as T
 
 if os.environ.get("EMPSSL_TEST_FLOAT64"):
     build = T.build_train_state
@@ -106,11 +109,11 @@ def _check_ok(process):
 
 
 def _model(out_dir):
-    return ckpt.load_checkpoint(os.path.join(out_dir, T.CHECKPOINT_NAME))["model"]
+    return ckpt.load_checkpoint(os.path.join(out_dir, CHECKPOINT_NAME))["model"]
 
 
 def _records(out_dir):
-    with open(os.path.join(out_dir, T.METRICS_NAME)) as f:
+    with open(os.path.join(out_dir, METRICS_NAME)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -171,8 +174,8 @@ def test_two_ranks_train_as_one_process(float64_runs):
     steps, losses = _losses(two)
     assert steps == list(range(1, STEPS + 1)) and _losses(one)[0] == steps
     torch.testing.assert_close(losses, _losses(one)[1], rtol=1e-6, atol=0)  # logged as float32 sums
-    assert sorted(set(os.listdir(two)) - {"curves.png"}) == [T.CHECKPOINT_NAME, T.METRICS_NAME]
-    assert ckpt.load_checkpoint(os.path.join(two, T.CHECKPOINT_NAME))["world_size"] == WORLD
+    assert sorted(set(os.listdir(two)) - {"curves.png"}) == [CHECKPOINT_NAME, METRICS_NAME]
+    assert ckpt.load_checkpoint(os.path.join(two, CHECKPOINT_NAME))["world_size"] == WORLD
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process(tmp_path, float64_runs, launched):
@@ -180,8 +183,8 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(tmp_path, float64_runs, la
     half = str(tmp_path / "half")
     args = [*RUN, "--checkpoint-every", "2"]
     _check_ok(_torchrun(["train", *args, "--max-steps", "2", "--out-dir", half], launched, EMPSSL_TEST_FLOAT64="1"))
-    assert ckpt.load_checkpoint(os.path.join(half, T.CHECKPOINT_NAME))["step"] == 2
-    resume = ["--resume", os.path.join(half, T.CHECKPOINT_NAME)]
+    assert ckpt.load_checkpoint(os.path.join(half, CHECKPOINT_NAME))["step"] == 2
+    resume = ["--resume", os.path.join(half, CHECKPOINT_NAME)]
     _check_ok(_one_process(["train", *args, "--max-steps", str(STEPS), "--out-dir", half, *resume], launched,
                            EMPSSL_TEST_FLOAT64="1"))
     _assert_same_model(_model(half), _model(two), rtol=1e-9)
@@ -201,7 +204,7 @@ def test_torchrun_empssl_float32_logs_the_losses_of_one_process(tmp_path):
     torch.testing.assert_close(losses, _losses(one)[1], rtol=1e-5, atol=0)
     print(f"\nfloat32, {STEPS} steps: max relative difference of the parameters to one process "
           f"{_max_relative_difference(_model(two), _model(one)):.1e} (rounding, amplified by the steps)")
-    assert sorted(set(os.listdir(two)) - {"curves.png"}) == [T.CHECKPOINT_NAME, T.METRICS_NAME]
+    assert sorted(set(os.listdir(two)) - {"curves.png"}) == [CHECKPOINT_NAME, METRICS_NAME]
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_training(tmp_path):
@@ -217,7 +220,7 @@ def test_an_input_error_on_rank_0_alone_stops_every_rank_at_once(tmp_path):
     out.mkdir()
     # another run's checkpoint: rank 0 (the one that writes) refuses the folder (a metrics.jsonl alone would be taken
     # over: its run wrote no checkpoint)
-    (out / T.CHECKPOINT_NAME).write_bytes(b"another run's checkpoint")
+    (out / CHECKPOINT_NAME).write_bytes(b"another run's checkpoint")
     started = time.perf_counter()
     process = _torchrun(["train", *RUN, "--out-dir", str(out)])  # --dist-timeout 60
     assert process.returncode != 0
@@ -225,7 +228,7 @@ def test_an_input_error_on_rank_0_alone_stops_every_rank_at_once(tmp_path):
     # rank 1 did not wait for a collective until the timeout: it learnt rank 0's error
     assert "(rank 1 of 2): error: rank 0 stopped: ValueError: --out-dir" in process.stderr
     assert time.perf_counter() - started < 60
-    assert os.listdir(out) == [T.CHECKPOINT_NAME] and (out / T.CHECKPOINT_NAME).read_bytes() == b"another run's checkpoint"
+    assert os.listdir(out) == [CHECKPOINT_NAME] and (out / CHECKPOINT_NAME).read_bytes() == b"another run's checkpoint"
 
 
 @pytest.mark.parametrize("failure", ["kill", "stall"])
@@ -238,13 +241,13 @@ def test_a_rank_that_dies_or_stalls_stops_the_run_and_the_checkpoint_stays(tmp_p
                          "--out-dir", out], launched, EMPSSL_TEST_FAIL=failure, EMPSSL_TEST_FAIL_STEP="3")
     seconds = time.perf_counter() - started
     assert process.returncode != 0
-    checkpoint = os.path.join(out, T.CHECKPOINT_NAME)
-    assert (f"rank 0: a collective with the other ranks failed during step 3 (another rank died, or did not answer "
-            f"within the distributed timeout)") in process.stderr, process.stderr[-3000:]
+    checkpoint = os.path.join(out, CHECKPOINT_NAME)
+    assert ("rank 0: a collective with the other ranks failed during step 3 (another rank died, or did not answer "
+            "within the distributed timeout)") in process.stderr, process.stderr[-3000:]
     assert f"the last good checkpoint {checkpoint} (step 2) is intact" in process.stderr
     saved = ckpt.load_checkpoint(checkpoint)
     assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
-    assert not [name for name in os.listdir(out) if name.startswith(ckpt.TEMP_PREFIX)]
+    assert not [name for name in os.listdir(out) if name.startswith(TEMP_PREFIX)]
     assert _losses(out)[0] == [1, 2]
     print(f"\nrank 1 {failure}: the run stopped after {seconds:.1f} s")
 
@@ -253,7 +256,7 @@ def test_ctrl_c_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path)
     out = tmp_path / "run"
     process = subprocess.Popen(_torchrun_command(["train", *RUN, "--epochs", "1000", "--out-dir", str(out)]),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment())
-    metrics, deadline = out / T.METRICS_NAME, time.monotonic() + 180
+    metrics, deadline = out / METRICS_NAME, time.monotonic() + 180
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # training, a few steps in
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
         time.sleep(0.1)
@@ -264,7 +267,7 @@ def test_ctrl_c_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path)
     stopped = re.findall(r"\(rank (\d) of 2\): interrupted by SIGINT after step (\d+)", stderr)
     assert sorted(rank for rank, _ in stopped) == ["0", "1"] and len({step for _, step in stopped}) == 1, stderr[-3000:]
     step = int(stopped[0][1])
-    assert ckpt.load_checkpoint(str(out / T.CHECKPOINT_NAME))["step"] == step
+    assert ckpt.load_checkpoint(str(out / CHECKPOINT_NAME))["step"] == step
     assert _losses(str(out))[0] == list(range(1, step + 1))
 
 
@@ -303,5 +306,5 @@ def test_torchrun_on_one_gpu_joins_nccl_and_trains_as_one_process(tmp_path):
     # TF32 is off in both processes (the trainer sets it from TrainConfig.tf32, default off, whatever torch's
     # defaults), so the float32 convolutions are IEEE in both; they may still pick other cuDNN algorithms
     # (cudnn.benchmark): float32 rounding, not a looser contract
-    assert T.TrainConfig().tf32 is False and "--tf32" not in args
+    assert TrainConfig().tf32 is False and "--tf32" not in args
     torch.testing.assert_close(losses, _losses(plain)[1], rtol=1e-4, atol=0)

@@ -7,13 +7,16 @@ import math
 
 import pytest
 import torch
+from step_counters import OpCounter, count_host_syncs
 
 from empssl import checkpoint as ckpt
-from empssl import step as S
-from empssl import train as T
-from empssl.data import make_synthetic
-from empssl.models import build_encoder
-from step_counters import OpCounter, count_host_syncs
+from empssl.config import TrainConfig
+from empssl.data.synthetic import make_synthetic
+from empssl.models.encoder import build_encoder, load_encoder
+from empssl.training import loop as T
+from empssl.training import step as S
+from empssl.training.run_folder import CHECKPOINT_NAME, METRICS_NAME
+from empssl.training.step import build_train_state, train_step
 
 TINY = dict(dataset="synthetic", width=0.125, hidden_dim=64, z_dim=32, device="cpu", progress=False, num_patches=4,
             batch_size=8)
@@ -34,7 +37,7 @@ def images():
 
 
 def _state(**overrides):
-    return T.build_train_state(T.TrainConfig(**{**TINY, **overrides}), torch.device("cpu"), NUM_IMAGES, IMAGE_SIZE)
+    return build_train_state(TrainConfig(**{**TINY, **overrides}), torch.device("cpu"), NUM_IMAGES, IMAGE_SIZE)
 
 
 def _batches(count, seed=0):
@@ -53,10 +56,10 @@ def _assert_states_equal(a, b):
 def test_steps_after_the_first_make_no_host_sync(images):
     state = _state()
     first, *rest = _batches(4)
-    T.train_step(state, images[first], first)  # the first step may make lazy state (none does today)
+    train_step(state, images[first], first)  # the first step may make lazy state (none does today)
     with count_host_syncs() as calls:
         for ids in rest:
-            outputs = T.train_step(state, images[ids], ids)
+            outputs = train_step(state, images[ids], ids)
     assert dict(calls) == {}
     assert all(isinstance(x, torch.Tensor) and x.ndim == 0 for x in outputs)
     assert int(state.step) == 4
@@ -65,7 +68,7 @@ def test_steps_after_the_first_make_no_host_sync(images):
 def test_ops_per_phase_stay_within_budget(images):
     state = _state()
     ids = _batches(2)
-    T.train_step(state, images[ids[0]], ids[0])
+    train_step(state, images[ids[0]], ids[0])
     batch = images[ids[1]]
     phase, counts = ["outside a phase"], collections.defaultdict(int)
 
@@ -77,7 +80,7 @@ def test_ops_per_phase_stay_within_budget(images):
             counts[phase[0]] += 1
 
     with OpCounter(attribute) as counter:
-        T.train_step(state, batch, ids[1])
+        train_step(state, batch, ids[1])
     assert set(counts) == set(PHASE_BUDGET)  # every op of the step is in a phase
     assert sum(counts.values()) == counter.total
     over = {name: (counts[name], budget) for name, budget in PHASE_BUDGET.items() if counts[name] > budget}
@@ -88,17 +91,17 @@ def test_state_dict_continues_bitwise(images):
     batches = _batches(4)
     whole = _state()
     for ids in batches[:2]:
-        T.train_step(whole, images[ids], ids)
+        train_step(whole, images[ids], ids)
     saved = copy.deepcopy(whole.state_dict())
     for ids in batches[2:]:
-        T.train_step(whole, images[ids], ids)
+        train_step(whole, images[ids], ids)
 
     resumed = _state(seed=0)
-    T.train_step(resumed, images[batches[0]], batches[0])  # a state that moved elsewhere first: load must replace it all
+    train_step(resumed, images[batches[0]], batches[0])  # a state that moved elsewhere first: load must replace it all
     resumed.load_state_dict(saved)
     assert int(resumed.step) == 2
     for ids in batches[2:]:
-        T.train_step(resumed, images[ids], ids)
+        train_step(resumed, images[ids], ids)
     _assert_states_equal(whole, resumed)
     # the lr followed the counter: the fourth step's (index 3) on a cosine of 2 epochs of 4 steps
     assert float(whole.lr) == pytest.approx(0.3 * 0.5 * (1 + math.cos(3 * math.pi / 8)), rel=1e-6)
@@ -121,13 +124,13 @@ def test_compiled_step_is_one_graph_and_agrees_with_eager(images):
     first, *rest = _batches(3)
     initial = {name: p.detach().clone() for name, p in eager.encoder.named_parameters()}
     # fullgraph: any graph break raises; backward (autograd.grad), LARS and the counters are in the graph
-    step = torch.compile(T.train_step, backend="aot_eager", fullgraph=True)
+    step = torch.compile(train_step, backend="aot_eager", fullgraph=True)
     try:
         with torch._dynamo.config.patch(trace_autograd_ops=True):
             for state in (eager, compiled):  # one eager step each: the momentum buffers exist, so one compilation
-                T.train_step(state, images[first], first)
+                train_step(state, images[first], first)
             for ids in rest:
-                T.train_step(eager, images[ids], ids)
+                train_step(eager, images[ids], ids)
                 step(compiled, images[ids], ids)
     finally:
         torch._dynamo.reset()
@@ -162,7 +165,7 @@ def test_compile_option_makes_forward_and_loss_one_graph(images, monkeypatch):
     try:
         for ids in _batches(3):
             for state in (eager, compiled):
-                T.train_step(state, images[ids], ids)
+                train_step(state, images[ids], ids)
     finally:
         torch._dynamo.reset()
     for (name, a), b in zip(eager.encoder.named_parameters(), compiled.encoder.parameters()):
@@ -209,7 +212,7 @@ def test_forward_and_loss_under_bf16_autocast_compiles_as_one_graph(images):
 def test_captured_step_gives_the_eager_parameters_after_ten_steps(tmp_path):
     data = make_synthetic(80, 8, 32, seed=0)
     common = dict(TINY, device="cuda", bf16=False, max_steps=10, epochs=1, schedule_epochs=1, log_every=5)
-    runs = {graph: T.train(T.TrainConfig(**common, cuda_graph=graph, out_dir=str(tmp_path / str(graph))), data)
+    runs = {graph: T.train(TrainConfig(**common, cuda_graph=graph, out_dir=str(tmp_path / str(graph))), data)
             for graph in (False, True)}
     torch.manual_seed(0)
     initial = build_encoder(width=0.125, hidden_dim=64, z_dim=32).state_dict()
@@ -228,7 +231,7 @@ def test_cpu_training_never_enters_the_cuda_graph_path(tmp_path, monkeypatch):
 
     monkeypatch.setattr(T, "captured_train_step", refuse)
     benchmark = torch.backends.cudnn.benchmark
-    config = T.TrainConfig(**{**TINY, "max_steps": 2, "out_dir": str(tmp_path / "run")})
+    config = TrainConfig(**{**TINY, "max_steps": 2, "out_dir": str(tmp_path / "run")})
     assert config.cuda_graph  # the default: capture where there is CUDA
     result = T.train(config, make_synthetic(NUM_IMAGES, 8, IMAGE_SIZE, seed=0))
     assert result.steps == 2 and torch.backends.cudnn.benchmark == benchmark
@@ -263,25 +266,25 @@ def test_non_finite_loss_is_caught_one_window_late(tmp_path, monkeypatch):
             return (loss * float("nan") if calls[0] >= 3 else loss), tcr, inv
 
     monkeypatch.setattr(S, "EMPSSLLoss", NaNFromStepThree)
-    config = T.TrainConfig(**{**TINY, "epochs": 2, "log_every": 2, "out_dir": str(tmp_path / "run")})
+    config = TrainConfig(**{**TINY, "epochs": 2, "log_every": 2, "out_dir": str(tmp_path / "run")})
     with pytest.raises(T.NonFiniteLossError, match="at or before step 4; stopping: no checkpoint was written"):
         T.train(config, make_synthetic(NUM_IMAGES, 8, IMAGE_SIZE, seed=0))
     # the window of steps 3-4 is read when the next one closes (step 6): the host never waited for the device
     assert calls[0] == 6
-    with open(tmp_path / "run" / T.METRICS_NAME) as f:
+    with open(tmp_path / "run" / METRICS_NAME) as f:
         assert [json.loads(line)["step"] for line in f] == [2]
-    assert not (tmp_path / "run" / T.CHECKPOINT_NAME).exists()
+    assert not (tmp_path / "run" / CHECKPOINT_NAME).exists()
 
 
 def test_checkpoint_of_the_previous_trainer_is_refused_for_resume_but_loads_for_eval(tmp_path):
     data = make_synthetic(NUM_IMAGES, 8, IMAGE_SIZE, seed=0)
-    first = T.train(T.TrainConfig(**{**TINY, "max_steps": 1, "out_dir": str(tmp_path / "run")}), data)
+    first = T.train(TrainConfig(**{**TINY, "max_steps": 1, "out_dir": str(tmp_path / "run")}), data)
     payload = ckpt.load_checkpoint(first.checkpoint_path)
     del payload["train_state_version"]  # what the trainer before TrainState wrote (version 1)
     old = tmp_path / "old.pt"
     ckpt.save_checkpoint(str(old), {k: v for k, v in payload.items() if k not in ("format", "version")})
     with pytest.raises(ckpt.CheckpointError, match="training state of version 1, this trainer continues version 2"):
-        T.train(T.TrainConfig(**{**TINY, "resume": str(old), "out_dir": str(tmp_path / "again")}), data)
+        T.train(TrainConfig(**{**TINY, "resume": str(old), "out_dir": str(tmp_path / "again")}), data)
     assert not (tmp_path / "again").exists()
-    encoder, _ = ckpt.load_encoder(str(old))
+    encoder, _ = load_encoder(str(old))
     assert torch.equal(encoder.state_dict()["backbone.conv1.weight"], first.encoder.state_dict()["backbone.conv1.weight"])

@@ -1,4 +1,4 @@
-// Generated from empssl/augment_params.py by setup.py: do not edit (edit the Python table).
+// Generated from empssl/augment/params.py by setup.py: do not edit (edit the Python table).
 // The columns of the per-patch parameter rows (float32, shape (P, NUM_PARAMS)) and the
 // colour jitter op ids stored in ORDER_0..ORDER_3.
 #pragma once

@@ -1,5 +1,5 @@
 // What the C++ kernels take besides the parameter rows, whose columns are augment_layout.h
-// (generated from empssl/augment_params.py).
+// (generated from empssl/augment/params.py).
 #pragma once
 
 #include <cstdint>

@@ -11,7 +11,7 @@ patches from 256x256 images (ImageNet recipe). Contenders, side by side in one r
                          bf16 channels_last output, as training uses)
 Every empssl row includes the parameter sampling, as the training step calls it. "per core"
 rates divide by the threads used. On a GPU run the CPU-only contenders (PIL, torchvision-v2,
-albumentations) are not timed: their figures do not depend on the GPU (the README quotes CI's).
+albumentations) are not timed: their figures do not depend on the GPU (docs/benchmarks.md section 2 quotes the CPU machine's).
 
   empssl bench augment            # GPU sizes
   empssl bench augment --quick    # under about 90 s on a 2-core CPU
@@ -25,8 +25,9 @@ import random
 import torch
 
 from .. import backends
-from ..augment import MultiPatchAugment
-from ..augment_config import AugmentConfig
+from ..augment import params as AP
+from ..augment.multipatch import MultiPatchAugment
+from ..augment.config import AugmentConfig
 from . import common
 
 
@@ -208,9 +209,9 @@ def main(argv=None) -> int:
                         "; ".join(x for x in (note, per_core) if x))
 
         count = per_patch_count[output_size]
-        if on_gpu:  # their figures do not depend on the GPU: CI times them (README), the GPU's minutes go elsewhere
+        if on_gpu:  # their figures do not depend on the GPU: the CPU machine times them (docs/benchmarks.md), the GPU's minutes go elsewhere
             notes.add("CPU-only contenders (PIL, torchvision-v2 per patch, albumentations) not timed on a GPU run: "
-                      "see the README's CPU figures (empssl bench augment --device cpu)")
+                      "see the CPU figures of docs/benchmarks.md (empssl bench augment --device cpu)")
         else:
             with results.row(case_name(name, image_size, output_size, count), "pil-1core"):
                 record("pil-1core", count, time_pil(images, output_size, count, 1, repeats), 1, note="published pipeline")
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
                 notes.add("albumentations not installed: no albumentations row")
         for size in sizes:
             why_not = backends.reasons("augment", device, dev_images, torch.zeros(1, dtype=torch.int64, device=device),
-                                       torch.zeros(1, 17, device=device), config)
+                                       torch.zeros(1, AP.NUM_PARAMS, device=device), config)
             contenders = [("reference", "reference", None, torch.float32, False)]
             if on_gpu:
                 for backend in ("cuda", "triton"):

@@ -257,7 +257,7 @@ def add_output_arguments(parser) -> None:
 def open_results(bench: str, args) -> Results:
     """The benchmark's results; first sets float32 precision as training does (TrainConfig.tf32), so every row
     states a chosen TF32 setting (in its versions), not torch's defaults."""
-    from ..train import TrainConfig
+    from ..config import TrainConfig
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

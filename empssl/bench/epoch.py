@@ -1,6 +1,6 @@
 """One EMP-SSL epoch and its evaluation: free-running steps (eager, captured, captured + compiled) against the published path.
 
-Times ``empssl.train.train_step`` as ``empssl train`` runs it, steps back to back with no
+Times ``empssl.training.step.train_step`` as ``empssl train`` runs it, steps back to back with no
 synchronisation between them (the device queue stays full; CUDA events around >= 100 steps on a
 GPU), and extrapolates a CIFAR-10 epoch (50,000 images at batch 100: 500 steps). Methods:
   eager                  ``--no-cuda-graph``
@@ -34,13 +34,14 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import evaluate as E
-from ..models import build_encoder
+from ..evaluation.features import MAX_PATCHES_PER_FORWARD, extract_features
+from ..evaluation.probe import LabelledFeatures, knn_classify, linear_probe
+from ..models.encoder import build_encoder
 from ..optim import build_optimizer
 from ..reference import tcr as reference_tcr
 from ..config import TrainConfig
-from ..runtime import autocast_context, cudnn_benchmark, float32_precision
-from ..step import CAPTURE_WARMUP_STEPS, build_train_state, captured_train_step, train_step
+from ..device import autocast_context, cudnn_benchmark, float32_precision
+from ..training.step import CAPTURE_WARMUP_STEPS, build_train_state, captured_train_step, train_step
 from . import common
 from .step import forward_flops
 
@@ -234,21 +235,21 @@ def time_evaluation(device: torch.device, config: TrainConfig, size: Dict, resul
     encoder = build_encoder(config.arch, config.width, config.hidden_dim, config.z_dim).to(device)
     num_images, num_patches = size["feature_images"], size["feature_patches"]
     images = _synthetic_images(device, generator, num_images)
-    feature_seconds = common.time_call(lambda: E.extract_features(encoder, images, num_patches), device, repeats=1,
+    feature_seconds = common.time_call(lambda: extract_features(encoder, images, num_patches), device, repeats=1,
                                        warmup=int(device.type == "cuda"))  # cuDNN's algorithm search
     patch_rate = num_images * num_patches / feature_seconds
     case = f"eval {config.arch} w{config.width} d={config.hidden_dim}"
     results.add(case, f"features ({num_images} images x {num_patches} patches)", feature_seconds,
                 num_images / feature_seconds, "images/s", "bf16" if device.type == "cuda" else "float32",
                 note=f"{patch_rate:.4g} patch forwards/s; BatchNorm folded; chunks of "
-                     f"{E.MAX_PATCHES_PER_FORWARD.get(device.type, 8192)} patches")
+                     f"{MAX_PATCHES_PER_FORWARD.get(device.type, 8192)} patches")
     num_train, num_test, epochs = size["probe"]
     train_x = torch.randn(num_train, config.hidden_dim, device=device, generator=generator).relu_()
     train_y = torch.randint(EVAL_CLASSES, (num_train,), device=device, generator=generator)
     test_x = torch.randn(num_test, config.hidden_dim, device=device, generator=generator).relu_()
     test_y = torch.randint(EVAL_CLASSES, (num_test,), device=device, generator=generator)
-    probe_seconds = common.time_call(lambda: E.linear_probe(train_x, train_y, test_x, test_y, EVAL_CLASSES,
-                                                            epochs=epochs), device, repeats=1, warmup=0)
+    labelled = LabelledFeatures(train_x, train_y, test_x, test_y, EVAL_CLASSES)
+    probe_seconds = common.time_call(lambda: linear_probe(labelled, epochs=epochs), device, repeats=1, warmup=0)
     # an epoch's time grows with the train set (its mini-batches) and the test set (its top-1)
     probe_full = probe_seconds * (EVAL_EPOCHS / epochs) * (EVAL_TRAIN + EVAL_TEST) / (num_train + num_test)
     results.add(case, f"linear probe ({num_train} x {epochs} epochs)", probe_seconds,
@@ -256,8 +257,9 @@ def time_evaluation(device: torch.device, config: TrainConfig, size: Dict, resul
                 note=f"CIFAR-10 probe ({EVAL_TRAIN} x {EVAL_EPOCHS} epochs) {probe_full:.3g} s"
                      + ("; epochs 1.. replay one CUDA graph" if device.type == "cuda" else ""))
     knn_train, knn_test = size["knn"]
-    knn_seconds = common.time_call(lambda: E.knn_classify(train_x[:knn_train], train_y[:knn_train], test_x[:knn_test],
-                                                          test_y[:knn_test], EVAL_CLASSES), device, repeats=1)
+    knn_subset = LabelledFeatures(train_x[:knn_train], train_y[:knn_train], test_x[:knn_test], test_y[:knn_test],
+                                  EVAL_CLASSES)
+    knn_seconds = common.time_call(lambda: knn_classify(knn_subset), device, repeats=1)
     knn_full = knn_seconds * (EVAL_TRAIN * EVAL_TEST) / (knn_train * knn_test)
     knn_flops = 2 * knn_train * knn_test * config.hidden_dim
     results.add(case, f"kNN ({knn_test} x {knn_train})", knn_seconds, knn_test / knn_seconds, "queries/s", "float32",

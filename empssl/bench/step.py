@@ -16,12 +16,12 @@ import time
 
 import torch
 
-from ..augment import MultiPatchAugment
-from ..augment_config import AugmentConfig
+from ..augment.multipatch import MultiPatchAugment
+from ..augment.config import AugmentConfig
 from ..loss import EMPSSLLoss
-from ..models import build_encoder
+from ..models.encoder import build_encoder
 from ..optim import build_optimizer
-from ..runtime import autocast_context
+from ..device import autocast_context
 from . import common
 
 PARTS = ("augment", "forward", "loss", "backward+step", "total")

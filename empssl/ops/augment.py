@@ -13,7 +13,7 @@ The reference (empssl/reference/augment.py) is backend "reference". The ops take
 the recipe the kernels read (``KernelConfig``; a dataclass cannot cross the torch.library boundary);
 sampling ranges stay with the sampler. ``augment_patches`` dispatches: the backend is resolved once
 per (request, device, image layout, patch count, KernelConfig). The recipe (``AugmentConfig``) comes
-from empssl.augment_config.
+from empssl.augment.config.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .. import augment_params as AP
+from ..augment import params as AP
 from .. import backends
-from ..augment_config import AugmentConfig
+from ..augment.config import AugmentConfig
 from ..reference import augment as reference_augment
 
 EXTENSION_OP = "empssl::augment_patches"

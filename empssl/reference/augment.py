@@ -1,6 +1,6 @@
 """Per-patch augmentation in plain PyTorch (docs/method.md section 4): the specification in code.
 
-``apply_augment`` turns sampled parameters (layout in ``empssl.augment_params``) into
+``apply_augment`` turns sampled parameters (layout in ``empssl.augment.params``) into
 normalised patches. It is batched over patches, each with its own parameter row, and does
 its math in float32 with the formulas of ``torchvision.transforms.v2.functional`` on float
 images in [0, 1]; tests/test_augment_reference.py checks every step against torchvision.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import augment_params as AP
+from ..augment import params as AP
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 

@@ -1,6 +1,6 @@
-"""The linear probe as first written: nn.Linear, F.cross_entropy, autograd and torch.optim.SGD with
+"""The linear probe in plain PyTorch: nn.Linear, F.cross_entropy, autograd and torch.optim.SGD with
 CosineAnnealingLR, one Python iteration per mini-batch (docs/method.md section 6). The oracle that
-``empssl.evaluate.fit_linear_probe`` (the same algorithm with a closed-form gradient, an epoch
+``empssl.evaluation.probe.fit_linear_probe`` (the same algorithm with a closed-form gradient, an epoch
 replayable as one CUDA graph) is tested against.
 """
 from __future__ import annotations

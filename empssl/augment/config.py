@@ -1,7 +1,7 @@
 """The augmentation recipes (docs/method.md section 4): ``AugmentConfig`` and the recipe for an image size.
 
 A recipe says what the sampler draws and what the kernels apply; the column layout of the sampled
-parameters is ``empssl.augment_params``. This module imports no other module of the package, so the
+parameters is ``empssl.augment.params``. This module imports no other module of the package, so the
 sampler (empssl.augment) and the op (empssl.ops.augment) both take the recipe from here.
 """
 from __future__ import annotations
@@ -126,6 +126,3 @@ def smallest_image_size() -> int:
             continue
         return size
     return 128
-
-
-__all__ = ["AugmentConfig", "augment_config_for", "smallest_image_size"]

@@ -1,5 +1,5 @@
 """``empssl reproduce EXPERIMENT``: the paper's experiments as resumable sweeps, with a report beside the
-published numbers (empssl.published).
+published numbers (empssl.reproduce.published).
 
 An experiment is a list of tasks over cells. A cell is a folder under ``--out-dir``: a normal run folder
 (``empssl train`` writes checkpoint.pt and metrics.jsonl there) with the ``empssl eval --json`` result
@@ -26,7 +26,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from .published import Recipe
-from .run_dir import CHECKPOINT_NAME, LOCK_NAME, METRICS_NAME, RunLock, check_writable_folder
+from ..training.run_folder import CHECKPOINT_NAME, LOCK_NAME, METRICS_NAME, RunLock
+from ..files import check_writable_folder
 
 EXPERIMENTS = {
     "one-epoch": "one epoch at 20 patches, with a 1-epoch schedule and optimised for 1 epoch (a 2-epoch schedule)",
@@ -106,7 +107,7 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
 
 
 def _write_json(path: str, value: Any) -> None:
-    from .checkpoint import write_atomically
+    from ..files import write_atomically
 
     write_atomically(path, lambda f: f.write((json.dumps(value, indent=1, sort_keys=True) + "\n").encode()))
 
@@ -193,7 +194,7 @@ class Sweep:
         os.makedirs(folder, exist_ok=True)
         start = time.perf_counter()
         if task.kind == "snapshot":
-            from .checkpoint import write_atomically
+            from ..files import write_atomically
 
             source = os.path.join(self.cell_dir(task.source), CHECKPOINT_NAME)
             # the run's time so far goes with its checkpoint: the report's time for this epoch
@@ -242,18 +243,18 @@ class SweepStopped(RuntimeError):
 
 
 def _run_seconds(folder: str) -> float:
-    from .plots import read_metrics
+    from ..training.run_folder import read_step_metrics
 
-    records = read_metrics(os.path.join(folder, METRICS_NAME))
+    records = read_step_metrics(os.path.join(folder, METRICS_NAME))
     return float(records[-1].get("elapsed_s", 0.0)) if records else 0.0
 
 
 def check_memory(sweep: Sweep) -> None:
     """Refuse, before any cell runs, a training cell whose step cannot fit on the device (the trainer's own check,
-    empssl.memory.check_step_fits, on each cell's configuration)."""
-    from .config import TrainConfig, add_options, from_args
-    from .memory import check_step_fits
-    from .runtime import resolve_device
+    empssl.training.memory.check_step_fits, on each cell's configuration)."""
+    from ..config import TrainConfig, add_options, from_args
+    from ..training.memory import check_step_fits
+    from ..device import resolve_device
 
     parser = argparse.ArgumentParser(add_help=False)  # the train options of --train-args, as `empssl train` reads them
     groups: Dict[str, Any] = {}
@@ -323,7 +324,7 @@ def _patch_list(text: str) -> List[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import positive_int
+    from ..checks import positive_int
 
     parser = argparse.ArgumentParser(
         prog="empssl reproduce", description="The paper's experiments as resumable sweeps of normal run folders, with "
@@ -369,6 +370,3 @@ def main(argv: List[str], run_command: Callable[[List[str]], int]) -> int:
     except KeyboardInterrupt:
         print("empssl reproduce: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
-
-
-__all__ = ["EXPERIMENTS", "Task", "plan", "Sweep", "run_sweep", "main", "build_parser"]

@@ -5,10 +5,7 @@ handling of a loop that stops after its current step (``StopRequest``, ``Trainin
 from __future__ import annotations
 
 import contextlib
-import signal
-import sys
-import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
@@ -102,87 +99,3 @@ class CudaGraphCall:
                 static.copy_(value)
         self.graph.replay()
         return self.outputs
-
-
-class LateReader:
-    """The step's device-side metric sums, read by the host one log window late.
-
-    ``close_window`` queues a non-blocking copy of the sums to the host and zeroes them (both on
-    the device's stream, after the window's steps), and hands the previous window to ``emit``: its
-    copy finished long ago, so the host does not wait for the device. ``flush`` emits the window
-    just closed at once (waiting for it), before a checkpoint and at the end.
-    """
-
-    def __init__(self, sums: torch.Tensor, emit: Callable[[Dict[str, Any], List[float], int], None]):
-        self.sums, self.emit = sums, emit
-        self.host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=sums.is_cuda)
-        self.pending: Optional[Tuple[Dict[str, Any], int, Any]] = None  # (record, steps, copy-done event)
-
-    def close_window(self, record: Dict[str, Any], window_steps: int) -> None:
-        self.flush()  # the previous window (long done on the device); the host buffer is free again
-        self.host.copy_(self.sums, non_blocking=True)
-        self.sums.zero_()
-        event = None
-        if self.sums.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        self.pending = (record, window_steps, event)
-
-    def flush(self) -> None:
-        if self.pending is None:
-            return
-        record, window_steps, event = self.pending
-        self.pending = None
-        if event is not None:
-            event.synchronize()
-        self.emit(record, self.host.tolist(), window_steps)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the run; ``checkpoint_path`` holds ``step`` (None: stopped at once by a second signal)."""
-
-    def __init__(self, signum: int, step: Optional[int], checkpoint_path: Optional[str]):
-        self.signum, self.step, self.checkpoint_path = signum, step, checkpoint_path
-        name = signal.Signals(signum).name
-        if checkpoint_path is None:
-            message = f"stopped at once by a second {name}; no checkpoint of the current step was written"
-        else:
-            message = (f"interrupted by {name} after step {step}: checkpoint written to {checkpoint_path}; continue with "
-                       f"--resume {checkpoint_path}")
-        super().__init__(message)
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
-
-class StopRequest:
-    """SIGINT/SIGTERM handlers for the training loop: the first signal asks the loop to stop after the current step
-    (with a checkpoint); a second one raises at once. Outside the main thread (where handlers cannot be set) a no-op."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._previous: Dict[int, Any] = {}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise TrainingInterrupted(signum, None, None)
-        self.signum = signum
-        print(f"\nempssl: {signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-__all__ = ["resolve_device", "autocast_context", "cudnn_benchmark", "float32_precision", "CudaGraphCall", "LateReader",
-           "StopRequest", "TrainingInterrupted"]

@@ -1,9 +1,9 @@
 """``ImageDataset`` (train and test images as uint8 tensors, int64 labels), its errors, and the checks and
-splits every loader shares (empssl.data and empssl.image_folder make data sets of this type)."""
+splits every loader shares (empssl.data and empssl.data.folder make data sets of this type)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -127,8 +127,3 @@ def check_batch_size(batch_size: int, num_images: int, what: str = "training set
     if batch_size > num_images:
         raise ValueError(f"batch_size {batch_size} is larger than the {what} ({num_images} images); "
                          f"pass a smaller --batch-size or use more images")
-
-
-
-__all__: Sequence[str] = ["DataError", "ImageDataset", "deterministic_split", "check_batch_size", "TEST_FRACTION",
-                          "check_labels", "MAX_CLASSES", "check_image_size"]

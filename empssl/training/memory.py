@@ -41,7 +41,7 @@ class StepMemory:
 def _saved_bytes_per_patch(arch: str, width: float, hidden_dim: int, z_dim: int, image_size: int) -> int:
     from torch.autograd.graph import saved_tensors_hooks
 
-    from .models import build_encoder
+    from ..models.encoder import build_encoder
 
     with torch.device("meta"):  # never allocated: an absurd size is estimated, not attempted
         encoder = build_encoder(arch, width=width, hidden_dim=hidden_dim, z_dim=z_dim)
@@ -64,7 +64,7 @@ def _saved_bytes_per_patch(arch: str, width: float, hidden_dim: int, z_dim: int,
 def estimate_step_memory(*, arch: str, width: float, hidden_dim: int, z_dim: int, image_size: int, batch_size: int,
                          num_patches: int, bf16: bool) -> StepMemory:
     """What one step of this configuration needs (bf16: activations and patches in bfloat16, under autocast)."""
-    from .models import build_encoder
+    from ..models.encoder import build_encoder
 
     activation_scale = 0.5 if bf16 else 1.0  # the hook saw float32 tensors; autocast keeps them in bfloat16
     per_patch = _saved_bytes_per_patch(arch, float(width), int(hidden_dim), int(z_dim), int(image_size))
@@ -119,6 +119,3 @@ def check_step_fits(config, device: torch.device, image_size: int, world_size: i
 
 def gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.1f} GiB"
-
-
-__all__ = ["StepMemory", "estimate_step_memory", "available_memory", "check_step_fits", "gib"]

@@ -44,7 +44,7 @@ def rows(sweep) -> List[Dict[str, Any]]:
 def _hardware(device: str) -> str:
     import torch
 
-    from .runtime import resolve_device
+    from ..device import resolve_device
 
     resolved = resolve_device(device)
     if resolved.type == "cuda":
@@ -56,7 +56,7 @@ def _hardware(device: str) -> str:
 def _versions() -> str:
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     try:
         import triton
@@ -145,7 +145,7 @@ def patches_figure(table: List[Dict[str, Any]]):
 
 def write_report(sweep) -> str:
     """Write report.md, report.json and the experiment's plot into the sweep's folder; returns the markdown."""
-    from .checkpoint import write_atomically
+    from ..files import write_atomically
 
     table = rows(sweep)
     text = markdown(sweep, table)
@@ -167,6 +167,3 @@ def write_report(sweep) -> str:
     write_atomically(os.path.join(sweep.out_dir, REPORT_JSON),
                      lambda f: f.write(json.dumps({"experiment": sweep.args.experiment, "rows": table}, indent=1).encode()))
     return text
-
-
-__all__ = ["rows", "markdown", "epochs_figure", "patches_figure", "write_report"]

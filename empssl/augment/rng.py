@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_positive_int
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -119,13 +121,6 @@ def default_device(generator, step, image_ids, device) -> torch.device:
     return torch.device(device)
 
 
-def check_positive_int(value, name: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
 def check_generator(generator, device: torch.device) -> None:
     if generator is None:
         return
@@ -135,6 +130,3 @@ def check_generator(generator, device: torch.device) -> None:
         device.index is not None and torch.device(generator.device).index not in (None, device.index)
     ):
         raise ValueError(f"generator is on {generator.device} but the parameters are sampled on {device}")
-
-
-__all__ = ["counter_uniforms", "draw_uniforms", "default_device", "check_positive_int", "check_generator"]

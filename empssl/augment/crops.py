@@ -6,7 +6,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .counter_rng import check_generator, check_positive_int, default_device, draw_uniforms
+from .rng import check_generator, default_device, draw_uniforms
+from ..checks import check_positive_int
 
 _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params
 
@@ -108,6 +109,3 @@ def sample_crop_boxes(
     check_generator(generator, device)
     u = draw_uniforms(num_boxes, 1, crop_uniform_count(scale, ratio), generator, device, seed, step, image_ids)
     return crop_boxes_from_uniforms(u, image_height, image_width, scale, ratio)
-
-
-__all__ = ["sample_crop_boxes", "crop_uniform_count", "crop_boxes_from_uniforms"]

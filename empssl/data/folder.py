@@ -9,14 +9,14 @@ import hashlib
 import json
 import os
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .checkpoint import write_atomically
-from .image_dataset import DataError, ImageDataset, deterministic_split
-from .run_dir import check_writable_folder
+from ..files import write_atomically
+from .dataset import DataError, ImageDataset, deterministic_split
+from ..files import check_writable_folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -207,7 +207,3 @@ def load_image_folder(path: str, image_size: int = 32, cache_dir: Optional[str] 
     tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
     return ImageDataset(f"folder:{path}", tensors["train-images"], tensors["train-labels"], tensors["test-images"],
                         tensors["test-labels"], classes=classes)
-
-
-
-__all__: Sequence[str] = ["load_image_folder", "decode_image", "IMAGE_EXTENSIONS"]

@@ -1,10 +1,10 @@
 """Export a trained backbone for ``torchvision.models.resnet18`` (and, optionally, the evaluation head).
 
-The backbone already has torchvision's parameter names (empssl/models.py), so the export is the
+The backbone already has torchvision's parameter names (empssl/models/resnet.py), so the export is the
 encoder's ``backbone.*`` entries with the prefix dropped: ``resnet18().load_state_dict(sd, strict=False)``
 reports only ``fc.weight`` and ``fc.bias`` missing. For ``resnet18-cifar`` the model needs the
-CIFAR stem first (``conv1 = Conv2d(3, 64, 3, 1, 1, bias=False)``, ``maxpool = Identity()``; README,
-"Export to torchvision"). ``with_head`` adds the ``pre_feature.*`` entries (Linear, BatchNorm1d,
+CIFAR stem first (``conv1 = Conv2d(3, 64, 3, 1, 1, bias=False)``, ``maxpool = Identity()``;
+docs/training.md section 7). ``with_head`` adds the ``pre_feature.*`` entries (Linear, BatchNorm1d,
 ReLU) whose output is the hidden_dim-d feature that evaluation uses.
 
 Files are a plain state_dict (``torch.save``, loads with ``torch.load(weights_only=True)``) or
@@ -17,8 +17,8 @@ from typing import Dict, Optional
 
 import torch
 
-from .checkpoint import load_encoder, write_atomically
-from .models import EMPSSLEncoder
+from ..files import write_atomically
+from .encoder import EMPSSLEncoder, load_encoder
 
 FORMATS = ("pt", "safetensors")
 BACKBONE_PREFIX = "backbone."
@@ -104,6 +104,3 @@ def export_checkpoint(checkpoint: str, out: str, with_head: bool = False, format
                 "with_head": str(bool(with_head)).lower(), "step": str(payload.get("step", ""))}
     save_state_dict(state, out, format, overwrite, metadata)
     return state
-
-
-__all__ = ["ExportError", "FORMATS", "export_state_dict", "export_checkpoint", "save_state_dict", "format_for"]

@@ -2,9 +2,9 @@
 
 Sampling and applying are separate. ``sample_augment_params`` draws every random choice
 of every patch on the device, vectorised, from a ``torch.Generator`` or from counter-based random numbers (a hash of seed,
-step, image, patch and draw: ``counter_uniforms`` in empssl.counter_rng), into a float32 tensor
-(P, NUM_PARAMS) laid out as in ``empssl.augment_params``; the crop boxes come from empssl.crops and the
-recipe (``AugmentConfig``) from empssl.augment_config. A backend (reference, Triton,
+step, image, patch and draw: ``counter_uniforms`` in empssl.augment.rng), into a float32 tensor
+(P, NUM_PARAMS) laid out as in ``empssl.augment.params``; the crop boxes come from empssl.augment.crops and the
+recipe (``AugmentConfig``) from empssl.augment.config. A backend (reference, Triton,
 CUDA, CPU C++) is a deterministic function of (images, source_index, params, config), so
 every backend gives the same patches for the same parameters. ``MultiPatchAugment`` is the
 public entry point: it validates its inputs, samples, and calls the op, whose backends and
@@ -17,11 +17,12 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from . import augment_params as AP
-from .augment_config import AugmentConfig
-from .counter_rng import check_generator, check_positive_int, counter_uniforms, default_device, draw_uniforms
-from .crops import crop_boxes_from_uniforms, crop_uniform_count, sample_crop_boxes
-from .ops import augment as augment_op
+from . import params as AP
+from .config import AugmentConfig
+from .rng import check_generator, default_device, draw_uniforms
+from ..checks import check_positive_int
+from .crops import crop_boxes_from_uniforms, crop_uniform_count
+from ..ops import augment as augment_op
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -244,9 +245,3 @@ class MultiPatchAugment(nn.Module):
         images_nhwc = _as_nhwc(images)
         source_index, params = self._sample(images_nhwc, num_patches, generator, seed, step, image_ids)
         return self._run_backend(images_nhwc, source_index, params)  # valid by construction: no value check, no sync
-
-
-# counter_uniforms, sample_crop_boxes and AugmentConfig are part of the sampler's interface (their homes are their
-# own modules)
-__all__ = ["AugmentConfig", "MultiPatchAugment", "sample_augment_params", "sample_crop_boxes", "counter_uniforms",
-           "OUT_DTYPES"]

@@ -40,6 +40,3 @@ LINEAR_PROBE = {
 def linear_probe(dataset: str, recipe: Recipe) -> Tuple[Optional[float], str]:
     """(published top-1, its source) for a data set trained with ``recipe``, or (None, "") where the paper has none."""
     return LINEAR_PROBE.get((dataset, recipe), (None, ""))
-
-
-__all__ = ["SOURCE", "Recipe", "LINEAR_PROBE", "linear_probe"]

@@ -9,7 +9,6 @@ once as a CUDA graph and replays it:
 
 - the augmentation draws from the counter-based source keyed by (seed, step counter, image index in
   the data set, patch): no generator state, and an image's patches do not depend on the batch split.
-  (This changed the random stream of runs made before it: same distribution, other patches.)
 - the lr is computed on the device from the step counter (``CosineFactor``) into the 0-d tensor LARS
   reads; no ``LambdaLR.step()`` (it reads the lr back to the host).
 """
@@ -21,15 +20,15 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import checkpoint as ckpt
-from . import distributed
-from .augment import MultiPatchAugment
-from .augment_config import augment_config_for
-from .config import TrainConfig
-from .loss import EMPSSLLoss
-from .models import build_encoder
-from .optim import CosineFactor, build_optimizer, schedule_steps
-from .runtime import CudaGraphCall, autocast_context
+from .. import checkpoint as ckpt
+from .. import distributed
+from ..augment.multipatch import MultiPatchAugment
+from ..augment.config import augment_config_for
+from ..config import TrainConfig
+from ..loss import EMPSSLLoss
+from ..models.encoder import build_encoder
+from ..optim import CosineFactor, build_optimizer, schedule_steps
+from ..device import CudaGraphCall, autocast_context
 
 # eager steps before the capture: cuDNN/cuBLAS/Triton autotuning and the momentum buffers exist by then
 CAPTURE_WARMUP_STEPS = 3
@@ -177,7 +176,3 @@ def captured_train_step(state: TrainState) -> CudaGraphCall:
     once as a CUDA graph and replayed with the batch copied into static buffers."""
     return CudaGraphCall(functools.partial(train_step, state), state.device, warmup=CAPTURE_WARMUP_STEPS,
                          before_capture=functools.partial(_drop_gradients, state))
-
-
-__all__ = ["TrainState", "build_train_state", "forward_and_loss", "train_step", "captured_train_step",
-           "CAPTURE_WARMUP_STEPS"]

@@ -1,4 +1,5 @@
-"""A run's folder (``--out-dir``): which run owns it, its metrics log, and the checks made before a run writes in it.
+"""A run's folder (``--out-dir``) and its owner, ``RunFolder``: the lock, the checkpoint, the metrics log and the
+curves, the rule of which run owns the folder, and the checks made before a run writes in it.
 
 A run owns its ``out_dir``: a folder that holds another run's checkpoint or metrics is refused
 unless ``overwrite`` (then the old files are replaced once the new run writes its first
@@ -22,15 +23,17 @@ import json
 import os
 import socket
 import sys
-import tempfile
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional
 
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
+from ..files import check_writable_folder, remove_stale_temporaries, write_atomically
+from .curves import write_training_curves
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+CURVES_NAME = "curves.png"
 LOCK_NAME = ".lock"
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME)  # the files that make a folder a run's
 # fields that change the training trajectory: a resume with other values is not a continuation
@@ -40,49 +43,119 @@ _TRAJECTORY_FIELDS = ("dataset", "num_patches", "batch_size", "lr", "schedule_ep
 _DATA_FIELDS = ("dataset", "root", "train_size", "image_size", "data_seed")
 
 
-def check_run_folder(config) -> Tuple[Optional[Dict[str, Any]], bool, bool]:
-    """The checks of ``config.resume`` and ``config.out_dir`` before anything is written (``config``: a TrainConfig).
+class RunFolder:
+    """The folder of one training run, held by the process that writes the run's files (rank 0).
 
-    Returns (the checkpoint to resume, or None; whether it is the folder's own checkpoint, so the run continues
-    the run that owns the folder; whether the folder holds a run's files). ValueError/CheckpointError otherwise.
+    ``open`` checks the folder (writable; under ``RunLock`` for the whole run, taken before its files are judged),
+    loads and checks the checkpoint to resume, and decides whether the folder holds another run. Nothing is written
+    until ``start``, called once every input of the run is checked: it removes a killed write's temporaries and
+    opens the metrics log. The take-over rule (``--overwrite``, or a folder holding only metrics): the old run's
+    files stay until this run writes its first checkpoint (``write_checkpoint``), or until ``finish`` when it writes
+    none.
     """
-    resumed = ckpt.load_checkpoint(config.resume) if config.resume else None
-    if resumed is not None:
-        ckpt.check_train_state(config.resume, resumed)
-        ckpt.check_finite(config.resume, {"model": resumed["model"], "optimizer": resumed["optimizer"]}, what="state")
-        check_resume_config(config.resume, resumed.get("config", {}), config)
-    own_checkpoint = os.path.join(config.out_dir, CHECKPOINT_NAME)
-    same_run = resumed is not None and os.path.realpath(config.resume) == os.path.realpath(own_checkpoint)
-    return resumed, same_run, check_out_dir(config, same_run)
+
+    def __init__(self, path: str):
+        self.path = path
+        self.checkpoint_path = os.path.join(path, CHECKPOINT_NAME)
+        self.metrics_path = os.path.join(path, METRICS_NAME)
+        self.curves_path = os.path.join(path, CURVES_NAME)
+        self.lock = RunLock(path)
+        self.resumed: Optional[Dict[str, Any]] = None  # the checkpoint a resume continues
+        self.same_run = False  # the resumed checkpoint is this folder's own: the run continues the folder's run
+        self.holds_other_run = False  # the folder holds another run's files, replaced on take-over
+        self.metrics: Optional[MetricsLog] = None
+
+    def open(self, config) -> "RunFolder":
+        """Check ``config.out_dir`` and ``config.resume`` (``config``: a TrainConfig) before anything is written;
+        ValueError/CheckpointError naming what is wrong. Takes the lock: ``close`` releases it."""
+        check_writable_folder(self.path, "--out-dir")
+        self.lock.acquire()
+        try:
+            if config.resume:
+                self.resumed = ckpt.load_checkpoint(config.resume)
+                ckpt.check_train_state(config.resume, self.resumed)
+                ckpt.check_finite(config.resume, {"model": self.resumed["model"],
+                                                  "optimizer": self.resumed["optimizer"]}, what="state")
+                check_resume_config(config.resume, self.resumed.get("config", {}), config)
+                self.same_run = os.path.realpath(config.resume) == os.path.realpath(self.checkpoint_path)
+            self.holds_other_run = self._check_other_run(config.overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def _check_other_run(self, overwrite: bool) -> bool:
+        """Refuse a folder that holds another run's files (unless ``overwrite``); True when it holds such files."""
+        present = [name for name in RUN_FILES if os.path.exists(os.path.join(self.path, name))]
+        if present == [METRICS_NAME] and not self.same_run:
+            print(f"empssl: note: --out-dir {self.path} holds only the {METRICS_NAME} of a run that wrote no "
+                  f"checkpoint (nothing to resume); this run replaces it once it writes its first checkpoint",
+                  file=sys.stderr, flush=True)
+            return True
+        if present and not self.same_run and not overwrite:
+            raise ValueError(f"--out-dir {self.path} already holds another run ({', '.join(present)}); continue it "
+                             f"with --resume {self.checkpoint_path}, replace it with --overwrite (its files go once "
+                             f"this run writes its first checkpoint), or pass another --out-dir")
+        return bool(present)
+
+    def start(self, run_id: Optional[str], resume_path: Optional[str], step: int, elapsed_s: float) -> None:
+        """Every input is checked: from here on the folder is this run's. The metrics log starts from the resumed
+        run's lines up to ``step`` (then one resume marker), or empty."""
+        self.lock.record(run_id)
+        remove_stale_temporaries(self.path)
+        history: List[Dict[str, Any]] = []
+        if resume_path is not None:
+            history = read_metrics(os.path.join(os.path.dirname(resume_path), METRICS_NAME), run_id=run_id,
+                                   until_step=step)
+            history.append({"event": "resume", "step": step, "elapsed_s": elapsed_s, "run_id": run_id})
+        self.metrics = MetricsLog(self.metrics_path, history, owned=not self.holds_other_run or self.same_run)
+
+    def write_checkpoint(self, payload: Dict[str, Any]) -> None:
+        """The checkpoint, atomically; under take-over the old run's metrics go only now that its checkpoint is
+        replaced."""
+        ckpt.save_checkpoint(self.checkpoint_path, payload)
+        if not self.metrics.owned:
+            self.metrics.take_over()
+
+    def finish(self) -> None:
+        """After the last step: the metrics log is this run's even when nothing was trained (resumed at the end), and
+        curves.png is drawn from it (where matplotlib is installed)."""
+        if not self.metrics.owned:
+            self.metrics.take_over()
+        write_training_curves(read_step_metrics(self.metrics_path), self.curves_path)
+
+    def close(self) -> None:
+        self.lock.release()
 
 
-def resumed_metrics(resume_path: str, run_id: Optional[str], step: int, elapsed_s: float) -> List[Dict[str, Any]]:
-    """The resumed run's metrics cut back to the checkpoint's step (steps logged after it are logged again),
-    then one resume marker."""
-    history = read_metrics_until(os.path.join(os.path.dirname(resume_path), METRICS_NAME), run_id, step)
-    return history + [{"event": "resume", "step": step, "elapsed_s": elapsed_s, "run_id": run_id}]
+def read_metrics(path: str, run_id: Optional[str] = None, until_step: Optional[int] = None,
+                 ) -> List[Dict[str, Any]]:
+    """The records of a metrics.jsonl in file order, resume markers included; with ``run_id`` only that run's, with
+    ``until_step`` only those up to that step. A line a kill cut short is skipped."""
+    return [record for record in _records(path) if (run_id is None or record.get("run_id") == run_id)
+            and (until_step is None or record.get("step", 0) <= until_step)]
 
 
-def check_writable_folder(path: str, option: str) -> None:
-    """ValueError unless ``path`` is a folder this process can write in, or one it can create.
+def read_step_metrics(path: str) -> List[Dict[str, Any]]:
+    """One record per step in step order, resume markers left out; the last record of a step wins (a resumed run logs
+    again the steps after its checkpoint)."""
+    by_step = {record["step"]: record for record in _records(path)
+               if isinstance(record.get("step"), int) and "event" not in record}
+    return [by_step[step] for step in sorted(by_step)]
 
-    Probes by creating and removing a temporary file in the nearest existing folder (access bits
-    say nothing for root or read-only mounts): nothing is left behind.
-    """
-    target = os.path.abspath(path)
-    existing = target
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        where = "is a file" if existing == target else f"lies under {existing}, which is a file"
-        raise ValueError(f"{option} {path} {where}, not a folder; pass a folder")
-    try:
-        handle, probe = tempfile.mkstemp(dir=existing, prefix=".tmp-probe-")
-        os.close(handle)
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"{option} {path} is not writable: cannot create files in {existing} "
-                         f"({err.strerror or err}); pass a folder you can write to") from err
+
+def _records(path: str) -> Iterator[Dict[str, Any]]:
+    """The JSON objects of ``path``, one per line (none when it does not exist)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line a kill cut short
+                continue
+            if isinstance(record, dict):
+                yield record
 
 
 def check_resume_config(path: str, stored: Dict[str, Any], config) -> None:
@@ -110,49 +183,6 @@ def check_resume_data(path: str, resumed: Dict[str, Any], config, data) -> None:
                      f"{stored.get('image_size')}x{stored.get('image_size')} ({stored.get('name')}), this run has "
                      f"{num_train} of {image_size}x{image_size} ({data.name}); {why}. Resume with the checkpoint's data "
                      f"settings, or start a new run in another --out-dir")
-
-
-def check_out_dir(config, same_run: bool) -> bool:
-    """Refuse an out_dir that holds another run's files (unless overwrite); True when it holds such files."""
-    check_writable_folder(config.out_dir, "--out-dir")
-    present = [name for name in RUN_FILES if os.path.exists(os.path.join(config.out_dir, name))]
-    if present == [METRICS_NAME] and not same_run:
-        print(f"empssl: note: --out-dir {config.out_dir} holds only the {METRICS_NAME} of a run that wrote no "
-              f"checkpoint (nothing to resume); this run replaces it once it writes its first checkpoint",
-              file=sys.stderr, flush=True)
-        return True
-    if present and not same_run and not config.overwrite:
-        own_checkpoint = os.path.join(config.out_dir, CHECKPOINT_NAME)
-        raise ValueError(f"--out-dir {config.out_dir} already holds another run ({', '.join(present)}); continue it with "
-                         f"--resume {own_checkpoint}, replace it with --overwrite (its files go once this run writes "
-                         f"its first checkpoint), or pass another --out-dir")
-    return bool(present)
-
-
-def remove_stale_temporaries(folder: str) -> None:
-    """Temporary files of a checkpoint or metrics write that a kill interrupted (the next run in the folder removes them)."""
-    if not os.path.isdir(folder):
-        return
-    for name in os.listdir(folder):
-        if name.startswith(ckpt.TEMP_PREFIX):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, name))
-
-
-def read_metrics_until(path: str, run_id: Optional[str], step: int) -> List[Dict[str, Any]]:
-    """The lines of ``path`` that this run wrote up to ``step`` (a kill may have left a partial last line: skipped)."""
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and record.get("run_id") == run_id and record.get("step", 0) <= step:
-                records.append(record)
-    return records
 
 
 class RunFolderBusy(ValueError):
@@ -253,10 +283,5 @@ class MetricsLog:
 
     def take_over(self) -> None:
         """Replace the file with the pending lines (atomically: a kill leaves the old file or the new one)."""
-        ckpt.write_atomically(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.pending).encode()))
+        write_atomically(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.pending).encode()))
         self.pending, self.owned = [], True
-
-
-__all__ = ["CHECKPOINT_NAME", "METRICS_NAME", "LOCK_NAME", "RunLock", "RunFolderBusy", "RUN_FILES", "check_run_folder", "resumed_metrics", "check_writable_folder",
-           "check_resume_config", "check_resume_data", "check_out_dir", "remove_stale_temporaries", "read_metrics_until",
-           "MetricsLog"]

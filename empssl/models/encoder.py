@@ -1,0 +1,80 @@
+"""The EMP-SSL encoder (docs/method.md section 3): a backbone (``empssl.models.resnet``), then the projector."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import checkpoint as ckpt
+from ..checks import check_positive_int
+from .resnet import ResNet18Backbone
+
+
+class EMPSSLEncoder(nn.Module):
+    """Backbone -> ``pre_feature`` (Linear, BN, ReLU) -> ``projection`` (Linear, BN, ReLU, Linear) -> unit-norm z.
+
+    ``forward(x)`` returns z (N, z_dim) with unit-norm rows; ``forward(x, return_features=True)``
+    returns (z, features) where features (N, hidden_dim) is the ``pre_feature`` output that
+    evaluation uses; ``features(x)`` returns only that.
+    """
+
+    def __init__(self, arch: str = "resnet18-cifar", width: float = 1.0, hidden_dim: int = 4096, z_dim: int = 1024):
+        super().__init__()
+        check_positive_int(hidden_dim, "hidden_dim")
+        check_positive_int(z_dim, "z_dim")
+        self.backbone = ResNet18Backbone(arch, width)
+        self.hidden_dim = hidden_dim
+        self.z_dim = z_dim
+        self.pre_feature = nn.Sequential(
+            nn.Linear(self.backbone.feature_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(),
+        )
+        self.projection = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, z_dim),
+        )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        _check_images(x)
+        return self.pre_feature(self.backbone(x))
+
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        features = self.features(x)
+        z = F.normalize(self.projection(features), p=2, dim=1)
+        return (z, features) if return_features else z
+
+
+def build_encoder(
+    arch: str = "resnet18-cifar", width: float = 1.0, hidden_dim: int = 4096, z_dim: int = 1024
+) -> EMPSSLEncoder:
+    """The encoder of docs/method.md section 3 (defaults: the paper's CIFAR ResNet-18, 4096-d features, 1024-d z)."""
+    return EMPSSLEncoder(arch=arch, width=width, hidden_dim=hidden_dim, z_dim=z_dim)
+
+
+def _check_images(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"x must have shape (N, 3, H, W), got {tuple(x.shape)}")
+
+
+def load_encoder(path: str, device: Optional[torch.device] = None):
+    """(encoder, checkpoint dict): the encoder built from the checkpoint's architecture, its weights loaded."""
+    payload = ckpt.load_checkpoint(path)
+    model_config = payload["model_config"]
+    try:
+        encoder = build_encoder(**{field: model_config[field] for field in ckpt.MODEL_FIELDS})
+    except (KeyError, TypeError, ValueError) as err:
+        raise ckpt.CheckpointError(f"checkpoint {path} has an unusable model_config {model_config!r}: {err}") from err
+    ckpt.check_finite(path, payload["model"])
+    ckpt.load_model_state(encoder, payload["model"], path)
+    if device is not None:
+        encoder = encoder.to(device)
+    return encoder, payload
