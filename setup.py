@@ -9,6 +9,7 @@ Whatever cannot be built is left out with one warning that says why and which sw
 no usable nvcc gives the CPU-only extension, no C++ compiler (or no torch at build time) a pure-Python
 install. What was built is recorded in empssl/_build_info.py and shown by `empssl info`.
 """
+
 import glob
 import os
 import shutil
@@ -54,7 +55,8 @@ def _nvidia_wheel_include_dirs():
 
 def _is_cuda_toolkit(folder):
     return os.path.exists(os.path.join(folder, "bin", "nvcc")) and os.path.exists(
-        os.path.join(folder, "include", "cuda_runtime.h"))
+        os.path.join(folder, "include", "cuda_runtime.h")
+    )
 
 
 def _find_cuda_home():
@@ -105,11 +107,15 @@ def _write_build_info(built, cuda_archs="", reason="", cuda_home=""):
     except Exception:  # absent, or an older layout: start over
         builds = {}
     builds[sysconfig.get_config_var("EXT_SUFFIX") or ""] = {
-        "extension": built, "cuda_archs": cuda_archs, "torch": torch_version, "reason": reason,
+        "extension": built,
+        "cuda_archs": cuda_archs,
+        "torch": torch_version,
+        "reason": reason,
         "cuda_home": cuda_home or "",
     }
     text = (
-        '"""Written by setup.py at build time: what the compiled extension holds, per Python ABI (not tracked by git).\n\n'
+        '"""Written by setup.py at build time: what the compiled extension holds, per Python ABI\n'
+        "(not tracked by git).\n\n"
         "extension: 'cpu+cuda', 'cpu' or 'none'; reason: why a part was left out.\n\"\"\"\n"
         f"BUILDS = {builds!r}\n"
     )
@@ -122,7 +128,9 @@ def _write_generated_headers():
     (loaded by path: importing the package needs the extension this build makes)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_augment_params", os.path.join(ROOT, "empssl", "augment", "params.py"))
+    spec = importlib.util.spec_from_file_location(
+        "_augment_params", os.path.join(ROOT, "empssl", "augment", "params.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.write_c_header(ROOT)
@@ -142,8 +150,10 @@ def _extensions():
     if reason:
         if _flag("EMPSSL_BUILD_EXT"):
             raise RuntimeError(f"EMPSSL_BUILD_EXT=1 but {reason}")
-        _warn(f"{reason}: installing without the compiled extension (Triton and reference backends only; "
-              "EMPSSL_BUILD_EXT=0 silences this)")
+        _warn(
+            f"{reason}: installing without the compiled extension (Triton and reference backends only; "
+            "EMPSSL_BUILD_EXT=0 silences this)"
+        )
         _write_build_info("none", reason=reason)
         return [], {}
     _write_generated_headers()
@@ -154,8 +164,10 @@ def _extensions():
         raise RuntimeError(f"EMPSSL_BUILD_CUDA=1 but {cuda_missing}")
     build_cuda = cuda_missing is None
     if want_cuda is None and not build_cuda:
-        _warn(f"{cuda_missing}: building the CPU part of the extension only (the CUDA kernels need nvcc; "
-              "EMPSSL_BUILD_CUDA=0 silences this, =1 makes it an error)")
+        _warn(
+            f"{cuda_missing}: building the CPU part of the extension only (the CUDA kernels need nvcc; "
+            "EMPSSL_BUILD_CUDA=0 silences this, =1 makes it an error)"
+        )
 
     def rel(paths):
         return sorted(os.path.relpath(p, ROOT) for p in paths)

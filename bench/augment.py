@@ -1,4 +1,5 @@
 """Thin wrapper: the benchmark lives in the installed package (`empssl bench augment --help`)."""
+
 import sys
 
 from empssl.bench.augment import main

@@ -1,4 +1,5 @@
 """Thin wrapper: the benchmark lives in the installed package (`empssl bench step --help`)."""
+
 import sys
 
 from empssl.bench.step import main

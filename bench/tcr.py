@@ -1,4 +1,5 @@
 """Thin wrapper: the benchmark lives in the installed package (`empssl bench tcr --help`)."""
+
 import sys
 
 from empssl.bench.tcr import main

@@ -1,4 +1,5 @@
 """``python -m empssl ...``: the ``empssl`` command (what ``torchrun -m empssl`` runs)."""
+
 import sys
 
 from .cli import main

@@ -9,6 +9,7 @@ function that runs it. ``select_backend`` is the one dispatch point, first fit i
 ``resolve`` is the same choice made once per (op, request, device, facts) and remembered, so that a
 call in a ``torch.compile`` trace reads a constant; ``availability_table`` is what ``empssl info`` prints.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,8 +79,11 @@ def build_summary() -> str:
     info = build_info()
     if not info:
         return "no build record (installed before setup.py wrote one)"
-    parts = {"cpu+cuda": f"CPU and CUDA kernels (TORCH_CUDA_ARCH_LIST {info['cuda_archs']})",
-             "cpu": "CPU kernels only", "none": "no compiled extension (pure Python)"}[info["extension"]]
+    parts = {
+        "cpu+cuda": f"CPU and CUDA kernels (TORCH_CUDA_ARCH_LIST {info['cuda_archs']})",
+        "cpu": "CPU kernels only",
+        "none": "no compiled extension (pure Python)",
+    }[info["extension"]]
     against = f", against torch {info['torch']}" if info["torch"] and info["extension"] != "none" else ""
     why = f"; left out: {info['reason']}" if info["reason"] else ""
     return parts + against + why
@@ -100,7 +104,10 @@ def _load_extension():
     except ImportError as err:  # not built, or built against another torch (an ABI mismatch: undefined symbols)
         built = info.get("torch")
         if built and built != torch.__version__:
-            return None, f"compiled extension built against torch {built}, running torch {torch.__version__}; {_REBUILD}"
+            return (
+                None,
+                f"compiled extension built against torch {built}, running torch {torch.__version__}; {_REBUILD}",
+            )
         return None, f"compiled extension empssl._C not importable ({err}); {_REBUILD}"
     return module, None
 
@@ -177,8 +184,10 @@ def triton_interpreter_bug() -> Reason:
     try:
         int(numpy.zeros(1))
     except TypeError:
-        return (f"upstream bug: the Triton {triton.__version__} interpreter calls int() on one-element numpy arrays, "
-                f"which numpy {numpy.__version__} rejects (runtime/interpreter.py tensor.__index__; fixed in triton 3.8)")
+        return (
+            f"upstream bug: the Triton {triton.__version__} interpreter calls int() on one-element numpy arrays, "
+            f"which numpy {numpy.__version__} rejects (runtime/interpreter.py tensor.__index__; fixed in triton 3.8)"
+        )
     return None
 
 
@@ -208,8 +217,9 @@ def triton_reason(device: torch.device) -> Reason:
     return f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
 
 
-def register_op(op: str, table: Dict[str, Backend], stand_ins: Callable[..., tuple],
-                example: Callable[[], tuple]) -> None:
+def register_op(
+    op: str, table: Dict[str, Backend], stand_ins: Callable[..., tuple], example: Callable[[], tuple]
+) -> None:
     """Declare an op's backends (those missing from ``table`` are unsupported), how ``resolve`` rebuilds
     inputs for their checks from the facts, and typical inputs for ``empssl info``."""
     unknown = set(table) - set(BACKENDS)
@@ -248,7 +258,9 @@ def reasons(op: str, device: torch.device, *inputs) -> Dict[str, Reason]:
 
 def _check_requested(requested: str) -> None:
     if requested != "auto" and requested not in BACKENDS:
-        raise ValueError(f"unknown backend {requested!r}; choose one of 'auto', " + ", ".join(repr(b) for b in BACKENDS))
+        raise ValueError(
+            f"unknown backend {requested!r}; choose one of 'auto', " + ", ".join(repr(b) for b in BACKENDS)
+        )
 
 
 def select_backend(op: str, requested: str, device: torch.device, *inputs) -> str:
@@ -263,7 +275,9 @@ def select_backend(op: str, requested: str, device: torch.device, *inputs) -> st
     for name in order:
         if why_not[name] is None:
             return name
-    raise BackendUnavailableError(f"{op}: no backend can run these inputs: " + "; ".join(f"{k}: {v}" for k, v in why_not.items()))
+    raise BackendUnavailableError(
+        f"{op}: no backend can run these inputs: " + "; ".join(f"{k}: {v}" for k, v in why_not.items())
+    )
 
 
 def static_sizes(sizes: Iterable) -> Tuple[int, ...]:

@@ -13,6 +13,7 @@ e.g. ``model/conv1.weight``), verified on every load: a flipped byte is a Checkp
 the tensor. A checkpoint written before checksums loads with a one-line note. ``check_finite``
 refuses a model state with NaN or inf (eval and export use it; the trainer never writes one).
 """
+
 from __future__ import annotations
 
 import os
@@ -65,21 +66,26 @@ def verify_checksums(path: str, payload: Dict[str, Any]) -> None:
     """CheckpointError naming the first tensor whose bytes differ from the ones written; a note if none are stored."""
     stored = payload.get("checksums")
     if stored is None:
-        print(f"empssl: note: checkpoint {path} was written before checkpoints held checksums; its tensors cannot be "
-              f"verified", file=sys.stderr)
+        print(
+            f"empssl: note: checkpoint {path} was written before checkpoints held checksums; its tensors cannot be "
+            f"verified",
+            file=sys.stderr,
+        )
         return
     found = checksums(payload)
     for place in sorted(set(stored) | set(found)):
         if place not in found:
             raise CheckpointError(f"checkpoint {path} is corrupt: tensor {place} is missing")
         if stored.get(place) != found[place]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: tensor {place} does not match its checksum (its "
-                                  f"bytes changed after it was written); use another checkpoint")
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: tensor {place} does not match its checksum (its "
+                f"bytes changed after it was written); use another checkpoint"
+            )
 
 
 # beyond it a value's square overflows float32 (LARS's norms and BatchNorm's variances square what they see): a
 # weight or statistic this large is the overflow of a diverged run on its way to inf, even while the loss is finite
-OVERFLOW_BOUND = 2.0 ** 64  # about 1.8e19; trained weights and BatchNorm statistics are many orders below it
+OVERFLOW_BOUND = 2.0**64  # about 1.8e19; trained weights and BatchNorm statistics are many orders below it
 NON_FINITE = "non-finite (NaN, inf, or beyond 1.8e19, whose square overflows float32)"
 
 
@@ -98,9 +104,13 @@ def check_finite(path: str, state: Dict[str, Any], what: str = "model") -> None:
     """CheckpointError naming the tensors of ``state`` that are not finite."""
     bad = non_finite_tensors(state)
     if bad:
-        shown = ", ".join(f"{what}/{place}" for place in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise CheckpointError(f"checkpoint {path} holds {NON_FINITE} values in {shown}; the run that wrote "
-                              f"it diverged: use an earlier checkpoint, or train again with a lower --lr")
+        shown = ", ".join(f"{what}/{place}" for place in bad[:3]) + (
+            f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        )
+        raise CheckpointError(
+            f"checkpoint {path} holds {NON_FINITE} values in {shown}; the run that wrote "
+            f"it diverged: use an earlier checkpoint, or train again with a lower --lr"
+        )
 
 
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
@@ -117,12 +127,16 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip reader, unpickler and weights-only errors all mean "not a usable file"
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read "
-                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt and cannot be read "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an empssl checkpoint (no format tag {FORMAT!r})")
     if payload.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {payload.get('version')}, this empssl reads {VERSION}")
+        raise CheckpointError(
+            f"checkpoint {path} has format version {payload.get('version')}, this empssl reads {VERSION}"
+        )
     missing = [key for key in ("model_config", "model") if key not in payload]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
@@ -135,25 +149,33 @@ def check_train_state(path: str, payload: Dict[str, Any]) -> None:
     version = payload.get("train_state_version", 1)
     missing = [key for key in TRAIN_STATE_KEYS if key not in payload]
     if version == TRAIN_STATE_VERSION and missing:
-        raise CheckpointError(f"checkpoint {path} lacks the training state a resume needs ({', '.join(missing)}); it "
-                              f"still loads for eval and export, but cannot be resumed. Start a new run")
+        raise CheckpointError(
+            f"checkpoint {path} lacks the training state a resume needs ({', '.join(missing)}); it "
+            f"still loads for eval and export, but cannot be resumed. Start a new run"
+        )
     if version != TRAIN_STATE_VERSION:
-        raise CheckpointError(f"checkpoint {path} holds a training state of version {version}, this trainer continues "
-                              f"version {TRAIN_STATE_VERSION} (an older empssl wrote it: its augmentation drew from "
-                              f"another random source); it still loads for eval and export, but cannot be resumed. "
-                              f"Start a new run, or use the empssl that wrote it")
+        raise CheckpointError(
+            f"checkpoint {path} holds a training state of version {version}, this trainer continues "
+            f"version {TRAIN_STATE_VERSION} (an older empssl wrote it: its augmentation drew from "
+            f"another random source); it still loads for eval and export, but cannot be resumed. "
+            f"Start a new run, or use the empssl that wrote it"
+        )
 
 
 def describe_model(model_config: Dict[str, Any]) -> str:
-    return (f"{model_config['arch']} width {model_config['width']} hidden_dim {model_config['hidden_dim']} "
-            f"z_dim {model_config['z_dim']}")
+    return (
+        f"{model_config['arch']} width {model_config['width']} hidden_dim {model_config['hidden_dim']} "
+        f"z_dim {model_config['z_dim']}"
+    )
 
 
 def check_same_model(path: str, stored: Dict[str, Any], requested: Dict[str, Any]) -> None:
     """CheckpointError unless the checkpoint's architecture is the requested one."""
     if any(stored.get(field) != requested.get(field) for field in MODEL_FIELDS):
-        raise CheckpointError(f"checkpoint {path} holds a {describe_model(stored)} encoder, but this run asks for "
-                              f"{describe_model(requested)}; use the same --arch/--width/--hidden-dim/--z-dim or another checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path} holds a {describe_model(stored)} encoder, but this run asks for "
+            f"{describe_model(requested)}; use the same --arch/--width/--hidden-dim/--z-dim or another checkpoint"
+        )
 
 
 def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
@@ -161,7 +183,6 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], pat
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path} does not fit this encoder (another architecture?): "
-                              f"{str(err).splitlines()[0]} ...") from err
-
-
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this encoder (another architecture?): {str(err).splitlines()[0]} ..."
+        ) from err

@@ -1,6 +1,7 @@
 """The small validators every layer uses: of Python arguments (TypeError for a wrong type, ValueError for a wrong
 value, each naming the argument) and of command-line text (``argparse`` types, which argparse turns into one-line
 usage errors naming the option)."""
+
 from __future__ import annotations
 
 import argparse

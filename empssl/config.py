@@ -10,6 +10,7 @@ Forms: ``value`` (``--name VALUE``), ``switch`` (``--name`` sets True), ``negate
 default turned off by ``--no-name``), ``on_off`` (``--name on|off``), ``tristate`` (None by
 default, ``--name`` / ``--no-name``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,6 @@ from .optim import RECIPE_LR
 FORMS = ("value", "switch", "negated", "on_off", "tristate")
 
 
-
-
 def check_numbers(config) -> None:
     """ValueError naming the option of any float field of ``config`` that is NaN, inf or beyond float32's range,
     and of any int field beyond what a tensor index holds (the command line's types refuse them too)."""
@@ -39,19 +38,35 @@ def check_numbers(config) -> None:
         flag = "--" + field.name.replace("_", "-")
         if isinstance(value, float) and (not math.isfinite(value) or abs(value) > FLOAT32_MAX):
             raise ValueError(f"{flag} must be a finite number within float32's range (|x| <= 3.4e38), got {value!r}")
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2 ** 63:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
             raise ValueError(f"{flag} {value} is too large (beyond a 64-bit integer)")
 
 
-def option(default: Any, help: str, *, group: str, form: str = "value", type: Optional[Callable[[str], Any]] = None,
-           choices: Optional[Sequence[Any]] = None, metavar: Optional[str] = None, show_default: bool = True):
+def option(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    form: str = "value",
+    type: Optional[Callable[[str], Any]] = None,
+    choices: Optional[Sequence[Any]] = None,
+    metavar: Optional[str] = None,
+    show_default: bool = True,
+):
     """A dataclass field with its command-line option. A ``value`` or ``on_off`` option's ``help``
     is completed with the default (unless ``show_default`` is False: the text then says it); a
     ``tristate`` help is "what --name does | what --no-name does"."""
     if form not in FORMS:
         raise ValueError(f"unknown option form {form!r}; choose one of {FORMS}")
-    metadata = {"help": help, "group": group, "form": form, "type": type, "choices": choices, "metavar": metavar,
-                "show_default": show_default}
+    metadata = {
+        "help": help,
+        "group": group,
+        "form": form,
+        "type": type,
+        "choices": choices,
+        "metavar": metavar,
+        "show_default": show_default,
+    }
     return dataclasses.field(default=default, metadata={"cli": metadata})
 
 
@@ -65,8 +80,14 @@ def _shown(value: Any, form: str) -> str:
     return "none" if value is None else str(value)
 
 
-def add_options(parser: argparse.ArgumentParser, config_class, group: str, *, from_checkpoint: bool = False,
-                groups: Optional[Dict[str, Any]] = None) -> None:
+def add_options(
+    parser: argparse.ArgumentParser,
+    config_class,
+    group: str,
+    *,
+    from_checkpoint: bool = False,
+    groups: Optional[Dict[str, Any]] = None,
+) -> None:
     """Add the options of ``config_class``'s fields in ``group`` to ``parser`` (under an argument
     group of that name, shared through ``groups``). ``from_checkpoint``: the options default to
     None, and the help says the checkpoint's value comes first (``empssl eval``)."""
@@ -88,19 +109,32 @@ def add_options(parser: argparse.ArgumentParser, config_class, group: str, *, fr
         if form == "switch":
             target.add_argument(flag, dest=name, action="store_true", help=help_text)
         elif form == "negated":
-            target.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
-                                default=None if from_checkpoint else True, help=help_text)
+            target.add_argument(
+                "--no-" + name.replace("_", "-"),
+                dest=name,
+                action="store_false",
+                default=None if from_checkpoint else True,
+                help=help_text,
+            )
         elif form == "tristate":
             on_help, _, off_help = help_text.partition(" | ")
             target.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=on_help)
-            target.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False,
-                                help=off_help or None)
+            target.add_argument(
+                "--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False, help=off_help or None
+            )
         elif form == "on_off":
             default = None if from_checkpoint else _shown(field.default, form)
             target.add_argument(flag, dest=name, choices=("on", "off"), default=default, help=help_text)
         else:
-            target.add_argument(flag, dest=name, type=cli["type"], choices=cli["choices"], metavar=cli["metavar"],
-                                default=None if from_checkpoint else field.default, help=help_text)
+            target.add_argument(
+                flag,
+                dest=name,
+                type=cli["type"],
+                choices=cli["choices"],
+                metavar=cli["metavar"],
+                default=None if from_checkpoint else field.default,
+                help=help_text,
+            )
 
 
 def option_value(config_class, name: str, parsed: Any) -> Any:
@@ -112,8 +146,11 @@ def option_value(config_class, name: str, parsed: Any) -> Any:
 
 def from_args(config_class, args: argparse.Namespace, **overrides):
     """``config_class`` from the parsed options of its fields (absent ones keep their defaults)."""
-    values = {name: option_value(config_class, name, getattr(args, name))
-              for name in _cli_fields(config_class) if hasattr(args, name)}
+    values = {
+        name: option_value(config_class, name, getattr(args, name))
+        for name in _cli_fields(config_class)
+        if hasattr(args, name)
+    }
     return config_class(**{**values, **overrides})
 
 
@@ -122,24 +159,36 @@ class RuntimeConfig:
     """Where and how a command runs: shared by ``TrainConfig`` and ``EvalConfig``."""
 
     device: str = option("auto", "cpu, cuda, cuda:N or auto (CUDA when available)", group="runtime")
-    seed: int = option(0, "seed of everything random: initialisation, batch order, patches, the probe", group="runtime",
-                       type=int)
-    augment_backend: str = option("auto", "augmentation backend (auto: the fastest available)", group="runtime",
-                                  choices=augment_op.BACKEND_CHOICES)
+    seed: int = option(
+        0, "seed of everything random: initialisation, batch order, patches, the probe", group="runtime", type=int
+    )
+    augment_backend: str = option(
+        "auto",
+        "augmentation backend (auto: the fastest available)",
+        group="runtime",
+        choices=augment_op.BACKEND_CHOICES,
+    )
     bf16: bool = option(True, "bf16 autocast on CUDA (ignored on CPU)", group="runtime", form="on_off")
     progress: bool = option(True, "no progress bars", group="runtime", form="negated")
 
 
 @dataclasses.dataclass
 class EvalConfig(RuntimeConfig):
-    """The bag-of-features evaluation (docs/method.md section 6): T patches per image, a linear probe and a weighted kNN."""
+    """The bag-of-features evaluation (docs/method.md section 6): T patches per image, a linear probe and a weighted
+    kNN."""
 
     num_patches: int = option(128, "patches per image in the bag, T", group="evaluation", type=positive_int)
-    test_size: Optional[int] = option(None, "synthetic: number of test images (default 2000); others: use only the "
-                                      "first N", group="data", type=positive_int, show_default=False)
+    test_size: Optional[int] = option(
+        None,
+        "synthetic: number of test images (default 2000); others: use only the first N",
+        group="data",
+        type=positive_int,
+        show_default=False,
+    )
     linear_epochs: int = option(100, "linear probe epochs", group="evaluation", type=positive_int)
-    linear_lr: float = option(0.03, "linear probe learning rate (cosine over the epochs)", group="evaluation",
-                              type=positive_float)
+    linear_lr: float = option(
+        0.03, "linear probe learning rate (cosine over the epochs)", group="evaluation", type=positive_float
+    )
     linear_batch_size: int = option(100, "linear probe mini-batch size", group="evaluation", type=positive_int)
     linear_momentum: float = option(0.9, "linear probe SGD momentum", group="evaluation", type=finite_float)
     linear_weight_decay: float = option(5e-5, "linear probe weight decay", group="evaluation", type=finite_float)
@@ -157,60 +206,125 @@ class TrainConfig(RuntimeConfig):
     # data (also options of `empssl eval`, whose defaults are the checkpoint's)
     dataset: str = option("cifar10", f"data set: {DATASET_SPECS}", group="data", metavar="SPEC")
     root: str = option("data", "folder holding cifar-10-batches-py/ or cifar-100-python/", group="data")
-    download: bool = option(False, "download CIFAR with torchvision (MD5-checked) if missing", group="data",
-                            form="switch")
-    image_size: Optional[int] = option(None, "image size of folder: and synthetic data sets (default: 32)",
-                                       group="data", type=positive_int, show_default=False)
-    train_size: Optional[int] = option(None, "synthetic: number of train images (default 10000); others: use only the "
-                                       "first N", group="data", type=positive_int, show_default=False)
-    cache_dir: Optional[str] = option(None, "where folder: data sets cache their decoded arrays (default: "
-                                      "PATH/.empssl_cache)", group="data", show_default=False)
-    on_bad_image: str = option("skip", "an image of a folder: data set that does not decode: skip it with a warning, "
-                               "or stop", group="data", choices=BAD_IMAGE_POLICIES)
+    download: bool = option(
+        False, "download CIFAR with torchvision (MD5-checked) if missing", group="data", form="switch"
+    )
+    image_size: Optional[int] = option(
+        None,
+        "image size of folder: and synthetic data sets (default: 32)",
+        group="data",
+        type=positive_int,
+        show_default=False,
+    )
+    train_size: Optional[int] = option(
+        None,
+        "synthetic: number of train images (default 10000); others: use only the first N",
+        group="data",
+        type=positive_int,
+        show_default=False,
+    )
+    cache_dir: Optional[str] = option(
+        None,
+        "where folder: data sets cache their decoded arrays (default: PATH/.empssl_cache)",
+        group="data",
+        show_default=False,
+    )
+    on_bad_image: str = option(
+        "skip",
+        "an image of a folder: data set that does not decode: skip it with a warning, or stop",
+        group="data",
+        choices=BAD_IMAGE_POLICIES,
+    )
     data_seed: int = option(0, "seed of the synthetic data set and of train/test splits", group="data", type=int)
     # encoder (also options of `empssl eval`)
-    arch: str = option("resnet18-cifar", "backbone: ResNet-18 with the CIFAR stem or the ImageNet stem",
-                       group="encoder", choices=ARCHS)
-    width: float = option(1.0, "channel multiplier of the backbone (1: 512 features)", group="encoder",
-                          type=positive_float)
-    hidden_dim: int = option(4096, "size of the pre_feature layer used for evaluation", group="encoder",
-                             type=positive_int)
+    arch: str = option(
+        "resnet18-cifar", "backbone: ResNet-18 with the CIFAR stem or the ImageNet stem", group="encoder", choices=ARCHS
+    )
+    width: float = option(
+        1.0, "channel multiplier of the backbone (1: 512 features)", group="encoder", type=positive_float
+    )
+    hidden_dim: int = option(
+        4096, "size of the pre_feature layer used for evaluation", group="encoder", type=positive_int
+    )
     z_dim: int = option(1024, "embedding size", group="encoder", type=positive_int)
     # training
     num_patches: int = option(20, "patches per image per step, n", group="training", type=positive_int)
-    batch_size: int = option(100, "images per step, b; under torchrun the global batch over all ranks (each takes "
-                             "b / W: it must divide by their number W)", group="training", type=positive_int)
+    batch_size: int = option(
+        100,
+        "images per step, b; under torchrun the global batch over all ranks (each takes "
+        "b / W: it must divide by their number W)",
+        group="training",
+        type=positive_int,
+    )
     lr: float = option(RECIPE_LR, "peak learning rate of LARS-SGD", group="training", type=positive_float)
     epochs: int = option(1, "epochs to train", group="training", type=positive_int)
-    schedule_epochs: Optional[int] = option(2, "length of the cosine schedule in epochs; the 1-epoch recipe uses 2",
-                                            group="training", type=positive_int)
-    max_steps: Optional[int] = option(None, "stop after this many steps in total (tests, quick runs)",
-                                      group="training", type=positive_int, show_default=False)
+    schedule_epochs: Optional[int] = option(
+        2, "length of the cosine schedule in epochs; the 1-epoch recipe uses 2", group="training", type=positive_int
+    )
+    max_steps: Optional[int] = option(
+        None,
+        "stop after this many steps in total (tests, quick runs)",
+        group="training",
+        type=positive_int,
+        show_default=False,
+    )
     eps: float = option(0.2, "coding-rate distortion eps", group="training", type=positive_float)
     inv_coef: float = option(200.0, "weight of the invariance term", group="training", type=finite_float)
     tcr_coef: float = option(1.0, "weight of the coding-rate term", group="training", type=finite_float)
     loss_backend: str = option("auto", "coding-rate backend", group="training", choices=tcr_op.BACKEND_CHOICES)
     channels_last: Optional[bool] = option(
-        None, "channels_last memory format for patches and encoder (default: on CUDA only) | keep the default memory "
-        "format on CUDA too", group="training", form="tristate")
-    compile: bool = option(False, "torch.compile the encoder's forward and the loss as one graph (fullgraph on one "
-                           "process)", group="training", form="switch")
-    sync_bn: bool = option(False, "under torchrun: BatchNorm statistics over every rank's images, so N ranks train as "
-                           "one process (default: per rank, as the published DataParallel code)", group="training",
-                           form="switch")
-    tf32: bool = option(False, "TF32 for float32 matmuls and cuDNN convolutions on CUDA (default: IEEE float32, "
-                        "chosen rather than torch's defaults: the loss's float32 Gram needs it; bf16 autocast is unaffected)",
-                        group="training", form="switch")
-    cuda_graph: bool = option(True, "run the step eagerly on CUDA (default: captured once as a CUDA graph and "
-                              "replayed)", group="training", form="negated")
+        None,
+        "channels_last memory format for patches and encoder (default: on CUDA only) | keep the default memory "
+        "format on CUDA too",
+        group="training",
+        form="tristate",
+    )
+    compile: bool = option(
+        False,
+        "torch.compile the encoder's forward and the loss as one graph (fullgraph on one process)",
+        group="training",
+        form="switch",
+    )
+    sync_bn: bool = option(
+        False,
+        "under torchrun: BatchNorm statistics over every rank's images, so N ranks train as "
+        "one process (default: per rank, as the published DataParallel code)",
+        group="training",
+        form="switch",
+    )
+    tf32: bool = option(
+        False,
+        "TF32 for float32 matmuls and cuDNN convolutions on CUDA (default: IEEE float32, "
+        "chosen rather than torch's defaults: the loss's float32 Gram needs it; bf16 autocast is unaffected)",
+        group="training",
+        form="switch",
+    )
+    cuda_graph: bool = option(
+        True,
+        "run the step eagerly on CUDA (default: captured once as a CUDA graph and replayed)",
+        group="training",
+        form="negated",
+    )
     # output
-    out_dir: str = option("runs/empssl", "folder for checkpoint.pt and metrics.jsonl; refused if it holds another "
-                          "run's files", group="output")
-    overwrite: bool = option(False, "replace another run's files in --out-dir (once this run has written its first "
-                             "checkpoint)", group="output", form="switch")
+    out_dir: str = option(
+        "runs/empssl",
+        "folder for checkpoint.pt and metrics.jsonl; refused if it holds another run's files",
+        group="output",
+    )
+    overwrite: bool = option(
+        False,
+        "replace another run's files in --out-dir (once this run has written its first checkpoint)",
+        group="output",
+        form="switch",
+    )
     checkpoint_every: int = option(0, "steps between checkpoints (0: at the end only)", group="output", type=int)
-    resume: Optional[str] = option(None, "continue exactly from this checkpoint; its run's metrics.jsonl is cut back "
-                                   "to the checkpoint's step", group="output", metavar="CHECKPOINT", show_default=False)
+    resume: Optional[str] = option(
+        None,
+        "continue exactly from this checkpoint; its run's metrics.jsonl is cut back to the checkpoint's step",
+        group="output",
+        metavar="CHECKPOINT",
+        show_default=False,
+    )
     log_every: int = option(10, "steps between log lines", group="output", type=positive_int)
 
     def model_config(self) -> Dict[str, Any]:
@@ -220,10 +334,12 @@ class TrainConfig(RuntimeConfig):
         """A warning when the cosine schedule ends before the run: its learning rate is 0 for the steps after it."""
         schedule = steps_per_epoch * (self.schedule_epochs or self.epochs)
         if schedule < total_steps:
-            warnings.warn(f"--schedule-epochs {self.schedule_epochs} ends the cosine schedule at step {schedule}, "
-                          f"before this run's {total_steps} steps (--epochs {self.epochs}): the learning rate is 0 "
-                          f"for the last {total_steps - schedule} of them; pass --schedule-epochs {self.epochs} to "
-                          f"spread the schedule over the run")
+            warnings.warn(
+                f"--schedule-epochs {self.schedule_epochs} ends the cosine schedule at step {schedule}, "
+                f"before this run's {total_steps} steps (--epochs {self.epochs}): the learning rate is 0 "
+                f"for the last {total_steps - schedule} of them; pass --schedule-epochs {self.epochs} to "
+                f"spread the schedule over the run"
+            )
 
     def validate(self) -> None:
         check_numbers(self)

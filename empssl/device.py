@@ -2,6 +2,7 @@
 CUDA-graph capture helper (the training step, the linear probe's epoch and the benchmarks replay through it), and
 the reader that brings device-side sums to the host without waiting for the device, and the SIGINT/SIGTERM
 handling of a loop that stops after its current step (``StopRequest``, ``TrainingInterrupted``)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,9 @@ def resolve_device(device: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available here")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+            raise ValueError(
+                f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+            )
     return resolved
 
 
@@ -73,8 +76,9 @@ class CudaGraphCall:
     ``function`` must be a fixed sequence of device work on tensors that outlive the call: no host reads.
     """
 
-    def __init__(self, function: Callable, device: torch.device, warmup: int,
-                 before_capture: Optional[Callable[[], None]] = None):
+    def __init__(
+        self, function: Callable, device: torch.device, warmup: int, before_capture: Optional[Callable[[], None]] = None
+    ):
         self.function, self.device, self.warmup_left, self.before_capture = function, device, warmup, before_capture
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.side_stream = torch.cuda.Stream(device)

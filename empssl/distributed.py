@@ -13,6 +13,7 @@ slice of the local gradient yields 1/W of the right gradient after the averaging
 The same convention (each rank's backward carries W times its share, the average divides by W) holds for
 ``convert_sync_batchnorm``: the backward of a sum over ranks is a sum over ranks.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,17 +68,23 @@ def init_from_env(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
     local_rank = int(os.environ["LOCAL_RANK"])
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device.startswith("cuda:"):
-        raise ValueError(f"--device {device} under torchrun: every rank uses cuda:LOCAL_RANK; pass --device cuda "
-                         f"(or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES")
+        raise ValueError(
+            f"--device {device} under torchrun: every rank uses cuda:LOCAL_RANK; pass --device cuda "
+            f"(or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
     global _timeout
     timeout = _timeout = datetime.timedelta(seconds=timeout_s)
-    where = (f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}, master {os.environ['MASTER_ADDR']}:"
-             f"{os.environ['MASTER_PORT']}")
+    where = (
+        f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}, master {os.environ['MASTER_ADDR']}:"
+        f"{os.environ['MASTER_PORT']}"
+    )
     try:
         if use_cuda:
             if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
-                raise ValueError(f"local rank {local_rank} needs cuda:{local_rank}, but this machine has "
-                                 f"{torch.cuda.device_count()} CUDA GPU(s); start at most that many processes per node")
+                raise ValueError(
+                    f"local rank {local_rank} needs cuda:{local_rank}, but this machine has "
+                    f"{torch.cuda.device_count()} CUDA GPU(s); start at most that many processes per node"
+                )
             cuda = torch.device("cuda", local_rank)
             torch.cuda.set_device(cuda)
             dist.init_process_group("nccl", timeout=timeout, device_id=cuda)
@@ -157,25 +164,41 @@ def same_outcome_on_every_rank():
 
 def is_collective_failure(err: BaseException) -> bool:
     """True when ``err`` is a failed or timed-out collective (a rank died or stalled), not a bug of this rank."""
-    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(
-        marker in str(err) for marker in ("Connection closed by peer", "Connection reset by peer", "Timed out",
-                                          "timed out", "NCCL", "Gloo", "gloo")))
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError)
+        and any(
+            marker in str(err)
+            for marker in (
+                "Connection closed by peer",
+                "Connection reset by peer",
+                "Timed out",
+                "timed out",
+                "NCCL",
+                "Gloo",
+                "gloo",
+            )
+        )
+    )
 
 
 def check_world_size(batch_size: int, world_size: int) -> None:
     """ValueError unless the global batch splits evenly over the ranks."""
     if batch_size % world_size:
-        raise ValueError(f"--batch-size {batch_size} is the global batch and must divide by the world size "
-                         f"{world_size} (each rank takes batch_size / world_size images); pass a multiple of "
-                         f"{world_size}, or start another number of processes")
+        raise ValueError(
+            f"--batch-size {batch_size} is the global batch and must divide by the world size "
+            f"{world_size} (each rank takes batch_size / world_size images); pass a multiple of "
+            f"{world_size}, or start another number of processes"
+        )
 
 
 def collective_failure(err: BaseException, rank: int, step: int, last_checkpoint: str) -> DistributedError:
-    """The error a rank raises when a collective of step ``step + 1`` failed; ``last_checkpoint`` says what is intact."""
+    """The error a rank raises when a collective of step ``step + 1`` failed; ``last_checkpoint`` says what is
+    intact."""
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return DistributedError(
         f"rank {rank}: a collective with the other ranks failed during step {step + 1} (another rank died, or did not "
-        f"answer within the distributed timeout); stopping: {last_checkpoint} [{type(err).__name__}: {first_line}]")
+        f"answer within the distributed timeout); stopping: {last_checkpoint} [{type(err).__name__}: {first_line}]"
+    )
 
 
 def average_gradients(grads: Sequence[torch.Tensor]) -> List[torch.Tensor]:
@@ -285,8 +308,9 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
         # an affine BatchNorm without a bias exists from torch 2.14 on (its bias= keyword); torch 2.11 has neither
         no_bias = {"bias": False} if module.affine and module.bias is None else {}
-        converted = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                  module.track_running_stats, **no_bias)
+        converted = SyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, **no_bias
+        )
         if module.affine:
             converted.weight, converted.bias = module.weight, module.bias
         converted.running_mean, converted.running_var = module.running_mean, module.running_var

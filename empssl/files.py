@@ -1,13 +1,13 @@
 """Files the package writes: atomically (a temporary file in the same folder, then ``os.replace``, so a kill
 leaves the old file or the new one, never half of one), into folders checked writable before any work starts, and
 the temporaries a kill left behind removed by the next run in the folder."""
+
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
 from typing import BinaryIO, Callable, Optional
-
 
 TEMP_PREFIX = ".tmp-"  # temporary files of an atomic write; a kill can leave one, the next run removes it
 
@@ -92,12 +92,15 @@ def check_writable_folder(path: str, option: str) -> None:
         os.close(handle)
         os.remove(probe)
     except OSError as err:
-        raise ValueError(f"{option} {path} is not writable: cannot create files in {existing} "
-                         f"({err.strerror or err}); pass a folder you can write to") from err
+        raise ValueError(
+            f"{option} {path} is not writable: cannot create files in {existing} "
+            f"({err.strerror or err}); pass a folder you can write to"
+        ) from err
 
 
 def remove_stale_temporaries(folder: str) -> None:
-    """Temporary files of a checkpoint or metrics write that a kill interrupted (the next run in the folder removes them)."""
+    """Temporary files of a checkpoint or metrics write that a kill interrupted (the next run in the folder removes
+    them)."""
     if not os.path.isdir(folder):
         return
     for name in os.listdir(folder):

@@ -3,6 +3,7 @@
 ``coding_rate`` is the one entry point for R; it validates its input and calls the TCR op,
 whose backends (reference, cpu, cuda, composite, triton) and dispatch are in ``empssl.ops.tcr``.
 """
+
 from __future__ import annotations
 
 from typing import Sequence, Union
@@ -128,14 +129,21 @@ def _patch_major(z):
                 raise ValueError(f"each view must have shape (b, d), got shape {tuple(view.shape)} for view {index}")
         first = z[0]
         for index, view in enumerate(z[1:], start=1):
-            for what, expected, got in (("shape", tuple(first.shape), tuple(view.shape)), ("device", first.device, view.device),
-                                        ("dtype", first.dtype, view.dtype)):
+            for what, expected, got in (
+                ("shape", tuple(first.shape), tuple(view.shape)),
+                ("device", first.device, view.device),
+                ("dtype", first.dtype, view.dtype),
+            ):
                 if expected != got:
-                    raise ValueError(f"all views must have the same {what}: view 0 has {expected}, view {index} has {got}")
+                    raise ValueError(
+                        f"all views must have the same {what}: view 0 has {expected}, view {index} has {got}"
+                    )
         return torch.stack(tuple(z))
     if isinstance(z, torch.Tensor) and z.ndim != 3:
-        raise ValueError(f"EMPSSLLoss takes patch-major embeddings of shape (n, b, d) or a list of n views of shape "
-                         f"(b, d), got shape {tuple(z.shape)}")
+        raise ValueError(
+            f"EMPSSLLoss takes patch-major embeddings of shape (n, b, d) or a list of n views of shape "
+            f"(b, d), got shape {tuple(z.shape)}"
+        )
     return z
 
 

@@ -35,6 +35,7 @@ Built for a step that a CUDA graph can capture:
 
 Unlike the published wrapper, ``p.grad`` is left unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,7 +50,9 @@ RECIPE_LR = 0.3  # the authors' peak lr at batch 100: LARS's default and TrainCo
 def _check_lr(lr) -> None:
     if isinstance(lr, torch.Tensor):
         if lr.ndim != 0 or not lr.is_floating_point():
-            raise ValueError(f"lr must be a number or a 0-d floating-point tensor, got {lr.dtype} of shape {tuple(lr.shape)}")
+            raise ValueError(
+                f"lr must be a number or a 0-d floating-point tensor, got {lr.dtype} of shape {tuple(lr.shape)}"
+            )
         if not lr.item() >= 0:  # once, at construction
             raise ValueError(f"lr must be >= 0, got {lr.item()!r}")
     elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
@@ -120,8 +123,9 @@ class LARS(torch.optim.Optimizer):
         key = (weights[0].device, *(id(w) for w in weights))  # the optimiser holds the parameters: ids stay valid
         index = self._segment_index.get(key)
         if index is None:  # once per set of parameters; made on the host, copied once
-            index = torch.repeat_interleave(torch.arange(len(weights), dtype=torch.int32),
-                                            torch.tensor([w.numel() for w in weights]))
+            index = torch.repeat_interleave(
+                torch.arange(len(weights), dtype=torch.int32), torch.tensor([w.numel() for w in weights])
+            )
             index = self._segment_index[key] = index.to(weights[0].device)
         return index
 

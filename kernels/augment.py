@@ -30,6 +30,7 @@ the CUDA backend (``unsupported_reason`` says so).
 ``launch_config`` is the one place that picks the tile sizes; ``AOT_CONFIGS`` lists, from it,
 every kernel configuration that dispatch can launch, for the ahead-of-time compile test.
 """
+
 from __future__ import annotations
 
 import os
@@ -232,9 +233,29 @@ def _finish_channel(x, out_ptrs, solarize, solarize_threshold, mean, std, inside
 
 
 @triton.jit
-def _resized_crop_channel(channel_ptr, stride_h, stride_w, height, width, top, left, crop_h, crop_w, size,
-                          rows, cols, resized_cols, scale_y, scale_x, support_y, support_x, total_y, total_x,
-                          BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
+def _resized_crop_channel(
+    channel_ptr,
+    stride_h,
+    stride_w,
+    height,
+    width,
+    top,
+    left,
+    crop_h,
+    crop_w,
+    size,
+    rows,
+    cols,
+    resized_cols,
+    scale_y,
+    scale_x,
+    support_y,
+    support_x,
+    total_y,
+    total_x,
+    BLOCK_S: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     """One channel of the resized crop: Wy @ crop @ Wx^T over CHUNK x CHUNK tiles of the crop.
 
     Horizontal pass first, as ATen's resize; IEEE float32 products (no TF32). One channel at a
@@ -277,18 +298,53 @@ def _cast_out(x, dtype: tl.constexpr):
 
 @triton.jit(
     do_not_specialize=[
-        "stride_in", "stride_ih", "stride_iw", "stride_ic", "stride_pp", "stride_pc",
-        "stride_op", "stride_oc", "stride_oh", "stride_ow",
-        "num_images", "height", "width", "size", "blur_kernel_size", "enabled_ops",
+        "stride_in",
+        "stride_ih",
+        "stride_iw",
+        "stride_ic",
+        "stride_pp",
+        "stride_pc",
+        "stride_op",
+        "stride_oc",
+        "stride_oh",
+        "stride_ow",
+        "num_images",
+        "height",
+        "width",
+        "size",
+        "blur_kernel_size",
+        "enabled_ops",
     ]
 )  # one compiled variant serves every layout and shape of a given BLOCK_S and output dtype
 def _augment_kernel(
-    images_ptr, source_index_ptr, params_ptr, out_ptr, scratch_ptr,
-    stride_in, stride_ih, stride_iw, stride_ic,
-    stride_pp, stride_pc,
-    stride_op, stride_oc, stride_oh, stride_ow,
-    num_images, height, width, size, blur_kernel_size, enabled_ops,
-    solarize_threshold, mean_r, mean_g, mean_b, std_r, std_g, std_b,
+    images_ptr,
+    source_index_ptr,
+    params_ptr,
+    out_ptr,
+    scratch_ptr,
+    stride_in,
+    stride_ih,
+    stride_iw,
+    stride_ic,
+    stride_pp,
+    stride_pc,
+    stride_op,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    num_images,
+    height,
+    width,
+    size,
+    blur_kernel_size,
+    enabled_ops,
+    solarize_threshold,
+    mean_r,
+    mean_g,
+    mean_b,
+    std_r,
+    std_g,
+    std_b,
     BLOCK_S: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
@@ -303,13 +359,15 @@ def _augment_kernel(
     flip = tl.load(row + _FLIP * stride_pc) != 0.0
     # the rest of the row is read now, packed (a live row pointer or nine live scalars across
     # the crop loops made ptxas spill): ops in application order, _ORDER_BITS each, then the flags
-    ops = (tl.load(row + _ORDER_0 * stride_pc).to(tl.int32)
-           | (tl.load(row + (_ORDER_0 + 1) * stride_pc).to(tl.int32) << _ORDER_BITS)
-           | (tl.load(row + (_ORDER_0 + 2) * stride_pc).to(tl.int32) << (2 * _ORDER_BITS))
-           | (tl.load(row + (_ORDER_0 + 3) * stride_pc).to(tl.int32) << (3 * _ORDER_BITS))
-           | ((tl.load(row + _JITTER * stride_pc) != 0.0).to(tl.int32) << _PACKED_JITTER_BIT)
-           | ((tl.load(row + _GRAYSCALE * stride_pc) != 0.0).to(tl.int32) << _PACKED_GRAYSCALE_BIT)
-           | ((tl.load(row + _SOLARIZE * stride_pc) != 0.0).to(tl.int32) << _PACKED_SOLARIZE_BIT))
+    ops = (
+        tl.load(row + _ORDER_0 * stride_pc).to(tl.int32)
+        | (tl.load(row + (_ORDER_0 + 1) * stride_pc).to(tl.int32) << _ORDER_BITS)
+        | (tl.load(row + (_ORDER_0 + 2) * stride_pc).to(tl.int32) << (2 * _ORDER_BITS))
+        | (tl.load(row + (_ORDER_0 + 3) * stride_pc).to(tl.int32) << (3 * _ORDER_BITS))
+        | ((tl.load(row + _JITTER * stride_pc) != 0.0).to(tl.int32) << _PACKED_JITTER_BIT)
+        | ((tl.load(row + _GRAYSCALE * stride_pc) != 0.0).to(tl.int32) << _PACKED_GRAYSCALE_BIT)
+        | ((tl.load(row + _SOLARIZE * stride_pc) != 0.0).to(tl.int32) << _PACKED_SOLARIZE_BIT)
+    )
     brightness = tl.load(row + _BRIGHTNESS * stride_pc)
     contrast = tl.load(row + _CONTRAST * stride_pc)
     saturation = tl.load(row + _SATURATION * stride_pc)
@@ -335,14 +393,75 @@ def _augment_kernel(
     resized_cols = tl.where(flip, size - 1 - cols, cols)  # output column x shows resized column S-1-x
     total_y = _resize_totals(rows, crop_h, scale_y, support_y)
     total_x = _resize_totals(resized_cols, crop_w, scale_x, support_x)
-    r = _resized_crop_channel(image, stride_ih, stride_iw, height, width, top, left, crop_h, crop_w, size, rows, cols,
-                              resized_cols, scale_y, scale_x, support_y, support_x, total_y, total_x, BLOCK_S, CHUNK)
-    g = _resized_crop_channel(image_g, stride_ih, stride_iw, height, width, top, left, crop_h, crop_w, size,
-                              rows, cols, resized_cols, scale_y, scale_x, support_y, support_x, total_y, total_x,
-                              BLOCK_S, CHUNK)
-    b = _resized_crop_channel(image_b, stride_ih, stride_iw, height, width, top, left, crop_h, crop_w,
-                              size, rows, cols, resized_cols, scale_y, scale_x, support_y, support_x, total_y, total_x,
-                              BLOCK_S, CHUNK)
+    r = _resized_crop_channel(
+        image,
+        stride_ih,
+        stride_iw,
+        height,
+        width,
+        top,
+        left,
+        crop_h,
+        crop_w,
+        size,
+        rows,
+        cols,
+        resized_cols,
+        scale_y,
+        scale_x,
+        support_y,
+        support_x,
+        total_y,
+        total_x,
+        BLOCK_S,
+        CHUNK,
+    )
+    g = _resized_crop_channel(
+        image_g,
+        stride_ih,
+        stride_iw,
+        height,
+        width,
+        top,
+        left,
+        crop_h,
+        crop_w,
+        size,
+        rows,
+        cols,
+        resized_cols,
+        scale_y,
+        scale_x,
+        support_y,
+        support_x,
+        total_y,
+        total_x,
+        BLOCK_S,
+        CHUNK,
+    )
+    b = _resized_crop_channel(
+        image_b,
+        stride_ih,
+        stride_iw,
+        height,
+        width,
+        top,
+        left,
+        crop_h,
+        crop_w,
+        size,
+        rows,
+        cols,
+        resized_cols,
+        scale_y,
+        scale_x,
+        support_y,
+        support_x,
+        total_y,
+        total_x,
+        BLOCK_S,
+        CHUNK,
+    )
 
     # 2. colour jitter, the four ops in this patch's order; an op whose strength is 0 is skipped
     if ((ops >> _PACKED_JITTER_BIT) & 1) != 0:
@@ -354,7 +473,9 @@ def _augment_kernel(
                     g = _clamp01(g * brightness)
                     b = _clamp01(b * brightness)
                 elif op == _OP_CONTRAST:
-                    mean_gray = tl.sum(tl.sum(tl.where(inside, _gray(r, g, b), 0.0), axis=1), axis=0) / (size_f * size_f)
+                    mean_gray = tl.sum(tl.sum(tl.where(inside, _gray(r, g, b), 0.0), axis=1), axis=0) / (
+                        size_f * size_f
+                    )
                     r = _blend(r, mean_gray, contrast)
                     g = _blend(g, mean_gray, contrast)
                     b = _blend(b, mean_gray, contrast)
@@ -406,7 +527,9 @@ def launch_config(output_size: int, capability: Tuple[int, int] = (9, 0)) -> Tup
     1 warp a 16-byte one on sm_80 under 3.8; so sm_90 and newer take 4 warps, older GPUs 2.
     """
     if not 1 <= output_size <= MAX_OUTPUT_SIZE:
-        raise ValueError(f"output_size must be in [1, {MAX_OUTPUT_SIZE}] for the Triton augment kernel, got {output_size}")
+        raise ValueError(
+            f"output_size must be in [1, {MAX_OUTPUT_SIZE}] for the Triton augment kernel, got {output_size}"
+        )
     block_s = max(16, triton.next_power_of_2(output_size))
     num_warps = {16: 4 if tuple(capability) >= (9, 0) else 2, 32: 4, 64: 8}[block_s]
     return block_s, 16, num_warps
@@ -431,15 +554,22 @@ def _input_error(images_nhwc, source_index, params, config) -> Optional[Tuple[ty
     if images_nhwc.ndim != 4 or images_nhwc.shape[3] != 3:
         return ValueError, f"images_nhwc must have shape (N, H, W, 3), got {tuple(images_nhwc.shape)}"
     if source_index.dtype != torch.int64 or source_index.ndim != 1:
-        return TypeError, f"source_index must be a 1-D int64 tensor, got {source_index.dtype} of shape {tuple(source_index.shape)}"
+        return (
+            TypeError,
+            f"source_index must be a 1-D int64 tensor, got {source_index.dtype} of shape {tuple(source_index.shape)}",
+        )
     if params.dtype != torch.float32:
         return TypeError, f"params must be float32, got {params.dtype}"
     if params.ndim != 2 or params.shape[1] != AP.NUM_PARAMS or params.shape[0] != source_index.shape[0]:
-        return ValueError, (f"params must have shape (P, {AP.NUM_PARAMS}) with P = len(source_index) = "
-                            f"{source_index.shape[0]}, got {tuple(params.shape)}")
+        return ValueError, (
+            f"params must have shape (P, {AP.NUM_PARAMS}) with P = len(source_index) = "
+            f"{source_index.shape[0]}, got {tuple(params.shape)}"
+        )
     if not (images_nhwc.device == source_index.device == params.device):
-        return ValueError, (f"images_nhwc, source_index and params must be on one device, got "
-                            f"{images_nhwc.device}, {source_index.device}, {params.device}")
+        return ValueError, (
+            f"images_nhwc, source_index and params must be on one device, got "
+            f"{images_nhwc.device}, {source_index.device}, {params.device}"
+        )
     size = config.output_size
     if not isinstance(size, int) or size < 1:
         return ValueError, f"config.output_size must be a positive int, got {size!r}"
@@ -447,10 +577,15 @@ def _input_error(images_nhwc, source_index, params, config) -> Optional[Tuple[ty
     if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
         return ValueError, f"config.blur_kernel_size must be a positive odd int, got {kernel_size!r}"
     if kernel_size // 2 >= size:
-        return ValueError, (f"config.blur_kernel_size {kernel_size} needs output_size > {kernel_size // 2} "
-                            f"(reflect padding), got {size}")
+        return ValueError, (
+            f"config.blur_kernel_size {kernel_size} needs output_size > {kernel_size // 2} "
+            f"(reflect padding), got {size}"
+        )
     if len(config.mean) != 3 or len(config.std) != 3 or any(s == 0 for s in config.std):
-        return ValueError, f"config.mean and config.std must be 3 numbers, std non-zero, got {config.mean}, {config.std}"
+        return (
+            ValueError,
+            f"config.mean and config.std must be 3 numbers, std non-zero, got {config.mean}, {config.std}",
+        )
     return None
 
 
@@ -462,8 +597,10 @@ def unsupported_reason(device, images_nhwc, source_index, params, config) -> Opt
     if error:
         return error[1]
     if config.output_size > MAX_OUTPUT_SIZE:
-        return (f"the Triton augment kernel holds a whole patch in one program's registers (the contrast "
-                f"mean and the blur need all of it), so output_size <= {MAX_OUTPUT_SIZE}; got {config.output_size}")
+        return (
+            f"the Triton augment kernel holds a whole patch in one program's registers (the contrast "
+            f"mean and the blur need all of it), so output_size <= {MAX_OUTPUT_SIZE}; got {config.output_size}"
+        )
     if any(abs(s) > _INT32_MAX for s in images_nhwc.stride()):
         return f"the Triton augment kernel takes int32 image strides, got {images_nhwc.stride()}"
     # the largest offset within one channel plane, and the step to the last channel (the image
@@ -471,9 +608,11 @@ def unsupported_reason(device, images_nhwc, source_index, params, config) -> Opt
     _, height, width, _ = images_nhwc.shape
     plane_span = (height - 1) * abs(images_nhwc.stride(1)) + (width - 1) * abs(images_nhwc.stride(2))
     if plane_span > _INT32_MAX or 2 * abs(images_nhwc.stride(3)) > _INT32_MAX:
-        return (f"the Triton augment kernel indexes within one image in int32; this image's offsets reach "
-                f"{plane_span} within a channel and {2 * abs(images_nhwc.stride(3))} across channels "
-                f"(strides {images_nhwc.stride()}), beyond 2^31 - 1")
+        return (
+            f"the Triton augment kernel indexes within one image in int32; this image's offsets reach "
+            f"{plane_span} within a channel and {2 * abs(images_nhwc.stride(3))} across channels "
+            f"(strides {images_nhwc.stride()}), beyond 2^31 - 1"
+        )
     if device.type == "cpu" and not _interpreted():
         return "TRITON_INTERPRET=1 was set after triton was imported, so the kernel cannot run on CPU tensors"
     return None
@@ -516,7 +655,9 @@ def augment_patches(
     block_s, chunk, num_warps = launch_config(size, _capability(images_nhwc.device))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     num_patches = params.shape[0]
-    out = torch.empty((num_patches, 3, size, size), dtype=out_dtype, device=images_nhwc.device, memory_format=memory_format)
+    out = torch.empty(
+        (num_patches, 3, size, size), dtype=out_dtype, device=images_nhwc.device, memory_format=memory_format
+    )
     if num_patches == 0:
         return out
     num_images, height, width, _ = images_nhwc.shape
@@ -526,11 +667,26 @@ def augment_patches(
     scratch = torch.empty(num_patches * 3 * size * size, dtype=torch.float32, device=images_nhwc.device)
     with on_device(images_nhwc.device):
         _augment_kernel[(num_patches,)](
-            images_nhwc, source_index, params, out, scratch,
-            *images_nhwc.stride(), *params.stride(), *out.stride(),
-            num_images, height, width, size, config.blur_kernel_size, config.jitter_op_mask(),
-            float(config.solarize_threshold), *(float(m) for m in config.mean), *(float(s) for s in config.std),
-            BLOCK_S=block_s, CHUNK=chunk, num_warps=num_warps,
+            images_nhwc,
+            source_index,
+            params,
+            out,
+            scratch,
+            *images_nhwc.stride(),
+            *params.stride(),
+            *out.stride(),
+            num_images,
+            height,
+            width,
+            size,
+            config.blur_kernel_size,
+            config.jitter_op_mask(),
+            float(config.solarize_threshold),
+            *(float(m) for m in config.mean),
+            *(float(s) for s in config.std),
+            BLOCK_S=block_s,
+            CHUNK=chunk,
+            num_warps=num_warps,
         )
     return out
 
@@ -548,15 +704,38 @@ def _aot_configs():
         block_s, chunk, _ = launch_config(size)
         for dtype in SUPPORTED_OUT_DTYPES:
             signature = {
-                "images_ptr": "*u8", "source_index_ptr": "*i64", "params_ptr": "*fp32",
-                "out_ptr": "*" + _SIGNATURE_DTYPES[dtype], "scratch_ptr": "*fp32",
-                **{name: "i32" for name in (
-                    "stride_in", "stride_ih", "stride_iw", "stride_ic", "stride_pp", "stride_pc",
-                    "stride_op", "stride_oc", "stride_oh", "stride_ow",
-                    "num_images", "height", "width", "size", "blur_kernel_size", "enabled_ops")},
-                **{name: "fp32" for name in (
-                    "solarize_threshold", "mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b")},
-                "BLOCK_S": "constexpr", "CHUNK": "constexpr",
+                "images_ptr": "*u8",
+                "source_index_ptr": "*i64",
+                "params_ptr": "*fp32",
+                "out_ptr": "*" + _SIGNATURE_DTYPES[dtype],
+                "scratch_ptr": "*fp32",
+                **{
+                    name: "i32"
+                    for name in (
+                        "stride_in",
+                        "stride_ih",
+                        "stride_iw",
+                        "stride_ic",
+                        "stride_pp",
+                        "stride_pc",
+                        "stride_op",
+                        "stride_oc",
+                        "stride_oh",
+                        "stride_ow",
+                        "num_images",
+                        "height",
+                        "width",
+                        "size",
+                        "blur_kernel_size",
+                        "enabled_ops",
+                    )
+                },
+                **{
+                    name: "fp32"
+                    for name in ("solarize_threshold", "mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b")
+                },
+                "BLOCK_S": "constexpr",
+                "CHUNK": "constexpr",
             }
             constexprs = {"BLOCK_S": block_s, "CHUNK": chunk}
             for num_warps in sorted(set(warps_by_cc.values())):

@@ -6,6 +6,7 @@ pointers (an illegal address, or no ordering with the stream that produced the t
 ``torch.cuda.device(tensor.device)`` Triton's launcher picks that device and that device's
 current stream, as the extension ops do with ``c10::cuda::CUDAGuard``.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -36,6 +36,7 @@ Padding beyond b = 128 does not fit the register tile: b > 128 goes to the torch
 ``launch_config`` is the one place that picks the tile sizes; ``AOT_CONFIGS`` lists, from it,
 every kernel configuration that dispatch can launch, for the ahead-of-time compile test.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -78,10 +79,17 @@ def _reciprocal(x):
 
 @triton.jit(do_not_specialize=["need_grad"])  # one compiled variant serves both values
 def _tcr_fwd_bwd_kernel(
-    z_ptr, rate_ptr, grad_ptr,
-    b, d,
-    stride_zn, stride_zb, stride_zd,
-    stride_gn, stride_gb, stride_gd,
+    z_ptr,
+    rate_ptr,
+    grad_ptr,
+    b,
+    d,
+    stride_zn,
+    stride_zb,
+    stride_zd,
+    stride_gn,
+    stride_gb,
+    stride_gd,
     alpha,
     need_grad,
     BLOCK_B: tl.constexpr,
@@ -192,9 +200,11 @@ def unsupported_reason(z) -> Optional[str]:
     _, b, d = z.shape
     group_span = (b - 1) * abs(z.stride(1)) + (d - 1) * abs(z.stride(2))
     if max(group_span, b * d - 1) > _INT32_MAX:  # z's group and the gradient's (contiguous)
-        return (f"the Triton TCR kernel indexes within a group in int32, and this z's group spans "
-                f"{max(group_span, b * d - 1) + 1} elements (>= 2^31; strides {z.stride()}): pass z.contiguous() "
-                f"with b * d < 2^31")
+        return (
+            f"the Triton TCR kernel indexes within a group in int32, and this z's group spans "
+            f"{max(group_span, b * d - 1) + 1} elements (>= 2^31; strides {z.stride()}): pass z.contiguous() "
+            f"with b * d < 2^31"
+        )
     if z.device.type == "cpu" and not _interpreted():
         return "TRITON_INTERPRET=1 was set after triton was imported, so the kernel cannot run on CPU tensors"
     return None
@@ -217,9 +227,20 @@ def tcr_forward_backward(z: torch.Tensor, alpha: float, need_grad: bool):
     grad_strides = grad.stride() if need_grad else (0, 0, 0)
     with on_device(z.device):
         _tcr_fwd_bwd_kernel[(n,)](
-            z, rate, grad, b, d, *z.stride(), *grad_strides, float(alpha), int(bool(need_grad)),
-            BLOCK_B=block_b, BLOCK_D=block_d, UPCAST_DOT=_interpreted() and z.dtype == torch.bfloat16,
-            num_warps=num_warps, num_stages=NUM_STAGES,
+            z,
+            rate,
+            grad,
+            b,
+            d,
+            *z.stride(),
+            *grad_strides,
+            float(alpha),
+            int(bool(need_grad)),
+            BLOCK_B=block_b,
+            BLOCK_D=block_d,
+            UPCAST_DOT=_interpreted() and z.dtype == torch.bfloat16,
+            num_warps=num_warps,
+            num_stages=NUM_STAGES,
         )
     return rate, grad
 
@@ -236,12 +257,22 @@ def _aot_configs():
             block_b, block_d, num_warps = launch_config(b, 1024, dtype)
             pointer = "*" + _SIGNATURE_DTYPES[dtype]
             signature = {
-                "z_ptr": pointer, "rate_ptr": "*fp32", "grad_ptr": pointer,
-                "b": "i32", "d": "i32",
-                "stride_zn": "i32", "stride_zb": "i32", "stride_zd": "constexpr",
-                "stride_gn": "i32", "stride_gb": "i32", "stride_gd": "constexpr",
-                "alpha": "fp32", "need_grad": "i32",
-                "BLOCK_B": "constexpr", "BLOCK_D": "constexpr", "UPCAST_DOT": "constexpr",
+                "z_ptr": pointer,
+                "rate_ptr": "*fp32",
+                "grad_ptr": pointer,
+                "b": "i32",
+                "d": "i32",
+                "stride_zn": "i32",
+                "stride_zb": "i32",
+                "stride_zd": "constexpr",
+                "stride_gn": "i32",
+                "stride_gb": "i32",
+                "stride_gd": "constexpr",
+                "alpha": "fp32",
+                "need_grad": "i32",
+                "BLOCK_B": "constexpr",
+                "BLOCK_D": "constexpr",
+                "UPCAST_DOT": "constexpr",
             }
             constexprs = {"stride_zd": 1, "stride_gd": 1, "BLOCK_B": block_b, "BLOCK_D": block_d, "UPCAST_DOT": False}
             options = {"num_warps": num_warps, "num_stages": NUM_STAGES}

@@ -24,8 +24,9 @@ def _backend_missing(name):
     if name == "triton":
         return backends.triton_reason(torch.device("cpu"))
     if name == "cuda-ext":  # the extension's CUDA part: it builds wherever nvcc is, GPU or not
-        return backends.extension_reason() or (None if backends.extension().with_cuda else
-                                               "the extension was built without its CUDA part")
+        return backends.extension_reason() or (
+            None if backends.extension().with_cuda else "the extension was built without its CUDA part"
+        )
     return f"unknown backend name {name!r} in EMPSSL_REQUIRE_BACKENDS (cpu, triton, cuda-ext)"
 
 
@@ -33,24 +34,29 @@ def pytest_configure(config):
     missing = {name: _backend_missing(name) for name in REQUIRED_BACKENDS}
     missing = {name: why for name, why in missing.items() if why}
     if missing:
-        raise pytest.UsageError("EMPSSL_REQUIRE_BACKENDS: required backends are missing: "
-                                + "; ".join(f"{name}: {why}" for name, why in missing.items()))
+        raise pytest.UsageError(
+            "EMPSSL_REQUIRE_BACKENDS: required backends are missing: "
+            + "; ".join(f"{name}: {why}" for name, why in missing.items())
+        )
 
 
 def _skip_reason(report):
     longrepr = report.longrepr
     text = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
-    return text[len("Skipped: "):] if text.startswith("Skipped: ") else text
+    return text[len("Skipped: ") :] if text.startswith("Skipped: ") else text
 
 
 def _fail_disallowed_skip(report):
     if REQUIRED_BACKENDS and report.skipped and not hasattr(report, "wasxfail"):
         reason = _skip_reason(report)
-        # the reason itself, or a backend's reason quoted after a colon ("triton backend unavailable: upstream bug: ...")
+        # the reason itself, or a backend's reason quoted after a colon
+        # ("triton backend unavailable: upstream bug: ...")
         if not any(reason.startswith(allowed) or f": {allowed}" in reason for allowed in ALLOWED_SKIP_PREFIXES):
             report.outcome = "failed"
-            report.longrepr = (f"skipped for a reason CI does not accept (EMPSSL_REQUIRE_BACKENDS is set; allowed: "
-                               f"{', '.join(ALLOWED_SKIP_PREFIXES)}): {reason}")
+            report.longrepr = (
+                f"skipped for a reason CI does not accept (EMPSSL_REQUIRE_BACKENDS is set; allowed: "
+                f"{', '.join(ALLOWED_SKIP_PREFIXES)}): {reason}"
+            )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -69,8 +75,14 @@ def pytest_make_collect_report(collector):
 def restore_global_switches():
     """Each test leaves torch's process-wide switches as it found them (threads, TF32, cuDNN), whatever it sets."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = (torch.get_num_threads(), matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic,
-             torch.get_float32_matmul_precision())
+    saved = (
+        torch.get_num_threads(),
+        matmul.allow_tf32,
+        cudnn.allow_tf32,
+        cudnn.benchmark,
+        cudnn.deterministic,
+        torch.get_float32_matmul_precision(),
+    )
     yield
     torch.set_num_threads(saved[0])
     matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved[1:5]

@@ -1,4 +1,5 @@
 """A TCP port free on this machine, for the MASTER_PORT of test process groups."""
+
 import socket
 
 

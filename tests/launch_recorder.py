@@ -24,6 +24,7 @@ def record_launches(monkeypatch, module, kernel_name):
             def launch(*args, **kwargs):
                 events.append(("launch", None))
                 return real_kernel[grid](*args, **kwargs)
+
             return launch
 
     monkeypatch.setattr(module, "on_device", RecordingGuard)

@@ -4,6 +4,7 @@ A resampled value within float32 rounding of the threshold is solarized by one a
 by the other; the two results then differ by about one 8-bit level. Comparisons against the
 reference exclude exactly those elements (and check that they are rare).
 """
+
 import torch
 
 from empssl.augment import params as AP

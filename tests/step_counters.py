@@ -1,5 +1,6 @@
 """Counters for the properties a training step must have on the GPU, measured on the CPU:
 no host synchronisation, and a bounded number of dispatched ops."""
+
 import collections
 import contextlib
 

@@ -1,4 +1,5 @@
 """Embeddings for the Total Coding Rate tests, one definition for every test file."""
+
 import torch
 import torch.nn.functional as F
 

@@ -1,5 +1,6 @@
 """The public augmentation API: AugmentConfig, MultiPatchAugment (layouts, patch-major order,
 dtypes, memory format, dispatch) and its input validation."""
+
 import dataclasses
 
 import pytest
@@ -14,8 +15,9 @@ from empssl.ops import augment as augment_op
 from empssl.reference import augment as ref
 
 # every colour op off, no normalisation: a constant image stays its colour
-NO_COLOUR = AugmentConfig(output_size=8, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0,
-                          mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+NO_COLOUR = AugmentConfig(
+    output_size=8, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)
+)
 
 
 def _images(batch=3, height=20, width=24, seed=0):
@@ -32,7 +34,13 @@ def test_recipes_follow_spec_section_4():
     assert (tiny.output_size, tiny.crop_scale, tiny.crop_ratio) == (64, (0.25, 0.25), (1.0, 1.0))
     assert (imagenet.output_size, imagenet.crop_scale, imagenet.crop_ratio) == (224, (0.25, 0.25), (3 / 4, 4 / 3))
     for config in (cifar, tiny, imagenet):
-        assert (config.flip_p, config.jitter_p, config.grayscale_p, config.blur_p, config.solarize_p) == (0.5, 0.8, 0.2, 0.1, 0.1)
+        assert (config.flip_p, config.jitter_p, config.grayscale_p, config.blur_p, config.solarize_p) == (
+            0.5,
+            0.8,
+            0.2,
+            0.1,
+            0.1,
+        )
         assert (config.brightness, config.contrast, config.saturation, config.hue) == (0.4, 0.4, 0.4, 0.2)
         assert config.blur_sigma == (0.1, 2.0) and config.blur_kernel_size == 13
         assert config.solarize_threshold == 128 / 255
@@ -50,12 +58,27 @@ def test_config_is_frozen_and_hashable_with_lists_turned_into_tuples():
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("output_size", 0), ("output_size", 32.0), ("crop_scale", (0.5, 0.25)), ("crop_scale", (0.0, 0.5)),
-        ("crop_ratio", (1.0,)), ("crop_ratio", (-1.0, 1.0)), ("flip_p", 1.5), ("jitter_p", -0.1),
-        ("grayscale_p", float("nan")), ("blur_p", "0.1"), ("solarize_p", 2), ("brightness", -0.4),
-        ("contrast", float("inf")), ("saturation", None), ("hue", 0.6), ("blur_sigma", (2.0, 0.1)),
-        ("blur_kernel_size", 12), ("blur_kernel_size", 0), ("solarize_threshold", 1.5),
-        ("mean", (0.5, 0.5)), ("std", (0.5, 0.0, 0.5)),
+        ("output_size", 0),
+        ("output_size", 32.0),
+        ("crop_scale", (0.5, 0.25)),
+        ("crop_scale", (0.0, 0.5)),
+        ("crop_ratio", (1.0,)),
+        ("crop_ratio", (-1.0, 1.0)),
+        ("flip_p", 1.5),
+        ("jitter_p", -0.1),
+        ("grayscale_p", float("nan")),
+        ("blur_p", "0.1"),
+        ("solarize_p", 2),
+        ("brightness", -0.4),
+        ("contrast", float("inf")),
+        ("saturation", None),
+        ("hue", 0.6),
+        ("blur_sigma", (2.0, 0.1)),
+        ("blur_kernel_size", 12),
+        ("blur_kernel_size", 0),
+        ("solarize_threshold", 1.5),
+        ("mean", (0.5, 0.5)),
+        ("std", (0.5, 0.0, 0.5)),
     ],
 )
 def test_config_rejects_bad_fields(field, value):
@@ -90,7 +113,9 @@ def test_nhwc_and_nchw_inputs_give_identical_patches():
     nchw = images.permute(0, 3, 1, 2).contiguous()
     assert torch.equal(augment.apply(nchw, source_index, params), from_nhwc)
     # any strides: a channels_last NCHW tensor and a strided view of a bigger batch
-    assert torch.equal(augment.apply(nchw.contiguous(memory_format=torch.channels_last), source_index, params), from_nhwc)
+    assert torch.equal(
+        augment.apply(nchw.contiguous(memory_format=torch.channels_last), source_index, params), from_nhwc
+    )
     bigger = torch.zeros(6, 20, 24, 3, dtype=torch.uint8)
     bigger[::2] = images
     assert torch.equal(augment.apply(bigger[::2], source_index, params), from_nhwc)
@@ -202,7 +227,9 @@ def test_bad_images_are_rejected(images, error, match):
         augment.sample(images, 2)
 
 
-@pytest.mark.parametrize("num_patches, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError), ("2", TypeError)])
+@pytest.mark.parametrize(
+    "num_patches, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError), ("2", TypeError)]
+)
 def test_bad_num_patches_is_rejected(num_patches, error):
     with pytest.raises(error, match="num_patches"):
         MultiPatchAugment(NO_COLOUR)(_images(), num_patches)

@@ -9,6 +9,7 @@ a value that lands within 1e-5 of it may fall on either side in two correct impl
 (uint8 levels resampled by weights that sum to 1 up to rounding land exactly there), so such
 flips are allowed, counted, and must stay rare.
 """
+
 import dataclasses
 
 import pytest
@@ -86,7 +87,9 @@ def assert_matches_reference(out, ref, params, config, out_dtype, channels_last)
     # the contract is a tie RATE below MAX_TIE_FRACTION; a small sample (the interpreted Triton
     # cases have ~5000 values, i.e. ~5 ties allowed) is judged with a 4-sigma Poisson margin
     allowed = MAX_TIE_FRACTION * ref.numel()
-    assert mismatch.sum().item() <= allowed + 4 * allowed ** 0.5, f"{mismatch.sum().item()} of {ref.numel()} values differ"
+    assert mismatch.sum().item() <= allowed + 4 * allowed**0.5, (
+        f"{mismatch.sum().item()} of {ref.numel()} values differ"
+    )
     # each mismatch is a rounding tie: the rounding (at most half a unit of the dtype) of a float32
     # value within the float32 tolerance of the reference
     half_unit = 0.5 * torch.finfo(out_dtype).eps * ref.abs()
@@ -138,7 +141,9 @@ def _only(op, params, config):
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
-@pytest.mark.parametrize("op", ["crop", "flip", "brightness", "contrast", "saturation", "hue", "grayscale", "blur", "solarize"])
+@pytest.mark.parametrize(
+    "op", ["crop", "flip", "brightness", "contrast", "saturation", "hue", "grayscale", "blur", "solarize"]
+)
 def test_each_op_alone(backend, op):
     generator = torch.Generator().manual_seed(sum(map(ord, op)))
     device = _device_for(backend)
@@ -178,14 +183,26 @@ DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 # every (dtype, output layout, input layout) for the compiled backends; under the Triton
 # interpreter (seconds per patch) a covering subset: each dtype, each layout at least once
 CHAIN_CASES = [
-    pytest.param(backend, DTYPES[dtype], channels_last, layout, id=f"{backend}-{dtype}-{'cl' if channels_last else 'nchw'}_out-{layout}",
-                 marks=[pytest.mark.gpu] if backend in ("cuda", "triton-cuda") else [])
+    pytest.param(
+        backend,
+        DTYPES[dtype],
+        channels_last,
+        layout,
+        id=f"{backend}-{dtype}-{'cl' if channels_last else 'nchw'}_out-{layout}",
+        marks=[pytest.mark.gpu] if backend in ("cuda", "triton-cuda") else [],
+    )
     for backend in ("cpu", "cuda", "triton-cuda")
     for dtype in DTYPES
     for channels_last in (False, True)
     for layout in ("nhwc", "nchw")
 ] + [
-    pytest.param("triton", DTYPES[dtype], channels_last, layout, id=f"triton-{dtype}-{'cl' if channels_last else 'nchw'}_out-{layout}")
+    pytest.param(
+        "triton",
+        DTYPES[dtype],
+        channels_last,
+        layout,
+        id=f"triton-{dtype}-{'cl' if channels_last else 'nchw'}_out-{layout}",
+    )
     for dtype, channels_last, layout in (("f32", False, "nhwc"), ("bf16", True, "nchw"), ("f16", False, "nchw"))
 ]
 
@@ -223,8 +240,15 @@ def test_odd_sizes(backend):
     """Non-square 37x29 sources, 19-pixel patches (lane tails), kernel 9, non-default mean/std."""
     generator = torch.Generator().manual_seed(5)
     device = _device_for(backend)
-    config = AugmentConfig(output_size=19, crop_scale=(0.1, 0.9), crop_ratio=(0.5, 2.0), blur_p=0.5, blur_kernel_size=9,
-                           mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    config = AugmentConfig(
+        output_size=19,
+        crop_scale=(0.1, 0.9),
+        crop_ratio=(0.5, 2.0),
+        blur_p=0.5,
+        blur_kernel_size=9,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
     images = _images(5, 37, 29, generator, device)
     source_index, params = _sampled(config, images, _patches_for(backend) // 5 + 1, generator)
     out, ref = _run(backend, images, source_index, params, config, torch.bfloat16, True)
@@ -259,6 +283,7 @@ def test_cuda_large_patches_two_pass():
 
 # ---- the extension op itself -------------------------------------------------------------------
 
+
 def _extension_op_inputs(device="cpu"):
     config = AugmentConfig.cifar()
     generator = torch.Generator().manual_seed(0)
@@ -272,10 +297,20 @@ def test_extension_op_schema_and_fake():
     reason = augment_op.cpu_reason(torch.device("cpu"), images, source_index, params, config)
     if reason:
         pytest.skip(reason)
-    args = (images, source_index, params, 32, 13, config.solarize_threshold, list(config.mean), list(config.std),
-            config.jitter_op_mask(), torch.bfloat16, True)
-    torch.library.opcheck(torch.ops.empssl.augment_patches.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    args = (
+        images,
+        source_index,
+        params,
+        32,
+        13,
+        config.solarize_threshold,
+        list(config.mean),
+        list(config.std),
+        config.jitter_op_mask(),
+        torch.bfloat16,
+        True,
+    )
+    torch.library.opcheck(torch.ops.empssl.augment_patches.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_triton_op_fake():
@@ -284,8 +319,18 @@ def test_triton_op_fake():
 
     with FakeTensorMode() as mode:
         fake = augment_op.augment_patches_triton(
-            mode.from_tensor(images), mode.from_tensor(source_index), mode.from_tensor(params), 32, 13, 0.5,
-            [0.5] * 3, [0.5] * 3, 15, torch.float16, True)
+            mode.from_tensor(images),
+            mode.from_tensor(source_index),
+            mode.from_tensor(params),
+            32,
+            13,
+            0.5,
+            [0.5] * 3,
+            [0.5] * 3,
+            15,
+            torch.float16,
+            True,
+        )
     assert fake.shape == (params.shape[0], 3, 32, 32) and fake.dtype == torch.float16
     assert fake.is_contiguous(memory_format=torch.channels_last)
 
@@ -296,10 +341,17 @@ def test_extension_op_rejects_bad_input_before_launch():
         pytest.skip("extension not built")
     good = dict(output_size=32, blur_kernel_size=13)
 
-    def call(images=images, source_index=source_index, params=params, output_size=32, blur_kernel_size=13,
-             out_dtype=torch.float32):
-        return torch.ops.empssl.augment_patches(images, source_index, params, output_size, blur_kernel_size, 0.5,
-                                                [0.5] * 3, [0.5] * 3, 15, out_dtype, False)
+    def call(
+        images=images,
+        source_index=source_index,
+        params=params,
+        output_size=32,
+        blur_kernel_size=13,
+        out_dtype=torch.float32,
+    ):
+        return torch.ops.empssl.augment_patches(
+            images, source_index, params, output_size, blur_kernel_size, 0.5, [0.5] * 3, [0.5] * 3, 15, out_dtype, False
+        )
 
     assert call(**good).shape == (params.shape[0], 3, 32, 32)
     with pytest.raises(RuntimeError, match="uint8"):
@@ -327,8 +379,9 @@ def test_cuda_op_clamps_source_index_out_of_range():
         pytest.skip("needs a CUDA GPU: the CUDA extension is not built")
 
     def call(index):
-        return torch.ops.empssl.augment_patches(images, index, params, 32, 13, 0.5, [0.5] * 3, [0.5] * 3, 15,
-                                                torch.float32, False)
+        return torch.ops.empssl.augment_patches(
+            images, index, params, 32, 13, 0.5, [0.5] * 3, [0.5] * 3, 15, torch.float32, False
+        )
 
     out_of_range = torch.tensor([-5, images.shape[0] + 2], device="cuda")
     assert torch.equal(call(out_of_range), call(torch.tensor([0, images.shape[0] - 1], device="cuda")))

@@ -8,6 +8,7 @@ approximation of a Gaussian (ours is exact), PIL rounds to uint8 after every ste
 float32 until the end), and PIL's hue shift works on uint8 HSV; each changes single pixels by
 about 1/255 with no bias visible at this sample size.
 """
+
 import dataclasses
 import random
 
@@ -49,16 +50,18 @@ class _RecordedSolarize:
 
 
 def _published_pipeline(solarize):
-    return T.Compose([
-        T.RandomResizedCrop(32, scale=(0.25, 0.25), ratio=(1, 1)),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.2)], p=0.8),
-        T.RandomGrayscale(0.2),
-        T.RandomApply([_PilGaussianBlur()], p=0.1),
-        solarize,
-        T.ToTensor(),
-        T.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(32, scale=(0.25, 0.25), ratio=(1, 1)),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.2)], p=0.8),
+            T.RandomGrayscale(0.2),
+            T.RandomApply([_PilGaussianBlur()], p=0.1),
+            solarize,
+            T.ToTensor(),
+            T.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+        ]
+    )
 
 
 def _source_images(generator):
@@ -79,7 +82,7 @@ def _statistics(patches):
 def _z(a, b):
     """|mean(a) - mean(b)| in standard errors of the difference, per column."""
     se = (a.var(dim=0) / a.shape[0] + b.var(dim=0) / b.shape[0]).sqrt()
-    return ((a.mean(dim=0) - b.mean(dim=0)).abs() / se.clamp(min=1e-12))
+    return (a.mean(dim=0) - b.mean(dim=0)).abs() / se.clamp(min=1e-12)
 
 
 def test_matches_published_pipeline_in_distribution():
@@ -88,8 +91,14 @@ def test_matches_published_pipeline_in_distribution():
     generator = torch.Generator().manual_seed(0)
     images = _source_images(generator)
     config = AugmentConfig.cifar()
-    backend = "cpu" if backends.reasons("augment", torch.device("cpu"), images, torch.zeros(1, dtype=torch.int64),
-                                        torch.zeros(1, 17), config)["cpu"] is None else "reference"
+    backend = (
+        "cpu"
+        if backends.reasons(
+            "augment", torch.device("cpu"), images, torch.zeros(1, dtype=torch.int64), torch.zeros(1, 17), config
+        )["cpu"]
+        is None
+        else "reference"
+    )
     augment = MultiPatchAugment(config, backend=backend)
     source_index, params = augment.sample(images, FUSED_PATCHES_PER_IMAGE, generator=generator)
     fused = augment.apply(images, source_index, params)
@@ -105,11 +114,15 @@ def test_matches_published_pipeline_in_distribution():
     names = ("channel means", "channel second moments", "grayscale fraction")
     for name, a, b in zip(names, fused_stats, published_stats):
         z = _z(a.view(a.shape[0], -1), b.view(b.shape[0], -1))
-        assert (z < MAX_Z).all(), f"{name}: fused {a.mean(0).tolist()} vs published {b.mean(0).tolist()}, z = {z.tolist()}"
+        assert (z < MAX_Z).all(), (
+            f"{name}: fused {a.mean(0).tolist()} vs published {b.mean(0).tolist()}, z = {z.tolist()}"
+        )
     z = _z(fused_solarized.view(-1, 1), published_solarized.view(-1, 1))
     assert z.item() < MAX_Z, f"solarized fraction {fused_solarized.mean():.4f} vs {published_solarized.mean():.4f}"
     # the statistics have power: the same pipeline without colour jitter is told apart
     no_jitter = MultiPatchAugment(dataclasses.replace(config, jitter_p=0.0), backend=backend)
     plain = _statistics(no_jitter(images, FUSED_PATCHES_PER_IMAGE, generator=generator))
-    z_plain = torch.cat([_z(a.view(a.shape[0], -1), b.view(b.shape[0], -1)) for a, b in zip(plain[:2], published_stats[:2])])
+    z_plain = torch.cat(
+        [_z(a.view(a.shape[0], -1), b.view(b.shape[0], -1)) for a, b in zip(plain[:2], published_stats[:2])]
+    )
     assert z_plain.max() > MAX_Z

@@ -1,12 +1,30 @@
 """The parameter layout has one definition, empssl/augment/params.py; the C++ header is generated from it."""
+
 import os
 
 from empssl.augment import params as AP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-COLUMNS = ("CROP_TOP", "CROP_LEFT", "CROP_HEIGHT", "CROP_WIDTH", "FLIP", "JITTER", "BRIGHTNESS", "CONTRAST",
-           "SATURATION", "HUE", "ORDER_0", "ORDER_1", "ORDER_2", "ORDER_3", "GRAYSCALE", "BLUR_SIGMA", "SOLARIZE")
+COLUMNS = (
+    "CROP_TOP",
+    "CROP_LEFT",
+    "CROP_HEIGHT",
+    "CROP_WIDTH",
+    "FLIP",
+    "JITTER",
+    "BRIGHTNESS",
+    "CONTRAST",
+    "SATURATION",
+    "HUE",
+    "ORDER_0",
+    "ORDER_1",
+    "ORDER_2",
+    "ORDER_3",
+    "GRAYSCALE",
+    "BLUR_SIGMA",
+    "SOLARIZE",
+)
 
 
 def test_committed_header_is_the_generated_one():

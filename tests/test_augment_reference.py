@@ -4,6 +4,7 @@ torchvision runs on float64 images (its hue op computes in float32 internally, w
 input dtype); the reference runs in float32. Every comparison asserts max abs error <= 1e-5.
 Run with ``-s`` to see the measured errors.
 """
+
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -60,7 +61,9 @@ def test_resized_crop_matches_torchvision_antialias(image_hw, box, size):
     g = torch.Generator().manual_seed(hash(box) % 2**31)
     images = torch.randint(0, 256, (3, height, width, 3), generator=g, dtype=torch.uint8)
     params = torch.zeros(3, AP.NUM_PARAMS)
-    params[:, [AP.CROP_TOP, AP.CROP_LEFT, AP.CROP_HEIGHT, AP.CROP_WIDTH]] = torch.tensor([top, left, h, w], dtype=torch.float32)
+    params[:, [AP.CROP_TOP, AP.CROP_LEFT, AP.CROP_HEIGHT, AP.CROP_WIDTH]] = torch.tensor(
+        [top, left, h, w], dtype=torch.float32
+    )
     ours = ref.resized_crop(images.float() / 255, params, size)
     expected = TF.resized_crop(images.permute(0, 3, 1, 2).double() / 255, top, left, h, w, [size, size], antialias=True)
     _report(f"resized_crop {h}x{w} -> {size}", (ours.double() - expected).abs().max().item())
@@ -107,8 +110,20 @@ def test_jitter_op_matches_torchvision(name, ours_fn, torchvision_fn, low, high,
     x32, x64 = (_random_patches if values == "uint8 grid" else _smooth_patches)(count, 12, seed=2)
     # hue edge cases: gray pixels (max == min), ties between the max channel and another, pure primaries
     special = torch.tensor(
-        [[0.5, 0.5, 0.5], [1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0],
-         [0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.2, 0.6, 0.6], [0.6, 0.6, 0.2], [0.6, 0.2, 0.6]]
+        [
+            [0.5, 0.5, 0.5],
+            [1.0, 1.0, 0.0],
+            [0.0, 1.0, 1.0],
+            [1.0, 0.0, 1.0],
+            [1.0, 0.0, 0.0],
+            [0.0, 1.0, 0.0],
+            [0.0, 0.0, 1.0],
+            [0.0, 0.0, 0.0],
+            [1.0, 1.0, 1.0],
+            [0.2, 0.6, 0.6],
+            [0.6, 0.6, 0.2],
+            [0.6, 0.2, 0.6],
+        ]
     )
     x32[:, :, 0, : len(special)] = special.T
     x64[:, :, 0, : len(special)] = special.T.double()
@@ -218,9 +233,21 @@ CHAIN_CONFIGS = {
     "cifar": (AugmentConfig.cifar(), (32, 32), 3, 8),
     # every branch taken often, crops of every size from a non-square image: up- and downscaling
     "mixed": (
-        AugmentConfig(output_size=24, crop_scale=(0.08, 1.0), crop_ratio=(0.5, 2.0), flip_p=0.5, jitter_p=0.9,
-                      grayscale_p=0.5, blur_p=0.5, solarize_p=0.5, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-        (40, 57), 4, 12,
+        AugmentConfig(
+            output_size=24,
+            crop_scale=(0.08, 1.0),
+            crop_ratio=(0.5, 2.0),
+            flip_p=0.5,
+            jitter_p=0.9,
+            grayscale_p=0.5,
+            blur_p=0.5,
+            solarize_p=0.5,
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+        ),
+        (40, 57),
+        4,
+        12,
     ),
 }
 
@@ -233,7 +260,10 @@ def test_whole_chain_matches_torchvision(name):
     source_index, params = sample_augment_params(config, num_images, num_patches, height, width, generator=g)
     ours = ref.apply_augment(images, source_index, params, config)
     expected = torch.stack(
-        [torchvision_chain(images[int(j)].permute(2, 0, 1).double() / 255, row, config) for j, row in zip(source_index, params)]
+        [
+            torchvision_chain(images[int(j)].permute(2, 0, 1).double() / 255, row, config)
+            for j, row in zip(source_index, params)
+        ]
     )
     assert ours.dtype == torch.float32 and ours.shape == expected.shape
     _report(f"whole chain ({name}, {len(params)} patches)", (ours.double() - expected).abs().max().item())
@@ -241,7 +271,9 @@ def test_whole_chain_matches_torchvision(name):
         for column in (AP.FLIP, AP.JITTER, AP.GRAYSCALE, AP.SOLARIZE):
             assert 0 < params[:, column].sum() < len(params)
         assert 0 < (params[:, AP.BLUR_SIGMA] > 0).sum() < len(params)
-        assert (params[:, AP.CROP_HEIGHT] > config.output_size).any() and (params[:, AP.CROP_HEIGHT] < config.output_size).any()
+        assert (params[:, AP.CROP_HEIGHT] > config.output_size).any() and (
+            params[:, AP.CROP_HEIGHT] < config.output_size
+        ).any()
 
 
 def test_chain_is_independent_of_patch_chunking(monkeypatch):

@@ -3,6 +3,7 @@ RandomResizedCrop.get_params / ColorJitter.get_params, for both random sources (
 and the counter-based hash); then the counter source's own properties: its bits, its independence
 from how the batch is split, one traced graph, no host sync, a bounded op count. Statistical checks
 use fixed seeds and a 4-standard-error band."""
+
 import math
 
 import pytest
@@ -74,7 +75,9 @@ def test_gates_are_independent_of_each_other(source):
     params = _sample(AugmentConfig.cifar(), source=source)
     flip, jitter = params[:, AP.FLIP] == 1, params[:, AP.JITTER] == 1
     _assert_fraction(flip & jitter, 0.5 * 0.8, "flip and jitter")
-    _assert_fraction((params[:, AP.GRAYSCALE] == 1) & (params[:, AP.SOLARIZE] == 1), 0.2 * 0.1, "grayscale and solarize")
+    _assert_fraction(
+        (params[:, AP.GRAYSCALE] == 1) & (params[:, AP.SOLARIZE] == 1), 0.2 * 0.1, "grayscale and solarize"
+    )
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -197,7 +200,9 @@ def test_imagenet_recipe_area_and_ratio(height, width, source):
 def test_fallback_branch_matches_torchvision(height, width, scale, ratio, source):
     boxes = sample_crop_boxes(1000, height, width, scale, ratio, **_source(source, 1))
     expected = RandomResizedCrop.get_params(torch.zeros(1, height, width), list(scale), list(ratio))
-    assert (boxes == torch.tensor(expected, dtype=torch.float64)).all(), f"got {boxes[0].tolist()}, torchvision {expected}"
+    assert (boxes == torch.tensor(expected, dtype=torch.float64)).all(), (
+        f"got {boxes[0].tolist()}, torchvision {expected}"
+    )
 
 
 # ---------------------------------------------------------------- distribution against torchvision
@@ -206,7 +211,9 @@ def test_fallback_branch_matches_torchvision(height, width, scale, ratio, source
 def _torchvision_boxes(count, height, width, scale, ratio, seed):
     torch.manual_seed(seed)
     image = torch.zeros(1, height, width)
-    return torch.tensor([RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(count)], dtype=torch.float64)
+    return torch.tensor(
+        [RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(count)], dtype=torch.float64
+    )
 
 
 @pytest.mark.parametrize(
@@ -232,7 +239,9 @@ def test_crop_box_distribution_matches_torchvision(height, width, scale, ratio, 
             se = math.sqrt(max(p * (1 - p), 1e-12) * (1 / n1 + 1 / n2))
             assert abs(pa - pb) <= 4 * se, f"{name}: P(<= {threshold}) {pa:.4f} vs torchvision {pb:.4f}"
     # the joint law: area and the frequency of the fallback box
-    fallback = torch.tensor(RandomResizedCrop.get_params(torch.zeros(1, height, width), [100.0, 100.0], list(ratio)), dtype=torch.float64)
+    fallback = torch.tensor(
+        RandomResizedCrop.get_params(torch.zeros(1, height, width), [100.0, 100.0], list(ratio)), dtype=torch.float64
+    )
     fa, fb = (ours == fallback).all(1).double().mean().item(), (theirs == fallback).all(1).double().mean().item()
     p = (fa * n1 + fb * n2) / (n1 + n2)
     assert abs(fa - fb) <= 4 * math.sqrt(max(p * (1 - p), 1e-12) * (1 / n1 + 1 / n2)), f"fallback rate {fa} vs {fb}"
@@ -322,8 +331,11 @@ def test_counter_uniforms_have_53_random_bits_and_are_uniform():
     _assert_uniform(u.flatten(), 0.0, 1.0, "counter uniforms")
     # neighbouring draws, patches and images are uncorrelated
     flat = u.reshape(20, 500, 16)
-    for a, b, name in ((flat[..., :-1], flat[..., 1:], "draws"), (flat[:-1], flat[1:], "patches"),
-                       (flat[:, :-1], flat[:, 1:], "images")):
+    for a, b, name in (
+        (flat[..., :-1], flat[..., 1:], "draws"),
+        (flat[:-1], flat[1:], "patches"),
+        (flat[:, :-1], flat[:, 1:], "images"),
+    ):
         corr = torch.corrcoef(torch.stack((a.flatten(), b.flatten())))[0, 1].item()
         assert abs(corr) < 4 / math.sqrt(a.numel()), f"{name}: correlation {corr}"
 
@@ -340,7 +352,10 @@ def test_counter_keys_each_change_the_draws_and_ints_equal_tensors():
     next_step = counter_uniforms(6, 3, 5, seed=1, step=5)
     assert not torch.isin(next_step, base).any()
     # keys at the ends of the int64 range wrap; Python ints beyond it are taken modulo 2^64
-    assert torch.equal(counter_uniforms(2, 1, 3, seed=-1, step=2**63 - 1), counter_uniforms(2, 1, 3, seed=2**64 - 1, step=-(2**63) + 2**64 - 1))
+    assert torch.equal(
+        counter_uniforms(2, 1, 3, seed=-1, step=2**63 - 1),
+        counter_uniforms(2, 1, 3, seed=2**64 - 1, step=-(2**63) + 2**64 - 1),
+    )
 
 
 @pytest.mark.parametrize("config", [AugmentConfig.cifar(), AugmentConfig.imagenet()], ids=["cifar", "imagenet"])
@@ -387,10 +402,16 @@ def test_counter_sampler_traces_as_one_graph(config):
 @pytest.mark.parametrize("config", [AugmentConfig.cifar(), AugmentConfig.imagenet()], ids=["cifar", "imagenet"])
 def test_sampling_makes_no_host_sync(config, source):
     images = torch.zeros(6, 40, 48, 3, dtype=torch.uint8)
-    augment = MultiPatchAugment(config)  # auto: the compiled cpu kernel here (the reference backend makes constants per call)
-    keys = dict(generator=torch.Generator().manual_seed(0)) if source == "generator" else dict(seed=7, step=torch.tensor(0))
+    augment = MultiPatchAugment(
+        config
+    )  # auto: the compiled cpu kernel here (the reference backend makes constants per call)
+    keys = (
+        dict(generator=torch.Generator().manual_seed(0))
+        if source == "generator"
+        else dict(seed=7, step=torch.tensor(0))
+    )
     calls = []
-    for attempt in range(2):  # the first call warms up (imports, caches); the second is counted
+    for _attempt in range(2):  # the first call warms up (imports, caches); the second is counted
         with count_host_syncs() as counted:
             sample_augment_params(config, 6, 3, 40, 48, **keys)
             augment.sample(images, 3, **keys)
@@ -406,13 +427,22 @@ def test_the_sync_counter_sees_what_it_must():
         x.sum().item(), x.tolist(), bool(x[0]), x.cpu(), x.numpy()
         torch.tensor([1.0, 2.0]), torch.as_tensor([1.0]), x.new_tensor([2.0])
         torch.as_tensor(x)  # of a tensor: no copy of Python data, not counted
-    assert dict(counted) == {"item": 1, "tolist": 1, "__bool__": 1, "cpu": 1, "numpy": 1, "tensor": 1,
-                             "as_tensor": 1, "new_tensor": 1}
+    assert dict(counted) == {
+        "item": 1,
+        "tolist": 1,
+        "__bool__": 1,
+        "cpu": 1,
+        "numpy": 1,
+        "tensor": 1,
+        "as_tensor": 1,
+        "new_tensor": 1,
+    }
 
 
 # Ops the counter sampler dispatches per call on the CIFAR recipe (B=100 images, 20 patches),
 # views not counted: hash 3 levels x 13 ops + 2 aranges, 53-bit float 4, crop 6, gates 5, factors 8,
-# order 1, sigma 3, cat + cast 2, source index 2: 74 in all (the generator path: 31). A change that adds ops must raise this on purpose.
+# order 1, sigma 3, cat + cast 2, source index 2: 74 in all (the generator path: 31). A change that adds ops must raise
+# this on purpose.
 COUNTER_SAMPLER_OP_BUDGET = 75
 
 

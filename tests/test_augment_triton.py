@@ -10,6 +10,7 @@ batches are tiny. Every comparison uses the same parameter rows for the kernel a
 Single-op tests also check that the op changes the patch by far more than the tolerance, so
 a kernel that skipped the op could not pass.
 """
+
 import dataclasses
 
 import pytest
@@ -36,6 +37,7 @@ def _interpreter_for_cpu_tests(request):
     reason = backends.triton_reason(torch.device("cpu"))
     if reason is not None and "gpu" not in request.keywords:
         pytest.skip(reason)
+
 
 FLOAT32_TOL = 2e-5
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
@@ -183,8 +185,16 @@ def test_jitter_op_with_zero_strength_is_skipped_as_in_the_reference():
 
 def _chain_config(size):
     """High probabilities so that a small batch exercises every op, blur on and off included."""
-    return AugmentConfig(output_size=size, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5,
-                         jitter_p=0.9, grayscale_p=0.3, blur_p=0.5, solarize_p=0.5)
+    return AugmentConfig(
+        output_size=size,
+        crop_scale=(0.08, 1.0),
+        crop_ratio=(3 / 4, 4 / 3),
+        flip_p=0.5,
+        jitter_p=0.9,
+        grayscale_p=0.3,
+        blur_p=0.5,
+        solarize_p=0.5,
+    )
 
 
 def _chain_inputs(size, num_images, num_patches, height, width, seed, nchw_view=False):
@@ -296,8 +306,11 @@ def test_unsupported_reason_and_input_errors():
 def test_aot_configs_cover_every_launch_config():
     """Each output size dispatch accepts maps, on sm_80 and on sm_90, to a (BLOCK_S, CHUNK, num_warps)
     listed for that target, for every output dtype."""
-    listed = {(c["BLOCK_S"], c["CHUNK"], options["num_warps"], sig["out_ptr"], cc)
-              for _, sig, c, options in triton_augment.AOT_CONFIGS for cc in options["cc"]}
+    listed = {
+        (c["BLOCK_S"], c["CHUNK"], options["num_warps"], sig["out_ptr"], cc)
+        for _, sig, c, options in triton_augment.AOT_CONFIGS
+        for cc in options["cc"]
+    }
     for cc in (80, 90):
         for size in range(1, triton_augment.MAX_OUTPUT_SIZE + 1):
             block_s, chunk, warps = triton_augment.launch_config(size, divmod(cc, 10))
@@ -309,8 +322,11 @@ def test_aot_configs_cover_every_launch_config():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [AugmentConfig.cifar(), AugmentConfig.tinyimagenet(),
-                                    dataclasses.replace(_chain_config(32), blur_p=0.5)], ids=["cifar", "tiny", "chain"])
+@pytest.mark.parametrize(
+    "config",
+    [AugmentConfig.cifar(), AugmentConfig.tinyimagenet(), dataclasses.replace(_chain_config(32), blur_p=0.5)],
+    ids=["cifar", "tiny", "chain"],
+)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_gpu_full_batch_matches_reference(config, out_dtype):
     """A training-size batch (100 images x 20 patches) on the GPU against the reference on the GPU."""
@@ -364,7 +380,8 @@ def test_crop_boxes_outside_the_image_are_clamped_into_it():
     images = _images(2, 20, 18, gen)
     params = _plain_params(4, 20, 18, gen)
     params[:, AP.CROP_TOP : AP.CROP_WIDTH + 1] = torch.tensor(
-        [[-5.0, -3.0, 12.0, 10.0], [-30.0, 4.0, 8.0, 40.0], [15.0, -1.0, 20.0, 6.0], [25.0, 30.0, 9.0, 9.0]])
+        [[-5.0, -3.0, 12.0, 10.0], [-30.0, 4.0, 8.0, 40.0], [15.0, -1.0, 20.0, 6.0], [25.0, 30.0, 9.0, 9.0]]
+    )
     source_index = torch.tensor([0, 1, 1, 0])
     config = AugmentConfig(output_size=16)
     out = triton_augment.augment_patches(images, source_index, params, config, torch.float32, False)
@@ -387,10 +404,13 @@ def test_source_index_out_of_range_is_refused_on_the_cpu_and_clamped_in_the_kern
     assert (out - ref).abs().max().item() <= FLOAT32_TOL
 
 
-@pytest.mark.parametrize("strides, words", [
-    ((1, 32, 1, 2**30), "across channels"),  # channel planes 2^30 apart (NCHW view, H*W = 2^30): 2 * stride_c wraps
-    ((1, 2**27, 1, 2**20), "within a channel"),  # (H - 1) * stride_h beyond 2^31
-])
+@pytest.mark.parametrize(
+    "strides, words",
+    [
+        ((1, 32, 1, 2**30), "across channels"),  # channel planes 2^30 apart (NCHW view, H*W = 2^30): 2 * stride_c wraps
+        ((1, 2**27, 1, 2**20), "within a channel"),  # (H - 1) * stride_h beyond 2^31
+    ],
+)
 def test_image_offsets_beyond_int32_are_refused(strides, words):
     images = torch.empty_strided((1, 32, 32, 3), strides, dtype=torch.uint8, device="meta")  # no memory
     source_index = torch.zeros(1, dtype=torch.int64, device="meta")
@@ -404,9 +424,13 @@ def test_launch_runs_inside_the_guard_of_the_images_device(monkeypatch):
     gen = torch.Generator().manual_seed(23)
     images = _images(1, 16, 16, gen)
     params = _plain_params(1, 16, 16, gen)
-    out = triton_augment.augment_patches(images, torch.tensor([0]), params, AugmentConfig(output_size=16), torch.float32, False)
+    out = triton_augment.augment_patches(
+        images, torch.tensor([0]), params, AugmentConfig(output_size=16), torch.float32, False
+    )
     assert events == [("enter", images.device), ("launch", None), ("exit", images.device)]
-    assert (out - apply_augment(images, torch.tensor([0]), params, AugmentConfig(output_size=16))).abs().max() <= FLOAT32_TOL
+    assert (
+        out - apply_augment(images, torch.tensor([0]), params, AugmentConfig(output_size=16))
+    ).abs().max() <= FLOAT32_TOL
 
 
 @pytest.mark.gpu
@@ -447,9 +471,15 @@ def test_gpu_source_index_is_clamped_and_checked_in_debug_mode(monkeypatch):
     images, _, params = _chain_inputs(16, 3, 2, 20, 20, seed=25)
     images, params = images.cuda(), params[:3].cuda()
     config = _chain_config(16)
-    out = triton_augment.augment_patches(images, torch.tensor([-2, 9, 1], device="cuda"), params, config, torch.float32, False)
-    clamped = triton_augment.augment_patches(images, torch.tensor([0, 2, 1], device="cuda"), params, config, torch.float32, False)
+    out = triton_augment.augment_patches(
+        images, torch.tensor([-2, 9, 1], device="cuda"), params, config, torch.float32, False
+    )
+    clamped = triton_augment.augment_patches(
+        images, torch.tensor([0, 2, 1], device="cuda"), params, config, torch.float32, False
+    )
     assert torch.equal(out, clamped)
     monkeypatch.setenv(triton_augment.DEBUG_CHECKS_ENV, "1")
     with pytest.raises(IndexError, match="source_index"):
-        triton_augment.augment_patches(images, torch.tensor([-2, 9, 1], device="cuda"), params, config, torch.float32, False)
+        triton_augment.augment_patches(
+            images, torch.tensor([-2, 9, 1], device="cuda"), params, config, torch.float32, False
+        )

@@ -65,7 +65,9 @@ def test_a_refusal_is_not_remembered(monkeypatch):
     backends.clear_resolved()
     z = torch.randn(2, 4, 8)
     for _ in range(2):  # the second call says why again rather than answering from the cache
-        with pytest.raises(empssl.BackendUnavailableError, match="backend 'cuda' is not available: the cuda backend runs on CUDA"):
+        with pytest.raises(
+            empssl.BackendUnavailableError, match="backend 'cuda' is not available: the cuda backend runs on CUDA"
+        ):
             empssl.coding_rate(z, backend="cuda")
     assert len(calls) == 2
     backends.clear_resolved()

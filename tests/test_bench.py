@@ -1,4 +1,5 @@
 """The installed benchmarks: dispatch, the shared results schema, and a real (toy-sized) run."""
+
 import csv
 import subprocess
 import sys
@@ -37,8 +38,10 @@ def test_a_row_that_raises_is_written_with_its_error_and_the_next_row_runs(tmp_p
             raise ImportError("no kornia")
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
-    assert [(r["method"], r["error"], r["ms"]) for r in rows] == [("captured", "RuntimeError: capture failed", ""),
-                                                                 ("eager", "", "500")]
+    assert [(r["method"], r["error"], r["ms"]) for r in rows] == [
+        ("captured", "RuntimeError: capture failed", ""),
+        ("eager", "", "500"),
+    ]
     assert results.failures == 1 and "FAILED: RuntimeError: capture failed" in capsys.readouterr().out
 
 
@@ -62,9 +65,26 @@ def test_unknown_benchmark_is_a_usage_error():
 @pytest.mark.slow
 def test_tcr_benchmark_tiny_run_writes_every_method(tmp_path):
     path = tmp_path / "results.csv"
-    done = subprocess.run([sys.executable, "-m", "empssl", "bench", "tcr", "--tiny", "--device", "cpu",
-                           "--dtypes", "float32", "--csv", str(path), "--no-plot"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "empssl",
+            "bench",
+            "tcr",
+            "--tiny",
+            "--device",
+            "cpu",
+            "--dtypes",
+            "float32",
+            "--csv",
+            str(path),
+            "--no-plot",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
@@ -79,8 +99,12 @@ def test_tcr_benchmark_tiny_run_writes_every_method(tmp_path):
 def test_tcr_benchmark_has_one_row_per_shape_for_its_float32_only_methods(tmp_path):
     """naive, batched_logdet and the whole-loss rows compute in float32: no second row for bf16 inputs."""
     path = tmp_path / "results.csv"
-    done = subprocess.run([sys.executable, "-m", "empssl", "bench", "tcr", "--tiny", "--device", "cpu",
-                           "--csv", str(path), "--no-plot"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "empssl", "bench", "tcr", "--tiny", "--device", "cpu", "--csv", str(path), "--no-plot"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
@@ -89,5 +113,8 @@ def test_tcr_benchmark_has_one_row_per_shape_for_its_float32_only_methods(tmp_pa
     assert float32_only and len(float32_only) == len(set(float32_only))
     assert all(r["dtype"] == "float32" for r in rows if r["method"] in ("naive", "batched_logdet"))
     # the kernels that take bf16 do get their bf16 rows
-    assert {(r["method"], r["dtype"]) for r in rows} >= {("cpu", "float32"), ("cpu", "bfloat16"),
-                                                         ("composite", "bfloat16")}
+    assert {(r["method"], r["dtype"]) for r in rows} >= {
+        ("cpu", "float32"),
+        ("cpu", "bfloat16"),
+        ("composite", "bfloat16"),
+    }

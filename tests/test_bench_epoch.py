@@ -1,5 +1,6 @@
 """empssl bench epoch: a toy-sized run writes the eager step, its phase shares, the published path and the
 evaluation, each row consistent with its extrapolation; the counters it uses count what they say."""
+
 import csv
 import re
 import subprocess
@@ -29,8 +30,9 @@ def test_published_loss_is_the_authors_formula():
     for i in range(3):  # R(Z_i) = 1/2 logdet(I + d / (b eps) Z_i^T Z_i)
         tcr += torch.logdet(torch.eye(5, dtype=torch.float64) + 5 / (6 * 0.2) * z[i].T @ z[i]) / 2
     zbar = z.mean(0)
-    cos = torch.stack([torch.stack([z[i, j] @ zbar[j] / (z[i, j].norm() * zbar[j].norm()) for j in range(6)])
-                       for i in range(3)])
+    cos = torch.stack(
+        [torch.stack([z[i, j] @ zbar[j] / (z[i, j].norm() * zbar[j].norm()) for j in range(6)]) for i in range(3)]
+    )
     expected = -tcr / 3 - 200 * cos.mean()
     torch.testing.assert_close(bench_epoch.published_loss(z), expected, rtol=1e-12, atol=1e-12)
 
@@ -48,8 +50,9 @@ def _seconds(pattern, text):
     return float(value) * UNIT_SECONDS[unit]
 
 
-@pytest.mark.parametrize("seconds, text", [(0.0125, "12.500 ms"), (14.38, "14.38 s"), (14380.0, "4.0 h"),
-                                           (300.0, "5.0 min")])
+@pytest.mark.parametrize(
+    "seconds, text", [(0.0125, "12.500 ms"), (14.38, "14.38 s"), (14380.0, "4.0 h"), (300.0, "5.0 min")]
+)
 def test_durations_are_printed_in_a_readable_unit(seconds, text):
     assert common.readable_seconds(seconds) == text
 
@@ -57,8 +60,24 @@ def test_durations_are_printed_in_a_readable_unit(seconds, text):
 @pytest.mark.slow
 def test_epoch_benchmark_tiny_run_writes_every_row(tmp_path):
     path = tmp_path / "results.csv"
-    done = subprocess.run([sys.executable, "-m", "empssl", "bench", "epoch", "--tiny", "--device", "cpu",
-                           "--csv", str(path), "--no-plot"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "empssl",
+            "bench",
+            "epoch",
+            "--tiny",
+            "--device",
+            "cpu",
+            "--csv",
+            str(path),
+            "--no-plot",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     with open(path) as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}
@@ -122,7 +141,7 @@ def test_a_failing_row_is_written_with_its_error_and_the_next_rows_run(tmp_path,
     assert code == 1 and [r["method"] for r in failed] == [failing]
     assert failed[0]["error"] == f"{type(error).__name__}: {str(error).splitlines()[0]}"
     assert failed[0]["ms"] == failed[0]["rate"] == ""
-    after = methods[methods.index(failing) + 1:]
+    after = methods[methods.index(failing) + 1 :]
     assert "published" in after if failing == "eager" else "published" not in after
     assert any(m.startswith("CIFAR-10 evaluation") for m in after)  # the last rows of the run
     assert all(float(r["ms"]) > 0 for r in rows if not r["error"])

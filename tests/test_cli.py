@@ -1,4 +1,5 @@
 """The `empssl` command: train -> eval round trip, info, argument and input errors."""
+
 import json
 import os
 import subprocess
@@ -26,15 +27,33 @@ def _last_json(text):
 
 def test_train_then_eval_checkpoint_and_random_init(tmp_path, capsys):
     out = tmp_path / "run"
-    code = cli.main(["train", *TINY_DATA, *TINY_MODEL, "--num-patches", "2", "--batch-size", "16", "--device", "cpu",
-                     "--out-dir", str(out), "--log-every", "2"])
+    code = cli.main(
+        [
+            "train",
+            *TINY_DATA,
+            *TINY_MODEL,
+            "--num-patches",
+            "2",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(out),
+            "--log-every",
+            "2",
+        ]
+    )
     assert code == 0
     assert "trained 4 steps" in capsys.readouterr().out
     assert (out / "checkpoint.pt").exists() and (out / "metrics.jsonl").exists()
 
     evaluation = ["--num-patches", "2", "--linear-epochs", "2", "--test-size", "32", "--json", "--device", "cpu"]
     # data and architecture default to the checkpoint's
-    assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--threads", "1", "--no-progress", *evaluation]) == 0
+    assert (
+        cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--threads", "1", "--no-progress", *evaluation])
+        == 0
+    )
     printed = capsys.readouterr().out
     trained = _last_json(printed)
     assert "linear probe top-1 (final epoch)" in printed and "best epoch" in printed
@@ -49,8 +68,26 @@ def test_train_then_eval_checkpoint_and_random_init(tmp_path, capsys):
 
 def test_eval_refuses_another_architecture(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(["train", *TINY_DATA, *TINY_MODEL, "--num-patches", "2", "--batch-size", "32", "--max-steps", "1",
-                     "--device", "cpu", "--out-dir", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *TINY_DATA,
+                *TINY_MODEL,
+                "--num-patches",
+                "2",
+                "--batch-size",
+                "32",
+                "--max-steps",
+                "1",
+                "--device",
+                "cpu",
+                "--out-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     code = cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--width", "0.25", "--no-progress"])
     assert code == 1
@@ -68,15 +105,18 @@ def test_input_errors_exit_non_zero_with_a_message(tmp_path, capsys):
     assert code == 1 and "truncated or corrupt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--arch", "resnet50"], "invalid choice: 'resnet50'"),
-    (["train", "--loss-backend", "fast"], "invalid choice: 'fast'"),
-    (["train", "--batch-size", "0"], "must be a positive integer"),
-    (["eval"], "one of the arguments --checkpoint --random-init is required"),
-    (["eval", "--random-init", "--bf16", "maybe"], "invalid choice: 'maybe'"),
-    (["train", "--on-bad-image", "ignore"], "invalid choice: 'ignore'"),
-    (["fly"], "invalid choice: 'fly'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--arch", "resnet50"], "invalid choice: 'resnet50'"),
+        (["train", "--loss-backend", "fast"], "invalid choice: 'fast'"),
+        (["train", "--batch-size", "0"], "must be a positive integer"),
+        (["eval"], "one of the arguments --checkpoint --random-init is required"),
+        (["eval", "--random-init", "--bf16", "maybe"], "invalid choice: 'maybe'"),
+        (["train", "--on-bad-image", "ignore"], "invalid choice: 'ignore'"),
+        (["fly"], "invalid choice: 'fly'"),
+    ],
+)
 def test_bad_option_values_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
@@ -121,37 +161,92 @@ def _bad_input_cases(tmp_path):
         for i in range(3):
             Image.new("RGB", (8, 8), colour).save(tmp_path / "tree" / name / f"{i}.png")
     out = ["--out-dir", str(tmp_path / "out")]
-    tree = ["--dataset", f"folder:{tmp_path / 'tree'}", "--image-size", "8", "--batch-size", "2", *TINY_MODEL,
-            "--no-progress", *out]
+    tree = [
+        "--dataset",
+        f"folder:{tmp_path / 'tree'}",
+        "--image-size",
+        "8",
+        "--batch-size",
+        "2",
+        *TINY_MODEL,
+        "--no-progress",
+        *out,
+    ]
     return {
-        "npz labels shorter": (["train", "--dataset", f"npz:{tmp_path / 'short.npz'}", *out],
-                               "40 images but labels of shape (30,)"),
-        "npz labels longer": (["train", "--dataset", f"npz:{tmp_path / 'long.npz'}", *out],
-                              "40 images but labels of shape (50,)"),
-        "npz image size differs": (["train", "--dataset", f"npz:{tmp_path / 'good.npz'}", "--image-size", "16", *out],
-                                   "holds 8x8 images, but image_size=16"),
-        "npz missing, with image size": (["train", "--dataset", f"npz:{tmp_path / 'gone.npz'}", "--image-size", "8", *out],
-                                         "gone.npz not found"),
-        "out-dir is a file": (["train", *TINY_DATA, "--out-dir", str(tmp_path / "a_file")], "a_file is a file, not a folder"),
-        "out-dir under a file": (["train", *TINY_DATA, "--out-dir", str(tmp_path / "a_file" / "run")], "which is a file"),
-        "out-dir not writable": (["train", *TINY_DATA, "--out-dir", "/proc/empssl-run"],
-                                 "--out-dir /proc/empssl-run is not writable"),
-        "cache-dir is a file": (["train", *tree, "--cache-dir", str(tmp_path / "a_file")], "a_file is a file, not a folder"),
-        "cache-dir not writable": (["train", *tree, "--cache-dir", "/proc/empssl-cache"],
-                                   "--cache-dir /proc/empssl-cache is not writable"),
+        "npz labels shorter": (
+            ["train", "--dataset", f"npz:{tmp_path / 'short.npz'}", *out],
+            "40 images but labels of shape (30,)",
+        ),
+        "npz labels longer": (
+            ["train", "--dataset", f"npz:{tmp_path / 'long.npz'}", *out],
+            "40 images but labels of shape (50,)",
+        ),
+        "npz image size differs": (
+            ["train", "--dataset", f"npz:{tmp_path / 'good.npz'}", "--image-size", "16", *out],
+            "holds 8x8 images, but image_size=16",
+        ),
+        "npz missing, with image size": (
+            ["train", "--dataset", f"npz:{tmp_path / 'gone.npz'}", "--image-size", "8", *out],
+            "gone.npz not found",
+        ),
+        "out-dir is a file": (
+            ["train", *TINY_DATA, "--out-dir", str(tmp_path / "a_file")],
+            "a_file is a file, not a folder",
+        ),
+        "out-dir under a file": (
+            ["train", *TINY_DATA, "--out-dir", str(tmp_path / "a_file" / "run")],
+            "which is a file",
+        ),
+        "out-dir not writable": (
+            ["train", *TINY_DATA, "--out-dir", "/proc/empssl-run"],
+            "--out-dir /proc/empssl-run is not writable",
+        ),
+        "cache-dir is a file": (
+            ["train", *tree, "--cache-dir", str(tmp_path / "a_file")],
+            "a_file is a file, not a folder",
+        ),
+        "cache-dir not writable": (
+            ["train", *tree, "--cache-dir", "/proc/empssl-cache"],
+            "--cache-dir /proc/empssl-cache is not writable",
+        ),
         "unknown device": (["train", *TINY_DATA, "--device", "tpu", *out], "unknown device 'tpu'; expected cpu, cuda"),
         "unsupported device": (["train", *TINY_DATA, "--device", "meta", *out], "device 'meta' is not supported"),
         "eval on an unknown device": (["eval", "--random-init", *TINY_DATA, "--device", "tpu"], "unknown device 'tpu'"),
-        "backend that cannot run": (["train", *TINY_DATA, *TINY_MODEL, "--device", "cpu", "--batch-size", "16",
-                                     "--num-patches", "2", "--augment-backend", "cuda", *out],
-                                    "backend 'cuda' is not available"),
+        "backend that cannot run": (
+            [
+                "train",
+                *TINY_DATA,
+                *TINY_MODEL,
+                "--device",
+                "cpu",
+                "--batch-size",
+                "16",
+                "--num-patches",
+                "2",
+                "--augment-backend",
+                "cuda",
+                *out,
+            ],
+            "backend 'cuda' is not available",
+        ),
     }
 
 
-BAD_INPUTS = ["npz labels shorter", "npz labels longer", "npz image size differs", "npz missing, with image size",
-              "out-dir is a file", "out-dir under a file", "out-dir not writable", "cache-dir is a file",
-              "cache-dir not writable", "unknown device", "unsupported device", "eval on an unknown device",
-              "backend that cannot run"]
+BAD_INPUTS = [
+    "npz labels shorter",
+    "npz labels longer",
+    "npz image size differs",
+    "npz missing, with image size",
+    "out-dir is a file",
+    "out-dir under a file",
+    "out-dir not writable",
+    "cache-dir is a file",
+    "cache-dir not writable",
+    "unknown device",
+    "unsupported device",
+    "eval on an unknown device",
+    "backend that cannot run",
+]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -169,8 +264,19 @@ def test_bad_input_is_a_clear_error_that_leaves_no_file(tmp_path, case, capsys):
 
 def test_resume_with_changed_data_size_names_the_setting(tmp_path, capsys):
     out = tmp_path / "run"
-    base = ["train", *TINY_DATA, *TINY_MODEL, "--num-patches", "2", "--batch-size", "16", "--device", "cpu",
-            "--out-dir", str(out)]
+    base = [
+        "train",
+        *TINY_DATA,
+        *TINY_MODEL,
+        "--num-patches",
+        "2",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(out),
+    ]
     assert cli.main([*base, "--max-steps", "1"]) == 0
     before = _snapshot(tmp_path)
     capsys.readouterr()

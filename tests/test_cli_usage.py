@@ -1,5 +1,6 @@
 """What a user reads and types: `empssl plot`, the eval help's defaults, and every `empssl` command line
 of the README and of the docs/ pages parsing with the current options."""
+
 import glob
 import json
 import os
@@ -38,10 +39,13 @@ def test_plot_redraws_the_curves_of_a_run(tmp_path, capsys):
     assert out.exists() and sorted(os.listdir(run)) == ["curves.png", "metrics.jsonl"]
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "does not exist: RUN_DIR must be a folder written by `empssl train`"),
-    ("empty", "holds no step record to plot"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist: RUN_DIR must be a folder written by `empssl train`"),
+        ("empty", "holds no step record to plot"),
+    ],
+)
 def test_plot_refuses_what_is_not_a_run(tmp_path, capsys, case, message):
     pytest.importorskip("matplotlib", reason="optional dependency not installed: matplotlib")
     run = tmp_path / "run"
@@ -73,11 +77,13 @@ def test_eval_help_says_where_a_checkpoint_overrides_the_default():
     from empssl.config import TrainConfig, _cli_fields
 
     helps = _help_of(cli.build_parser(), "eval")
-    from_checkpoint = [name for name, field in _cli_fields(TrainConfig).items()
-                       if field.metadata["cli"]["group"] in ("data", "encoder") and name in helps]
+    from_checkpoint = [
+        name
+        for name, field in _cli_fields(TrainConfig).items()
+        if field.metadata["cli"]["group"] in ("data", "encoder") and name in helps
+    ]
     assert set(ckpt.MODEL_FIELDS) <= set(from_checkpoint) and "image_size" in from_checkpoint
-    silent = [name for name in from_checkpoint
-              if "checkpoint" not in helps[name] and "default" in helps[name].lower()]
+    silent = [name for name in from_checkpoint if "checkpoint" not in helps[name] and "default" in helps[name].lower()]
     assert not silent, f"eval --help shows a default that --checkpoint overrides without saying so: {silent}"
 
 
@@ -93,7 +99,7 @@ def _readme_command_lines(paths=(README, *DOCS)):
                 for part in line.split("&&"):
                     words = shlex.split(part)
                     if "empssl" in words:  # empssl ..., or torchrun ... -m empssl ...
-                        commands.append((os.path.relpath(path, ROOT), words[words.index("empssl") + 1:]))
+                        commands.append((os.path.relpath(path, ROOT), words[words.index("empssl") + 1 :]))
     return commands
 
 

@@ -8,6 +8,7 @@ ptxas -v prints, per compiled function and architecture,
 A spill or a stack frame puts per-thread data in local memory (DRAM traffic) in kernels
 designed to keep it in registers / shared memory. No GPU is needed.
 """
+
 import glob
 import os
 import re
@@ -64,14 +65,28 @@ def _nvcc():
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
 def test_cuda_source_compiles_without_spills(source, tmp_path):
     gencode = [flag for arch in ARCHS for flag in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
-    cmd = [_nvcc(), "-std=c++17", "-O3", *gencode, "-Xptxas", "-v", "-I", os.path.join(ROOT, "csrc", "include"),
-           "-c", source, "-o", str(tmp_path / "out.o")]
+    cmd = [
+        _nvcc(),
+        "-std=c++17",
+        "-O3",
+        *gencode,
+        "-Xptxas",
+        "-v",
+        "-I",
+        os.path.join(ROOT, "csrc", "include"),
+        "-c",
+        source,
+        "-o",
+        str(tmp_path / "out.o"),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     usage = parse_ptxas(result.stdout + result.stderr)
     kernels = {arch for (_fn, arch) in usage}
     assert kernels == set(ARCHS), f"expected ptxas reports for sm_{ARCHS}, got {sorted(kernels)}"
-    bad = {key: u for key, u in usage.items() if u.get("stack", 0) or u.get("spill_stores", 0) or u.get("spill_loads", 0)}
+    bad = {
+        key: u for key, u in usage.items() if u.get("stack", 0) or u.get("spill_stores", 0) or u.get("spill_loads", 0)
+    }
     assert not bad, f"local memory use (stack/spills) in {os.path.basename(source)}: {bad}"
     for (function, arch), u in sorted(usage.items()):
         print(f"{os.path.basename(source)} sm_{arch} {function}: {u}")

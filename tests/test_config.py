@@ -1,4 +1,5 @@
 """The options of `empssl train` and `empssl eval` come from the config dataclasses: same names, same defaults."""
+
 import dataclasses
 
 import pytest
@@ -24,11 +25,39 @@ def test_train_options_are_the_config_fields_with_their_defaults():
 
 
 def test_train_options_reach_the_config():
-    args = _parse(["train", "--batch-size", "32", "--lr", "0.5", "--bf16", "off", "--no-cuda-graph", "--no-progress",
-                   "--no-channels-last", "--compile", "--schedule-epochs", "3", "--resume", "r/checkpoint.pt"])
+    args = _parse(
+        [
+            "train",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.5",
+            "--bf16",
+            "off",
+            "--no-cuda-graph",
+            "--no-progress",
+            "--no-channels-last",
+            "--compile",
+            "--schedule-epochs",
+            "3",
+            "--resume",
+            "r/checkpoint.pt",
+        ]
+    )
     config = from_args(TrainConfig, args)
-    assert (config.batch_size, config.lr, config.bf16, config.cuda_graph, config.progress) == (32, 0.5, False, False, False)
-    assert (config.channels_last, config.compile, config.schedule_epochs, config.resume) == (False, True, 3, "r/checkpoint.pt")
+    assert (config.batch_size, config.lr, config.bf16, config.cuda_graph, config.progress) == (
+        32,
+        0.5,
+        False,
+        False,
+        False,
+    )
+    assert (config.channels_last, config.compile, config.schedule_epochs, config.resume) == (
+        False,
+        True,
+        3,
+        "r/checkpoint.pt",
+    )
     assert from_args(TrainConfig, _parse(["train", "--channels-last"])).channels_last is True
 
 
@@ -36,8 +65,9 @@ def test_eval_options_default_to_the_eval_config_and_leave_the_run_settings_to_t
     args = _parse(["eval", "--random-init"])
     assert from_args(EvalConfig, args) == EvalConfig()
     eval_fields = {field.name for field in dataclasses.fields(EvalConfig)}
-    run_fields = {field.name for field in dataclasses.fields(TrainConfig)
-                  if field.metadata["cli"]["group"] in ("data", "encoder")}
+    run_fields = {
+        field.name for field in dataclasses.fields(TrainConfig) if field.metadata["cli"]["group"] in ("data", "encoder")
+    }
     assert set(vars(args)) - {"command"} == eval_fields | run_fields | EVAL_ONLY_IN_CLI
     # data and encoder settings: None unless given, so that the checkpoint's win (switches stay False)
     for name in run_fields - {"download"}:
@@ -70,16 +100,29 @@ def test_the_library_functions_default_to_the_eval_config():
     from empssl.evaluation.probe import fit_linear_probe
 
     defaults = EvalConfig()
-    evaluate_defaults = {name: p.default for name, p in inspect.signature(E.evaluate).parameters.items()
-                         if p.default is not inspect.Parameter.empty}
+    evaluate_defaults = {
+        name: p.default
+        for name, p in inspect.signature(E.evaluate).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     for name, value in evaluate_defaults.items():
         # the library's own: no progress bars, and the encoder's device
         if hasattr(defaults, name) and name not in ("progress", "device"):
             assert value == getattr(defaults, name), name
     probe = inspect.signature(fit_linear_probe).parameters
-    assert (probe["epochs"].default, probe["lr"].default, probe["momentum"].default, probe["weight_decay"].default,
-            probe["batch_size"].default) == (defaults.linear_epochs, defaults.linear_lr, defaults.linear_momentum,
-                                             defaults.linear_weight_decay, defaults.linear_batch_size)
+    assert (
+        probe["epochs"].default,
+        probe["lr"].default,
+        probe["momentum"].default,
+        probe["weight_decay"].default,
+        probe["batch_size"].default,
+    ) == (
+        defaults.linear_epochs,
+        defaults.linear_lr,
+        defaults.linear_momentum,
+        defaults.linear_weight_decay,
+        defaults.linear_batch_size,
+    )
     extract = inspect.signature(E.extract_features).parameters
     assert (extract["num_patches"].default, extract["seed"].default) == (defaults.num_patches, defaults.seed)
     knn = inspect.signature(E.knn_classify).parameters

@@ -1,4 +1,5 @@
 """Data sets -> uint8 tensors: synthetic, CIFAR pickles, ImageFolder with cache, npz; clear errors."""
+
 import os
 import pickle
 import urllib.error
@@ -75,8 +76,12 @@ def test_check_batch_size():
 def _write_cifar_batch(path, images, labels, label_key):
     # the real layout: rows of 3072 bytes, R plane then G then B, each row-major 32x32; str keys,
     # as the Python 2 pickles read with encoding="latin1" give
-    entry = {"batch_label": "test", label_key: list(map(int, labels)),
-             "data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072), "filenames": ["x.png"] * len(images)}
+    entry = {
+        "batch_label": "test",
+        label_key: list(map(int, labels)),
+        "data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072),
+        "filenames": ["x.png"] * len(images),
+    }
     with open(path, "wb") as f:
         pickle.dump(entry, f, protocol=2)
 
@@ -107,8 +112,10 @@ def _fake_cifar10(root, rng, monkeypatch, per_batch=4):
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f, protocol=2)
     _accept_fake_files(monkeypatch, CIFAR10, folder)
-    return {split: (np.concatenate([w[0] for w in parts]), np.concatenate([w[1] for w in parts]))
-            for split, parts in written.items()}
+    return {
+        split: (np.concatenate([w[0] for w in parts]), np.concatenate([w[1] for w in parts]))
+        for split, parts in written.items()
+    }
 
 
 def test_cifar10_reader_matches_pickle_layout(tmp_path, monkeypatch):
@@ -135,8 +142,11 @@ def test_cifar100_reader_uses_fine_labels(tmp_path, monkeypatch):
     images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     fine = rng.integers(0, 100, 6)
     for name in ("train", "test"):
-        entry = {"data": images.transpose(0, 3, 1, 2).reshape(6, 3072), "fine_labels": list(map(int, fine)),
-                 "coarse_labels": [0] * 6}
+        entry = {
+            "data": images.transpose(0, 3, 1, 2).reshape(6, 3072),
+            "fine_labels": list(map(int, fine)),
+            "coarse_labels": [0] * 6,
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f, protocol=2)
     with open(folder / "meta", "wb") as f:
@@ -234,7 +244,9 @@ def test_image_folder_cache_rebuilt_when_a_file_changes(tmp_path):
     _write_image(changed, (10, 250, 10), size=(24, 24))
     os.utime(changed, ns=(os.stat(changed).st_atime_ns, os.stat(changed).st_mtime_ns + 10**9))
     after = load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
-    index = [i for i in range(len(before.train_labels)) if not torch.equal(before.train_images[i], after.train_images[i])]
+    index = [
+        i for i in range(len(before.train_labels)) if not torch.equal(before.train_images[i], after.train_images[i])
+    ]
     assert len(index) == 1 and after.train_images[index[0], 4, 4].tolist() == [10, 250, 10]
     assert len(list((tmp_path / ".empssl_cache").glob("*.meta.json"))) == 1  # the stale cache is gone
 
@@ -257,7 +269,9 @@ def test_undecodable_image_skipped_with_warning_or_error(tmp_path):
 
     cache = tmp_path / "strict-cache"
     with pytest.raises(DataError, match="cannot decode image .*broken.png"):
-        load_dataset(f"folder:{tmp_path}", image_size=8, on_bad_image="error", cache_dir=str(cache), show_progress=False)
+        load_dataset(
+            f"folder:{tmp_path}", image_size=8, on_bad_image="error", cache_dir=str(cache), show_progress=False
+        )
     assert not cache.exists() or not any(cache.iterdir())  # nothing half-written
 
 
@@ -286,7 +300,9 @@ def test_npz_round_trip_with_and_without_test_split(tmp_path):
     np.savez(tmp_path / "full.npz", images=images, labels=labels, test_images=test_images, test_labels=test_labels)
     dataset = load_dataset(f"npz:{tmp_path / 'full.npz'}")
     assert np.array_equal(dataset.train_images.numpy(), images) and np.array_equal(dataset.train_labels.numpy(), labels)
-    assert np.array_equal(dataset.test_images.numpy(), test_images) and np.array_equal(dataset.test_labels.numpy(), test_labels)
+    assert np.array_equal(dataset.test_images.numpy(), test_images) and np.array_equal(
+        dataset.test_labels.numpy(), test_labels
+    )
 
     np.savez(tmp_path / "train_only.npz", images=images, labels=labels)
     split = load_dataset(f"npz:{tmp_path / 'train_only.npz'}")
@@ -312,17 +328,23 @@ def test_npz_errors(tmp_path):
         load_dataset(f"npz:{tmp_path / 'missing.npz'}")
 
 
-@pytest.mark.parametrize("arrays, message", [
-    (dict(labels=20), r"30 images but labels of shape \(20,\)"),  # shorter: no IndexError later
-    (dict(labels=31), r"30 images but labels of shape \(31,\)"),  # longer: no silent misalignment
-    (dict(labels=30, test_images=5, test_labels=4), r"5 test_images but test_labels of shape \(4,\)"),
-])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (dict(labels=20), r"30 images but labels of shape \(20,\)"),  # shorter: no IndexError later
+        (dict(labels=31), r"30 images but labels of shape \(31,\)"),  # longer: no silent misalignment
+        (dict(labels=30, test_images=5, test_labels=4), r"5 test_images but test_labels of shape \(4,\)"),
+    ],
+)
 def test_npz_label_count_must_match_the_images(tmp_path, arrays, message):
     rng = np.random.default_rng()
     content = {"images": rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)}
     for key, count in arrays.items():
-        content[key] = (rng.integers(0, 256, (count, 8, 8, 3), dtype=np.uint8) if key.endswith("images")
-                        else rng.integers(0, 3, count))
+        content[key] = (
+            rng.integers(0, 256, (count, 8, 8, 3), dtype=np.uint8)
+            if key.endswith("images")
+            else rng.integers(0, 3, count)
+        )
     np.savez(tmp_path / "bad.npz", **content)
     with pytest.raises(DataError, match=message):
         load_dataset(f"npz:{tmp_path / 'bad.npz'}")
@@ -345,10 +367,16 @@ def test_unusable_cache_dir_fails_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(image_folder, "decode_image", lambda *args: decoded.append(args))
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(ValueError, match="--cache-dir .*a_file is a file, not a folder"):
-        load_dataset(f"folder:{tmp_path / 'tree'}", image_size=8, cache_dir=str(tmp_path / "a_file"), show_progress=False)
+        load_dataset(
+            f"folder:{tmp_path / 'tree'}", image_size=8, cache_dir=str(tmp_path / "a_file"), show_progress=False
+        )
     with pytest.raises(ValueError, match="a_file, which is a file"):
-        load_dataset(f"folder:{tmp_path / 'tree'}", image_size=8, cache_dir=str(tmp_path / "a_file" / "cache"),
-                       show_progress=False)
+        load_dataset(
+            f"folder:{tmp_path / 'tree'}",
+            image_size=8,
+            cache_dir=str(tmp_path / "a_file" / "cache"),
+            show_progress=False,
+        )
     with pytest.raises(ValueError, match="is not writable: cannot create files in /proc"):
         load_dataset(f"folder:{tmp_path / 'tree'}", image_size=8, cache_dir="/proc/empssl-cache", show_progress=False)
     assert decoded == [] and (tmp_path / "a_file").read_text() == "not a folder"

@@ -1,5 +1,6 @@
 """Bag-of-features evaluation: feature averaging, BatchNorm folding, linear probe (against the
 Python-loop reference), weighted kNN."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,9 @@ def test_knn_matches_a_float64_weighted_vote():
     train_x, test_x = torch.randn(50, 16, generator=generator), torch.randn(30, 16, generator=generator)
     train_y = torch.arange(50)[torch.randperm(50, generator=generator)] % num_classes
     test_y = torch.randint(num_classes, (30,), generator=generator)
-    result = knn_classify(LabelledFeatures(train_x, train_y, test_x, test_y, num_classes), k=k, temperature=temperature, chunk_size=7)
+    result = knn_classify(
+        LabelledFeatures(train_x, train_y, test_x, test_y, num_classes), k=k, temperature=temperature, chunk_size=7
+    )
     top1 = top5 = 0
     for x, y in zip(test_x.double(), test_y.tolist()):
         similarity = F.cosine_similarity(x[None], train_x.double(), dim=1)
@@ -82,13 +85,14 @@ def test_features_are_the_mean_over_patches_in_eval_mode():
     encoder = build_encoder(width=0.125, hidden_dim=32, z_dim=16)
     encoder.train()
     images = torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8)
-    features = extract_features(encoder, images, num_patches=3, augment=_ScaledCopies(), max_patches_per_forward=6,
-                                  fold=False)
+    features = extract_features(
+        encoder, images, num_patches=3, augment=_ScaledCopies(), max_patches_per_forward=6, fold=False
+    )
     assert encoder.training  # mode restored
     encoder.eval()
     with torch.no_grad():
         for j in range(6):
-            base = images[j:j + 1].permute(0, 3, 1, 2).float() / 255
+            base = images[j : j + 1].permute(0, 3, 1, 2).float() / 255
             expected = torch.stack([encoder.features(base * (i + 1))[0] for i in range(3)]).mean(0)
             torch.testing.assert_close(features[j], expected, rtol=1e-5, atol=1e-5)
 
@@ -211,8 +215,16 @@ def test_evaluation_equals_the_unfolded_encoder_and_reference_probe():
 
 def test_probe_and_features_refuse_bad_input():
     with pytest.raises(ValueError, match="epochs and batch_size must be positive"):
-        fit_linear_probe(LabelledFeatures(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 3),
-                                          torch.zeros(2, dtype=torch.long), 2), epochs=0)
+        fit_linear_probe(
+            LabelledFeatures(
+                torch.randn(4, 3),
+                torch.zeros(4, dtype=torch.long),
+                torch.randn(2, 3),
+                torch.zeros(2, dtype=torch.long),
+                2,
+            ),
+            epochs=0,
+        )
     with pytest.raises(TypeError, match="needs an EMPSSLEncoder"):
         fold_batchnorm(torch.nn.Linear(2, 2))
     encoder = build_encoder(width=0.125, hidden_dim=32, z_dim=16)
@@ -227,8 +239,12 @@ def test_cuda_probe_replaying_its_captured_epoch_equals_the_reference():
     generator = torch.Generator().manual_seed(torch.seed())
     args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _separable_features(generator)]
     seed = int(torch.randint(1000, (1,), generator=generator))
-    weight, bias, top1 = fit_linear_probe(LabelledFeatures(*args), epochs=5, seed=seed)  # epoch 0 eager, 1..4 graph replays
-    eager_weight, eager_bias, eager_top1 = fit_linear_probe(LabelledFeatures(*args), epochs=5, seed=seed, cuda_graph=False)
+    weight, bias, top1 = fit_linear_probe(
+        LabelledFeatures(*args), epochs=5, seed=seed
+    )  # epoch 0 eager, 1..4 graph replays
+    eager_weight, eager_bias, eager_top1 = fit_linear_probe(
+        LabelledFeatures(*args), epochs=5, seed=seed, cuda_graph=False
+    )
     torch.testing.assert_close(weight, eager_weight, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(bias, eager_bias, rtol=1e-6, atol=1e-7)
     reference_weight, reference_bias, reference_top1 = reference_probe.fit_linear_probe(*args, epochs=5, seed=seed)

@@ -1,6 +1,7 @@
 """Evaluation on 2 gloo processes equals one process: each rank extracts the features of its slice of
 the images (patches keyed by image index, so they do not depend on the split), the slices are
 gathered, and every rank runs the probe and the kNN on the same features."""
+
 import os
 
 import pytest
@@ -30,8 +31,9 @@ def _setup(seed):
 def _run(seed):
     """Features at small chunks (several per rank, the last padded) and the full evaluation."""
     encoder, data = _setup(seed)
-    features = extract_features(encoder, data.test_images, PATCHES, max_patches_per_forward=CHUNK_PATCHES,
-                                  seed=seed, split_key=1)
+    features = extract_features(
+        encoder, data.test_images, PATCHES, max_patches_per_forward=CHUNK_PATCHES, seed=seed, split_key=1
+    )
     result = evaluate(encoder, data, EvalConfig(num_patches=PATCHES, linear_epochs=3, seed=seed, progress=False))
     return features, {k: v for k, v in result.items() if not k.endswith("_seconds")}
 

@@ -1,6 +1,7 @@
 """`empssl export`: the backbone loads into torchvision's resnet18 (only fc.* missing) and computes our
 features in float64; --with-head gives encoder.features; refusals (width, existing file, bad checkpoint,
 no safetensors) are clear and leave no file behind."""
+
 import os
 import sys
 
@@ -39,8 +40,19 @@ def torchvision_resnet18(arch, hidden_dim=None):
 def trained_checkpoint(tmp_path_factory):
     """A width-1 CIFAR-stem encoder after 2 training steps (BatchNorm statistics and weights moved)."""
     out = tmp_path_factory.mktemp("run")
-    config = TrainConfig(dataset="synthetic", width=1.0, hidden_dim=HIDDEN_DIM, z_dim=16, num_patches=2, batch_size=8,
-                           max_steps=2, log_every=1, device="cpu", progress=False, out_dir=str(out))
+    config = TrainConfig(
+        dataset="synthetic",
+        width=1.0,
+        hidden_dim=HIDDEN_DIM,
+        z_dim=16,
+        num_patches=2,
+        batch_size=8,
+        max_steps=2,
+        log_every=1,
+        device="cpu",
+        progress=False,
+        out_dir=str(out),
+    )
     return T.train(config, make_synthetic(16, 8, 16, seed=0)).checkpoint_path
 
 
@@ -94,8 +106,14 @@ def test_with_head_adds_pre_feature_and_gives_the_evaluation_features(tmp_path, 
     export_checkpoint(trained_checkpoint, str(out), with_head=True)
     state = torch.load(out, weights_only=True)
     assert {key for key in state if key.startswith("pre_feature.")} == {
-        "pre_feature.0.weight", "pre_feature.0.bias", "pre_feature.1.weight", "pre_feature.1.bias",
-        "pre_feature.1.running_mean", "pre_feature.1.running_var", "pre_feature.1.num_batches_tracked"}
+        "pre_feature.0.weight",
+        "pre_feature.0.bias",
+        "pre_feature.1.weight",
+        "pre_feature.1.bias",
+        "pre_feature.1.running_mean",
+        "pre_feature.1.running_var",
+        "pre_feature.1.num_batches_tracked",
+    }
     assert not [key for key in state if key.startswith(("projection.", "backbone.", "fc."))]
     model = torchvision_resnet18("resnet18-cifar", HIDDEN_DIM)
     model.load_state_dict(state, strict=True)  # every key used, none missing
@@ -112,7 +130,7 @@ def test_with_head_adds_pre_feature_and_gives_the_evaluation_features(tmp_path, 
 def test_export_state_dict_copies_and_refuses_other_widths(tmp_path):
     encoder = build_encoder(width=1.0, hidden_dim=HIDDEN_DIM, z_dim=16)
     state = export_state_dict(encoder)
-    assert set(state) == {name[len("backbone."):] for name in encoder.state_dict() if name.startswith("backbone.")}
+    assert set(state) == {name[len("backbone.") :] for name in encoder.state_dict() if name.startswith("backbone.")}
     state["conv1.weight"].zero_()  # a copy: the encoder is untouched
     assert encoder.backbone.conv1.weight.abs().max() > 0
     with pytest.raises(ExportError, match="torchvision's resnet18 has 64 base channels .* this encoder has 32"):
@@ -132,7 +150,9 @@ def test_cli_export_writes_refuses_to_overwrite_and_overwrites_when_asked(tmp_pa
     assert cli.main(["export", "--checkpoint", trained_checkpoint, "--out", str(out), "--with-head"]) == 1
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == first
-    assert cli.main(["export", "--checkpoint", trained_checkpoint, "--out", str(out), "--with-head", "--overwrite"]) == 0
+    assert (
+        cli.main(["export", "--checkpoint", trained_checkpoint, "--out", str(out), "--with-head", "--overwrite"]) == 0
+    )
     assert "pre_feature.0.weight" in torch.load(out, weights_only=True)
     assert sorted(os.listdir(tmp_path)) == ["backbone.pt"]  # no temporary file left
 

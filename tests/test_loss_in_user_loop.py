@@ -1,5 +1,6 @@
 """The loss in another project's training loop: z's normalisation (the option that does it, and why it
 matters), and the README's claim that the recipe needs LARS with a model that is not empssl's."""
+
 import math
 
 import pytest
@@ -36,8 +37,12 @@ def test_the_loss_depends_on_the_rows_scale_unless_normalised():
 def _resnet_with_projector(d):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    return torch.nn.Sequential(torchvision.models.resnet18(num_classes=256), torch.nn.BatchNorm1d(256), torch.nn.ReLU(),
-                               torch.nn.Linear(256, d))
+    return torch.nn.Sequential(
+        torchvision.models.resnet18(num_classes=256),
+        torch.nn.BatchNorm1d(256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, d),
+    )
 
 
 def _mean_rate_after(optimizer_for, steps=3, n=4, b=32, d=64):
@@ -63,7 +68,9 @@ def test_plain_sgd_collapses_where_lars_does_not():
     """torchvision's resnet18 with a projector to d=64: SGD at the recipe's lr reaches the coding rate of a
     batch of equal rows, 1/2 log(1 + d/eps), within a few steps; the package's LARS stays well above it."""
     collapsed = 0.5 * math.log(1 + 64 / 0.2)
-    sgd = _mean_rate_after(lambda m: torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-4))
+    sgd = _mean_rate_after(
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    )
     lars = _mean_rate_after(empssl.build_optimizer)
     assert sgd[0] == pytest.approx(lars[0])  # the same start: the first loss precedes any step
     assert sgd[-1] < collapsed + 0.1

@@ -1,5 +1,6 @@
 """EMPSSLLoss called with a list of views (lightly's convention): the same loss as on the stacked tensor,
 clear errors for views that do not stack, and lightly's value with the coding-rate sign corrected."""
+
 import pytest
 import torch
 
@@ -19,9 +20,10 @@ def _loss_and_grads(loss_fn, views, pack, weights):
 
 
 @pytest.mark.parametrize("container", [list, tuple])
-@pytest.mark.parametrize("n,b,d,dtype,backend", [(3, 7, 13, torch.float64, "reference"),
-                                                 (4, 19, 9, torch.float64, "auto"),
-                                                 (2, 16, 32, torch.float32, "auto")])
+@pytest.mark.parametrize(
+    "n,b,d,dtype,backend",
+    [(3, 7, 13, torch.float64, "reference"), (4, 19, 9, torch.float64, "auto"), (2, 16, 32, torch.float32, "auto")],
+)
 def test_views_give_the_stacked_loss_and_gradients(container, n, b, d, dtype, backend):
     loss_fn = EMPSSLLoss(backend=backend, inv_coef=50.0)
     views = _views(n, b, d, dtype)
@@ -35,15 +37,26 @@ def test_views_give_the_stacked_loss_and_gradients(container, n, b, d, dtype, ba
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("views,error,match", [
-    ([], ValueError, "empty list of views"),
-    ((), ValueError, "empty list of views"),
-    ([torch.zeros(4, 8), torch.zeros(5, 8)], ValueError, r"same shape: view 0 has \(4, 8\), view 1 has \(5, 8\)"),
-    ([torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.float64)], ValueError, "same dtype: view 0 has torch.float32"),
-    ([torch.zeros(4, 8), torch.zeros(4, 8, device="meta")], ValueError, "same device: view 0 has cpu, view 1 has meta"),
-    ([torch.zeros(4, 8), torch.zeros(2, 4, 8)], ValueError, r"shape \(b, d\), got shape \(2, 4, 8\) for view 1"),
-    ([torch.zeros(4, 8), "view"], TypeError, "view 1 must be a torch.Tensor, got str"),
-])
+@pytest.mark.parametrize(
+    "views,error,match",
+    [
+        ([], ValueError, "empty list of views"),
+        ((), ValueError, "empty list of views"),
+        ([torch.zeros(4, 8), torch.zeros(5, 8)], ValueError, r"same shape: view 0 has \(4, 8\), view 1 has \(5, 8\)"),
+        (
+            [torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.float64)],
+            ValueError,
+            "same dtype: view 0 has torch.float32",
+        ),
+        (
+            [torch.zeros(4, 8), torch.zeros(4, 8, device="meta")],
+            ValueError,
+            "same device: view 0 has cpu, view 1 has meta",
+        ),
+        ([torch.zeros(4, 8), torch.zeros(2, 4, 8)], ValueError, r"shape \(b, d\), got shape \(2, 4, 8\) for view 1"),
+        ([torch.zeros(4, 8), "view"], TypeError, "view 1 must be a torch.Tensor, got str"),
+    ],
+)
 def test_views_that_do_not_stack_are_refused_clearly(views, error, match):
     with pytest.raises(error, match=match):
         EMPSSLLoss()(views)

@@ -1,4 +1,5 @@
 """The encoder (docs/method.md section 3) against torchvision's resnet18 and the spec's structure."""
+
 import pytest
 import torch
 import torch.nn.functional as F

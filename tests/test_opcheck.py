@@ -2,6 +2,7 @@
 (meta) implementation against the real one (shapes, strides, dtypes), and the op traced by
 AOTAutograd with dynamic shapes against eager (values and gradients). On CPU tensors here
 (the Triton ops through the interpreter), on CUDA tensors in the `gpu` tests."""
+
 import dataclasses
 
 import pytest
@@ -22,7 +23,11 @@ OPS = {
     "augment_patches": ("augment", "cpu"),
     "augment_patches_triton": ("augment", "triton"),
 }
-CUDA_BACKEND = {"cpu": "cuda", "composite": "composite", "triton": "triton"}  # the backend of the same op on a CUDA tensor
+CUDA_BACKEND = {
+    "cpu": "cuda",
+    "composite": "composite",
+    "triton": "triton",
+}  # the backend of the same op on a CUDA tensor
 
 
 def _require(op_name, device, *inputs):
@@ -37,10 +42,15 @@ def _require(op_name, device, *inputs):
 
 def test_every_empssl_op_is_checked():
     backends.extension_reason()  # loads the extension, which defines its ops
-    defined = {name.split("::", 1)[1].split(".")[0] for name in torch._C._dispatch_get_all_op_names()
-               if name.startswith("empssl::")}
+    defined = {
+        name.split("::", 1)[1].split(".")[0]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("empssl::")
+    }
     assert defined, "no empssl op is defined"
-    assert defined == set(OPS), f"ops without an opcheck: {sorted(defined - set(OPS))}; stale: {sorted(set(OPS) - defined)}"
+    assert defined == set(OPS), (
+        f"ops without an opcheck: {sorted(defined - set(OPS))}; stale: {sorted(set(OPS) - defined)}"
+    )
 
 
 # ---- Total Coding Rate: (z, alpha, need_grad) -> (R, dR/dz) --------------------------------
@@ -74,6 +84,7 @@ def test_tcr_op(device, op_name, shape, dtype, need_grad):
 
 # ---- Multi-patch augmentation --------------------------------------------------------------
 
+
 def _augment_inputs(device, num_patches=3):
     config = dataclasses.replace(AugmentConfig.cifar(), output_size=16, blur_kernel_size=5)
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
@@ -89,8 +100,16 @@ def _augment_inputs(device, num_patches=3):
 def test_augment_op(device, op_name, out_dtype, channels_last):
     config, images, source_index, params = _augment_inputs(device)
     _require(op_name, device, images, source_index, params, config)
-    common = (images, source_index, params, config.output_size, config.blur_kernel_size,
-              float(config.solarize_threshold), [float(m) for m in config.mean], [float(s) for s in config.std])
+    common = (
+        images,
+        source_index,
+        params,
+        config.output_size,
+        config.blur_kernel_size,
+        float(config.solarize_threshold),
+        [float(m) for m in config.mean],
+        [float(s) for s in config.std],
+    )
     if op_name == "augment_patches":
         op, args = torch.ops.empssl.augment_patches.default, common + (config.jitter_op_mask(),)
     else:

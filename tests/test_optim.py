@@ -1,4 +1,5 @@
 """LARS and the cosine schedule (docs/method.md section 5) against hand computations in float64."""
+
 import io
 import math
 import warnings
@@ -81,8 +82,9 @@ def test_two_steps_equal_hand_computation(clip):
         optimizer.step()
         for name in names:
             torch.testing.assert_close(params[name].detach(), expected[name], rtol=1e-14, atol=1e-15, msg=name)
-            torch.testing.assert_close(optimizer.state[params[name]]["momentum_buffer"], buffers[name],
-                                       rtol=1e-14, atol=1e-15, msg=name)
+            torch.testing.assert_close(
+                optimizer.state[params[name]]["momentum_buffer"], buffers[name], rtol=1e-14, atol=1e-15, msg=name
+            )
             assert torch.equal(params[name].grad, grads[name]), "p.grad must be left unchanged"
 
     # The special cases were live: the zero-gradient weight never moved, the zero weight moved
@@ -106,10 +108,10 @@ def test_clip_branches_both_ways():
     p_keep.grad, p_clip.grad = g_keep.clone(), g_clip.clone()
     LARS([p_keep, p_clip], lr=lr, momentum=0.9, weight_decay=wd, eta=eta, nesterov=False).step()
     # Plain momentum, first step: p -= lr * d.
-    torch.testing.assert_close(p_keep.detach(), start_keep - lr * (g_keep + wd * start_keep) * ratio_keep,
-                               rtol=1e-14, atol=1e-16)
-    torch.testing.assert_close(p_clip.detach(), start_clip - lr * (g_clip + wd * start_clip),
-                               rtol=1e-14, atol=1e-16)
+    torch.testing.assert_close(
+        p_keep.detach(), start_keep - lr * (g_keep + wd * start_keep) * ratio_keep, rtol=1e-14, atol=1e-16
+    )
+    torch.testing.assert_close(p_clip.detach(), start_clip - lr * (g_clip + wd * start_clip), rtol=1e-14, atol=1e-16)
 
 
 def test_clipped_lars_is_sgd_with_decay_on_weights_only():
@@ -122,8 +124,12 @@ def test_clipped_lars_is_sgd_with_decay_on_weights_only():
     lars = LARS(model.parameters(), lr=0.1, eta=1e6, weight_decay=1e-2)
     weights = [p for p in reference.parameters() if p.ndim > 1]
     others = [p for p in reference.parameters() if p.ndim <= 1]
-    sgd = torch.optim.SGD([{"params": weights, "weight_decay": 1e-2}, {"params": others, "weight_decay": 0.0}],
-                          lr=0.1, momentum=0.9, nesterov=True)
+    sgd = torch.optim.SGD(
+        [{"params": weights, "weight_decay": 1e-2}, {"params": others, "weight_decay": 0.0}],
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+    )
     for _ in range(4):
         x = torch.randn(8, 6, dtype=torch.float64)
         for net, opt in ((model, lars), (reference, sgd)):
@@ -173,8 +179,15 @@ def test_state_dict_round_trip_resumes_bitwise():
     run_steps(model, optimizer, scheduler, generator, 3)
 
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "generator": generator.get_state()}, buffer)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(),
+        },
+        buffer,
+    )
     run_steps(model, optimizer, scheduler, generator, 3)
     continued = {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -233,10 +246,17 @@ def test_build_optimizer_defaults_follow_the_spec():
     optimizer = build_optimizer(model)
     assert isinstance(optimizer, torch.optim.Optimizer)
     (group,) = optimizer.param_groups
-    assert {k: group[k] for k in ("lr", "momentum", "weight_decay", "nesterov", "eta", "clip",
-                                  "exclude_bias_and_norm")} == {
-        "lr": 0.3, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True, "eta": 0.005, "clip": True,
-        "exclude_bias_and_norm": True}
+    assert {
+        k: group[k] for k in ("lr", "momentum", "weight_decay", "nesterov", "eta", "clip", "exclude_bias_and_norm")
+    } == {
+        "lr": 0.3,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "nesterov": True,
+        "eta": 0.005,
+        "clip": True,
+        "exclude_bias_and_norm": True,
+    }
     assert len(group["params"]) == len(list(model.parameters()))
 
 
@@ -298,7 +318,9 @@ def _fast_route_violations(func, args, kwargs):
     name = func.overloadpacket.__name__
     if not name.startswith("_foreach_"):
         return []
-    lists = [a for a in (*args, *kwargs.values()) if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    lists = [
+        a for a in (*args, *kwargs.values()) if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)
+    ]
     problems = []
     for tensors in lists:
         for t in tensors:

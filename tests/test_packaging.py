@@ -3,6 +3,7 @@ build fallbacks that leave out what cannot be built with one warning that says w
 
 The build decisions run setup.py (`python setup.py --name`: setup.py decides what to build before
 setup() runs, and --name builds nothing) in a copy of the tree, since it writes its build record."""
+
 import os
 import shutil
 import subprocess
@@ -50,8 +51,9 @@ def _setup(tree, **env):
     environment = {k: v for k, v in os.environ.items() if not k.startswith("EMPSSL_BUILD")}
     environment.update(env)
     environment = {k: v for k, v in environment.items() if v is not None}  # None: unset
-    return subprocess.run([sys.executable, "setup.py", "--name"], cwd=tree, env=environment, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "setup.py", "--name"], cwd=tree, env=environment, capture_output=True, text=True, timeout=300
+    )
 
 
 def _build_record(tree, text=None):
@@ -68,8 +70,24 @@ def _build_record(tree, text=None):
 def test_pure_python_wheel_holds_every_module(clean_tree, tmp_path):
     wheels = tmp_path / "wheels"
     env = dict(os.environ, EMPSSL_BUILD_EXT="0")
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", str(wheels),
-                            str(clean_tree)], env=env, capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-build-isolation",
+            "--no-deps",
+            "-w",
+            str(wheels),
+            str(clean_tree),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stdout + built.stderr
     [wheel] = list(wheels.iterdir())
     assert wheel.name.endswith("-py3-none-any.whl")  # no compiled code claimed
@@ -84,8 +102,13 @@ def test_pure_python_wheel_holds_every_module(clean_tree, tmp_path):
 
 @pytest.mark.slow
 def test_sdist_holds_every_source_and_header(clean_tree, tmp_path):
-    built = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--sdist", "-o", str(tmp_path), str(clean_tree)],
-                           env=dict(os.environ, EMPSSL_BUILD_EXT="0"), capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--sdist", "-o", str(tmp_path), str(clean_tree)],
+        env=dict(os.environ, EMPSSL_BUILD_EXT="0"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if built.returncode != 0 and "No module named build" in built.stderr:
         pytest.skip("optional dependency not installed: build")
     assert built.returncode == 0, built.stdout + built.stderr
@@ -141,8 +164,15 @@ def test_each_python_keeps_its_own_build_record(clean_tree):
     import sysconfig
 
     path = clean_tree / "empssl" / "_build_info.py"
-    other = {".cpython-399-x86_64-linux-gnu.so": {"extension": "cpu+cuda", "cuda_archs": "9.0", "torch": "9.9",
-                                                  "reason": "", "cuda_home": "/x"}}
+    other = {
+        ".cpython-399-x86_64-linux-gnu.so": {
+            "extension": "cpu+cuda",
+            "cuda_archs": "9.0",
+            "torch": "9.9",
+            "reason": "",
+            "cuda_home": "/x",
+        }
+    }
     path.write_text(f"BUILDS = {other!r}\n")
     assert _setup(clean_tree, EMPSSL_BUILD_CUDA="0").returncode == 0
     namespace = {}
@@ -164,15 +194,24 @@ def test_explicit_cuda_off_is_silent(clean_tree):
     assert record["EXTENSION"] == "cpu" and record["REASON"] == "EMPSSL_BUILD_CUDA=0"
 
 
-@pytest.mark.parametrize("record, expected", [
-    ({"extension": "cpu+cuda", "cuda_archs": "9.0", "torch": "2.11.0", "reason": ""},
-     "CPU and CUDA kernels (TORCH_CUDA_ARCH_LIST 9.0), against torch 2.11.0"),
-    ({"extension": "cpu", "cuda_archs": "", "torch": "2.11.0", "reason": "EMPSSL_BUILD_CUDA=0"},
-     "CPU kernels only, against torch 2.11.0; left out: EMPSSL_BUILD_CUDA=0"),
-    ({"extension": "none", "cuda_archs": "", "torch": "2.11.0", "reason": "EMPSSL_BUILD_EXT=0"},
-     "no compiled extension (pure Python); left out: EMPSSL_BUILD_EXT=0"),
-    ({}, "no build record (installed before setup.py wrote one)"),
-])
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        (
+            {"extension": "cpu+cuda", "cuda_archs": "9.0", "torch": "2.11.0", "reason": ""},
+            "CPU and CUDA kernels (TORCH_CUDA_ARCH_LIST 9.0), against torch 2.11.0",
+        ),
+        (
+            {"extension": "cpu", "cuda_archs": "", "torch": "2.11.0", "reason": "EMPSSL_BUILD_CUDA=0"},
+            "CPU kernels only, against torch 2.11.0; left out: EMPSSL_BUILD_CUDA=0",
+        ),
+        (
+            {"extension": "none", "cuda_archs": "", "torch": "2.11.0", "reason": "EMPSSL_BUILD_EXT=0"},
+            "no compiled extension (pure Python); left out: EMPSSL_BUILD_EXT=0",
+        ),
+        ({}, "no build record (installed before setup.py wrote one)"),
+    ],
+)
 def test_build_summary_says_what_was_built(monkeypatch, record, expected):
     monkeypatch.setattr(backends, "build_info", lambda: record)
     assert backends.build_summary() == expected
@@ -184,8 +223,9 @@ def test_an_extension_built_against_another_torch_says_so(monkeypatch):
     import torch
 
     monkeypatch.delenv("EMPSSL_DISABLE_EXT", raising=False)
-    monkeypatch.setattr(backends, "build_info", lambda: {"extension": "cpu", "cuda_archs": "", "torch": "1.0.0",
-                                                         "reason": ""})
+    monkeypatch.setattr(
+        backends, "build_info", lambda: {"extension": "cpu", "cuda_archs": "", "torch": "1.0.0", "reason": ""}
+    )
 
     def undefined_symbol(name):
         raise ImportError(f"{name}: undefined symbol: _ZN3c10")
@@ -193,15 +233,27 @@ def test_an_extension_built_against_another_torch_says_so(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", undefined_symbol)
     module, reason = backends._load_extension.__wrapped__()
     assert module is None
-    assert f"built against torch 1.0.0, running torch {torch.__version__}" in reason and "--no-build-isolation" in reason
+    assert (
+        f"built against torch 1.0.0, running torch {torch.__version__}" in reason and "--no-build-isolation" in reason
+    )
 
 
 def test_a_pure_python_install_says_so_without_importing(monkeypatch):
     import importlib
 
     monkeypatch.delenv("EMPSSL_DISABLE_EXT", raising=False)
-    monkeypatch.setattr(backends, "build_info", lambda: {"extension": "none", "cuda_archs": "", "torch": "",
-                                                         "reason": "no C++ compiler ('c++' not found; set CXX)"})
-    monkeypatch.setattr(importlib, "import_module", lambda name: pytest.fail("a pure-Python install has no _C to import"))
+    monkeypatch.setattr(
+        backends,
+        "build_info",
+        lambda: {
+            "extension": "none",
+            "cuda_archs": "",
+            "torch": "",
+            "reason": "no C++ compiler ('c++' not found; set CXX)",
+        },
+    )
+    monkeypatch.setattr(
+        importlib, "import_module", lambda name: pytest.fail("a pure-Python install has no _C to import")
+    )
     module, reason = backends._load_extension.__wrapped__()
     assert module is None and reason.startswith("not built (no C++ compiler") and "pure-Python install" in reason

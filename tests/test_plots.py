@@ -1,5 +1,6 @@
 """Training curves: metrics.jsonl read back, the figure's data, curves.png from train(), and the
 behaviour without matplotlib (nothing written, a one-line note)."""
+
 import json
 import os
 import sys
@@ -15,8 +16,18 @@ from empssl.training.run_folder import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = dict(dataset="synthetic", width=0.125, hidden_dim=32, z_dim=16, device="cpu", progress=False,
-            num_patches=2, batch_size=16, epochs=1, log_every=1)
+TINY = dict(
+    dataset="synthetic",
+    width=0.125,
+    hidden_dim=32,
+    z_dim=16,
+    device="cpu",
+    progress=False,
+    num_patches=2,
+    batch_size=16,
+    epochs=1,
+    log_every=1,
+)
 
 
 def _require_matplotlib():
@@ -35,8 +46,10 @@ def no_matplotlib(monkeypatch):
 
 
 def _records(steps):
-    return [{"step": s, "epoch": s / 10, "loss": 5.0 - s, "tcr": -2.0 * s, "inv": -0.5 - s / 100, "lr": 0.3 / s}
-            for s in steps]
+    return [
+        {"step": s, "epoch": s / 10, "loss": 5.0 - s, "tcr": -2.0 * s, "inv": -0.5 - s / 100, "lr": 0.3 / s}
+        for s in steps
+    ]
 
 
 def _write_metrics(path, lines):
@@ -103,8 +116,18 @@ EPOCH_UNITS = ["steps/s", "of step", "images/s", "samples/s", "queries/s", "eval
 
 
 def _bench_rows(units, per_unit=2, label="method"):
-    return [dict(bench="epoch", case="b=100 n=20 resnet18-cifar w1.0", method=f"{label} {unit} {i}", dtype="bf16",
-                 rate=str(10.0 ** (i + 1)), rate_unit=unit) for unit in units for i in range(per_unit)]
+    return [
+        dict(
+            bench="epoch",
+            case="b=100 n=20 resnet18-cifar w1.0",
+            method=f"{label} {unit} {i}",
+            dtype="bf16",
+            rate=str(10.0 ** (i + 1)),
+            rate_unit=unit,
+        )
+        for unit in units
+        for i in range(per_unit)
+    ]
 
 
 def _assert_every_text_inside(figure):
@@ -135,7 +158,8 @@ def test_bench_plot_puts_each_unit_on_its_own_panel_and_every_label_inside(tmp_p
     assert [ax.get_xlabel() for ax in axes] == [f"{unit} (log)" for unit in EPOCH_UNITS]
     for ax, unit in zip(axes, EPOCH_UNITS):  # each panel holds the rows of its unit, in order; the failed row none
         assert [t.get_text() for t in ax.get_yticklabels()] == [
-            common._row_label(r) for r in rows if r["rate_unit"] == unit and r["rate"]]
+            common._row_label(r) for r in rows if r["rate_unit"] == unit and r["rate"]
+        ]
     _assert_every_text_inside(figure)
     path = common.plot_rows(rows, str(tmp_path / "epoch.png"), "epoch on a test device")
     with Image.open(path) as image:  # the PNG is the whole figure: nothing cut off by the save either

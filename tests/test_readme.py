@@ -1,6 +1,7 @@
 """Every ```python block of README.md and of the docs/*.md pages runs as written, on the CPU, and writes
 nothing where it is run; the README keeps its two set-up commands (CI runs the test command it gives); every
 link between these pages, and every "page.md section N" pointer, names a file, heading or section that exists."""
+
 import os
 import pathlib
 import re
@@ -45,8 +46,10 @@ def test_the_readme_keeps_its_two_set_up_commands():
 
 def _anchors(page):
     """GitHub's anchor of each heading: lower case, punctuation dropped, spaces to hyphens."""
-    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-            for heading in re.findall(r"^#+ (.*)$", page.read_text(), flags=re.M)}
+    return {
+        re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(r"^#+ (.*)$", page.read_text(), flags=re.M)
+    }
 
 
 def _sections(page):
@@ -67,7 +70,9 @@ def test_every_link_and_section_pointer_of_the_docs_exists():
             elif anchor and page.suffix == ".md" and anchor not in _anchors(page):
                 broken.append(f"{path.relative_to(ROOT)}: link to {target}#{anchor}, no such heading")
         # "[training.md](training.md) section 5", "docs/method.md sections 5 and 6", "[docs/install.md section 3](...)"
-        for name, first, last in re.findall(r"([\w-]+)\.md(?:\]\([^)]*\))? sections? (\d+)(?:(?: and |-|, )(\d+))?", text):
+        for name, first, last in re.findall(
+            r"([\w-]+)\.md(?:\]\([^)]*\))? sections? (\d+)(?:(?: and |-|, )(\d+))?", text
+        ):
             page = ROOT / "docs" / f"{name}.md"
             numbers = {int(first), int(last or first)}
             if not page.exists() or not numbers <= _sections(page):
@@ -79,16 +84,27 @@ def test_every_link_and_section_pointer_of_the_docs_exists():
 @pytest.mark.slow  # trains and evaluates: ~15 s
 def test_readme_python_blocks_run(tmp_path):
     blocks = [(path, block) for path in (README, *DOCS) for block in python_blocks(path)]
-    assert len(python_blocks(README)) >= 3  # the loss, the augmentation, the trainer (.ci/release_check.sh asks as much)
+    assert (
+        len(python_blocks(README)) >= 3
+    )  # the loss, the augmentation, the trainer (.ci/release_check.sh asks as much)
     assert len(blocks) > len(python_blocks(README))  # and the pages' own
     work, temp = tmp_path / "cwd", tmp_path / "tmp"
     work.mkdir()
     temp.mkdir()
     env = dict(os.environ, TMPDIR=str(temp), CUDA_VISIBLE_DEVICES="")  # the CPU, as the README promises
-    named = [f"{path.relative_to(ROOT)} python block {sum(1 for p, _ in blocks[:i + 1] if p == path)}\n{block}"
-             for i, (path, block) in enumerate(blocks)]
-    run = subprocess.run([sys.executable, "-c", RUNNER], input="\0".join(named), cwd=work, env=env,
-                         capture_output=True, text=True, timeout=600)
+    named = [
+        f"{path.relative_to(ROOT)} python block {sum(1 for p, _ in blocks[: i + 1] if p == path)}\n{block}"
+        for i, (path, block) in enumerate(blocks)
+    ]
+    run = subprocess.run(
+        [sys.executable, "-c", RUNNER],
+        input="\0".join(named),
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"--- python block {len(blocks)} of {len(blocks)}" in run.stdout
     assert list(work.iterdir()) == []  # nothing written where the snippets run (no ./runs)

@@ -1,6 +1,7 @@
 """`empssl reproduce`: every experiment end to end at toy size, its report checked against the cells' own
 results; a killed sweep continues and finishes every task once; options that would mix cells are refused;
 a cell that cannot fit is refused before anything runs."""
+
 import json
 import os
 import re
@@ -26,8 +27,20 @@ def _reproduce(args):
 
 
 def _args(experiment, out_dir, *extra, datasets=("synthetic",)):
-    return [experiment, *[word for d in datasets for word in ("--dataset", d)], "--device", "cpu", "--out-dir", str(out_dir),
-            "--train-args", TRAIN, "--eval-args", EVAL, "--no-progress", *extra]
+    return [
+        experiment,
+        *[word for d in datasets for word in ("--dataset", d)],
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(out_dir),
+        "--train-args",
+        TRAIN,
+        "--eval-args",
+        EVAL,
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _table(markdown):
@@ -51,8 +64,11 @@ def _check_report_against_cells(out_dir, expected_cells):
 
 
 def _lines(figure):
-    return [[(float(x), float(y)) for x, y in zip(line.get_xdata(), line.get_ydata())]
-            for ax in figure.get_axes() for line in ax.get_lines()]
+    return [
+        [(float(x), float(y)) for x, y in zip(line.get_xdata(), line.get_ydata())]
+        for ax in figure.get_axes()
+        for line in ax.get_lines()
+    ]
 
 
 def test_one_epoch_runs_both_recipes_as_normal_run_folders(tmp_path, capsys):
@@ -103,8 +119,13 @@ def test_patches_reports_accuracy_and_time_per_patch_count(tmp_path):
 def test_transfer_evaluates_each_encoder_on_each_data_set(tmp_path):
     rng = np.random.default_rng(0)
     other = tmp_path / "other.npz"
-    np.savez(other, images=rng.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8), labels=rng.integers(0, 5, 48),
-             test_images=rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8), test_labels=rng.integers(0, 5, 32))
+    np.savez(
+        other,
+        images=rng.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8),
+        labels=rng.integers(0, 5, 48),
+        test_images=rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8),
+        test_labels=rng.integers(0, 5, 32),
+    )
     out = tmp_path / "sweep"
     datasets = ("synthetic", f"npz:{other}")
     assert _reproduce(_args("transfer", out, datasets=datasets)) == 0
@@ -120,7 +141,11 @@ def test_the_published_numbers_sit_beside_the_cells_of_their_recipe():
     tasks = reproduce.plan("one-epoch", ["cifar10", "cifar100"], epochs=1, patches=[20])
     evals = [t for t in tasks if t.kind == "eval"]
     assert [(t.dataset, published.linear_probe(t.dataset, t.recipe)[0]) for t in evals] == [
-        ("cifar10", 0.806), ("cifar10", 0.842), ("cifar100", 0.551), ("cifar100", 0.585)]
+        ("cifar10", 0.806),
+        ("cifar10", 0.842),
+        ("cifar100", 0.551),
+        ("cifar100", 0.585),
+    ]
     convergence = [t for t in reproduce.plan("convergence", ["cifar10"], 10, [20]) if t.kind == "eval"]
     assert [published.linear_probe("cifar10", t.recipe)[0] for t in convergence] == [None] * 9 + [0.907]
     patches = [t for t in reproduce.plan("patches", ["cifar10"], 10, [20, 50, 100, 200]) if t.kind == "eval"]
@@ -162,10 +187,21 @@ def test_a_cell_that_cannot_fit_is_refused_before_anything_runs(tmp_path, capsys
     args = ["patches", "--dataset", "synthetic", "--patches", "2,50", "--device", "cpu", "--out-dir", str(out)]
     assert _reproduce(args) == 1
     err = capsys.readouterr().err
-    need = memory.estimate_step_memory(arch="resnet18-cifar", width=1.0, hidden_dim=4096, z_dim=1024, image_size=32,
-                                       batch_size=100, num_patches=50, bf16=False)
+    need = memory.estimate_step_memory(
+        arch="resnet18-cifar",
+        width=1.0,
+        hidden_dim=4096,
+        z_dim=1024,
+        image_size=32,
+        batch_size=100,
+        num_patches=50,
+        bf16=False,
+    )
     fits = need.largest_num_patches(3 * 2**30, 100)
-    assert "cell synthetic-patches-050 cannot fit: a training step" in err and f"at most {fits} patches per image fit" in err
+    assert (
+        "cell synthetic-patches-050 cannot fit: a training step" in err
+        and f"at most {fits} patches per image fit" in err
+    )
     assert 2 <= fits < 50 and not out.exists()  # nothing written, not even the sweep's record
 
 
@@ -173,7 +209,10 @@ def test_the_memory_estimate_scales_with_the_patches_and_halves_activations_in_b
     from empssl.training.memory import estimate_step_memory
 
     common = dict(arch="resnet18-cifar", width=0.5, hidden_dim=256, z_dim=64, image_size=32, batch_size=10)
-    small, large = estimate_step_memory(num_patches=2, bf16=False, **common), estimate_step_memory(num_patches=4, bf16=False, **common)
+    small, large = (
+        estimate_step_memory(num_patches=2, bf16=False, **common),
+        estimate_step_memory(num_patches=4, bf16=False, **common),
+    )
     assert large.per_patch == small.per_patch and large.fixed == small.fixed and large.patches == 2 * small.patches
     half = estimate_step_memory(num_patches=2, bf16=True, **common)
     assert 0.45 * small.per_patch < half.per_patch < 0.6 * small.per_patch
@@ -186,9 +225,28 @@ def test_the_memory_estimate_scales_with_the_patches_and_halves_activations_in_b
 def test_a_sweep_killed_mid_cell_finishes_every_task_once(tmp_path):
     out = tmp_path / "sweep"
     train = TRAIN.replace("--train-size 48", "--train-size 160") + " --checkpoint-every 2"
-    command = [sys.executable, "-m", "empssl", "reproduce", "patches", "--dataset", "synthetic", "--device", "cpu",
-               "--out-dir", str(out), "--epochs", "1", "--patches", "2,3,4", "--train-args", train, "--eval-args", EVAL,
-               "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "empssl",
+        "reproduce",
+        "patches",
+        "--dataset",
+        "synthetic",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--patches",
+        "2,3,4",
+        "--train-args",
+        train,
+        "--eval-args",
+        EVAL,
+        "--no-progress",
+    ]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     second_cell = out / "synthetic-patches-003" / "metrics.jsonl"
@@ -206,7 +264,7 @@ def test_a_sweep_killed_mid_cell_finishes_every_task_once(tmp_path):
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     events = [json.loads(line) for line in (out / "sweep.log").read_text().splitlines()]
-    after = events[len(before):]
+    after = events[len(before) :]
     done = [e["task"] for e in events if e["event"] == "done"]
     tasks = [t.name for t in reproduce.plan("patches", ["synthetic"], 1, [2, 3, 4])]
     assert sorted(done) == sorted(tasks)  # every task finished exactly once

@@ -1,4 +1,5 @@
 """A run never loses or mixes work: one run per folder, interrupts that keep progress, metrics true across resumes."""
+
 import json
 import os
 import signal
@@ -22,12 +23,45 @@ from empssl.training.signals import StopRequest, TrainingInterrupted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = dict(dataset="synthetic", image_size=8, train_size=64, width=0.125, hidden_dim=32, z_dim=16, num_patches=2,
-            batch_size=16, device="cpu", progress=False, log_every=1)
+TINY = dict(
+    dataset="synthetic",
+    image_size=8,
+    train_size=64,
+    width=0.125,
+    hidden_dim=32,
+    z_dim=16,
+    num_patches=2,
+    batch_size=16,
+    device="cpu",
+    progress=False,
+    log_every=1,
+)
 # the same run on the command line (4 steps per epoch; a long schedule so a signal lands mid-run)
-TINY_ARGS = ["--dataset", "synthetic", "--image-size", "8", "--train-size", "64", "--width", "0.125", "--hidden-dim", "32",
-             "--z-dim", "16", "--num-patches", "2", "--batch-size", "16", "--device", "cpu", "--log-every", "1",
-             "--threads", "1", "--no-progress"]
+TINY_ARGS = [
+    "--dataset",
+    "synthetic",
+    "--image-size",
+    "8",
+    "--train-size",
+    "64",
+    "--width",
+    "0.125",
+    "--hidden-dim",
+    "32",
+    "--z-dim",
+    "16",
+    "--num-patches",
+    "2",
+    "--batch-size",
+    "16",
+    "--device",
+    "cpu",
+    "--log-every",
+    "1",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 LONG = dict(epochs=250, schedule_epochs=250)
 LONG_ARGS = ["--epochs", "250", "--schedule-epochs", "250"]
 FINAL_STEP = 16  # interrupted runs are resumed up to here and compared with an uninterrupted run
@@ -55,6 +89,7 @@ def _assert_true_history(records, resumed_at):
 
 def _crash_at_step(step):
     """An EMPSSLLoss that raises KeyboardInterrupt (a crash with no handler: no checkpoint) in step ``step``."""
+
     class Crashing(S.EMPSSLLoss):
         calls = 0
 
@@ -112,8 +147,16 @@ def test_resume_cuts_metrics_back_to_the_checkpoint_and_marks_it(tmp_path, monke
     saved = ckpt.load_checkpoint(str(tmp_path / "run" / CHECKPOINT_NAME))
     assert saved["step"] == 3
 
-    T.train(TrainConfig(**TINY, epochs=2, checkpoint_every=3, out_dir=str(tmp_path / "run"),
-                          resume=str(tmp_path / "run" / CHECKPOINT_NAME)), data)
+    T.train(
+        TrainConfig(
+            **TINY,
+            epochs=2,
+            checkpoint_every=3,
+            out_dir=str(tmp_path / "run"),
+            resume=str(tmp_path / "run" / CHECKPOINT_NAME),
+        ),
+        data,
+    )
     records = _metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3, 3, 4, 5, 6, 7, 8]
     assert records[3] == {"event": "resume", "step": 3, "elapsed_s": saved["elapsed_s"], "run_id": saved["run_id"]}
@@ -126,7 +169,8 @@ def test_resume_cuts_metrics_back_to_the_checkpoint_and_marks_it(tmp_path, monke
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The parameters of an uninterrupted FINAL_STEP-step run (in this process: training is deterministic on the CPU)."""
+    """The parameters of an uninterrupted FINAL_STEP-step run (in this process: training is deterministic on the
+    CPU)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -142,8 +186,9 @@ def _wait_for_step(folder, step, process, timeout=300):
         if process.poll() is not None:
             raise AssertionError(f"training exited early ({process.returncode}): {process.stderr.read()}")
         path = folder / METRICS_NAME
-        if path.exists() and any(json.loads(line).get("step", 0) >= step for line in path.read_text().splitlines()
-                                 if line.endswith("}")):
+        if path.exists() and any(
+            json.loads(line).get("step", 0) >= step for line in path.read_text().splitlines() if line.endswith("}")
+        ):
             return
         time.sleep(0.05)
     raise AssertionError(f"no metrics line for step {step} within {timeout} s")
@@ -153,9 +198,23 @@ def _wait_for_step(folder, step, process, timeout=300):
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_signal_keeps_progress_and_the_resumed_run_is_bitwise_equal(tmp_path, uninterrupted, signum, exit_code, capsys):
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "empssl.cli", "train", *TINY_ARGS, *LONG_ARGS,
-                                "--checkpoint-every", "0", "--out-dir", str(out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "empssl.cli",
+            "train",
+            *TINY_ARGS,
+            *LONG_ARGS,
+            "--checkpoint-every",
+            "0",
+            "--out-dir",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for_step(out, 2, process)
         process.send_signal(signum)
@@ -166,13 +225,26 @@ def test_signal_keeps_progress_and_the_resumed_run_is_bitwise_equal(tmp_path, un
     saved = ckpt.load_checkpoint(str(out / CHECKPOINT_NAME))
     stopped_at = saved["step"]
     assert 2 <= stopped_at < FINAL_STEP
-    assert (f"interrupted by {signum.name} after step {stopped_at}: checkpoint written to {out / CHECKPOINT_NAME}"
-            in err)
+    assert f"interrupted by {signum.name} after step {stopped_at}: checkpoint written to {out / CHECKPOINT_NAME}" in err
     assert _metrics(out)[-1]["step"] == stopped_at  # the checkpoint is at the last step logged
     assert not [name for name in os.listdir(out) if name.startswith(TEMP_PREFIX)]
 
-    assert cli.main(["train", *TINY_ARGS, *LONG_ARGS, "--max-steps", str(FINAL_STEP), "--out-dir", str(out),
-                     "--resume", str(out / CHECKPOINT_NAME)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *TINY_ARGS,
+                *LONG_ARGS,
+                "--max-steps",
+                str(FINAL_STEP),
+                "--out-dir",
+                str(out),
+                "--resume",
+                str(out / CHECKPOINT_NAME),
+            ]
+        )
+        == 0
+    )
     final = ckpt.load_checkpoint(str(out / CHECKPOINT_NAME))
     assert final["step"] == FINAL_STEP and uninterrupted.keys() == final["model"].keys()
     for name, value in uninterrupted.items():
@@ -214,16 +286,48 @@ KILL_DURING_SECOND_CHECKPOINT = textwrap.dedent("""
 @pytest.mark.slow  # a subprocess run killed mid-write: ~6 s
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     out = tmp_path / "run"
-    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SECOND_CHECKPOINT, "train", *TINY_ARGS, *LONG_ARGS,
-                             "--checkpoint-every", "2", "--max-steps", "6", "--out-dir", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILL_DURING_SECOND_CHECKPOINT,
+            "train",
+            *TINY_ARGS,
+            *LONG_ARGS,
+            "--checkpoint-every",
+            "2",
+            "--max-steps",
+            "6",
+            "--out-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     temporaries = [name for name in os.listdir(out) if name.startswith(TEMP_PREFIX)]
     assert len(temporaries) == 1 and temporaries[0].endswith(".pt")  # the kill did hit the write
     assert ckpt.load_checkpoint(str(out / CHECKPOINT_NAME))["step"] == 2  # the previous checkpoint is intact
 
-    assert cli.main(["train", *TINY_ARGS, *LONG_ARGS, "--checkpoint-every", "2", "--max-steps", "6", "--out-dir", str(out),
-                     "--resume", str(out / CHECKPOINT_NAME)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *TINY_ARGS,
+                *LONG_ARGS,
+                "--checkpoint-every",
+                "2",
+                "--max-steps",
+                "6",
+                "--out-dir",
+                str(out),
+                "--resume",
+                str(out / CHECKPOINT_NAME),
+            ]
+        )
+        == 0
+    )
     assert not [name for name in os.listdir(out) if name.startswith(TEMP_PREFIX)]  # the stale temporary is gone
     assert ckpt.load_checkpoint(str(out / CHECKPOINT_NAME))["step"] == 6
     records = _metrics(out)

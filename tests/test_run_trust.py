@@ -1,5 +1,6 @@
 """A run's files can be trusted (issue 21): one run per folder, nothing non-finite or corrupt written or used, every
 input checked where it enters, every OSError one line. One test (or a few) per case of the issue's table."""
+
 import errno
 import io
 import json
@@ -29,9 +30,31 @@ from empssl.training import run_folder as run_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY_ARGS = ["--dataset", "synthetic", "--image-size", "8", "--train-size", "64", "--width", "0.125", "--hidden-dim", "32",
-             "--z-dim", "16", "--num-patches", "2", "--batch-size", "16", "--device", "cpu", "--log-every", "1",
-             "--threads", "1", "--no-progress"]
+TINY_ARGS = [
+    "--dataset",
+    "synthetic",
+    "--image-size",
+    "8",
+    "--train-size",
+    "64",
+    "--width",
+    "0.125",
+    "--hidden-dim",
+    "32",
+    "--z-dim",
+    "16",
+    "--num-patches",
+    "2",
+    "--batch-size",
+    "16",
+    "--device",
+    "cpu",
+    "--log-every",
+    "1",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -55,6 +78,7 @@ def _env():
 
 
 # ---------------------------------------------------------------------- two runs into one folder
+
 
 def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "run"
@@ -91,14 +115,20 @@ def test_two_concurrent_processes_one_run_per_folder(tmp_path):
         empssl.data.load.make_synthetic = waiting
         sys.exit(cli.main(["train", *{TINY_ARGS!r}, "--max-steps", "4", "--out-dir", {str(out)!r}]))
     """)
-    first = subprocess.Popen([sys.executable, "-c", first_script], env=_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", first_script], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 60
         while not (out / run_dir.LOCK_NAME).exists() and time.time() < deadline:
             time.sleep(0.02)
-        second = subprocess.run([sys.executable, "-m", "empssl", "train", *TINY_ARGS, "--max-steps", "4",
-                                 "--out-dir", str(out)], env=_env(), capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            [sys.executable, "-m", "empssl", "train", *TINY_ARGS, "--max-steps", "4", "--out-dir", str(out)],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         go.touch()
     _, first_err = first.communicate(timeout=120)
@@ -112,6 +142,7 @@ def test_two_concurrent_processes_one_run_per_folder(tmp_path):
 
 
 # ---------------------------------------------------------------------- non-finite state
+
 
 def test_weights_that_overflow_under_a_huge_lr_stop_the_run_without_a_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
@@ -152,15 +183,18 @@ def test_eval_export_and_resume_refuse_a_checkpoint_with_non_finite_tensors(tmp_
 
 # ---------------------------------------------------------------------- corrupt checkpoints
 
+
 def _flip_bytes_of_the_largest_tensor(path, count=2000):
     with zipfile.ZipFile(path) as archive:
         info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
     data = bytearray(path.read_bytes())
-    name_len, extra_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little"), \
-        int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    name_len, extra_len = (
+        int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little"),
+        int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little"),
+    )
     start = info.header_offset + 30 + name_len + extra_len + 16
     count = min(count, info.file_size - 16)
-    data[start:start + count] = bytes(b ^ 0x5A for b in data[start:start + count])
+    data[start : start + count] = bytes(b ^ 0x5A for b in data[start : start + count])
     path.write_bytes(bytes(data))
 
 
@@ -168,12 +202,16 @@ def test_flipped_bytes_of_a_checkpoint_are_found_and_the_tensor_named(tmp_path, 
     out, path = _saved_run(tmp_path)
     ckpt.load_checkpoint(str(path))  # intact: verifies
     _flip_bytes_of_the_largest_tensor(path)
-    with pytest.raises(ckpt.CheckpointError, match=r"corrupt: tensor (model|optimizer)/\S+ does not match its checksum"):
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"corrupt: tensor (model|optimizer)/\S+ does not match its checksum"
+    ):
         ckpt.load_checkpoint(str(path))
     capsys.readouterr()
-    for command in (["eval", "--checkpoint", str(path), "--device", "cpu", "--no-progress"],
-                    ["export", "--checkpoint", str(path), "--out", str(tmp_path / "b.pt")],
-                    ["train", *TINY_ARGS, "--out-dir", str(out), "--resume", str(path)]):
+    for command in (
+        ["eval", "--checkpoint", str(path), "--device", "cpu", "--no-progress"],
+        ["export", "--checkpoint", str(path), "--out", str(tmp_path / "b.pt")],
+        ["train", *TINY_ARGS, "--out-dir", str(out), "--resume", str(path)],
+    ):
         assert cli.main(command) == 1
         assert "does not match its checksum" in _one_clear_line(capsys.readouterr().err)
 
@@ -200,6 +238,7 @@ def test_a_checkpoint_without_its_optimiser_state_is_refused_for_resume_with_one
 
 # ---------------------------------------------------------------------- npz labels
 
+
 def _npz(tmp_path, labels, images=None, name="d.npz"):
     images = np.zeros((len(labels), 8, 8, 3), np.uint8) if images is None else images
     path = tmp_path / name
@@ -207,7 +246,7 @@ def _npz(tmp_path, labels, images=None, name="d.npz"):
     return str(path)
 
 
-@pytest.mark.parametrize("labels", [[0, 1, 2 ** 40, 3], [0, -1, 2, 3], [0, 1, 2 ** 20, 1]])
+@pytest.mark.parametrize("labels", [[0, 1, 2**40, 3], [0, -1, 2, 3], [0, 1, 2**20, 1]])
 def test_npz_labels_beyond_the_bound_are_refused_before_any_class_list(tmp_path, labels):
     start = time.perf_counter()
     with pytest.raises(DataError, match=r"d\.npz: labels holds the label -?\d+; labels must be class indices"):
@@ -216,7 +255,9 @@ def test_npz_labels_beyond_the_bound_are_refused_before_any_class_list(tmp_path,
 
 
 def test_npz_float_and_string_labels_are_refused_naming_the_file_and_array(tmp_path):
-    with pytest.raises(DataError, match=r"d\.npz: labels must be integer class indices.*non-integral values such as 1\.5"):
+    with pytest.raises(
+        DataError, match=r"d\.npz: labels must be integer class indices.*non-integral values such as 1\.5"
+    ):
         load_npz(_npz(tmp_path, [0.0, 1.5, 2.0, 1.0]))
     with pytest.raises(DataError, match=r"d\.npz: labels must be integer class indices, got an array of <U3"):
         load_npz(_npz(tmp_path, ["cat", "dog", "cat", "dog"]))
@@ -228,8 +269,10 @@ def test_npz_float_and_string_labels_are_refused_naming_the_file_and_array(tmp_p
 
 # ---------------------------------------------------------------------- high-depth images
 
-@pytest.mark.parametrize("mode, dtype, scale", [("I;16", np.uint16, 65535), ("I", np.int32, 65535),
-                                                ("F", np.float32, 1.0)])
+
+@pytest.mark.parametrize(
+    "mode, dtype, scale", [("I;16", np.uint16, 65535), ("I", np.int32, 65535), ("F", np.float32, 1.0)]
+)
 def test_high_depth_images_are_scaled_to_8_bits_not_clipped(tmp_path, mode, dtype, scale):
     from PIL import Image
 
@@ -262,8 +305,18 @@ def test_a_folder_of_16_bit_pngs_trains_on_its_real_brightness(tmp_path):
 
 # ---------------------------------------------------------------------- options that overflow, absurd sizes
 
-@pytest.mark.parametrize("option, value", [("--lr", "1e300"), ("--width", "inf"), ("--eps", "nan"),
-                                           ("--inv-coef", "nan"), ("--tcr-coef", "-1e39"), ("--lr", "-inf")])
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--lr", "1e300"),
+        ("--width", "inf"),
+        ("--eps", "nan"),
+        ("--inv-coef", "nan"),
+        ("--tcr-coef", "-1e39"),
+        ("--lr", "-inf"),
+    ],
+)
 def test_options_that_overflow_float32_are_refused_naming_the_option(tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as info:
         _train(tmp_path / "run", f"{option}={value}")
@@ -273,17 +326,23 @@ def test_options_that_overflow_float32_are_refused_naming_the_option(tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("field, value", [("lr", 1e300), ("width", math.inf), ("inv_coef", math.nan),
-                                          ("eps", -math.inf), ("tcr_coef", 1e39)])
+@pytest.mark.parametrize(
+    "field, value", [("lr", 1e300), ("width", math.inf), ("inv_coef", math.nan), ("eps", -math.inf), ("tcr_coef", 1e39)]
+)
 def test_the_api_refuses_the_same_values_naming_the_option(field, value):
     with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} must be a finite number"):
         TrainConfig(**{field: value}).validate()
 
 
-@pytest.mark.parametrize("option, value, message", [("--z-dim", "100000000", "needs about"),
-                                                    ("--num-patches", "1000000000", "needs about"),
-                                                    ("--hidden-dim", "100000000", "needs about"),
-                                                    ("--width", "1e6", "cannot be built")])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--z-dim", "100000000", "needs about"),
+        ("--num-patches", "1000000000", "needs about"),
+        ("--hidden-dim", "100000000", "needs about"),
+        ("--width", "1e6", "cannot be built"),
+    ],
+)
 def test_absurd_sizes_are_refused_before_allocating(tmp_path, capsys, option, value, message):
     start = time.perf_counter()
     assert _train(tmp_path / "run", option, value) == 1
@@ -293,6 +352,7 @@ def test_absurd_sizes_are_refused_before_allocating(tmp_path, capsys, option, va
 
 
 # ---------------------------------------------------------------------- OSErrors
+
 
 class _FailingFile(io.RawIOBase):
     def __init__(self, real, error):
@@ -305,9 +365,17 @@ class _FailingFile(io.RawIOBase):
         return getattr(self.real, name)
 
 
-@pytest.mark.parametrize("code, text", [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system"),
-                                        (errno.EACCES, "Permission denied")])
-def test_a_failed_checkpoint_write_is_one_line_and_a_rerun_needs_no_overwrite(tmp_path, capsys, monkeypatch, code, text):
+@pytest.mark.parametrize(
+    "code, text",
+    [
+        (errno.ENOSPC, "No space left on device"),
+        (errno.EROFS, "Read-only file system"),
+        (errno.EACCES, "Permission denied"),
+    ],
+)
+def test_a_failed_checkpoint_write_is_one_line_and_a_rerun_needs_no_overwrite(
+    tmp_path, capsys, monkeypatch, code, text
+):
     out = tmp_path / "run"
     real_fdopen = os.fdopen
     monkeypatch.setattr(ckpt.os, "fdopen", lambda fd, *a, **k: _FailingFile(real_fdopen(fd, *a, **k), code))
@@ -336,6 +404,7 @@ def test_a_metrics_write_that_fails_and_a_vanished_folder_are_one_line(tmp_path,
 
 # ---------------------------------------------------------------------- caches and small images
 
+
 def _image_tree(root, count=6):
     from PIL import Image
 
@@ -353,7 +422,7 @@ def test_a_truncated_or_unreadable_cache_is_rebuilt_with_a_warning_naming_it(tmp
     cache = tmp_path / "data" / ".empssl_cache"
     target = sorted(cache.glob("*.train-images.npy"))[0] if damage != "meta" else sorted(cache.glob("*.meta.json"))[0]
     content = target.read_bytes()
-    target.write_bytes({"truncate": content[:len(content) // 2], "garbage": b"\x00" * 40, "meta": b"{"}[damage])
+    target.write_bytes({"truncate": content[: len(content) // 2], "garbage": b"\x00" * 40, "meta": b"{"}[damage])
     with pytest.warns(UserWarning, match=f"cache file {target} is truncated or unreadable"):
         again = load_image_folder(str(tmp_path / "data"), image_size=8, show_progress=False)
     assert torch.equal(again.train_images, first.train_images) and again.classes == first.classes
@@ -366,14 +435,30 @@ def test_a_truncated_or_unreadable_cache_is_rebuilt_with_a_warning_naming_it(tmp
 def test_images_smaller_than_the_recipe_are_refused_in_the_datas_terms(tmp_path, capsys, size):
     path = tmp_path / "small.npz"
     np.savez(path, images=np.zeros((40, size, size, 3), np.uint8), labels=np.arange(40) % 2)
-    assert cli.main(["train", "--dataset", f"npz:{path}", "--batch-size", "8", "--device", "cpu", "--no-progress",
-                     "--out-dir", str(tmp_path / "run")]) == 1
+    assert (
+        cli.main(
+            [
+                "train",
+                "--dataset",
+                f"npz:{path}",
+                "--batch-size",
+                "8",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--out-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 1
+    )
     line = _one_clear_line(capsys.readouterr().err)
     assert f"images are {size}x{size}; the smallest the augmentation takes is 7x7" in line
     assert "AugmentConfig" not in line
 
 
 # ---------------------------------------------------------------------- the small ones
+
 
 @pytest.mark.slow  # a subprocess or a compile: over 4.5 s on 2 cores
 def test_sigint_while_the_data_loads_exits_130_with_one_line(tmp_path):
@@ -398,8 +483,19 @@ def test_sigint_while_the_data_loads_exits_130_with_one_line(tmp_path):
 @pytest.mark.slow  # a subprocess or a compile: over 4.5 s on 2 cores
 def test_sigint_before_the_loop_exits_130_without_a_traceback(tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "empssl", "train", *TINY_ARGS, "--epochs", "250", "--schedule-epochs", "250",
-               "--out-dir", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "empssl",
+        "train",
+        *TINY_ARGS,
+        "--epochs",
+        "250",
+        "--schedule-epochs",
+        "250",
+        "--out-dir",
+        str(out),
+    ]
     process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (out / run_dir.LOCK_NAME).exists() and time.time() < deadline:
@@ -410,8 +506,11 @@ def test_sigint_before_the_loop_exits_130_without_a_traceback(tmp_path):
 
 
 def test_a_schedule_shorter_than_the_run_warns(tmp_path):
-    with pytest.warns(UserWarning, match=r"--schedule-epochs 2 ends the cosine schedule at step 8, before this run's "
-                                         r"4000 steps \(--epochs 1000\): the learning rate is 0 for the last 3992"):
+    with pytest.warns(
+        UserWarning,
+        match=r"--schedule-epochs 2 ends the cosine schedule at step 8, before this run's "
+        r"4000 steps \(--epochs 1000\): the learning rate is 0 for the last 3992",
+    ):
         TrainConfig(epochs=1000).warn_short_schedule(steps_per_epoch=4, total_steps=4000)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -437,8 +536,10 @@ def test_resuming_reports_the_steps_this_process_trained(tmp_path, capsys):
     assert _train(other, "--resume", str(path)) == 0
     assert "nothing to train" in capsys.readouterr().out
     assert {run_dir.CHECKPOINT_NAME, run_dir.METRICS_NAME} <= set(os.listdir(other))
-    assert torch.equal(ckpt.load_checkpoint(str(other / run_dir.CHECKPOINT_NAME))["model"]["projection.3.weight"],
-                       ckpt.load_checkpoint(str(path))["model"]["projection.3.weight"])
+    assert torch.equal(
+        ckpt.load_checkpoint(str(other / run_dir.CHECKPOINT_NAME))["model"]["projection.3.weight"],
+        ckpt.load_checkpoint(str(path))["model"]["projection.3.weight"],
+    )
 
 
 def test_devices_that_do_not_exist_are_refused(monkeypatch, tmp_path, capsys):

@@ -4,6 +4,7 @@ The reference composite (Sylvester side, Cholesky) is checked against the author
 d x d logdet formula in float64; the backends are checked against float64 in
 test_tcr_backends.py.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,10 @@ def test_invariance_gradient_flows_through_the_mean_embedding():
     # With unit-norm rows the gradient through zbar vanishes identically (sum_i z_i = n zbar
     # makes d/dzbar sum_i cos(z_i, zbar) = 0), so rows of varied norm are needed to see it.
     g = torch.Generator().manual_seed(1)
-    z = (torch.randn(5, 6, 8, generator=g, dtype=torch.float64) * torch.rand(5, 6, 1, generator=g, dtype=torch.float64) + 0.1)
+    z = (
+        torch.randn(5, 6, 8, generator=g, dtype=torch.float64) * torch.rand(5, 6, 1, generator=g, dtype=torch.float64)
+        + 0.1
+    )
 
     def detached_mean(x):
         return -F.cosine_similarity(x, x.mean(dim=0, keepdim=True).detach(), dim=-1).mean()
@@ -90,7 +94,9 @@ def _cosine_form(z):
 def test_invariance_closed_form_equals_cosine_similarity_against_float64(dtype, n, b, d):
     g = torch.Generator().manual_seed(n * b + d)
     # rows of varied norm (0.05 to 3): for unit rows the gradient through the mean is zero
-    z = torch.randn(n, b, d, generator=g, dtype=torch.float64) * (3 * torch.rand(n, b, 1, generator=g, dtype=torch.float64) + 0.05)
+    z = torch.randn(n, b, d, generator=g, dtype=torch.float64) * (
+        3 * torch.rand(n, b, 1, generator=g, dtype=torch.float64) + 0.05
+    )
     z = z + 0.3 * torch.randn(1, b, d, generator=g, dtype=torch.float64)  # patches of one image alike, as in training
     weight = torch.randn((), generator=g, dtype=torch.float64)
     x64 = z.clone().requires_grad_()
@@ -102,8 +108,10 @@ def test_invariance_closed_form_equals_cosine_similarity_against_float64(dtype, 
         value = fn(x)
         (grad,) = torch.autograd.grad(value * weight.to(value.dtype), x)
         assert grad.dtype == dtype
-        results[name] = ((value.double() - value64).abs().item(),
-                         ((grad.double() - grad64).abs().max() / grad64.abs().max()).item())
+        results[name] = (
+            (value.double() - value64).abs().item(),
+            ((grad.double() - grad64).abs().max() / grad64.abs().max()).item(),
+        )
     value_err, grad_err = results["closed"]
     if dtype == torch.float64:
         assert value_err <= 1e-14 and grad_err <= 1e-13

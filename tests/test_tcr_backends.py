@@ -20,6 +20,7 @@ Tolerances:
 - bf16 / fp16 (flash-attention rule): error vs float64 at most twice the error of PyTorch's
   own computation in that dtype, defined in ``torch_in_dtype`` below.
 """
+
 import pytest
 import torch
 from tcr_inputs import make_z  # noqa: E402
@@ -87,7 +88,9 @@ def assert_float32_or_flash_rule(fast, baseline, truth):
     fast_rate_err, fast_grad_err = errors(*fast, truth)
     base_rate_err, base_grad_err = errors(*baseline, truth)
     assert fast_rate_err <= max(1e-5, 2 * base_rate_err), f"R error {fast_rate_err:.2e} vs torch's {base_rate_err:.2e}"
-    assert fast_grad_err <= max(1e-4, 2 * base_grad_err), f"grad error {fast_grad_err:.2e} vs torch's {base_grad_err:.2e}"
+    assert fast_grad_err <= max(1e-4, 2 * base_grad_err), (
+        f"grad error {fast_grad_err:.2e} vs torch's {base_grad_err:.2e}"
+    )
 
 
 def available(backend, z):
@@ -96,7 +99,16 @@ def available(backend, z):
 
 # Every b in {1, 7, 97, 100, 128, 129}, n in {1, 20, 200} and d in {16, 1024} appears,
 # on both sides of Sylvester's identity (b <= d and b > d).
-CPU_SHAPES = [(1, 1, 16), (20, 7, 1024), (200, 97, 16), (20, 100, 1024), (1, 128, 1024), (20, 129, 16), (1, 129, 1024), (200, 100, 16)]
+CPU_SHAPES = [
+    (1, 1, 16),
+    (20, 7, 1024),
+    (200, 97, 16),
+    (20, 100, 1024),
+    (1, 128, 1024),
+    (20, 129, 16),
+    (1, 129, 1024),
+    (200, 100, 16),
+]
 
 
 @pytest.mark.parametrize("kind", ["random", "near", "collapsed"])
@@ -178,8 +190,9 @@ def test_composite_backend_through_coding_rate(n, b, d):
         pytest.skip(f"composite backend unavailable: {backends.reasons('tcr', z.device, z)['composite']}")
     weights = torch.randn(n)
     fast = value_and_grad(lambda x: coding_rate(x, EPS, backend="composite"), z, weights)
-    assert_float32_or_flash_rule(fast, value_and_grad(lambda x: reference_tcr.coding_rate(x, EPS), z, weights),
-                                 float64_truth(z, weights))
+    assert_float32_or_flash_rule(
+        fast, value_and_grad(lambda x: reference_tcr.coding_rate(x, EPS), z, weights), float64_truth(z, weights)
+    )
     assert backends.select_backend("tcr", "auto", z.device, z) == "cpu"
     with pytest.raises(backends.BackendUnavailableError, match="float64 goes to the reference"):
         coding_rate(z.double(), EPS, backend="composite")
@@ -206,7 +219,9 @@ def test_triton_backend_float32(n, b, d, kind):
     if kind == "random":
         assert_float32_accuracy(*fast, truth)
     else:
-        assert_float32_or_flash_rule(fast, value_and_grad(lambda x: reference_tcr.coding_rate(x, EPS), z, weights), truth)
+        assert_float32_or_flash_rule(
+            fast, value_and_grad(lambda x: reference_tcr.coding_rate(x, EPS), z, weights), truth
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -223,8 +238,16 @@ def test_triton_backend_low_precision(dtype):
 
 # every compiled block size: triton BLOCK_B 16 (b=1), 32 (b=24), 64 (b=33), 128 (b=100, 128); cuda BT
 # 32 (b=1, 24), 64 (b=33), 128 (b=100, 128); and the composite (b > 128, b > d)
-GPU_SHAPES = [(20, 100, 1024), (200, 100, 1024), (4, 128, 1024), (3, 1, 16), (6, 24, 256), (5, 33, 100), (3, 129, 1024),
-              (5, 100, 16)]
+GPU_SHAPES = [
+    (20, 100, 1024),
+    (200, 100, 1024),
+    (4, 128, 1024),
+    (3, 1, 16),
+    (6, 24, 256),
+    (5, 33, 100),
+    (3, 129, 1024),
+    (5, 100, 16),
+]
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """EMPSSLLoss(gather=True) on 2 gloo processes equals the single-process loss on the
 concatenated batch, and DDP-style gradient averaging gives the single-process gradient."""
+
 import os
 
 import pytest
@@ -55,7 +56,9 @@ def _worker(rank, port, results):
 def test_gather_matches_single_process_on_the_global_batch():
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)  # one spawn for both backends (process start dominates)
+    mp.spawn(
+        _worker, args=(free_port(), results), nprocs=WORLD, join=True
+    )  # one spawn for both backends (process start dominates)
     x, weight = _inputs()
     for rank, backend in [(r, name) for r in range(WORLD) for name in BACKENDS]:
         loss, weight_grad, z_grad = _loss_and_grads(x, weight, backend)  # no process group: gather is a no-op

@@ -27,6 +27,7 @@ What it shows, at the shapes of the `gpu` test (b = 100, d = 1024; n = 20 and 20
     nearly and exactly collapsed Z; well-conditioned (random) Z meets the strict tolerance.
 Figures: ``python tests/test_tcr_float32_model.py`` prints them for each shape and kind.
 """
+
 import os
 import re
 
@@ -237,5 +238,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for kind in ("random", "near", "collapsed"):
         for n in (20, 200):
-            print(f"({n}, {B}, {D}) {kind}: R relative error " + ", ".join(
-                f"{name} {error:.2e}" for name, error in rate_errors(kind, n).items()), flush=True)
+            print(
+                f"({n}, {B}, {D}) {kind}: R relative error "
+                + ", ".join(f"{name} {error:.2e}" for name, error in rate_errors(kind, n).items()),
+                flush=True,
+            )

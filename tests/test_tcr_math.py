@@ -4,6 +4,7 @@ The CPU kernel has its own vectorised sweep, so this test compiles a small drive
 the shared header's sweep with the CUDA kernel's thread decomposition, and compares its
 log-determinant and inverse with float64.
 """
+
 import os
 import shutil
 import subprocess
@@ -20,8 +21,19 @@ def sweep_driver(tmp_path_factory):
     if compiler is None:
         pytest.skip("no C++ compiler")
     binary = str(tmp_path_factory.mktemp("sweep") / "tcr_sweep_driver")
-    subprocess.run([compiler, "-O2", "-std=c++17", "-I", os.path.join(ROOT, "csrc", "include"),
-                    os.path.join(ROOT, "tests", "cpp", "tcr_sweep_driver.cpp"), "-o", binary], check=True)
+    subprocess.run(
+        [
+            compiler,
+            "-O2",
+            "-std=c++17",
+            "-I",
+            os.path.join(ROOT, "csrc", "include"),
+            os.path.join(ROOT, "tests", "cpp", "tcr_sweep_driver.cpp"),
+            "-o",
+            binary,
+        ],
+        check=True,
+    )
     return binary
 
 

@@ -4,6 +4,7 @@ Shapes are small: the interpreter runs every sweep step as numpy calls. They cov
 tile of each kind (b = 1, 7, 16, 33 -> BLOCK_B 16, 16, 16, 64), d not a multiple of the chunk,
 b > d, and strided z.
 """
+
 import pytest
 import torch
 
@@ -21,8 +22,7 @@ EPS = 0.2
 # the interpreter is off, or broken on this stack; the `gpu` tests (bench/gpu_check.sh sets
 # TRITON_INTERPRET=0) run the compiled kernels and need no interpreter
 if triton_reason(torch.device("cpu")) is not None and not torch.cuda.is_available():
-    pytest.skip(triton_reason(torch.device("cpu")),
-                allow_module_level=True)
+    pytest.skip(triton_reason(torch.device("cpu")), allow_module_level=True)
 
 
 def alpha_of(z):
@@ -76,7 +76,9 @@ def test_float32_rate_and_gradient_match_float64_reference(n, b, d, kind, genera
     torch.testing.assert_close(rate.double(), ref_rate, rtol=1e-5, atol=0)
     relative_grad_error = (grad.double() - ref_grad).abs().max() / ref_grad.abs().max()
     tolerance = float32_gradient_tolerance(z, kind)
-    assert relative_grad_error <= tolerance, f"gradient error {relative_grad_error:.3e} of max |g|, tolerance {tolerance:.3e}"
+    assert relative_grad_error <= tolerance, (
+        f"gradient error {relative_grad_error:.3e} of max |g|, tolerance {tolerance:.3e}"
+    )
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])

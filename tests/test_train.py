@@ -1,4 +1,5 @@
 """The trainer: loss goes down, exact resume, atomic checkpoints, clear errors."""
+
 import json
 import math
 import os
@@ -28,7 +29,9 @@ def tiny_data():
 
 
 def _config(tmp_path, name, **overrides):
-    values = dict(TINY, num_patches=4, batch_size=16, epochs=2, schedule_epochs=2, log_every=1, out_dir=str(tmp_path / name))
+    values = dict(
+        TINY, num_patches=4, batch_size=16, epochs=2, schedule_epochs=2, log_every=1, out_dir=str(tmp_path / name)
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -82,8 +85,9 @@ def test_interrupted_and_resumed_run_is_bitwise_equal(tmp_path, tiny_data, monke
     monkeypatch.undo()
     saved = ckpt.load_checkpoint(str(tmp_path / "crashed" / CHECKPOINT_NAME))
     assert saved["step"] == 6 and saved["epoch"] == 1
-    resumed = T.train(_config(tmp_path, "crashed", checkpoint_every=3, resume=str(tmp_path / "crashed" / CHECKPOINT_NAME)),
-                      tiny_data)
+    resumed = T.train(
+        _config(tmp_path, "crashed", checkpoint_every=3, resume=str(tmp_path / "crashed" / CHECKPOINT_NAME)), tiny_data
+    )
     assert resumed.steps == 8
 
     expected, actual = reference.encoder.state_dict(), resumed.encoder.state_dict()
@@ -112,7 +116,9 @@ def test_checkpoint_contents_and_atomic_write(tmp_path, tiny_data):
     assert {"torch_cpu", "permutation"} <= set(saved["rng"])  # the augmentation is keyed by the step: no state
     assert saved["config"]["batch_size"] == 16 and saved["train_state_version"] == ckpt.TRAIN_STATE_VERSION
     # the lr tensor LARS reads holds the last step's lr, computed from its step counter (4: the fifth step)
-    assert float(saved["optimizer"]["param_groups"][0]["lr"]) == pytest.approx(0.3 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert float(saved["optimizer"]["param_groups"][0]["lr"]) == pytest.approx(
+        0.3 * 0.5 * (1 + math.cos(math.pi * 4 / 8))
+    )
     encoder, _ = load_encoder(result.checkpoint_path)
     for name, value in encoder.state_dict().items():
         assert torch.equal(value, result.encoder.state_dict()[name])
@@ -148,7 +154,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_dat
 
 def test_resume_from_another_architecture_is_refused(tmp_path, tiny_data):
     first = T.train(_config(tmp_path, "run", max_steps=1), tiny_data)
-    with pytest.raises(ckpt.CheckpointError, match="holds a resnet18-cifar width 0.125 .* asks for resnet18-cifar width 0.25"):
+    with pytest.raises(
+        ckpt.CheckpointError, match="holds a resnet18-cifar width 0.125 .* asks for resnet18-cifar width 0.25"
+    ):
         T.train(_config(tmp_path, "other", width=0.25, resume=first.checkpoint_path), tiny_data)
     wider = build_encoder(width=0.25, hidden_dim=64, z_dim=32)
     with pytest.raises(ckpt.CheckpointError, match="does not fit this encoder"):
@@ -222,8 +230,9 @@ def test_cuda_bf16_training_resumes_and_evaluates(tmp_path):
     from empssl.evaluation.pipeline import evaluate
 
     data = make_synthetic(256, 64, 32, seed=0)
-    common = dict(device="cuda", bf16=True, channels_last=True, num_patches=8, batch_size=64, width=0.25,
-                  hidden_dim=256, z_dim=64)
+    common = dict(
+        device="cuda", bf16=True, channels_last=True, num_patches=8, batch_size=64, width=0.25, hidden_dim=256, z_dim=64
+    )
     whole = T.train(_config(tmp_path, "whole", **common), data)
     half = T.train(_config(tmp_path, "half", max_steps=3, **common), data)
     saved = ckpt.load_checkpoint(half.checkpoint_path)
@@ -233,8 +242,13 @@ def test_cuda_bf16_training_resumes_and_evaluates(tmp_path):
     torch.manual_seed(0)
     initial = build_encoder(width=0.25, hidden_dim=256, z_dim=64).state_dict()
     moved = sum((whole.encoder.state_dict()[k].float().cpu() - initial[k].float()).norm() ** 2 for k in initial) ** 0.5
-    apart = sum((whole.encoder.state_dict()[k].float() - resumed.encoder.state_dict()[k].float()).norm().cpu() ** 2
-                for k in initial) ** 0.5
+    apart = (
+        sum(
+            (whole.encoder.state_dict()[k].float() - resumed.encoder.state_dict()[k].float()).norm().cpu() ** 2
+            for k in initial
+        )
+        ** 0.5
+    )
     # GPU kernels may reduce in another order, so not bitwise: but the runs must follow the same trajectory
     assert apart < 0.01 * moved
     result = evaluate(resumed.encoder, data, EvalConfig(num_patches=16, linear_epochs=5, progress=False))

@@ -7,6 +7,7 @@ of this tiny ResNet at lr 0.3 amplify rounding so much that one process on 1 thr
 differs by ~3e-4 (relative norm of the parameters), as 2 ranks do against one process; the float32 run through
 `-m empssl` itself is checked on its logged losses (1e-5) and its files.
 """
+
 import json
 import os
 import re
@@ -27,9 +28,34 @@ from empssl.training.run_folder import CHECKPOINT_NAME, METRICS_NAME
 
 WORLD = 2
 STEPS = 4
-RUN = ["--dataset", "synthetic", "--image-size", "8", "--train-size", "64", "--width", "0.125", "--hidden-dim", "32",
-       "--z-dim", "16", "--num-patches", "2", "--batch-size", "16", "--device", "cpu", "--threads", "1",
-       "--no-progress", "--log-every", "1", "--sync-bn", "--dist-timeout", "60"]
+RUN = [
+    "--dataset",
+    "synthetic",
+    "--image-size",
+    "8",
+    "--train-size",
+    "64",
+    "--width",
+    "0.125",
+    "--hidden-dim",
+    "32",
+    "--z-dim",
+    "16",
+    "--num-patches",
+    "2",
+    "--batch-size",
+    "16",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--log-every",
+    "1",
+    "--sync-bn",
+    "--dist-timeout",
+    "60",
+]
 
 pytestmark = pytest.mark.slow  # every test starts torchrun with two ranks: 7-20 s each
 
@@ -81,13 +107,23 @@ def _environment(**extra):
 
 def _torchrun_command(args, script=None, ranks=WORLD):
     target = [script] if script else ["-m", "empssl"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *target, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(ranks),
+        *target,
+        *args,
+    ]
 
 
 def _torchrun(args, script=None, timeout=240, ranks=WORLD, **env):
     """`torchrun --nproc-per-node RANKS` of ``-m empssl`` (or ``script``) with ``args``; the finished process."""
-    return subprocess.run(_torchrun_command(args, script, ranks), capture_output=True, text=True, timeout=timeout,
-                          env=_environment(**env))
+    return subprocess.run(
+        _torchrun_command(args, script, ranks), capture_output=True, text=True, timeout=timeout, env=_environment(**env)
+    )
 
 
 def _train_in_this_process(args):
@@ -100,8 +136,9 @@ def _train_in_this_process(args):
 
 
 def _one_process(args, script, **env):
-    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=240,
-                          env=_environment(**env))
+    return subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=240, env=_environment(**env)
+    )
 
 
 def _check_ok(process):
@@ -120,8 +157,9 @@ def _records(out_dir):
 def _losses(out_dir):
     """(steps, losses) of the logged lines (not the resume markers)."""
     records = [record for record in _records(out_dir) if "loss" in record]
-    return [record["step"] for record in records], torch.tensor([record["loss"] for record in records],
-                                                                 dtype=torch.float64)
+    return [record["step"] for record in records], torch.tensor(
+        [record["loss"] for record in records], dtype=torch.float64
+    )
 
 
 def _max_relative_difference(model, expected):
@@ -162,8 +200,10 @@ def float64_runs(tmp_path_factory, launched):
 
 def test_two_ranks_train_as_one_process(float64_runs):
     two, one, seconds = float64_runs
-    print(f"\n2-rank float64 run (torchrun, {STEPS} steps): {seconds:.1f} s; max relative difference of the "
-          f"parameters and BatchNorm buffers to one process: {_max_relative_difference(_model(two), _model(one)):.1e}")
+    print(
+        f"\n2-rank float64 run (torchrun, {STEPS} steps): {seconds:.1f} s; max relative difference of the "
+        f"parameters and BatchNorm buffers to one process: {_max_relative_difference(_model(two), _model(one)):.1e}"
+    )
     _assert_same_model(_model(two), _model(one), rtol=1e-9)
     assert _model(two)["backbone.conv1.weight"].dtype == torch.float64
     # the steps moved the weights far beyond that tolerance
@@ -185,12 +225,20 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(tmp_path, float64_runs, la
     _check_ok(_torchrun(["train", *args, "--max-steps", "2", "--out-dir", half], launched, EMPSSL_TEST_FLOAT64="1"))
     assert ckpt.load_checkpoint(os.path.join(half, CHECKPOINT_NAME))["step"] == 2
     resume = ["--resume", os.path.join(half, CHECKPOINT_NAME)]
-    _check_ok(_one_process(["train", *args, "--max-steps", str(STEPS), "--out-dir", half, *resume], launched,
-                           EMPSSL_TEST_FLOAT64="1"))
+    _check_ok(
+        _one_process(
+            ["train", *args, "--max-steps", str(STEPS), "--out-dir", half, *resume], launched, EMPSSL_TEST_FLOAT64="1"
+        )
+    )
     _assert_same_model(_model(half), _model(two), rtol=1e-9)
     # the 2-rank run's lines, the resume marker, the 1-process run's lines
     assert [(record["step"], record.get("event")) for record in _records(half)] == [
-        (1, None), (2, None), (2, "resume"), (3, None), (4, None)]
+        (1, None),
+        (2, None),
+        (2, "resume"),
+        (3, None),
+        (4, None),
+    ]
     torch.testing.assert_close(_losses(half)[1], _losses(two)[1], rtol=1e-6, atol=0)
 
 
@@ -202,8 +250,10 @@ def test_torchrun_empssl_float32_logs_the_losses_of_one_process(tmp_path):
     steps, losses = _losses(two)
     assert steps == list(range(1, STEPS + 1))
     torch.testing.assert_close(losses, _losses(one)[1], rtol=1e-5, atol=0)
-    print(f"\nfloat32, {STEPS} steps: max relative difference of the parameters to one process "
-          f"{_max_relative_difference(_model(two), _model(one)):.1e} (rounding, amplified by the steps)")
+    print(
+        f"\nfloat32, {STEPS} steps: max relative difference of the parameters to one process "
+        f"{_max_relative_difference(_model(two), _model(one)):.1e} (rounding, amplified by the steps)"
+    )
     assert sorted(set(os.listdir(two)) - {"curves.png"}) == [CHECKPOINT_NAME, METRICS_NAME]
 
 
@@ -237,13 +287,19 @@ def test_a_rank_that_dies_or_stalls_stops_the_run_and_the_checkpoint_stays(tmp_p
     # a stalled rank is noticed at the timeout; a killed one at once (its connections close)
     timeout = "5" if failure == "stall" else "60"
     started = time.perf_counter()
-    process = _torchrun(["train", *RUN, "--dist-timeout", timeout, "--checkpoint-every", "2", "--max-steps", "8",
-                         "--out-dir", out], launched, EMPSSL_TEST_FAIL=failure, EMPSSL_TEST_FAIL_STEP="3")
+    process = _torchrun(
+        ["train", *RUN, "--dist-timeout", timeout, "--checkpoint-every", "2", "--max-steps", "8", "--out-dir", out],
+        launched,
+        EMPSSL_TEST_FAIL=failure,
+        EMPSSL_TEST_FAIL_STEP="3",
+    )
     seconds = time.perf_counter() - started
     assert process.returncode != 0
     checkpoint = os.path.join(out, CHECKPOINT_NAME)
-    assert ("rank 0: a collective with the other ranks failed during step 3 (another rank died, or did not answer "
-            "within the distributed timeout)") in process.stderr, process.stderr[-3000:]
+    assert (
+        "rank 0: a collective with the other ranks failed during step 3 (another rank died, or did not answer "
+        "within the distributed timeout)"
+    ) in process.stderr, process.stderr[-3000:]
     assert f"the last good checkpoint {checkpoint} (step 2) is intact" in process.stderr
     saved = ckpt.load_checkpoint(checkpoint)
     assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
@@ -254,8 +310,13 @@ def test_a_rank_that_dies_or_stalls_stops_the_run_and_the_checkpoint_stays(tmp_p
 
 def test_ctrl_c_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen(_torchrun_command(["train", *RUN, "--epochs", "1000", "--out-dir", str(out)]),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment())
+    process = subprocess.Popen(
+        _torchrun_command(["train", *RUN, "--epochs", "1000", "--out-dir", str(out)]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_environment(),
+    )
     metrics, deadline = out / METRICS_NAME, time.monotonic() + 180
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # training, a few steps in
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]

@@ -1,5 +1,6 @@
 """The training step as a function of state: no host sync, one graph, a launch budget, exact continuation,
 eager and compiled agree; on CUDA, the captured step gives the eager step's parameters."""
+
 import collections
 import copy
 import json
@@ -18,8 +19,9 @@ from empssl.training import step as S
 from empssl.training.run_folder import CHECKPOINT_NAME, METRICS_NAME
 from empssl.training.step import build_train_state, train_step
 
-TINY = dict(dataset="synthetic", width=0.125, hidden_dim=64, z_dim=32, device="cpu", progress=False, num_patches=4,
-            batch_size=8)
+TINY = dict(
+    dataset="synthetic", width=0.125, hidden_dim=64, z_dim=32, device="cpu", progress=False, num_patches=4, batch_size=8
+)
 NUM_IMAGES, IMAGE_SIZE = 32, 16
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,8 +29,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # Ops dispatched per phase of one CPU step at TINY (ResNet-18, CIFAR stem; the torch sampler and the cpu kernels),
 # as measured when this test was written: a change that adds ops to a phase fails here. On CUDA the forward adds
 # autocast casts and the cuda backends take the sampler's place; tests/test_augment_sampler.py budgets the sampler.
-PHASE_BUDGET = {"empssl.augment": 75, "empssl.forward": 120, "empssl.loss": 22, "empssl.backward": 125,
-                "empssl.optimizer": 36}
+PHASE_BUDGET = {
+    "empssl.augment": 75,
+    "empssl.forward": 120,
+    "empssl.loss": 22,
+    "empssl.backward": 125,
+    "empssl.optimizer": 36,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +49,7 @@ def _state(**overrides):
 
 def _batches(count, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randperm(NUM_IMAGES, generator=generator)[:TINY["batch_size"]] for _ in range(count)]
+    return [torch.randperm(NUM_IMAGES, generator=generator)[: TINY["batch_size"]] for _ in range(count)]
 
 
 def _assert_states_equal(a, b):
@@ -212,8 +219,10 @@ def test_forward_and_loss_under_bf16_autocast_compiles_as_one_graph(images):
 def test_captured_step_gives_the_eager_parameters_after_ten_steps(tmp_path):
     data = make_synthetic(80, 8, 32, seed=0)
     common = dict(TINY, device="cuda", bf16=False, max_steps=10, epochs=1, schedule_epochs=1, log_every=5)
-    runs = {graph: T.train(TrainConfig(**common, cuda_graph=graph, out_dir=str(tmp_path / str(graph))), data)
-            for graph in (False, True)}
+    runs = {
+        graph: T.train(TrainConfig(**common, cuda_graph=graph, out_dir=str(tmp_path / str(graph))), data)
+        for graph in (False, True)
+    }
     torch.manual_seed(0)
     initial = build_encoder(width=0.125, hidden_dim=64, z_dim=32).state_dict()
     eager, captured = (runs[g].encoder.state_dict() for g in (False, True))
@@ -248,9 +257,11 @@ def test_cli_train_options_reach_the_config(monkeypatch):
         return T.TrainResult(None, "unused", 0, {}, 0.0)
 
     monkeypatch.setattr(T, "train", record)
-    for argv, cuda_graph, channels_last in ((["train"], True, None),
-                                            (["train", "--no-cuda-graph", "--no-channels-last"], False, False),
-                                            (["train", "--channels-last"], True, True)):
+    for argv, cuda_graph, channels_last in (
+        (["train"], True, None),
+        (["train", "--no-cuda-graph", "--no-channels-last"], False, False),
+        (["train", "--channels-last"], True, True),
+    ):
         assert cli.main(argv) == 0
         assert (configs[-1].cuda_graph, configs[-1].channels_last) == (cuda_graph, channels_last), argv
 
@@ -287,4 +298,6 @@ def test_checkpoint_of_the_previous_trainer_is_refused_for_resume_but_loads_for_
         T.train(TrainConfig(**{**TINY, "resume": str(old), "out_dir": str(tmp_path / "again")}), data)
     assert not (tmp_path / "again").exists()
     encoder, _ = load_encoder(str(old))
-    assert torch.equal(encoder.state_dict()["backbone.conv1.weight"], first.encoder.state_dict()["backbone.conv1.weight"])
+    assert torch.equal(
+        encoder.state_dict()["backbone.conv1.weight"], first.encoder.state_dict()["backbone.conv1.weight"]
+    )

@@ -25,6 +25,7 @@ The compiles run in a subprocess with TRITON_INTERPRET=0: tests/conftest.py turn
 interpreter on for this process, where ``@triton.jit`` yields interpreter functions that
 cannot be compiled.
 """
+
 import importlib.util
 import json
 import os
@@ -75,7 +76,10 @@ def _compile_all(module_name):
     env = dict(os.environ, TRITON_INTERPRET="0")
     done = subprocess.run(
         [sys.executable, "-c", _COMPILE_SCRIPT, module_name, ",".join(map(str, TARGETS))],
-        capture_output=True, text=True, env=env, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     records = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("AOT ")]
     assert done.returncode == 0, f"compile script failed:\n{done.stderr[-4000:]}"
@@ -93,14 +97,21 @@ def test_every_kernel_config_compiles_for_sm80_and_sm90_without_local_memory(mod
 
     print(f"\n{module_name}: kernel, dtypes, constexprs, options, cc -> registers / stack / local / shared, seconds")
     for r in records:
-        print(f"  {r['kernel']} {r['dtypes']} {r['constexprs']} {r['options']} sm_{r['cc']}: "
-              + (f"REG {r['regs']} STACK {r['stack']} LOCAL {r['local']} SHARED {r['shared']}"
-                 if "error" not in r else "ERROR " + r["error"].splitlines()[-1]) + f" ({r['seconds']} s)")
+        print(
+            f"  {r['kernel']} {r['dtypes']} {r['constexprs']} {r['options']} sm_{r['cc']}: "
+            + (
+                f"REG {r['regs']} STACK {r['stack']} LOCAL {r['local']} SHARED {r['shared']}"
+                if "error" not in r
+                else "ERROR " + r["error"].splitlines()[-1]
+            )
+            + f" ({r['seconds']} s)"
+        )
 
     failed = [r for r in records if "error" in r]
     assert not failed, "configurations that do not compile:\n" + "\n".join(json.dumps(r) for r in failed)
     spilling = [r for r in records if r["stack"] != 0 or r["local"] != 0]
     assert not spilling, "configurations with a stack frame or local memory (spills):\n" + "\n".join(
-        json.dumps(r) for r in spilling)
+        json.dumps(r) for r in spilling
+    )
     # a register count above the hardware's per-thread maximum would mean cuobjdump output was misread
     assert all(0 < r["regs"] <= 255 for r in records)

@@ -4,6 +4,7 @@ A recipe says what the sampler draws and what the kernels apply; the column layo
 parameters is ``empssl.augment.params``. This module imports no other module of the package, so the
 sampler (empssl.augment) and the op (empssl.ops.augment) both take the recipe from here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,7 +78,9 @@ class AugmentConfig:
         for name in ("crop_scale", "crop_ratio", "blur_sigma"):
             low, high = getattr(self, name)
             if not 0 < low <= high:
-                raise ValueError(f"AugmentConfig.{name} must be a range (low, high) with 0 < low <= high, got {(low, high)}")
+                raise ValueError(
+                    f"AugmentConfig.{name} must be a range (low, high) with 0 < low <= high, got {(low, high)}"
+                )
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "solarize_threshold"):
             value = getattr(self, name)
             if not (_is_number(value) and 0 <= value <= 1):
@@ -99,7 +102,6 @@ class AugmentConfig:
             )
         if any(s <= 0 for s in self.std):
             raise ValueError(f"AugmentConfig.std must be positive, got {self.std!r}")
-
 
 
 def augment_config_for(image_size: int) -> AugmentConfig:

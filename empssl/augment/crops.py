@@ -1,4 +1,5 @@
 """Crop boxes distributed as torchvision's ``RandomResizedCrop.get_params``, drawn vectorised on the device."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .rng import check_generator, default_device, draw_uniforms
 from ..checks import check_positive_int
+from .rng import check_generator, default_device, draw_uniforms
 
 _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params
 
@@ -44,8 +45,9 @@ def _constant_columns(like: torch.Tensor, values) -> torch.Tensor:
     return torch.stack([torch.full_like(like, float(v)) for v in values], dim=1)
 
 
-def crop_boxes_from_uniforms(u: torch.Tensor, image_height: int, image_width: int,
-                              scale: Tuple[float, float], ratio: Tuple[float, float]) -> torch.Tensor:
+def crop_boxes_from_uniforms(
+    u: torch.Tensor, image_height: int, image_width: int, scale: Tuple[float, float], ratio: Tuple[float, float]
+) -> torch.Tensor:
     """Boxes (see ``sample_crop_boxes``) from float64 uniforms ``u`` of shape (num_boxes, crop_uniform_count).
 
     Every constant is a Python scalar and every result a new tensor (no copies of Python data to
@@ -65,7 +67,7 @@ def crop_boxes_from_uniforms(u: torch.Tensor, image_height: int, image_width: in
     attempts, area = _CROP_ATTEMPTS, image_height * image_width
     target_area = u[:, :attempts] * (area * (scale[1] - scale[0])) + area * scale[0]
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    aspect = (u[:, attempts:2 * attempts] * (log_high - log_low) + log_low).exp()
+    aspect = (u[:, attempts : 2 * attempts] * (log_high - log_low) + log_low).exp()
     # (num_boxes, attempts): rounded heights and widths of every attempt
     h_try, w_try = (target_area / aspect).sqrt().round(), (target_area * aspect).sqrt().round()
     fits = (h_try > 0) & (h_try <= image_height) & (w_try > 0) & (w_try <= image_width)

@@ -1,15 +1,16 @@
 """Multi-patch augmentation (docs/method.md section 4): parameter sampling and the module.
 
 Sampling and applying are separate. ``sample_augment_params`` draws every random choice
-of every patch on the device, vectorised, from a ``torch.Generator`` or from counter-based random numbers (a hash of seed,
-step, image, patch and draw: ``counter_uniforms`` in empssl.augment.rng), into a float32 tensor
-(P, NUM_PARAMS) laid out as in ``empssl.augment.params``; the crop boxes come from empssl.augment.crops and the
-recipe (``AugmentConfig``) from empssl.augment.config. A backend (reference, Triton,
+of every patch on the device, vectorised, from a ``torch.Generator`` or from counter-based random
+numbers (a hash of seed, step, image, patch and draw: ``counter_uniforms`` in empssl.augment.rng),
+into a float32 tensor (P, NUM_PARAMS) laid out as in ``empssl.augment.params``; the crop boxes come
+from empssl.augment.crops and the recipe (``AugmentConfig``) from empssl.augment.config. A backend (reference, Triton,
 CUDA, CPU C++) is a deterministic function of (images, source_index, params, config), so
 every backend gives the same patches for the same parameters. ``MultiPatchAugment`` is the
 public entry point: it validates its inputs, samples, and calls the op, whose backends and
 dispatch are in ``empssl.ops.augment``.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -17,19 +18,35 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from ..checks import check_positive_int
+from ..ops import augment as augment_op
 from . import params as AP
 from .config import AugmentConfig
-from .rng import check_generator, default_device, draw_uniforms
-from ..checks import check_positive_int
 from .crops import crop_boxes_from_uniforms, crop_uniform_count
-from ..ops import augment as augment_op
+from .rng import check_generator, default_device, draw_uniforms
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The order in which sample_augment_params concatenates its columns: the layout of augment_params.
-_PARAM_COLUMNS = (AP.CROP_TOP, AP.CROP_LEFT, AP.CROP_HEIGHT, AP.CROP_WIDTH, AP.FLIP, AP.JITTER,
-                  AP.BRIGHTNESS, AP.CONTRAST, AP.SATURATION, AP.HUE, AP.ORDER_0, AP.ORDER_1, AP.ORDER_2,
-                  AP.ORDER_3, AP.GRAYSCALE, AP.BLUR_SIGMA, AP.SOLARIZE)
+_PARAM_COLUMNS = (
+    AP.CROP_TOP,
+    AP.CROP_LEFT,
+    AP.CROP_HEIGHT,
+    AP.CROP_WIDTH,
+    AP.FLIP,
+    AP.JITTER,
+    AP.BRIGHTNESS,
+    AP.CONTRAST,
+    AP.SATURATION,
+    AP.HUE,
+    AP.ORDER_0,
+    AP.ORDER_1,
+    AP.ORDER_2,
+    AP.ORDER_3,
+    AP.GRAYSCALE,
+    AP.BLUR_SIGMA,
+    AP.SOLARIZE,
+)
 assert _PARAM_COLUMNS == tuple(range(AP.NUM_PARAMS)), "augment_params changed its layout: update sample_augment_params"
 
 
@@ -69,8 +86,12 @@ def sample_augment_params(
     """
     if not isinstance(config, AugmentConfig):
         raise TypeError(f"config must be an AugmentConfig, got {type(config).__name__}")
-    for value, name in ((num_images, "num_images"), (num_patches, "num_patches"),
-                        (image_height, "image_height"), (image_width, "image_width")):
+    for value, name in (
+        (num_images, "num_images"),
+        (num_patches, "num_patches"),
+        (image_height, "image_height"),
+        (image_width, "image_width"),
+    ):
         check_positive_int(value, name)
     device = default_device(generator, step, image_ids, device)
     check_generator(generator, device)
@@ -78,16 +99,21 @@ def sample_augment_params(
     # one float64 draw per call: the crop's uniforms, then 5 gates, 4 jitter factors, 4 order keys, 1 sigma
     crop_uniforms = crop_uniform_count(config.crop_scale, config.crop_ratio)
     u = draw_uniforms(num_images, num_patches, crop_uniforms + 14, generator, device, seed, step, image_ids)
-    boxes = crop_boxes_from_uniforms(u[:, :crop_uniforms], image_height, image_width,
-                                      config.crop_scale, config.crop_ratio)
+    boxes = crop_boxes_from_uniforms(
+        u[:, :crop_uniforms], image_height, image_width, config.crop_scale, config.crop_ratio
+    )
     gate_p, factor_low, factor_span = _sampling_constants(config)
-    gate = [u[:, crop_uniforms + k:crop_uniforms + k + 1] < gate_p[k] for k in range(5)]  # flip, jitter, grayscale, blur, solarize
+    gate = [
+        u[:, crop_uniforms + k : crop_uniforms + k + 1] < gate_p[k] for k in range(5)
+    ]  # flip, jitter, grayscale, blur, solarize
     # brightness, contrast, saturation factors in [max(0, 1 - s), 1 + s]; hue shift in [-hue, hue]
-    factors = [u[:, crop_uniforms + 5 + k:crop_uniforms + 6 + k] * factor_span[k] + factor_low[k] for k in range(4)]
+    factors = [u[:, crop_uniforms + 5 + k : crop_uniforms + 6 + k] * factor_span[k] + factor_low[k] for k in range(4)]
     # a uniformly random permutation of the four ops per patch (torch.randperm(4) in torchvision)
-    order = torch.argsort(u[:, crop_uniforms + 9:crop_uniforms + 13], dim=1)
+    order = torch.argsort(u[:, crop_uniforms + 9 : crop_uniforms + 13], dim=1)
     sigma_low, sigma_high = config.blur_sigma
-    sigma = (u[:, crop_uniforms + 13:] * (sigma_high - sigma_low) + sigma_low) * gate[3]  # 0 where the blur gate is off
+    sigma = (u[:, crop_uniforms + 13 :] * (sigma_high - sigma_low) + sigma_low) * gate[
+        3
+    ]  # 0 where the blur gate is off
     columns = [boxes, gate[0], gate[1], *factors, order, gate[2], sigma, gate[4]]  # in _PARAM_COLUMNS order
     params = torch.cat(columns, dim=1).to(torch.float32)  # cat promotes the flags and the order to float64
     source_index = torch.arange(num_images, device=device).repeat(num_patches)
@@ -127,7 +153,8 @@ def _as_nhwc(images) -> torch.Tensor:
         nhwc = images
     else:
         raise ValueError(
-            f"images must have 3 colour channels, as shape (B, H, W, 3) or (B, 3, H, W), got shape {tuple(images.shape)}"
+            f"images must have 3 colour channels, as shape (B, H, W, 3) or (B, 3, H, W), got shape "
+            f"{tuple(images.shape)}"
         )
     if nhwc.numel() == 0:
         raise ValueError(f"images must not be empty, got shape {tuple(images.shape)}")
@@ -142,7 +169,10 @@ def _check_params(images_nhwc: torch.Tensor, source_index, params, check_values:
         if value.device != images_nhwc.device:
             raise ValueError(f"{name} is on {value.device} but images are on {images_nhwc.device}")
     if source_index.dtype != torch.int64 or source_index.ndim != 1 or source_index.numel() == 0:
-        raise ValueError(f"source_index must be a non-empty 1-D int64 tensor, got {source_index.dtype} of shape {tuple(source_index.shape)}")
+        raise ValueError(
+            f"source_index must be a non-empty 1-D int64 tensor, got {source_index.dtype} of shape "
+            f"{tuple(source_index.shape)}"
+        )
     if params.dtype != torch.float32:
         raise TypeError(f"params must be float32, got {params.dtype}")
     if params.shape != (source_index.shape[0], AP.NUM_PARAMS):
@@ -164,11 +194,16 @@ def _check_params(images_nhwc: torch.Tensor, source_index, params, check_values:
         f"source_index out of range [0, {num_images})": (source_index >= 0) & (source_index < num_images),
         "crop box not integer-valued": (box == torch.round(box)).all(dim=1),
         f"crop box outside the {height}x{width} image (need top, left >= 0, height, width >= 1, "
-        f"top + height <= {height}, left + width <= {width})": (top >= 0) & (left >= 0) & (h >= 1) & (w >= 1)
-        & (top + h <= height) & (left + w <= width),
+        f"top + height <= {height}, left + width <= {width})": (top >= 0)
+        & (left >= 0)
+        & (h >= 1)
+        & (w >= 1)
+        & (top + h <= height)
+        & (left + w <= width),
         "FLIP/JITTER/GRAYSCALE/SOLARIZE flags not 0 or 1": ((flags == 0) | (flags == 1)).all(dim=1),
         "ORDER_0..3 not a permutation of 0..3": (torch.sort(order, dim=1).values == identity_order).all(dim=1),
-        "brightness/contrast/saturation factor negative": (factors >= 0).all(dim=1) & torch.isfinite(factors).all(dim=1),
+        "brightness/contrast/saturation factor negative": (factors >= 0).all(dim=1)
+        & torch.isfinite(factors).all(dim=1),
         "hue shift outside [-0.5, 0.5]": (params[:, AP.HUE] >= -0.5) & (params[:, AP.HUE] <= 0.5),
         "BLUR_SIGMA negative": (params[:, AP.BLUR_SIGMA] >= 0) & torch.isfinite(params[:, AP.BLUR_SIGMA]),
     }
@@ -208,28 +243,52 @@ class MultiPatchAugment(nn.Module):
         if not isinstance(config, AugmentConfig):
             raise TypeError(f"config must be an AugmentConfig, got {type(config).__name__}")
         if backend not in augment_op.BACKEND_CHOICES:
-            raise ValueError(f"unknown backend {backend!r}; choose one of " + ", ".join(map(repr, augment_op.BACKEND_CHOICES)))
+            raise ValueError(
+                f"unknown backend {backend!r}; choose one of " + ", ".join(map(repr, augment_op.BACKEND_CHOICES))
+            )
         if out_dtype not in OUT_DTYPES:
             raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
         self.config, self.backend, self.out_dtype, self.channels_last = config, backend, out_dtype, bool(channels_last)
 
     def extra_repr(self) -> str:
-        return f"config={self.config}, backend={self.backend!r}, out_dtype={self.out_dtype}, channels_last={self.channels_last}"
+        return (
+            f"config={self.config}, backend={self.backend!r}, out_dtype={self.out_dtype}, "
+            f"channels_last={self.channels_last}"
+        )
 
     def _sample(self, images_nhwc: torch.Tensor, num_patches, generator, seed, step, image_ids):
         check_positive_int(num_patches, "num_patches")
         check_generator(generator, images_nhwc.device)
         num_images, height, width, _ = images_nhwc.shape
-        return sample_augment_params(self.config, num_images, num_patches, height, width, generator, images_nhwc.device,
-                                     seed=seed, step=step, image_ids=image_ids)
+        return sample_augment_params(
+            self.config,
+            num_images,
+            num_patches,
+            height,
+            width,
+            generator,
+            images_nhwc.device,
+            seed=seed,
+            step=step,
+            image_ids=image_ids,
+        )
 
     def _run_backend(self, images_nhwc: torch.Tensor, source_index: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         # not named _apply: that is nn.Module's hook for .to() / .float() / .cuda()
-        return augment_op.augment_patches(images_nhwc, source_index, params, self.config, self.out_dtype,
-                                          self.channels_last, self.backend)
+        return augment_op.augment_patches(
+            images_nhwc, source_index, params, self.config, self.out_dtype, self.channels_last, self.backend
+        )
 
-    def sample(self, images: torch.Tensor, num_patches: int, generator: Optional[torch.Generator] = None, *,
-               seed=None, step=0, image_ids: Optional[torch.Tensor] = None):
+    def sample(
+        self,
+        images: torch.Tensor,
+        num_patches: int,
+        generator: Optional[torch.Generator] = None,
+        *,
+        seed=None,
+        step=0,
+        image_ids: Optional[torch.Tensor] = None,
+    ):
         """(source_index, params) for ``num_patches`` patches of every image, on the images' device;
         the random source is ``generator`` or the counter keys, as in ``sample_augment_params``."""
         return self._sample(_as_nhwc(images), num_patches, generator, seed, step, image_ids)
@@ -240,8 +299,16 @@ class MultiPatchAugment(nn.Module):
         _check_params(images_nhwc, source_index, params, check_values=True)
         return self._run_backend(images_nhwc, source_index, params)
 
-    def forward(self, images: torch.Tensor, num_patches: int, generator: Optional[torch.Generator] = None, *,
-                seed=None, step=0, image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        images: torch.Tensor,
+        num_patches: int,
+        generator: Optional[torch.Generator] = None,
+        *,
+        seed=None,
+        step=0,
+        image_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         images_nhwc = _as_nhwc(images)
         source_index, params = self._sample(images_nhwc, num_patches, generator, seed, step, image_ids)
         return self._run_backend(images_nhwc, source_index, params)  # valid by construction: no value check, no sync

@@ -9,6 +9,7 @@ from this module (``c_header()``; setup.py writes it before every build, and
 tests/test_augment_params.py checks that the committed file is what this module generates).
 This module imports nothing, so that setup.py can load it without the package.
 """
+
 import os
 
 CROP_TOP = 0  # crop box in source pixels (integers)

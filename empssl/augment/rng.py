@@ -4,6 +4,7 @@ Counter-based numbers (``counter_uniforms``, a splitmix64 hash of seed, step, im
 have no generator state, so a CUDA graph replays them and an image's draws do not depend on which
 process or which slice of the batch samples it. ``draw_uniforms`` picks the source the caller asked for.
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,7 +53,9 @@ def _absorb(state, word):
 def _check_int_key(value, name: str, device: torch.device) -> None:
     if isinstance(value, torch.Tensor):
         if value.dtype != torch.int64 or value.ndim != 0:
-            raise ValueError(f"{name} must be an int or a 0-d int64 tensor, got {value.dtype} of shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be an int or a 0-d int64 tensor, got {value.dtype} of shape {tuple(value.shape)}"
+            )
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but the parameters are sampled on {device}")
     elif not isinstance(value, int) or isinstance(value, bool):
@@ -67,13 +70,17 @@ def _check_counter_keys(seed, step, image_ids, num_images: int, device: torch.de
     if not isinstance(image_ids, torch.Tensor):
         raise TypeError(f"image_ids must be a 1-D int64 tensor or None, got {type(image_ids).__name__}")
     if image_ids.dtype != torch.int64 or image_ids.shape != (num_images,):
-        raise ValueError(f"image_ids must be an int64 tensor of shape ({num_images},), got {image_ids.dtype} of shape {tuple(image_ids.shape)}")
+        raise ValueError(
+            f"image_ids must be an int64 tensor of shape ({num_images},), got {image_ids.dtype} of shape "
+            f"{tuple(image_ids.shape)}"
+        )
     if image_ids.device != device:
         raise ValueError(f"image_ids is on {image_ids.device} but the parameters are sampled on {device}")
 
 
-def counter_uniforms(num_images: int, num_patches: int, num_draws: int, seed, step=0, image_ids=None,
-                     device=None) -> torch.Tensor:
+def counter_uniforms(
+    num_images: int, num_patches: int, num_draws: int, seed, step=0, image_ids=None, device=None
+) -> torch.Tensor:
     """float64 uniforms in [0, 1), (num_patches * num_images, num_draws), patch-major like the
     parameters: row ``i * num_images + j`` holds the draws of patch i of image j.
 
@@ -95,12 +102,13 @@ def counter_uniforms(num_images: int, num_patches: int, num_draws: int, seed, st
     image_state = _absorb(state, image_ids)  # (num_images,)
     position = torch.arange(num_patches * num_draws, device=device).view(num_patches, 1, num_draws)
     words = _absorb(image_state[None, :, None], position)  # (patch, image, draw): patch-major rows
-    uniforms = _shift_right(words, 11).to(torch.float64) * 2.0 ** -53  # the top 53 bits: exact in float64
+    uniforms = _shift_right(words, 11).to(torch.float64) * 2.0**-53  # the top 53 bits: exact in float64
     return uniforms.view(num_patches * num_images, num_draws)
 
 
-def draw_uniforms(num_images: int, num_patches: int, num_draws: int, generator, device: torch.device,
-                  seed, step, image_ids) -> torch.Tensor:
+def draw_uniforms(
+    num_images: int, num_patches: int, num_draws: int, generator, device: torch.device, seed, step, image_ids
+) -> torch.Tensor:
     """(num_patches * num_images, num_draws) float64 uniforms from the generator or from the counter keys."""
     if seed is None:
         if not (isinstance(step, int) and step == 0 and image_ids is None):

@@ -7,6 +7,7 @@ Each writes one CSV (columns ``empssl.bench.common.FIELDS``, a row appended as s
 measured) with the device name and versions, a PNG where matplotlib is installed, and a table on
 stdout. ``--quick`` sizes a run for a CPU; ``--tiny`` checks the script in seconds.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -29,7 +30,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if not argv or argv[0] not in BENCHMARKS:
         print(usage, file=sys.stderr)
-        print(f"empssl bench: error: {'name a benchmark' if not argv else f'unknown benchmark {argv[0]!r}'}"
-              f" (choose from {', '.join(BENCHMARKS)})", file=sys.stderr)
+        print(
+            f"empssl bench: error: {'name a benchmark' if not argv else f'unknown benchmark {argv[0]!r}'}"
+            f" (choose from {', '.join(BENCHMARKS)})",
+            file=sys.stderr,
+        )
         return 2
     return importlib.import_module(f"empssl.bench.{argv[0]}").main(argv[1:])

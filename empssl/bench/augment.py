@@ -11,11 +11,13 @@ patches from 256x256 images (ImageNet recipe). Contenders, side by side in one r
                          bf16 channels_last output, as training uses)
 Every empssl row includes the parameter sampling, as the training step calls it. "per core"
 rates divide by the threads used. On a GPU run the CPU-only contenders (PIL, torchvision-v2,
-albumentations) are not timed: their figures do not depend on the GPU (docs/benchmarks.md section 2 quotes the CPU machine's).
+albumentations) are not timed: their figures do not depend on the GPU (docs/benchmarks.md section 2 quotes the CPU
+machine's).
 
   empssl bench augment            # GPU sizes
   empssl bench augment --quick    # under about 90 s on a 2-core CPU
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -26,8 +28,8 @@ import torch
 
 from .. import backends
 from ..augment import params as AP
-from ..augment.multipatch import MultiPatchAugment
 from ..augment.config import AugmentConfig
+from ..augment.multipatch import MultiPatchAugment
 from . import common
 
 
@@ -40,16 +42,18 @@ def pil_pipeline(output_size):
             return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
 
     ratio = (1.0, 1.0) if output_size == 32 else (3 / 4, 4 / 3)
-    return T.Compose([
-        T.RandomResizedCrop(output_size, scale=(0.25, 0.25), ratio=ratio),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.2)], p=0.8),
-        T.RandomGrayscale(0.2),
-        T.RandomApply([GaussianBlur()], p=0.1),
-        T.RandomSolarize(128, p=0.1),
-        T.ToTensor(),
-        T.Normalize([0.5] * 3, [0.5] * 3),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(output_size, scale=(0.25, 0.25), ratio=ratio),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.2)], p=0.8),
+            T.RandomGrayscale(0.2),
+            T.RandomApply([GaussianBlur()], p=0.1),
+            T.RandomSolarize(128, p=0.1),
+            T.ToTensor(),
+            T.Normalize([0.5] * 3, [0.5] * 3),
+        ]
+    )
 
 
 _WORKER = {}
@@ -89,16 +93,18 @@ def time_pil(images, output_size, num_patches, processes, repeats):
 def _torchvision_v2(config):
     from torchvision.transforms import v2
 
-    return v2.Compose([
-        v2.RandomResizedCrop(config.output_size, scale=config.crop_scale, ratio=config.crop_ratio, antialias=True),
-        v2.RandomHorizontalFlip(config.flip_p),
-        v2.RandomApply([v2.ColorJitter(*config.jitter_strengths())], p=config.jitter_p),
-        v2.RandomGrayscale(config.grayscale_p),
-        v2.RandomApply([v2.GaussianBlur(config.blur_kernel_size, config.blur_sigma)], p=config.blur_p),
-        v2.RandomSolarize(128, p=config.solarize_p),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(config.mean), list(config.std)),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(config.output_size, scale=config.crop_scale, ratio=config.crop_ratio, antialias=True),
+            v2.RandomHorizontalFlip(config.flip_p),
+            v2.RandomApply([v2.ColorJitter(*config.jitter_strengths())], p=config.jitter_p),
+            v2.RandomGrayscale(config.grayscale_p),
+            v2.RandomApply([v2.GaussianBlur(config.blur_kernel_size, config.blur_sigma)], p=config.blur_p),
+            v2.RandomSolarize(128, p=config.solarize_p),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(config.mean), list(config.std)),
+        ]
+    )
 
 
 def time_torchvision_v2(images, config, num_patches, repeats):
@@ -135,15 +141,17 @@ def time_albumentations(images, config, num_patches, repeats):
     import albumentations as A
 
     size = config.output_size
-    pipeline = A.Compose([
-        A.RandomResizedCrop(size=(size, size), scale=config.crop_scale, ratio=config.crop_ratio),
-        A.HorizontalFlip(p=config.flip_p),
-        A.ColorJitter(*config.jitter_strengths(), p=config.jitter_p),
-        A.ToGray(p=config.grayscale_p),
-        A.GaussianBlur(blur_limit=(config.blur_kernel_size,) * 2, sigma_limit=config.blur_sigma, p=config.blur_p),
-        A.Solarize(p=config.solarize_p),
-        A.Normalize(mean=config.mean, std=config.std),
-    ])
+    pipeline = A.Compose(
+        [
+            A.RandomResizedCrop(size=(size, size), scale=config.crop_scale, ratio=config.crop_ratio),
+            A.HorizontalFlip(p=config.flip_p),
+            A.ColorJitter(*config.jitter_strengths(), p=config.jitter_p),
+            A.ToGray(p=config.grayscale_p),
+            A.GaussianBlur(blur_limit=(config.blur_kernel_size,) * 2, sigma_limit=config.blur_sigma, p=config.blur_p),
+            A.Solarize(p=config.solarize_p),
+            A.Normalize(mean=config.mean, std=config.std),
+        ]
+    )
     arrays = [image.numpy() for image in images.cpu()]
 
     def run():
@@ -153,8 +161,9 @@ def time_albumentations(images, config, num_patches, repeats):
     return common.time_call(run, torch.device("cpu"), repeats)
 
 
-def time_backend(backend, images, config, num_patches, repeats, threads=None, out_dtype=torch.float32,
-                 channels_last=False):
+def time_backend(
+    backend, images, config, num_patches, repeats, threads=None, out_dtype=torch.float32, channels_last=False
+):
     """Median seconds of sample + apply of num_patches patches (rounded to whole patches per image)."""
     saved = torch.get_num_threads()
     if threads:
@@ -204,17 +213,31 @@ def main(argv=None) -> int:
             rate = patches / seconds
             out_bytes = patches * 3 * output_size * output_size * torch.empty((), dtype=out_dtype).element_size()
             per_core = f"{rate / threads:.4g} patches/s per core" if threads > 1 else ""
-            results.add(case_name(name, image_size, output_size, patches), method, seconds, rate, "patches/s",
-                        str(out_dtype).replace("torch.", ""), out_bytes / seconds / bandwidth, "copy GB/s",
-                        "; ".join(x for x in (note, per_core) if x))
+            results.add(
+                case_name(name, image_size, output_size, patches),
+                method,
+                seconds,
+                rate,
+                "patches/s",
+                str(out_dtype).replace("torch.", ""),
+                out_bytes / seconds / bandwidth,
+                "copy GB/s",
+                "; ".join(x for x in (note, per_core) if x),
+            )
 
         count = per_patch_count[output_size]
-        if on_gpu:  # their figures do not depend on the GPU: the CPU machine times them (docs/benchmarks.md), the GPU's minutes go elsewhere
-            notes.add("CPU-only contenders (PIL, torchvision-v2 per patch, albumentations) not timed on a GPU run: "
-                      "see the CPU figures of docs/benchmarks.md (empssl bench augment --device cpu)")
+        # their figures do not depend on the GPU: the CPU machine times them (docs/benchmarks.md), the GPU's minutes
+        # go elsewhere
+        if on_gpu:
+            notes.add(
+                "CPU-only contenders (PIL, torchvision-v2 per patch, albumentations) not timed on a GPU run: "
+                "see the CPU figures of docs/benchmarks.md (empssl bench augment --device cpu)"
+            )
         else:
             with results.row(case_name(name, image_size, output_size, count), "pil-1core"):
-                record("pil-1core", count, time_pil(images, output_size, count, 1, repeats), 1, note="published pipeline")
+                record(
+                    "pil-1core", count, time_pil(images, output_size, count, 1, repeats), 1, note="published pipeline"
+                )
             if cores > 1 and not args.tiny:
                 with results.row(case_name(name, image_size, output_size, count), f"pil-{cores}cores"):
                     record(f"pil-{cores}cores", count, time_pil(images, output_size, count, cores, repeats), cores)
@@ -226,30 +249,44 @@ def main(argv=None) -> int:
             except ImportError:
                 notes.add("albumentations not installed: no albumentations row")
         for size in sizes:
-            why_not = backends.reasons("augment", device, dev_images, torch.zeros(1, dtype=torch.int64, device=device),
-                                       torch.zeros(1, AP.NUM_PARAMS, device=device), config)
+            why_not = backends.reasons(
+                "augment",
+                device,
+                dev_images,
+                torch.zeros(1, dtype=torch.int64, device=device),
+                torch.zeros(1, AP.NUM_PARAMS, device=device),
+                config,
+            )
             contenders = [("reference", "reference", None, torch.float32, False)]
             if on_gpu:
                 for backend in ("cuda", "triton"):
-                    contenders += [(backend, backend, None, torch.float32, False),
-                                   (f"{backend} bf16 channels_last", backend, None, torch.bfloat16, True)]
+                    contenders += [
+                        (backend, backend, None, torch.float32, False),
+                        (f"{backend} bf16 channels_last", backend, None, torch.bfloat16, True),
+                    ]
             else:
-                contenders += [("cpu", "cpu", None, torch.float32, False), ("cpu-1thread", "cpu", 1, torch.float32, False)]
+                contenders += [
+                    ("cpu", "cpu", None, torch.float32, False),
+                    ("cpu-1thread", "cpu", 1, torch.float32, False),
+                ]
             for label, backend, threads, out_dtype, channels_last in contenders:
                 if why_not[backend] is not None:
                     notes.add(f"{label} skipped: {why_not[backend]}")
                     continue
                 wanted = min(size, reference_cap[output_size]) if backend == "reference" else size
                 # a row on its own: an error in it (out of memory, say) is its row's, and the next one runs
-                with results.row(case_name(name, image_size, output_size, wanted), label,
-                                 str(out_dtype).replace("torch.", "")):
-                    seconds, patches = time_backend(backend, dev_images, config, wanted, repeats, threads, out_dtype,
-                                                    channels_last)
+                with results.row(
+                    case_name(name, image_size, output_size, wanted), label, str(out_dtype).replace("torch.", "")
+                ):
+                    seconds, patches = time_backend(
+                        backend, dev_images, config, wanted, repeats, threads, out_dtype, channels_last
+                    )
                     used = threads or (torch.get_num_threads() if not on_gpu else 1)
                     record(label, patches, seconds, used, out_dtype)
             try:
-                with results.row(case_name(name, image_size, output_size, min(size, reference_cap[output_size])),
-                                 "kornia"):
+                with results.row(
+                    case_name(name, image_size, output_size, min(size, reference_cap[output_size])), "kornia"
+                ):
                     seconds, patches = time_kornia(dev_images, config, min(size, reference_cap[output_size]), repeats)
                     record("kornia", patches, seconds, torch.get_num_threads() if not on_gpu else 1)
             except ImportError:

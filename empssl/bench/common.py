@@ -9,6 +9,7 @@ Each row stands on its own: a row whose measurement raises (a failed capture or 
 memory) is written with its ``error`` and empty figures, and the benchmark goes on to the next row;
 it exits 1 at the end if any row failed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,21 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-FIELDS = ("bench", "case", "method", "dtype", "ms", "rate", "rate_unit", "limit_fraction", "limit", "note",
-          "device", "versions", "error")
+FIELDS = (
+    "bench",
+    "case",
+    "method",
+    "dtype",
+    "ms",
+    "rate",
+    "rate_unit",
+    "limit_fraction",
+    "limit",
+    "note",
+    "device",
+    "versions",
+    "error",
+)
 
 
 def readable_seconds(seconds: float) -> str:
@@ -55,8 +69,10 @@ def versions() -> str:
     except ImportError:
         parts.append("triton not installed")
     parts.append(f"python {platform.python_version()}")
-    parts.append(f"TF32 matmul {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}, "
-                 f"cuDNN {'on' if torch.backends.cudnn.allow_tf32 else 'off'}")
+    parts.append(
+        f"TF32 matmul {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}, "
+        f"cuDNN {'on' if torch.backends.cudnn.allow_tf32 else 'off'}"
+    )
     return ", ".join(parts)
 
 
@@ -127,24 +143,60 @@ class Results:
                     csv.DictWriter(handle, fieldnames=FIELDS).writeheader()
         print(f"{bench}: {self.device} | {self.versions}", flush=True)
 
-    def add(self, case: str, method: str, seconds: float, rate: float, rate_unit: str, dtype: str = "",
-            limit_fraction: Optional[float] = None, limit: str = "", note: str = "") -> Dict[str, object]:
-        row = dict(bench=self.bench, case=case, method=method, dtype=dtype, ms=f"{seconds * 1e3:.4g}",
-                   rate=f"{rate:.4g}", rate_unit=rate_unit,
-                   limit_fraction="" if limit_fraction is None else f"{limit_fraction:.3g}", limit=limit, note=note,
-                   device=self.device, versions=self.versions, error="")
+    def add(
+        self,
+        case: str,
+        method: str,
+        seconds: float,
+        rate: float,
+        rate_unit: str,
+        dtype: str = "",
+        limit_fraction: Optional[float] = None,
+        limit: str = "",
+        note: str = "",
+    ) -> Dict[str, object]:
+        row = dict(
+            bench=self.bench,
+            case=case,
+            method=method,
+            dtype=dtype,
+            ms=f"{seconds * 1e3:.4g}",
+            rate=f"{rate:.4g}",
+            rate_unit=rate_unit,
+            limit_fraction="" if limit_fraction is None else f"{limit_fraction:.3g}",
+            limit=limit,
+            note=note,
+            device=self.device,
+            versions=self.versions,
+            error="",
+        )
         self._write(row)
         fraction = f"  {float(row['limit_fraction']):6.1%} of {limit}" if row["limit_fraction"] else ""
-        print(f"  {case:28s} {method:24s} {dtype:9s} {readable_seconds(seconds):>12s} {rate:12.4g} {rate_unit}{fraction}"
-              + (f"  ({note})" if note else ""), flush=True)
+        print(
+            f"  {case:28s} {method:24s} {dtype:9s} {readable_seconds(seconds):>12s} {rate:12.4g} {rate_unit}{fraction}"
+            + (f"  ({note})" if note else ""),
+            flush=True,
+        )
         return row
 
     def failed(self, case: str, method: str, error: BaseException, dtype: str = "") -> Dict[str, object]:
         """The row of a measurement that raised: no figures, the error's type and first line."""
         message = (str(error).strip().splitlines() or [""])[0][:300]
-        row = dict(bench=self.bench, case=case, method=method, dtype=dtype, ms="", rate="", rate_unit="",
-                   limit_fraction="", limit="", note="", device=self.device, versions=self.versions,
-                   error=f"{type(error).__name__}: {message}")
+        row = dict(
+            bench=self.bench,
+            case=case,
+            method=method,
+            dtype=dtype,
+            ms="",
+            rate="",
+            rate_unit="",
+            limit_fraction="",
+            limit="",
+            note="",
+            device=self.device,
+            versions=self.versions,
+            error=f"{type(error).__name__}: {message}",
+        )
         self._write(row)
         self.failures += 1
         print(f"  {case:28s} {method:24s} {dtype:9s} FAILED: {row['error']}", flush=True)
@@ -237,11 +289,17 @@ def make_parser(bench: str, doc: str):
     --device, --quick and --tiny; ``doc`` is the module docstring (first line, then the usage)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog=f"empssl bench {bench}", description=doc.splitlines()[0],
-                                     epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"empssl bench {bench}",
+        description=doc.splitlines()[0],
+        epilog=doc.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_output_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="CPU-sized: small sizes, few repeats")
-    parser.add_argument("--tiny", action="store_true", help="seconds-long run at toy sizes (checks the script, not speed)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="seconds-long run at toy sizes (checks the script, not speed)"
+    )
     return parser
 
 
@@ -250,8 +308,11 @@ def add_output_arguments(parser) -> None:
     parser.add_argument("--out", default="results", help="folder for <bench>.csv and <bench>.png (default: results)")
     parser.add_argument("--csv", default=None, help="append the rows to this CSV instead of OUT/<bench>.csv")
     parser.add_argument("--no-plot", action="store_true", help="no PNG")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda[:N] (default: cuda when a GPU is present)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda[:N] (default: cuda when a GPU is present)",
+    )
 
 
 def open_results(bench: str, args) -> Results:

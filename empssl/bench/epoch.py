@@ -1,4 +1,5 @@
-"""One EMP-SSL epoch and its evaluation: free-running steps (eager, captured, captured + compiled) against the published path.
+"""One EMP-SSL epoch and its evaluation: free-running steps (eager, captured, captured + compiled) against the published
+path.
 
 Times ``empssl.training.step.train_step`` as ``empssl train`` runs it, steps back to back with no
 synchronisation between them (the device queue stays full; CUDA events around >= 100 steps on a
@@ -23,6 +24,7 @@ as that row's error and the next row runs.
   empssl bench epoch --quick    # CPU-sized: width 0.25, b=16, n=4 (under a minute on 2 cores)
   empssl bench epoch --tiny     # seconds: checks the script, not the speed
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,13 +36,13 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from ..config import TrainConfig
+from ..device import autocast_context, cudnn_benchmark, float32_precision
 from ..evaluation.features import MAX_PATCHES_PER_FORWARD, extract_features
 from ..evaluation.probe import LabelledFeatures, knn_classify, linear_probe
 from ..models.encoder import build_encoder
 from ..optim import build_optimizer
 from ..reference import tcr as reference_tcr
-from ..config import TrainConfig
-from ..device import autocast_context, cudnn_benchmark, float32_precision
 from ..training.step import CAPTURE_WARMUP_STEPS, build_train_state, captured_train_step, train_step
 from . import common
 from .step import forward_flops
@@ -55,14 +57,39 @@ EVAL_CLASSES = 10
 # per size: the model and batch; published-path steps and DataLoader workers; the evaluation's
 # feature images x patches, probe train/test features and epochs, kNN train/test features
 SIZES = {
-    "tiny": dict(model=dict(width=0.125, hidden_dim=64, z_dim=32, batch_size=4, num_patches=2), steps=2, repeats=1,
-                 published_steps=2, workers=1, feature_images=8, feature_patches=4, probe=(500, 100, 1), knn=(500, 100)),
-    "quick": dict(model=dict(width=0.25, hidden_dim=512, z_dim=128, batch_size=16, num_patches=4), steps=3, repeats=2,
-                  published_steps=3, workers=2, feature_images=32, feature_patches=16, probe=(5000, 1000, 2),
-                  knn=(5000, 1000)),
-    "gpu": dict(model=dict(width=1.0, hidden_dim=4096, z_dim=1024, batch_size=100, num_patches=20), steps=100,
-                repeats=2, published_steps=10, workers=None, feature_images=1024, feature_patches=EVAL_PATCHES,
-                probe=(EVAL_TRAIN, EVAL_TEST, EVAL_EPOCHS), knn=(EVAL_TRAIN, EVAL_TEST)),
+    "tiny": dict(
+        model=dict(width=0.125, hidden_dim=64, z_dim=32, batch_size=4, num_patches=2),
+        steps=2,
+        repeats=1,
+        published_steps=2,
+        workers=1,
+        feature_images=8,
+        feature_patches=4,
+        probe=(500, 100, 1),
+        knn=(500, 100),
+    ),
+    "quick": dict(
+        model=dict(width=0.25, hidden_dim=512, z_dim=128, batch_size=16, num_patches=4),
+        steps=3,
+        repeats=2,
+        published_steps=3,
+        workers=2,
+        feature_images=32,
+        feature_patches=16,
+        probe=(5000, 1000, 2),
+        knn=(5000, 1000),
+    ),
+    "gpu": dict(
+        model=dict(width=1.0, hidden_dim=4096, z_dim=1024, batch_size=100, num_patches=20),
+        steps=100,
+        repeats=2,
+        published_steps=10,
+        workers=None,
+        feature_images=1024,
+        feature_patches=EVAL_PATCHES,
+        probe=(EVAL_TRAIN, EVAL_TEST, EVAL_EPOCHS),
+        knn=(EVAL_TRAIN, EVAL_TEST),
+    ),
 }
 
 
@@ -71,7 +98,8 @@ def _synthetic_images(device: torch.device, generator: torch.Generator, count: i
 
 
 def count_kernels(fn: Callable[[], object], device: torch.device) -> int:
-    """Device kernels (CUDA: profiled, copies and memsets included) or, on a CPU, aten ops dispatched by one ``fn()``."""
+    """Device kernels (CUDA: profiled, copies and memsets included) or, on a CPU, aten ops dispatched by one
+    ``fn()``."""
     if device.type == "cuda":
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
@@ -145,9 +173,14 @@ def time_steps(device: torch.device, config: TrainConfig, method: str, steps: in
     images = _synthetic_images(device, generator)
     state = build_train_state(dataclasses.replace(config, compile=method.endswith("compiled")), device, NUM_IMAGES, 32)
     state.encoder.train()
-    run = captured_train_step(state) if method.startswith("captured") else (
-        lambda batch, image_ids: train_step(state, batch, image_ids))
-    batches = [torch.randperm(NUM_IMAGES, device=device, generator=generator)[:config.batch_size] for _ in range(steps)]
+    run = (
+        captured_train_step(state)
+        if method.startswith("captured")
+        else (lambda batch, image_ids: train_step(state, batch, image_ids))
+    )
+    batches = [
+        torch.randperm(NUM_IMAGES, device=device, generator=generator)[: config.batch_size] for _ in range(steps)
+    ]
 
     def one_step(index=0):
         image_ids = batches[index % steps]
@@ -172,7 +205,8 @@ def time_steps(device: torch.device, config: TrainConfig, method: str, steps: in
 
 
 class _PublishedViews(torch.utils.data.Dataset):
-    """The authors' data path: per image, ``num_patches`` views of the torchvision/PIL pipeline (patch-major after collate)."""
+    """The authors' data path: per image, ``num_patches`` views of the torchvision/PIL pipeline (patch-major after
+    collate)."""
 
     def __init__(self, images, num_patches: int, length: int):
         self.images, self.num_patches, self.length = images, num_patches, length
@@ -210,8 +244,14 @@ def time_published(device: torch.device, config: TrainConfig, steps: int, worker
     optimizer = build_optimizer(encoder, lr=config.lr)
     warmup = 1
     views = _PublishedViews(images, config.num_patches, (warmup + steps) * config.batch_size)
-    loader = torch.utils.data.DataLoader(views, batch_size=config.batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=True, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        views,
+        batch_size=config.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+    )
     start = None
     for index, batch in enumerate(loader):  # the workers' start-up and the first step are not timed
         if index == warmup:
@@ -227,22 +267,30 @@ def time_published(device: torch.device, config: TrainConfig, steps: int, worker
     return (time.perf_counter() - start) / steps
 
 
-def time_evaluation(device: torch.device, config: TrainConfig, size: Dict, results: common.Results,
-                    matmul_peak: float) -> None:
+def time_evaluation(
+    device: torch.device, config: TrainConfig, size: Dict, results: common.Results, matmul_peak: float
+) -> None:
     """Rows: features/s, probe, kNN, and the 128-patch CIFAR-10 evaluation extrapolated from them."""
     generator = torch.Generator(device=device).manual_seed(0)
     torch.manual_seed(0)
     encoder = build_encoder(config.arch, config.width, config.hidden_dim, config.z_dim).to(device)
     num_images, num_patches = size["feature_images"], size["feature_patches"]
     images = _synthetic_images(device, generator, num_images)
-    feature_seconds = common.time_call(lambda: extract_features(encoder, images, num_patches), device, repeats=1,
-                                       warmup=int(device.type == "cuda"))  # cuDNN's algorithm search
+    feature_seconds = common.time_call(
+        lambda: extract_features(encoder, images, num_patches), device, repeats=1, warmup=int(device.type == "cuda")
+    )  # cuDNN's algorithm search
     patch_rate = num_images * num_patches / feature_seconds
     case = f"eval {config.arch} w{config.width} d={config.hidden_dim}"
-    results.add(case, f"features ({num_images} images x {num_patches} patches)", feature_seconds,
-                num_images / feature_seconds, "images/s", "bf16" if device.type == "cuda" else "float32",
-                note=f"{patch_rate:.4g} patch forwards/s; BatchNorm folded; chunks of "
-                     f"{MAX_PATCHES_PER_FORWARD.get(device.type, 8192)} patches")
+    results.add(
+        case,
+        f"features ({num_images} images x {num_patches} patches)",
+        feature_seconds,
+        num_images / feature_seconds,
+        "images/s",
+        "bf16" if device.type == "cuda" else "float32",
+        note=f"{patch_rate:.4g} patch forwards/s; BatchNorm folded; chunks of "
+        f"{MAX_PATCHES_PER_FORWARD.get(device.type, 8192)} patches",
+    )
     num_train, num_test, epochs = size["probe"]
     train_x = torch.randn(num_train, config.hidden_dim, device=device, generator=generator).relu_()
     train_y = torch.randint(EVAL_CLASSES, (num_train,), device=device, generator=generator)
@@ -252,40 +300,67 @@ def time_evaluation(device: torch.device, config: TrainConfig, size: Dict, resul
     probe_seconds = common.time_call(lambda: linear_probe(labelled, epochs=epochs), device, repeats=1, warmup=0)
     # an epoch's time grows with the train set (its mini-batches) and the test set (its top-1)
     probe_full = probe_seconds * (EVAL_EPOCHS / epochs) * (EVAL_TRAIN + EVAL_TEST) / (num_train + num_test)
-    results.add(case, f"linear probe ({num_train} x {epochs} epochs)", probe_seconds,
-                num_train * epochs / probe_seconds, "samples/s", "float32",
-                note=f"CIFAR-10 probe ({EVAL_TRAIN} x {EVAL_EPOCHS} epochs) {probe_full:.3g} s"
-                     + ("; epochs 1.. replay one CUDA graph" if device.type == "cuda" else ""))
+    results.add(
+        case,
+        f"linear probe ({num_train} x {epochs} epochs)",
+        probe_seconds,
+        num_train * epochs / probe_seconds,
+        "samples/s",
+        "float32",
+        note=f"CIFAR-10 probe ({EVAL_TRAIN} x {EVAL_EPOCHS} epochs) {probe_full:.3g} s"
+        + ("; epochs 1.. replay one CUDA graph" if device.type == "cuda" else ""),
+    )
     knn_train, knn_test = size["knn"]
-    knn_subset = LabelledFeatures(train_x[:knn_train], train_y[:knn_train], test_x[:knn_test], test_y[:knn_test],
-                                  EVAL_CLASSES)
+    knn_subset = LabelledFeatures(
+        train_x[:knn_train], train_y[:knn_train], test_x[:knn_test], test_y[:knn_test], EVAL_CLASSES
+    )
     knn_seconds = common.time_call(lambda: knn_classify(knn_subset), device, repeats=1)
     knn_full = knn_seconds * (EVAL_TRAIN * EVAL_TEST) / (knn_train * knn_test)
     knn_flops = 2 * knn_train * knn_test * config.hidden_dim
-    results.add(case, f"kNN ({knn_test} x {knn_train})", knn_seconds, knn_test / knn_seconds, "queries/s", "float32",
-                knn_flops / knn_seconds / matmul_peak, "matmul",
-                note=f"CIFAR-10 kNN ({EVAL_TEST} x {EVAL_TRAIN}) {knn_full:.3g} s")
+    results.add(
+        case,
+        f"kNN ({knn_test} x {knn_train})",
+        knn_seconds,
+        knn_test / knn_seconds,
+        "queries/s",
+        "float32",
+        knn_flops / knn_seconds / matmul_peak,
+        "matmul",
+        note=f"CIFAR-10 kNN ({EVAL_TEST} x {EVAL_TRAIN}) {knn_full:.3g} s",
+    )
     features_full = (EVAL_TRAIN + EVAL_TEST) * EVAL_PATCHES / patch_rate
     total = features_full + probe_full + knn_full
-    results.add(case, f"CIFAR-10 evaluation ({EVAL_PATCHES} patches, extrapolated)", total, 1.0 / total, "evals/s",
-                "bf16" if device.type == "cuda" else "float32",
-                note=f"features {features_full:.3g} s + probe {probe_full:.3g} s + kNN {knn_full:.3g} s")
+    results.add(
+        case,
+        f"CIFAR-10 evaluation ({EVAL_PATCHES} patches, extrapolated)",
+        total,
+        1.0 / total,
+        "evals/s",
+        "bf16" if device.type == "cuda" else "float32",
+        note=f"features {features_full:.3g} s + probe {probe_full:.3g} s + kNN {knn_full:.3g} s",
+    )
 
 
 def _step_note(timing: StepTiming, step_flops: int, device: torch.device) -> str:
     kernels = "kernels" if device.type == "cuda" else "aten ops"
     syncs = "n/a off CUDA" if timing.host_syncs is None else f"{timing.host_syncs:g}"
-    return (f"CIFAR-10 epoch ({EPOCH_STEPS} steps) {common.readable_seconds(EPOCH_STEPS * timing.seconds)}; "
-            f"{step_flops / timing.seconds / 1e12:.3g} TFLOP/s; {timing.kernels} {kernels}/step; host syncs/step {syncs}")
+    return (
+        f"CIFAR-10 epoch ({EPOCH_STEPS} steps) {common.readable_seconds(EPOCH_STEPS * timing.seconds)}; "
+        f"{step_flops / timing.seconds / 1e12:.3g} TFLOP/s; {timing.kernels} {kernels}/step; host syncs/step {syncs}"
+    )
 
 
 def main(argv=None) -> int:
     parser = common.make_parser("epoch", __doc__)
     parser.add_argument("--steps", type=int, default=None, help="free-running steps per timed run")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers of the published path")
-    parser.add_argument("--compiled", choices=("last", "skip", "only"), default="last",
-                        help="the captured + compiled row (CUDA): after the others (default), not at all, or alone "
-                             "(bench/gpu_check.sh runs it as its own last step: its cold compile is the slowest part)")
+    parser.add_argument(
+        "--compiled",
+        choices=("last", "skip", "only"),
+        default="last",
+        help="the captured + compiled row (CUDA): after the others (default), not at all, or alone "
+        "(bench/gpu_check.sh runs it as its own last step: its cold compile is the slowest part)",
+    )
     args = parser.parse_args(argv)
     results = common.open_results("epoch", args)
     device = torch.device(args.device)
@@ -305,13 +380,29 @@ def main(argv=None) -> int:
         with results.row(case, method, dtype):
             timing = timings[method] = time_steps(device, config, method, steps, size["repeats"])
             step_flops = 3 * timing.forward_flops  # forward + backward (input and weight gradients)
-            results.add(case, method, timing.seconds, 1.0 / timing.seconds, "steps/s", dtype,
-                        step_flops / timing.seconds / peak, limit, _step_note(timing, step_flops, device))
+            results.add(
+                case,
+                method,
+                timing.seconds,
+                1.0 / timing.seconds,
+                "steps/s",
+                dtype,
+                step_flops / timing.seconds / peak,
+                limit,
+                _step_note(timing, step_flops, device),
+            )
         phases = timings[method].phases if method in timings else None
         for phase, seconds in (phases or {}).items():
             profiled = sum(phases.values())
-            results.add(case, f"share {phase} (eager, profiled)", seconds, seconds / profiled if profiled else 0.0,
-                        "of step", dtype, note="one profiled step; device time" if on_gpu else "one profiled step")
+            results.add(
+                case,
+                f"share {phase} (eager, profiled)",
+                seconds,
+                seconds / profiled if profiled else 0.0,
+                "of step",
+                dtype,
+                note="one profiled step; device time" if on_gpu else "one profiled step",
+            )
 
     with float32_precision(config.tf32):  # as train() runs the step
         if args.compiled != "only":
@@ -327,11 +418,23 @@ def main(argv=None) -> int:
                     fastest = min(timings.values(), key=lambda t: t.seconds, default=None)
                     # the fraction of the limit needs a step row's FLOPs; without one (it failed) the row has none
                     fraction = 3 * fastest.forward_flops / published / peak if fastest else None
-                    speed_up = (f"the fastest step above is {published / fastest.seconds:.3g}x faster" if fastest
-                                else "no step row above to compare with")
-                    results.add(case, "published", published, 1.0 / published, "steps/s", "float32", fraction, limit,
-                                f"CIFAR-10 epoch ({EPOCH_STEPS} steps) {common.readable_seconds(EPOCH_STEPS * published)}; "
-                                f"PIL in {workers} DataLoader workers, float32 NCHW, d x d logdet loop; {speed_up}")
+                    speed_up = (
+                        f"the fastest step above is {published / fastest.seconds:.3g}x faster"
+                        if fastest
+                        else "no step row above to compare with"
+                    )
+                    results.add(
+                        case,
+                        "published",
+                        published,
+                        1.0 / published,
+                        "steps/s",
+                        "float32",
+                        fraction,
+                        limit,
+                        f"CIFAR-10 epoch ({EPOCH_STEPS} steps) {common.readable_seconds(EPOCH_STEPS * published)}; "
+                        f"PIL in {workers} DataLoader workers, float32 NCHW, d x d logdet loop; {speed_up}",
+                    )
             with results.row(f"eval {config.arch} w{config.width} d={config.hidden_dim}", "evaluation"):
                 time_evaluation(device, config, size, results, peak)
         if not on_gpu:

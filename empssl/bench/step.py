@@ -2,13 +2,15 @@
 
 Times one full step (augment n*b patches, encoder forward, EMPSSLLoss, backward, LARS step) and
 its parts, for the reference backends and for `auto` (the fastest available), side by side in
-one run (methods "PART (reference backends)" and "PART (auto backends)"). The parts are timed with a synchronisation between them (so their sum is slower than a
-free-running step); the total is the median step time. The limit is the dense bf16 (GPU) or
-float32 (CPU) matmul rate measured in the same run, against the step's convolution and linear FLOPs.
+one run (methods "PART (reference backends)" and "PART (auto backends)"). The parts are timed with
+a synchronisation between them (so their sum is slower than a free-running step); the total is the
+median step time. The limit is the dense bf16 (GPU) or float32 (CPU) matmul rate measured in the
+same run, against the step's convolution and linear FLOPs.
 
   empssl bench step            # GPU: b=100, n=20, ResNet-18 (the 1-epoch recipe)
   empssl bench step --quick    # CPU-sized: width 0.25, b=16, n=4
 """
+
 from __future__ import annotations
 
 import statistics
@@ -16,12 +18,12 @@ import time
 
 import torch
 
-from ..augment.multipatch import MultiPatchAugment
 from ..augment.config import AugmentConfig
+from ..augment.multipatch import MultiPatchAugment
+from ..device import autocast_context
 from ..loss import EMPSSLLoss
 from ..models.encoder import build_encoder
 from ..optim import build_optimizer
-from ..device import autocast_context
 from . import common
 
 PARTS = ("augment", "forward", "loss", "backward+step", "total")
@@ -38,7 +40,9 @@ def forward_flops(encoder: torch.nn.Module, patches: torch.Tensor) -> int:
         elif isinstance(module, torch.nn.Linear):
             flops[0] += 2 * output.numel() * module.in_features
 
-    hooks = [m.register_forward_hook(count) for m in encoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    hooks = [
+        m.register_forward_hook(count) for m in encoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
     try:
         with torch.no_grad():
             encoder(patches)
@@ -56,8 +60,12 @@ def time_step(device, args, augment_backend, loss_backend):
     if on_gpu:
         encoder = encoder.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(encoder)
-    augment = MultiPatchAugment(AugmentConfig.cifar(), backend=augment_backend,
-                                out_dtype=torch.bfloat16 if on_gpu else torch.float32, channels_last=on_gpu)
+    augment = MultiPatchAugment(
+        AugmentConfig.cifar(),
+        backend=augment_backend,
+        out_dtype=torch.bfloat16 if on_gpu else torch.float32,
+        channels_last=on_gpu,
+    )
     criterion = EMPSSLLoss(backend=loss_backend)
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (args.batch, 32, 32, 3), dtype=torch.uint8, device=device, generator=generator)
@@ -116,9 +124,17 @@ def main(argv=None) -> int:
             seconds = medians[part]
             note = f"{step_flops / 1e12:.3g} TFLOP per step (3x forward)" if part == "total" else ""
             fraction = step_flops / seconds / peak if part == "total" else None
-            results.add(case, f"{part} ({augment_backend} backends)", seconds,
-                        args.batch * args.patches / seconds, "patches/s", "bf16" if device.type == "cuda" else "float32",
-                        fraction, f"{str(matmul_dtype)[6:]} matmul", note)
+            results.add(
+                case,
+                f"{part} ({augment_backend} backends)",
+                seconds,
+                args.batch * args.patches / seconds,
+                "patches/s",
+                "bf16" if device.type == "cuda" else "float32",
+                fraction,
+                f"{str(matmul_dtype)[6:]} matmul",
+                note,
+            )
     return common.finish(results, args)
 
 

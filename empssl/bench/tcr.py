@@ -16,6 +16,7 @@ against the floor of reading Z twice (Gram pass + gradient pass) and writing dR/
   empssl bench tcr                 # GPU: b=100, d=1024, n in {20, 200}, float32 + bf16
   empssl bench tcr --quick         # CPU-sized: n=20 (under a minute on 2 cores)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,7 +73,9 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, nargs="+", default=None, help="groups (patches per image)")
     parser.add_argument("--b", type=int, default=None, help="images per group (default 100)")
     parser.add_argument("--d", type=int, default=None, help="embedding dimension (default 1024)")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"]
+    )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--naive-max-n", type=int, default=None, help="skip the naive loop above this n")
     args = parser.parse_args(argv)
@@ -100,8 +103,10 @@ def main(argv=None) -> int:
         dtype = getattr(torch, dtype_name)
         float32_rows = dtype_name == float32_dtype
         if not float32_rows:
-            results.note(f"{dtype_name}: naive, batched_logdet and the whole-loss rows compute in float32: "
-                         f"their rows are the {float32_dtype} ones above")
+            results.note(
+                f"{dtype_name}: naive, batched_logdet and the whole-loss rows compute in float32: "
+                f"their rows are the {float32_dtype} ones above"
+            )
         for n in n_values:
             z = torch.nn.functional.normalize(torch.randn(n, b, d, generator=generator), dim=-1).to(device, dtype)
             case = f"n={n} b={b} d={d}"
@@ -111,20 +116,36 @@ def main(argv=None) -> int:
                 # the d x d methods take seconds per call on a CPU (one timed call there), ~1 s at n=200 on a GPU
                 with results.row(case, method, label):  # an error (out of memory, say) is this row's; the next runs
                     seconds = common.time_call(run, device, (min(repeats, 3) if on_gpu else 1) if slow else repeats)
-                    results.add(case, method, seconds, n / seconds, "groups/s", label,
-                                bytes_floor / seconds / bandwidth, "copy GB/s", note)
+                    results.add(
+                        case,
+                        method,
+                        seconds,
+                        n / seconds,
+                        "groups/s",
+                        label,
+                        bytes_floor / seconds / bandwidth,
+                        "copy GB/s",
+                        note,
+                    )
 
             if float32_rows:
                 if n <= naive_max_n:
-                    record("naive", _fwd_bwd(naive, z), "published d x d logdet loop; float32", slow=True, label="float32")
+                    record(
+                        "naive", _fwd_bwd(naive, z), "published d x d logdet loop; float32", slow=True, label="float32"
+                    )
                 else:
                     results.note(f"naive skipped at n={n} (> --naive-max-n {naive_max_n})")
                 if on_gpu:
                     record("batched_logdet", _fwd_bwd(batched_logdet, z), "float32", slow=True, label="float32")
                 else:
                     with _torch_threads(1):
-                        record("batched_logdet", _fwd_bwd(batched_logdet, z), "float32; 1 thread: torch 2.14.1 gave "
-                               "wrong multi-threaded CPU batched logdets", slow=True, label="float32")
+                        record(
+                            "batched_logdet",
+                            _fwd_bwd(batched_logdet, z),
+                            "float32; 1 thread: torch 2.14.1 gave wrong multi-threaded CPU batched logdets",
+                            slow=True,
+                            label="float32",
+                        )
             record("composite", _fwd_bwd(lambda x: coding_rate(x, EPS, backend="reference"), z), "backend=reference")
             why_not = backends.reasons("tcr", device, z)
             for name in ("cpu", "cuda", "triton"):
@@ -138,12 +159,22 @@ def main(argv=None) -> int:
                 ours = EMPSSLLoss(eps=EPS)
                 lightly_run = _fwd_bwd(lambda x: lightly_loss(list(x.unbind(0))), z.float())
                 if on_gpu:
-                    record("lightly EMPSSLLoss", lightly_run, "whole loss; inverted coding-rate sign", slow=True,
-                           label="float32")
+                    record(
+                        "lightly EMPSSLLoss",
+                        lightly_run,
+                        "whole loss; inverted coding-rate sign",
+                        slow=True,
+                        label="float32",
+                    )
                 else:  # its batched d x d logdet: the same multi-threaded torch bug as batched_logdet
                     with _torch_threads(1):
-                        record("lightly EMPSSLLoss", lightly_run, "whole loss; inverted coding-rate sign; 1 thread",
-                               slow=True, label="float32")
+                        record(
+                            "lightly EMPSSLLoss",
+                            lightly_run,
+                            "whole loss; inverted coding-rate sign; 1 thread",
+                            slow=True,
+                            label="float32",
+                        )
                 record("empssl EMPSSLLoss", _fwd_bwd(ours, z.float()), "whole loss, same views", label="float32")
     return common.finish(results, args)
 

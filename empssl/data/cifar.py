@@ -1,5 +1,6 @@
 """CIFAR-10 and CIFAR-100 in torchvision's download format (cifar-10-batches-py/, cifar-100-python/), read into
 an ``ImageDataset``; ``download_cifar`` fetches the archive with torchvision (MD5-checked)."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,6 @@ import numpy as np
 import torch
 
 from .dataset import DataError, ImageDataset
-
 
 _CIFAR_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 
@@ -22,7 +22,9 @@ def _torchvision_cifar_class(kind):
 
 def _cifar_files(source):
     """(file name, MD5) of every file torchvision's CIFAR class reads: the batches, then the class names."""
-    return [tuple(entry) for entry in source.train_list + source.test_list] + [(source.meta["filename"], source.meta["md5"])]
+    return [tuple(entry) for entry in source.train_list + source.test_list] + [
+        (source.meta["filename"], source.meta["md5"])
+    ]
 
 
 def download_cifar(kind: str, root: str) -> None:
@@ -43,8 +45,10 @@ def download_cifar(kind: str, root: str) -> None:
             f"(giving {source.base_folder}/) and run again without --download"
         ) from err
     except RuntimeError as err:  # torchvision: "File not found or corrupted." after an MD5 mismatch
-        raise DataError(f"the downloaded {title} archive failed its MD5 check ({err}); delete "
-                        f"{os.path.join(root, source.filename)} and retry") from err
+        raise DataError(
+            f"the downloaded {title} archive failed its MD5 check ({err}); delete "
+            f"{os.path.join(root, source.filename)} and retry"
+        ) from err
 
 
 def load_cifar(kind: str, root: str) -> ImageDataset:
@@ -54,19 +58,24 @@ def load_cifar(kind: str, root: str) -> ImageDataset:
     source, title = _torchvision_cifar_class(kind), _CIFAR_TITLES[kind]
     folder = os.path.join(root, source.base_folder)
     if not os.path.isdir(folder):
-        raise DataError(f"{title} not found: no folder {folder}; pass --root to the folder that holds "
-                        f"{source.base_folder}/ or --download to fetch it")
+        raise DataError(
+            f"{title} not found: no folder {folder}; pass --root to the folder that holds "
+            f"{source.base_folder}/ or --download to fetch it"
+        )
     # torchvision checks the same MD5s but only says "not found or corrupted": name the file
     for name, md5 in _cifar_files(source):
         path = os.path.join(folder, name)
         if not os.path.exists(path):
             raise DataError(f"CIFAR file {path} not found; run with --download to fetch {title} again")
         if not check_integrity(path, md5):
-            raise DataError(f"CIFAR file {path} is corrupt (its MD5 is not torchvision's {md5}); delete it and "
-                            f"run with --download")
+            raise DataError(
+                f"CIFAR file {path} is corrupt (its MD5 is not torchvision's {md5}); delete it and run with --download"
+            )
     splits = {}
     for split in ("train", "test"):
         dataset = source(root, train=split == "train", download=False)
-        splits[split] = (torch.from_numpy(np.ascontiguousarray(dataset.data, dtype=np.uint8)),
-                         torch.as_tensor(dataset.targets, dtype=torch.int64))
+        splits[split] = (
+            torch.from_numpy(np.ascontiguousarray(dataset.data, dtype=np.uint8)),
+            torch.as_tensor(dataset.targets, dtype=torch.int64),
+        )
     return ImageDataset(kind, *splits["train"], *splits["test"], classes=[str(name) for name in dataset.classes])

@@ -1,5 +1,6 @@
 """``ImageDataset`` (train and test images as uint8 tensors, int64 labels), its errors, and the checks and
 splits every loader shares (empssl.data and empssl.data.folder make data sets of this type)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,7 @@ import torch
 TEST_FRACTION = 0.1  # of a data set that comes without a test split
 # labels are class indices 0 <= label < max(number of images, MAX_CLASSES): a larger one is a broken file, not a class
 # (ImageNet-21k has 21,841 classes); the check comes before a list of class names is built
-MAX_CLASSES = 2 ** 20
+MAX_CLASSES = 2**20
 
 
 class DataError(ValueError):
@@ -33,14 +34,20 @@ class ImageDataset:
         for split in ("train", "test"):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-                raise DataError(f"{self.name}: {split} images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+                raise DataError(
+                    f"{self.name}: {split} images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}"
+                )
             if labels.shape != (images.shape[0],):
-                raise DataError(f"{self.name}: {split} labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+                raise DataError(
+                    f"{self.name}: {split} labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}"
+                )
             if images.shape[0] == 0:
                 raise DataError(f"{self.name}: the {split} split is empty")
         if self.train_images.shape[1:] != self.test_images.shape[1:]:
-            raise DataError(f"{self.name}: train images {tuple(self.train_images.shape[1:])} and test images "
-                            f"{tuple(self.test_images.shape[1:])} differ in size")
+            raise DataError(
+                f"{self.name}: train images {tuple(self.train_images.shape[1:])} and test images "
+                f"{tuple(self.test_images.shape[1:])} differ in size"
+            )
         self.train_labels = self.train_labels.long()
         self.test_labels = self.test_labels.long()
 
@@ -54,11 +61,17 @@ class ImageDataset:
 
     def to(self, device) -> "ImageDataset":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return dataclasses.replace(self, train_images=move(self.train_images), train_labels=move(self.train_labels),
-                                   test_images=move(self.test_images), test_labels=move(self.test_labels))
+        return dataclasses.replace(
+            self,
+            train_images=move(self.train_images),
+            train_labels=move(self.train_labels),
+            test_images=move(self.test_images),
+            test_labels=move(self.test_labels),
+        )
 
     def subset(self, train_size: Optional[int] = None, test_size: Optional[int] = None) -> "ImageDataset":
         """The first ``train_size`` / ``test_size`` images of each split (for quick runs)."""
+
         def first(images, labels, size, split):
             if size is None:
                 return images, labels
@@ -68,22 +81,27 @@ class ImageDataset:
 
         train_images, train_labels = first(self.train_images, self.train_labels, train_size, "train")
         test_images, test_labels = first(self.test_images, self.test_labels, test_size, "test")
-        return dataclasses.replace(self, train_images=train_images, train_labels=train_labels,
-                                   test_images=test_images, test_labels=test_labels)
+        return dataclasses.replace(
+            self, train_images=train_images, train_labels=train_labels, test_images=test_images, test_labels=test_labels
+        )
 
     def __repr__(self) -> str:
         h, w = self.image_size
-        return (f"ImageDataset({self.name!r}: {len(self.train_labels)} train / {len(self.test_labels)} test images, "
-                f"{h}x{w}, {self.num_classes} classes, on {self.train_images.device})")
+        return (
+            f"ImageDataset({self.name!r}: {len(self.train_labels)} train / {len(self.test_labels)} test images, "
+            f"{h}x{w}, {self.num_classes} classes, on {self.train_images.device})"
+        )
 
 
 def check_image_size(data: "ImageDataset", smallest: int) -> None:
     """DataError in the data's terms when its images are smaller than the augmentation recipe takes."""
     height, width = data.image_size
     if min(height, width) < smallest:
-        raise DataError(f"{data.name}: images are {height}x{width}; the smallest the augmentation takes is "
-                        f"{smallest}x{smallest} (its blur kernel needs room): use larger images, or a folder: data "
-                        f"set with --image-size {smallest} or more")
+        raise DataError(
+            f"{data.name}: images are {height}x{width}; the smallest the augmentation takes is "
+            f"{smallest}x{smallest} (its blur kernel needs room): use larger images, or a folder: data "
+            f"set with --image-size {smallest} or more"
+        )
 
 
 def deterministic_split(n: int, test_fraction: float = TEST_FRACTION, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
@@ -95,7 +113,6 @@ def deterministic_split(n: int, test_fraction: float = TEST_FRACTION, seed: int 
     return np.sort(order[num_test:]), np.sort(order[:num_test])
 
 
-
 def check_labels(labels: np.ndarray, source: str, array: str, num_images: int) -> np.ndarray:
     """``labels`` as int64 class indices; DataError naming ``source`` and ``array`` unless they are integral numbers
     with 0 <= label < max(num_images, MAX_CLASSES)."""
@@ -104,19 +121,25 @@ def check_labels(labels: np.ndarray, source: str, array: str, num_images: int) -
     elif labels.dtype.kind == "f":
         if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
             bad = labels[~(np.isfinite(labels) & (labels == np.round(labels)))].ravel()[:3]
-            raise DataError(f"{source}: {array} must be integer class indices, but it holds non-integral values "
-                            f"such as {', '.join(repr(float(v)) for v in bad)}")
+            raise DataError(
+                f"{source}: {array} must be integer class indices, but it holds non-integral values "
+                f"such as {', '.join(repr(float(v)) for v in bad)}"
+            )
         values = labels
     elif labels.dtype.kind == "b":
         values = labels.astype(np.int64)
     else:
-        raise DataError(f"{source}: {array} must be integer class indices, got an array of {labels.dtype} "
-                        f"(e.g. {labels.ravel()[:1].tolist()}); map class names to 0, 1, ... first")
+        raise DataError(
+            f"{source}: {array} must be integer class indices, got an array of {labels.dtype} "
+            f"(e.g. {labels.ravel()[:1].tolist()}); map class names to 0, 1, ... first"
+        )
     bound = max(num_images, MAX_CLASSES)
     if values.size and (values.min() < 0 or values.max() >= bound):
         worst = int(values.min() if values.min() < 0 else values.max())
-        raise DataError(f"{source}: {array} holds the label {worst!r}; labels must be class indices with 0 <= label < "
-                        f"{bound:,} (the larger of the number of images and {MAX_CLASSES:,})")
+        raise DataError(
+            f"{source}: {array} holds the label {worst!r}; labels must be class indices with 0 <= label < "
+            f"{bound:,} (the larger of the number of images and {MAX_CLASSES:,})"
+        )
     return values.astype(np.int64)
 
 
@@ -125,5 +148,7 @@ def check_batch_size(batch_size: int, num_images: int, what: str = "training set
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if batch_size > num_images:
-        raise ValueError(f"batch_size {batch_size} is larger than the {what} ({num_images} images); "
-                         f"pass a smaller --batch-size or use more images")
+        raise ValueError(
+            f"batch_size {batch_size} is larger than the {what} ({num_images} images); "
+            f"pass a smaller --batch-size or use more images"
+        )

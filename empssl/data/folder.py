@@ -2,6 +2,7 @@
 
 PATH/train/<class>/* with PATH/val or PATH/test/<class>/*, or one PATH/<class>/* tree split deterministically.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -14,9 +15,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..files import write_atomically
+from ..files import check_writable_folder, write_atomically
 from .dataset import DataError, ImageDataset, deterministic_split
-from ..files import check_writable_folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -49,8 +49,10 @@ def _find_splits(path: str, seed: int):
     else:
         entries = _list_class_tree(path)
         if not entries:
-            raise DataError(f"image folder {path} holds no images (expected {path}/train/<class>/*, "
-                            f"{path}/val/<class>/* or {path}/<class>/*.png|jpg)")
+            raise DataError(
+                f"image folder {path} holds no images (expected {path}/train/<class>/*, "
+                f"{path}/val/<class>/* or {path}/<class>/*.png|jpg)"
+            )
         train_idx, test_idx = deterministic_split(len(entries), seed=seed)
         splits = {"train": [entries[i] for i in train_idx], "test": [entries[i] for i in test_idx]}
     classes = sorted({c for entries in splits.values() for _, c in entries})
@@ -63,7 +65,9 @@ def _fingerprint(path: str, splits, image_size: int, on_bad_image: str, seed: in
     for split in ("train", "test"):
         for file, class_name in splits[split]:
             stat = os.stat(file)
-            digest.update(f"{split}|{os.path.relpath(file, path)}|{class_name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            digest.update(
+                f"{split}|{os.path.relpath(file, path)}|{class_name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode()
+            )
     return digest.hexdigest()[:20]
 
 
@@ -122,8 +126,13 @@ def _check_cache(arrays, image_size: int, num_classes: int) -> None:
     """ValueError unless the cached arrays have the shapes and types this loader writes."""
     for split in ("train", "test"):
         images, labels = arrays[f"{split}-images"], arrays[f"{split}-labels"]
-        if (images.dtype != np.uint8 or images.shape[1:] != (image_size, image_size, 3) or labels.dtype != np.int64
-                or labels.shape != images.shape[:1] or (labels.size and not 0 <= labels.min() <= labels.max() < num_classes)):
+        if (
+            images.dtype != np.uint8
+            or images.shape[1:] != (image_size, image_size, 3)
+            or labels.dtype != np.int64
+            or labels.shape != images.shape[:1]
+            or (labels.size and not 0 <= labels.min() <= labels.max() < num_classes)
+        ):
             raise ValueError(f"the cached {split} arrays have unexpected shapes or values")
 
 
@@ -144,11 +153,14 @@ def _decode_split(entries, classes, image_size, on_bad_image, description, show_
     # threads: PIL releases the GIL while decoding and resizing, and nothing needs pickling
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(_decode_or_error, [(file, image_size) for file, _ in entries])
-        for (file, class_name), (image, error) in tqdm(zip(entries, results), total=len(entries), desc=description,
-                                                       unit="img", disable=not show_progress):
+        for (file, class_name), (image, error) in tqdm(
+            zip(entries, results), total=len(entries), desc=description, unit="img", disable=not show_progress
+        ):
             if image is None:
                 if on_bad_image == "error":
-                    raise DataError(f"cannot decode image {file}: {error} (pass --on-bad-image skip to skip such files)")
+                    raise DataError(
+                        f"cannot decode image {file}: {error} (pass --on-bad-image skip to skip such files)"
+                    )
                 skipped.append(file)
                 warnings.warn(f"skipping image {file} that does not decode: {error}")
                 continue
@@ -159,8 +171,14 @@ def _decode_split(entries, classes, image_size, on_bad_image, description, show_
     return np.stack(images), np.asarray(labels, dtype=np.int64), skipped
 
 
-def load_image_folder(path: str, image_size: int = 32, cache_dir: Optional[str] = None, on_bad_image: str = "skip",
-                      seed: int = 0, show_progress: bool = True) -> ImageDataset:
+def load_image_folder(
+    path: str,
+    image_size: int = 32,
+    cache_dir: Optional[str] = None,
+    on_bad_image: str = "skip",
+    seed: int = 0,
+    show_progress: bool = True,
+) -> ImageDataset:
     """An ImageFolder tree decoded once (in parallel) into uint8 arrays, cached as .npy and reused.
 
     The cache key is a fingerprint of every file's relative path, size and mtime, so the cache is
@@ -170,8 +188,10 @@ def load_image_folder(path: str, image_size: int = 32, cache_dir: Optional[str] 
     splits, classes = _find_splits(path, seed)
     cache_dir = cache_dir or os.path.join(path, ".empssl_cache")
     key = _fingerprint(path, splits, image_size, on_bad_image, seed)
-    files = {name: os.path.join(cache_dir, f"{key}.{name}.npy")
-             for name in ("train-images", "train-labels", "test-images", "test-labels")}
+    files = {
+        name: os.path.join(cache_dir, f"{key}.{name}.npy")
+        for name in ("train-images", "train-labels", "test-images", "test-labels")
+    }
     meta_path = os.path.join(cache_dir, f"{key}.meta.json")
     cached = os.path.exists(meta_path) and all(os.path.exists(f) for f in files.values())
     if not cached:  # before decoding: an unusable cache folder fails at once, not after the work
@@ -185,15 +205,18 @@ def load_image_folder(path: str, image_size: int = 32, cache_dir: Optional[str] 
             classes = cached_classes
         except (OSError, ValueError, KeyError, EOFError) as err:  # truncated, unreadable or foreign: decode again
             broken = next((file for file in [*files.values(), meta_path] if not _readable(file)), meta_path)
-            warnings.warn(f"the cache file {broken} is truncated or unreadable ({type(err).__name__}: {err}); "
-                          f"rebuilding the cache of {path}")
+            warnings.warn(
+                f"the cache file {broken} is truncated or unreadable ({type(err).__name__}: {err}); "
+                f"rebuilding the cache of {path}"
+            )
             cached = False
             check_writable_folder(cache_dir, "--cache-dir")
     if not cached:
         arrays, skipped = {}, []
         for split in ("train", "test"):
-            images, labels, bad = _decode_split(splits[split], classes, image_size, on_bad_image,
-                                                f"{split} split of {path}", show_progress)
+            images, labels, bad = _decode_split(
+                splits[split], classes, image_size, on_bad_image, f"{split} split of {path}", show_progress
+            )
             arrays[f"{split}-images"], arrays[f"{split}-labels"] = images, labels
             skipped += bad
         os.makedirs(cache_dir, exist_ok=True)
@@ -205,5 +228,11 @@ def load_image_folder(path: str, image_size: int = 32, cache_dir: Optional[str] 
         meta = {"classes": classes, "image_size": image_size, "skipped": skipped, "source": os.path.abspath(path)}
         write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()))
     tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
-    return ImageDataset(f"folder:{path}", tensors["train-images"], tensors["train-labels"], tensors["test-images"],
-                        tensors["test-labels"], classes=classes)
+    return ImageDataset(
+        f"folder:{path}",
+        tensors["train-images"],
+        tensors["train-labels"],
+        tensors["test-images"],
+        tensors["test-labels"],
+        classes=classes,
+    )

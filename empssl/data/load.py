@@ -17,10 +17,10 @@ Specs understood by ``load_dataset``:
   ``test_images`` / ``test_labels``.
 - ``synthetic``: procedural shapes and textures in 10 classes, generated from a seed.
 """
+
 from __future__ import annotations
 
 from typing import Optional
-
 
 from .cifar import download_cifar, load_cifar
 from .dataset import ImageDataset
@@ -72,8 +72,10 @@ def load_dataset(
         data = load_npz(path, seed).subset(train_size, test_size)
         stored = data.image_size
         if image_size is not None and stored != (image_size, image_size):
-            raise ValueError(f"npz file {path} holds {stored[0]}x{stored[1]} images, but image_size={image_size} was "
-                             f"asked for; npz images keep their stored size: drop --image-size or pass {stored[0]}")
+            raise ValueError(
+                f"npz file {path} holds {stored[0]}x{stored[1]} images, but image_size={image_size} was "
+                f"asked for; npz images keep their stored size: drop --image-size or pass {stored[0]}"
+            )
     else:
         raise ValueError(f"unknown dataset spec {spec!r}; expected one of {DATASET_SPECS}")
     return data.to(device) if device is not None else data

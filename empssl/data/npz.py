@@ -1,5 +1,6 @@
 """A data set from one .npz file: ``images`` (N, H, W, 3) uint8 and ``labels`` (N,), optionally ``test_images`` and
 ``test_labels`` (else a deterministic split)."""
+
 from __future__ import annotations
 
 import os
@@ -26,12 +27,16 @@ def load_npz(path: str, seed: int = 0) -> ImageDataset:
         raise DataError(f"npz file {path} must hold both test_images and test_labels, or neither")
     for key in ("images", "test_images"):
         if key in content and (content[key].dtype != np.uint8 or content[key].ndim != 4 or content[key].shape[-1] != 3):
-            raise DataError(f"npz file {path}: {key} must be uint8 of shape (N, H, W, 3), got "
-                            f"{content[key].dtype} {content[key].shape}")
+            raise DataError(
+                f"npz file {path}: {key} must be uint8 of shape (N, H, W, 3), got "
+                f"{content[key].dtype} {content[key].shape}"
+            )
     for images_key, labels_key in (("images", "labels"), ("test_images", "test_labels")):
         if images_key in content and content[labels_key].shape != (len(content[images_key]),):
-            raise DataError(f"npz file {path}: {len(content[images_key])} {images_key} but {labels_key} of shape "
-                            f"{content[labels_key].shape}; expected one label per image, shape ({len(content[images_key])},)")
+            raise DataError(
+                f"npz file {path}: {len(content[images_key])} {images_key} but {labels_key} of shape "
+                f"{content[labels_key].shape}; expected one label per image, shape ({len(content[images_key])},)"
+            )
     num_images = sum(len(content[key]) for key in ("images", "test_images") if key in content)
     for key in ("labels", "test_labels"):  # before anything is sized by them
         if key in content:
@@ -41,10 +46,20 @@ def load_npz(path: str, seed: int = 0) -> ImageDataset:
         test_images, test_labels = content["test_images"], content["test_labels"]
     else:
         train_idx, test_idx = deterministic_split(len(images), seed=seed)
-        images, labels, test_images, test_labels = images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+        images, labels, test_images, test_labels = (
+            images[train_idx],
+            labels[train_idx],
+            images[test_idx],
+            labels[test_idx],
+        )
     all_labels = np.concatenate([labels, test_labels])
     num_classes = int(all_labels.max()) + 1
     name = f"npz:{path}"
-    return ImageDataset(name, torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels),
-                        torch.from_numpy(np.ascontiguousarray(test_images)), torch.from_numpy(test_labels),
-                        classes=[str(i) for i in range(num_classes)])
+    return ImageDataset(
+        name,
+        torch.from_numpy(np.ascontiguousarray(images)),
+        torch.from_numpy(labels),
+        torch.from_numpy(np.ascontiguousarray(test_images)),
+        torch.from_numpy(test_labels),
+        classes=[str(i) for i in range(num_classes)],
+    )

@@ -1,5 +1,6 @@
 """The built-in synthetic data set: procedural shapes and textures in 10 classes, generated from a seed (the quick
 start's data, and the tests')."""
+
 from __future__ import annotations
 
 import math
@@ -9,9 +10,18 @@ import torch
 
 from .dataset import ImageDataset
 
-
-SYNTHETIC_CLASSES = ("disc", "square", "triangle", "ring", "cross", "stripes_horizontal", "stripes_vertical",
-                     "checker", "dots", "gradient")
+SYNTHETIC_CLASSES = (
+    "disc",
+    "square",
+    "triangle",
+    "ring",
+    "cross",
+    "stripes_horizontal",
+    "stripes_vertical",
+    "checker",
+    "dots",
+    "gradient",
+)
 
 
 class _Geometry:
@@ -45,18 +55,24 @@ def _synthetic_split(count: int, size: int, generator: torch.Generator) -> Tuple
         # upward triangle: apex at cy - r, base at cy + r
         "triangle": lambda g: (g.dy.abs() < g.radius) & (g.dx.abs() < 0.6 * (g.dy + g.radius)),
         "ring": lambda g: (g.dist < g.radius) & (g.dist > 0.55 * g.radius),
-        "cross": lambda g: (((g.dx.abs() < 0.3 * g.radius) & (g.dy.abs() < g.radius))
-                            | ((g.dy.abs() < 0.3 * g.radius) & (g.dx.abs() < g.radius))),
+        "cross": lambda g: (
+            ((g.dx.abs() < 0.3 * g.radius) & (g.dy.abs() < g.radius))
+            | ((g.dy.abs() < 0.3 * g.radius) & (g.dx.abs() < g.radius))
+        ),
         "stripes_horizontal": lambda g: g.wave(y) + 0 * x > 0,
         "stripes_vertical": lambda g: g.wave(x) + 0 * y > 0,
         "checker": lambda g: g.wave(x) * g.wave(y) > 0,
-        "dots": lambda g: ((((x / g.period + g.phase) % 1) - 0.5) ** 2 + (((y / g.period + g.phase) % 1) - 0.5) ** 2) < 0.09,
+        "dots": lambda g: (
+            ((((x / g.period + g.phase) % 1) - 0.5) ** 2 + (((y / g.period + g.phase) % 1) - 0.5) ** 2) < 0.09
+        ),
         "gradient": lambda g: (0.5 + (g.dx * torch.cos(g.angle) + g.dy * torch.sin(g.angle)) * 1.6).clamp(0, 1),
     }
     alpha = torch.zeros(count, size, size)
     for index, name in enumerate(SYNTHETIC_CLASSES):
         selected = (labels == index).nonzero().squeeze(1)
-        g = _Geometry(cy[selected], cx[selected], radius[selected], period[selected], phase[selected], angle[selected], y, x)
+        g = _Geometry(
+            cy[selected], cx[selected], radius[selected], period[selected], phase[selected], angle[selected], y, x
+        )
         alpha[selected] = shapes[name](g).float()
     # colours: background anywhere, foreground shifted in every channel so the shape always shows
     background = u(count, 1, 1, 3)
@@ -77,4 +93,6 @@ def make_synthetic(train_size: int = 10000, test_size: int = 2000, image_size: i
     generator = torch.Generator().manual_seed(seed)
     train_images, train_labels = _synthetic_split(train_size, image_size, generator)
     test_images, test_labels = _synthetic_split(test_size, image_size, generator)
-    return ImageDataset("synthetic", train_images, train_labels, test_images, test_labels, classes=list(SYNTHETIC_CLASSES))
+    return ImageDataset(
+        "synthetic", train_images, train_labels, test_images, test_labels, classes=list(SYNTHETIC_CLASSES)
+    )

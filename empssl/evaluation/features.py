@@ -8,6 +8,7 @@ an image's patches do not depend on how the images are chunked or split across p
 ``torch.distributed`` (world size > 1) each rank extracts the features of its slice of the images and all ranks
 gather them.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,12 +71,16 @@ def extract_features(
     device = images.device
     rank, world = distributed.rank(), distributed.world_size()
     if generator is not None and world > 1:
-        raise ValueError("a generator's patches depend on how the images are split across ranks: "
-                         "under torch.distributed use the counter-based source (seed, no generator)")
+        raise ValueError(
+            "a generator's patches depend on how the images are split across ranks: "
+            "under torch.distributed use the counter-based source (seed, no generator)"
+        )
     on_gpu_bf16 = bf16 and device.type == "cuda"
-    augment = augment or MultiPatchAugment(augment_config_for(int(images.shape[1])),
-                                           out_dtype=torch.bfloat16 if on_gpu_bf16 else torch.float32,
-                                           channels_last=device.type == "cuda")
+    augment = augment or MultiPatchAugment(
+        augment_config_for(int(images.shape[1])),
+        out_dtype=torch.bfloat16 if on_gpu_bf16 else torch.float32,
+        channels_last=device.type == "cuda",
+    )
     if max_patches_per_forward is None:
         max_patches_per_forward = MAX_PATCHES_PER_FORWARD.get(device.type, 8192)
     num_images = images.shape[0]
@@ -98,8 +103,13 @@ def extract_features(
 
     try:
         with cudnn_benchmark(device.type == "cuda"):  # one chunk shape: cuDNN's search runs once
-            for start in tqdm(range(rank * per_rank, (rank + 1) * per_rank, images_per_chunk), desc=description,
-                              unit="chunk", disable=not progress, leave=False):
+            for start in tqdm(
+                range(rank * per_rank, (rank + 1) * per_rank, images_per_chunk),
+                desc=description,
+                unit="chunk",
+                disable=not progress,
+                leave=False,
+            ):
                 image_ids = torch.arange(start, start + images_per_chunk, device=device).clamp_(max=num_images - 1)
                 batch = images.index_select(0, image_ids)
                 if generator is not None:
@@ -115,7 +125,7 @@ def extract_features(
                 mean = features.reshape(num_patches, images_per_chunk, -1).mean(0, dtype=torch.float32)
                 if local is None:
                     local = torch.empty(per_rank, mean.shape[1], device=device)
-                local[start - rank * per_rank:start - rank * per_rank + images_per_chunk] = mean
+                local[start - rank * per_rank : start - rank * per_rank + images_per_chunk] = mean
     finally:
         encoder.train(was_training)
     if world > 1:

@@ -5,6 +5,7 @@ such) and a weighted kNN (cosine similarity, k = 20, temperature 0.07, top-1 and
 The probe's gradient is in closed form and an epoch is a fixed sequence of tensor ops over device-resident
 features, captured once as a CUDA graph and replayed for every later epoch on CUDA.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,9 @@ class LabelledFeatures(NamedTuple):
     num_classes: int
 
 
-def _probe_epoch(theta, momentum_buffer, train_inputs, train_targets, order, neg_lr, batch_size, momentum,
-                 weight_decay) -> None:
+def _probe_epoch(
+    theta, momentum_buffer, train_inputs, train_targets, order, neg_lr, batch_size, momentum, weight_decay
+) -> None:
     """One epoch of mini-batch SGD (momentum, weight decay) on mean cross-entropy, in place on ``theta``.
 
     ``theta`` (C, D + 1) is [weight | bias] and ``train_inputs`` (N, D + 1) the features with a ones
@@ -42,7 +44,7 @@ def _probe_epoch(theta, momentum_buffer, train_inputs, train_targets, order, neg
     """
     num_train = train_inputs.shape[0]
     for start in range(0, num_train, batch_size):
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         inputs = train_inputs.index_select(0, index)
         residual = torch.softmax(inputs @ theta.T, 1).sub_(train_targets.index_select(0, index))
         gradient = torch.addmm(theta, residual.T, inputs, beta=weight_decay, alpha=1.0 / index.shape[0])
@@ -92,8 +94,9 @@ def fit_linear_probe(
     test_top1 = torch.zeros(epochs, device=device)
 
     def epoch_with(order, neg_lr):
-        _probe_epoch(theta, momentum_buffer, train_inputs, train_targets, order, neg_lr, batch_size, momentum,
-                     weight_decay)
+        _probe_epoch(
+            theta, momentum_buffer, train_inputs, train_targets, order, neg_lr, batch_size, momentum, weight_decay
+        )
 
     # epoch 0 eagerly (it creates the cuBLAS state), then one capture replayed with each epoch's order and lr
     run_epoch = CudaGraphCall(epoch_with, device, warmup=1) if device.type == "cuda" and cuda_graph else epoch_with
@@ -138,12 +141,12 @@ def knn_classify(
     top = min(5, num_classes)
     correct = torch.zeros(2, device=train.device)
     for start in range(0, test.shape[0], chunk_size):
-        similarity = test[start:start + chunk_size] @ train.T
+        similarity = test[start : start + chunk_size] @ train.T
         top_similarity, top_index = similarity.topk(k, dim=1)
         votes = torch.zeros(similarity.shape[0], num_classes, device=train.device)
         votes.scatter_add_(1, train_labels[top_index], torch.exp(top_similarity / temperature))
         predictions = votes.topk(top, dim=1).indices
-        hits = predictions == test_labels[start:start + chunk_size, None]
+        hits = predictions == test_labels[start : start + chunk_size, None]
         correct += torch.stack((hits[:, 0].sum(), hits.any(1).sum())).float()
     top1, top5 = (correct / test.shape[0]).tolist()
     return {"top1": top1, "top5": top5}

@@ -1,4 +1,5 @@
 """The EMP-SSL encoder (docs/method.md section 3): a backbone (``empssl.models.resnet``), then the projector."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union

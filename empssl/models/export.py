@@ -10,6 +10,7 @@ ReLU) whose output is the hidden_dim-d feature that evaluation uses.
 Files are a plain state_dict (``torch.save``, loads with ``torch.load(weights_only=True)``) or
 safetensors, written atomically; an existing file is kept unless ``overwrite``.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,14 +40,16 @@ def export_state_dict(encoder: EMPSSLEncoder, with_head: bool = False) -> Dict[s
         raise TypeError(f"encoder must be an empssl EMPSSLEncoder, got {type(encoder).__name__}")
     backbone = encoder.backbone
     if backbone.base_channels != 64:
-        raise ExportError(f"torchvision's resnet18 has 64 base channels (width 1), but this encoder has "
-                          f"{backbone.base_channels} (feature_dim {backbone.feature_dim}): it would not load into "
-                          f"torchvision.models.resnet18; export an encoder trained with --width 1")
+        raise ExportError(
+            f"torchvision's resnet18 has 64 base channels (width 1), but this encoder has "
+            f"{backbone.base_channels} (feature_dim {backbone.feature_dim}): it would not load into "
+            f"torchvision.models.resnet18; export an encoder trained with --width 1"
+        )
     prefixes = (BACKBONE_PREFIX, HEAD_PREFIX) if with_head else (BACKBONE_PREFIX,)
     exported = {}
     for name, tensor in encoder.state_dict().items():
         if name.startswith(prefixes):
-            key = name[len(BACKBONE_PREFIX):] if name.startswith(BACKBONE_PREFIX) else name
+            key = name[len(BACKBONE_PREFIX) :] if name.startswith(BACKBONE_PREFIX) else name
             exported[key] = tensor.detach().to("cpu", copy=True).contiguous()
     return exported
 
@@ -67,8 +70,13 @@ def _check_out(path: str, overwrite: bool) -> None:
         raise ExportError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
 
 
-def save_state_dict(state: Dict[str, torch.Tensor], path: str, format: Optional[str] = None,
-                    overwrite: bool = False, metadata: Optional[Dict[str, str]] = None) -> str:
+def save_state_dict(
+    state: Dict[str, torch.Tensor],
+    path: str,
+    format: Optional[str] = None,
+    overwrite: bool = False,
+    metadata: Optional[Dict[str, str]] = None,
+) -> str:
     """Write ``state`` to ``path`` atomically as ``pt`` or ``safetensors``; returns the format written.
 
     ``metadata`` (strings) goes into the safetensors header; a ``pt`` file is the bare state_dict.
@@ -79,8 +87,10 @@ def save_state_dict(state: Dict[str, torch.Tensor], path: str, format: Optional[
         try:
             from safetensors.torch import save as safetensors_bytes
         except ImportError as err:
-            raise ExportError("--format safetensors needs the safetensors package, which is not installed here "
-                              "(pip install safetensors), or use --format pt") from err
+            raise ExportError(
+                "--format safetensors needs the safetensors package, which is not installed here "
+                "(pip install safetensors), or use --format pt"
+            ) from err
         payload = safetensors_bytes(state, metadata=metadata)
         write_atomically(path, lambda f: f.write(payload))
     else:
@@ -88,8 +98,9 @@ def save_state_dict(state: Dict[str, torch.Tensor], path: str, format: Optional[
     return format
 
 
-def export_checkpoint(checkpoint: str, out: str, with_head: bool = False, format: Optional[str] = None,
-                      overwrite: bool = False) -> Dict[str, torch.Tensor]:
+def export_checkpoint(
+    checkpoint: str, out: str, with_head: bool = False, format: Optional[str] = None, overwrite: bool = False
+) -> Dict[str, torch.Tensor]:
     """Read an ``empssl train`` checkpoint and write its backbone (and head) to ``out``; returns what was written.
 
     CheckpointError for a missing or unusable checkpoint, ExportError for an encoder that torchvision's
@@ -100,7 +111,12 @@ def export_checkpoint(checkpoint: str, out: str, with_head: bool = False, format
     encoder, payload = load_encoder(checkpoint)
     state = export_state_dict(encoder, with_head)
     model_config = payload["model_config"]
-    metadata = {"source": "empssl", "arch": str(model_config["arch"]), "hidden_dim": str(model_config["hidden_dim"]),
-                "with_head": str(bool(with_head)).lower(), "step": str(payload.get("step", ""))}
+    metadata = {
+        "source": "empssl",
+        "arch": str(model_config["arch"]),
+        "hidden_dim": str(model_config["hidden_dim"]),
+        "with_head": str(bool(with_head)).lower(),
+        "step": str(payload.get("step", "")),
+    }
     save_state_dict(state, out, format, overwrite, metadata)
     return state

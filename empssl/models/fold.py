@@ -1,5 +1,6 @@
 """BatchNorm folded into the layer before it, for evaluation (docs/method.md section 6): the eval-mode encoder's
 outputs without a BatchNorm pass over the activations."""
+
 from __future__ import annotations
 
 import copy
@@ -41,7 +42,9 @@ def fold_batchnorm(encoder: EMPSSLEncoder) -> EMPSSLEncoder:
         bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(scale)
         weight = layer.weight.double() * scale.reshape(-1, *([1] * (layer.weight.ndim - 1)))
         layer.weight.copy_(weight)  # in place: keeps the parameter's dtype and memory format
-        layer.bias = torch.nn.Parameter(((bias - norm.running_mean.double()) * scale + norm.bias.double())
-                                        .to(layer.weight.dtype), requires_grad=False)
+        layer.bias = torch.nn.Parameter(
+            ((bias - norm.running_mean.double()) * scale + norm.bias.double()).to(layer.weight.dtype),
+            requires_grad=False,
+        )
         setattr(parent, norm_name, torch.nn.Identity())
     return folded.requires_grad_(False)

@@ -6,12 +6,11 @@ so torchvision checkpoints load with ``strict=True``. It is written out here rat
 from torchvision because torchvision's ResNet hard-codes 64 base channels and the width
 multiplier (small CPU runs, ablations) needs another value.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 from torch import nn
-
 
 ARCHS = ("resnet18-cifar", "resnet18-imagenet")
 

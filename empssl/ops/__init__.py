@@ -7,6 +7,7 @@ and the dispatch, first fit wins (empssl.backends holds the machinery they share
 
 Importing this package registers both ops; ``empssl.augment`` and ``empssl.loss`` call them.
 """
+
 from . import augment, tcr
 
 __all__ = ["augment", "tcr"]

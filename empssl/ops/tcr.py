@@ -16,6 +16,7 @@ Ops (each with a fake, so a compiled step traces through the loss):
 The reference (empssl/reference/tcr.py, autograd through cholesky_ex) is backend "reference".
 ``coding_rate`` dispatches: the backend is resolved once per (request, device, dtype, b, d).
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,6 +54,7 @@ def _fake_forward_backward(z: torch.Tensor, alpha: float, need_grad: bool) -> Tu
 
 # ---- the one autograd formula ------------------------------------------------------------
 
+
 def _setup_context(ctx, inputs, output) -> None:
     z, _alpha, need_grad = inputs
     _rate, grad = output
@@ -77,6 +79,7 @@ def _register_python_side(op) -> None:
 
 # ---- the Triton launcher as a custom op ------------------------------------------------
 
+
 def _triton_module():
     return backends.triton_kernel_module("tcr", "TCR", ("tcr_forward_backward", "unsupported_reason"))
 
@@ -100,6 +103,7 @@ if _EXTENSION_REASON is None:
 
 # ---- the backends: what each takes and why it refuses ------------------------------------
 
+
 def _cpu_reason(device: torch.device, z: torch.Tensor) -> Optional[str]:
     reason = backends.cpu_extension_reason(device) or _EXTENSION_REASON
     if reason:
@@ -118,8 +122,10 @@ def _cuda_reason(device: torch.device, z: torch.Tensor) -> Optional[str]:
     b, d = z.shape[-2:]
     max_rows = backends.extension().tcr_cuda_max_rows()  # the kernel's own limit (kMaxRows, csrc/cuda/tcr.cu)
     if b > d or b > max_rows:
-        return (f"the cuda kernel holds the b x b side of one group in a block's shared memory: b <= d and "
-                f"b <= {max_rows}, got b = {b}, d = {d} (the composite backend takes these)")
+        return (
+            f"the cuda kernel holds the b x b side of one group in a block's shared memory: b <= d and "
+            f"b <= {max_rows}, got b = {b}, d = {d} (the composite backend takes these)"
+        )
     return None
 
 
@@ -154,19 +160,29 @@ def _fused_rate(op_name: str, z: torch.Tensor, eps: float) -> torch.Tensor:
 BACKENDS = {
     "cuda": backends.Backend(
         "CUDA; float32, bfloat16, float16; b <= d and b <= 128 (the b x b side in one block)",
-        _cuda_reason, functools.partial(_fused_rate, "tcr_forward_backward")),
+        _cuda_reason,
+        functools.partial(_fused_rate, "tcr_forward_backward"),
+    ),
     "composite": backends.Backend(
         "CPU, CUDA; float32, bfloat16, float16; any b, d (Gram, Cholesky, cholesky_solve on the smaller side)",
-        _composite_reason, functools.partial(_fused_rate, "tcr_forward_backward_composite")),
+        _composite_reason,
+        functools.partial(_fused_rate, "tcr_forward_backward_composite"),
+    ),
     "triton": backends.Backend(
         "CUDA (CPU under TRITON_INTERPRET=1); float32, bfloat16, float16; b <= 128 (the b x b side in registers)",
-        _triton_reason, functools.partial(_fused_rate, "tcr_forward_backward_triton")),
+        _triton_reason,
+        functools.partial(_fused_rate, "tcr_forward_backward_triton"),
+    ),
     "cpu": backends.Backend(
         f"CPU; float32, float64, bfloat16, float16; min(b, d) <= {CPU_MAX_SIDE}",
-        _cpu_reason, functools.partial(_fused_rate, "tcr_forward_backward")),
+        _cpu_reason,
+        functools.partial(_fused_rate, "tcr_forward_backward"),
+    ),
     "reference": backends.Backend(
         "any device and floating dtype, any size (torch: Cholesky on the smaller side, autograd)",
-        lambda device, z: None, reference_tcr.coding_rate),
+        lambda device, z: None,
+        reference_tcr.coding_rate,
+    ),
 }
 BACKEND_CHOICES = backends.choices(BACKENDS)  # what backend= and --loss-backend accept
 

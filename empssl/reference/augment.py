@@ -8,6 +8,7 @@ images in [0, 1]; tests/test_augment_reference.py checks every step against torc
 Steps, in order: resized crop (antialiased bilinear), horizontal flip, colour jitter (four
 ops in the per-patch order), grayscale, Gaussian blur, solarize, normalize.
 """
+
 from __future__ import annotations
 
 import torch
@@ -219,7 +220,9 @@ def apply_augment(
     _, height, width, _ = images_nhwc.shape
     size = config.output_size
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((num_patches, 3, size, size), dtype=out_dtype, device=images_nhwc.device, memory_format=memory_format)
+    out = torch.empty(
+        (num_patches, 3, size, size), dtype=out_dtype, device=images_nhwc.device, memory_format=memory_format
+    )
     chunk = max(1, _CHUNK_ELEMENTS // (height * width * 3 + size * size * 3))
     for start in range(0, num_patches, chunk):
         stop = min(start + chunk, num_patches)

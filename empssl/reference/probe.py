@@ -3,6 +3,7 @@ CosineAnnealingLR, one Python iteration per mini-batch (docs/method.md section 6
 ``empssl.evaluation.probe.fit_linear_probe`` (the same algorithm with a closed-form gradient, an epoch
 replayable as one CUDA graph) is tested against.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -40,7 +41,7 @@ def fit_linear_probe(
     for epoch in range(epochs):
         order = torch.randperm(num_train, device=device, generator=generator)
         for start in range(0, num_train, batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             loss = F.cross_entropy(probe(train_features[index]), train_labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -5,6 +5,7 @@
 computed on the smaller side of Sylvester's identity with one batched Cholesky
 (``cholesky_ex``: no host synchronisation). Autograd differentiates it.
 """
+
 import torch
 
 

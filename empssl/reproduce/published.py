@@ -5,6 +5,7 @@ arXiv 2304.03977, and the authors' public code and its README (the "optimised fo
 `main.py --epoch 2 --num_patches 20`, a 2-epoch cosine schedule stopped after the first epoch).
 ``empssl reproduce`` sets its measurements beside these; a cell the paper has no number for has none.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ SOURCE = "Tong et al., EMP-SSL, arXiv 2304.03977 (ResNet-18, linear probe)"
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """What a published number was trained with: epochs run, schedule length in epochs, patches per image."""
+
     epochs: int
     schedule_epochs: int
     num_patches: int

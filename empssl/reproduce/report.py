@@ -1,6 +1,7 @@
 """The report of an ``empssl reproduce`` sweep: report.md (measured beside published, time, hardware and
 versions), report.json (the same rows, for tools and tests) and the plots (accuracy per epoch; accuracy and
 time per patch count), all built from the cells' own eval.json and train.json."""
+
 from __future__ import annotations
 
 import json
@@ -29,15 +30,23 @@ def rows(sweep) -> List[Dict[str, Any]]:
         trained = _read(os.path.join(sweep.cell_dir(task.source), "train.json"))
         in_domain = task.dataset == task.trained_on
         paper, source = published.linear_probe(task.dataset, task.recipe) if in_domain else (None, "")
-        table.append({
-            "cell": task.cell, "trained_on": task.trained_on, "evaluated_on": task.dataset,
-            "epochs": task.recipe.epochs, "schedule_epochs": task.recipe.schedule_epochs,
-            "num_patches": task.recipe.num_patches,
-            "linear_top1": result["linear_top1"], "knn_top1": result["knn_top1"],
-            "published": paper, "published_source": source,
-            "difference": None if paper is None else result["linear_top1"] - paper,
-            "train_seconds": trained.get("seconds", 0.0), "eval_seconds": result.get("seconds", 0.0),
-        })
+        table.append(
+            {
+                "cell": task.cell,
+                "trained_on": task.trained_on,
+                "evaluated_on": task.dataset,
+                "epochs": task.recipe.epochs,
+                "schedule_epochs": task.recipe.schedule_epochs,
+                "num_patches": task.recipe.num_patches,
+                "linear_top1": result["linear_top1"],
+                "knn_top1": result["knn_top1"],
+                "published": paper,
+                "published_source": source,
+                "difference": None if paper is None else result["linear_top1"] - paper,
+                "train_seconds": trained.get("seconds", 0.0),
+                "eval_seconds": result.get("seconds", 0.0),
+            }
+        )
     return table
 
 
@@ -64,7 +73,9 @@ def _versions() -> str:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    return f"empssl {__version__}, torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}"
+    return (
+        f"empssl {__version__}, torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}"
+    )
 
 
 def _percent(value: Optional[float], signed: bool = False) -> str:
@@ -78,21 +89,27 @@ def _duration(seconds: float) -> str:
 
 
 def markdown(sweep, table: List[Dict[str, Any]]) -> str:
-    lines = [f"# empssl reproduce {sweep.args.experiment}", "",
-             f"- run: {time.strftime('%Y-%m-%d %H:%M')}, in `{sweep.out_dir}`",
-             f"- hardware: {_hardware(sweep.args.device)}",
-             f"- versions: {_versions()}",
-             f"- published: {published.SOURCE}; empty where the paper has no number for the cell",
-             f"- options: train {' '.join(sweep.train_args) or '(defaults)'}; eval {' '.join(sweep.eval_args) or '(defaults)'}",
-             "",
-             "| cell | trained on | evaluated on | epochs (schedule) | patches | linear top-1 % | published % | "
-             "difference (points) | kNN top-1 % | train time | eval time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# empssl reproduce {sweep.args.experiment}",
+        "",
+        f"- run: {time.strftime('%Y-%m-%d %H:%M')}, in `{sweep.out_dir}`",
+        f"- hardware: {_hardware(sweep.args.device)}",
+        f"- versions: {_versions()}",
+        f"- published: {published.SOURCE}; empty where the paper has no number for the cell",
+        f"- options: train {' '.join(sweep.train_args) or '(defaults)'}; "
+        f"eval {' '.join(sweep.eval_args) or '(defaults)'}",
+        "",
+        "| cell | trained on | evaluated on | epochs (schedule) | patches | linear top-1 % | published % | "
+        "difference (points) | kNN top-1 % | train time | eval time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in table:
-        lines.append(f"| {row['cell']} | {row['trained_on']} | {row['evaluated_on']} | {row['epochs']} "
-                     f"({row['schedule_epochs']}) | {row['num_patches']} | {_percent(row['linear_top1'])} | "
-                     f"{_percent(row['published'])} | {_percent(row['difference'], signed=True)} | "
-                     f"{_percent(row['knn_top1'])} | {_duration(row['train_seconds'])} | {_duration(row['eval_seconds'])} |")
+        lines.append(
+            f"| {row['cell']} | {row['trained_on']} | {row['evaluated_on']} | {row['epochs']} "
+            f"({row['schedule_epochs']}) | {row['num_patches']} | {_percent(row['linear_top1'])} | "
+            f"{_percent(row['published'])} | {_percent(row['difference'], signed=True)} | "
+            f"{_percent(row['knn_top1'])} | {_duration(row['train_seconds'])} | {_duration(row['eval_seconds'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +181,8 @@ def write_report(sweep) -> str:
         write_atomically(os.path.join(sweep.out_dir, name), lambda f: figure.savefig(f, format="png", dpi=100))
         text += f"\n![{sweep.args.experiment}]({name})\n"
     write_atomically(os.path.join(sweep.out_dir, REPORT_MD), lambda f: f.write(text.encode()))
-    write_atomically(os.path.join(sweep.out_dir, REPORT_JSON),
-                     lambda f: f.write(json.dumps({"experiment": sweep.args.experiment, "rows": table}, indent=1).encode()))
+    write_atomically(
+        os.path.join(sweep.out_dir, REPORT_JSON),
+        lambda f: f.write(json.dumps({"experiment": sweep.args.experiment, "rows": table}, indent=1).encode()),
+    )
     return text

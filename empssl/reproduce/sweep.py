@@ -11,6 +11,7 @@ sweep.log (one JSON line per task started and finished), report.md, report.json 
 Started again with the same command, a sweep skips finished tasks (train.json / eval.json mark them)
 and resumes an unfinished training from its last checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,9 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from .published import Recipe
-from ..training.run_folder import CHECKPOINT_NAME, LOCK_NAME, METRICS_NAME, RunLock
 from ..files import check_writable_folder
+from ..training.run_folder import CHECKPOINT_NAME, LOCK_NAME, METRICS_NAME, RunLock
+from .published import Recipe
 
 EXPERIMENTS = {
     "one-epoch": "one epoch at 20 patches, with a 1-epoch schedule and optimised for 1 epoch (a 2-epoch schedule)",
@@ -46,6 +47,7 @@ class SweepError(ValueError):
 class Task:
     """One step of a sweep: ``train`` a cell up to ``recipe.epochs``, ``snapshot`` its checkpoint into
     ``cell`` (a convergence epoch), or ``eval`` the checkpoint of ``source`` on ``dataset`` into ``cell``."""
+
     kind: str
     cell: str
     dataset: str
@@ -80,7 +82,9 @@ def plan(experiment: str, datasets: List[str], epochs: int, patches: List[int]) 
             for epoch in range(1, epochs + 1):
                 recipe = Recipe(epoch, epochs, patches[0])
                 tasks.append(_train_cell(dataset, recipe, run))
-                snapshot = Task("snapshot", f"{dataset}-epoch-{epoch:03d}", dataset, recipe, source=run, trained_on=dataset)
+                snapshot = Task(
+                    "snapshot", f"{dataset}-epoch-{epoch:03d}", dataset, recipe, source=run, trained_on=dataset
+                )
                 tasks += [snapshot, _eval_cell(snapshot, dataset)]
     elif experiment == "patches":
         for dataset in datasets:
@@ -89,7 +93,9 @@ def plan(experiment: str, datasets: List[str], epochs: int, patches: List[int]) 
                 tasks += [train, _eval_cell(train, dataset)]
     elif experiment == "transfer":
         schedule = 2 if epochs == 1 else epochs  # one epoch: the authors' 1-epoch recipe (a 2-epoch schedule)
-        trains = [_train_cell(dataset, Recipe(epochs, schedule, patches[0]), f"{dataset}-train") for dataset in datasets]
+        trains = [
+            _train_cell(dataset, Recipe(epochs, schedule, patches[0]), f"{dataset}-train") for dataset in datasets
+        ]
         tasks += trains
         for train in trains:
             tasks += [_eval_cell(train, target, f"{train.dataset}-to-{target}") for target in datasets]
@@ -125,22 +131,36 @@ class Sweep:
     # -- identity: a restart must be the same sweep -------------------------------------------------------
     def identity(self) -> Dict[str, Any]:
         a = self.args
-        return {"experiment": a.experiment, "datasets": a.dataset, "epochs": a.epochs, "patches": a.patches,
-                "root": a.root, "device": a.device, "train_args": self.train_args, "eval_args": self.eval_args}
+        return {
+            "experiment": a.experiment,
+            "datasets": a.dataset,
+            "epochs": a.epochs,
+            "patches": a.patches,
+            "root": a.root,
+            "device": a.device,
+            "train_args": self.train_args,
+            "eval_args": self.eval_args,
+        }
 
     def check_folder(self) -> None:
         """SweepError unless the folder is new, empty, or holds this very sweep."""
         path = os.path.join(self.out_dir, SWEEP_FILE)
         stored = _read_json(path) if os.path.exists(path) else None
         if os.path.exists(path) and stored is None:
-            raise SweepError(f"{path} is unreadable; it is this folder's record of its sweep: remove the folder or pass "
-                             f"another --out-dir")
+            raise SweepError(
+                f"{path} is unreadable; it is this folder's record of its sweep: remove the folder or pass "
+                f"another --out-dir"
+            )
         mine = self.identity()
         if stored is not None:
-            changed = [f"{key}: {stored.get(key)!r} -> {value!r}" for key, value in mine.items() if stored.get(key) != value]
+            changed = [
+                f"{key}: {stored.get(key)!r} -> {value!r}" for key, value in mine.items() if stored.get(key) != value
+            ]
             if changed:
-                raise SweepError(f"--out-dir {self.out_dir} holds another sweep ({'; '.join(changed)}); its cells would "
-                                 f"mix with this one's. Rerun its own command to continue it, or pass another --out-dir")
+                raise SweepError(
+                    f"--out-dir {self.out_dir} holds another sweep ({'; '.join(changed)}); its cells would "
+                    f"mix with this one's. Rerun its own command to continue it, or pass another --out-dir"
+                )
         elif os.path.isdir(self.out_dir) and set(os.listdir(self.out_dir)) - {LOCK_NAME}:
             raise SweepError(f"--out-dir {self.out_dir} is not empty and holds no sweep; pass an empty or new folder")
 
@@ -169,9 +189,24 @@ class Sweep:
     # -- running ---------------------------------------------------------------------------------------------
     def train_command(self, task: Task) -> List[str]:
         folder = self.cell_dir(task.cell)
-        command = ["train", "--dataset", task.dataset, "--root", self.args.root, "--device", self.args.device,
-                   "--num-patches", str(task.recipe.num_patches), "--epochs", str(task.recipe.epochs),
-                   "--schedule-epochs", str(task.recipe.schedule_epochs), "--out-dir", folder, *self.train_args]
+        command = [
+            "train",
+            "--dataset",
+            task.dataset,
+            "--root",
+            self.args.root,
+            "--device",
+            self.args.device,
+            "--num-patches",
+            str(task.recipe.num_patches),
+            "--epochs",
+            str(task.recipe.epochs),
+            "--schedule-epochs",
+            str(task.recipe.schedule_epochs),
+            "--out-dir",
+            folder,
+            *self.train_args,
+        ]
         if self.args.no_progress:
             command.append("--no-progress")
         checkpoint = os.path.join(folder, CHECKPOINT_NAME)
@@ -183,8 +218,19 @@ class Sweep:
 
     def eval_command(self, task: Task) -> List[str]:
         checkpoint = os.path.join(self.cell_dir(task.source), CHECKPOINT_NAME)
-        command = ["eval", "--checkpoint", checkpoint, "--dataset", task.dataset, "--root", self.args.root,
-                   "--device", self.args.device, "--json", *self.eval_args]
+        command = [
+            "eval",
+            "--checkpoint",
+            checkpoint,
+            "--dataset",
+            task.dataset,
+            "--root",
+            self.args.root,
+            "--device",
+            self.args.device,
+            "--json",
+            *self.eval_args,
+        ]
         if self.args.no_progress:
             command.append("--no-progress")
         return command
@@ -198,8 +244,10 @@ class Sweep:
 
             source = os.path.join(self.cell_dir(task.source), CHECKPOINT_NAME)
             # the run's time so far goes with its checkpoint: the report's time for this epoch
-            _write_json(os.path.join(folder, TRAIN_DONE), {"epochs": task.recipe.epochs,
-                                                          "seconds": _run_seconds(self.cell_dir(task.source))})
+            _write_json(
+                os.path.join(folder, TRAIN_DONE),
+                {"epochs": task.recipe.epochs, "seconds": _run_seconds(self.cell_dir(task.source))},
+            )
             with open(source, "rb") as src:
                 write_atomically(os.path.join(folder, CHECKPOINT_NAME), lambda f: shutil.copyfileobj(src, f))
             return
@@ -209,8 +257,9 @@ class Sweep:
         if task.kind == "train":
             code = self.run_command(command)
             self._check_exit(task, code)
-            _write_json(os.path.join(folder, TRAIN_DONE), {"epochs": task.recipe.epochs,
-                                                          "seconds": _run_seconds(folder)})
+            _write_json(
+                os.path.join(folder, TRAIN_DONE), {"epochs": task.recipe.epochs, "seconds": _run_seconds(folder)}
+            )
         else:
             captured = io.StringIO()
             with contextlib.redirect_stdout(captured):
@@ -221,13 +270,23 @@ class Sweep:
             results = json.loads(printed.strip().splitlines()[-1])
             with open(os.path.join(folder, "eval.txt"), "w") as f:
                 f.write(printed)
-            _write_json(os.path.join(folder, EVAL_DONE), {**results, "seconds": time.perf_counter() - start,
-                                                         "trained_on": task.trained_on, "evaluated_on": task.dataset})
+            _write_json(
+                os.path.join(folder, EVAL_DONE),
+                {
+                    **results,
+                    "seconds": time.perf_counter() - start,
+                    "trained_on": task.trained_on,
+                    "evaluated_on": task.dataset,
+                },
+            )
 
     def _check_exit(self, task: Task, code: int) -> None:
         if code != 0:
-            raise SweepStopped(code, f"{task.name}: empssl {task.kind} exited with {code} (its message is above); "
-                                     f"run the same `empssl reproduce` command again to continue from there")
+            raise SweepStopped(
+                code,
+                f"{task.name}: empssl {task.kind} exited with {code} (its message is above); "
+                f"run the same `empssl reproduce` command again to continue from there",
+            )
 
     def work(self, task: Task) -> float:
         """A task's size, for the time left: patches trained or evaluated."""
@@ -253,8 +312,8 @@ def check_memory(sweep: Sweep) -> None:
     """Refuse, before any cell runs, a training cell whose step cannot fit on the device (the trainer's own check,
     empssl.training.memory.check_step_fits, on each cell's configuration)."""
     from ..config import TrainConfig, add_options, from_args
-    from ..training.memory import check_step_fits
     from ..device import resolve_device
+    from ..training.memory import check_step_fits
 
     parser = argparse.ArgumentParser(add_help=False)  # the train options of --train-args, as `empssl train` reads them
     groups: Dict[str, Any] = {}
@@ -266,8 +325,9 @@ def check_memory(sweep: Sweep) -> None:
     for task in sweep.tasks:
         if task.kind == "train":
             try:
-                check_step_fits(dataclasses.replace(config, num_patches=task.recipe.num_patches), device,
-                                config.image_size or 32)
+                check_step_fits(
+                    dataclasses.replace(config, num_patches=task.recipe.num_patches), device, config.image_size or 32
+                )
             except ValueError as err:
                 raise SweepError(f"cell {task.cell} cannot fit: {err}") from None
 
@@ -297,8 +357,12 @@ def _run_tasks(sweep: Sweep, args: argparse.Namespace) -> int:
     todo = [task for task in sweep.tasks if not sweep.done(task)]
     finished = len(sweep.tasks) - len(todo)
     for index, task in enumerate(todo):
-        print(f"empssl reproduce {args.experiment}: task {finished + index + 1}/{len(sweep.tasks)} ({task.name}), "
-              f"{finished + index} done, {_eta(sweep, todo[index:], rates)}", file=sys.stderr, flush=True)
+        print(
+            f"empssl reproduce {args.experiment}: task {finished + index + 1}/{len(sweep.tasks)} ({task.name}), "
+            f"{finished + index} done, {_eta(sweep, todo[index:], rates)}",
+            file=sys.stderr,
+            flush=True,
+        )
         sweep.log("start", task)
         began = time.perf_counter()
         sweep.run(task)
@@ -308,8 +372,11 @@ def _run_tasks(sweep: Sweep, args: argparse.Namespace) -> int:
         sweep.log("done", task, seconds=took)
     report = write_report(sweep)
     print(report)
-    print(f"empssl reproduce {args.experiment}: {len(sweep.tasks)} tasks done ({len(todo)} in this run, "
-          f"{time.perf_counter() - start:.0f} s); report in {os.path.join(sweep.out_dir, 'report.md')}", file=sys.stderr)
+    print(
+        f"empssl reproduce {args.experiment}: {len(sweep.tasks)} tasks done ({len(todo)} in this run, "
+        f"{time.perf_counter() - start:.0f} s); report in {os.path.join(sweep.out_dir, 'report.md')}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -317,9 +384,13 @@ def _patch_list(text: str) -> List[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated patch counts like 20,50,100, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated patch counts like 20,50,100, got {text!r}"
+        ) from None
     if not values or any(v < 2 for v in values):
-        raise argparse.ArgumentTypeError(f"patch counts must be >= 2 (the invariance term compares patches), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"patch counts must be >= 2 (the invariance term compares patches), got {text!r}"
+        )
     return values
 
 
@@ -327,23 +398,46 @@ def build_parser() -> argparse.ArgumentParser:
     from ..checks import positive_int
 
     parser = argparse.ArgumentParser(
-        prog="empssl reproduce", description="The paper's experiments as resumable sweeps of normal run folders, with "
+        prog="empssl reproduce",
+        description="The paper's experiments as resumable sweeps of normal run folders, with "
         "report.md beside the published numbers. Rerun the same command to continue a stopped sweep.",
-        epilog="experiments: " + "; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()))
+        epilog="experiments: " + "; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()),
+    )
     parser.add_argument("experiment", choices=list(EXPERIMENTS))
-    parser.add_argument("--dataset", action="append", default=None, metavar="SPEC",
-                        help="a data set as `empssl train` takes it; repeat for several (default: cifar10 and cifar100)")
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="a data set as `empssl train` takes it; repeat for several (default: cifar10 and cifar100)",
+    )
     parser.add_argument("--root", default="data", help="folder holding the CIFAR data sets (default data)")
     parser.add_argument("--out-dir", default=None, help="the sweep's folder (default runs/reproduce-EXPERIMENT)")
-    parser.add_argument("--epochs", type=positive_int, default=None,
-                        help="epochs of each run (default: 10 for convergence and patches, 1 for transfer)")
-    parser.add_argument("--patches", type=_patch_list, default=None,
-                        help="patches per image, comma-separated (default: 20,50,100,200 for patches, else 20)")
+    parser.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help="epochs of each run (default: 10 for convergence and patches, 1 for transfer)",
+    )
+    parser.add_argument(
+        "--patches",
+        type=_patch_list,
+        default=None,
+        help="patches per image, comma-separated (default: 20,50,100,200 for patches, else 20)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
-    parser.add_argument("--train-args", default="", metavar="ARGS",
-                        help="more `empssl train` options for every cell, quoted (e.g. \"--batch-size 50\")")
-    parser.add_argument("--eval-args", default="", metavar="ARGS",
-                        help="more `empssl eval` options for every evaluation, quoted (e.g. \"--num-patches 64\")")
+    parser.add_argument(
+        "--train-args",
+        default="",
+        metavar="ARGS",
+        help='more `empssl train` options for every cell, quoted (e.g. "--batch-size 50")',
+    )
+    parser.add_argument(
+        "--eval-args",
+        default="",
+        metavar="ARGS",
+        help='more `empssl eval` options for every evaluation, quoted (e.g. "--num-patches 64")',
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars inside the cells")
     return parser
 

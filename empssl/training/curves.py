@@ -4,6 +4,7 @@ matplotlib is optional: without it ``write_training_curves`` prints a one-line n
 nothing. The figure is drawn with matplotlib's object API and the Agg canvas, so it neither needs
 a display nor changes the caller's pyplot backend; the PNG is written atomically.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,10 @@ def write_training_curves(records: List[Dict[str, Any]], out_path: str) -> Optio
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print(f"empssl: matplotlib is not installed, so no {os.path.basename(out_path)} (pip install matplotlib)",
-              file=sys.stderr)
+        print(
+            f"empssl: matplotlib is not installed, so no {os.path.basename(out_path)} (pip install matplotlib)",
+            file=sys.stderr,
+        )
         return None
     if not records:
         return None

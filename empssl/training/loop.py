@@ -12,6 +12,7 @@ permutation, so a resumed run continues exactly: on the CPU it reaches bitwise t
 uninterrupted run; ``elapsed_s`` continues the run's clock. SIGINT/SIGTERM stop the loop after the current step
 with a checkpoint of that step (``training.signals``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,6 +50,7 @@ class NonFiniteStateError(NonFiniteLossError):
 @dataclasses.dataclass
 class TrainResult:
     """``steps``: the run's step at the end; this call trained ``first_step + 1`` to ``steps`` of ``total_steps``."""
+
     encoder: torch.nn.Module
     checkpoint_path: str
     steps: int
@@ -92,14 +94,23 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
         return _TrainingLoop(config, state, data, images, folder, resumed, same_run).run()
 
 
-def _training_images(config: TrainConfig, data: Optional[ImageDataset], resumed: Optional[Dict[str, Any]],
-                     device: torch.device) -> Tuple[ImageDataset, torch.Tensor]:
+def _training_images(
+    config: TrainConfig, data: Optional[ImageDataset], resumed: Optional[Dict[str, Any]], device: torch.device
+) -> Tuple[ImageDataset, torch.Tensor]:
     """The data set and its training images on ``device`` (uint8, square), checked on every rank."""
     with distributed.same_outcome_on_every_rank():
         if data is None:
-            data = load_dataset(config.dataset, root=config.root, download=config.download, image_size=config.image_size,
-                                cache_dir=config.cache_dir, on_bad_image=config.on_bad_image, seed=config.data_seed,
-                                train_size=config.train_size, show_progress=config.progress and distributed.rank() == 0)
+            data = load_dataset(
+                config.dataset,
+                root=config.root,
+                download=config.download,
+                image_size=config.image_size,
+                cache_dir=config.cache_dir,
+                on_bad_image=config.on_bad_image,
+                seed=config.data_seed,
+                train_size=config.train_size,
+                show_progress=config.progress and distributed.rank() == 0,
+            )
         check_image_size(data, smallest_image_size())
         if resumed is not None:
             check_resume_data(config.resume, resumed, config, data)
@@ -111,8 +122,10 @@ def _training_images(config: TrainConfig, data: Optional[ImageDataset], resumed:
         check_step_fits(config, device, int(height), distributed.world_size())
     shapes = distributed.all_gather_object(tuple(images.shape))
     if len(set(shapes)) > 1:  # each rank loaded its own copy: the permutation indexes the same images on every rank
-        raise ValueError(f"the ranks loaded different training sets (images of shape {shapes} by rank); give every "
-                         f"node the same data set")
+        raise ValueError(
+            f"the ranks loaded different training sets (images of shape {shapes} by rank); give every "
+            f"node the same data set"
+        )
     return data, images
 
 
@@ -124,8 +137,16 @@ class _TrainingLoop:
     None on the other ranks (they write nothing).
     """
 
-    def __init__(self, config: TrainConfig, state: TrainState, data: ImageDataset, images: torch.Tensor,
-                 folder: Optional[RunFolder], resumed: Optional[Dict[str, Any]], same_run: bool):
+    def __init__(
+        self,
+        config: TrainConfig,
+        state: TrainState,
+        data: ImageDataset,
+        images: torch.Tensor,
+        folder: Optional[RunFolder],
+        resumed: Optional[Dict[str, Any]],
+        same_run: bool,
+    ):
         self.config, self.state, self.data, self.images, self.folder = config, state, data, images, folder
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.num_train, self.image_size = images.shape[0], int(images.shape[1])
@@ -156,8 +177,14 @@ class _TrainingLoop:
         from tqdm import tqdm
 
         config, state = self.config, self.state
-        self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                        disable=not (config.progress and self.folder is not None), dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not (config.progress and self.folder is not None),
+            dynamic_ncols=True,
+        )
         reader = LateReader(state.metric_sums, self.emit)
         window_start, window_steps = self.start, 0
         state.encoder.train()
@@ -171,9 +198,12 @@ class _TrainingLoop:
 
                     # every rank stops after the same step, whichever rank the signal reached
                     signum = stop.signum if self.world == 1 else distributed.agree_on_stop(stop.signum)
-                    checkpoint_now = ((config.checkpoint_every and self.step % config.checkpoint_every == 0)
-                                      or self.step == self.total_steps or signum is not None)
-                    # a line at every checkpoint too: the file cut back to a checkpoint on resume still covers every step
+                    checkpoint_now = (
+                        (config.checkpoint_every and self.step % config.checkpoint_every == 0)
+                        or self.step == self.total_steps
+                        or signum is not None
+                    )
+                    # a line at every checkpoint too: the file cut back to a checkpoint on resume covers every step
                     if self.step % config.log_every == 0 or checkpoint_now:
                         now = time.perf_counter()
                         reader.close_window(self.window_record(window_steps, now - window_start), window_steps)
@@ -188,9 +218,14 @@ class _TrainingLoop:
                 with contextlib.suppress(Exception):  # the last window's line still lands; the first error is raised
                     reader.flush()
                 if self.world > 1 and distributed.is_collective_failure(err):
-                    resume = (f"; continue with --resume {self.checkpoint_path}"
-                              if self.last_checkpoint_step is not None else "")
-                    raise distributed.collective_failure(err, self.rank, self.step, self.checkpoint_note() + resume) from err
+                    resume = (
+                        f"; continue with --resume {self.checkpoint_path}"
+                        if self.last_checkpoint_step is not None
+                        else ""
+                    )
+                    raise distributed.collective_failure(
+                        err, self.rank, self.step, self.checkpoint_note() + resume
+                    ) from err
                 raise
             finally:
                 self.bar.close()
@@ -198,8 +233,15 @@ class _TrainingLoop:
                 self.write_checkpoint()  # resumed at or past the end: still leave a checkpoint
         if self.folder is not None:
             self.folder.finish()
-        return TrainResult(state.encoder, self.checkpoint_path, self.step, self.last_metrics,
-                           time.perf_counter() - self.start, self.first_step, self.total_steps)
+        return TrainResult(
+            state.encoder,
+            self.checkpoint_path,
+            self.step,
+            self.last_metrics,
+            time.perf_counter() - self.start,
+            self.first_step,
+            self.total_steps,
+        )
 
     def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(uint8 images, their indices) of this rank's slice of the step's global batch (the whole batch on one
@@ -207,9 +249,11 @@ class _TrainingLoop:
         state, batch_size = self.state, self.config.batch_size
         position = self.step % self.steps_per_epoch
         if position == 0:
-            state.permutation = torch.randperm(self.num_train, device=state.device, generator=state.permutation_generator)
+            state.permutation = torch.randperm(
+                self.num_train, device=state.device, generator=state.permutation_generator
+            )
         first = position * batch_size + self.rank * self.local_batch
-        image_ids = state.permutation[first:first + self.local_batch]
+        image_ids = state.permutation[first : first + self.local_batch]
         return self.images[image_ids], image_ids
 
     def step_function(self) -> Callable[[torch.Tensor, torch.Tensor], Any]:
@@ -220,15 +264,20 @@ class _TrainingLoop:
             # others for ever. Eager steps keep the timeout (and capture with NCCL is untested here).
             captured = False
             if self.folder is not None:
-                print(f"empssl: {self.world} ranks: the step runs eagerly (no CUDA graph), so that a rank that dies "
-                      f"makes the others stop at the distributed timeout", file=sys.stderr, flush=True)
+                print(
+                    f"empssl: {self.world} ranks: the step runs eagerly (no CUDA graph), so that a rank that dies "
+                    f"makes the others stop at the distributed timeout",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return captured_train_step(self.state) if captured else functools.partial(train_step, self.state)
 
     def window_record(self, window_steps: int, seconds: float) -> Dict[str, Any]:
         """The host's part of a log line when a window of ``window_steps`` steps closes after ``seconds``."""
         config = self.config
         return {
-            "step": self.step, "epoch": self.step / self.steps_per_epoch,
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
             "lr": config.lr * self.state.schedule(self.step),  # the next step's, as LambdaLR reported it
             "patches_per_s": window_steps * config.batch_size * config.num_patches / max(seconds, 1e-9),
             "elapsed_s": self.elapsed_before + time.perf_counter() - self.start,
@@ -239,40 +288,57 @@ class _TrainingLoop:
         """Write a closed window's line once its sums reached the host; NonFiniteLossError if the loss was NaN/inf.
         Every rank holds the global batch's loss, so every rank stops at the same window."""
         if not math.isfinite(sums[0]):
-            raise NonFiniteLossError(f"the loss became non-finite (NaN or inf) at or before step {record['step']}; "
-                                     f"stopping: {self.checkpoint_note()}. Try a lower --lr, or --bf16 off.")
+            raise NonFiniteLossError(
+                f"the loss became non-finite (NaN or inf) at or before step {record['step']}; "
+                f"stopping: {self.checkpoint_note()}. Try a lower --lr, or --bf16 off."
+            )
         means = [value / window_steps for value in sums]
-        self.last_metrics = {"step": record["step"], "epoch": record["epoch"], "loss": means[0], "tcr": means[1],
-                             "inv": means[2], **{k: v for k, v in record.items() if k not in ("step", "epoch")}}
+        self.last_metrics = {
+            "step": record["step"],
+            "epoch": record["epoch"],
+            "loss": means[0],
+            "tcr": means[1],
+            "inv": means[2],
+            **{k: v for k, v in record.items() if k not in ("step", "epoch")},
+        }
         if self.folder is not None:
             self.folder.metrics.write(self.last_metrics)
-        self.bar.set_postfix(loss=f"{means[0]:.3f}", tcr=f"{means[1]:.3f}", inv=f"{means[2]:.4f}",
-                             lr=f"{self.last_metrics['lr']:.4f}", patches_s=f"{self.last_metrics['patches_per_s']:.0f}")
+        self.bar.set_postfix(
+            loss=f"{means[0]:.3f}",
+            tcr=f"{means[1]:.3f}",
+            inv=f"{means[2]:.4f}",
+            lr=f"{self.last_metrics['lr']:.4f}",
+            patches_s=f"{self.last_metrics['patches_per_s']:.0f}",
+        )
 
     def checkpoint(self) -> None:
         """Check the state finite (on every rank: each stops at the same step), then rank 0 writes it."""
         bad = ckpt.non_finite_tensors(self.state.encoder.state_dict())
         if bad:
-            raise NonFiniteStateError(f"the encoder's {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''} became "
-                                      f"{ckpt.NON_FINITE} at or before step {self.step} although the loss is "
-                                      f"finite; stopping: {self.checkpoint_note()}. Try a lower --lr.")
+            raise NonFiniteStateError(
+                f"the encoder's {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''} became "
+                f"{ckpt.NON_FINITE} at or before step {self.step} although the loss is "
+                f"finite; stopping: {self.checkpoint_note()}. Try a lower --lr."
+            )
         if self.folder is not None:
             self.write_checkpoint()
         self.last_checkpoint_step = self.step
 
     def write_checkpoint(self) -> None:
         """The state checked finite: by ``checkpoint``, or by the resume that loaded it."""
-        self.folder.write_checkpoint({
-            **self.state.state_dict(),
-            "train_state_version": ckpt.TRAIN_STATE_VERSION,
-            "config": dataclasses.asdict(self.config),
-            "model_config": self.config.model_config(),
-            "epoch": self.step // self.steps_per_epoch,
-            "dataset": {"name": self.data.name, "num_train": self.num_train, "image_size": self.image_size},
-            "run_id": self.run_id,
-            "world_size": self.world,  # for the record: any number of ranks that divides batch_size resumes it
-            "elapsed_s": self.elapsed_before + time.perf_counter() - self.start,
-        })
+        self.folder.write_checkpoint(
+            {
+                **self.state.state_dict(),
+                "train_state_version": ckpt.TRAIN_STATE_VERSION,
+                "config": dataclasses.asdict(self.config),
+                "model_config": self.config.model_config(),
+                "epoch": self.step // self.steps_per_epoch,
+                "dataset": {"name": self.data.name, "num_train": self.num_train, "image_size": self.image_size},
+                "run_id": self.run_id,
+                "world_size": self.world,  # for the record: any number of ranks that divides batch_size resumes it
+                "elapsed_s": self.elapsed_before + time.perf_counter() - self.start,
+            }
+        )
 
     def checkpoint_note(self) -> str:
         if self.last_checkpoint_step is None:

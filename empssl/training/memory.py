@@ -7,6 +7,7 @@ LARS's scratch, the patches and a margin for workspaces and the allocator's slac
 estimate is an upper bound within tens of percent, enough to refuse a cell that cannot fit before a
 sweep spends hours on the cells before it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,6 +24,7 @@ OPTIMIZER_COPIES = 4  # weight, gradient, momentum, LARS's per-step scratch: eac
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
     """Bytes a training step needs: ``per_patch`` times the patches of a step, plus ``fixed``."""
+
     per_patch: int
     fixed: int
     patches: int
@@ -61,8 +63,17 @@ def _saved_bytes_per_patch(arch: str, width: float, hidden_dim: int, z_dim: int,
     return (saved(8) - saved(4)) // 4
 
 
-def estimate_step_memory(*, arch: str, width: float, hidden_dim: int, z_dim: int, image_size: int, batch_size: int,
-                         num_patches: int, bf16: bool) -> StepMemory:
+def estimate_step_memory(
+    *,
+    arch: str,
+    width: float,
+    hidden_dim: int,
+    z_dim: int,
+    image_size: int,
+    batch_size: int,
+    num_patches: int,
+    bf16: bool,
+) -> StepMemory:
     """What one step of this configuration needs (bf16: activations and patches in bfloat16, under autocast)."""
     from ..models.encoder import build_encoder
 
@@ -70,10 +81,15 @@ def estimate_step_memory(*, arch: str, width: float, hidden_dim: int, z_dim: int
     per_patch = _saved_bytes_per_patch(arch, float(width), int(hidden_dim), int(z_dim), int(image_size))
     patch_bytes = 3 * image_size * image_size * (2 if bf16 else 4)
     with torch.device("meta"):
-        weights = sum(p.numel() * 4 for p in build_encoder(arch, width=width, hidden_dim=hidden_dim, z_dim=z_dim).parameters())
+        weights = sum(
+            p.numel() * 4 for p in build_encoder(arch, width=width, hidden_dim=hidden_dim, z_dim=z_dim).parameters()
+        )
     embedding_bytes = 4 * (z_dim + hidden_dim) * 4  # z, its gradient and the loss's float32 copies, per patch
-    return StepMemory(per_patch=int(per_patch * activation_scale) + patch_bytes + embedding_bytes,
-                      fixed=OPTIMIZER_COPIES * weights, patches=batch_size * num_patches)
+    return StepMemory(
+        per_patch=int(per_patch * activation_scale) + patch_bytes + embedding_bytes,
+        fixed=OPTIMIZER_COPIES * weights,
+        patches=batch_size * num_patches,
+    )
 
 
 def available_memory(device: torch.device) -> Optional[int]:
@@ -102,19 +118,30 @@ def check_step_fits(config, device: torch.device, image_size: int, world_size: i
         return
     local_batch = config.batch_size // world_size
     try:
-        need = estimate_step_memory(arch=config.arch, width=config.width, hidden_dim=config.hidden_dim,
-                                    z_dim=config.z_dim, image_size=image_size, batch_size=local_batch,
-                                    num_patches=config.num_patches, bf16=config.bf16 and device.type == "cuda")
+        need = estimate_step_memory(
+            arch=config.arch,
+            width=config.width,
+            hidden_dim=config.hidden_dim,
+            z_dim=config.z_dim,
+            image_size=image_size,
+            batch_size=local_batch,
+            num_patches=config.num_patches,
+            bf16=config.bf16 and device.type == "cuda",
+        )
     except (RuntimeError, OverflowError, ValueError) as err:  # sizes no tensor can have (storage size overflows)
-        raise ValueError(f"an encoder of --width {config.width:g} --hidden-dim {config.hidden_dim} --z-dim "
-                         f"{config.z_dim} cannot be built: its tensors are too large ({str(err).splitlines()[0]})") from None
+        raise ValueError(
+            f"an encoder of --width {config.width:g} --hidden-dim {config.hidden_dim} --z-dim "
+            f"{config.z_dim} cannot be built: its tensors are too large ({str(err).splitlines()[0]})"
+        ) from None
     if need.total > available:
         fits = need.largest_num_patches(available, local_batch)
-        raise ValueError(f"a training step of this configuration needs about {gib(need.total)} on {device} "
-                         f"(--width {config.width:g} --hidden-dim {config.hidden_dim} --z-dim {config.z_dim}, "
-                         f"{config.num_patches} patches of {local_batch} images of {image_size}x{image_size}), but "
-                         f"only {gib(available)} is available: at most {fits} patches per image fit; lower these, "
-                         f"or use a larger device")
+        raise ValueError(
+            f"a training step of this configuration needs about {gib(need.total)} on {device} "
+            f"(--width {config.width:g} --hidden-dim {config.hidden_dim} --z-dim {config.z_dim}, "
+            f"{config.num_patches} patches of {local_batch} images of {image_size}x{image_size}), but "
+            f"only {gib(available)} is available: at most {fits} patches per image fit; lower these, "
+            f"or use a larger device"
+        )
 
 
 def gib(nbytes: float) -> str:

@@ -14,6 +14,7 @@ dies, so a lock file left by a killed run never blocks. A folder holding only ``
 before its first checkpoint: a full disk, a crash, a non-finite loss) holds nothing to resume: a new run replaces
 it, with a note, once it writes its first checkpoint (no ``--overwrite`` needed).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,8 +38,21 @@ CURVES_NAME = "curves.png"
 LOCK_NAME = ".lock"
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME)  # the files that make a folder a run's
 # fields that change the training trajectory: a resume with other values is not a continuation
-_TRAJECTORY_FIELDS = ("dataset", "num_patches", "batch_size", "lr", "schedule_epochs", "eps", "inv_coef", "tcr_coef",
-                      "seed", "data_seed", "image_size", "train_size", "sync_bn")
+_TRAJECTORY_FIELDS = (
+    "dataset",
+    "num_patches",
+    "batch_size",
+    "lr",
+    "schedule_epochs",
+    "eps",
+    "inv_coef",
+    "tcr_coef",
+    "seed",
+    "data_seed",
+    "image_size",
+    "train_size",
+    "sync_bn",
+)
 # settings that decide which images a run trains on
 _DATA_FIELDS = ("dataset", "root", "train_size", "image_size", "data_seed")
 
@@ -74,8 +88,11 @@ class RunFolder:
             if config.resume:
                 self.resumed = ckpt.load_checkpoint(config.resume)
                 ckpt.check_train_state(config.resume, self.resumed)
-                ckpt.check_finite(config.resume, {"model": self.resumed["model"],
-                                                  "optimizer": self.resumed["optimizer"]}, what="state")
+                ckpt.check_finite(
+                    config.resume,
+                    {"model": self.resumed["model"], "optimizer": self.resumed["optimizer"]},
+                    what="state",
+                )
                 check_resume_config(config.resume, self.resumed.get("config", {}), config)
                 self.same_run = os.path.realpath(config.resume) == os.path.realpath(self.checkpoint_path)
             self.holds_other_run = self._check_other_run(config.overwrite)
@@ -88,14 +105,19 @@ class RunFolder:
         """Refuse a folder that holds another run's files (unless ``overwrite``); True when it holds such files."""
         present = [name for name in RUN_FILES if os.path.exists(os.path.join(self.path, name))]
         if present == [METRICS_NAME] and not self.same_run:
-            print(f"empssl: note: --out-dir {self.path} holds only the {METRICS_NAME} of a run that wrote no "
-                  f"checkpoint (nothing to resume); this run replaces it once it writes its first checkpoint",
-                  file=sys.stderr, flush=True)
+            print(
+                f"empssl: note: --out-dir {self.path} holds only the {METRICS_NAME} of a run that wrote no "
+                f"checkpoint (nothing to resume); this run replaces it once it writes its first checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
             return True
         if present and not self.same_run and not overwrite:
-            raise ValueError(f"--out-dir {self.path} already holds another run ({', '.join(present)}); continue it "
-                             f"with --resume {self.checkpoint_path}, replace it with --overwrite (its files go once "
-                             f"this run writes its first checkpoint), or pass another --out-dir")
+            raise ValueError(
+                f"--out-dir {self.path} already holds another run ({', '.join(present)}); continue it "
+                f"with --resume {self.checkpoint_path}, replace it with --overwrite (its files go once "
+                f"this run writes its first checkpoint), or pass another --out-dir"
+            )
         return bool(present)
 
     def start(self, run_id: Optional[str], resume_path: Optional[str], step: int, elapsed_s: float) -> None:
@@ -105,8 +127,9 @@ class RunFolder:
         remove_stale_temporaries(self.path)
         history: List[Dict[str, Any]] = []
         if resume_path is not None:
-            history = read_metrics(os.path.join(os.path.dirname(resume_path), METRICS_NAME), run_id=run_id,
-                                   until_step=step)
+            history = read_metrics(
+                os.path.join(os.path.dirname(resume_path), METRICS_NAME), run_id=run_id, until_step=step
+            )
             history.append({"event": "resume", "step": step, "elapsed_s": elapsed_s, "run_id": run_id})
         self.metrics = MetricsLog(self.metrics_path, history, owned=not self.holds_other_run or self.same_run)
 
@@ -128,19 +151,29 @@ class RunFolder:
         self.lock.release()
 
 
-def read_metrics(path: str, run_id: Optional[str] = None, until_step: Optional[int] = None,
-                 ) -> List[Dict[str, Any]]:
+def read_metrics(
+    path: str,
+    run_id: Optional[str] = None,
+    until_step: Optional[int] = None,
+) -> List[Dict[str, Any]]:
     """The records of a metrics.jsonl in file order, resume markers included; with ``run_id`` only that run's, with
     ``until_step`` only those up to that step. A line a kill cut short is skipped."""
-    return [record for record in _records(path) if (run_id is None or record.get("run_id") == run_id)
-            and (until_step is None or record.get("step", 0) <= until_step)]
+    return [
+        record
+        for record in _records(path)
+        if (run_id is None or record.get("run_id") == run_id)
+        and (until_step is None or record.get("step", 0) <= until_step)
+    ]
 
 
 def read_step_metrics(path: str) -> List[Dict[str, Any]]:
     """One record per step in step order, resume markers left out; the last record of a step wins (a resumed run logs
     again the steps after its checkpoint)."""
-    by_step = {record["step"]: record for record in _records(path)
-               if isinstance(record.get("step"), int) and "event" not in record}
+    by_step = {
+        record["step"]: record
+        for record in _records(path)
+        if isinstance(record.get("step"), int) and "event" not in record
+    }
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -159,13 +192,18 @@ def _records(path: str) -> Iterator[Dict[str, Any]]:
 
 
 def check_resume_config(path: str, stored: Dict[str, Any], config) -> None:
-    """CheckpointError unless ``config`` (a TrainConfig) builds the stored model; a warning for changed trajectory settings."""
+    """CheckpointError unless ``config`` (a TrainConfig) builds the stored model; a warning for changed trajectory
+    settings."""
     ckpt.check_same_model(path, {f: stored.get(f) for f in ckpt.MODEL_FIELDS}, config.model_config())
-    changed = [f"{f}: {stored.get(f)!r} -> {getattr(config, f)!r}" for f in _TRAJECTORY_FIELDS
-               if f in stored and stored[f] != getattr(config, f)]
+    changed = [
+        f"{f}: {stored.get(f)!r} -> {getattr(config, f)!r}"
+        for f in _TRAJECTORY_FIELDS
+        if f in stored and stored[f] != getattr(config, f)
+    ]
     if changed:
-        warnings.warn(f"resuming {path} with changed settings ({'; '.join(changed)}): the run will not match an "
-                      f"uninterrupted one")
+        warnings.warn(
+            f"resuming {path} with changed settings ({'; '.join(changed)}): the run will not match an uninterrupted one"
+        )
 
 
 def check_resume_data(path: str, resumed: Dict[str, Any], config, data) -> None:
@@ -176,13 +214,18 @@ def check_resume_data(path: str, resumed: Dict[str, Any], config, data) -> None:
     if stored.get("num_train", num_train) == num_train and stored.get("image_size", image_size) == image_size:
         return
     stored_config = resumed.get("config", {})
-    changed = [f"--{f.replace('_', '-')} {stored_config.get(f)!r} -> {getattr(config, f)!r}" for f in _DATA_FIELDS
-               if f in stored_config and stored_config[f] != getattr(config, f)]
+    changed = [
+        f"--{f.replace('_', '-')} {stored_config.get(f)!r} -> {getattr(config, f)!r}"
+        for f in _DATA_FIELDS
+        if f in stored_config and stored_config[f] != getattr(config, f)
+    ]
     why = "changed settings: " + "; ".join(changed) if changed else "the data set itself changed"
-    raise ValueError(f"cannot resume {path}: it was trained on {stored.get('num_train')} images of "
-                     f"{stored.get('image_size')}x{stored.get('image_size')} ({stored.get('name')}), this run has "
-                     f"{num_train} of {image_size}x{image_size} ({data.name}); {why}. Resume with the checkpoint's data "
-                     f"settings, or start a new run in another --out-dir")
+    raise ValueError(
+        f"cannot resume {path}: it was trained on {stored.get('num_train')} images of "
+        f"{stored.get('image_size')}x{stored.get('image_size')} ({stored.get('name')}), this run has "
+        f"{num_train} of {image_size}x{image_size} ({data.name}); {why}. Resume with the checkpoint's data "
+        f"settings, or start a new run in another --out-dir"
+    )
 
 
 class RunFolderBusy(ValueError):
@@ -216,8 +259,10 @@ class RunLock:
                 os.close(fd)
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
-                raise RunFolderBusy(f"--out-dir {self.folder} is in use by another run ({self.holder()}); wait for it "
-                                    f"to finish, or pass another --out-dir") from None
+                raise RunFolderBusy(
+                    f"--out-dir {self.folder} is in use by another run ({self.holder()}); wait for it "
+                    f"to finish, or pass another --out-dir"
+                ) from None
             try:
                 same_file = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
@@ -236,8 +281,10 @@ class RunLock:
             info = {}
         if not info:
             return "its lock file names no holder"
-        return (f"pid {info.get('pid')} on {info.get('host')}, run id {info.get('run_id') or 'not yet known'}, "
-                f"started {info.get('started')}")
+        return (
+            f"pid {info.get('pid')} on {info.get('host')}, run id {info.get('run_id') or 'not yet known'}, "
+            f"started {info.get('started')}"
+        )
 
     def record(self, run_id: Optional[str]) -> None:
         """Write the holder's description into the lock file (for a refused second run's message)."""

@@ -1,5 +1,6 @@
 """SIGINT and SIGTERM in the training loop: the first signal asks the loop to stop after the current step, with a
 checkpoint (``StopRequest``); ``TrainingInterrupted`` carries where it stopped to the command's exit code."""
+
 from __future__ import annotations
 
 import signal
@@ -9,7 +10,8 @@ from typing import Any, Dict, Optional
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the run; ``checkpoint_path`` holds ``step`` (None: stopped at once by a second signal)."""
+    """SIGINT or SIGTERM stopped the run; ``checkpoint_path`` holds ``step`` (None: stopped at once by a second
+    signal)."""
 
     def __init__(self, signum: int, step: Optional[int], checkpoint_path: Optional[str]):
         self.signum, self.step, self.checkpoint_path = signum, step, checkpoint_path
@@ -17,8 +19,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         if checkpoint_path is None:
             message = f"stopped at once by a second {name}; no checkpoint of the current step was written"
         else:
-            message = (f"interrupted by {name} after step {step}: checkpoint written to {checkpoint_path}; continue with "
-                       f"--resume {checkpoint_path}")
+            message = (
+                f"interrupted by {name} after step {step}: checkpoint written to {checkpoint_path}; continue with "
+                f"--resume {checkpoint_path}"
+            )
         super().__init__(message)
 
     @property
@@ -40,8 +44,12 @@ class StopRequest:
         if self.signum is not None:
             raise TrainingInterrupted(signum, None, None)
         self.signum = signum
-        print(f"\nempssl: {signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"\nempssl: {signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
+            f"(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():

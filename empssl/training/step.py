@@ -12,6 +12,7 @@ once as a CUDA graph and replays it:
 - the lr is computed on the device from the step counter (``CosineFactor``) into the 0-d tensor LARS
   reads; no ``LambdaLR.step()`` (it reads the lr back to the host).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,13 +23,13 @@ import torch
 
 from .. import checkpoint as ckpt
 from .. import distributed
-from ..augment.multipatch import MultiPatchAugment
 from ..augment.config import augment_config_for
+from ..augment.multipatch import MultiPatchAugment
 from ..config import TrainConfig
+from ..device import CudaGraphCall, autocast_context
 from ..loss import EMPSSLLoss
 from ..models.encoder import build_encoder
 from ..optim import CosineFactor, build_optimizer, schedule_steps
-from ..device import CudaGraphCall, autocast_context
 
 # eager steps before the capture: cuDNN/cuBLAS/Triton autotuning and the momentum buffers exist by then
 CAPTURE_WARMUP_STEPS = 3
@@ -75,8 +76,13 @@ class TrainState:
         rng = {"torch_cpu": torch.get_rng_state(), "permutation": self.permutation_generator.get_state()}
         if self.device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"model": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict(), "step": int(self.step),
-                "rng": rng, "permutation": None if self.permutation is None else self.permutation.cpu()}
+        return {
+            "model": self.encoder.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": int(self.step),
+            "rng": rng,
+            "permutation": None if self.permutation is None else self.permutation.cpu(),
+        }
 
     def load_state_dict(self, state: Dict[str, Any], path: str = "state") -> None:
         """Continue from ``state_dict()``'s output (``path`` names it in errors)."""
@@ -104,8 +110,12 @@ def build_train_state(config: TrainConfig, device: torch.device, num_train: int,
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     bf16 = config.bf16 and device.type == "cuda"
-    augment = MultiPatchAugment(augment_config_for(image_size), backend=config.augment_backend,
-                                out_dtype=torch.bfloat16 if bf16 else torch.float32, channels_last=channels_last)
+    augment = MultiPatchAugment(
+        augment_config_for(image_size),
+        backend=config.augment_backend,
+        out_dtype=torch.bfloat16 if bf16 else torch.float32,
+        channels_last=channels_last,
+    )
     # gather: the coding rate and the invariance term of the global batch (a no-op on one process)
     criterion = EMPSSLLoss(config.eps, config.inv_coef, config.tcr_coef, backend=config.loss_backend, gather=True)
     schedule = CosineFactor(schedule_steps(num_train, config.batch_size, config.schedule_epochs or config.epochs))
@@ -116,13 +126,22 @@ def build_train_state(config: TrainConfig, device: torch.device, num_train: int,
         # torch.distributed the loss's gather (an autograd.Function around all_gather) may break the graph: allowed
         compiled_forward_and_loss = torch.compile(forward_and_loss, fullgraph=world_size == 1)
     return TrainState(
-        encoder=encoder, augment=augment,
-        criterion=criterion, optimizer=build_optimizer(encoder, lr=lr), schedule=schedule, base_lr=config.lr,
-        num_patches=config.num_patches, seed=config.seed, bf16=bf16,
-        step=torch.zeros((), dtype=torch.int64, device=device), lr=lr,
+        encoder=encoder,
+        augment=augment,
+        criterion=criterion,
+        optimizer=build_optimizer(encoder, lr=lr),
+        schedule=schedule,
+        base_lr=config.lr,
+        num_patches=config.num_patches,
+        seed=config.seed,
+        bf16=bf16,
+        step=torch.zeros((), dtype=torch.int64, device=device),
+        lr=lr,
         metric_sums=torch.zeros(3, device=device),
-        permutation_generator=torch.Generator(device=device).manual_seed(config.seed), world_size=world_size,
-        compiled_forward_and_loss=compiled_forward_and_loss)
+        permutation_generator=torch.Generator(device=device).manual_seed(config.seed),
+        world_size=world_size,
+        compiled_forward_and_loss=compiled_forward_and_loss,
+    )
 
 
 def forward_and_loss(state: TrainState, patches: torch.Tensor, batch_size: int) -> Tuple[torch.Tensor, ...]:
@@ -174,5 +193,9 @@ def _drop_gradients(state: TrainState) -> None:
 def captured_train_step(state: TrainState) -> CudaGraphCall:
     """``train_step`` on CUDA as ``step(images, image_ids)``: ``CAPTURE_WARMUP_STEPS`` eager steps, then recorded
     once as a CUDA graph and replayed with the batch copied into static buffers."""
-    return CudaGraphCall(functools.partial(train_step, state), state.device, warmup=CAPTURE_WARMUP_STEPS,
-                         before_capture=functools.partial(_drop_gradients, state))
+    return CudaGraphCall(
+        functools.partial(train_step, state),
+        state.device,
+        warmup=CAPTURE_WARMUP_STEPS,
+        before_capture=functools.partial(_drop_gradients, state),
+    )
