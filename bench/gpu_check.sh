@@ -143,7 +143,7 @@ check_imports() {
 import empssl, empssl._C, empssl.kernels.tcr, empssl.kernels.augment, empssl.bench.tcr, empssl.bench.augment, empssl.bench.step, empssl.bench.epoch
 print(f"empssl {empssl.__version__} from {empssl.__file__}; extension CUDA part: {empssl._C.with_cuda}")
 PY
-  "$py" -m empssl.cli info
+  "$py" -m empssl info
 }
 
 pytest_timeout_args() {  # a per-test limit where pytest-timeout is installed (it is on the GPU machine)

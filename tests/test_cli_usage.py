@@ -117,7 +117,7 @@ def test_every_readme_command_line_parses():
             continue  # a synopsis
         parse, args = parser.parse_args, words
         if words[:1] == ["reproduce"]:  # the sweep parses its own options
-            from empssl.reproduce.sweep import build_parser
+            from empssl.reproduce.command import build_parser
 
             parse, args = build_parser().parse_args, words[1:]
         try:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from tiny_run import TINY, TINY_ARGS
 
 from empssl import checkpoint as ckpt
 from empssl import cli
@@ -23,45 +24,7 @@ from empssl.training.signals import StopRequest, TrainingInterrupted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = dict(
-    dataset="synthetic",
-    image_size=8,
-    train_size=64,
-    width=0.125,
-    hidden_dim=32,
-    z_dim=16,
-    num_patches=2,
-    batch_size=16,
-    device="cpu",
-    progress=False,
-    log_every=1,
-)
-# the same run on the command line (4 steps per epoch; a long schedule so a signal lands mid-run)
-TINY_ARGS = [
-    "--dataset",
-    "synthetic",
-    "--image-size",
-    "8",
-    "--train-size",
-    "64",
-    "--width",
-    "0.125",
-    "--hidden-dim",
-    "32",
-    "--z-dim",
-    "16",
-    "--num-patches",
-    "2",
-    "--batch-size",
-    "16",
-    "--device",
-    "cpu",
-    "--log-every",
-    "1",
-    "--threads",
-    "1",
-    "--no-progress",
-]
+# a long schedule, so that a signal lands mid-run
 LONG = dict(epochs=250, schedule_epochs=250)
 LONG_ARGS = ["--epochs", "250", "--schedule-epochs", "250"]
 FINAL_STEP = 16  # interrupted runs are resumed up to here and compared with an uninterrupted run

@@ -17,6 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from tiny_run import TINY_ARGS
 
 from empssl import checkpoint as ckpt
 from empssl import cli
@@ -30,31 +31,6 @@ from empssl.training import run_folder as run_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY_ARGS = [
-    "--dataset",
-    "synthetic",
-    "--image-size",
-    "8",
-    "--train-size",
-    "64",
-    "--width",
-    "0.125",
-    "--hidden-dim",
-    "32",
-    "--z-dim",
-    "16",
-    "--num-patches",
-    "2",
-    "--batch-size",
-    "16",
-    "--device",
-    "cpu",
-    "--log-every",
-    "1",
-    "--threads",
-    "1",
-    "--no-progress",
-]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

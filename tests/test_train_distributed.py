@@ -18,6 +18,7 @@ import time
 
 import pytest
 import torch
+from tiny_run import TINY_ARGS
 
 from empssl import checkpoint as ckpt
 from empssl import cli
@@ -28,34 +29,7 @@ from empssl.training.run_folder import CHECKPOINT_NAME, METRICS_NAME
 
 WORLD = 2
 STEPS = 4
-RUN = [
-    "--dataset",
-    "synthetic",
-    "--image-size",
-    "8",
-    "--train-size",
-    "64",
-    "--width",
-    "0.125",
-    "--hidden-dim",
-    "32",
-    "--z-dim",
-    "16",
-    "--num-patches",
-    "2",
-    "--batch-size",
-    "16",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
-    "--no-progress",
-    "--log-every",
-    "1",
-    "--sync-bn",
-    "--dist-timeout",
-    "60",
-]
+RUN = [*TINY_ARGS, "--sync-bn", "--dist-timeout", "60"]
 
 pytestmark = pytest.mark.slow  # every test starts torchrun with two ranks: 7-20 s each
 

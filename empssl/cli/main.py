@@ -1,0 +1,98 @@
+"""``empssl``: run a command, and turn every error a user can cause into one line and an exit code.
+
+The options of train and eval are generated from the fields of ``TrainConfig`` and ``EvalConfig``
+(empssl.config), where their defaults and help live: the 1-epoch CIFAR-10 recipe (ResNet-18 with
+the CIFAR stem, 20 patches of each of 100 images per step, lr 0.3 with a cosine schedule over 2
+epochs, stopped after 1 epoch) and evaluation by bag of features over 128 patches per image.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional
+
+from .commands import run_eval, run_export, run_info, run_plot, run_train, setup_runtime
+from .parser import build_parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while starting up (imports, data loading) or outside a command's own handling
+        name = next((word for word in argv if not word.startswith("-")), "")
+        print(f"empssl{' ' + name if name else ''}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: List[str]) -> int:
+    if argv[:1] == ["bench"]:  # each benchmark parses its own options
+        from ..bench import main as bench_main
+
+        return bench_main(argv[1:])
+    if argv[:1] == ["reproduce"]:  # a sweep of train and eval commands, with options of its own
+        from ..reproduce.command import main as reproduce_main
+
+        return reproduce_main(argv[1:], run_command=main)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ..backends import BackendUnavailableError
+    from ..checkpoint import CheckpointError
+    from ..data.dataset import DataError
+    from ..distributed import DistributedError, destroy
+    from ..training.loop import NonFiniteLossError
+    from ..training.signals import TrainingInterrupted
+
+    try:
+        if args.command not in ("info", "export", "plot"):
+            setup_runtime(args)
+        code = {"train": run_train, "eval": run_eval, "plot": run_plot, "info": run_info, "export": run_export}[
+            args.command
+        ](args)
+        destroy()  # only after success: after a failed collective, NCCL's teardown can wait for the dead rank
+        return code
+    except (
+        DataError,
+        CheckpointError,
+        NonFiniteLossError,
+        BackendUnavailableError,
+        DistributedError,
+        ValueError,
+        TypeError,
+    ) as err:
+        print(f"{_prog(args)}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a permission, a read-only folder, a path that vanished: one line
+        print(f"{_prog(args)}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as err:
+        print(f"{_prog(args)}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"{_prog(args)}: interrupted", file=sys.stderr)
+        return 130
+
+
+def describe_os_error(err: OSError) -> str:
+    """``reason: path`` of an OSError (its errno's text when it has no message of its own)."""
+    import errno as errnos
+
+    reason = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
+    hint = {
+        errnos.ENOSPC: "free some space or pass another --out-dir",
+        errnos.EROFS: "the file system is read-only",
+        errnos.EACCES: "check the permissions",
+        errnos.EPERM: "check the permissions",
+        errnos.ENOENT: "did the path vanish?",
+    }.get(err.errno)
+    where = f" ({err.filename})" if err.filename and str(err.filename) not in reason else ""
+    return f"{reason}{where}" + (f"; {hint}" if hint else "")
+
+
+def _prog(args) -> str:
+    """``empssl train``, with the rank under torchrun (every rank prints its own errors)."""
+    from .. import distributed
+
+    where = f" (rank {distributed.rank()} of {distributed.world_size()})" if distributed.world_size() > 1 else ""
+    return f"empssl {args.command}{where}"
