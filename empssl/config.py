@@ -20,8 +20,8 @@ import warnings
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from . import checkpoint as ckpt
-from .checks import FLOAT32_MAX, finite_float, positive_float, positive_int
-from .data.load import BAD_IMAGE_POLICIES, DATASET_SPECS
+from .checks import FLOAT32_MAX, aspect_ratio, finite_float, positive_float, positive_int
+from .data.load import BAD_IMAGE_POLICIES, DATASET_SPECS, STREAM_CHOICES
 from .models.resnet import ARCHS
 from .ops import augment as augment_op
 from .ops import tcr as tcr_op
@@ -211,10 +211,37 @@ class TrainConfig(RuntimeConfig):
     )
     image_size: Optional[int] = option(
         None,
-        "image size of folder: and synthetic data sets (default: 32)",
+        "the size image trees are stored at (each image's shorter side), and the size of synthetic images "
+        "(default: the layout's: 64 for Tiny ImageNet, 448 for ImageNet-100, else 32)",
         group="data",
         type=positive_int,
         show_default=False,
+    )
+    max_aspect: Optional[float] = option(
+        None,
+        "image trees: the longest aspect ratio (long:short, e.g. 4:3) an image keeps whole; beyond it the longer "
+        "side is centre-cropped, 1 keeps the centre square (default: 4:3 for ImageNet-100, else 1)",
+        group="data",
+        type=aspect_ratio,
+        metavar="RATIO",
+        show_default=False,
+    )
+    patch_size: Optional[int] = option(
+        None,
+        "size of the patches the encoder sees, each cropped from the stored image at its resolution and resized "
+        "(default: the recipe's: 32 for CIFAR, 64 for Tiny ImageNet, 224 for ImageNet-100, else the image size "
+        "up to 224)",
+        group="data",
+        type=positive_int,
+        show_default=False,
+    )
+    stream: str = option(
+        "auto",
+        "image trees: on reads each step's images from the on-disk store (each rank its share, read ahead on a "
+        "side thread), off holds the whole training split in memory, auto holds it in memory where it fits "
+        "(`empssl info` states the rule)",
+        group="data",
+        choices=STREAM_CHOICES,
     )
     train_size: Optional[int] = option(
         None,
@@ -225,13 +252,13 @@ class TrainConfig(RuntimeConfig):
     )
     cache_dir: Optional[str] = option(
         None,
-        "where folder: data sets cache their decoded arrays (default: PATH/.empssl_cache)",
+        "where image trees keep their decoded stores (default: PATH/.empssl_cache)",
         group="data",
         show_default=False,
     )
     on_bad_image: str = option(
         "skip",
-        "an image of a folder: data set that does not decode: skip it with a warning, or stop",
+        "an image of an image tree that does not decode: skip it with a warning, or stop",
         group="data",
         choices=BAD_IMAGE_POLICIES,
     )
@@ -355,5 +382,9 @@ class TrainConfig(RuntimeConfig):
             raise ValueError(f"max_steps must be a positive integer or None, got {self.max_steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.max_aspect is not None and not 1.0 <= self.max_aspect <= 4.0:
+            raise ValueError(f"max_aspect must be from 1 to 4, got {self.max_aspect!r}")
+        if self.patch_size is not None and (not isinstance(self.patch_size, int) or self.patch_size < 1):
+            raise ValueError(f"patch_size must be a positive integer or None, got {self.patch_size!r}")
         if self.num_patches < 2:
             raise ValueError(f"num_patches must be >= 2 (the invariance term compares patches), got {self.num_patches}")

@@ -135,12 +135,15 @@ def run_eval(args) -> int:
         test_size=config.test_size,
         device=device,
         show_progress=config.progress,
+        max_aspect=pick("max_aspect"),
+        stream=pick("stream"),
     )
     from ..augment.config import smallest_image_size
-    from ..data.dataset import check_image_size
+    from ..data.dataset import check_patch_size
 
-    check_image_size(data, smallest_image_size())
-    results = evaluate(encoder.to(device), data, config)
+    patch_size = pick("patch_size") or data.recipe_patch_size
+    check_patch_size(data, patch_size, smallest_image_size())
+    results = evaluate(encoder.to(device), data, config, patch_size=patch_size)
     if not _is_main_rank():
         return 0
     results = {"encoder": source, "dataset": data.name, **results}

@@ -1,74 +1,37 @@
-"""``folder:PATH`` data sets: an ImageFolder tree decoded once (threads, PIL) into uint8 arrays, cached on disk.
+"""Image trees (``folder:``, ``tinyimagenet:``, ``imagenet100:``, ``unlabelled:`` PATH) decoded once into stores.
 
-PATH/train/<class>/* with PATH/val or PATH/test/<class>/*, or one PATH/<class>/* tree split deterministically.
+The tree is listed by ``empssl.data.layouts``; each split is decoded once, on every core, into an on-disk store
+(``empssl.data.store``) in the cache folder (default PATH/.empssl_cache), named by a fingerprint of every file's
+path, size and mtime and of the storage settings, so a changed tree or setting gets a new store and the stale one is
+removed (only stores of this tree's, proven by their header). ``load_image_folder`` returns an ``ImageDataset``
+whose splits are these stores; ``empssl.data.load`` reads a split into memory where it fits.
+
+Storage: each image keeps its aspect ratio up to ``max_aspect`` (the longer side centre-cropped beyond it; 1: the
+centre square), its shorter side resized to ``image_size``, in the top-left corner of a canvas whose side is the
+longest kept side (``canvas_size``); the patches are cut from the image at this resolution (docs/method.md section 4).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
-import json
+import math
 import os
-import warnings
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import numpy as np
-import torch
 
-from ..files import check_writable_folder, write_atomically
-from .dataset import DataError, ImageDataset, deterministic_split
+from ..files import check_writable_folder
+from .dataset import DataError, ImageDataset
+from .layouts import Listing, list_images
+from .store import SUFFIX, ImageStore, StoreError, build_store, remove_stale_stores, store_header
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-
-
-def _list_class_tree(folder: str) -> List[Tuple[str, str]]:
-    """(relative path, class name) of every image file under folder/<class>/, sorted."""
-    entries = []
-    for class_name in sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith(".")):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(folder, class_name)):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for filename in sorted(filenames):
-                if filename.lower().endswith(IMAGE_EXTENSIONS):
-                    entries.append((os.path.join(dirpath, filename), class_name))
-    return entries
+STORE_VERSION = 2  # of what a store holds: changing the decoding changes it, so old stores are not reused
+MAX_ASPECT_LIMIT = 4.0
 
 
-def _find_splits(path: str, seed: int):
-    """{split: [(file, class)]} of an ImageFolder tree, with or without its own test split."""
-    if not os.path.isdir(path):
-        raise DataError(f"image folder {path} not found")
-    train_dir = os.path.join(path, "train")
-    if os.path.isdir(train_dir):
-        test_dir = next((os.path.join(path, d) for d in ("val", "test") if os.path.isdir(os.path.join(path, d))), None)
-        if test_dir is None:
-            raise DataError(f"image folder {path} has train/ but neither val/ nor test/")
-        splits = {"train": _list_class_tree(train_dir), "test": _list_class_tree(test_dir)}
-        for split, folder in (("train", train_dir), ("test", test_dir)):
-            if not splits[split]:
-                raise DataError(f"image folder {folder} holds no images (expected {folder}/<class>/*.png|jpg)")
-    else:
-        entries = _list_class_tree(path)
-        if not entries:
-            raise DataError(
-                f"image folder {path} holds no images (expected {path}/train/<class>/*, "
-                f"{path}/val/<class>/* or {path}/<class>/*.png|jpg)"
-            )
-        train_idx, test_idx = deterministic_split(len(entries), seed=seed)
-        splits = {"train": [entries[i] for i in train_idx], "test": [entries[i] for i in test_idx]}
-    classes = sorted({c for entries in splits.values() for _, c in entries})
-    return splits, classes
-
-
-def _fingerprint(path: str, splits, image_size: int, on_bad_image: str, seed: int) -> str:
-    """Hash of every file's relative path, size and mtime, plus the decoding settings."""
-    digest = hashlib.sha256(f"v1|{image_size}|{on_bad_image}|{seed}".encode())
-    for split in ("train", "test"):
-        for file, class_name in splits[split]:
-            stat = os.stat(file)
-            digest.update(
-                f"{split}|{os.path.relpath(file, path)}|{class_name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode()
-            )
-    return digest.hexdigest()[:20]
+def canvas_size(image_size: int, max_aspect: float) -> int:
+    """The side of the square canvas that holds an image of shorter side ``image_size`` kept up to ``max_aspect``."""
+    return int(math.floor(image_size * max_aspect + 1e-9))
 
 
 def to_rgb8(image):
@@ -93,146 +56,124 @@ def to_rgb8(image):
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
-def decode_image(file: str, image_size: int) -> np.ndarray:
-    """One image file -> (S, S, 3) uint8: RGB, shorter side resized to S, centre crop."""
+def decode_image(file: str, image_size: int, max_aspect: float = 1.0) -> np.ndarray:
+    """One image file -> (h, w, 3) uint8 RGB: the shorter side resized to ``image_size``, the longer side kept up
+    to ``max_aspect`` times that (centre-cropped beyond it). The crop is taken before the resize (PIL's ``box``), so
+    the work is bounded by the output, and a JPEG is decoded at the smallest DCT scale that is still at least the
+    output's size."""
     from PIL import Image
 
     with Image.open(file) as image:
+        width, height = image.size
+        if image.format == "JPEG":
+            scale = image_size / min(width, height)
+            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         image = to_rgb8(image)
         width, height = image.size
         scale = image_size / min(width, height)
-        new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
-        if (new_w, new_h) != (width, height):
-            image = image.resize((new_w, new_h), Image.BILINEAR)
-        left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-        image = image.crop((left, top, left + image_size, top + image_size))
+        longest = canvas_size(image_size, max_aspect)
+        out_w = min(max(image_size, round(width * scale)), longest) if width >= height else image_size
+        out_h = min(max(image_size, round(height * scale)), longest) if height > width else image_size
+        box_w, box_h = min(width, out_w / scale), min(height, out_h / scale)
+        left, top = (width - box_w) / 2, (height - box_h) / 2
+        image = image.resize((out_w, out_h), Image.BILINEAR, box=(left, top, left + box_w, top + box_h))
         return np.asarray(image, dtype=np.uint8)
 
 
-def _readable(file: str) -> bool:
-    """Whether a cache file loads whole (the one a failed load names)."""
-    try:
-        if file.endswith(".npy"):
-            np.load(file, allow_pickle=False)
-        else:
-            with open(file) as f:
-                json.load(f)["classes"]
-        return True
-    except (OSError, ValueError, KeyError, EOFError):
-        return False
+def _fingerprint(listing: Listing, image_size: int, max_aspect: float, on_bad_image: str, seed: int) -> str:
+    """Hash of every file's relative path, class, size and mtime, plus the layout and the storage settings."""
+    settings = f"v{STORE_VERSION}|{listing.kind}|{listing.layout}|{image_size}|{max_aspect!r}|{on_bad_image}|{seed}"
+    digest = hashlib.sha256(settings.encode())
+    for split, entries in listing.splits.items():
+        for file, class_name in entries:
+            try:
+                stat = os.stat(file)
+            except OSError as err:
+                raise DataError(f"cannot read {file}: {err.strerror or err}") from None
+            relative = os.path.relpath(file, listing.path)
+            digest.update(f"{split}|{relative}|{class_name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
 
 
-def _check_cache(arrays, image_size: int, num_classes: int) -> None:
-    """ValueError unless the cached arrays have the shapes and types this loader writes."""
-    for split in ("train", "test"):
-        images, labels = arrays[f"{split}-images"], arrays[f"{split}-labels"]
-        if (
-            images.dtype != np.uint8
-            or images.shape[1:] != (image_size, image_size, 3)
-            or labels.dtype != np.int64
-            or labels.shape != images.shape[:1]
-            or (labels.size and not 0 <= labels.min() <= labels.max() < num_classes)
-        ):
-            raise ValueError(f"the cached {split} arrays have unexpected shapes or values")
-
-
-def _decode_or_error(args):
-    file, image_size = args
-    try:
-        return decode_image(file, image_size), None
-    except Exception as err:  # PIL raises several types for a broken file: report them all the same way
-        return None, f"{type(err).__name__}: {err}"
-
-
-def _decode_split(entries, classes, image_size, on_bad_image, description, show_progress):
-    from tqdm import tqdm
-
-    class_index = {c: i for i, c in enumerate(classes)}
-    images, labels, skipped = [], [], []
-    workers = min(32, (os.cpu_count() or 1) + 4)
-    # threads: PIL releases the GIL while decoding and resizing, and nothing needs pickling
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_decode_or_error, [(file, image_size) for file, _ in entries])
-        for (file, class_name), (image, error) in tqdm(
-            zip(entries, results), total=len(entries), desc=description, unit="img", disable=not show_progress
-        ):
-            if image is None:
-                if on_bad_image == "error":
-                    raise DataError(
-                        f"cannot decode image {file}: {error} (pass --on-bad-image skip to skip such files)"
-                    )
-                skipped.append(file)
-                warnings.warn(f"skipping image {file} that does not decode: {error}")
-                continue
-            images.append(image)
-            labels.append(class_index[class_name])
-    if not images:
-        raise DataError(f"no image of the {description} decoded")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), skipped
+def check_storage(image_size: int, max_aspect: float) -> None:
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or not 1 <= image_size <= 8192:
+        raise ValueError(f"image_size must be an integer from 1 to 8192, got {image_size!r}")
+    if not (isinstance(max_aspect, (int, float)) and 1.0 <= max_aspect <= MAX_ASPECT_LIMIT):
+        raise ValueError(f"max_aspect must be a number from 1 to {MAX_ASPECT_LIMIT:g}, got {max_aspect!r}")
 
 
 def load_image_folder(
     path: str,
-    image_size: int = 32,
+    image_size: Optional[int] = None,
     cache_dir: Optional[str] = None,
     on_bad_image: str = "skip",
     seed: int = 0,
     show_progress: bool = True,
+    kind: str = "folder",
+    max_aspect: Optional[float] = None,
 ) -> ImageDataset:
-    """An ImageFolder tree decoded once (in parallel) into uint8 arrays, cached as .npy and reused.
-
-    The cache key is a fingerprint of every file's relative path, size and mtime, so the cache is
-    rebuilt when the tree changes. Cache files are written atomically (temp file + os.replace);
-    the metadata file is written last and marks a complete cache.
-    """
-    splits, classes = _find_splits(path, seed)
+    """The tree at ``path`` read as ``kind`` (``empssl.data.layouts``), each split decoded once into a store (built
+    in parallel, resumed if interrupted, reused while the tree and settings are unchanged); the returned data set's
+    images are these stores (``ImageStore``). ``image_size`` / ``max_aspect``: the storage (default: the layout's)."""
+    listing = list_images(kind, path, seed)
+    image_size = image_size or listing.defaults.image_size
+    max_aspect = float(max_aspect if max_aspect is not None else listing.defaults.max_aspect)
+    check_storage(image_size, max_aspect)
+    canvas = canvas_size(image_size, max_aspect)
     cache_dir = cache_dir or os.path.join(path, ".empssl_cache")
-    key = _fingerprint(path, splits, image_size, on_bad_image, seed)
-    files = {
-        name: os.path.join(cache_dir, f"{key}.{name}.npy")
-        for name in ("train-images", "train-labels", "test-images", "test-labels")
-    }
-    meta_path = os.path.join(cache_dir, f"{key}.meta.json")
-    cached = os.path.exists(meta_path) and all(os.path.exists(f) for f in files.values())
-    if not cached:  # before decoding: an unusable cache folder fails at once, not after the work
-        check_writable_folder(cache_dir, "--cache-dir")
-    if cached:
-        try:
-            arrays = {name: np.load(file, allow_pickle=False) for name, file in files.items()}
-            with open(meta_path) as f:
-                cached_classes = json.load(f)["classes"]
-            _check_cache(arrays, image_size, len(cached_classes))
-            classes = cached_classes
-        except (OSError, ValueError, KeyError, EOFError) as err:  # truncated, unreadable or foreign: decode again
-            broken = next((file for file in [*files.values(), meta_path] if not _readable(file)), meta_path)
-            warnings.warn(
-                f"the cache file {broken} is truncated or unreadable ({type(err).__name__}: {err}); "
-                f"rebuilding the cache of {path}"
-            )
-            cached = False
-            check_writable_folder(cache_dir, "--cache-dir")
-    if not cached:
-        arrays, skipped = {}, []
-        for split in ("train", "test"):
-            images, labels, bad = _decode_split(
-                splits[split], classes, image_size, on_bad_image, f"{split} split of {path}", show_progress
-            )
-            arrays[f"{split}-images"], arrays[f"{split}-labels"] = images, labels
-            skipped += bad
+    key = _fingerprint(listing, image_size, max_aspect, on_bad_image, seed)
+    source = os.path.abspath(path)
+    class_index = {name: index for index, name in enumerate(listing.classes)}
+    stores = {}
+    for split, entries in listing.splits.items():
+        store_path = os.path.join(cache_dir, f"{key}.{split}{SUFFIX}")
+        about = {
+            "source": source,
+            "split": split,
+            "fingerprint": key,
+            "layout": listing.layout,
+            "classes": listing.classes,
+            "image_size": image_size,
+            "max_aspect": max_aspect,
+        }
+        header = store_header(len(entries), canvas, **about)
+        if os.path.exists(store_path):
+            try:
+                stores[split] = ImageStore.open(store_path, expect=about)
+                continue
+            except StoreError as err:  # truncated, damaged or foreign: decode again (it is ours by its name)
+                import warnings
+
+                warnings.warn(f"{err}; rebuilding the store of the {split} split of {path}")
+        check_writable_folder(cache_dir, "--cache-dir")  # before decoding: an unusable folder fails at once
         os.makedirs(cache_dir, exist_ok=True)
-        for stale in os.listdir(cache_dir):  # caches of an earlier state of this tree
-            if not stale.startswith(key) and (stale.endswith(".npy") or stale.endswith(".meta.json")):
-                os.remove(os.path.join(cache_dir, stale))
-        for name, file in files.items():
-            write_atomically(file, lambda f, array=arrays[name]: np.save(f, array))
-        meta = {"classes": classes, "image_size": image_size, "skipped": skipped, "source": os.path.abspath(path)}
-        write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()))
-    tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
+        if os.path.exists(store_path):
+            os.unlink(store_path)  # the damaged store of this very fingerprint and split, checked above
+        labels = np.array([class_index.get(name, -1) if name is not None else -1 for _, name in entries], np.int64)
+        build_store(
+            store_path,
+            [file for file, _ in entries],
+            labels,
+            header,
+            lambda file: decode_image(file, image_size, max_aspect),
+            on_bad_image,
+            show_progress,
+            f"{split} split of {path}",
+        )
+        remove_stale_stores(cache_dir, store_path, source, split)
+        stores[split] = ImageStore.open(store_path, expect=about)
+    train = stores["train"]
+    test = stores["test"] if "test" in stores else train[:0]  # unlabelled: no test split
+    patch_size = listing.defaults.patch_size
     return ImageDataset(
-        f"folder:{path}",
-        tensors["train-images"],
-        tensors["train-labels"],
-        tensors["test-images"],
-        tensors["test-labels"],
-        classes=classes,
+        f"{kind}:{path}",
+        train,
+        train.labels,
+        test,
+        test.labels,
+        classes=list(listing.classes),
+        train_sizes=train.sizes,
+        test_sizes=test.sizes,
+        patch_size=patch_size,
+        layout=listing.layout,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .. import distributed
@@ -50,10 +51,14 @@ def extract_features(
     seed: int = DEFAULTS.seed,
     split_key: int = 0,
     fold: bool = True,
+    image_sizes: Optional[torch.Tensor] = None,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """(N, feature_dim) float32: per image, the mean ``encoder.features`` of ``num_patches`` augmented patches.
 
-    ``images``: uint8 (N, H, W, 3) on the encoder's device. Patch i of image k is drawn from the
+    ``images``: uint8 (N, H, W, 3) on the encoder's device, or an ``ImageStore`` (each chunk read from disk and
+    moved to ``device``, default the encoder's); ``image_sizes``: int64 (N, 2) on that device, each image's
+    (height, width) in its canvas (None: every image fills it). Patch i of image k is drawn from the
     counter-based source keyed by (``seed``, ``split_key``, k, i), or from ``generator`` when one is
     given (then the patches depend on the chunking, and a process group is refused). ``fold``: run a
     BatchNorm-folded copy of the encoder (``fold_batchnorm``; on CUDA in bf16 when ``bf16``, with the
@@ -68,7 +73,8 @@ def extract_features(
         raise ValueError(f"num_patches must be a positive integer, got {num_patches!r}")
     if images.ndim != 4 or images.dtype != torch.uint8 or images.shape[0] == 0:
         raise ValueError(f"images must be uint8 (N, H, W, 3) with N > 0, got {images.dtype} {tuple(images.shape)}")
-    device = images.device
+    in_memory = isinstance(images, torch.Tensor)
+    device = images.device if in_memory else (device or next(encoder.parameters()).device)
     rank, world = distributed.rank(), distributed.world_size()
     if generator is not None and world > 1:
         raise ValueError(
@@ -111,11 +117,19 @@ def extract_features(
                 leave=False,
             ):
                 image_ids = torch.arange(start, start + images_per_chunk, device=device).clamp_(max=num_images - 1)
-                batch = images.index_select(0, image_ids)
-                if generator is not None:
-                    patches = augment(batch, num_patches, generator=generator)
+                if in_memory:
+                    batch = images.index_select(0, image_ids)
                 else:
-                    patches = augment(batch, num_patches, seed=seed, step=split_key, image_ids=image_ids)
+                    ids = np.minimum(np.arange(start, start + images_per_chunk), num_images - 1)
+                    host = np.empty((images_per_chunk, *images.shape[1:]), np.uint8)
+                    batch = torch.from_numpy(images.read(ids, host)).to(device)
+                sizes = None if image_sizes is None else image_sizes[image_ids]
+                if generator is not None:
+                    patches = augment(batch, num_patches, generator=generator, image_sizes=sizes)
+                else:
+                    patches = augment(
+                        batch, num_patches, seed=seed, step=split_key, image_ids=image_ids, image_sizes=sizes
+                    )
                 if not fold and on_gpu_bf16:
                     with torch.autocast("cuda", dtype=torch.bfloat16):
                         features = network.features(patches)

@@ -12,7 +12,7 @@ import torch
 from ..augment.config import AugmentConfig, augment_config_for
 from ..augment.multipatch import MultiPatchAugment
 from ..config import EvalConfig
-from ..data.dataset import ImageDataset
+from ..data.dataset import DataError, ImageDataset
 from .features import SPLIT_KEYS, extract_features
 from .probe import LabelledFeatures, knn_classify, linear_probe
 
@@ -22,11 +22,13 @@ def evaluate(
     data: ImageDataset,
     config: Optional[EvalConfig] = None,
     augment_config: Optional[AugmentConfig] = None,
+    patch_size: Optional[int] = None,
 ) -> Dict[str, float]:
     """Bag-of-features evaluation of ``encoder`` on ``data`` with the settings of ``config`` (default: the
     recipe's, ``EvalConfig()``); accuracies are fractions in [0, 1]. Runs on the encoder's device (``empssl eval``
-    puts it on ``config.device``); ``augment_config``: the recipe of the patches (default: the one for the images'
-    size).
+    puts it on ``config.device``); ``augment_config``: the recipe of the patches (default: the one for
+    ``patch_size``, whose default is the data set's recipe's, ``data.recipe_patch_size``). A split may be held in
+    memory or in its on-disk store. Unlabelled data is refused: the probe and the kNN need labels.
 
     Keys: linear_top1 (the result), linear_best_epoch_top1 and linear_best_epoch (reference only),
     knn_top1, knn_top5, plus num_patches, num_train, num_test, feature_dim and timings.
@@ -34,8 +36,14 @@ def evaluate(
     start = time.perf_counter()
     config = config or EvalConfig()
     device = next(encoder.parameters()).device
+    if not data.labelled:
+        raise DataError(
+            f"{data.name} has no labels ({data.layout or 'unlabelled images'}): evaluation trains a linear probe and "
+            f"a kNN on labelled features; evaluate on a labelled data set (--dataset folder:PATH with class "
+            f"folders, tinyimagenet:PATH, imagenet100:PATH, cifar10, ...)"
+        )
     data = data.to(device)
-    recipe = augment_config or augment_config_for(data.image_size[0])
+    recipe = augment_config or augment_config_for(patch_size or data.recipe_patch_size)
     use_amp = config.bf16 and device.type == "cuda"
     augment = MultiPatchAugment(
         recipe,
@@ -54,6 +62,8 @@ def evaluate(
             description=f"{split} features",
             seed=config.seed,
             split_key=key,
+            image_sizes=getattr(data, f"{split}_sizes"),
+            device=device,
         )
         for split, key in SPLIT_KEYS.items()
     }
