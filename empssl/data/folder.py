@@ -21,9 +21,10 @@ from typing import Optional
 import numpy as np
 
 from ..files import check_writable_folder
+from .build import build_store, remove_stale_stores
 from .dataset import DataError, ImageDataset
 from .layouts import Listing, list_images
-from .store import SUFFIX, ImageStore, StoreError, build_store, remove_stale_stores, store_header
+from .store import SUFFIX, ImageStore, StoreError, store_header
 
 STORE_VERSION = 2  # of what a store holds: changing the decoding changes it, so old stores are not reused
 MAX_ASPECT_LIMIT = 4.0

@@ -9,23 +9,18 @@ Layout of a store file (little-endian; every section starts on a 4096-byte bound
     status  uint8 (N,)        0 not decoded yet, 1 decoded, 2 did not decode (skipped)
     slots   N x C*C*3 bytes   image k packed as (h, w, 3) at the start of slot k; the rest of the slot is a hole
 
-A store is built under ``NAME.partial`` (``build_store``: decoding on every core, a progress bar, each image
-written with its status byte after its pixels, so a killed build resumes where it stopped), then fsynced and
-renamed to ``NAME``: a store at its final name is complete. An ``flock`` on the partial file keeps two processes (a
-node's torchrun ranks) from building one store twice. ``ImageStore.open`` checks the header, the file's size and
+A store is built under ``NAME.partial`` and renamed to ``NAME`` once complete (``empssl.data.build``).
+``ImageStore.open`` checks the header, the file's size and
 every status, size and label before anything is read; ``read`` fills a batch of images with ``pread`` (no mapping:
 the pages a step reads stay in the page cache, outside this process's resident memory).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import fcntl
 import json
 import os
 import struct
-import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -63,7 +58,7 @@ def _layout(count: int, canvas: int, header_bytes: int) -> Dict[str, int]:
     }
 
 
-def _pread(fd: int, buffer, offset: int, path: str) -> None:
+def pread_into(fd: int, buffer, offset: int, path: str) -> None:
     view = memoryview(buffer).cast("B")
     done = 0
     while done < len(view):
@@ -73,7 +68,7 @@ def _pread(fd: int, buffer, offset: int, path: str) -> None:
         done += got
 
 
-def _pwrite(fd: int, data, offset: int) -> None:
+def pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while len(view):
         written = os.pwrite(fd, view, offset)
@@ -153,17 +148,16 @@ class ImageStore:
             count, canvas = int(header["count"]), int(header["canvas"])
             labels, sizes, status = np.empty(count, np.int64), np.empty((count, 2), np.int32), np.empty(count, np.uint8)
             for array, key in ((labels, "labels_at"), (sizes, "sizes_at"), (status, "status_at")):
-                _pread(fd, array, int(header[key]), path)
+                pread_into(fd, array, int(header[key]), path)
         finally:
             os.close(fd)
         num_classes = len(header.get("classes") or [])
         problems = {
             "unfinished images": np.isin(status, (DECODED, SKIPPED), invert=True),
             "sizes outside the canvas": (status == DECODED) & ((sizes < 1) | (sizes > canvas)).any(axis=1),
-            "labels outside the classes": (labels < (0 if num_classes else -1)) | (labels >= max(num_classes, 0)),
+            # unlabelled images (no classes) carry -1
+            "labels outside the classes": (labels < 0) | (labels >= num_classes) if num_classes else labels != -1,
         }
-        if not num_classes:
-            problems["labels outside the classes"] = labels != -1
         for what, bad in problems.items():
             if bad.any():
                 raise StoreError(f"the store {path} is corrupt: {int(bad.sum())} {what}")
@@ -230,10 +224,10 @@ class ImageStore:
             offset = slots_at + slot * self.slot_bytes
             image = out[row]
             if width == canvas:  # whole rows: straight into the canvas
-                _pread(fd, image[:height], offset, self.path)
+                pread_into(fd, image[:height], offset, self.path)
             else:
                 packed = np.empty((height, width, 3), np.uint8)
-                _pread(fd, packed, offset, self.path)
+                pread_into(fd, packed, offset, self.path)
                 image[:height, :width] = packed
                 image[:height, width:] = 0
             image[height:] = 0
@@ -253,37 +247,10 @@ class ImageStore:
         return torch.from_numpy(images)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Building
-
-
-def _decode_or_error(decode: Callable[[str], np.ndarray], file: str):
-    try:
-        return decode(file), None
-    except Exception as err:  # PIL raises several types for a broken file: report them all the same way
-        return None, f"{type(err).__name__}: {err}"
-
-
-def decode_workers() -> int:
-    """Decoding threads: one per core this process may run on (PIL releases the GIL while it decodes and resizes)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def _new_partial(fd: int, header: Dict, labels: np.ndarray) -> None:
-    text = json.dumps(header, sort_keys=True).encode()
-    os.ftruncate(fd, 0)
-    _pwrite(fd, MAGIC + struct.pack("<Q", len(text)) + text, 0)
-    _pwrite(fd, np.ascontiguousarray(labels, dtype=np.int64), header["labels_at"])
-    os.ftruncate(fd, header["file_size"])  # the slots stay holes until written: the file takes what it holds
-
-
 def store_header(count: int, canvas: int, **about) -> Dict:
     """The header of a store of ``count`` images on a ``canvas`` square, with ``about`` (source, split,
     fingerprint, classes, storage settings) recorded beside the layout."""
-    header = {"format": FORMAT, "count": count, "canvas": canvas, **about}
+    header = json.loads(json.dumps({"format": FORMAT, "count": count, "canvas": canvas, **about}))  # as read back
     header["header_bytes"] = 0
     for _ in range(3):  # the offsets depend on the header's length, which depends on the offsets' digits
         header.update(_layout(count, canvas, len(json.dumps(header, sort_keys=True).encode())))
@@ -293,157 +260,7 @@ def store_header(count: int, canvas: int, **about) -> Dict:
     return header
 
 
-def build_store(
-    path: str,
-    files: List[str],
-    labels: np.ndarray,
-    header: Dict,
-    decode: Callable[[str], np.ndarray],
-    on_bad_image: str = "skip",
-    show_progress: bool = True,
-    description: str = "decode",
-) -> List[str]:
-    """Decode ``files`` (labels ``labels``) into the store ``path`` (header from ``store_header``), resuming a
-    partial build of the same header; returns the files that did not decode (skipped, each with a warning; with
-    ``on_bad_image="error"`` the first stops the build with DataError and the partial file is removed)."""
-    from tqdm import tqdm
-
-    partial = path + PARTIAL
-    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"empssl: waiting for another process building {path}", flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        if os.path.exists(path):  # that process finished it
-            return []
-        resumed = False
-        if os.fstat(fd).st_size:
-            try:
-                resumed = read_header(partial, fd) == header and os.fstat(fd).st_size == header["file_size"]
-            except StoreError:
-                raise StoreError(
-                    f"{partial} is not a partial store of empssl's; it is left alone: remove it or pass another "
-                    f"--cache-dir"
-                ) from None
-        status = np.zeros(len(files), np.uint8)
-        if resumed:
-            _pread(fd, status, header["status_at"], partial)
-            if np.isin(status, (PENDING, DECODED, SKIPPED), invert=True).any():
-                resumed, status[:] = False, PENDING
-        if not resumed:
-            _new_partial(fd, header, labels)
-        skipped = [files[k] for k in np.flatnonzero(status == SKIPPED)]
-        pending = [int(k) for k in np.flatnonzero(status == PENDING)]
-        canvas = header["canvas"]
-        slot_bytes = canvas * canvas * 3
-        bar = tqdm(
-            total=len(files),
-            initial=len(files) - len(pending),
-            desc=description + (" (resumed)" if resumed and len(pending) < len(files) else ""),
-            unit="img",
-            disable=not show_progress,
-            dynamic_ncols=True,
-        )
-        workers = decode_workers()
-        with bar, concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            queue = iter(pending)
-            running = {}
-
-            def submit(count: int) -> None:
-                for index in queue:
-                    running[pool.submit(_decode_or_error, decode, files[index])] = index
-                    count -= 1
-                    if count == 0:
-                        return
-
-            submit(4 * workers)  # a bounded window: decoded images wait in memory only briefly
-            try:
-                while running:
-                    done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                    for future in done:
-                        index = running.pop(future)
-                        image, error = future.result()
-                        if image is None or image.ndim != 3 or image.shape[2] != 3 or max(image.shape[:2]) > canvas:
-                            error = error or f"decoded to {getattr(image, 'shape', None)}, not within the canvas"
-                            if on_bad_image == "error":
-                                raise DataError(
-                                    f"cannot decode image {files[index]}: {error} (pass --on-bad-image skip to skip "
-                                    f"such files)"
-                                )
-                            warnings.warn(f"skipping image {files[index]} that does not decode: {error}")
-                            skipped.append(files[index])
-                            _pwrite(fd, np.array([SKIPPED], np.uint8), header["status_at"] + index)
-                        else:
-                            # pixels and size first, the status byte last: a kill between them redoes the image
-                            _pwrite(fd, np.ascontiguousarray(image), header["slots_at"] + index * slot_bytes)
-                            size = np.array(image.shape[:2], np.int32)
-                            _pwrite(fd, size, header["sizes_at"] + 8 * index)
-                            _pwrite(fd, np.array([DECODED], np.uint8), header["status_at"] + index)
-                        bar.update(1)
-                    submit(len(done))
-            except BaseException:
-                for future in running:
-                    future.cancel()
-                raise
-        if len(skipped) == len(files):
-            raise DataError(f"no image of the {description} decoded")
-        os.fsync(fd)
-        os.replace(partial, path)  # the final name marks a complete store
-        _fsync_folder(os.path.dirname(path) or ".")
-        return skipped
-    except DataError:
-        if os.path.exists(partial):  # ours: we hold its lock and wrote its header
-            os.unlink(partial)
-        raise
-    finally:
-        os.close(fd)
-
-
-def _fsync_folder(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def remove_stale_stores(folder: str, keep: str, source: str, split: str) -> List[str]:
-    """Remove the stores (complete or partial) in ``folder`` that this tree's split wrote for an earlier state of the
-    tree: only files named ``*.empssl-store[.partial]`` whose header is a store's and names the same ``source`` and
-    ``split``, never ``keep``, never one another process is building. Returns the removed paths."""
-    removed = []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return removed
-    for name in names:
-        path = os.path.join(folder, name)
-        if path == keep or not (name.endswith(SUFFIX) or name.endswith(SUFFIX + PARTIAL)) or os.path.islink(path):
-            continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            import stat
-
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                continue
-            header = read_header(path, fd)
-            if header.get("source") != source or header.get("split") != split:
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a partial store being built is somebody's
-            os.unlink(path)
-            removed.append(path)
-        except (StoreError, OSError):
-            continue
-        finally:
-            os.close(fd)
-    return removed
+def encode_header(header: Dict) -> bytes:
+    """The first bytes of a store file: the magic, the header's length and the header (``store_header``)."""
+    text = json.dumps(header, sort_keys=True).encode()
+    return MAGIC + struct.pack("<Q", len(text)) + text
