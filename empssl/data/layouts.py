@@ -120,8 +120,8 @@ def check_test_classes(listing: Listing) -> None:
     if unknown:
         raise DataError(
             f"{listing.path} ({listing.layout}): the test split holds {len(unknown)} class(es) the training split "
-            f"does not have: {_names(unknown)}; their images cannot be labelled with a training class. Give both "
-            f"splits the same classes (the training split may not lack any)"
+            f"does not have: {_names(unknown)}; their images cannot be labelled with a training class: every class "
+            f"of the test split must be one of the training split's"
         )
 
 

@@ -45,7 +45,11 @@ MEMORY_SHARE = 0.5
 
 
 def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.1f} GiB"
+    """A size in the unit a reader takes in at a glance."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} bytes"
 
 
 def fits_in_memory(nbytes: int, device=None) -> Tuple[bool, str]:
