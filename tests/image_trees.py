@@ -4,8 +4,6 @@ every decoded image carries its own label."""
 
 import os
 
-import numpy as np
-
 
 def class_colour(index: int):
     """A colour per class index, far apart from the others' in at least one channel (JPEG keeps it within ~6)."""
