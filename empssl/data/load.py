@@ -27,9 +27,9 @@ import torch
 
 from ..device import host_memory_available
 from .cifar import download_cifar, load_cifar
-from .dataset import DataError, ImageDataset
+from .dataset import MAX_DEFAULT_PATCH, DataError, ImageDataset
 from .folder import load_image_folder
-from .layouts import KINDS
+from .layouts import KINDS, LAYOUT_DEFAULTS
 from .npz import load_npz
 from .synthetic import make_synthetic
 
@@ -80,6 +80,16 @@ def memory_rule(device=None) -> str:
         f"({here}){gpu}, and on a GPU half of its free memory; otherwise each step reads its images from the "
         f"on-disk store (--stream on|off overrides)"
     )
+
+
+def recipe_patch_size(spec: str, image_size: Optional[int] = None) -> int:
+    """The patch size of a data set's recipe from its spec alone (before it is loaded): the layout's for
+    ``tinyimagenet:`` and ``imagenet100:``, else the image size (default 32) up to ``MAX_DEFAULT_PATCH``."""
+    kind, _, path = spec.partition(":")
+    defaults = LAYOUT_DEFAULTS.get(kind) if path else None
+    if defaults is not None and defaults.patch_size:
+        return defaults.patch_size
+    return min(image_size or 32, MAX_DEFAULT_PATCH)
 
 
 def _hold(data: ImageDataset, stream: str, device, need_test: bool, show_progress: bool) -> ImageDataset:

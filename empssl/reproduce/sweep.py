@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import time
@@ -66,37 +67,52 @@ def _eval_cell(source: Task, dataset: str, cell: Optional[str] = None) -> Task:
     return Task("eval", cell or source.cell, dataset, source.recipe, source=source.cell, trained_on=source.dataset)
 
 
+def cell_prefix(dataset: str) -> str:
+    """A folder name for a data set's cells: the spec itself (``cifar10``), or for a spec with a path its kind and
+    the path's last part (``tinyimagenet:/data/tiny-imagenet-200`` -> ``tinyimagenet-tiny-imagenet-200``)."""
+    kind, _, path = dataset.partition(":")
+    name = f"{kind}-{os.path.basename(os.path.normpath(path))}" if path else kind
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
 def plan(experiment: str, datasets: List[str], epochs: int, patches: List[int]) -> List[Task]:
     """The tasks of an experiment, in the order they run."""
+    prefixes = [cell_prefix(dataset) for dataset in datasets]
+    if len(set(prefixes)) < len(prefixes):
+        raise SweepError(
+            f"the data sets {', '.join(datasets)} would share cell folders ({', '.join(prefixes)}): give them folders "
+            f"of different names"
+        )
+    name = dict(zip(datasets, prefixes))
     tasks: List[Task] = []
     if experiment == "one-epoch":
         for dataset in datasets:
             for label, schedule in (("schedule-1", 1), ("optimised", 2)):
-                train = _train_cell(dataset, Recipe(1, schedule, 20), f"{dataset}-{label}")
+                train = _train_cell(dataset, Recipe(1, schedule, 20), f"{name[dataset]}-{label}")
                 tasks += [train, _eval_cell(train, dataset)]
     elif experiment == "convergence":
         for dataset in datasets:
-            run = f"{dataset}-run"
+            run = f"{name[dataset]}-run"
             for epoch in range(1, epochs + 1):
                 recipe = Recipe(epoch, epochs, patches[0])
                 tasks.append(_train_cell(dataset, recipe, run))
                 snapshot = Task(
-                    "snapshot", f"{dataset}-epoch-{epoch:03d}", dataset, recipe, source=run, trained_on=dataset
+                    "snapshot", f"{name[dataset]}-epoch-{epoch:03d}", dataset, recipe, source=run, trained_on=dataset
                 )
                 tasks += [snapshot, _eval_cell(snapshot, dataset)]
     elif experiment == "patches":
         for dataset in datasets:
             for n in patches:
-                train = _train_cell(dataset, Recipe(epochs, epochs, n), f"{dataset}-patches-{n:03d}")
+                train = _train_cell(dataset, Recipe(epochs, epochs, n), f"{name[dataset]}-patches-{n:03d}")
                 tasks += [train, _eval_cell(train, dataset)]
     elif experiment == "transfer":
         schedule = 2 if epochs == 1 else epochs  # one epoch: the authors' 1-epoch recipe (a 2-epoch schedule)
         trains = [
-            _train_cell(dataset, Recipe(epochs, schedule, patches[0]), f"{dataset}-train") for dataset in datasets
+            _train_cell(dataset, Recipe(epochs, schedule, patches[0]), f"{name[dataset]}-train") for dataset in datasets
         ]
         tasks += trains
         for train in trains:
-            tasks += [_eval_cell(train, target, f"{train.dataset}-to-{target}") for target in datasets]
+            tasks += [_eval_cell(train, target, f"{name[train.dataset]}-to-{name[target]}") for target in datasets]
     else:
         raise SweepError(f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
     return tasks
@@ -203,6 +219,7 @@ class Sweep:
             str(task.recipe.schedule_epochs),
             "--out-dir",
             folder,
+            *dataset_arguments(task.dataset, self.train_args),
             *self.train_args,
         ]
         if self.args.no_progress:
@@ -293,6 +310,18 @@ class Sweep:
         return 1.0 if task.kind == "eval" else 0.0
 
 
+# the authors' command for ImageNet-100 trains the ResNet-18 with the ImageNet stem (224-pixel patches)
+DATASET_ARGUMENTS = {"imagenet100": ("--arch", "resnet18-imagenet")}
+
+
+def dataset_arguments(dataset: str, train_args: List[str]) -> List[str]:
+    """The training options a data set's published recipe sets, unless ``--train-args`` sets them itself."""
+    kind, _, path = dataset.partition(":")
+    options = DATASET_ARGUMENTS.get(kind, ()) if path else ()
+    given = {arg.split("=")[0] for arg in train_args}
+    return [value for flag, value in zip(options[::2], options[1::2]) if flag not in given for value in (flag, value)]
+
+
 class SweepStopped(RuntimeError):
     def __init__(self, code: int, message: str):
         super().__init__(message)
@@ -310,6 +339,7 @@ def check_memory(sweep: Sweep) -> None:
     """Refuse, before any cell runs, a training cell whose step cannot fit on the device (the trainer's own check,
     empssl.training.memory.check_step_fits, on each cell's configuration)."""
     from ..config import TrainConfig, add_options, from_args
+    from ..data.load import recipe_patch_size
     from ..device import resolve_device
     from ..training.memory import check_step_fits
 
@@ -322,9 +352,10 @@ def check_memory(sweep: Sweep) -> None:
     device = resolve_device(sweep.args.device)
     for task in sweep.tasks:
         if task.kind == "train":
+            cell_args = dataset_arguments(task.dataset, sweep.train_args) + sweep.train_args
+            cell = from_args(TrainConfig, parser.parse_known_args(cell_args)[0])
+            patch_size = config.patch_size or recipe_patch_size(task.dataset, config.image_size)
             try:
-                check_step_fits(
-                    dataclasses.replace(config, num_patches=task.recipe.num_patches), device, config.image_size or 32
-                )
+                check_step_fits(dataclasses.replace(cell, num_patches=task.recipe.num_patches), device, patch_size)
             except ValueError as err:
                 raise SweepError(f"cell {task.cell} cannot fit: {err}") from None
