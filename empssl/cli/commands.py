@@ -207,6 +207,9 @@ def run_info(args) -> int:
         f"convolutions (--tf32 turns it on); torch's settings in this process: matmul "
         f"{torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}"
     )
+    from ..data.load import memory_rule
+
+    print(f"data         {memory_rule('cuda' if torch.cuda.is_available() else None)}")
     print()
     rows = backends.availability_table()
     header = ("op", "device", "backend", "available")

@@ -71,14 +71,14 @@ def memory_rule(device=None) -> str:
     """The in-memory-or-store rule in words, with this machine's numbers (``empssl info`` prints it)."""
     available, bound = host_memory_available()
     here = f"here {_gib(available)}: {bound}" if available is not None else "unknown here"
-    gpu = ""
+    gpu = "and, training on a GPU, at most half of its free memory"
     if device is not None and torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        gpu = f" and half of the free memory of {device} ({_gib(free)})"
+        gpu += f" ({_gib(free)} on {device} now)"
     return (
-        f"a decoded image set is held in memory when it takes at most half of the memory this process may use "
-        f"({here}){gpu}, and on a GPU half of its free memory; otherwise each step reads its images from the "
-        f"on-disk store (--stream on|off overrides)"
+        f"a split of a decoded image tree is held in memory when it takes at most half of the memory this "
+        f"process may use ({here}) {gpu}; otherwise each step reads its images from the on-disk store "
+        f"(--stream on|off decides instead)"
     )
 
 
