@@ -33,12 +33,13 @@ mkdir -p "$out" || exit 2
 out=$(cd "$out" && pwd)
 
 # step -> GPU time limit in seconds; the order is the order they run in (by value: key figures first)
-STEP_NAMES=(env install imports bench_epoch bench_tcr bench_augment tests bench_step bench_compiled summary)
-# bench_step is not a default step: bench_epoch's "share" rows hold its phases; name it to run it (it fits
-# in place of another step)
-DEFAULT_OFF=(bench_step)
+STEP_NAMES=(env install imports bench_epoch bench_tcr bench_augment tests bench_step bench_data bench_compiled summary)
+# bench_step and bench_data are not default steps: bench_epoch's "share" rows hold the step's phases, and the
+# store's read rate into the GPU (bench data: pinned buffers, a side stream) matters once a set outgrows memory;
+# name them to run them (each fits in place of another step)
+DEFAULT_OFF=(bench_step bench_data)
 declare -A LIMIT=([env]=10 [install]=90 [imports]=15 [bench_epoch]=65 [bench_tcr]=30 [bench_augment]=25 [tests]=105
-                  [bench_step]=20 [bench_compiled]=70 [summary]=10)
+                  [bench_step]=20 [bench_data]=40 [bench_compiled]=70 [summary]=10)
 BUDGET=420
 MAX_FILES=8
 
@@ -291,6 +292,7 @@ wanted bench_tcr && { step bench_tcr bench tcr; after; }
 wanted bench_augment && { step bench_augment bench augment; after; }
 wanted tests && { step tests run_tests; after; }
 wanted bench_step && { step bench_step bench step; after; }
+wanted bench_data && { step bench_data bench data --quick; after; }
 # its own last step: a cold Inductor compile of forward and backward is the slowest part; fewer timed steps
 wanted bench_compiled && { step bench_compiled bench epoch --compiled only --steps 50; after; }
 kill "$refresher" 2>/dev/null

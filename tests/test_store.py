@@ -160,6 +160,26 @@ def test_each_rank_reads_only_its_share_in_the_global_order(tmp_path, monkeypatc
     assert set(read[0]) == {i for p in range(1, 3) for i in permutation[p * batch : p * batch + local].tolist()}
 
 
+@pytest.mark.gpu
+def test_a_step_reads_the_store_into_the_gpu_as_the_images_in_memory(tmp_path):
+    """Pinned buffers, the side thread's copies on a side stream, the step's stream waiting on their events: each
+    step's images on the GPU are the images in memory, also while the buffers are reused."""
+    _aspect_tree(tmp_path)
+    imagenet_style(tmp_path, ("d", "e", "f"), per_class=12)
+    data = data_load.load_dataset(f"folder:{tmp_path}", image_size=12, max_aspect=2.0, stream="on")
+    store, device = data.train_images, torch.device("cuda")
+    whole = store.load().to(device)
+    permutation = torch.randperm(len(store), device=device, generator=torch.Generator(device).manual_seed(0))
+    source = StoreBatches(store, device, 4, 4, 0)
+    source.set_order(permutation, 0)
+    for position in range(len(store) // 4):
+        ids = permutation[position * 4 : position * 4 + 4]
+        images = source.images(position, ids)
+        assert images.is_cuda and torch.equal(images, whole[ids])
+        torch.cuda._sleep(1_000_000)  # a busy stream: the copy of a later batch must not overtake this check
+    source.close()
+
+
 def _train(root, out, **overrides):
     config = TrainConfig(
         dataset=f"folder:{root}", image_size=12, max_aspect=1.5, patch_size=8, width=0.125, hidden_dim=32, z_dim=16,
