@@ -137,6 +137,7 @@ def run_eval(args) -> int:
         show_progress=config.progress,
         max_aspect=pick("max_aspect"),
         stream=pick("stream"),
+        need_labels=True,
     )
     from ..augment.config import smallest_image_size
     from ..data.dataset import check_patch_size

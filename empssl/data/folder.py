@@ -112,11 +112,19 @@ def load_image_folder(
     show_progress: bool = True,
     kind: str = "folder",
     max_aspect: Optional[float] = None,
+    need_labels: bool = False,
 ) -> ImageDataset:
     """The tree at ``path`` read as ``kind`` (``empssl.data.layouts``), each split decoded once into a store (built
     in parallel, resumed if interrupted, reused while the tree and settings are unchanged); the returned data set's
-    images are these stores (``ImageStore``). ``image_size`` / ``max_aspect``: the storage (default: the layout's)."""
+    images are these stores (``ImageStore``). ``image_size`` / ``max_aspect``: the storage (default: the layout's).
+    ``need_labels``: refuse an unlabelled tree before anything is decoded (evaluation)."""
     listing = list_images(kind, path, seed)
+    if need_labels and not listing.labelled:
+        raise DataError(
+            f"{kind}:{path} has no labels ({listing.layout}): evaluation trains a linear probe and a kNN on "
+            f"labelled features; evaluate on a labelled data set (--dataset folder:PATH with class folders, "
+            f"tinyimagenet:PATH, imagenet100:PATH, cifar10, ...)"
+        )
     image_size = image_size or listing.defaults.image_size
     max_aspect = float(max_aspect if max_aspect is not None else listing.defaults.max_aspect)
     check_storage(image_size, max_aspect)

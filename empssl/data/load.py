@@ -131,6 +131,7 @@ def load_dataset(
     max_aspect: Optional[float] = None,
     stream: str = "auto",
     need_test: bool = True,
+    need_labels: bool = False,
 ) -> ImageDataset:
     """Load a data set by spec (see the module docstring) and move its in-memory tensors to ``device`` once.
 
@@ -138,7 +139,8 @@ def load_dataset(
     images of any other set. ``image_size``: the stored size (shorter side) of image trees and the size of
     ``synthetic``; ``max_aspect``: the longest aspect ratio an image tree's images keep whole. ``stream``: ``auto``
     holds each split of an image tree in memory where it fits (``fits_in_memory``) and in its on-disk store
-    otherwise; ``on`` / ``off`` force either. ``need_test=False`` (training) leaves the test split in its store.
+    otherwise; ``on`` / ``off`` force either. ``need_test=False`` (training) leaves the test split in its store;
+    ``need_labels`` (evaluation) refuses an unlabelled tree before decoding it.
     """
     if not isinstance(spec, str):
         raise TypeError(f"dataset spec must be a string, got {type(spec).__name__}")
@@ -150,7 +152,9 @@ def load_dataset(
         raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
     kind, _, path = spec.partition(":")
     if kind in KINDS and path:
-        data = load_image_folder(path, image_size, cache_dir, on_bad_image, seed, show_progress, kind, max_aspect)
+        data = load_image_folder(
+            path, image_size, cache_dir, on_bad_image, seed, show_progress, kind, max_aspect, need_labels
+        )
         data = _hold(data.subset(train_size, test_size), stream, device, need_test, show_progress)
         return data.to(device) if device is not None else data
     if stream == "on":

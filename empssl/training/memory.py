@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from ..device import host_memory_available
+
 MARGIN = 1.25  # cuDNN workspaces, the caching allocator's rounding and fragmentation
 OPTIMIZER_COPIES = 4  # weight, gradient, momentum, LARS's per-step scratch: each the size of the weights
 
@@ -93,17 +95,14 @@ def estimate_step_memory(
 
 
 def available_memory(device: torch.device) -> Optional[int]:
-    """Bytes the step may use on ``device``: free GPU memory, or the memory the OS can still give; None if unknown."""
+    """Bytes the step may use on ``device``: free GPU memory, or the host memory this process may still use (a
+    cgroup's limit included); None if unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available, _ = host_memory_available()  # a container's or cgroup's limit included
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
