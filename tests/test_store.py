@@ -192,7 +192,6 @@ def _train(root, out, **overrides):
 def test_a_run_from_the_store_is_bitwise_the_run_in_memory_resumed_mid_epoch_too(tmp_path):
     _aspect_tree(tmp_path / "shapes")
     imagenet_style(tmp_path / "shapes", ("d", "e", "f"), per_class=4)  # 16 images of several aspects: 2 steps/epoch
-    torch.set_num_threads(1)
     memory = _train(tmp_path / "shapes", tmp_path / "memory", stream="off").encoder.state_dict()
     _train(tmp_path / "shapes", tmp_path / "store", stream="on", max_steps=3)  # stops in the second epoch
     store = _train(

@@ -88,11 +88,17 @@ def _image_files(folder: str) -> List[str]:
 
 
 def _images_below(folder: str) -> List[str]:
-    """Every image file under ``folder`` (any depth; hidden folders such as .empssl_cache skipped), sorted."""
+    """Every image file under ``folder`` (any depth; hidden folders such as .empssl_cache skipped), sorted. Only
+    regular files (or links to them): a FIFO or device named like an image is never opened. A folder that cannot
+    be listed is an error, not a class silently left out."""
+
+    def unreadable(err: OSError):
+        raise DataError(f"cannot list {err.filename}: {err.strerror or err}")
+
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, _ in os.walk(folder, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, name) for name in sorted(filenames) if _is_image(name)]
+        found += _image_files(dirpath)
     return found
 
 
