@@ -120,8 +120,6 @@ def _training_images(
                 stream=config.stream,
                 need_test=False,
             )
-        if data.note and rank == 0:  # the run's first line: where its images are held, and why
-            print(f"empssl: {data.name}: {data.note}", file=sys.stderr, flush=True)
         patch_size = config.patch_size or data.recipe_patch_size
         check_patch_size(data, patch_size, smallest_image_size())
         if resumed is not None:
@@ -133,6 +131,8 @@ def _training_images(
             raise DataError(f"training images must be square canvases, got {height}x{width}")
         check_step_fits(config, device, patch_size, world)
         source = batch_source(data.train_images, device, config.batch_size, config.batch_size // world, rank)
+        if data.note and rank == 0:  # every input checked: the run's first line, where its images are and why
+            print(f"empssl: {data.name}: {data.note}", file=sys.stderr, flush=True)
     shapes = distributed.all_gather_object((num_train, height, width))
     if len(set(shapes)) > 1:  # each rank loaded its own copy: the permutation indexes the same images on every rank
         raise ValueError(
