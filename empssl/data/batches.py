@@ -98,7 +98,16 @@ class StoreBatches:
             _put(ready, (None, err, None), stop)
 
     def images(self, position: int, image_ids: torch.Tensor) -> torch.Tensor:
-        step, images, event = self.ready.get()
+        while True:
+            try:
+                step, images, event = self.ready.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if self.thread is None or not self.thread.is_alive():
+                    raise RuntimeError(
+                        f"no images for step {position}: the store's reader has stopped (set_order was not called "
+                        f"for this epoch)"
+                    ) from None
         if step is None:
             raise DataError(f"reading the training images from {self.store.path} failed: {images}") from images
         if step != position:
