@@ -318,3 +318,23 @@ def test_a_run_trains_from_a_store_twice_the_memory_it_may_use(tmp_path):
 
 def test_decoding_uses_every_core_this_process_may_run_on():
     assert store_build.decode_workers() == len(os.sched_getaffinity(0))
+
+
+def test_a_file_in_the_partial_stores_place_that_is_not_one_is_left_alone(tmp_path):
+    imagenet_style(tmp_path, ("a", "b"))
+    data_load.load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
+    cache = tmp_path / ".empssl_cache"
+    train = next(cache.glob("*.train.empssl-store"))
+    partial = train.with_name(train.name + ".partial")
+    train.unlink()
+    partial.write_bytes(b"the user's notes, named like a partial store")
+    with pytest.raises(StoreError, match="is not a partial store of empssl's; it is left alone"):
+        data_load.load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
+    assert partial.read_bytes() == b"the user's notes, named like a partial store"
+    partial.unlink()
+    target = tmp_path / "elsewhere.bin"
+    target.write_bytes(b"another file")
+    partial.symlink_to(target)  # a link in the partial store's place: never written through
+    with pytest.raises(StoreError, match="cannot write .*partial"):
+        data_load.load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
+    assert target.read_bytes() == b"another file" and partial.is_symlink()

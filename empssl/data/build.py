@@ -15,6 +15,7 @@ import concurrent.futures
 import fcntl
 import os
 import stat
+import sys
 import warnings
 from typing import Callable, Dict, List
 
@@ -73,12 +74,20 @@ def build_store(
     from tqdm import tqdm
 
     partial = path + PARTIAL
-    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # never through a link: a link named like the partial store is not a file this build may write
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        raise StoreError(f"cannot write {partial}: {err.strerror or err}") from None
+    owned = False  # whether the partial file is this build's: locked, and its header ours
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreError(
+                f"{partial} is not a regular file; it is left alone: remove it or pass another --cache-dir"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"empssl: waiting for another process building {path}", flush=True)
+            print(f"empssl: waiting for another process building {path}", file=sys.stderr, flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
         if os.path.exists(path):  # another process finished it while this one waited
             if not os.fstat(fd).st_size:
@@ -100,6 +109,7 @@ def build_store(
                 resumed, status[:] = False, PENDING
         if not resumed:
             _new_partial(fd, header, labels)
+        owned = True
         skipped = [files[k] for k in np.flatnonzero(status == SKIPPED)]
         pending = [int(k) for k in np.flatnonzero(status == PENDING)]
         canvas = header["canvas"]
@@ -160,7 +170,8 @@ def build_store(
         _fsync_folder(os.path.dirname(path) or ".")
         return skipped
     except DataError:
-        _unlink_if_same(partial, fd)  # ours: this call holds its lock and wrote its header
+        if owned:
+            _unlink_if_same(partial, fd)  # this call holds its lock and wrote or checked its header
         raise
     finally:
         os.close(fd)
