@@ -33,7 +33,7 @@ def test_tiny_imagenet_test_labels_are_the_annotations_classes(tmp_path, spec):
     colour = lambda wnid: class_colour(wnids.index(wnid))  # noqa: E731
     _check_colours(data.train_images, data.train_labels, data.classes, colour)
     _check_colours(data.test_images, data.test_labels, data.classes, colour)
-    assert data.recipe_patch_size == 64 or spec == "folder"  # the Tiny ImageNet recipe's patches
+    assert data.recipe_patch_size == 8  # the recipe's 64, but never beyond the stored size
 
 
 def test_tiny_imagenet_defaults_store_64_pixel_images(tmp_path):
@@ -72,6 +72,9 @@ def test_tiny_imagenet_annotations_naming_unknown_or_missing_files_are_refused(t
     with pytest.raises(DataError, match="names 1 image.* missing from val/images .*val_3.JPEG"):
         list_images("tinyimagenet", str(tmp_path / "short"))
     write_image(tmp_path / "short" / "val" / "images" / "extra.JPEG", (1, 2, 3), fmt="JPEG")
+    os.remove(tmp_path / "unknown" / "val" / "val_annotations.txt")  # the original failure: images/ read as a class
+    with pytest.raises(DataError, match="no .*val_annotations.txt to label them: expected the Tiny ImageNet layout"):
+        list_images("folder", str(tmp_path / "unknown"))
     with pytest.raises(DataError, match="no line for 1 image.*extra.JPEG"):
         list_images("tinyimagenet", str(tmp_path / "short"))
     with pytest.raises(DataError, match="expected the Tiny ImageNet layout"):

@@ -173,7 +173,8 @@ def load_image_folder(
         stores[split] = ImageStore.open(store_path, expect=about)
     train = stores["train"]
     test = stores["test"] if "test" in stores else train[:0]  # unlabelled: no test split
-    patch_size = listing.defaults.patch_size
+    # the layout's patch, never larger than the stored size by default (a smaller storage asks for smaller patches)
+    patch_size = min(listing.defaults.patch_size, image_size) if listing.defaults.patch_size else None
     return ImageDataset(
         f"{kind}:{path}",
         train,

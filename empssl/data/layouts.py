@@ -36,8 +36,8 @@ Entry = Tuple[str, Optional[str]]  # (file, class name; None: unlabelled)
 @dataclasses.dataclass(frozen=True)
 class StorageDefaults:
     """How a layout's images are stored and cut by default: the shorter side stored (``image_size``), the longest
-    aspect ratio kept whole (``max_aspect``; 1: the centre square) and the patch size (None: the stored size, up to
-    ``MAX_DEFAULT_PATCH``)."""
+    aspect ratio kept whole (``max_aspect``; 1: the centre square) and the patch size (at most the stored size;
+    None: the stored size, up to ``MAX_DEFAULT_PATCH``)."""
 
     image_size: int = 32
     max_aspect: float = 1.0
@@ -246,8 +246,15 @@ def _detect(path: str, seed: int) -> Listing:
     train_dir = os.path.join(path, "train")
     if os.path.isdir(train_dir):
         val_dir = os.path.join(path, "val")
-        if os.path.isdir(os.path.join(val_dir, "images")) and os.path.exists(os.path.join(val_dir, TINY_ANNOTATIONS)):
-            return _tiny_imagenet(path)
+        if os.path.isdir(os.path.join(val_dir, "images")):
+            if os.path.exists(os.path.join(val_dir, TINY_ANNOTATIONS)):
+                return _tiny_imagenet(path)
+            if not [d for d in _visible_folders(val_dir) if d != "images"]:
+                raise DataError(
+                    f"{val_dir}/images holds the validation images but there is no {val_dir}/{TINY_ANNOTATIONS} to "
+                    f"label them: expected the Tiny ImageNet layout (val/images/* with val/{TINY_ANNOTATIONS}) or "
+                    f"ImageNet style (val/<class>/*)"
+                )
         test_dir = next((os.path.join(path, d) for d in ("val", "test") if os.path.isdir(os.path.join(path, d))), None)
         if test_dir is None:
             raise DataError(

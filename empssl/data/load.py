@@ -84,11 +84,12 @@ def memory_rule(device=None) -> str:
 
 def recipe_patch_size(spec: str, image_size: Optional[int] = None) -> int:
     """The patch size of a data set's recipe from its spec alone (before it is loaded): the layout's for
-    ``tinyimagenet:`` and ``imagenet100:``, else the image size (default 32) up to ``MAX_DEFAULT_PATCH``."""
+    ``tinyimagenet:`` and ``imagenet100:`` (at most the stored size), else the image size (default 32) up to
+    ``MAX_DEFAULT_PATCH``."""
     kind, _, path = spec.partition(":")
     defaults = LAYOUT_DEFAULTS.get(kind) if path else None
     if defaults is not None and defaults.patch_size:
-        return defaults.patch_size
+        return min(defaults.patch_size, image_size or defaults.image_size)
     return min(image_size or 32, MAX_DEFAULT_PATCH)
 
 
