@@ -26,11 +26,15 @@ FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 FOLDABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, SyncBatchNorm)
 
 
+_LEAVES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, with every foldable layer and BatchNorm a leaf (empssl's SyncBatchNorm is not torch.nn's)."""
+    """torch.fx's tracer, with every convolution, Linear and BatchNorm a leaf, subclasses too (timm's, empssl's
+    SyncBatchNorm): their forwards check shapes in Python, which tracing cannot follow, and none is folded into."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return type(module) in FOLDABLE_LAYERS + FOLDABLE_NORMS or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, _LEAVES) or super().is_leaf_module(module, qualified_name)
 
 
 def _out_channels(layer: nn.Module) -> int:

@@ -2,10 +2,11 @@
 
 The encoder runs once on the ``meta`` device (no memory, no compute) under a saved-tensor hook at two
 batch sizes: the difference is what backward keeps per patch (activations), the rest is per step
-(weights that are saved by reference, not copies, so not counted). Weights, gradients, momentum and
-LARS's scratch, the patches and a margin for workspaces and the allocator's slack are added. The
-estimate is an upper bound within tens of percent, enough to refuse a cell that cannot fit before a
-sweep spends hours on the cells before it.
+(weights that are saved by reference, not copies, so not counted). Weights, gradients, momentum, the
+patches and a margin for workspaces and the allocator's slack are added; the optimiser's step, after the
+activations are freed, needs the weights, gradients, momentum and LARS's temporaries. It works for any
+backbone (``--arch``) and is an upper bound within 2x of the measured peak (tests/test_backbones.py, on the
+CPU), enough to refuse a cell that cannot fit before a sweep spends hours on the cells before it.
 """
 
 from __future__ import annotations
@@ -19,23 +20,31 @@ import torch
 from ..models.backbones import BackboneError
 
 MARGIN = 1.25  # cuDNN workspaces, the caching allocator's rounding and fragmentation
-OPTIMIZER_COPIES = 4  # weight, gradient, momentum, LARS's per-step scratch: each the size of the weights
+# each the size of the weights. In backward: the weights, the last step's gradients (kept until this step's replace
+# them), this step's, the momentum. In LARS.step, once the activations are freed: the weights, gradients, momentum
+# and three temporaries (each weight's factor spread over its values, the scaled direction, the lr-scaled update).
+BACKWARD_COPIES = 4
+OPTIMIZER_COPIES = 6
 
 
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
-    """Bytes a training step needs: ``per_patch`` times the patches of a step, plus ``fixed``."""
+    """Bytes a training step needs: ``per_patch`` times the patches of a step plus ``fixed`` in backward, or
+    ``optimizer`` in the optimiser's step, whichever is larger."""
 
     per_patch: int
     fixed: int
     patches: int
+    optimizer: int = 0
 
     @property
     def total(self) -> int:
-        return int(MARGIN * (self.per_patch * self.patches + self.fixed))
+        return int(MARGIN * max(self.per_patch * self.patches + self.fixed, self.optimizer))
 
     def largest_num_patches(self, available: int, batch_size: int) -> int:
         """The most patches per image whose step fits in ``available`` bytes (0 if not even one)."""
+        if self.optimizer > available / MARGIN:
+            return 0
         room = available / MARGIN - self.fixed
         return max(0, int(room // (self.per_patch * batch_size)))
 
@@ -118,8 +127,9 @@ def estimate_step_memory(
     embedding_bytes = 4 * (z_dim + hidden_dim) * 4  # z, its gradient and the loss's float32 copies, per patch
     return StepMemory(
         per_patch=int(per_patch * activation_scale) + patch_bytes + embedding_bytes,
-        fixed=OPTIMIZER_COPIES * weights,
+        fixed=BACKWARD_COPIES * weights,
         patches=batch_size * num_patches,
+        optimizer=OPTIMIZER_COPIES * weights,
     )
 
 
