@@ -177,3 +177,31 @@ def test_reproduce_trains_its_cells_on_the_backbone_its_train_args_name(tmp_path
     payload = ckpt.load_checkpoint(str(cell / "checkpoint.pt"))
     assert payload["model_config"]["arch"] == "torchvision:mobilenet_v3_small" and payload["step"] == 2
     assert json.loads((cell / "eval.json").read_text())["feature_dim"] == 32
+
+
+@pytest.mark.slow  # a compile (about 5 s)
+def test_the_step_of_a_transformer_backbone_compiles_as_one_graph_and_agrees_with_eager():
+    """The compile path is the backbone's: timm's ViT (attention, LayerNorm, a class token) traces with
+    fullgraph=True (a graph break raises), and a compiled step moves the weights as an eager one does."""
+    needs_timm()
+    config = TrainConfig(
+        arch="timm:vit_tiny_patch16_224", backbone_args="img_size=16,patch_size=8,depth=2", hidden_dim=32, z_dim=16,
+        num_patches=2, batch_size=4, device="cpu", progress=False,
+    )  # fmt: skip
+    images, ids = make_synthetic(4, 2, 16, seed=0).train_images, torch.arange(4)
+    eager, compiled = (build_train_state(config, torch.device("cpu"), 4, 16) for _ in range(2))
+    step = torch.compile(train_step, backend="aot_eager", fullgraph=True)
+    try:
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            for state in (eager, compiled):  # the momentum buffers exist before the compilation
+                train_step(state, images, ids)
+            before = {name: p.detach().clone() for name, p in eager.encoder.named_parameters()}
+            eager_loss = train_step(eager, images, ids)[0]
+            compiled_loss = step(compiled, images, ids)[0]
+    finally:
+        torch._dynamo.reset()
+    assert float(compiled_loss) == pytest.approx(float(eager_loss), rel=1e-5)
+    for (name, a), b in zip(eager.encoder.named_parameters(), compiled.encoder.parameters()):
+        # float32 rounding of reordered sums; a bias before a BatchNorm has a gradient of rounding noise alone
+        assert (a - b).abs().max().item() <= 1e-4 * max(a.detach().abs().max().item(), 1.0), name
+    assert sum(not torch.equal(p, before[n]) for n, p in eager.encoder.named_parameters()) > 20  # the step moved them

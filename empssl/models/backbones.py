@@ -49,8 +49,10 @@ RESERVED_ARGS = (
     "features_only",
     "progress",
 )
-# image sizes the feature-size probe tries, most usual first (a transformer takes only the size it was built for)
-PROBE_SIZES = (224, 32, 64, 96, 128, 160, 192, 256, 288, 299, 320, 384, 448, 512, 518)
+# image sizes the feature-size probe tries after the one --backbone-args names (img_size, image_size), most usual
+# first: a transformer takes only the size it was built for
+PROBE_SIZES = (224, 32, 64, 96, 128, 160, 192, 256, 288, 299, 320, 384, 448, 512, 518, 16, 8)
+SIZE_ARGS = ("img_size", "image_size")  # timm's and torchvision's name of the size a transformer is built for
 ARCH_HELP = (
     "backbone: resnet18-cifar or resnet18-imagenet (built in: ResNet-18 with the CIFAR or ImageNet stem), "
     "torchvision:NAME (any torchvision classification model, e.g. torchvision:resnet50, torchvision:vit_b_16) or "
@@ -246,7 +248,8 @@ def build_backbone(arch: str, width: float = 1.0, stem: str = "default", backbon
         removed_head, head_inputs = _remove_classifier(module, arch)
     if stem == "cifar":
         _cifar_stem(module, arch)
-    feature_dim = probe_feature_dim(module, arch)
+    named = [args[key] for key in SIZE_ARGS if key in args]
+    feature_dim = probe_feature_dim(module, arch, named + list(PROBE_SIZES))
     if head_inputs is not None and head_inputs != feature_dim:
         raise BackboneError(
             f"--arch {arch}: with its classifier {removed_head} removed it returns {feature_dim} features, not the "
@@ -287,38 +290,39 @@ def _cifar_stem(module: nn.Module, arch: str) -> None:
     module.maxpool = nn.Identity()
 
 
-def probe_feature_dim(module: nn.Module, arch: str) -> int:
+def probe_feature_dim(module: nn.Module, arch: str, sizes=PROBE_SIZES) -> int:
     """The size of the (N, D) features ``module`` returns, from one forward on the meta device (a tiny real one in
-    eval mode where an op has no meta kernel), at the first of ``PROBE_SIZES`` the model takes."""
+    eval mode where an op has no meta kernel), at the first of ``sizes`` (an int or (height, width)) it takes."""
     tensors = [*module.named_parameters(), *module.named_buffers()]
     state = {name: torch.empty_like(t, device="meta") for name, t in tensors}
     errors = []
-    for size in PROBE_SIZES:
-        images = torch.empty(2, 3, size, size, device="meta")
+    for size in sizes:
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        images = torch.empty(2, 3, height, width, device="meta")
         try:
             out = torch.func.functional_call(module, state, (images,))
         except NotImplementedError as err:  # an op without a meta kernel: a real forward
-            out = _real_forward(module, size, err)
+            out = _real_forward(module, (height, width), err)
         except Exception as err:  # noqa: BLE001 - the model's own refusal of this size: try the next
-            errors.append(f"{size}x{size}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            errors.append(f"{height}x{width}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
             continue
         if out is None:
             continue
         return _feature_dim(out, arch)
     raise BackboneError(
-        f"--arch {arch} takes none of the image sizes {', '.join(map(str, PROBE_SIZES))} (first: {errors[0]}); "
+        f"--arch {arch} takes none of the image sizes {', '.join(map(str, sizes))} (first: {errors[0]}); "
         f"pass the size it should take with --backbone-args (timm: img_size=32; torchvision ViTs: image_size=32)"
     )
 
 
-def _real_forward(module: nn.Module, size: int, why: Exception):
+def _real_forward(module: nn.Module, size: Tuple[int, int], why: Exception):
     was_training = module.training
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     if device.type == "meta":
         raise BackboneError(f"the backbone's forward cannot run on the meta device: {why}") from why
     try:
         with torch.no_grad():
-            return module.eval()(torch.zeros(2, 3, size, size, device=device))
+            return module.eval()(torch.zeros(2, 3, *size, device=device))
     except Exception:  # noqa: BLE001 - this size is refused: the caller tries the next
         return None
     finally:
