@@ -30,6 +30,7 @@ from empssl.models.backbones import (
 from empssl.models.encoder import build_encoder, load_encoder
 from empssl.models.fold import encoder_fold_pairs, fold_batchnorm, fold_pairs
 from empssl.training import loop as T
+from empssl.training.memory import check_step_fits
 from empssl.training.run_folder import check_resume_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,8 +115,11 @@ def test_options_that_do_not_apply_are_refused_with_the_reason():
         _on_meta("torchvision:squeezenet1_0")  # its classifier is a convolution
     with pytest.raises(BackboneError, match=r"returns a GoogLeNetOutputs .* aux_logits=False"):
         _on_meta("torchvision:googlenet", backbone_args="aux_logits=True,init_weights=False")
-    with pytest.raises(BackboneError, match=r"takes none of the image sizes"):
-        _on_meta("torchvision:vit_b_16", backbone_args="image_size=48")  # 48 is no probe size: the hint names one
+    # a transformer is built for one image size: training on another is refused before anything is built
+    config = TrainConfig(arch="torchvision:vit_b_16", backbone_args="image_size=32", hidden_dim=16, z_dim=8)
+    check_step_fits(config, torch.device("cpu"), 32)
+    with pytest.raises(ValueError, match=r"does not take 16x16 images .* image_size=16"):
+        check_step_fits(config, torch.device("cpu"), 16)
 
 
 def test_backbone_args_are_python_literals():
