@@ -4,6 +4,7 @@ splits every loader shares (empssl.data and empssl.data.folder make data sets of
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -141,6 +142,26 @@ def check_labels(labels: np.ndarray, source: str, array: str, num_images: int) -
             f"{bound:,} (the larger of the number of images and {MAX_CLASSES:,})"
         )
     return values.astype(np.int64)
+
+
+FINGERPRINT_SAMPLE_BYTES = 2**26  # of whole images hashed by ``fingerprint`` (64 MiB: well under a second)
+_FINGERPRINT_CHUNK = 4096  # images summed at once (bounded memory for the int64 sums)
+
+
+def fingerprint(images: torch.Tensor) -> str:
+    """A cheap identity of a set of uint8 images (N, H, W, 3), on any device: SHA-256 of their shape, of every image's
+    sum of bytes (one pass over the data), and of the bytes of whole images at evenly spaced indices, first and last
+    included (up to ``FINGERPRINT_SAMPLE_BYTES``). Other images of the same count and size give another one."""
+    count = int(images.shape[0])
+    digest = hashlib.sha256(f"{tuple(images.shape)}|{images.dtype}".encode())
+    for start in range(0, count, _FINGERPRINT_CHUNK):
+        chunk = images[start : start + _FINGERPRINT_CHUNK]
+        digest.update(chunk.reshape(chunk.shape[0], -1).sum(1, dtype=torch.int64).cpu().numpy().tobytes())
+    per_image = max(1, images[:1].numel())
+    samples = max(2, min(count, FINGERPRINT_SAMPLE_BYTES // per_image))
+    index = torch.linspace(0, count - 1, samples, dtype=torch.float64).round().long().unique()
+    digest.update(images.index_select(0, index.to(images.device)).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 def check_batch_size(batch_size: int, num_images: int, what: str = "training set") -> None:

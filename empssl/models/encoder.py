@@ -70,10 +70,15 @@ def load_encoder(path: str, device: Optional[torch.device] = None):
     """(encoder, checkpoint dict): the encoder built from the checkpoint's architecture, its weights loaded."""
     payload = ckpt.load_checkpoint(path)
     model_config = payload["model_config"]
-    try:
-        encoder = build_encoder(**{field: model_config[field] for field in ckpt.MODEL_FIELDS})
-    except (KeyError, TypeError, ValueError) as err:
-        raise ckpt.CheckpointError(f"checkpoint {path} has an unusable model_config {model_config!r}: {err}") from err
+    try:  # first on the meta device (no memory): its tensors' shapes must be the checkpoint's before any is allocated
+        with torch.device("meta"):
+            skeleton = build_encoder(**{field: model_config[field] for field in ckpt.MODEL_FIELDS})
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} has an unusable model_config {model_config!r}: {str(err).splitlines()[0]}"
+        ) from None
+    ckpt.check_state_shapes(path, "model", skeleton.state_dict(), payload["model"])
+    encoder = build_encoder(**{field: model_config[field] for field in ckpt.MODEL_FIELDS})
     ckpt.check_finite(path, payload["model"])
     ckpt.load_model_state(encoder, payload["model"], path)
     if device is not None:
