@@ -10,6 +10,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..device import check_fits
+
 TEST_FRACTION = 0.1  # of a data set that comes without a test split
 # labels are class indices 0 <= label < max(number of images, MAX_CLASSES): a larger one is a broken file, not a class
 # (ImageNet-21k has 21,841 classes); the check comes before a list of class names is built
@@ -61,6 +63,16 @@ class ImageDataset:
         return int(self.train_images.shape[1]), int(self.train_images.shape[2])
 
     def to(self, device) -> "ImageDataset":
+        """The data set on ``device``; ValueError, before any copy, if it does not fit in the memory left there."""
+        target = torch.device(device)
+        if target != self.train_images.device:
+            tensors = (self.train_images, self.train_labels, self.test_images, self.test_labels)
+            check_fits(
+                sum(t.numel() * t.element_size() for t in tensors),
+                target,
+                f"{self.name} ({len(self.train_labels)} train and {len(self.test_labels)} test images)",
+                "use fewer images (--train-size, --test-size) or a smaller --image-size",
+            )
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return dataclasses.replace(
             self,

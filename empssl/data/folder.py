@@ -24,6 +24,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..device import check_fits
 from ..files import check_writable_folder, open_input, write_atomically
 from .dataset import DataError, ImageDataset, deterministic_split
 
@@ -311,6 +312,13 @@ def load_image_folder(
             cached = False
             check_writable_folder(cache_dir, "--cache-dir")
     if not cached:
+        count = len(splits["train"]) + len(splits["test"])
+        check_fits(  # the decoded arrays, and np.stack's copy of a split
+            2 * count * image_size * image_size * 3,
+            torch.device("cpu"),
+            f"decoding {count} images of {path} at {image_size}x{image_size}",
+            "pass a smaller --image-size",
+        )
         arrays, skipped = {}, []
         for split in ("train", "test"):
             images, labels, bad = _decode_split(

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-from typing import Optional
 
 import torch
+
+from ..device import available_memory, gib
 
 MARGIN = 1.25  # cuDNN workspaces, the caching allocator's rounding and fragmentation
 OPTIMIZER_COPIES = 4  # weight, gradient, momentum, LARS's per-step scratch: each the size of the weights
@@ -92,24 +92,6 @@ def estimate_step_memory(
     )
 
 
-def available_memory(device: torch.device) -> Optional[int]:
-    """Bytes the step may use on ``device``: free GPU memory, or the memory the OS can still give; None if unknown."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def check_step_fits(config, device: torch.device, image_size: int, world_size: int = 1) -> None:
     """ValueError, before the model is built, if one step of ``config`` (a TrainConfig) cannot fit in ``device``'s
     memory, or its encoder has tensors too large to exist."""
@@ -142,7 +124,3 @@ def check_step_fits(config, device: torch.device, image_size: int, world_size: i
             f"only {gib(available)} is available: at most {fits} patches per image fit; lower these, "
             f"or use a larger device"
         )
-
-
-def gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.1f} GiB"
