@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..device import check_fits
-from ..files import check_writable_folder, open_input, write_atomically
+from ..files import check_writable_folder, open_input, remove_stale_temporaries, write_atomically
 from .dataset import DataError, ImageDataset, deterministic_split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -328,6 +328,7 @@ def load_image_folder(
             skipped += bad
         os.makedirs(cache_dir, exist_ok=True)
         _remove_stale_caches(cache_dir, key, os.path.abspath(path))
+        remove_stale_temporaries(cache_dir)  # of a killed cache write (only this package's, whose writer is gone)
         for name, file in files.items():
             write_atomically(file, lambda f, array=arrays[name]: np.save(f, array))
         meta = {

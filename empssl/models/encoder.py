@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..checks import check_positive_int
+from ..device import check_fits
 from .resnet import ResNet18Backbone
 
 
@@ -57,6 +58,25 @@ def build_encoder(
 ) -> EMPSSLEncoder:
     """The encoder of docs/method.md section 3 (defaults: the paper's CIFAR ResNet-18, 4096-d features, 1024-d z)."""
     return EMPSSLEncoder(arch=arch, width=width, hidden_dim=hidden_dim, z_dim=z_dim)
+
+
+def check_buildable(model_config: Dict[str, Any], device: torch.device) -> None:
+    """ValueError, before anything is allocated, unless an encoder of ``model_config`` can be built and its weights
+    fit in the memory left on ``device`` (built first on the meta device: an absurd --width is one line)."""
+    try:
+        with torch.device("meta"):
+            skeleton = build_encoder(**model_config)
+    except (RuntimeError, OverflowError, TypeError) as err:  # sizes no tensor can have
+        raise ValueError(
+            f"an encoder of {ckpt.describe_model(model_config)} cannot be built: its tensors are too large "
+            f"({str(err).splitlines()[0]})"
+        ) from None
+    check_fits(
+        sum(tensor.numel() * tensor.element_size() for tensor in skeleton.state_dict().values()),
+        device,
+        f"an encoder of {ckpt.describe_model(model_config)}",
+        "lower --width, --hidden-dim or --z-dim",
+    )
 
 
 def _check_images(x) -> None:

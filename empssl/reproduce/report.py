@@ -16,7 +16,9 @@ REPORT_MD, REPORT_JSON, EPOCHS_PNG, PATCHES_PNG = "report.md", "report.json", "a
 
 
 def _read(path: str) -> Dict[str, Any]:
-    with open(path) as f:
+    from ..files import open_input
+
+    with open_input(path, "the sweep's file") as f:
         return json.load(f)
 
 

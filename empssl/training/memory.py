@@ -110,7 +110,7 @@ def check_step_fits(config, device: torch.device, image_size: int, world_size: i
             num_patches=config.num_patches,
             bf16=config.bf16 and device.type == "cuda",
         )
-    except (RuntimeError, OverflowError, ValueError) as err:  # sizes no tensor can have (storage size overflows)
+    except (RuntimeError, OverflowError, TypeError, ValueError) as err:  # sizes no tensor can have
         raise ValueError(
             f"an encoder of --width {config.width:g} --hidden-dim {config.hidden_dim} --z-dim "
             f"{config.z_dim} cannot be built: its tensors are too large ({str(err).splitlines()[0]})"
