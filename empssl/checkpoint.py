@@ -95,8 +95,9 @@ def field_checksum(value: Any) -> int:
 
 
 def checksums(payload: Dict[str, Any]) -> Dict[str, Any]:
-    fields = {place: field_checksum(value) for place, value in _fields(payload) if place and place != "checksums"}
-    return {"version": CHECKSUMS_VERSION, "fields": fields}
+    """The ``checksums`` field of ``payload``: every other field's ``field_checksum``, by place."""
+    fields = {k: v for k, v in payload.items() if k != "checksums"}
+    return {"version": CHECKSUMS_VERSION, "fields": {place: field_checksum(v) for place, v in _fields(fields) if place}}
 
 
 def _described(place: str, value: Any) -> str:

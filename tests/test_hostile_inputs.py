@@ -28,6 +28,7 @@ from empssl.checks import FLOAT32_MAX
 from empssl.config import EvalConfig, TrainConfig
 from empssl.data import folder as image_folder
 from empssl.data.dataset import DataError, ImageDataset, fingerprint
+from empssl.data.npz import load_npz
 from empssl.evaluation import pipeline
 from empssl.evaluation.probe import LabelledFeatures, ProbeDivergedError, knn_classify, linear_probe
 from empssl.files import TEMP_PREFIX, LinkRefused, StagedWrite, append_text, remove_stale_temporaries, write_atomically
@@ -337,8 +338,10 @@ def test_a_hostile_pickle_is_refused_as_unsafe_and_never_runs(tmp_path, saved_ru
     with pytest.raises(ckpt.CheckpointError, match="is unsafe"):
         ckpt.load_checkpoint(str(tmp_path / "plain.pt"))
     np.savez(tmp_path / "d.npz", images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.array([_Hostile(marker)] * 4))
-    with pytest.raises(DataError, match="is unsafe: it holds arrays of Python objects"):
-        __import__("empssl.data.npz", fromlist=["load_npz"]).load_npz(str(tmp_path / "d.npz"))
+    (tmp_path / "p.npz").write_bytes(pickle.dumps({"images": _Hostile(marker)}))  # a pickle named .npz
+    for name in ("d.npz", "p.npz"):
+        with pytest.raises(DataError, match="is unsafe: it holds Python objects"):
+            load_npz(str(tmp_path / name))
     assert not marker.exists()
 
 
@@ -781,7 +784,7 @@ def test_an_ambiguous_layout_is_refused_naming_both_readings(shape):
     with pytest.raises(
         ValueError,
         match=rf"ambiguous: as \(B, 3, H, W\) they are 4 images of {shape[2]}x3 pixels, "
-        rf"as \(B, H, W, 3\) 4 images of 3x{shape[2]}",
+        rf"as \(B, H, W, 3\) 4 images of 3x{shape[2]}; say which: pass images.permute",
     ):
         MultiPatchAugment(AugmentConfig.cifar())(images, 2, generator=torch.Generator().manual_seed(0))
 

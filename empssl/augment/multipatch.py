@@ -151,9 +151,9 @@ def _as_nhwc(images) -> torch.Tensor:
         batch, _, middle, _ = images.shape
         raise ValueError(
             f"images of shape {tuple(images.shape)} are ambiguous: as (B, 3, H, W) they are {batch} images of "
-            f"{middle}x3 pixels, as (B, H, W, 3) {batch} images of 3x{middle}; both are narrower than the smallest "
-            f"image the augmentation takes, so neither is meant: pass (B, H, W, 3) or (B, 3, H, W) images with H "
-            f"and W other than 3"
+            f"{middle}x3 pixels, as (B, H, W, 3) {batch} images of 3x{middle}; say which: pass "
+            f"images.permute(0, 2, 3, 1) for the first reading (then (B, H, W, 3)), images.permute(0, 3, 1, 2) for "
+            f"the second (then (B, 3, H, W))"
         )
     if images.shape[1] == 3:
         nhwc = images.permute(0, 2, 3, 1)
@@ -226,8 +226,8 @@ class MultiPatchAugment(nn.Module):
     """Cut ``num_patches`` augmented patches from every image of a uint8 batch (docs/method.md section 4).
 
     ``images`` is uint8, (B, H, W, 3) or (B, 3, H, W); the layout is told by which dimension
-    has size 3; a batch where both dimension 1 and dimension 3 have size 3 is refused as ambiguous (either
-    reading gives images 3 pixels wide, below any recipe's size).
+    has size 3; a batch where both dimension 1 and dimension 3 have size 3 is refused as ambiguous, naming both
+    readings (its permutation to the other layout is not).
     ``augment(images, num_patches, generator=None)`` returns float patches of shape
     (num_patches * B, 3, S, S), patch-major: patch ``i * B + j`` comes from image j.
     ``augment(images, num_patches, seed=..., step=..., image_ids=...)`` draws from the

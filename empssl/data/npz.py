@@ -10,6 +10,12 @@ from ..files import NotARegularFile, open_input
 from .dataset import DataError, ImageDataset, check_labels, deterministic_split
 
 
+def _is_pickle(path: str) -> bool:
+    """Whether the file starts as a pickle of protocol 2 or later does (the PROTO opcode)."""
+    with open_input(path, "npz file") as f:
+        return f.read(1) == b"\x80"
+
+
 def load_npz(path: str, seed: int = 0) -> ImageDataset:
     """Arrays ``images`` / ``labels`` (and optional ``test_images`` / ``test_labels``) from one .npz file."""
     try:
@@ -20,10 +26,10 @@ def load_npz(path: str, seed: int = 0) -> ImageDataset:
     except NotARegularFile as err:
         raise DataError(str(err)) from None
     except ValueError as err:
-        if "allow_pickle" not in str(err):
+        if "Object arrays" not in str(err) and not _is_pickle(path):
             raise DataError(f"npz file {path} is corrupt or not an .npz archive (ValueError: {err})") from None
         raise DataError(
-            f"npz file {path} is unsafe: it holds arrays of Python objects, which only an unpickling load would "
+            f"npz file {path} is unsafe: it holds Python objects (pickled), which only an unpickling load would "
             f"read and which can run any code; empssl never loads them: save plain numeric arrays (images uint8, "
             f"labels integers)"
         ) from None
