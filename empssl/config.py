@@ -376,5 +376,10 @@ class TrainConfig(RuntimeConfig):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.num_patches < 2:
             raise ValueError(f"num_patches must be >= 2 (the invariance term compares patches), got {self.num_patches}")
+        if self.z_dim / (self.batch_size * self.eps) > FLOAT32_MAX:  # the coding rate's alpha, at most this large
+            raise ValueError(
+                f"--eps {self.eps:g} is too small for --z-dim {self.z_dim} and --batch-size {self.batch_size}: the "
+                f"coding rate's d / (b eps) overflows float32"
+            )
         if self.tcr_coef == 0 and self.inv_coef == 0:
             raise ValueError("--tcr-coef 0 and --inv-coef 0 leave no loss to minimise; give either a non-zero weight")

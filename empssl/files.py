@@ -84,7 +84,8 @@ def refuse_link(path: str, what: str) -> None:
 
 def open_owned(path: str, flags: int, what: str) -> int:
     """A file descriptor of ``path`` (created 0644 with O_CREAT in ``flags``) opened without following a link;
-    LinkRefused for a link, NotARegularFile for anything but a regular file."""
+    LinkRefused for a symbolic link or a file with other names (a hard link), NotARegularFile for anything but a
+    regular file."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666 & ~0o022)
     except OSError as err:
@@ -92,9 +93,14 @@ def open_owned(path: str, flags: int, what: str) -> int:
             refuse_link(path, what)
         raise
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotARegularFile(f"{what} {path} is {_kind(mode)}, not a regular file; remove it")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotARegularFile(f"{what} {path} is {_kind(info.st_mode)}, not a regular file; remove it")
+        if info.st_nlink > 1:  # another name of the same file: writing here would change it there
+            raise LinkRefused(
+                f"{what} {path} is a hard link ({info.st_nlink} names of one file); empssl never writes into a file "
+                f"that has other names, so that no other file is changed: remove it, or pass another folder"
+            )
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         return fd
     except BaseException:

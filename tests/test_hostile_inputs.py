@@ -110,6 +110,23 @@ def test_a_run_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path,
     assert sorted(os.listdir(out)) == [name]  # nothing of the refused run
 
 
+@pytest.mark.parametrize(
+    "name", [run_dir.LOCK_NAME, run_dir.METRICS_NAME, run_dir.CHECKPOINT_NAME, run_dir.CURVES_NAME]
+)
+def test_a_run_file_that_is_a_hard_link_never_changes_its_other_name(tmp_path, capsys, name):
+    out, victim = tmp_path / "run", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("the user's own file\n")
+    os.link(victim, out / name)
+    code = _train(out, "--max-steps", "2", "--overwrite")
+    err = capsys.readouterr().err
+    if name == run_dir.LOCK_NAME:  # written in place: refused
+        assert code == 1 and f"{out / name} is a hard link (2 names of one file)" in _one_clear_line(err)
+    else:  # replaced by a new file (os.replace): the other name keeps its content
+        assert code == 0, err
+    assert victim.read_text() == "the user's own file\n"
+
+
 def test_owned_files_are_never_opened_through_a_link(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("mine\n")
@@ -200,11 +217,12 @@ def test_the_cache_removes_only_the_caches_it_wrote_of_this_tree(tmp_path):
 # ---------------------------------------------------------------------- resume through a link
 
 
-def test_resume_through_a_link_keeps_the_runs_metrics_history(tmp_path, saved_run):
+@pytest.mark.parametrize("kind", ["symbolic", "hard"])
+def test_resume_through_a_link_keeps_the_runs_metrics_history(tmp_path, saved_run, kind):
     out, path = saved_run
     link = tmp_path / "elsewhere" / "latest.pt"
     link.parent.mkdir()
-    link.symlink_to(path)
+    link.symlink_to(path) if kind == "symbolic" else os.link(path, link)
     assert _train(out, "--resume", str(link), "--max-steps", "4") == 0
     records = [json.loads(line) for line in (out / run_dir.METRICS_NAME).read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 2, 3, 4] and records[2]["event"] == "resume"
@@ -757,6 +775,12 @@ def test_test_classes_the_training_split_lacks_warn_or_refuse():
 def test_the_loss_refuses_what_the_command_line_refuses(options, message):
     with pytest.raises((ValueError, TypeError), match=message):
         EMPSSLLoss(**options)
+
+
+def test_an_eps_whose_alpha_overflows_float32_is_refused_before_training(tmp_path, capsys):
+    assert _train(tmp_path / "run", "--eps", "1.2e-38", "--z-dim", "1024") == 1
+    assert "--eps 1.2e-38 is too small for --z-dim 1024 and --batch-size 16" in _one_clear_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_eps_whose_alpha_overflows_float32_is_refused():

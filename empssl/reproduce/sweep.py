@@ -305,6 +305,7 @@ class Sweep:
     def run(self, task: Task) -> None:
         folder = self.cell_dir(task.cell)
         os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)  # of a killed write of this cell's files
         start = time.perf_counter()
         if task.kind == "snapshot":
             source = os.path.join(self.cell_dir(task.source), CHECKPOINT_NAME)

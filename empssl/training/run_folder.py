@@ -41,6 +41,7 @@ from ..files import (
     open_owned,
     refuse_link,
     remove_stale_temporaries,
+    same_file,
 )
 from .curves import write_training_curves
 
@@ -108,7 +109,7 @@ class RunFolder:
                     what="state",
                 )
                 check_resume_config(config.resume, self.resumed.get("config", {}), config)
-                self.same_run = os.path.realpath(config.resume) == os.path.realpath(self.checkpoint_path)
+                self.same_run = same_file(config.resume, self.checkpoint_path)  # through links, hard ones too
             self.holds_other_run = self._check_other_run(config.overwrite)
         except BaseException:
             self.lock.release()
@@ -140,12 +141,9 @@ class RunFolder:
         self.lock.record(run_id)
         remove_stale_temporaries(self.path)
         history: List[Dict[str, Any]] = []
-        if resume_path is not None:  # the log beside the checkpoint itself (a link to it lies elsewhere)
-            history = read_metrics(
-                os.path.join(os.path.dirname(os.path.realpath(resume_path)), METRICS_NAME),
-                run_id=run_id,
-                until_step=step,
-            )
+        if resume_path is not None:  # the log beside the checkpoint itself (a link to it may lie elsewhere)
+            folder = self.path if self.same_run else os.path.dirname(os.path.realpath(resume_path))
+            history = read_metrics(os.path.join(folder, METRICS_NAME), run_id=run_id, until_step=step)
             history.append({"event": "resume", "step": step, "elapsed_s": elapsed_s, "run_id": run_id})
         self.metrics = MetricsLog(self.metrics_path, history, owned=not self.holds_other_run or self.same_run)
 
