@@ -388,6 +388,20 @@ def test_an_elongated_image_is_resized_only_where_the_crop_keeps_it(tmp_path, mo
     assert sizes == [(16, 16)] and np.abs(boxed - whole).max() <= 1
 
 
+def test_an_image_of_too_many_pixels_is_refused_from_its_header(tmp_path, monkeypatch):
+    _image_tree(tmp_path / "tree")
+    decoded = []
+    real = image_folder.to_rgb8
+    monkeypatch.setattr(image_folder, "to_rgb8", lambda image: decoded.append(image.size) or real(image))
+    monkeypatch.setattr(image_folder, "MAX_SOURCE_PIXELS", 99)  # the 10x10 images are over it
+    with pytest.raises(ValueError, match="10x10 pixels, more than the 99 an image may have"):
+        image_folder.decode_image(str(tmp_path / "tree" / "a" / "0.png"), 8)
+    with pytest.warns(UserWarning, match="skipping image .*0.png that does not decode: ValueError: 10x10 pixels"):
+        with pytest.raises(DataError, match="no image of the train split"):
+            image_folder.load_image_folder(str(tmp_path / "tree"), image_size=8, show_progress=False)
+    assert decoded == []
+
+
 def test_decoding_threads_share_one_memory_budget(tmp_path, monkeypatch):
     _image_tree(tmp_path / "tree", count=8)
     held, peak = [0], [0]

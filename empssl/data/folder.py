@@ -117,6 +117,7 @@ def to_rgb8(image):
 
 
 DECODE_MEMORY = 2**30  # bytes the decoding threads may hold at once (a larger image decodes alone)
+MAX_SOURCE_PIXELS = 89_478_485  # PIL's own bound for a decompression bomb (it only warns below twice this)
 _RESIZED_PIXELS = 4  # times image_size**2: beyond it only the part the centre crop keeps is resized
 
 
@@ -152,27 +153,38 @@ def _decoded_bytes(image) -> int:
 
 def decode_image(file: str, image_size: int) -> np.ndarray:
     """One image file -> (S, S, 3) uint8: RGB, shorter side resized to S, centre crop. Only a regular file is opened;
-    its decode waits for room in the threads' shared memory budget; an image so elongated that its resized copy would
-    exceed ``_RESIZED_PIXELS`` times S*S has only the centre region resized (PIL's resize of a box: the same samples,
-    up to rounding by 1 in 255)."""
+    one of more than ``MAX_SOURCE_PIXELS`` is refused from its header; its decode waits for room in the threads'
+    shared memory budget; an image so elongated that its resized copy would exceed ``_RESIZED_PIXELS`` times S*S has
+    only the centre region resized (PIL's resize of a box: the same samples, up to rounding by 1 in 255)."""
     from PIL import Image
 
-    with open_input(file, "image") as f, Image.open(f) as source, _DECODE_BUDGET.reserve(_decoded_bytes(source)):
-        image = to_rgb8(source)
-        width, height = image.size
-        scale = image_size / min(width, height)
-        new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
-        left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-        if new_w * new_h > _RESIZED_PIXELS * image_size * image_size:
-            # the crop's box in the source's coordinates: PIL maps output pixels into a box exactly as a whole resize
-            step_x, step_y = width / new_w, height / new_h
-            box = (left * step_x, top * step_y, (left + image_size) * step_x, (top + image_size) * step_y)
-            image = image.resize((image_size, image_size), Image.BILINEAR, box=box)
-            return np.asarray(image, dtype=np.uint8)
-        if (new_w, new_h) != (width, height):
-            image = image.resize((new_w, new_h), Image.BILINEAR)
-        image = image.crop((left, top, left + image_size, top + image_size))
+    with open_input(file, "image") as f, Image.open(f) as source:
+        if source.size[0] * source.size[1] > MAX_SOURCE_PIXELS:  # read from the header: nothing decoded yet
+            raise ValueError(
+                f"{source.size[0]}x{source.size[1]} pixels, more than the {MAX_SOURCE_PIXELS:,} an image may have"
+            )
+        with _DECODE_BUDGET.reserve(_decoded_bytes(source)):
+            return _resized(to_rgb8(source), image_size)
+
+
+def _resized(image, image_size: int) -> np.ndarray:
+    """``image`` (RGB), its shorter side resized to ``image_size``, centre-cropped to a square (``decode_image``)."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = image_size / min(width, height)
+    new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
+    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+    if new_w * new_h > _RESIZED_PIXELS * image_size * image_size:
+        # the crop's box in the source's coordinates: PIL maps output pixels into a box exactly as a whole resize
+        step_x, step_y = width / new_w, height / new_h
+        box = (left * step_x, top * step_y, (left + image_size) * step_x, (top + image_size) * step_y)
+        image = image.resize((image_size, image_size), Image.BILINEAR, box=box)
         return np.asarray(image, dtype=np.uint8)
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    image = image.crop((left, top, left + image_size, top + image_size))
+    return np.asarray(image, dtype=np.uint8)
 
 
 CACHE_MARKER = "empssl folder cache"  # in every .meta.json this loader writes: the proof that a cache is its own
