@@ -32,7 +32,7 @@ from ..augment.config import smallest_image_size
 from ..config import TrainConfig
 from ..data.dataset import ImageDataset, check_batch_size, check_image_size, fingerprint
 from ..data.load import load_dataset
-from ..device import cudnn_benchmark, float32_precision, resolve_device
+from ..device import check_fits, cudnn_benchmark, float32_precision, resolve_device
 from .memory import check_step_fits
 from .run_folder import RunFolder, check_resume_data
 from .signals import StopRequest, TrainingInterrupted
@@ -113,6 +113,13 @@ def _training_images(
                 show_progress=config.progress and distributed.rank() == 0,
             )
         check_image_size(data, smallest_image_size())
+        if data.train_images.device != device:
+            check_fits(
+                data.train_images.numel(),
+                device,
+                f"the {data.train_images.shape[0]} training images of {data.name}",
+                "use fewer images (--train-size) or a smaller --image-size",
+            )
         images = data.train_images.to(device)
         data_fingerprint = fingerprint(images)
         if resumed is not None:
