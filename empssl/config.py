@@ -20,7 +20,15 @@ import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from . import checkpoint as ckpt
-from .checks import FLOAT32_MAX, aspect_ratio, finite_float, positive_float, positive_int
+from .checks import (
+    FLOAT32_MAX,
+    aspect_ratio,
+    finite_float,
+    momentum_float,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from .data.load import BAD_IMAGE_POLICIES, DATASET_SPECS, STREAM_CHOICES
 from .models.backbones import (
     ARCH_HELP,
@@ -198,10 +206,29 @@ class EvalConfig(RuntimeConfig):
         0.03, "linear probe learning rate (cosine over the epochs)", group="evaluation", type=positive_float
     )
     linear_batch_size: int = option(100, "linear probe mini-batch size", group="evaluation", type=positive_int)
-    linear_momentum: float = option(0.9, "linear probe SGD momentum", group="evaluation", type=finite_float)
-    linear_weight_decay: float = option(5e-5, "linear probe weight decay", group="evaluation", type=finite_float)
+    linear_momentum: float = option(
+        0.9, "linear probe SGD momentum, in [0, 1)", group="evaluation", type=momentum_float
+    )
+    linear_weight_decay: float = option(5e-5, "linear probe weight decay", group="evaluation", type=non_negative_float)
     knn_k: int = option(20, "neighbours of the kNN", group="evaluation", type=positive_int)
     knn_temperature: float = option(0.07, "kNN vote temperature", group="evaluation", type=positive_float)
+
+    def validate(self) -> None:
+        """ValueError naming the option of any value the command line's types refuse."""
+        check_numbers(self)
+        for name in ("num_patches", "linear_epochs", "linear_batch_size", "knn_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not 0 <= self.linear_momentum < 1:
+            raise ValueError(
+                f"--linear-momentum must be in [0, 1) (SGD diverges from 1 on), got {self.linear_momentum}"
+            )
+        if not self.linear_weight_decay >= 0:
+            raise ValueError(f"--linear-weight-decay must be >= 0, got {self.linear_weight_decay}")
+        for name in ("linear_lr", "knn_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
@@ -219,8 +246,8 @@ class TrainConfig(RuntimeConfig):
     )
     image_size: Optional[int] = option(
         None,
-        "the size image trees are stored at (each image's shorter side), and the size of synthetic images "
-        "(default: the layout's: 64 for Tiny ImageNet, 448 for ImageNet-100, else 32)",
+        "image trees: the stored size (each image's shorter side); synthetic: the images' size (default: 64 Tiny "
+        "ImageNet, 448 ImageNet-100, else 32)",
         group="data",
         type=positive_int,
         show_default=False,
@@ -236,18 +263,16 @@ class TrainConfig(RuntimeConfig):
     )
     patch_size: Optional[int] = option(
         None,
-        "size of the patches the encoder sees, each cropped from the stored image at its resolution and resized "
-        "(default: the recipe's: 32 for CIFAR, 64 for Tiny ImageNet, 224 for ImageNet-100, else the image size "
-        "up to 224)",
+        "size of the patches the encoder sees, cropped from the stored image and resized (default: the recipe's: "
+        "32 CIFAR, 64 Tiny ImageNet, 224 ImageNet-100, else the image size up to 224)",
         group="data",
         type=positive_int,
         show_default=False,
     )
     stream: str = option(
         "auto",
-        "image trees: on reads each step's images from the on-disk store (each rank its share, read ahead on a "
-        "side thread), off holds the whole training split in memory, auto holds it in memory where it fits "
-        "(`empssl info` states the rule)",
+        "image trees: on reads each step's images from the on-disk store (each rank its share, read ahead), off "
+        "holds the training split in memory, auto holds it in memory where it fits (`empssl info`: the rule)",
         group="data",
         choices=STREAM_CHOICES,
     )
@@ -405,17 +430,20 @@ class TrainConfig(RuntimeConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.schedule_epochs is not None and (not isinstance(self.schedule_epochs, int) or self.schedule_epochs < 1):
-            raise ValueError(f"schedule_epochs must be a positive integer or None, got {self.schedule_epochs!r}")
+        for name in ("schedule_epochs", "max_steps", "patch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be a positive integer or None, got {self.max_steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.max_aspect is not None and not 1.0 <= self.max_aspect <= 4.0:
-            raise ValueError(f"max_aspect must be from 1 to 4, got {self.max_aspect!r}")
-        if self.patch_size is not None and (not isinstance(self.patch_size, int) or self.patch_size < 1):
-            raise ValueError(f"patch_size must be a positive integer or None, got {self.patch_size!r}")
         if self.num_patches < 2:
             raise ValueError(f"num_patches must be >= 2 (the invariance term compares patches), got {self.num_patches}")
+        if self.z_dim / (self.batch_size * self.eps) > FLOAT32_MAX:  # the coding rate's alpha, at most this large
+            raise ValueError(
+                f"--eps {self.eps:g} is too small for --z-dim {self.z_dim} and --batch-size {self.batch_size}: the "
+                f"coding rate's d / (b eps) overflows float32"
+            )
+        if self.tcr_coef == 0 and self.inv_coef == 0:
+            raise ValueError("--tcr-coef 0 and --inv-coef 0 leave no loss to minimise; give either a non-zero weight")

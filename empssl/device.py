@@ -1,8 +1,8 @@
 """Where and how the device runs the work: device resolution, autocast, the cuDNN benchmark switch, the one
 CUDA-graph capture helper (the training step, the linear probe's epoch and the benchmarks replay through it), and
-the reader that brings device-side sums to the host without waiting for the device, and the SIGINT/SIGTERM
-handling of a loop that stops after its current step (``StopRequest``, ``TrainingInterrupted``), and the host memory
-this process may use (``host_memory_available``: a cgroup's limit included)."""
+the memory a device can still give (checked before a large allocation, so that an absurd size is one line, not an
+allocator's traceback), and the host memory this process may use (``host_memory_available``: a cgroup's limit
+included)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,35 @@ def resolve_device(device: str) -> torch.device:
                 f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)"
             )
     return resolved
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes the step may use on ``device``: free GPU memory, or the host memory this process may still use (a
+    cgroup's limit included: ``host_memory_available``); None if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    available, _ = host_memory_available()
+    if available is not None:
+        return available
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"
+
+
+def check_fits(need: int, device: torch.device, what: str, advice: str) -> None:
+    """ValueError, before anything is allocated, when ``need`` bytes for ``what`` exceed the memory ``device`` can
+    still give (nothing is checked where that is unknown)."""
+    available = available_memory(device)
+    if available is not None and need > available:
+        raise ValueError(
+            f"{what} needs about {gib(need)} on {device}, but only {gib(available)} is available; {advice}"
+        )
 
 
 def autocast_context(device: torch.device, bf16: bool):

@@ -162,11 +162,3 @@ def test_unlabelled_folders_train_and_eval_says_it_needs_labels(tmp_path, capsys
     assert cli.main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--device", "cpu", "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no labels" in err[0] and "evaluate on a labelled data set" in err[0]
-
-
-def test_only_regular_files_are_listed_never_a_fifo_named_like_an_image(tmp_path):
-    imagenet_style(tmp_path, ("a", "b"))
-    os.mkfifo(tmp_path / "train" / "a" / "pipe.png")  # opening it for reading would wait for a writer for ever
-    listing = list_images("folder", str(tmp_path))
-    assert all(not file.endswith("pipe.png") for file, _ in listing.splits["train"])
-    assert len(listing.splits["train"]) == 4

@@ -338,3 +338,21 @@ def test_a_file_in_the_partial_stores_place_that_is_not_one_is_left_alone(tmp_pa
     with pytest.raises(StoreError, match="cannot write .*partial"):
         data_load.load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
     assert target.read_bytes() == b"another file" and partial.is_symlink()
+
+
+@pytest.mark.parametrize("image_size, max_aspect", [(8, 1.0), (10, 2.0)])  # canvases of 8x8x3 (words) and 20x20x3
+def test_a_stores_fingerprint_is_the_fingerprint_of_its_images_in_memory(tmp_path, image_size, max_aspect):
+    """Its per-image sums were taken when it was built: a run resumed in memory from a run on the store (or the
+    reverse) is the same data, and checking it reads no more than the sampled images."""
+    from empssl.data.dataset import fingerprint
+
+    _aspect_tree(tmp_path)
+    imagenet_style(tmp_path, ("d", "e"), per_class=5)
+    store = data_load.load_dataset(
+        f"folder:{tmp_path}", image_size=image_size, max_aspect=max_aspect, stream="on", show_progress=False
+    ).train_images
+    assert fingerprint(store) == fingerprint(store.load()) == fingerprint(store[:100].load())
+    assert fingerprint(store[:5]) == fingerprint(store.load()[:5]) != fingerprint(store)
+    changed = store.load()
+    changed[3, 0, 0, 0] ^= 1
+    assert fingerprint(changed) != fingerprint(store)

@@ -29,6 +29,7 @@ from .store import (
     SKIPPED,
     SUFFIX,
     StoreError,
+    canvas_sum,
     encode_header,
     pread_into,
     pwrite_all,
@@ -156,6 +157,8 @@ def build_store(
                             pwrite_all(fd, np.ascontiguousarray(image), header["slots_at"] + index * slot_bytes)
                             size = np.array(image.shape[:2], np.int32)
                             pwrite_all(fd, size, header["sizes_at"] + 8 * index)
+                            total = np.array([canvas_sum(image, canvas)], np.int64)
+                            pwrite_all(fd, total, header["sums_at"] + 8 * index)
                             pwrite_all(fd, np.array([DECODED], np.uint8), header["status_at"] + index)
                         bar.update(1)
                     submit(len(done))

@@ -4,10 +4,14 @@ checks and splits every loader shares (empssl.data and empssl.data.folder make d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from ..device import check_fits
 
 TEST_FRACTION = 0.1  # of a data set that comes without a test split
 MAX_DEFAULT_PATCH = 224  # the default patch size is the stored size up to the ImageNet recipe's
@@ -94,7 +98,21 @@ class ImageDataset:
         return min(smallest, MAX_DEFAULT_PATCH)
 
     def to(self, device) -> "ImageDataset":
-        """The tensors on ``device``; a split held in a store stays on disk."""
+        """The tensors on ``device`` (ValueError, before any copy, if they do not fit in the memory left there); a
+        split held in a store stays on disk."""
+        target = torch.device(device)
+        tensors = [
+            t
+            for t in (self.train_images, self.train_labels, self.test_images, self.test_labels)
+            if isinstance(t, torch.Tensor) and t.device != target
+        ]
+        if tensors:
+            check_fits(
+                sum(t.numel() * t.element_size() for t in tensors),
+                target,
+                f"{self.name} ({len(self.train_labels)} train and {len(self.test_labels)} test images)",
+                "use fewer images (--train-size, --test-size), a smaller --image-size, or --stream on",
+            )
         move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return dataclasses.replace(
             self,
@@ -187,6 +205,40 @@ def check_labels(labels: np.ndarray, source: str, array: str, num_images: int) -
             f"{bound:,} (the larger of the number of images and {MAX_CLASSES:,})"
         )
     return values.astype(np.int64)
+
+
+FINGERPRINT_SAMPLE_BYTES = 2**24  # of whole images hashed by ``fingerprint`` (16 MiB: tens of milliseconds)
+_FINGERPRINT_CHUNK = 4096  # images summed at once (bounded memory for the int64 sums)
+
+
+def fingerprint(images) -> str:
+    """A cheap identity of a set of uint8 images (N, H, W, 3), on any device: SHA-256 of their shape, of every image's
+    sum of its bytes (as 64-bit words where they divide evenly; one pass over the data), and of the bytes of whole
+    images at evenly spaced indices, first and last included (up to ``FINGERPRINT_SAMPLE_BYTES``). Other images of
+    the same count and size give another one. CIFAR-10's 50,000 training images: about 0.05 s on a 2-core CPU.
+    ``images`` may be an ``ImageStore``: its sums were taken when it was built and its sampled images are read from
+    it, so the same images give the same value held in memory or on disk, without a pass over the store."""
+    count = int(images.shape[0])
+    digest = hashlib.sha256(f"{tuple(images.shape)}|{images.dtype}".encode())
+    per_image = max(1, math.prod(images.shape[1:]) if count else 0)
+    in_memory = isinstance(images, torch.Tensor)
+    if not in_memory:
+        digest.update(np.ascontiguousarray(images.sums, dtype=np.int64).tobytes())
+    for start in range(0, count if in_memory else 0, _FINGERPRINT_CHUNK):
+        rows = images[start : start + _FINGERPRINT_CHUNK].contiguous().reshape(-1, per_image)
+        if per_image % 8 == 0:  # the bytes as 64-bit words, summed modulo 2^64: exact on any device, 100x faster
+            sums = rows.view(torch.int64).sum(1)
+        else:
+            sums = rows.sum(1, dtype=torch.int64)
+        digest.update(sums.cpu().numpy().tobytes())
+    samples = max(2, min(count, FINGERPRINT_SAMPLE_BYTES // per_image))
+    index = torch.linspace(0, count - 1, samples, dtype=torch.float64).round().long().unique()
+    if in_memory:
+        sampled = images.index_select(0, index.to(images.device)).contiguous().cpu().numpy()
+    else:
+        sampled = images.read(index.numpy(), np.empty((len(index), *images.shape[1:]), np.uint8))
+    digest.update(sampled.tobytes())
+    return digest.hexdigest()[:32]
 
 
 def check_batch_size(batch_size: int, num_images: int, what: str = "training set") -> None:

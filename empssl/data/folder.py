@@ -6,6 +6,11 @@ path, size and mtime and of the storage settings, so a changed tree or setting g
 removed (only stores of this tree's, proven by their header). ``load_image_folder`` returns an ``ImageDataset``
 whose splits are these stores; ``empssl.data.load`` reads a split into memory where it fits.
 
+Bounded work for any file (``decode_image``): an image is read only if it is a regular file (a FIFO named ``x.png``
+is a bad image, never opened for reading), its decode reserves its memory from one budget shared by the decoding
+threads, and only the region the storage keeps is resized. A folder that cannot be read stops the load (its images
+are never dropped silently).
+
 Storage: each image keeps its aspect ratio up to ``max_aspect`` (the longer side centre-cropped beyond it; 1: the
 centre square), its shorter side resized to ``image_size``, in the top-left corner of a canvas whose side is the
 longest kept side (``canvas_size``); the patches are cut from the image at this resolution (docs/method.md section 4).
@@ -13,14 +18,17 @@ longest kept side (``canvas_size``); the patches are cut from the image at this 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
-from typing import Optional
+import shutil
+import threading
+from typing import Iterator, Optional
 
 import numpy as np
 
-from ..files import check_writable_folder
+from ..files import check_writable_folder, open_input
 from .build import build_store, remove_stale_stores
 from .dataset import DataError, ImageDataset
 from .layouts import Listing, list_images
@@ -57,28 +65,76 @@ def to_rgb8(image):
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
+DECODE_MEMORY = 2**30  # bytes the decoding threads may hold at once (a larger image decodes alone)
+MAX_SOURCE_PIXELS = 89_478_485  # PIL's own bound for a decompression bomb (it only warns below twice this)
+
+
+class _MemoryBudget:
+    """Bytes shared by threads: ``reserve(n)`` waits until n fit beside the others' reservations (one that exceeds
+    the whole budget waits until it is alone)."""
+
+    def __init__(self, total: int):
+        self.total, self.used, self.condition = total, 0, threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, amount: int) -> Iterator[None]:
+        with self.condition:
+            self.condition.wait_for(lambda: self.used == 0 or self.used + amount <= self.total)
+            self.used += amount
+        try:
+            yield
+        finally:
+            with self.condition:
+                self.used -= amount
+                self.condition.notify_all()
+
+
+_DECODE_BUDGET = _MemoryBudget(DECODE_MEMORY)
+
+
+def _decoded_bytes(image) -> int:
+    """What decoding and converting ``image`` holds at its peak: the source, RGB, and for high-depth modes
+    ``to_rgb8``'s float64 copy."""
+    per_pixel = 16 if image.mode in ("I", "F") or image.mode.startswith("I;16") else 8
+    return image.size[0] * image.size[1] * per_pixel
+
+
 def decode_image(file: str, image_size: int, max_aspect: float = 1.0) -> np.ndarray:
     """One image file -> (h, w, 3) uint8 RGB: the shorter side resized to ``image_size``, the longer side kept up
-    to ``max_aspect`` times that (centre-cropped beyond it). The crop is taken before the resize (PIL's ``box``), so
-    the work is bounded by the output, and a JPEG is decoded at the smallest DCT scale that is still at least the
-    output's size."""
+    to ``max_aspect`` times that (centre-cropped beyond it; 1: the centre square, S x S).
+
+    Bounded work for any file: only a regular file is opened (``open_input``); one of more than
+    ``MAX_SOURCE_PIXELS`` is refused from its header; the decode waits for room in the threads' shared memory
+    budget; a JPEG is decoded at the smallest DCT scale still at least the output's size; and only the region the
+    crop keeps is resized (PIL's resize of a box: the samples of a whole resize and crop, up to rounding by 1)."""
     from PIL import Image
 
-    with Image.open(file) as image:
-        width, height = image.size
-        if image.format == "JPEG":
+    with open_input(file, "image") as f, Image.open(f) as source:
+        width, height = source.size
+        if width * height > MAX_SOURCE_PIXELS:  # read from the header: nothing decoded yet
+            raise ValueError(f"{width}x{height} pixels, more than the {MAX_SOURCE_PIXELS:,} an image may have")
+        if source.format == "JPEG":
             scale = image_size / min(width, height)
-            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-        image = to_rgb8(image)
-        width, height = image.size
-        scale = image_size / min(width, height)
-        longest = canvas_size(image_size, max_aspect)
-        out_w = min(max(image_size, round(width * scale)), longest) if width >= height else image_size
-        out_h = min(max(image_size, round(height * scale)), longest) if height > width else image_size
-        box_w, box_h = min(width, out_w / scale), min(height, out_h / scale)
-        left, top = (width - box_w) / 2, (height - box_h) / 2
-        image = image.resize((out_w, out_h), Image.BILINEAR, box=(left, top, left + box_w, top + box_h))
-        return np.asarray(image, dtype=np.uint8)
+            source.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        with _DECODE_BUDGET.reserve(_decoded_bytes(source)):
+            return _resized(to_rgb8(source), image_size, max_aspect)
+
+
+def _resized(image, image_size: int, max_aspect: float) -> np.ndarray:
+    """``image`` (RGB) as ``decode_image`` stores it: the whole image resized so its shorter side is
+    ``image_size``, then its centre (up to ``max_aspect``) kept, computed as a resize of that region alone."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = image_size / min(width, height)
+    new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
+    longest = canvas_size(image_size, max_aspect)
+    out_w, out_h = min(new_w, longest), min(new_h, longest)
+    left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
+    # the kept region's box in the source's coordinates: PIL maps output pixels into a box as a whole resize does
+    step_x, step_y = width / new_w, height / new_h
+    box = (left * step_x, top * step_y, (left + out_w) * step_x, (top + out_h) * step_y)
+    return np.asarray(image.resize((out_w, out_h), Image.BILINEAR, box=box), dtype=np.uint8)
 
 
 def _fingerprint(listing: Listing, image_size: int, max_aspect: float, on_bad_image: str, seed: int) -> str:
@@ -156,6 +212,12 @@ def load_image_folder(
                 warnings.warn(f"{err}; rebuilding the store of the {split} split of {path}")
         check_writable_folder(cache_dir, "--cache-dir")  # before decoding: an unusable folder fails at once
         os.makedirs(cache_dir, exist_ok=True)
+        least, free = len(entries) * image_size * image_size * 3, shutil.disk_usage(cache_dir).free
+        if least > free:  # every image takes at least image_size x image_size pixels
+            raise DataError(
+                f"the store of the {split} split of {path} needs at least {least / 2**30:.1f} GiB, but {cache_dir} "
+                f"has {free / 2**30:.1f} GiB free; pass --cache-dir on a larger disk, or a smaller --image-size"
+            )
         if os.path.exists(store_path):
             os.unlink(store_path)  # the damaged store of this very fingerprint and split, checked above
         labels = np.array([class_index.get(name, -1) if name is not None else -1 for _, name in entries], np.int64)

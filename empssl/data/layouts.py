@@ -72,33 +72,39 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+def _unreadable(err: OSError, what: str = "folder"):
+    raise DataError(
+        f"cannot read the {what} {err.filename} ({err.strerror or err}): its images would be left out; fix its "
+        f"permissions, or move it out of the data set"
+    ) from err
+
+
 def _visible_folders(folder: str) -> List[str]:
     try:
-        return sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith("."))
+        with os.scandir(folder) as listing:
+            return sorted(d.name for d in listing if d.is_dir() and not d.name.startswith("."))
     except OSError as err:
-        raise DataError(f"cannot list {folder}: {err.strerror or err}") from None
+        _unreadable(err)
 
 
 def _image_files(folder: str) -> List[str]:
-    """The image files directly in ``folder``, sorted."""
+    """The files named like images directly in ``folder``, sorted (a FIFO or device among them is listed: decoding
+    refuses it without opening it for reading, and names it)."""
     try:
-        return sorted(os.path.join(folder, d.name) for d in os.scandir(folder) if d.is_file() and _is_image(d.name))
+        with os.scandir(folder) as listing:
+            return sorted(os.path.join(folder, d.name) for d in listing if not d.is_dir() and _is_image(d.name))
     except OSError as err:
-        raise DataError(f"cannot list {folder}: {err.strerror or err}") from None
+        _unreadable(err)
 
 
-def _images_below(folder: str) -> List[str]:
-    """Every image file under ``folder`` (any depth; hidden folders such as .empssl_cache skipped), sorted. Only
-    regular files (or links to them): a FIFO or device named like an image is never opened. A folder that cannot
-    be listed is an error, not a class silently left out."""
-
-    def unreadable(err: OSError):
-        raise DataError(f"cannot list {err.filename}: {err.strerror or err}")
-
+def _images_below(folder: str, what: str = "folder") -> List[str]:
+    """Every file named like an image under ``folder`` (any depth; hidden folders such as .empssl_cache skipped),
+    sorted. A folder that cannot be read is an error naming it (``what``: the word for it), never a class silently
+    left out."""
     found = []
-    for dirpath, dirnames, _ in os.walk(folder, onerror=unreadable):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=lambda err: _unreadable(err, what)):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += _image_files(dirpath)
+        found += [os.path.join(dirpath, name) for name in sorted(filenames) if _is_image(name)]
     return found
 
 
@@ -106,7 +112,7 @@ def _class_tree(folder: str, classes: Optional[List[str]] = None) -> List[Entry]
     """(file, class) of every image under folder/<class>/ (any depth below the class), sorted; ``classes``: only
     these class folders."""
     names = _visible_folders(folder) if classes is None else classes
-    return [(file, name) for name in names for file in _images_below(os.path.join(folder, name))]
+    return [(file, name) for name in names for file in _images_below(os.path.join(folder, name), "class folder")]
 
 
 def _count(entries) -> str:

@@ -32,9 +32,9 @@ from .. import distributed
 from ..augment.config import smallest_image_size
 from ..config import TrainConfig
 from ..data.batches import batch_source
-from ..data.dataset import DataError, ImageDataset, check_batch_size, check_patch_size
+from ..data.dataset import DataError, ImageDataset, check_batch_size, check_patch_size, fingerprint
 from ..data.load import load_dataset
-from ..device import cudnn_benchmark, float32_precision, resolve_device
+from ..device import check_fits, cudnn_benchmark, float32_precision, resolve_device
 from .memory import check_step_fits
 from .run_folder import RunFolder, check_resume_data
 from .signals import StopRequest, TrainingInterrupted
@@ -91,17 +91,20 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
                 held.callback(folder.close)
         # rank 0's checkpoint for every rank (the other nodes need no copy of the file)
         resumed, same_run = distributed.broadcast_object((folder.resumed, folder.same_run) if folder else None)
-        data, source, patch_size = _training_images(config, data, resumed, device)
+        data, source, patch_size, data_fingerprint = _training_images(config, data, resumed, device)
         state = build_train_state(config, device, source.num_images, patch_size, data.train_sizes)
         with contextlib.closing(source):
-            return _TrainingLoop(config, state, data, source, patch_size, folder, resumed, same_run).run()
+            return _TrainingLoop(
+                config, state, data, source, patch_size, data_fingerprint, folder, resumed, same_run
+            ).run()
 
 
 def _training_images(
     config: TrainConfig, data: Optional[ImageDataset], resumed: Optional[Dict[str, Any]], device: torch.device
-) -> Tuple[ImageDataset, Any, int]:
+) -> Tuple[ImageDataset, Any, int, str]:
     """The data set, the source of its training images (uint8, square canvases; in memory on ``device`` or read
-    from the store, by ``config.stream``) and the patch size, checked on every rank."""
+    from the store, by ``config.stream``), the patch size and the images' fingerprint, checked on every rank (a
+    resume: against the checkpoint's)."""
     world, rank = distributed.world_size(), distributed.rank()
     with distributed.same_outcome_on_every_rank():
         if data is None:
@@ -122,15 +125,24 @@ def _training_images(
             )
         patch_size = config.patch_size or data.recipe_patch_size
         check_patch_size(data, patch_size, smallest_image_size())
+        in_memory = isinstance(data.train_images, torch.Tensor)
+        if in_memory and data.train_images.device != device:
+            check_fits(
+                data.train_images.numel(),
+                device,
+                f"the {data.train_images.shape[0]} training images of {data.name}",
+                "use fewer images (--train-size), a smaller --image-size, or --stream on",
+            )
+        source = batch_source(data.train_images, device, config.batch_size, config.batch_size // world, rank)
+        data_fingerprint = fingerprint(source.tensor if in_memory else data.train_images)
         if resumed is not None:
-            check_resume_data(config.resume, resumed, config, data)
+            check_resume_data(config.resume, resumed, config, data, data_fingerprint)
         num_train = int(data.train_images.shape[0])
         check_batch_size(config.batch_size, num_train)
         height, width = data.image_size
         if height != width:
             raise DataError(f"training images must be square canvases, got {height}x{width}")
         check_step_fits(config, device, patch_size, world)
-        source = batch_source(data.train_images, device, config.batch_size, config.batch_size // world, rank)
         if data.note and rank == 0:  # every input checked: the run's first line, where its images are and why
             print(f"empssl: {data.name}: {data.note}", file=sys.stderr, flush=True)
     shapes = distributed.all_gather_object((num_train, height, width))
@@ -139,7 +151,7 @@ def _training_images(
             f"the ranks loaded different training sets (images of shape {shapes} by rank); give every "
             f"node the same data set"
         )
-    return data, source, patch_size
+    return data, source, patch_size, data_fingerprint
 
 
 class _TrainingLoop:
@@ -157,11 +169,13 @@ class _TrainingLoop:
         data: ImageDataset,
         source: Any,
         patch_size: int,
+        data_fingerprint: str,
         folder: Optional[RunFolder],
         resumed: Optional[Dict[str, Any]],
         same_run: bool,
     ):
         self.config, self.state, self.data, self.source, self.folder = config, state, data, source, folder
+        self.data_fingerprint = data_fingerprint
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.num_train, self.image_size, self.patch_size = source.num_images, source.canvas[0], patch_size
         self.ordered = False  # whether the source holds the current epoch's permutation
@@ -174,7 +188,7 @@ class _TrainingLoop:
         self.step, self.elapsed_before = 0, 0.0  # the run's step and its seconds before this call
         self.run_id = uuid.uuid4().hex[:12]  # tags this run's metrics lines: a resume keeps only its own
         if resumed is not None:
-            state.load_state_dict(resumed, config.resume)
+            state.load_state_dict(resumed, config.resume, self.num_train)
             self.step = int(resumed["step"])
             self.run_id = resumed.get("run_id")
             self.elapsed_before = float(resumed.get("elapsed_s", 0.0))
@@ -357,6 +371,7 @@ class _TrainingLoop:
                     "num_train": self.num_train,
                     "image_size": self.image_size,
                     "patch_size": self.patch_size,
+                    "fingerprint": self.data_fingerprint,  # a resume must train on these very images
                 },
                 "run_id": self.run_id,
                 "world_size": self.world,  # for the record: any number of ranks that divides batch_size resumes it
