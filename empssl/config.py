@@ -28,6 +28,7 @@ from .ops import tcr as tcr_op
 from .optim import RECIPE_LR
 
 FORMS = ("value", "switch", "negated", "on_off", "tristate")
+EVAL_VIEWS = ("patches", "whole", "both")  # what `eval --views` evaluates (docs/training.md section 5)
 
 
 def check_numbers(config) -> None:
@@ -74,6 +75,15 @@ def _cli_fields(config_class) -> Dict[str, dataclasses.Field]:
     return {field.name: field for field in dataclasses.fields(config_class) if "cli" in field.metadata}
 
 
+def option_fields(config_class, groups: Optional[Sequence[str]] = None) -> Dict[str, dataclasses.Field]:
+    """The fields of ``config_class`` that are command-line options (of ``groups`` only, when given), by name."""
+    return {
+        name: field
+        for name, field in _cli_fields(config_class).items()
+        if groups is None or field.metadata["cli"]["group"] in groups
+    }
+
+
 def _shown(value: Any, form: str) -> str:
     if form == "on_off":
         return "on" if value else "off"
@@ -87,11 +97,15 @@ def add_options(
     *,
     from_checkpoint: bool = False,
     groups: Optional[Dict[str, Any]] = None,
+    defaults: Optional[Dict[str, Any]] = None,
 ) -> None:
     """Add the options of ``config_class``'s fields in ``group`` to ``parser`` (under an argument
     group of that name, shared through ``groups``). ``from_checkpoint``: the options default to
-    None, and the help says the checkpoint's value comes first (``empssl eval``)."""
+    None, and the help says the checkpoint's value comes first (``empssl eval``). ``defaults``: field values that
+    replace the fields' defaults (a ``--config`` file's), so that an option given beside them wins; a switch also
+    gets a hidden ``--no-NAME`` (a negated option a hidden ``--NAME``) to undo what such a file turns on."""
     groups = {} if groups is None else groups
+    defaults = defaults or {}
     if group not in groups:
         groups[group] = parser.add_argument_group(group)
     target = groups[group]
@@ -99,32 +113,34 @@ def add_options(
         cli = field.metadata["cli"]
         if cli["group"] != group:
             continue
-        flag, form = "--" + name.replace("_", "-"), cli["form"]
+        flag, no_flag, form = "--" + name.replace("_", "-"), "--no-" + name.replace("_", "-"), cli["form"]
+        given = name in defaults
+        default = defaults[name] if given else None if from_checkpoint else field.default
         help_text = cli["help"]
         if cli["show_default"] and form not in ("switch", "negated", "tristate"):  # their help says what they change
-            shown = _shown(field.default, form)
+            shown = _shown(default if given else field.default, form)
             help_text += f" (default: the checkpoint's, else {shown})" if from_checkpoint else f" (default {shown})"
         elif from_checkpoint:  # a default spelled in the help text: the checkpoint's value still comes first
             help_text += "; with --checkpoint, the checkpoint's value unless given"
+        hidden = dict(dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if form == "switch":
-            target.add_argument(flag, dest=name, action="store_true", help=help_text)
+            target.add_argument(flag, dest=name, action="store_true", default=bool(default), help=help_text)
+            target.add_argument(no_flag, action="store_false", **hidden)
         elif form == "negated":
-            target.add_argument(
-                "--no-" + name.replace("_", "-"),
-                dest=name,
-                action="store_false",
-                default=None if from_checkpoint else True,
-                help=help_text,
-            )
+            target.add_argument(no_flag, dest=name, action="store_false", default=default, help=help_text)
+            target.add_argument(flag, action="store_true", **hidden)
         elif form == "tristate":
             on_help, _, off_help = help_text.partition(" | ")
-            target.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=on_help)
-            target.add_argument(
-                "--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False, help=off_help or None
-            )
+            target.add_argument(flag, dest=name, action="store_const", const=True, default=default, help=on_help)
+            target.add_argument(no_flag, dest=name, action="store_const", const=False, help=off_help or None)
         elif form == "on_off":
-            default = None if from_checkpoint else _shown(field.default, form)
-            target.add_argument(flag, dest=name, choices=("on", "off"), default=default, help=help_text)
+            target.add_argument(
+                flag,
+                dest=name,
+                choices=("on", "off"),
+                default=None if default is None else _shown(default, form),
+                help=help_text,
+            )
         else:
             target.add_argument(
                 flag,
@@ -132,7 +148,7 @@ def add_options(
                 type=cli["type"],
                 choices=cli["choices"],
                 metavar=cli["metavar"],
-                default=None if from_checkpoint else field.default,
+                default=default,
                 help=help_text,
             )
 
@@ -194,6 +210,13 @@ class EvalConfig(RuntimeConfig):
     linear_weight_decay: float = option(5e-5, "linear probe weight decay", group="evaluation", type=finite_float)
     knn_k: int = option(20, "neighbours of the kNN", group="evaluation", type=positive_int)
     knn_temperature: float = option(0.07, "kNN vote temperature", group="evaluation", type=positive_float)
+    views: str = option(
+        "patches",
+        "an image's features: the mean over its bag of T patches (the method), the whole image resized to the "
+        "recipe's patch size, or both, each evaluated",
+        group="evaluation",
+        choices=EVAL_VIEWS,
+    )
 
 
 @dataclasses.dataclass
@@ -326,6 +349,39 @@ class TrainConfig(RuntimeConfig):
         show_default=False,
     )
     log_every: int = option(10, "steps between log lines", group="output", type=positive_int)
+    # what the run reports beside its loss (docs/training.md section 8)
+    monitor_every: Optional[int] = option(
+        None,
+        "steps between online checks: kNN top-1 on a fixed held-out subset, the effective rank and coding rate of "
+        "the step's embeddings, a collapse warning (0: off; default: every 100 steps where the data set has "
+        "labels, the rank and coding rate only when asked for where it has none)",
+        group="output",
+        type=int,
+        metavar="N",
+        show_default=False,
+    )
+    monitor_size: int = option(
+        1000,
+        "images of each split in the online kNN: its bank (train images) and its queries (test images)",
+        group="output",
+        type=positive_int,
+    )
+    monitor_patches: int = option(
+        8, "patches per image of the online kNN's features", group="output", type=positive_int
+    )
+    tensorboard: bool = option(
+        False,
+        "write the metrics as TensorBoard scalars to OUT_DIR/tensorboard (needs tensorboard)",
+        group="output",
+        form="switch",
+    )
+    wandb: Optional[str] = option(
+        None,
+        "log the metrics to this Weights & Biases project (needs wandb; WANDB_MODE=offline runs without network)",
+        group="output",
+        metavar="PROJECT",
+        show_default=False,
+    )
 
     def model_config(self) -> Dict[str, Any]:
         return {field: getattr(self, field) for field in ckpt.MODEL_FIELDS}
@@ -351,6 +407,14 @@ class TrainConfig(RuntimeConfig):
             raise ValueError(f"schedule_epochs must be a positive integer or None, got {self.schedule_epochs!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.monitor_every is not None and (isinstance(self.monitor_every, bool) or self.monitor_every < 0):
+            raise ValueError(f"monitor_every must be >= 0 (0: off) or None, got {self.monitor_every!r}")
+        for name in ("monitor_size", "monitor_patches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.wandb is not None and not (isinstance(self.wandb, str) and self.wandb.strip()):
+            raise ValueError(f"wandb must name a project, got {self.wandb!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be a positive integer or None, got {self.max_steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

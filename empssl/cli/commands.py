@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+from typing import Optional
 
 from ..config import EvalConfig, TrainConfig, from_args
 
@@ -88,21 +89,24 @@ def describe_training(result) -> str:
     )
 
 
-def run_eval(args) -> int:
+def encoder_and_data(args, config: EvalConfig, *, test_size: Optional[int] = None):
+    """(encoder on the config's device, data set, what the encoder is) for ``eval`` and the picture commands: the
+    checkpoint's encoder (``args.checkpoint``) or a random one (``args.random_init``), and the data set given, else
+    the checkpoint's training config's, else the default."""
     import torch
 
     from .. import checkpoint as ckpt
+    from ..augment.config import smallest_image_size
+    from ..data.dataset import check_image_size
     from ..data.load import load_dataset
     from ..device import resolve_device
-    from ..evaluation.pipeline import evaluate
     from ..models.encoder import build_encoder, load_encoder
 
-    config = from_args(EvalConfig, args)
     device = resolve_device(config.device)
     defaults = TrainConfig()
     stored = {}
-    requested_model = {field: getattr(args, field) for field in ckpt.MODEL_FIELDS}
-    if args.checkpoint:
+    requested_model = {field: getattr(args, field, None) for field in ckpt.MODEL_FIELDS}
+    if getattr(args, "checkpoint", None):
         encoder, payload = load_encoder(args.checkpoint)
         stored = payload.get("config", {})
         given = {field: value for field, value in requested_model.items() if value is not None}
@@ -118,7 +122,7 @@ def run_eval(args) -> int:
         source = "random init (seed %d)" % config.seed
 
     def pick(name):  # command line, else the checkpoint's training config, else the default
-        value = getattr(args, name)
+        value = getattr(args, name, None)
         if value is None:
             value = stored.get(name, getattr(defaults, name))
         return value
@@ -126,21 +130,26 @@ def run_eval(args) -> int:
     data = load_dataset(
         pick("dataset"),
         root=pick("root"),
-        download=args.download,
+        download=getattr(args, "download", False),
         image_size=pick("image_size"),
         cache_dir=pick("cache_dir"),
         on_bad_image=pick("on_bad_image"),
         seed=pick("data_seed"),
         train_size=pick("train_size"),
-        test_size=config.test_size,
+        test_size=test_size,
         device=device,
         show_progress=config.progress,
     )
-    from ..augment.config import smallest_image_size
-    from ..data.dataset import check_image_size
-
     check_image_size(data, smallest_image_size())
-    results = evaluate(encoder.to(device), data, config)
+    return encoder.to(device), data, source
+
+
+def run_eval(args) -> int:
+    from ..evaluation.pipeline import evaluate
+
+    config = from_args(EvalConfig, args)
+    encoder, data, source = encoder_and_data(args, config, test_size=config.test_size)
+    results = evaluate(encoder, data, config)
     if not _is_main_rank():
         return 0
     results = {"encoder": source, "dataset": data.name, **results}
@@ -150,16 +159,22 @@ def run_eval(args) -> int:
             "data set",
             f"{data.name}: {results['num_train']} train / {results['num_test']} test, {data.num_classes} classes",
         ),
-        ("patches per image", str(results["num_patches"])),
-        ("linear probe top-1 (final epoch)", f"{100 * results['linear_top1']:.2f} %"),
-        (
-            f"  best epoch ({results['linear_best_epoch']}), for reference",
-            f"{100 * results['linear_best_epoch_top1']:.2f} %",
-        ),
-        (f"kNN top-1 (k={config.knn_k})", f"{100 * results['knn_top1']:.2f} %"),
-        (f"kNN top-5 (k={config.knn_k})", f"{100 * results['knn_top5']:.2f} %"),
-        ("time", f"{results['total_seconds']:.1f} s (features {results['feature_seconds']:.1f} s)"),
     ]
+    for view in ("patches", "whole"):
+        prefix = "whole_" if view == "whole" else ""
+        if prefix + "linear_top1" not in results:
+            continue
+        name = "whole image" if view == "whole" else f"bag of {results['num_patches']} patches"
+        rows += [
+            (f"{name}: linear probe top-1 (final epoch)", f"{100 * results[prefix + 'linear_top1']:.2f} %"),
+            (
+                f"  best epoch ({results[prefix + 'linear_best_epoch']}), for reference",
+                f"{100 * results[prefix + 'linear_best_epoch_top1']:.2f} %",
+            ),
+            (f"{name}: kNN top-1 (k={config.knn_k})", f"{100 * results[prefix + 'knn_top1']:.2f} %"),
+            (f"{name}: kNN top-5 (k={config.knn_k})", f"{100 * results[prefix + 'knn_top5']:.2f} %"),
+        ]
+    rows.append(("time", f"{results['total_seconds']:.1f} s (features {results['feature_seconds']:.1f} s)"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 from .commands import run_eval, run_export, run_info, run_plot, run_train, setup_runtime
-from .parser import build_parser
+from .parser import COMMAND_OPTIONS, build_parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -37,6 +37,14 @@ def _main(argv: List[str]) -> int:
         return reproduce_main(argv[1:], run_command=main)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None):  # the file's values become the options' defaults: the flags given win
+        from ..config_file import read_config_file
+
+        try:
+            values = read_config_file(args.config, COMMAND_OPTIONS[args.command], f"empssl {args.command}")
+        except ValueError as err:
+            parser.exit(2, f"empssl {args.command}: error: {err}\n")
+        args = build_parser({args.command: values}).parse_args(argv)
     from ..backends import BackendUnavailableError
     from ..checkpoint import CheckpointError
     from ..data.dataset import DataError

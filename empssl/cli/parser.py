@@ -4,9 +4,17 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any, Dict, Optional
 
 from ..checks import positive_float, positive_int
 from ..config import EvalConfig, TrainConfig, add_options
+
+# the config fields each command takes as options: (config class, option groups), in the order of --help; eval takes
+# the training run's data and encoder settings (their defaults: the checkpoint's) before its own
+COMMAND_OPTIONS = {
+    "train": ((TrainConfig, ("data", "encoder", "training", "output", "runtime")),),
+    "eval": ((TrainConfig, ("data", "encoder")), (EvalConfig, ("data", "evaluation", "runtime"))),
+}
 
 
 def _add_process_options(parser: argparse.ArgumentParser, groups) -> None:
@@ -27,8 +35,22 @@ def _add_process_options(parser: argparse.ArgumentParser, groups) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_config_option(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"read options from a TOML file (YAML where PyYAML is installed) with the names of `empssl {command}`'s "
+        "options (batch_size = 100), at its top level or in tables named after the option groups; options given "
+        "beside it win (a run folder's config.toml is such a file; docs/training.md section 9)",
+    )
+
+
+def build_parser(config_defaults: Optional[Dict[str, Dict[str, Any]]] = None) -> argparse.ArgumentParser:
+    """The ``empssl`` parser; ``config_defaults``: by command, option values (a ``--config`` file's) that replace
+    the options' defaults."""
     from .. import __version__
+
+    config_defaults = config_defaults or {}
 
     parser = argparse.ArgumentParser(
         prog="empssl", description="EMP-SSL self-supervised learning: train, evaluate, inspect."
@@ -46,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
         "DIR/checkpoint.pt, or replace it with --overwrite. Ctrl-C (SIGINT) or SIGTERM finishes the "
         "current step, writes a checkpoint and exits 130 / 143; a second Ctrl-C stops at once.",
     )
+    _add_config_option(train, "train")
     groups = {}
-    for group in ("data", "encoder", "training", "output", "runtime"):
-        add_options(train, TrainConfig, group, groups=groups)
+    for config_class, names in COMMAND_OPTIONS["train"]:
+        for group in names:
+            add_options(train, config_class, group, groups=groups, defaults=config_defaults.get("train"))
     _add_process_options(train, groups)
 
     evaluate = commands.add_parser(
@@ -61,11 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--random-init", action="store_true", help="an untrained encoder of the same architecture (baseline)"
     )
+    _add_config_option(evaluate, "eval")
     groups = {}
-    for group in ("data", "encoder"):  # the training run's: defaults come from the checkpoint
-        add_options(evaluate, TrainConfig, group, from_checkpoint=True, groups=groups)
-    for group in ("data", "evaluation", "runtime"):
-        add_options(evaluate, EvalConfig, group, groups=groups)
+    for config_class, names in COMMAND_OPTIONS["eval"]:
+        for group in names:
+            add_options(
+                evaluate,
+                config_class,
+                group,
+                from_checkpoint=config_class is TrainConfig,
+                groups=groups,
+                defaults=config_defaults.get("eval"),
+            )
     groups["evaluation"].add_argument(
         "--json", action="store_true", help="print the results as one JSON object on the last line"
     )

@@ -18,6 +18,7 @@ it, with a note, once it writes its first checkpoint (no ``--overwrite`` needed)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -28,13 +29,17 @@ import time
 import warnings
 from typing import Any, Dict, Iterator, List, Optional
 
+from .. import __version__
 from .. import checkpoint as ckpt
+from ..config_file import config_toml
 from ..files import check_writable_folder, remove_stale_temporaries, write_atomically
 from .curves import write_training_curves
+from .trackers import Trackers
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
+CONFIG_NAME = "config.toml"  # the run's effective configuration: `empssl train --config DIR/config.toml` takes it
 LOCK_NAME = ".lock"
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME)  # the files that make a folder a run's
 # fields that change the training trajectory: a resume with other values is not a continuation
@@ -73,16 +78,31 @@ class RunFolder:
         self.checkpoint_path = os.path.join(path, CHECKPOINT_NAME)
         self.metrics_path = os.path.join(path, METRICS_NAME)
         self.curves_path = os.path.join(path, CURVES_NAME)
+        self.config_path = os.path.join(path, CONFIG_NAME)
         self.lock = RunLock(path)
         self.resumed: Optional[Dict[str, Any]] = None  # the checkpoint a resume continues
         self.same_run = False  # the resumed checkpoint is this folder's own: the run continues the folder's run
         self.holds_other_run = False  # the folder holds another run's files, replaced on take-over
         self.metrics: Optional[MetricsLog] = None
+        self.trackers: Optional[Trackers] = None
+        self.run_id: Optional[str] = None
+        self.config_text = ""
 
     def open(self, config) -> "RunFolder":
         """Check ``config.out_dir`` and ``config.resume`` (``config``: a TrainConfig) before anything is written;
-        ValueError/CheckpointError naming what is wrong. Takes the lock: ``close`` releases it."""
+        ValueError/CheckpointError naming what is wrong (also a tracker whose package is missing). Takes the lock:
+        ``close`` releases it."""
         check_writable_folder(self.path, "--out-dir")
+        trackers = Trackers(self.path, config.tensorboard, config.wandb, dataclasses.asdict(config))
+        self.config_text = config_toml(
+            config,
+            header=(
+                f"The effective configuration of the run in this folder (empssl {__version__}). It runs again with",
+                f"`empssl train --config {os.path.join(self.path, CONFIG_NAME)} --out-dir NEW_FOLDER`: an option given",
+                "beside --config wins over the file's (docs/training.md section 9).",
+            ),
+            leave_out={name: "how this run was started, not what it is" for name in ("resume", "overwrite")},
+        )
         self.lock.acquire()
         try:
             if config.resume:
@@ -99,6 +119,7 @@ class RunFolder:
         except BaseException:
             self.lock.release()
             raise
+        self.trackers = trackers
         return self
 
     def _check_other_run(self, overwrite: bool) -> bool:
@@ -122,7 +143,9 @@ class RunFolder:
 
     def start(self, run_id: Optional[str], resume_path: Optional[str], step: int, elapsed_s: float) -> None:
         """Every input is checked: from here on the folder is this run's. The metrics log starts from the resumed
-        run's lines up to ``step`` (then one resume marker), or empty."""
+        run's lines up to ``step`` (then one resume marker), or empty; the configuration file and the trackers
+        start once the run owns the folder (at once, or at its first checkpoint under take-over)."""
+        self.run_id = run_id
         self.lock.record(run_id)
         remove_stale_temporaries(self.path)
         history: List[Dict[str, Any]] = []
@@ -131,23 +154,45 @@ class RunFolder:
                 os.path.join(os.path.dirname(resume_path), METRICS_NAME), run_id=run_id, until_step=step
             )
             history.append({"event": "resume", "step": step, "elapsed_s": elapsed_s, "run_id": run_id})
-        self.metrics = MetricsLog(self.metrics_path, history, owned=not self.holds_other_run or self.same_run)
+        owned = not self.holds_other_run or self.same_run
+        self.metrics = MetricsLog(self.metrics_path, history, owned=owned)
+        if owned:
+            self._own(history)
+
+    def _own(self, records: List[Dict[str, Any]]) -> None:
+        """The folder is this run's: its configuration file is written and the trackers start from ``records``."""
+        write_atomically(self.config_path, lambda f: f.write(self.config_text.encode()))
+        self.trackers.start(records, self.run_id)
+
+    def _take_over(self) -> None:
+        """The old run's metrics, configuration and tracker files go: this run's replace them."""
+        records = list(self.metrics.pending)
+        self.metrics.take_over()
+        self._own(records)
+
+    def log(self, record: Dict[str, Any]) -> None:
+        """One line of the metrics log, and the same record to every tracker."""
+        self.metrics.write(record)
+        self.trackers.log(record)
 
     def write_checkpoint(self, payload: Dict[str, Any]) -> None:
         """The checkpoint, atomically; under take-over the old run's metrics go only now that its checkpoint is
         replaced."""
         ckpt.save_checkpoint(self.checkpoint_path, payload)
         if not self.metrics.owned:
-            self.metrics.take_over()
+            self._take_over()
 
     def finish(self) -> None:
         """After the last step: the metrics log is this run's even when nothing was trained (resumed at the end), and
         curves.png is drawn from it (where matplotlib is installed)."""
         if not self.metrics.owned:
-            self.metrics.take_over()
+            self._take_over()
+        self.trackers.close()
         write_training_curves(read_step_metrics(self.metrics_path), self.curves_path)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        if self.trackers is not None:
+            self.trackers.close(failed)
         self.lock.release()
 
 
