@@ -354,7 +354,12 @@ def test_a_failed_checkpoint_write_is_one_line_and_a_rerun_needs_no_overwrite(
 ):
     out = tmp_path / "run"
     real_fdopen = os.fdopen
-    monkeypatch.setattr(ckpt.os, "fdopen", lambda fd, *a, **k: _FailingFile(real_fdopen(fd, *a, **k), code))
+
+    def failing_for_checkpoints(fd, *args, **kwargs):  # the run's other files (config.toml) are written as usual
+        file = real_fdopen(fd, *args, **kwargs)
+        return _FailingFile(file, code) if os.readlink(f"/proc/self/fd/{fd}").endswith(".pt") else file
+
+    monkeypatch.setattr(ckpt.os, "fdopen", failing_for_checkpoints)
     assert _train(out, "--max-steps", "2") == 1
     line = _one_clear_line(capsys.readouterr().err)
     assert text in line and f"cannot write {out / run_dir.CHECKPOINT_NAME}" in line

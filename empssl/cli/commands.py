@@ -89,66 +89,69 @@ def describe_training(result) -> str:
     )
 
 
-def encoder_and_data(args, config: EvalConfig, *, test_size: Optional[int] = None):
-    """(encoder on the config's device, data set, what the encoder is) for ``eval`` and the picture commands: the
-    checkpoint's encoder (``args.checkpoint``) or a random one (``args.random_init``), and the data set given, else
-    the checkpoint's training config's, else the default."""
+def encoder_from_args(args, config: EvalConfig):
+    """(encoder on the config's device, the checkpoint's contents (empty without one), what the encoder is) for
+    ``eval`` and the picture commands: the checkpoint's encoder (``args.checkpoint``), else a random one of the
+    architecture given (``--random-init``)."""
     import torch
 
     from .. import checkpoint as ckpt
-    from ..augment.config import smallest_image_size
-    from ..data.dataset import check_image_size
-    from ..data.load import load_dataset
     from ..device import resolve_device
     from ..models.encoder import build_encoder, load_encoder
 
     device = resolve_device(config.device)
-    defaults = TrainConfig()
-    stored = {}
     requested_model = {field: getattr(args, field, None) for field in ckpt.MODEL_FIELDS}
     if getattr(args, "checkpoint", None):
         encoder, payload = load_encoder(args.checkpoint)
-        stored = payload.get("config", {})
         given = {field: value for field, value in requested_model.items() if value is not None}
         if given:  # an explicit architecture must be the checkpoint's
             ckpt.check_same_model(args.checkpoint, payload["model_config"], {**payload["model_config"], **given})
-        source = args.checkpoint
-    else:
-        model_config = {
-            field: value if value is not None else getattr(defaults, field) for field, value in requested_model.items()
-        }
-        torch.manual_seed(config.seed)
-        encoder = build_encoder(**model_config)
-        source = "random init (seed %d)" % config.seed
+        return encoder.to(device), payload, args.checkpoint
+    defaults = TrainConfig()
+    model_config = {
+        field: value if value is not None else getattr(defaults, field) for field, value in requested_model.items()
+    }
+    torch.manual_seed(config.seed)
+    return build_encoder(**model_config).to(device), {}, "random init (seed %d)" % config.seed
 
-    def pick(name):  # command line, else the checkpoint's training config, else the default
-        value = getattr(args, name, None)
-        if value is None:
-            value = stored.get(name, getattr(defaults, name))
-        return value
+
+def run_setting(args, stored: dict, name: str):
+    """A training run's setting: the command line's, else the checkpoint's training config's, else the default."""
+    value = getattr(args, name, None)
+    return stored.get(name, getattr(TrainConfig(), name)) if value is None else value
+
+
+def data_from_args(args, config: EvalConfig, stored: dict, test_size: Optional[int] = None):
+    """The data set of the command line's data options (each defaulting to the checkpoint's, ``stored``), on the
+    config's device, checked large enough for the augmentation."""
+    from ..augment.config import smallest_image_size
+    from ..data.dataset import check_image_size
+    from ..data.load import load_dataset
+    from ..device import resolve_device
 
     data = load_dataset(
-        pick("dataset"),
-        root=pick("root"),
+        run_setting(args, stored, "dataset"),
+        root=run_setting(args, stored, "root"),
         download=getattr(args, "download", False),
-        image_size=pick("image_size"),
-        cache_dir=pick("cache_dir"),
-        on_bad_image=pick("on_bad_image"),
-        seed=pick("data_seed"),
-        train_size=pick("train_size"),
+        image_size=run_setting(args, stored, "image_size"),
+        cache_dir=run_setting(args, stored, "cache_dir"),
+        on_bad_image=run_setting(args, stored, "on_bad_image"),
+        seed=run_setting(args, stored, "data_seed"),
+        train_size=run_setting(args, stored, "train_size"),
         test_size=test_size,
-        device=device,
+        device=resolve_device(config.device),
         show_progress=config.progress,
     )
     check_image_size(data, smallest_image_size())
-    return encoder.to(device), data, source
+    return data
 
 
 def run_eval(args) -> int:
     from ..evaluation.pipeline import evaluate
 
     config = from_args(EvalConfig, args)
-    encoder, data, source = encoder_and_data(args, config, test_size=config.test_size)
+    encoder, payload, source = encoder_from_args(args, config)
+    data = data_from_args(args, config, payload.get("config", {}), test_size=config.test_size)
     results = evaluate(encoder, data, config)
     if not _is_main_rank():
         return 0

@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from .commands import run_eval, run_export, run_info, run_plot, run_train, setup_runtime
 from .parser import COMMAND_OPTIONS, build_parser
+from .pictures import run_embed, run_map, run_neighbours, run_preview
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -35,16 +36,7 @@ def _main(argv: List[str]) -> int:
         from ..reproduce.command import main as reproduce_main
 
         return reproduce_main(argv[1:], run_command=main)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "config", None):  # the file's values become the options' defaults: the flags given win
-        from ..config_file import read_config_file
-
-        try:
-            values = read_config_file(args.config, COMMAND_OPTIONS[args.command], f"empssl {args.command}")
-        except ValueError as err:
-            parser.exit(2, f"empssl {args.command}: error: {err}\n")
-        args = build_parser({args.command: values}).parse_args(argv)
+    args = parse_command_line(argv)
     from ..backends import BackendUnavailableError
     from ..checkpoint import CheckpointError
     from ..data.dataset import DataError
@@ -55,9 +47,17 @@ def _main(argv: List[str]) -> int:
     try:
         if args.command not in ("info", "export", "plot"):
             setup_runtime(args)
-        code = {"train": run_train, "eval": run_eval, "plot": run_plot, "info": run_info, "export": run_export}[
-            args.command
-        ](args)
+        code = {
+            "train": run_train,
+            "eval": run_eval,
+            "plot": run_plot,
+            "info": run_info,
+            "export": run_export,
+            "embed": run_embed,
+            "neighbours": run_neighbours,
+            "map": run_map,
+            "preview": run_preview,
+        }[args.command](args)
         destroy()  # only after success: after a failed collective, NCCL's teardown can wait for the dead rank
         return code
     except (
@@ -80,6 +80,22 @@ def _main(argv: List[str]) -> int:
     except KeyboardInterrupt:
         print(f"{_prog(args)}: interrupted", file=sys.stderr)
         return 130
+
+
+def parse_command_line(argv: List[str]):
+    """The parsed options of ``argv``, a ``--config`` file's values taken as the defaults of the options (so an
+    option given beside it wins); argparse's exit (2) for a bad option or a bad file."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        from ..config_file import read_config_file
+
+        try:
+            values = read_config_file(args.config, COMMAND_OPTIONS[args.command], f"empssl {args.command}")
+        except ValueError as err:
+            parser.exit(2, f"empssl {args.command}: error: {err}\n")
+        args = build_parser({args.command: values}).parse_args(argv)
+    return args
 
 
 def describe_os_error(err: OSError) -> str:

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 from ..checks import positive_float, positive_int
 from ..config import EvalConfig, TrainConfig, add_options
+from ..evaluation.features import SPLIT_KEYS as SPLITS
 
 # the config fields each command takes as options: (config class, option groups), in the order of --help; eval takes
 # the training run's data and encoder settings (their defaults: the checkpoint's) before its own
@@ -57,7 +58,9 @@ def build_parser(config_defaults: Optional[Dict[str, Dict[str, Any]]] = None) ->
     )
     parser.add_argument("--version", action="version", version=f"empssl {__version__}")
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{train,eval,plot,reproduce,info,export,bench}"
+        dest="command",
+        required=True,
+        metavar="{train,eval,plot,embed,neighbours,map,preview,reproduce,info,export,bench}",
     )
 
     train = commands.add_parser(
@@ -117,9 +120,97 @@ def build_parser(config_defaults: Optional[Dict[str, Dict[str, Any]]] = None) ->
         description="Print versions, devices and which backend can run each op here (and why not).",
     )
     _add_export_parser(commands)
+    _add_picture_parsers(commands)
     _add_reproduce_parser(commands)
     _add_bench_parser(commands)
     return parser
+
+
+# the picture commands (empssl.viz, docs/training.md section 10): (name, help, what --out is)
+PICTURE_COMMANDS = {
+    "embed": (
+        "write the embeddings of images to a file",
+        ".npy (with a .json of the images beside it) or .safetensors",
+    ),
+    "neighbours": ("draw query images and their nearest neighbours by embedding", "PNG, with a .csv beside it"),
+    "map": ("draw a 2-D map (t-SNE or UMAP) of the embeddings, coloured by label", "PNG, with a .csv beside it"),
+    "preview": ("draw the augmented patches the trainer cuts from a few images", "PNG, with a .csv beside it"),
+}
+
+
+def _add_picture_parsers(commands) -> None:
+    from ..viz.maps import MAP_METHODS
+
+    for name, (help_text, out) in PICTURE_COMMANDS.items():
+        parser = commands.add_parser(
+            name,
+            help=help_text,
+            description=f"{help_text[0].upper()}{help_text[1:]}. Images come from a split of the data set (the "
+            "checkpoint's unless --dataset is given) or from any folder of image files (--images); embeddings are "
+            "the bag of features `empssl eval` uses. See docs/training.md section 10.",
+        )
+        if name == "preview":
+            parser.add_argument(
+                "--checkpoint", metavar="PATH", help="take the data settings from this run's checkpoint (optional)"
+            )
+        else:
+            which = parser.add_mutually_exclusive_group(required=True)
+            which.add_argument("--checkpoint", metavar="PATH", help="checkpoint written by `empssl train`")
+            which.add_argument("--random-init", action="store_true", help="an untrained encoder (the baseline)")
+        parser.add_argument("--out", required=True, metavar="FILE", help=f"file to write: {out} (written atomically)")
+        groups = {}
+        for group in ("data",) if name == "preview" else ("data", "encoder"):
+            add_options(parser, TrainConfig, group, from_checkpoint=True, groups=groups)
+        for group in ("data", "runtime"):
+            add_options(parser, EvalConfig, group, groups=groups)
+        data = groups["data"]
+        data.add_argument(
+            "--images", metavar="DIR", help="any folder of image files (any depth; class subfolders give labels)"
+        )
+        data.add_argument(
+            "--split",
+            choices=tuple(SPLITS),
+            default="train" if name == "preview" else "test",
+            help="the data set's split to draw from"
+            + ("" if name != "neighbours" else " (the queries; their neighbours come from the train split)")
+            + f" (default {'train' if name == 'preview' else 'test'})",
+        )
+        default_max = {"neighbours": 10000, "map": 2000}.get(name)
+        if name != "preview":
+            data.add_argument(
+                "--max-images",
+                type=positive_int,
+                default=default_max,
+                metavar="N",
+                help="use the first N images"
+                + (" of the bank" if name == "neighbours" else "")
+                + (f" (default {default_max})" if default_max else " (default: all)"),
+            )
+        picture = parser.add_argument_group(name)
+        picture.add_argument(
+            "--num-patches",
+            type=positive_int,
+            default=8 if name == "preview" else 16,
+            metavar="T",
+            help=("patches per image" if name == "preview" else "patches per image in the bag of features")
+            + f" (default {8 if name == 'preview' else 16})",
+        )
+        if name == "neighbours":
+            picture.add_argument("--queries", type=positive_int, default=8, help="query images (default 8)")
+            picture.add_argument("--k", type=positive_int, default=8, help="neighbours of each query (default 8)")
+        elif name == "map":
+            picture.add_argument(
+                "--method",
+                choices=MAP_METHODS,
+                default="auto",
+                help="t-SNE (scikit-learn) or UMAP (umap-learn); auto: UMAP where installed (default auto)",
+            )
+        elif name == "preview":
+            picture.add_argument("--num-images", type=positive_int, default=6, help="images shown (default 6)")
+            picture.add_argument(
+                "--step", type=int, default=0, help="the training step whose random numbers cut the patches (default 0)"
+            )
+        _add_process_options(parser, groups)
 
 
 def _add_export_parser(commands) -> None:

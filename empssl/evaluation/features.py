@@ -52,13 +52,16 @@ def extract_features(
     seed: int = DEFAULTS.seed,
     split_key: int = 0,
     fold: bool = True,
+    image_keys: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """(N, feature_dim) float32: per image, the mean ``encoder.features`` of ``num_patches`` augmented patches.
 
     ``images``: uint8 (N, H, W, 3) on the encoder's device. Patch i of image k is drawn from the
     counter-based source keyed by (``seed``, ``split_key``, k, i), or from ``generator`` when one is
-    given (then the patches depend on the chunking, and a process group is refused). ``fold``: run a
-    BatchNorm-folded copy of the encoder (``fold_batchnorm``; on CUDA in bf16 when ``bf16``, with the
+    given (then the patches depend on the chunking, and a process group is refused). ``image_keys`` (int64 (N,),
+    on the images' device): the k of each image (its index in its split, when ``images`` is a subset of one), so
+    that an image gets its patches whatever subset it is embedded in; default: its position in ``images``.
+    ``fold``: run a BatchNorm-folded copy of the encoder (``fold_batchnorm``; on CUDA in bf16 when ``bf16``, with the
     patches' memory format); otherwise the encoder itself in eval mode (its mode is restored after).
     Chunks hold ``max_patches_per_forward // num_patches`` images (default: ``MAX_PATCHES_PER_FORWARD``
     of the device type; at most a rank's share of the images); the last is padded to that size, so
@@ -84,7 +87,8 @@ def extract_features(
     def patches_of(batch, image_ids):
         if generator is not None:
             return augment(batch, num_patches, generator=generator)
-        return augment(batch, num_patches, seed=seed, step=split_key, image_ids=image_ids)
+        keys = image_ids if image_keys is None else image_keys.index_select(0, image_ids)
+        return augment(batch, num_patches, seed=seed, step=split_key, image_ids=keys)
 
     return _chunked_features(
         encoder, images, patches_of, num_patches, bf16, max_patches_per_forward, progress, description, fold

@@ -155,6 +155,6 @@ class OnlineMonitor:
                     f"value 1/2 log(1 + d/eps) = {collapsed:.3f} (effective rank {rank:.2f} of d = {z.shape[-1]}): "
                     f"the embeddings are collapsing; try a lower --lr or --inv-coef"
                 ),
-                stacklevel=2,
+                stacklevel=1,
             )
         return record

@@ -29,7 +29,6 @@ import time
 import warnings
 from typing import Any, Dict, Iterator, List, Optional
 
-from .. import __version__
 from .. import checkpoint as ckpt
 from ..config_file import config_toml
 from ..files import check_writable_folder, remove_stale_temporaries, write_atomically
@@ -87,6 +86,8 @@ class RunFolder:
         self.trackers: Optional[Trackers] = None
         self.run_id: Optional[str] = None
         self.config_text = ""
+        self.history: List[Dict[str, Any]] = []  # the resumed run's lines, up to its checkpoint
+        self.files_started = False  # the configuration file is written and the trackers have started
 
     def open(self, config) -> "RunFolder":
         """Check ``config.out_dir`` and ``config.resume`` (``config``: a TrainConfig) before anything is written;
@@ -97,7 +98,7 @@ class RunFolder:
         self.config_text = config_toml(
             config,
             header=(
-                f"The effective configuration of the run in this folder (empssl {__version__}). It runs again with",
+                "The effective configuration of the run in this folder, written by empssl train. It runs again with",
                 f"`empssl train --config {os.path.join(self.path, CONFIG_NAME)} --out-dir NEW_FOLDER`: an option given",
                 "beside --config wins over the file's (docs/training.md section 9).",
             ),
@@ -143,8 +144,8 @@ class RunFolder:
 
     def start(self, run_id: Optional[str], resume_path: Optional[str], step: int, elapsed_s: float) -> None:
         """Every input is checked: from here on the folder is this run's. The metrics log starts from the resumed
-        run's lines up to ``step`` (then one resume marker), or empty; the configuration file and the trackers
-        start once the run owns the folder (at once, or at its first checkpoint under take-over)."""
+        run's lines up to ``step`` (then one resume marker), or empty. The configuration file and the trackers
+        start with the run's first line or checkpoint in a folder it owns (under take-over: its first checkpoint)."""
         self.run_id = run_id
         self.lock.record(run_id)
         remove_stale_temporaries(self.path)
@@ -154,26 +155,30 @@ class RunFolder:
                 os.path.join(os.path.dirname(resume_path), METRICS_NAME), run_id=run_id, until_step=step
             )
             history.append({"event": "resume", "step": step, "elapsed_s": elapsed_s, "run_id": run_id})
-        owned = not self.holds_other_run or self.same_run
-        self.metrics = MetricsLog(self.metrics_path, history, owned=owned)
-        if owned:
-            self._own(history)
+        self.history = history
+        self.metrics = MetricsLog(self.metrics_path, history, owned=not self.holds_other_run or self.same_run)
 
     def _own(self, records: List[Dict[str, Any]]) -> None:
-        """The folder is this run's: its configuration file is written and the trackers start from ``records``."""
+        """Once the run has something to keep (its first line or checkpoint) in a folder it owns: the configuration
+        file is written and the trackers start from ``records`` (the run's lines so far)."""
+        if self.files_started:
+            return
+        self.files_started = True
         write_atomically(self.config_path, lambda f: f.write(self.config_text.encode()))
         self.trackers.start(records, self.run_id)
 
+    def log(self, record: Dict[str, Any]) -> None:
+        """One line of the metrics log, and the same record to every tracker."""
+        if self.metrics.owned:
+            self._own(self.history)
+        self.metrics.write(record)
+        self.trackers.log(record)
+
     def _take_over(self) -> None:
-        """The old run's metrics, configuration and tracker files go: this run's replace them."""
+        """The old run's metrics and configuration go (this run's replace them), and this run's trackers start."""
         records = list(self.metrics.pending)
         self.metrics.take_over()
         self._own(records)
-
-    def log(self, record: Dict[str, Any]) -> None:
-        """One line of the metrics log, and the same record to every tracker."""
-        self.metrics.write(record)
-        self.trackers.log(record)
 
     def write_checkpoint(self, payload: Dict[str, Any]) -> None:
         """The checkpoint, atomically; under take-over the old run's metrics go only now that its checkpoint is
@@ -181,12 +186,14 @@ class RunFolder:
         ckpt.save_checkpoint(self.checkpoint_path, payload)
         if not self.metrics.owned:
             self._take_over()
+        self._own(self.history)
 
     def finish(self) -> None:
         """After the last step: the metrics log is this run's even when nothing was trained (resumed at the end), and
         curves.png is drawn from it (where matplotlib is installed)."""
         if not self.metrics.owned:
             self._take_over()
+        self._own(self.history)
         self.trackers.close()
         write_training_curves(read_step_metrics(self.metrics_path), self.curves_path)
 

@@ -11,7 +11,8 @@ continues the same curves and never logs a step twice:
   new file that opens with a purge marker, so that a TensorBoard already showing the old events drops them too.
 - Weights & Biases: the run's id is the run's ``run_id`` (resumed with ``resume="allow"``), and a record whose step
   is below the step W&B expects next (it holds that step already) is not sent again. Offline mode
-  (``WANDB_MODE=offline``) writes the run under OUT_DIR/wandb for ``wandb sync``.
+  (``WANDB_MODE=offline``) writes each process's part of the run under OUT_DIR/wandb for ``wandb sync``: a resumed
+  process whose earlier parts are there logs only its new steps.
 """
 
 from __future__ import annotations
@@ -116,8 +117,19 @@ class WandbTracker:
             settings=self.wandb.Settings(console="off"),  # the run's own output stays the terminal's
         )
         self.next_step = int(self.run.step)
+        if self.run.offline and history and self._earlier_offline_runs(run_id):
+            # offline, W&B knows nothing of the earlier process's run: its own files here hold the history
+            self.next_step = max(int(record["step"]) for record in history) + 1
         for record in history:
             self.log(record)
+
+    def _earlier_offline_runs(self, run_id: Optional[str]) -> List[str]:
+        """The offline runs of ``run_id`` that earlier processes left under the run folder (for ``wandb sync``)."""
+        import glob
+
+        own = os.path.realpath(os.path.dirname(self.run.dir))
+        pattern = os.path.join(self.folder, WANDB_FOLDER, f"offline-run-*-{run_id}")
+        return [path for path in glob.glob(pattern) if os.path.realpath(path) != own]
 
     def log(self, record: Dict[str, Any]) -> None:
         scalars = scalars_of(record)
