@@ -105,12 +105,10 @@ def _entries(path: str, document: Dict[str, Any], groups: Iterable[str], command
 
 
 def _suggestion(name: str, fields: Dict[str, dataclasses.Field], table: Optional[str]) -> str:
-    close = difflib.get_close_matches(name, list(fields), n=1)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
     if table is not None and name in fields:
         return f" (it belongs in [{fields[name].metadata['cli']['group']}])"
-    return ""
+    close = difflib.get_close_matches(name, list(fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _base_type(hint) -> type:
