@@ -172,3 +172,38 @@ def test_monitoring_options_are_checked():
     for bad in ({"monitor_every": -1}, {"monitor_size": 0}, {"monitor_patches": 0}, {"wandb": " "}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad).validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore::empssl.training.monitor.CollapseWarning")
+def test_monitoring_a_captured_cuda_run_leaves_its_training_as_it_was(data, tmp_path):
+    """On CUDA the step is a replayed CUDA graph (bf16 autocast): the monitoring between replays measures the step's
+    own embeddings and the run's losses stay those of an unmonitored run."""
+    cuda = {**TINY, "device": "cuda"}
+    monitored = TrainConfig(**cuda, max_steps=4, monitor_every=2, monitor_size=40, out_dir=str(tmp_path / "a"))
+    plain = TrainConfig(**cuda, max_steps=4, monitor_every=0, out_dir=str(tmp_path / "b"))
+    for config in (monitored, plain):
+        T.train(config, data)
+    records, unmonitored = _records(monitored.out_dir), _records(plain.out_dir)
+    for record in records[1::2]:  # steps 2 and 4
+        assert record["coding_rate"] == pytest.approx(-record["tcr"], rel=1e-3)  # bf16: the same kernels
+        assert 1.0 <= record["effective_rank"] <= 16 and 0.0 <= record["knn_top1"] <= 1.0
+    # cuDNN may pick other algorithms in another run: the losses agree to bf16's rounding, not bit for bit
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in unmonitored], rel=1e-2)
+
+
+def test_the_curves_draw_the_monitoring_and_the_collapsed_value():
+    pytest.importorskip("matplotlib", reason="optional dependency not installed: matplotlib")
+    from empssl.training.curves import curves_figure
+
+    records = [{"step": s, "loss": -s, "tcr": -3.0 * s, "inv": -0.9, "lr": 0.3 / s} for s in range(1, 7)]
+    for record in records[1::2]:
+        record.update(knn_top1=record["step"] / 10, effective_rank=2.0 * record["step"], collapsed_coding_rate=2.5)
+    axes = [ax for ax in curves_figure(records).axes if ax.get_visible()]
+    titles = [ax.get_title() for ax in axes]
+    assert titles == ["loss", "L_tcr = -mean R", "L_inv", "learning rate", titles[4], "effective rank of z"]
+    assert titles[4].startswith("online kNN top-1")
+    assert list(axes[4].lines[0].get_xdata()) == [2, 4, 6] and list(axes[4].lines[0].get_ydata()) == [0.2, 0.4, 0.6]
+    assert list(axes[1].lines[1].get_ydata()) == [-2.5, -2.5]  # the collapsed L_tcr, -1/2 log(1 + d/eps)
+    plain = [{k: v for k, v in r.items() if k in ("step", "loss", "tcr", "inv", "lr")} for r in records]
+    assert len([ax for ax in curves_figure(plain).axes if ax.get_visible()]) == 4  # unmonitored: as before
