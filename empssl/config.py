@@ -367,7 +367,7 @@ class TrainConfig(RuntimeConfig):
         type=positive_int,
     )
     monitor_patches: int = option(
-        8, "patches per image of the online kNN's features", group="output", type=positive_int
+        4, "patches per image of the online kNN's features", group="output", type=positive_int
     )
     tensorboard: bool = option(
         False,
