@@ -128,6 +128,7 @@ def _wandb_history(path):
     return history
 
 
+@pytest.mark.slow  # two runs and wandb's service process: 3.5-7 s on 2 cores
 def test_a_wandb_offline_run_writes_its_history_once_per_step_across_a_resume(tmp_path, data, monkeypatch):
     _require("wandb", "wandb")
     for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}.items():

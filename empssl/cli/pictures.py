@@ -126,9 +126,10 @@ def run_neighbours(args) -> int:
 
 def run_map(args) -> int:
     from ..files import write_atomically
-    from ..viz.common import embed, write_csv
+    from ..viz.common import check_outputs, embed, write_csv
     from ..viz.maps import map_figure, resolve_method, two_d_map
 
+    check_outputs([args.out], [args.checkpoint, args.images], (".png",))  # a bad --out first, then what is missing
     method = resolve_method(args.method)
     try:
         import matplotlib  # noqa: F401
