@@ -1,9 +1,9 @@
 """Settings as dataclasses whose fields carry their command-line form: a default lives in one place.
 
 ``option(default, help, ...)`` is a ``dataclasses.field`` with the option's help text, group and
-form in its metadata; ``add_options`` turns the fields of a config class into ``argparse`` options
-(``batch_size`` -> ``--batch-size``) and ``from_args`` builds the config back from the parsed
-namespace. ``TrainConfig`` and ``EvalConfig`` (both here) are declared this way, so
+form in its metadata; ``empssl.options`` turns the fields of a config class into ``argparse`` options
+(``batch_size`` -> ``--batch-size``) and configuration-file keys, and builds the config back from them.
+``TrainConfig`` and ``EvalConfig`` (both here) are declared this way, so
 ``empssl train --help`` and ``empssl eval --help`` print the dataclasses' defaults.
 
 Forms: ``value`` (``--name VALUE``), ``switch`` (``--name`` sets True), ``negated`` (a True
@@ -13,16 +13,23 @@ default, ``--name`` / ``--no-name``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from . import checkpoint as ckpt
-from .checks import FLOAT32_MAX, finite_float, positive_float, positive_int
+from .checks import FLOAT32_MAX, finite_float, momentum_float, non_negative_float, positive_float, positive_int
 from .data.load import BAD_IMAGE_POLICIES, DATASET_SPECS
-from .models.resnet import ARCHS
+from .models.backbones import (
+    ARCH_HELP,
+    STEMS,
+    arch_type,
+    backbone_args_type,
+    check_arch,
+    check_options,
+    parse_backbone_args,
+)
 from .ops import augment as augment_op
 from .ops import tcr as tcr_op
 from .optim import RECIPE_LR
@@ -71,105 +78,6 @@ def option(
     return dataclasses.field(default=default, metadata={"cli": metadata})
 
 
-def _cli_fields(config_class) -> Dict[str, dataclasses.Field]:
-    return {field.name: field for field in dataclasses.fields(config_class) if "cli" in field.metadata}
-
-
-def option_fields(config_class, groups: Optional[Sequence[str]] = None) -> Dict[str, dataclasses.Field]:
-    """The fields of ``config_class`` that are command-line options (of ``groups`` only, when given), by name."""
-    return {
-        name: field
-        for name, field in _cli_fields(config_class).items()
-        if groups is None or field.metadata["cli"]["group"] in groups
-    }
-
-
-def _shown(value: Any, form: str) -> str:
-    if form == "on_off":
-        return "on" if value else "off"
-    return "none" if value is None else str(value)
-
-
-def add_options(
-    parser: argparse.ArgumentParser,
-    config_class,
-    group: str,
-    *,
-    from_checkpoint: bool = False,
-    groups: Optional[Dict[str, Any]] = None,
-    defaults: Optional[Dict[str, Any]] = None,
-) -> None:
-    """Add the options of ``config_class``'s fields in ``group`` to ``parser`` (under an argument
-    group of that name, shared through ``groups``). ``from_checkpoint``: the options default to
-    None, and the help says the checkpoint's value comes first (``empssl eval``). ``defaults``: field values that
-    replace the fields' defaults (a ``--config`` file's), so that an option given beside them wins; a switch also
-    gets a hidden ``--no-NAME`` (a negated option a hidden ``--NAME``) to undo what such a file turns on."""
-    groups = {} if groups is None else groups
-    defaults = defaults or {}
-    if group not in groups:
-        groups[group] = parser.add_argument_group(group)
-    target = groups[group]
-    for name, field in _cli_fields(config_class).items():
-        cli = field.metadata["cli"]
-        if cli["group"] != group:
-            continue
-        flag, no_flag, form = "--" + name.replace("_", "-"), "--no-" + name.replace("_", "-"), cli["form"]
-        given = name in defaults
-        default = defaults[name] if given else None if from_checkpoint else field.default
-        help_text = cli["help"]
-        if cli["show_default"] and form not in ("switch", "negated", "tristate"):  # their help says what they change
-            shown = _shown(default if given else field.default, form)
-            help_text += f" (default: the checkpoint's, else {shown})" if from_checkpoint else f" (default {shown})"
-        elif from_checkpoint:  # a default spelled in the help text: the checkpoint's value still comes first
-            help_text += "; with --checkpoint, the checkpoint's value unless given"
-        hidden = dict(dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        if form == "switch":
-            target.add_argument(flag, dest=name, action="store_true", default=bool(default), help=help_text)
-            target.add_argument(no_flag, action="store_false", **hidden)
-        elif form == "negated":
-            target.add_argument(no_flag, dest=name, action="store_false", default=default, help=help_text)
-            target.add_argument(flag, action="store_true", **hidden)
-        elif form == "tristate":
-            on_help, _, off_help = help_text.partition(" | ")
-            target.add_argument(flag, dest=name, action="store_const", const=True, default=default, help=on_help)
-            target.add_argument(no_flag, dest=name, action="store_const", const=False, help=off_help or None)
-        elif form == "on_off":
-            target.add_argument(
-                flag,
-                dest=name,
-                choices=("on", "off"),
-                default=None if default is None else _shown(default, form),
-                help=help_text,
-            )
-        else:
-            target.add_argument(
-                flag,
-                dest=name,
-                type=cli["type"],
-                choices=cli["choices"],
-                metavar=cli["metavar"],
-                default=default,
-                help=help_text,
-            )
-
-
-def option_value(config_class, name: str, parsed: Any) -> Any:
-    """The field's value for a parsed option (``on``/``off`` become booleans)."""
-    if _cli_fields(config_class)[name].metadata["cli"]["form"] == "on_off" and isinstance(parsed, str):
-        return parsed == "on"
-    return parsed
-
-
-def from_args(config_class, args: argparse.Namespace, **overrides):
-    """``config_class`` from the parsed options of its fields (absent ones keep their defaults)."""
-    values = {
-        name: option_value(config_class, name, getattr(args, name))
-        for name in _cli_fields(config_class)
-        if hasattr(args, name)
-    }
-    return config_class(**{**values, **overrides})
-
-
 @dataclasses.dataclass
 class RuntimeConfig:
     """Where and how a command runs: shared by ``TrainConfig`` and ``EvalConfig``."""
@@ -206,8 +114,10 @@ class EvalConfig(RuntimeConfig):
         0.03, "linear probe learning rate (cosine over the epochs)", group="evaluation", type=positive_float
     )
     linear_batch_size: int = option(100, "linear probe mini-batch size", group="evaluation", type=positive_int)
-    linear_momentum: float = option(0.9, "linear probe SGD momentum", group="evaluation", type=finite_float)
-    linear_weight_decay: float = option(5e-5, "linear probe weight decay", group="evaluation", type=finite_float)
+    linear_momentum: float = option(
+        0.9, "linear probe SGD momentum, in [0, 1)", group="evaluation", type=momentum_float
+    )
+    linear_weight_decay: float = option(5e-5, "linear probe weight decay", group="evaluation", type=non_negative_float)
     knn_k: int = option(20, "neighbours of the kNN", group="evaluation", type=positive_int)
     knn_temperature: float = option(0.07, "kNN vote temperature", group="evaluation", type=positive_float)
     views: str = option(
@@ -217,6 +127,23 @@ class EvalConfig(RuntimeConfig):
         group="evaluation",
         choices=EVAL_VIEWS,
     )
+
+    def validate(self) -> None:
+        """ValueError naming the option of any value the command line's types refuse."""
+        check_numbers(self)
+        for name in ("num_patches", "linear_epochs", "linear_batch_size", "knn_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not 0 <= self.linear_momentum < 1:
+            raise ValueError(
+                f"--linear-momentum must be in [0, 1) (SGD diverges from 1 on), got {self.linear_momentum}"
+            )
+        if not self.linear_weight_decay >= 0:
+            raise ValueError(f"--linear-weight-decay must be >= 0, got {self.linear_weight_decay}")
+        for name in ("linear_lr", "knn_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
@@ -260,11 +187,29 @@ class TrainConfig(RuntimeConfig):
     )
     data_seed: int = option(0, "seed of the synthetic data set and of train/test splits", group="data", type=int)
     # encoder (also options of `empssl eval`)
-    arch: str = option(
-        "resnet18-cifar", "backbone: ResNet-18 with the CIFAR stem or the ImageNet stem", group="encoder", choices=ARCHS
-    )
+    arch: str = option("resnet18-cifar", ARCH_HELP, group="encoder", type=arch_type, metavar="ARCH")
     width: float = option(
-        1.0, "channel multiplier of the backbone (1: 512 features)", group="encoder", type=positive_float
+        1.0,
+        "channel multiplier of the built-in ResNet-18 (1: 512 features); other backbones have their own widths",
+        group="encoder",
+        type=positive_float,
+    )
+    stem: str = option(
+        "default",
+        "cifar: a torchvision: or timm: ResNet's 7x7 stride-2 conv1 and max-pool become a 3x3 stride-1 conv and no "
+        "pooling, for small images (the built-in ResNet-18 names its stem in --arch)",
+        group="encoder",
+        choices=STEMS,
+    )
+    backbone_args: Union[str, Dict[str, Any]] = option(
+        "",
+        "keyword arguments of a torchvision: or timm: model's constructor, KEY=VALUE[,KEY=VALUE...] with Python "
+        "literals as values, e.g. img_size=32,patch_size=8 for timm:vit_tiny_patch16_224 on 32x32 images (default: "
+        "none)",
+        group="encoder",
+        type=backbone_args_type,
+        metavar="KEY=VALUE,...",
+        show_default=False,
     )
     hidden_dim: int = option(
         4096, "size of the pre_feature layer used for evaluation", group="encoder", type=positive_int
@@ -349,7 +294,7 @@ class TrainConfig(RuntimeConfig):
         show_default=False,
     )
     log_every: int = option(10, "steps between log lines", group="output", type=positive_int)
-    # what the run reports beside its loss (docs/training.md section 8)
+    # what the run reports beside its loss (docs/training.md section 9)
     monitor_every: Optional[int] = option(
         None,
         "steps between online checks: kNN top-1 on a fixed held-out subset, the effective rank and coding rate of "
@@ -384,7 +329,10 @@ class TrainConfig(RuntimeConfig):
     )
 
     def model_config(self) -> Dict[str, Any]:
-        return {field: getattr(self, field) for field in ckpt.MODEL_FIELDS}
+        """The encoder's fields (``checkpoint.MODEL_FIELDS``), ``backbone_args`` as a dict: what checkpoints hold."""
+        config = {field: getattr(self, field) for field in ckpt.MODEL_FIELDS}
+        config["backbone_args"] = parse_backbone_args(self.backbone_args)
+        return config
 
     def warn_short_schedule(self, steps_per_epoch: int, total_steps: int) -> None:
         """A warning when the cosine schedule ends before the run: its learning rate is 0 for the steps after it."""
@@ -399,6 +347,8 @@ class TrainConfig(RuntimeConfig):
 
     def validate(self) -> None:
         check_numbers(self)
+        check_arch(self.arch)
+        check_options(self.arch, self.width, self.stem, self.backbone_args)
         for name in ("num_patches", "batch_size", "epochs", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -421,3 +371,10 @@ class TrainConfig(RuntimeConfig):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.num_patches < 2:
             raise ValueError(f"num_patches must be >= 2 (the invariance term compares patches), got {self.num_patches}")
+        if self.z_dim / (self.batch_size * self.eps) > FLOAT32_MAX:  # the coding rate's alpha, at most this large
+            raise ValueError(
+                f"--eps {self.eps:g} is too small for --z-dim {self.z_dim} and --batch-size {self.batch_size}: the "
+                f"coding rate's d / (b eps) overflows float32"
+            )
+        if self.tcr_coef == 0 and self.inv_coef == 0:
+            raise ValueError("--tcr-coef 0 and --inv-coef 0 leave no loss to minimise; give either a non-zero weight")

@@ -52,6 +52,9 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in _LAUNCHER_VARIABLES)
 
 
+MAX_TIMEOUT_S = 1e9  # about 31 years: "never" in practice, and well within what a timedelta holds
+
+
 def init_from_env(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
     """Join the process group torchrun's environment describes; returns the device this rank uses.
 
@@ -61,8 +64,11 @@ def init_from_env(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
     """
     if not launched_by_torchrun():
         return device
-    if not timeout_s > 0:
-        raise ValueError(f"the distributed timeout must be a positive number of seconds, got {timeout_s}")
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:  # a timedelta holds at most 999,999,999 days
+        raise ValueError(
+            f"the distributed timeout (--dist-timeout) must be a positive number of seconds up to {MAX_TIMEOUT_S:g}, "
+            f"got {timeout_s}"
+        )
     if is_initialized():
         raise DistributedError("a process group is already initialised in this process")
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -303,9 +309,16 @@ class SyncBatchNorm(nn.SyncBatchNorm):
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """``module`` with every BatchNorm layer replaced by ``SyncBatchNorm`` (parameters and buffers shared, so the
-    state_dict keys and values are the same; a plain encoder loads it)."""
+    state_dict keys and values are the same; a plain encoder loads it). ValueError for a subclass of BatchNorm with
+    a forward of its own (timm's BatchNormAct2d adds an activation), which a SyncBatchNorm would not compute."""
     converted = module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module) not in (SyncBatchNorm, *plain):
+        raise ValueError(
+            f"--sync-bn: {type(module).__module__}.{type(module).__name__} is a BatchNorm with a forward of its own "
+            f"that a SyncBatchNorm would not compute; train this backbone without --sync-bn"
+        )
+    if type(module) in plain:
         # an affine BatchNorm without a bias exists from torch 2.14 on (its bias= keyword); torch 2.11 has neither
         no_bias = {"bias": False} if module.affine and module.bias is None else {}
         converted = SyncBatchNorm(

@@ -1,4 +1,4 @@
-"""Configuration files (empssl.config_file, `--config FILE`): a run from its folder's config.toml, or from a written
+"""Configuration files (empssl.options, `--config FILE`): a run from its folder's config.toml, or from a written
 file, equals the run from flags bit for bit; flags beside the file win; every value round-trips; unknown keys and
 wrong types are refused naming the key and the file; YAML where PyYAML is installed."""
 
@@ -13,8 +13,8 @@ from empssl import checkpoint as ckpt
 from empssl import cli
 from empssl.cli.main import parse_command_line
 from empssl.cli.parser import COMMAND_OPTIONS
-from empssl.config import EvalConfig, TrainConfig, from_args
-from empssl.config_file import config_toml, read_config_file
+from empssl.config import EvalConfig, TrainConfig
+from empssl.options import config_toml, from_args, read_config_file
 from empssl.training.run_folder import CHECKPOINT_NAME, CONFIG_NAME
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -129,9 +129,10 @@ def test_every_option_value_round_trips_through_a_written_file(tmp_path):
         ("[training]\nbatch_size = 1.5\n", "key 'training.batch_size' must be an integer, got 1.5 (float)"),
         ("batch_size = true\n", "key 'batch_size' must be an integer, got True (bool)"),
         ("compile = 1\n", "key 'compile' must be true or false, got 1 (int)"),
-        ("[training]\nlr = -0.3\n", "key 'training.lr': must be a positive number, got -0.3"),
+        ("[training]\nlr = -0.3\n", "key 'training.lr': must be a positive number"),
         ("lr = 1e39\n", "key 'lr': must be a finite number within float32's range"),
-        ('arch = "vgg"\n', "key 'arch' must be one of 'resnet18-cifar', 'resnet18-imagenet', got 'vgg'"),
+        ('arch = "vgg"\n', "key 'arch': unknown --arch 'vgg'"),
+        ('augment_backend = "gpu"\n', "key 'augment_backend' must be one of 'auto', 'cuda', 'triton', 'cpu'"),
         ('bf16 = "maybe"\n', "key 'bf16' must be true, false, 'on' or 'off', got 'maybe'"),
         ("[data]\nlr = 0.1\n", "key 'data.lr' is not an option of empssl train (it belongs in [training])"),
         ("[tranining]\nlr = 0.1\n", "table [tranining] is not an option group of empssl train"),

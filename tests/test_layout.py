@@ -37,7 +37,7 @@ LAYERS = {
     "empssl.models": 3,
     "empssl.data": 3,
     "empssl.config": 4,
-    "empssl.config_file": 4,
+    "empssl.options": 4,
     "empssl.training": 5,
     "empssl.evaluation": 5,
     "empssl.reproduce": 6,

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, Optional
 
-from ..checks import positive_float, positive_int
-from ..config import EvalConfig, TrainConfig, add_options
+from ..checks import positive_float, positive_int, thread_count
+from ..config import EvalConfig, TrainConfig
 from ..evaluation.features import SPLIT_KEYS as SPLITS
+from ..options import add_options
 
 # the config fields each command takes as options: (config class, option groups), in the order of --help; eval takes
 # the training run's data and encoder settings (their defaults: the checkpoint's) before its own
@@ -23,7 +24,7 @@ def _add_process_options(parser: argparse.ArgumentParser, groups) -> None:
     from ..distributed import DEFAULT_TIMEOUT_S
 
     groups["runtime"].add_argument(
-        "--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)"
+        "--threads", type=thread_count, default=None, help="CPU threads for torch, at most the cores (default: torch's)"
     )
     groups["runtime"].add_argument(
         "--dist-timeout",
@@ -42,7 +43,7 @@ def _add_config_option(parser: argparse.ArgumentParser, command: str) -> None:
         metavar="FILE",
         help=f"read options from a TOML file (YAML where PyYAML is installed) with the names of `empssl {command}`'s "
         "options (batch_size = 100), at its top level or in tables named after the option groups; options given "
-        "beside it win (a run folder's config.toml is such a file; docs/training.md section 9)",
+        "beside it win (a run folder's config.toml is such a file; docs/training.md section 10)",
     )
 
 
@@ -126,7 +127,7 @@ def build_parser(config_defaults: Optional[Dict[str, Dict[str, Any]]] = None) ->
     return parser
 
 
-# the picture commands (empssl.viz, docs/training.md section 10): (name, help, what --out is)
+# the picture commands (empssl.viz, docs/training.md section 11): (name, help, what --out is)
 PICTURE_COMMANDS = {
     "embed": (
         "write the embeddings of images to a file",
@@ -147,7 +148,7 @@ def _add_picture_parsers(commands) -> None:
             help=help_text,
             description=f"{help_text[0].upper()}{help_text[1:]}. Images come from a split of the data set (the "
             "checkpoint's unless --dataset is given) or from any folder of image files (--images); embeddings are "
-            "the bag of features `empssl eval` uses. See docs/training.md section 10.",
+            "the bag of features `empssl eval` uses. See docs/training.md section 11.",
         )
         if name == "preview":
             parser.add_argument(
@@ -216,10 +217,12 @@ def _add_picture_parsers(commands) -> None:
 def _add_export_parser(commands) -> None:
     export = commands.add_parser(
         "export",
-        help="write the trained backbone as a state_dict for torchvision.models.resnet18",
-        description="Write the backbone of a checkpoint as a state_dict that torchvision.models.resnet18() loads with "
-        "only fc.* missing (resnet18-cifar: after conv1 = Conv2d(3, 64, 3, 1, 1, bias=False) and "
-        "maxpool = Identity(); see docs/training.md section 7). Width 1 encoders only.",
+        help="write the trained backbone as a state_dict for the library it came from (torchvision, timm)",
+        description="Write the backbone of a checkpoint as a state_dict that its library's model loads strictly, and "
+        "print the Python that builds that model: the built-in ResNet-18 (width 1 only) and torchvision:NAME into "
+        "torchvision's model with its classifier an Identity (resnet18-cifar and --stem cifar: after conv1 = "
+        "Conv2d(3, C, 3, 1, 1, bias=False) and maxpool = Identity()), timm:NAME into timm.create_model(NAME, "
+        "num_classes=0); see docs/training.md section 7.",
     )
     export.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint written by `empssl train`")
     export.add_argument("--out", required=True, metavar="FILE", help="file to write (written atomically)")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from ..config import EvalConfig, from_args
+from ..config import EvalConfig
+from ..options import from_args
 from .commands import data_from_args, encoder_from_args, run_setting
 
 

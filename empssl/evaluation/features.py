@@ -3,7 +3,8 @@ augmented patches, with the encoder in eval mode; and the whole-image view besid
 the image resized to the recipe's patch size).
 
 Built to run at device speed: features come from a copy of the encoder with every BatchNorm folded into the
-convolution or linear layer before it (``empssl.models.fold``; bf16 channels_last on CUDA), in chunks of one fixed
+convolution or linear layer before it (``empssl.models.fold``: the pairs found by tracing, so any backbone; one
+without such pairs, a LayerNorm transformer, runs as it is; bf16 channels_last on CUDA), in chunks of one fixed
 size (the last one padded), from patches of the counter-based augmentation keyed by (seed, split, image index), so
 an image's patches do not depend on how the images are chunked or split across processes. Under
 ``torch.distributed`` (world size > 1) each rank extracts the features of its slice of the images and all ranks
@@ -35,6 +36,33 @@ MAX_PATCHES_PER_FORWARD = {"cuda": 8192, "cpu": 1024}
 
 # the counter-based augmentation's ``step`` key of each split: train and test image k get different patches
 SPLIT_KEYS = {"train": 0, "test": 1}
+
+
+def forward_bytes_per_patch(encoder: torch.nn.Module, image_size: int) -> Optional[int]:
+    """An upper bound of the bytes a no-grad forward of ``encoder`` holds per patch of ``image_size``: twice the
+    largest input plus output of one layer per patch (a residual keeps its input alive), in float32, plus the patch.
+    Measured by one forward on the meta device (no memory, no compute); None if the encoder does not run there."""
+    from torch.func import functional_call
+
+    named = [*encoder.named_parameters(), *encoder.named_buffers()]
+    on_meta = {name: torch.empty_like(tensor, device="meta") for name, tensor in named}
+    peak = 0
+
+    def record(module, inputs, output):
+        nonlocal peak
+        peak = max(peak, sum(t.numel() for t in (*inputs, output) if isinstance(t, torch.Tensor)))
+
+    leaves = [module for module in encoder.modules() if not list(module.children())]
+    handles = [module.register_forward_hook(record) for module in leaves]
+    try:
+        with torch.no_grad():
+            functional_call(encoder, on_meta, (torch.empty(2, 3, image_size, image_size, device="meta"),))
+    except Exception:  # an encoder with host-side logic the meta device cannot run: no estimate
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 4 * peak + 4 * 3 * image_size * image_size  # the forward ran 2 patches: twice its peak per patch is 4x
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Online monitoring of a training run (docs/training.md section 8): every ``monitor_every`` steps, how good the
+"""Online monitoring of a training run (docs/training.md section 9): every ``monitor_every`` steps, how good the
 features are and whether they are collapsing, logged with that step's metrics line.
 
 - kNN top-1 of a fixed held-out subset: ``monitor_size`` test images (the queries) against ``monitor_size`` train

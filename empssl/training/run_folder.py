@@ -7,39 +7,47 @@ checkpoint). On resume ``metrics.jsonl`` is cut back to the checkpoint's step an
 marker, so each step appears at most once, in order. A kill can leave temporary files of an atomic
 write behind: the next run in the folder removes them.
 
-One run at a time: ``RunLock`` holds an exclusive ``flock`` on ``.lock`` in the folder for the whole run, taken
-before the folder's files are judged, so a second run into the folder is refused with the holder's pid, host,
-run id and start time (the lock file's text, for the message only). The kernel drops the lock when its process
-dies, so a lock file left by a killed run never blocks. A folder holding only ``metrics.jsonl`` (its run stopped
+One run at a time: ``RunLock`` (``training.run_lock``) holds an exclusive ``flock`` on ``.lock`` in the folder for
+the whole run, taken before the folder's files are judged, so a second run into the folder is refused with the
+holder's pid, host and run id. A folder holding only ``metrics.jsonl`` (its run stopped
 before its first checkpoint: a full disk, a crash, a non-finite loss) holds nothing to resume: a new run replaces
 it, with a note, once it writes its first checkpoint (no ``--overwrite`` needed).
+
+Nothing in the folder is written through a link (empssl/files.py): a run's lock, checkpoint, metrics log or curves
+that is a symbolic link is refused, and the lock and the log are opened without following one. A folder that holds
+far more than a run (``/``, the home folder, a repository's root) is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import json
 import os
-import socket
 import sys
-import time
 import warnings
 from typing import Any, Dict, Iterator, List, Optional
 
 from .. import checkpoint as ckpt
-from ..config_file import config_toml
-from ..files import check_writable_folder, remove_stale_temporaries, write_atomically
+from ..files import (
+    StagedWrite,
+    append_text,
+    check_output_folder,
+    open_input,
+    refuse_link,
+    remove_stale_temporaries,
+    same_file,
+    write_atomically,
+)
+from ..options import config_toml
 from .curves import write_training_curves
+from .run_lock import RunLock
 from .trackers import Trackers
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
 CONFIG_NAME = "config.toml"  # the run's effective configuration: `empssl train --config DIR/config.toml` takes it
-LOCK_NAME = ".lock"
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME)  # the files that make a folder a run's
 # fields that change the training trajectory: a resume with other values is not a continuation
 _TRAJECTORY_FIELDS = (
@@ -93,14 +101,16 @@ class RunFolder:
         """Check ``config.out_dir`` and ``config.resume`` (``config``: a TrainConfig) before anything is written;
         ValueError/CheckpointError naming what is wrong (also a tracker whose package is missing). Takes the lock:
         ``close`` releases it."""
-        check_writable_folder(self.path, "--out-dir")
+        check_output_folder(self.path, "--out-dir", config.overwrite)
+        for name in (CHECKPOINT_NAME, METRICS_NAME, CURVES_NAME, CONFIG_NAME):  # never written through: empssl/files.py
+            refuse_link(os.path.join(self.path, name), "--out-dir's")
         trackers = Trackers(self.path, config.tensorboard, config.wandb, dataclasses.asdict(config))
         self.config_text = config_toml(
             config,
             header=(
                 "The effective configuration of the run in this folder, written by empssl train. It runs again with",
                 f"`empssl train --config {os.path.join(self.path, CONFIG_NAME)} --out-dir NEW_FOLDER`: an option given",
-                "beside --config wins over the file's (docs/training.md section 9).",
+                "beside --config wins over the file's (docs/training.md section 10).",
             ),
             leave_out={name: "how this run was started, not what it is" for name in ("resume", "overwrite")},
         )
@@ -114,8 +124,8 @@ class RunFolder:
                     {"model": self.resumed["model"], "optimizer": self.resumed["optimizer"]},
                     what="state",
                 )
-                check_resume_config(config.resume, self.resumed.get("config", {}), config)
-                self.same_run = os.path.realpath(config.resume) == os.path.realpath(self.checkpoint_path)
+                check_resume_config(config.resume, self.resumed["model_config"], self.resumed.get("config", {}), config)
+                self.same_run = same_file(config.resume, self.checkpoint_path)  # through links, hard ones too
             self.holds_other_run = self._check_other_run(config.overwrite)
         except BaseException:
             self.lock.release()
@@ -150,10 +160,9 @@ class RunFolder:
         self.lock.record(run_id)
         remove_stale_temporaries(self.path)
         history: List[Dict[str, Any]] = []
-        if resume_path is not None:
-            history = read_metrics(
-                os.path.join(os.path.dirname(resume_path), METRICS_NAME), run_id=run_id, until_step=step
-            )
+        if resume_path is not None:  # the log beside the checkpoint itself (a link to it may lie elsewhere)
+            folder = self.path if self.same_run else os.path.dirname(os.path.realpath(resume_path))
+            history = read_metrics(os.path.join(folder, METRICS_NAME), run_id=run_id, until_step=step)
             history.append({"event": "resume", "step": step, "elapsed_s": elapsed_s, "run_id": run_id})
         self.history = history
         self.metrics = MetricsLog(self.metrics_path, history, owned=not self.holds_other_run or self.same_run)
@@ -174,28 +183,50 @@ class RunFolder:
         self.metrics.write(record)
         self.trackers.log(record)
 
-    def _take_over(self) -> None:
-        """The old run's metrics and configuration go (this run's replace them), and this run's trackers start."""
+    def write_checkpoint(self, payload: Dict[str, Any]) -> None:
+        """The checkpoint, atomically. Under take-over the new metrics log and the checkpoint are both written in
+        full before either replaces the old run's (so a failed write, a full disk, leaves the old run whole), and the
+        old run's curves go with them; then this run's configuration file and trackers replace the old run's."""
+        if self.metrics.owned:
+            ckpt.save_checkpoint(self.checkpoint_path, payload)
+            self._own(self.history)
+            return
         records = list(self.metrics.pending)
-        self.metrics.take_over()
+        metrics = self.metrics.stage()
+        try:
+            checkpoint = ckpt.stage_checkpoint(self.checkpoint_path, payload)
+        except BaseException:
+            metrics.discard()
+            raise
+        metrics.commit()
+        self.metrics.taken_over()
+        checkpoint.commit()  # the checkpoint last: its presence makes the folder this run's
+        self._remove_old_curves()
         self._own(records)
 
-    def write_checkpoint(self, payload: Dict[str, Any]) -> None:
-        """The checkpoint, atomically; under take-over the old run's metrics go only now that its checkpoint is
-        replaced."""
-        ckpt.save_checkpoint(self.checkpoint_path, payload)
-        if not self.metrics.owned:
-            self._take_over()
-        self._own(self.history)
+    def _remove_old_curves(self) -> None:
+        with contextlib.suppress(OSError):
+            os.remove(self.curves_path)  # the old run's (drawn again at the end); a link goes, not what it names
 
     def finish(self) -> None:
         """After the last step: the metrics log is this run's even when nothing was trained (resumed at the end), and
-        curves.png is drawn from it (where matplotlib is installed)."""
+        curves.png is drawn from it (where matplotlib is installed). Curves that cannot be drawn or written (a full
+        disk) are a warning: the run's checkpoint and metrics are complete."""
         if not self.metrics.owned:
-            self._take_over()
+            records = list(self.metrics.pending)
+            self.metrics.take_over()
+            self._remove_old_curves()
+            self._own(records)
         self._own(self.history)
         self.trackers.close()
-        write_training_curves(read_step_metrics(self.metrics_path), self.curves_path)
+        try:
+            write_training_curves(read_step_metrics(self.metrics_path), self.curves_path)
+        except Exception as err:  # an optional output: never the run's failure
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"{self.curves_path} was not written ({reason}); the run's checkpoint and metrics are complete: draw "
+                f"it later with `empssl plot {self.path}`"
+            )
 
     def close(self, failed: bool = False) -> None:
         if self.trackers is not None:
@@ -209,7 +240,8 @@ def read_metrics(
     until_step: Optional[int] = None,
 ) -> List[Dict[str, Any]]:
     """The records of a metrics.jsonl in file order, resume markers included; with ``run_id`` only that run's, with
-    ``until_step`` only those up to that step. A line a kill cut short is skipped."""
+    ``until_step`` only those up to that step. A line a kill cut short is skipped; other unreadable lines with a
+    warning naming the file (``_records``)."""
     return [
         record
         for record in _records(path)
@@ -221,32 +253,61 @@ def read_metrics(
 def read_step_metrics(path: str) -> List[Dict[str, Any]]:
     """One record per step in step order, resume markers left out; the last record of a step wins (a resumed run logs
     again the steps after its checkpoint)."""
-    by_step = {
-        record["step"]: record
-        for record in _records(path)
-        if isinstance(record.get("step"), int) and "event" not in record
-    }
+    by_step = {record["step"]: record for record in _records(path) if "step" in record and "event" not in record}
     return [by_step[step] for step in sorted(by_step)]
 
 
+# what a record's fields must be where present (a hand-edited or damaged line is skipped, not used)
+_NUMBER_FIELDS = ("epoch", "loss", "tcr", "inv", "lr", "patches_per_s", "elapsed_s")
+
+
+def _record_problem(record: Any) -> Optional[str]:
+    """Why a parsed line is not a usable record, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    step = record.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**62:
+        return f"its step {step!r} is not an integer >= 0"
+    if not isinstance(record.get("run_id", ""), str):
+        return f"its run_id {record['run_id']!r} is not a string"
+    for field in _NUMBER_FIELDS:
+        value = record.get(field, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"its {field} {value!r} is not a number"
+    return None
+
+
 def _records(path: str) -> Iterator[Dict[str, Any]]:
-    """The JSON objects of ``path``, one per line (none when it does not exist)."""
-    if not os.path.exists(path):
+    """The records of ``path``, one JSON object per line (none when it does not exist). A last line without its
+    newline (a kill cut it short) is skipped quietly; any other line that is not UTF-8 JSON of a record's types is
+    skipped with one warning naming the file and the lines."""
+    try:
+        f = open_input(path, "metrics log")
+    except FileNotFoundError:
         return
-    with open(path) as f:
-        for line in f:
+    skipped: List[str] = []
+    with f:
+        for number, line in enumerate(f, start=1):
             try:
-                record = json.loads(line)
-            except ValueError:  # a line a kill cut short
+                record = json.loads(line.decode("utf-8"))
+                problem = _record_problem(record)
+            except ValueError as err:  # UnicodeDecodeError too
+                if not line.endswith(b"\n"):
+                    continue  # a line a kill cut short
+                problem = "not UTF-8 JSON" if isinstance(err, UnicodeDecodeError) else "not JSON"
+            if problem is not None:
+                skipped.append(f"line {number}: {problem}")
                 continue
-            if isinstance(record, dict):
-                yield record
+            yield record
+    if skipped:
+        shown = "; ".join(skipped[:3]) + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        warnings.warn(f"metrics log {path}: {len(skipped)} unreadable line(s) skipped ({shown})")
 
 
-def check_resume_config(path: str, stored: Dict[str, Any], config) -> None:
-    """CheckpointError unless ``config`` (a TrainConfig) builds the stored model; a warning for changed trajectory
-    settings."""
-    ckpt.check_same_model(path, {f: stored.get(f) for f in ckpt.MODEL_FIELDS}, config.model_config())
+def check_resume_config(path: str, model_config: Dict[str, Any], stored: Dict[str, Any], config) -> None:
+    """CheckpointError unless ``config`` (a TrainConfig) builds the checkpoint's model (``model_config``); a warning
+    for changed trajectory settings (``stored``: the checkpoint's training config)."""
+    ckpt.check_same_model(path, model_config, config.model_config())
     changed = [
         f"{f}: {stored.get(f)!r} -> {getattr(config, f)!r}"
         for f in _TRAJECTORY_FIELDS
@@ -258,12 +319,14 @@ def check_resume_config(path: str, stored: Dict[str, Any], config) -> None:
         )
 
 
-def check_resume_data(path: str, resumed: Dict[str, Any], config, data) -> None:
-    """ValueError unless ``data`` (the ImageDataset loaded for ``config``) has the size the checkpoint was trained on
-    (its stored permutation indexes it)."""
+def check_resume_data(path: str, resumed: Dict[str, Any], config, data, fingerprint: Optional[str] = None) -> None:
+    """ValueError unless ``data`` (the ImageDataset loaded for ``config``) holds the images the checkpoint was trained
+    on: their number and size (its stored permutation indexes them), and, where the checkpoint stores one, their
+    ``fingerprint`` (``empssl.data.dataset.fingerprint``)."""
     stored = resumed.get("dataset", {})
     num_train, image_size = int(data.train_images.shape[0]), data.image_size[0]
-    if stored.get("num_train", num_train) == num_train and stored.get("image_size", image_size) == image_size:
+    same_size = stored.get("num_train", num_train) == num_train and stored.get("image_size", image_size) == image_size
+    if same_size and stored.get("fingerprint", fingerprint) == fingerprint:
         return
     stored_config = resumed.get("config", {})
     changed = [
@@ -271,6 +334,13 @@ def check_resume_data(path: str, resumed: Dict[str, Any], config, data) -> None:
         for f in _DATA_FIELDS
         if f in stored_config and stored_config[f] != getattr(config, f)
     ]
+    if same_size:
+        why = "changed settings: " + "; ".join(changed) if changed else f"the content of {data.name} changed"
+        raise ValueError(
+            f"cannot resume {path}: this run's {num_train} training images of {image_size}x{image_size} are not the "
+            f"ones it was trained on (their fingerprint differs); {why}. Resume with the data it was trained on, or "
+            f"start a new run in another --out-dir"
+        )
     why = "changed settings: " + "; ".join(changed) if changed else "the data set itself changed"
     raise ValueError(
         f"cannot resume {path}: it was trained on {stored.get('num_train')} images of "
@@ -278,89 +348,6 @@ def check_resume_data(path: str, resumed: Dict[str, Any], config, data) -> None:
         f"{num_train} of {image_size}x{image_size} ({data.name}); {why}. Resume with the checkpoint's data "
         f"settings, or start a new run in another --out-dir"
     )
-
-
-class RunFolderBusy(ValueError):
-    """Another live process holds the run folder's lock."""
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``folder/.lock``, held from ``acquire`` to ``release`` (a context manager).
-
-    The file's text (pid, host, run id, start time) only names the holder in the refusal; the lock itself is the
-    kernel's and goes with its process. ``release`` removes the file; ``acquire`` checks that the file it locked is
-    still the one at the path (a release between its open and its flock removed it), else it tries again.
-    Creating the folder is the only thing written before the run's inputs are checked; an empty folder this lock
-    created is removed again on release.
-    """
-
-    def __init__(self, folder: str):
-        self.folder, self.path = folder, os.path.join(folder, LOCK_NAME)
-        self.fd: Optional[int] = None
-        self.created_folder = False
-        self.started = time.strftime("%Y-%m-%d %H:%M:%S")
-
-    def acquire(self) -> "RunLock":
-        self.created_folder = not os.path.isdir(self.folder)
-        os.makedirs(self.folder, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                os.close(fd)
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                raise RunFolderBusy(
-                    f"--out-dir {self.folder} is in use by another run ({self.holder()}); wait for it "
-                    f"to finish, or pass another --out-dir"
-                ) from None
-            try:
-                same_file = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same_file = False
-            if same_file:
-                self.fd = fd
-                self.record(None)
-                return self
-            os.close(fd)
-
-    def holder(self) -> str:
-        try:
-            with open(self.path) as f:
-                info = json.loads(f.read() or "{}")
-        except (OSError, ValueError):
-            info = {}
-        if not info:
-            return "its lock file names no holder"
-        return (
-            f"pid {info.get('pid')} on {info.get('host')}, run id {info.get('run_id') or 'not yet known'}, "
-            f"started {info.get('started')}"
-        )
-
-    def record(self, run_id: Optional[str]) -> None:
-        """Write the holder's description into the lock file (for a refused second run's message)."""
-        text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id, "started": self.started})
-        with contextlib.suppress(OSError):
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, (text + "\n").encode(), 0)
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.remove(self.path)  # while still locked: a waiting process sees the path gone and tries again
-        os.close(self.fd)
-        self.fd = None
-        if self.created_folder:
-            with contextlib.suppress(OSError):
-                os.rmdir(self.folder)  # only if empty: the run failed before writing anything
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 class MetricsLog:
@@ -377,10 +364,17 @@ class MetricsLog:
             self.pending.append(record)
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n", "the metrics log")
+
+    def stage(self) -> StagedWrite:
+        """The pending lines written in full beside the file, not yet in place (``StagedWrite``)."""
+        text = "".join(json.dumps(r) + "\n" for r in self.pending).encode()
+        return StagedWrite(self.path, lambda f: f.write(text))
+
+    def taken_over(self) -> None:
+        self.pending, self.owned = [], True
 
     def take_over(self) -> None:
         """Replace the file with the pending lines (atomically: a kill leaves the old file or the new one)."""
-        write_atomically(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.pending).encode()))
-        self.pending, self.owned = [], True
+        self.stage().commit()
+        self.taken_over()

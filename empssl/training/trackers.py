@@ -1,5 +1,5 @@
 """The tracking tools a run logs to beside its metrics.jsonl: TensorBoard (``--tensorboard``) and Weights & Biases
-(``--wandb PROJECT``), both optional packages (docs/training.md section 8).
+(``--wandb PROJECT``), both optional packages (docs/training.md section 9).
 
 A tracker sees exactly the records of the run's metrics.jsonl, from the process that writes it (rank 0, through
 ``RunFolder``): ``start(history)`` once the run owns its folder, with the records the run already has (a resumed

@@ -1,4 +1,4 @@
-"""Pictures of what an encoder learned (docs/training.md section 10): its embeddings of any images (``embed``), the
+"""Pictures of what an encoder learned (docs/training.md section 11): its embeddings of any images (``embed``), the
 nearest neighbours of query images (``neighbours``), a 2-D map of the embeddings coloured by label (``maps``), and
 the augmented patches the trainer cuts from a few images (``preview``). The ``empssl`` commands of the same names
 (empssl.cli.pictures) draw them; each writes a PNG and the numbers behind it."""

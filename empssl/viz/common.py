@@ -1,4 +1,4 @@
-"""What the picture commands share (docs/training.md section 10): the images and embeddings they draw from, the
+"""What the picture commands share (docs/training.md section 11): the images and embeddings they draw from, the
 checks of their output files, and atomic PNG and CSV writing.
 
 A picture command reads images from a data set split (``--dataset``, the checkpoint's by default) or from any
@@ -27,7 +27,7 @@ from ..config import EvalConfig
 from ..data.dataset import DataError, ImageDataset
 from ..data.folder import IMAGE_EXTENSIONS, decode_image
 from ..evaluation.features import SPLIT_KEYS, extract_features
-from ..files import write_atomically
+from ..files import same_file, write_atomically
 from ..training.monitor import is_labelled
 
 
@@ -154,11 +154,11 @@ def check_outputs(outputs: Sequence[str], inputs: Sequence[Optional[str]], suffi
     (a checkpoint, a data file, an image folder): an output never replaces what the command reads."""
     if not outputs[0].lower().endswith(tuple(suffixes)):
         raise ValueError(f"--out {outputs[0]} must end with {' or '.join(suffixes)}")
-    read = {os.path.realpath(path): path for path in inputs if path}
+    read = [path for path in inputs if path]
     for out in outputs:
-        real = os.path.realpath(out)
-        if real in read:
-            raise ValueError(f"--out would write {out} over {read[real]}, an input of this command; pass another --out")
+        same = [path for path in read if os.path.realpath(path) == os.path.realpath(out) or same_file(path, out)]
+        if same:  # through links, hard ones too
+            raise ValueError(f"--out would write {out} over {same[0]}, an input of this command; pass another --out")
         if os.path.isdir(out):
             raise ValueError(f"--out {out} is a folder; pass a file name")
 

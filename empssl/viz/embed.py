@@ -1,4 +1,4 @@
-"""``empssl embed``: the bag-of-features embeddings of images, to a file (docs/training.md section 10).
+"""``empssl embed``: the bag-of-features embeddings of images, to a file (docs/training.md section 11).
 
 ``.npy``: the embeddings (N, D) float32, with a ``.json`` beside it holding each row's image (a file path, or
 ``DATASET:SPLIT/INDEX``), its label (null without labels), the class names and how the embeddings were made.

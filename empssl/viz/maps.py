@@ -1,4 +1,4 @@
-"""``empssl map``: a 2-D map of the embeddings, coloured by label (docs/training.md section 10): t-SNE from
+"""``empssl map``: a 2-D map of the embeddings, coloured by label (docs/training.md section 11): t-SNE from
 scikit-learn, or UMAP where umap-learn is installed; both optional packages, each missing one a one-line error."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """``empssl neighbours``: query images and their top-k neighbours by embedding, as a grid (docs/training.md section
-10). Neighbours are found by cosine similarity of the bag-of-features embeddings; a query never finds itself."""
+11). Neighbours are found by cosine similarity of the bag-of-features embeddings; a query never finds itself."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``empssl preview``: the augmented patches of a few images next to the originals (docs/training.md section 10).
+"""``empssl preview``: the augmented patches of a few images next to the originals (docs/training.md section 11).
 
 The patches are the trainer's: the recipe for the images' size, the backend ``--augment-backend`` resolves to on
 the device (named in the output), and the counter-based random numbers keyed by (seed, step, image index), so

@@ -1,13 +1,19 @@
-"""Configuration files: the options of a command as a TOML file (``--config FILE``), and the effective configuration
-of a run written back in the same form (docs/training.md section 9).
+"""The options of the config dataclasses (empssl.config) outside Python: on the command line and in configuration
+files (docs/training.md section 10).
 
-A file sets options by their field names (``batch_size``; ``batch-size`` is read too), at the top level or in a
-table named after the option's group (``[training]``, the groups of ``--help``), with the types the options take.
-``read_config_file`` checks every key and value as the command line would (an unknown key, a wrong type or a value
-the option refuses is a ValueError naming the key and the file) and returns the values by field name; the command
-line makes them the options' defaults, so a flag given beside ``--config`` wins. ``config_toml`` writes a config's
-options as a file that ``read_config_file`` reads back to the same values. YAML (``.yaml``, ``.yml``) is read too
-where PyYAML is installed; TOML needs nothing beyond Python 3.11.
+``add_options`` turns the fields of a config class into ``argparse`` options (``batch_size`` -> ``--batch-size``)
+and ``from_args`` builds the config back from the parsed namespace. Forms: ``value`` (``--name VALUE``), ``switch``
+(``--name`` sets True), ``negated`` (a True default turned off by ``--no-name``), ``on_off`` (``--name on|off``),
+``tristate`` (None by default, ``--name`` / ``--no-name``).
+
+A configuration file (``--config FILE``) sets options by their field names (``batch_size``; ``batch-size`` is read
+too), at the top level or in a table named after the option's group (``[training]``, the groups of ``--help``),
+with the types the options take. ``read_config_file`` checks every key and value as the command line would (an
+unknown key, a wrong type or a value the option refuses is a ValueError naming the key and the file) and returns the
+values by field name; the command line makes them the options' defaults (``add_options(defaults=...)``), so a flag
+given beside ``--config`` wins. ``config_toml`` writes a config's options as a file that ``read_config_file`` reads
+back to the same values. YAML (``.yaml``, ``.yml``) is read too where PyYAML is installed; TOML needs nothing beyond
+Python 3.11.
 """
 
 from __future__ import annotations
@@ -19,11 +25,105 @@ import json
 import math
 import os
 import typing
-from typing import Any, Dict, Iterable, List, Optional, Tuple
-
-from .config import option_fields
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def option_fields(config_class, groups: Optional[Sequence[str]] = None) -> Dict[str, dataclasses.Field]:
+    """The fields of ``config_class`` declared with ``empssl.config.option`` (of ``groups`` only, when given), by
+    name."""
+    return {
+        field.name: field
+        for field in dataclasses.fields(config_class)
+        if "cli" in field.metadata and (groups is None or field.metadata["cli"]["group"] in groups)
+    }
+
+
+def _shown(value: Any, form: str) -> str:
+    if form == "on_off":
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
+
+
+def add_options(
+    parser: argparse.ArgumentParser,
+    config_class,
+    group: str,
+    *,
+    from_checkpoint: bool = False,
+    groups: Optional[Dict[str, Any]] = None,
+    defaults: Optional[Dict[str, Any]] = None,
+) -> None:
+    """Add the options of ``config_class``'s fields in ``group`` to ``parser`` (under an argument
+    group of that name, shared through ``groups``). ``from_checkpoint``: the options default to
+    None, and the help says the checkpoint's value comes first (``empssl eval``). ``defaults``: field values that
+    replace the fields' defaults (a ``--config`` file's), so that an option given beside them wins; a switch also
+    gets a hidden ``--no-NAME`` (a negated option a hidden ``--NAME``) to undo what such a file turns on."""
+    groups = {} if groups is None else groups
+    defaults = defaults or {}
+    if group not in groups:
+        groups[group] = parser.add_argument_group(group)
+    target = groups[group]
+    for name, field in option_fields(config_class).items():
+        cli = field.metadata["cli"]
+        if cli["group"] != group:
+            continue
+        flag, no_flag, form = "--" + name.replace("_", "-"), "--no-" + name.replace("_", "-"), cli["form"]
+        given = name in defaults
+        default = defaults[name] if given else None if from_checkpoint else field.default
+        help_text = cli["help"]
+        if cli["show_default"] and form not in ("switch", "negated", "tristate"):  # their help says what they change
+            shown = _shown(default if given else field.default, form)
+            help_text += f" (default: the checkpoint's, else {shown})" if from_checkpoint else f" (default {shown})"
+        elif from_checkpoint:  # a default spelled in the help text: the checkpoint's value still comes first
+            help_text += "; with --checkpoint, the checkpoint's value unless given"
+        hidden = dict(dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        if form == "switch":
+            target.add_argument(flag, dest=name, action="store_true", default=bool(default), help=help_text)
+            target.add_argument(no_flag, action="store_false", **hidden)
+        elif form == "negated":
+            target.add_argument(no_flag, dest=name, action="store_false", default=default, help=help_text)
+            target.add_argument(flag, action="store_true", **hidden)
+        elif form == "tristate":
+            on_help, _, off_help = help_text.partition(" | ")
+            target.add_argument(flag, dest=name, action="store_const", const=True, default=default, help=on_help)
+            target.add_argument(no_flag, dest=name, action="store_const", const=False, help=off_help or None)
+        elif form == "on_off":
+            target.add_argument(
+                flag,
+                dest=name,
+                choices=("on", "off"),
+                default=None if default is None else _shown(default, form),
+                help=help_text,
+            )
+        else:
+            target.add_argument(
+                flag,
+                dest=name,
+                type=cli["type"],
+                choices=cli["choices"],
+                metavar=cli["metavar"],
+                default=default,
+                help=help_text,
+            )
+
+
+def option_value(config_class, name: str, parsed: Any) -> Any:
+    """The field's value for a parsed option (``on``/``off`` become booleans)."""
+    if option_fields(config_class)[name].metadata["cli"]["form"] == "on_off" and isinstance(parsed, str):
+        return parsed == "on"
+    return parsed
+
+
+def from_args(config_class, args: argparse.Namespace, **overrides):
+    """``config_class`` from the parsed options of its fields (absent ones keep their defaults)."""
+    values = {
+        name: option_value(config_class, name, getattr(args, name))
+        for name in option_fields(config_class)
+        if hasattr(args, name)
+    }
+    return config_class(**{**values, **overrides})
 
 
 def read_config_file(
