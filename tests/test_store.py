@@ -184,21 +184,28 @@ def _train(root, out, **overrides):
     config = TrainConfig(
         dataset=f"folder:{root}", image_size=12, max_aspect=1.5, patch_size=8, width=0.125, hidden_dim=32, z_dim=16,
         num_patches=2, batch_size=8, epochs=2, schedule_epochs=2, device="cpu", progress=False, log_every=1,
-        out_dir=str(out),
+        out_dir=str(out), monitor_every=4, monitor_size=6, monitor_patches=2,
     )  # fmt: skip
     return empssl.train(dataclasses.replace(config, **overrides))
 
 
-def test_a_run_from_the_store_is_bitwise_the_run_in_memory_resumed_mid_epoch_too(tmp_path):
+def test_a_run_from_the_store_is_bitwise_the_run_in_memory_resumed_mid_epoch_too(tmp_path, monkeypatch):
+    from empssl.training import run_folder
+
+    monkeypatch.setattr(run_folder, "write_training_curves", lambda *args: None)  # drawing them is not under test
     _aspect_tree(tmp_path / "shapes")
     imagenet_style(tmp_path / "shapes", ("d", "e", "f"), per_class=4)  # 16 images of several aspects: 2 steps/epoch
-    memory = _train(tmp_path / "shapes", tmp_path / "memory", stream="off").encoder.state_dict()
+    in_memory = _train(tmp_path / "shapes", tmp_path / "memory", stream="off")
+    memory = in_memory.encoder.state_dict()
     _train(tmp_path / "shapes", tmp_path / "store", stream="on", max_steps=3)  # stops in the second epoch
     store = _train(
         tmp_path / "shapes", tmp_path / "store", stream="on", resume=str(tmp_path / "store" / "checkpoint.pt")
     )
     assert store.steps == 4 and store.first_step == 3
     assert all(torch.equal(memory[name], value) for name, value in store.encoder.state_dict().items())
+    # the online monitoring (its bank and queries read from the stores) measures the same at the last step
+    assert store.last_metrics["knn_top1"] == in_memory.last_metrics["knn_top1"]
+    assert store.last_metrics["effective_rank"] == in_memory.last_metrics["effective_rank"]
 
 
 def test_the_automatic_choice_streams_a_set_beyond_half_the_memory_the_process_may_use(tmp_path, monkeypatch):

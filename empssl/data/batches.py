@@ -136,6 +136,14 @@ def _put(ready: "queue.Queue", item, stop: threading.Event) -> bool:
     return False
 
 
+def take_images(images, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The images ``index`` (int64) of a tensor or a store, on ``device``."""
+    if isinstance(images, ImageStore):
+        ids = index.cpu().numpy()
+        return torch.from_numpy(images.read(ids, np.empty((len(ids), *images.shape[1:]), np.uint8))).to(device)
+    return images.index_select(0, index.to(images.device)).to(device)
+
+
 def batch_source(images, device: torch.device, batch_size: int, local_batch: int, rank: int):
     """The source of a run's training images: ``InMemoryBatches`` for a tensor, ``StoreBatches`` for a store."""
     if isinstance(images, ImageStore):

@@ -31,7 +31,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from ..files import append_text, open_input, remove_stale_temporaries, write_atomically
-from ..training.run_folder import CHECKPOINT_NAME, LOCK_NAME, METRICS_NAME
+from ..training.run_folder import CHECKPOINT_NAME, METRICS_NAME
+from ..training.run_lock import LOCK_NAME
 from .published import Recipe
 
 EXPERIMENTS = {
@@ -404,9 +405,10 @@ def _run_seconds(folder: str) -> float:
 def check_memory(sweep: Sweep) -> None:
     """Refuse, before any cell runs, a training cell whose step cannot fit on the device (the trainer's own check,
     empssl.training.memory.check_step_fits, on each cell's configuration)."""
-    from ..config import TrainConfig, add_options, from_args
+    from ..config import TrainConfig
     from ..data.load import recipe_patch_size
     from ..device import resolve_device
+    from ..options import add_options, from_args
     from ..training.memory import check_step_fits
 
     parser = argparse.ArgumentParser(add_help=False)  # the train options of --train-args, as `empssl train` reads them
