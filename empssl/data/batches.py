@@ -144,6 +144,14 @@ def take_images(images, index: torch.Tensor, device: torch.device) -> torch.Tens
     return images.index_select(0, index.to(images.device)).to(device)
 
 
+def subset_of(images, index: torch.Tensor, device: torch.device):
+    """The images ``index`` of a tensor (on ``device``) or of a store (a store of them: read when used, so a subset
+    kept for a whole run holds no memory)."""
+    if isinstance(images, ImageStore):
+        return images.select(index.cpu().numpy())
+    return take_images(images, index, device)
+
+
 def batch_source(images, device: torch.device, batch_size: int, local_batch: int, rank: int):
     """The source of a run's training images: ``InMemoryBatches`` for a tensor, ``StoreBatches`` for a store."""
     if isinstance(images, ImageStore):

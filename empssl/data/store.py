@@ -201,6 +201,13 @@ class ImageStore:
             self.path, self.header, self.slots[:stop], self._labels[:stop], self._sizes[:stop], self.sums[:stop]
         )
 
+    def select(self, index) -> "ImageStore":
+        """The images ``index`` (int64, indices into this store) as a store of their own: nothing is read."""
+        index = np.asarray(index, dtype=np.int64)
+        return ImageStore(
+            self.path, self.header, self.slots[index], self._labels[index], self._sizes[index], self.sums[index]
+        )
+
     def __repr__(self) -> str:
         return f"ImageStore({self.path!r}: {len(self)} images on a {self.canvas}x{self.canvas} canvas)"
 

@@ -29,7 +29,7 @@ from .. import distributed
 from ..augment.config import augment_config_for
 from ..augment.multipatch import MultiPatchAugment
 from ..config import EvalConfig, TrainConfig
-from ..data.batches import take_images
+from ..data.batches import subset_of
 from ..data.dataset import ImageDataset
 from ..device import autocast_context
 from ..evaluation.features import SPLIT_KEYS, extract_features
@@ -104,8 +104,11 @@ class OnlineMonitor:
         generator = torch.Generator().manual_seed(config.data_seed)  # its own: the run's random states are untouched
         bank = torch.randperm(train_images.shape[0], generator=generator)[: config.monitor_size].sort().values
         queries = torch.randperm(data.test_images.shape[0], generator=generator)[: config.monitor_size].sort().values
-        self.bank_images = take_images(train_images, bank, device)
-        self.query_images = take_images(data.test_images, queries, device)
+        self.device = device
+        # held on the device, or left in their stores and read at each monitoring point (a run from a store stays
+        # within its memory)
+        self.bank_images = subset_of(train_images, bank, device)
+        self.query_images = subset_of(data.test_images, queries, device)
         self.bank_labels = data.train_labels.index_select(0, bank.to(data.train_labels.device)).to(device)
         self.query_labels = data.test_labels.index_select(0, queries.to(data.test_labels.device)).to(device)
         sizes = (data.train_sizes, data.test_sizes)
@@ -165,6 +168,7 @@ class OnlineMonitor:
                     seed=self.seed,
                     split_key=key,
                     image_sizes=sizes,
+                    device=self.device,
                 )
                 for images, sizes, key in (
                     (self.bank_images, self.bank_sizes, SPLIT_KEYS["train"]),
