@@ -44,9 +44,11 @@ def autocast_context(device: torch.device, bf16: bool):
 
 @contextlib.contextmanager
 def cudnn_benchmark(enabled: bool):
-    """cudnn.benchmark on while the work runs (when ``enabled``: its shapes never change), restored after."""
+    """cudnn.benchmark on while the work runs (when ``enabled``: its shapes never change), restored after; left off
+    when cudnn.deterministic is set: timing picks the algorithms anew in each process, cuDNN's heuristics pick the
+    same ones in every process, so two runs compute the same numbers."""
     previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = previous or enabled
+    torch.backends.cudnn.benchmark = previous or (enabled and not torch.backends.cudnn.deterministic)
     try:
         yield
     finally:

@@ -22,6 +22,7 @@ from ..augment.multipatch import MultiPatchAugment
 from ..config import EvalConfig
 from ..device import cudnn_benchmark
 from ..models.fold import fold_batchnorm
+from ..models.fused import fuse_conv_epilogues
 
 DEFAULTS = EvalConfig()  # the recipe's settings: the defaults below are read from here
 
@@ -50,6 +51,7 @@ def extract_features(
     seed: int = DEFAULTS.seed,
     split_key: int = 0,
     fold: bool = True,
+    fused_conv: bool = False,
 ) -> torch.Tensor:
     """(N, feature_dim) float32: per image, the mean ``encoder.features`` of ``num_patches`` augmented patches.
 
@@ -57,7 +59,8 @@ def extract_features(
     counter-based source keyed by (``seed``, ``split_key``, k, i), or from ``generator`` when one is
     given (then the patches depend on the chunking, and a process group is refused). ``fold``: run a
     BatchNorm-folded copy of the encoder (``fold_batchnorm``; on CUDA in bf16 when ``bf16``, with the
-    patches' memory format); otherwise the encoder itself in eval mode (its mode is restored after).
+    patches' memory format; ``fused_conv``: each convolution with its bias, ReLU and residual add in one cuDNN
+    kernel, ``models.fused``); otherwise the encoder itself in eval mode (its mode is restored after).
     Chunks hold ``max_patches_per_forward // num_patches`` images (default: ``MAX_PATCHES_PER_FORWARD``
     of the device type; at most a rank's share of the images); the last is padded to that size, so
     every forward has the same shape.
@@ -68,6 +71,8 @@ def extract_features(
         raise ValueError(f"num_patches must be a positive integer, got {num_patches!r}")
     if images.ndim != 4 or images.dtype != torch.uint8 or images.shape[0] == 0:
         raise ValueError(f"images must be uint8 (N, H, W, 3) with N > 0, got {images.dtype} {tuple(images.shape)}")
+    if fused_conv and not fold:
+        raise ValueError("fused_conv fuses the BatchNorm-folded encoder's convolutions: it needs fold=True")
     device = images.device
     rank, world = distributed.rank(), distributed.world_size()
     if generator is not None and world > 1:
@@ -94,6 +99,8 @@ def extract_features(
             network = network.to(memory_format=torch.channels_last)
             if on_gpu_bf16:
                 network = network.to(torch.bfloat16)
+        if fused_conv:
+            network = fuse_conv_epilogues(network)
     else:
         network = encoder
     was_training = encoder.training

@@ -54,6 +54,7 @@ def evaluate(
             description=f"{split} features",
             seed=config.seed,
             split_key=key,
+            fused_conv=config.fused_conv,
         )
         for split, key in SPLIT_KEYS.items()
     }

@@ -63,8 +63,8 @@ class TrainState:
     permutation_generator: torch.Generator
     permutation: Optional[torch.Tensor] = None
     world_size: int = 1  # ranks of the process group; > 1: the step averages the gradients over them
-    # --compile: torch.compile's artifact of ``forward_and_loss`` (a graph made of this state's modules), which
-    # ``train_step`` runs in its place; None: the step runs ``forward_and_loss`` itself
+    # --step-variant compiled(-captured): torch.compile's artifact of ``forward_and_loss`` (a graph made of this
+    # state's modules), which ``train_step`` runs in its place; None: the step runs ``forward_and_loss`` itself
     compiled_forward_and_loss: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
 
     @property
@@ -99,16 +99,22 @@ class TrainState:
         self.permutation = None if state["permutation"] is None else state["permutation"].to(self.device)
 
 
-def build_train_state(config: TrainConfig, device: torch.device, num_train: int, image_size: int) -> TrainState:
-    """A fresh state for ``config`` (encoder initialised from ``config.seed``) on ``device``."""
+def build_train_state(
+    config: TrainConfig,
+    device: torch.device,
+    num_train: int,
+    image_size: int,
+    encoder: Optional[torch.nn.Module] = None,
+) -> TrainState:
+    """A fresh state for ``config`` (encoder initialised from ``config.seed``, or ``encoder`` as it is) on
+    ``device``."""
     torch.manual_seed(config.seed)  # every rank draws the same initial weights: no broadcast needed
-    encoder = build_encoder(**config.model_config()).to(device)
+    encoder = build_encoder(**config.model_config()) if encoder is None else encoder
     world_size = distributed.world_size()
     if config.sync_bn and world_size > 1:
         encoder = distributed.convert_sync_batchnorm(encoder)
     channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
-    if channels_last:
-        encoder = encoder.to(memory_format=torch.channels_last)
+    encoder = encoder.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     bf16 = config.bf16 and device.type == "cuda"
     augment = MultiPatchAugment(
         augment_config_for(image_size),
@@ -121,7 +127,7 @@ def build_train_state(config: TrainConfig, device: torch.device, num_train: int,
     schedule = CosineFactor(schedule_steps(num_train, config.batch_size, config.schedule_epochs or config.epochs))
     lr = torch.full((), config.lr * schedule(0), dtype=torch.float32, device=device)
     compiled_forward_and_loss = None
-    if config.compile:
+    if config.compiled:
         # one graph of forward and loss, so Inductor fuses BatchNorm, ReLU and residual traffic across them; under
         # torch.distributed the loss's gather (an autograd.Function around all_gather) may break the graph: allowed
         compiled_forward_and_loss = torch.compile(forward_and_loss, fullgraph=world_size == 1)
@@ -147,7 +153,7 @@ def build_train_state(config: TrainConfig, device: torch.device, num_train: int,
 def forward_and_loss(state: TrainState, patches: torch.Tensor, batch_size: int) -> Tuple[torch.Tensor, ...]:
     """(loss, tcr, inv) of the patch-major ``patches`` of ``batch_size`` images: the encoder under
     autocast, then the loss in float32 (float64 z stays float64, for exact checks). One function,
-    so that ``--compile`` makes forward and loss one graph."""
+    so that ``--step-variant compiled`` makes forward and loss one graph."""
     profile = torch.autograd.profiler.record_function
     with profile("empssl.forward"), autocast_context(patches.device, state.bf16):
         z = state.encoder(patches)
