@@ -56,11 +56,13 @@ def cudnn_benchmark(enabled: bool):
 
 
 @contextlib.contextmanager
-def float32_precision(tf32: bool):
-    """TF32 on or off for float32 matmuls and cuDNN convolutions, as chosen (``TrainConfig.tf32``), not as
-    inherited from torch's defaults (matmul off, cuDNN on) or a caller's settings; restored after."""
+def float32_precision(tf32: bool, cudnn: Optional[bool] = None):
+    """TF32 on or off for float32 matmuls and cuDNN convolutions (``cudnn``: the convolutions' own setting, else
+    ``tf32``), as chosen (``TrainConfig.tf32``), not as inherited from torch's defaults (matmul off, cuDNN on) or a
+    caller's settings; restored after."""
     previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32 if cudnn is None else cudnn
     try:
         yield
     finally:
