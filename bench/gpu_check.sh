@@ -159,14 +159,16 @@ else:
 PY
 }
 
-built_here() {  # this tree's extension is installed, with its CUDA part, and newer than its sources (a warm machine)
-  local library
-  library=$(ls empssl/_C*.so 2>/dev/null | head -n 1)
-  [ -n "$library" ] && [ -z "$(find csrc setup.py -newer "$library" -print -quit)" ] || return 1
+built_here() {  # this tree's extension is built for this Python, with its CUDA part, newer than its sources (warm)
   "$py" - <<'PY' 2>/dev/null
 import os, sys
 import empssl, empssl._C
-sys.exit(0 if empssl._C.with_cuda and os.path.dirname(empssl.__file__) == os.path.abspath("empssl") else 1)
+here = os.path.abspath("empssl")
+library = os.path.abspath(empssl._C.__file__)
+sources = [os.path.join(d, f) for d, _, files in os.walk("csrc") for f in files] + ["setup.py"]
+ours = os.path.dirname(library) == here and os.path.dirname(os.path.abspath(empssl.__file__)) == here
+fresh = all(os.path.getmtime(source) <= os.path.getmtime(library) for source in sources)
+sys.exit(0 if ours and fresh and empssl._C.with_cuda else 1)
 PY
 }
 

@@ -20,7 +20,8 @@ from typing import Dict, List, Optional, Tuple
 
 OUTCOMES = ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS")
 _ALTERNATIVES = "|".join(OUTCOMES)
-# pytest -v: "tests/test_x.py::test_y[p] PASSED   [ 10%]" (SKIPPED and XFAIL with "(reason)"); with pytest-xdist: "[gw3] [ 10%] PASSED tests/test_x.py::..."
+# pytest -v: "tests/test_x.py::test_y[p] PASSED   [ 10%]" (SKIPPED and XFAIL with "(reason)");
+# with pytest-xdist: "[gw3] [ 10%] PASSED tests/test_x.py::..."
 SERIAL = re.compile(rf"^(tests/\S.*?) ({_ALTERNATIVES})(?: \(.*\))?(?: +\[ *\d+%\])?\s*$", re.M)
 XDIST = re.compile(rf"^\[gw\d+\] \[ *\d+%\] ({_ALTERNATIVES}) (tests/\S.*?)\s*$", re.M)
 STARTED = re.compile(r"^(tests/\S+::\S+)[ \t]*$", re.M)  # serial -v prints the id when a test starts

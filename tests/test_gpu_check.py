@@ -66,10 +66,40 @@ def test_pytest_xdist_lines_are_counted_too():
 def test_the_summary_file_is_written_whole_from_a_cut_off_run(tmp_path):
     with open(tmp_path / "results.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["bench", "case", "method", "dtype", "ms", "rate", "rate_unit", "limit_fraction", "limit",
-                         "note", "device", "versions", "error"])  # fmt: skip
-        writer.writerow(["epoch", "b=100 n=20", "captured", "bf16", "36", "27.8", "steps/s", "0.4", "bf16 matmul",
-                         "CIFAR-10 epoch (500 steps) 18.00 s", "NVIDIA H100", "torch 2.11.0", ""])  # fmt: skip
+        writer.writerow(
+            [
+                "bench",
+                "case",
+                "method",
+                "dtype",
+                "ms",
+                "rate",
+                "rate_unit",
+                "limit_fraction",
+                "limit",
+                "note",
+                "device",
+                "versions",
+                "error",
+            ]
+        )
+        writer.writerow(
+            [
+                "epoch",
+                "b=100 n=20",
+                "captured",
+                "bf16",
+                "36",
+                "27.8",
+                "steps/s",
+                "0.4",
+                "bf16 matmul",
+                "CIFAR-10 epoch (500 steps) 18.00 s",
+                "NVIDIA H100",
+                "torch 2.11.0",
+                "",
+            ]
+        )
         handle.write("epoch,b=100 n=20,published (torch")  # the row being written when the run was killed
     (tmp_path / "tests.txt").write_text(KILLED)
     (tmp_path / "steps.csv").write_text("step,exit,seconds,limit\nenv,0,2,10\ntests,124,165,165\n")
@@ -93,13 +123,21 @@ def test_both_calls_plans_fit_their_budgets_in_the_order_of_their_value():
         plans[match.group(1)] = (steps, int(match.group(4)))
     call1, budget1 = plans["1"]
     assert budget1 <= 7 * 60 and [n for n, _ in call1] == [
-        "env", "install", "imports", "bench_epoch", "tests", "bench_tcr", "bench_augment", "summary"
-    ]  # fmt: skip
+        "env",
+        "install",
+        "imports",
+        "bench_epoch",
+        "tests",
+        "bench_tcr",
+        "bench_augment",
+        "summary",
+    ]
     call2, budget2 = plans["2"]
     assert [n for n, _ in call2] == ["env", "install", "imports", "bench_compiled", "sweeps", "summary"]
     assert budget1 + budget2 <= 15 * 60 - 2 * 90  # both inside a 15-min lease with two machine starts
-    bad = subprocess.run(["bash", "bench/gpu_check.sh", "/nonexistent-out", "nope"], cwd=ROOT, capture_output=True,
-                         text=True)  # fmt: skip
+    bad = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "/nonexistent-out", "nope"], cwd=ROOT, capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "unknown step 'nope'" in bad.stdout
 
 

@@ -33,6 +33,7 @@ def _collect_gpu_tests(*plugin):
     }
     env.pop("CUDA_VISIBLE_DEVICES", None)
     env.pop("EMPSSL_REQUIRE_BACKENDS", None)  # CI's check of what this machine built, not of a GPU run's collection
+    env.pop(gpu_order.CALL_ENV, None)  # every call's tests (the device check sets one call's while it runs this)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider", *plugin, TESTS],
         capture_output=True,

@@ -15,7 +15,7 @@ from empssl import checkpoint as ckpt
 from empssl.config import TrainConfig
 from empssl.data.synthetic import make_synthetic
 from empssl.device import cudnn_benchmark, float32_precision
-from empssl.models.encoder import build_encoder, load_encoder
+from empssl.models.encoder import load_encoder
 from empssl.training import loop as T
 from empssl.training import step as S
 from empssl.training.run_folder import CHECKPOINT_NAME, METRICS_NAME
