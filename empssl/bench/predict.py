@@ -16,10 +16,12 @@ Counted at two small batches of the recipe's model and extrapolated linearly in 
 
 The prediction per kernel is its roofline, max(FLOPs / peak, bytes / bandwidth), summed over the step: a floor at
 the given rates. Launches: eager steps are issued by the host one op at a time (``--host-us`` per kernel: the step
-takes the longer of the host's and the device's time); a captured step replays its kernels with a gap of
-``--graph-gap-us`` each. A second estimate assumes convolutions and matmuls at ``--matmul-efficiency`` of the peak
-and memory-bound kernels at ``--memory-efficiency`` of the bandwidth. Defaults: an H100 as measured on the lent
-machine (798 TFLOP/s bf16 dense matmul, 3.0 TB/s device copy; /work/.library/device/KINDS.md).
+takes the longer of the host's and the device's time); back to back on the device, captured or not, each kernel
+adds a gap of ``--graph-gap-us``. A second estimate assumes convolutions and matmuls at ``--matmul-efficiency``
+of the peak and memory-bound kernels at ``--memory-efficiency`` of the bandwidth. Defaults: an H100 80GB as
+measured on a lent one (798 TFLOP/s bf16 dense matmul, 3.0 TB/s device-to-device copy). A last row is a bound,
+not a variant: the step with only the convolutions' own passes over memory (every BatchNorm, ReLU and add pass
+fused into them).
 
   empssl bench predict                 # the recipe (b=100, n=20, ResNet-18), every variant; ~3 min on 2 CPU cores
   empssl bench predict --no-compiled   # eager and captured only (no Inductor compile): seconds
@@ -120,13 +122,12 @@ def count_eager_step(config: TrainConfig, batch_size: int, num_patches: int) -> 
     return recorder.kernels
 
 
-def count_compiled_graphs(config: TrainConfig, batch_size: int, num_patches: int) -> List[Tuple[bool, float]]:
-    """(extern, bytes) of every kernel Inductor schedules for forward_and_loss and its backward on the CPU: extern
-    kernels are the convolutions and matmuls it calls cuDNN/cuBLAS for."""
+def inductor_kernels(function, args, params) -> List[Tuple[bool, float]]:
+    """(extern, bytes) of every kernel Inductor schedules for ``function(*args)`` (a loss, or a tuple led by one)
+    and for its gradient with respect to ``params``, compiled on the CPU: extern kernels are the convolutions and
+    matmuls it calls cuDNN/cuBLAS for; every other one reads and writes its buffers once."""
     import torch._inductor.config as inductor_config
 
-    state, images, ids = _counting_state(config, batch_size, num_patches)
-    patches = state.augment(images, num_patches, seed=0, step=state.step, image_ids=ids)
     kernels: List[Tuple[bool, float]] = []
 
     def record(nodes):
@@ -138,12 +139,18 @@ def count_compiled_graphs(config: TrainConfig, batch_size: int, num_patches: int
     torch._dynamo.reset()
     try:
         with inductor_config.patch({"_post_fusion_custom_pass": record, "fx_graph_cache": False}):
-            compiled = torch.compile(forward_and_loss, fullgraph=True)
-            loss = compiled(state, patches, batch_size)[0]
-            torch.autograd.grad(loss, [p for p in state.encoder.parameters()])
+            out = torch.compile(function, fullgraph=True)(*args)
+            torch.autograd.grad(out[0] if isinstance(out, tuple) else out, params)
     finally:
         torch._dynamo.reset()
     return kernels
+
+
+def count_compiled_graphs(config: TrainConfig, batch_size: int, num_patches: int) -> List[Tuple[bool, float]]:
+    """``inductor_kernels`` of the step's compiled region (forward_and_loss, what --step-variant compiled compiles)."""
+    state, images, ids = _counting_state(config, batch_size, num_patches)
+    patches = state.augment(images, num_patches, seed=0, step=state.step, image_ids=ids)
+    return inductor_kernels(forward_and_loss, (state, patches, batch_size), list(state.encoder.parameters()))
 
 
 def _extrapolate(small: float, large: float, patches: Tuple[int, int], target: int) -> float:
@@ -200,10 +207,9 @@ def predict(variant: str, kernels: List[Kernel], rates: Rates) -> Prediction:
     times = []
     for efficient in (False, True):
         device = rates.seconds(kernels, efficient)
-        times.append(
-            device + len(kernels) * rates.graph_gap if captured else max(device, len(kernels) * rates.host_seconds)
-        )
-    host_bound = not captured and len(kernels) * rates.host_seconds > rates.seconds(kernels, True)
+        queued = device + len(kernels) * rates.graph_gap  # back to back on the stream, whoever issued them
+        times.append(queued if captured else max(queued, len(kernels) * rates.host_seconds))
+    host_bound = not captured and len(kernels) * rates.host_seconds > queued  # the expected device time
     flops = sum(k.flops for k in kernels)
     return Prediction(variant, len(kernels), flops, sum(k.bytes for k in kernels), times[0], times[1], host_bound)
 
@@ -223,7 +229,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tflops", type=float, default=defaults.flops / 1e12, help="bf16 matmul peak, TFLOP/s")
     parser.add_argument("--bandwidth", type=float, default=defaults.bandwidth / 1e12, help="memory bandwidth, TB/s")
     parser.add_argument("--host-us", type=float, default=defaults.host_seconds * 1e6, help="host time per eager kernel")
-    parser.add_argument("--graph-gap-us", type=float, default=defaults.graph_gap * 1e6, help="gap per replayed kernel")
+    parser.add_argument(
+        "--graph-gap-us", type=float, default=defaults.graph_gap * 1e6, help="gap per kernel run back to back"
+    )
     parser.add_argument("--matmul-efficiency", type=float, default=defaults.matmul_efficiency)
     parser.add_argument("--memory-efficiency", type=float, default=defaults.memory_efficiency)
     parser.add_argument("--no-compiled", action="store_true", help="eager and captured only (no Inductor compile)")
@@ -264,11 +272,16 @@ def main(argv=None) -> int:
         scale = total / max(1.0, sum(k.bytes for k in compiled if k.phase == "inductor"))
         compiled = [dataclasses.replace(k, bytes=k.bytes * scale) if k.phase == "inductor" else k for k in compiled]
         kernels.update({"compiled": compiled, "compiled-captured": compiled})
+    # a bound, not a variant: every BatchNorm, ReLU and add pass inside the convolutions (cuDNN's fused
+    # conv-statistics and normalise-ReLU prologue), the rest of the step as eager
+    kernels["bound: only the convolutions' passes"] = [
+        k for k in eager if k.matmul or k.phase not in ("empssl.forward", "empssl.backward")
+    ]
     case = f"b={config.batch_size} n={config.num_patches} {config.arch} w{config.width}"
-    for variant in STEP_VARIANTS:
+    for variant in [*STEP_VARIANTS, "bound: only the convolutions' passes"]:
         if variant not in kernels:
             continue
-        p = predict(variant, kernels[variant], rates)
+        p = predict("captured" if variant.startswith("bound") else variant, kernels[variant], rates)
         results.add(
             case,
             f"{variant} (predicted)",
