@@ -123,9 +123,8 @@ class LARS(torch.optim.Optimizer):
         key = (weights[0].device, *(id(w) for w in weights))  # the optimiser holds the parameters: ids stay valid
         index = self._segment_index.get(key)
         if index is None:  # once per set of parameters; made on the host, copied once
-            counts = [w.numel() for w in weights]
             index = torch.repeat_interleave(
-                torch.arange(len(weights), dtype=torch.int32), torch.tensor(counts), output_size=sum(counts)
+                torch.arange(len(weights), dtype=torch.int32), torch.tensor([w.numel() for w in weights])
             )
             index = self._segment_index[key] = index.to(weights[0].device)
         return index

@@ -99,22 +99,16 @@ class TrainState:
         self.permutation = None if state["permutation"] is None else state["permutation"].to(self.device)
 
 
-def build_train_state(
-    config: TrainConfig,
-    device: torch.device,
-    num_train: int,
-    image_size: int,
-    encoder: Optional[torch.nn.Module] = None,
-) -> TrainState:
-    """A fresh state for ``config`` (encoder initialised from ``config.seed``, or ``encoder`` as it is) on
-    ``device``."""
+def build_train_state(config: TrainConfig, device: torch.device, num_train: int, image_size: int) -> TrainState:
+    """A fresh state for ``config`` (encoder initialised from ``config.seed``) on ``device``."""
     torch.manual_seed(config.seed)  # every rank draws the same initial weights: no broadcast needed
-    encoder = build_encoder(**config.model_config()) if encoder is None else encoder
+    encoder = build_encoder(**config.model_config()).to(device)
     world_size = distributed.world_size()
     if config.sync_bn and world_size > 1:
         encoder = distributed.convert_sync_batchnorm(encoder)
     channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
-    encoder = encoder.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    if channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
     bf16 = config.bf16 and device.type == "cuda"
     augment = MultiPatchAugment(
         augment_config_for(image_size),
