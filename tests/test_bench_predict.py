@@ -42,6 +42,7 @@ def test_batchnorm_in_training_passes_over_its_input_twice():
     assert backward.bytes >= 5 * activation  # dy and x twice each, dx once
 
 
+@pytest.mark.slow  # three steps of the recipe's model on the CPU: ~5 s
 def test_counts_extrapolate_exactly_in_the_patches_outside_the_loss():
     """Counted at 4 and 8 patches, extrapolated to 12: every kernel of the augmentation, forward, backward and
     optimiser is what a step of 12 patches counts (the loss's b x b terms are not linear, and are a few kB)."""
