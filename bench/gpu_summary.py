@@ -53,6 +53,9 @@ def tests_summary(text: str) -> List[str]:
     lines += [f"  FAILED {nodeid}" for nodeid in failed[:12]]
     if len(failed) > 12:
         lines.append(f"  ... {len(failed) - 12} more")
+    collected = re.findall(r"^(\d+)(?:/\d+)? tests? collected", text, re.M)
+    if collected and not outcomes:  # a rehearsal: collected, nothing run
+        return [f"gpu tests collected, none run: {' + '.join(collected)}"] + lines[1:]
     running = _running_at_end(text, {nodeid for nodeid, _ in outcomes})
     if running and not tally:
         lines.append(f"  stopped in (or still running): {running}")
@@ -86,11 +89,11 @@ def results_summary(rows: List[Dict[str, str]]) -> List[str]:
         return []
     lines = [f"device: {rows[0]['device']} | {rows[0]['versions']}"]
     lines.append(
-        f"{'bench':8s} {'case':30s} {'method':40s} {'dtype':8s} {'time':>9s} {'rate':>10s} {'unit':13s} {'limit':>6s}"
+        f"{'bench':8s} {'case':30s} {'method':48s} {'dtype':8s} {'time':>9s} {'rate':>10s} {'unit':13s} {'limit':>6s}"
     )
     shown = rows[:56]
     for r in shown:
-        head = f"{r['bench']:8s} {r['case'][:30]:30s} {r['method'][:40]:40s} {r['dtype'][:8]:8s}"
+        head = f"{r['bench']:8s} {r['case'][:30]:30s} {r['method'][:48]:48s} {r['dtype'][:8]:8s}"
         if r.get("error"):
             lines.append(f"{head} FAILED: {r['error'][:80]}")
             continue
@@ -100,7 +103,7 @@ def results_summary(rows: List[Dict[str, str]]) -> List[str]:
         )
     if len(shown) < len(rows):
         lines.append(f"... {len(rows) - len(shown)} more rows in results.csv")
-    notes = [f"  {r['method'][:40]}: {r['note']}" for r in rows if r["bench"] == "epoch" and r.get("note")]
+    notes = [f"  {r['method'][:48]}: {r['note']}" for r in rows if r["bench"] == "epoch" and r.get("note")]
     return lines + (["epoch notes:"] + notes if notes else [])
 
 

@@ -56,6 +56,11 @@ def test_a_finished_run_shows_pytests_tally_beside_the_counted_lines():
     assert not any("stopped in" in line for line in lines)
 
 
+def test_a_rehearsal_collection_is_said_to_be_one():
+    text = "tests/test_train.py::test_cuda_bf16_training_resumes\n\n122/1151 tests collected (1029 deselected) in 5s\n"
+    assert gpu_summary.tests_summary(text) == ["gpu tests collected, none run: 122"]
+
+
 def test_pytest_xdist_lines_are_counted_too():
     outcomes = gpu_summary.test_outcomes(XDIST)
     assert [o for _, o in outcomes] == ["PASSED", "FAILED", "SKIPPED", "PASSED"]
