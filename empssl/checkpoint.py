@@ -27,7 +27,9 @@ from .files import write_atomically
 
 FORMAT = "empssl-checkpoint"
 VERSION = 1
-MODEL_FIELDS = ("arch", "width", "hidden_dim", "z_dim")
+MODEL_FIELDS = ("arch", "width", "hidden_dim", "z_dim", "stem", "backbone_args")
+# the fields added after the first checkpoints, with the value an older checkpoint (which lacks them) was built with
+MODEL_FIELD_DEFAULTS = {"stem": "default", "backbone_args": {}}
 # the training state's layout, read only by a resume (eval and export read the model, unchanged):
 # 2 = TrainState (step counter, lr from the step, counter-based augmentation, no augment generator or scheduler)
 TRAIN_STATE_VERSION = 2
@@ -162,19 +164,38 @@ def check_train_state(path: str, payload: Dict[str, Any]) -> None:
         )
 
 
+def model_config_of(model_config: Dict[str, Any]) -> Dict[str, Any]:
+    """The encoder's fields of a stored or requested model config (``MODEL_FIELDS``; an older checkpoint's missing
+    ones at ``MODEL_FIELD_DEFAULTS``): what ``build_encoder`` takes. KeyError for a missing original field."""
+    return {
+        field: model_config.get(field, MODEL_FIELD_DEFAULTS[field])
+        if field in MODEL_FIELD_DEFAULTS
+        else model_config[field]
+        for field in MODEL_FIELDS
+    }
+
+
 def describe_model(model_config: Dict[str, Any]) -> str:
-    return (
-        f"{model_config['arch']} width {model_config['width']} hidden_dim {model_config['hidden_dim']} "
-        f"z_dim {model_config['z_dim']}"
-    )
+    """``arch`` with the options that shape it, e.g. "torchvision:resnet50 stem cifar hidden_dim 4096 z_dim 1024"."""
+    config = {**MODEL_FIELD_DEFAULTS, **model_config}
+    text = str(config.get("arch"))
+    if config.get("width") != 1.0 or str(config.get("arch")).startswith("resnet18"):
+        text += f" width {config.get('width')}"
+    if config.get("stem") != MODEL_FIELD_DEFAULTS["stem"]:
+        text += f" stem {config.get('stem')}"
+    if config.get("backbone_args"):
+        text += " backbone_args " + ",".join(f"{k}={v!r}" for k, v in dict(config["backbone_args"]).items())
+    return text + f" hidden_dim {config.get('hidden_dim')} z_dim {config.get('z_dim')}"
 
 
 def check_same_model(path: str, stored: Dict[str, Any], requested: Dict[str, Any]) -> None:
-    """CheckpointError unless the checkpoint's architecture is the requested one."""
+    """CheckpointError, naming both, unless the checkpoint's encoder (backbone and head) is the requested one."""
+    stored, requested = {**MODEL_FIELD_DEFAULTS, **stored}, {**MODEL_FIELD_DEFAULTS, **requested}
     if any(stored.get(field) != requested.get(field) for field in MODEL_FIELDS):
         raise CheckpointError(
             f"checkpoint {path} holds a {describe_model(stored)} encoder, but this run asks for "
-            f"{describe_model(requested)}; use the same --arch/--width/--hidden-dim/--z-dim or another checkpoint"
+            f"{describe_model(requested)}; use the same --arch/--width/--stem/--backbone-args/--hidden-dim/--z-dim "
+            f"or another checkpoint"
         )
 
 

@@ -17,12 +17,20 @@ import argparse
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from . import checkpoint as ckpt
 from .checks import FLOAT32_MAX, finite_float, positive_float, positive_int
 from .data.load import BAD_IMAGE_POLICIES, DATASET_SPECS
-from .models.resnet import ARCHS
+from .models.backbones import (
+    ARCH_HELP,
+    STEMS,
+    arch_type,
+    backbone_args_type,
+    check_arch,
+    check_options,
+    parse_backbone_args,
+)
 from .ops import augment as augment_op
 from .ops import tcr as tcr_op
 from .optim import RECIPE_LR
@@ -246,11 +254,29 @@ class TrainConfig(RuntimeConfig):
     )
     data_seed: int = option(0, "seed of the synthetic data set and of train/test splits", group="data", type=int)
     # encoder (also options of `empssl eval`)
-    arch: str = option(
-        "resnet18-cifar", "backbone: ResNet-18 with the CIFAR stem or the ImageNet stem", group="encoder", choices=ARCHS
-    )
+    arch: str = option("resnet18-cifar", ARCH_HELP, group="encoder", type=arch_type, metavar="ARCH")
     width: float = option(
-        1.0, "channel multiplier of the backbone (1: 512 features)", group="encoder", type=positive_float
+        1.0,
+        "channel multiplier of the built-in ResNet-18 (1: 512 features); other backbones have their own widths",
+        group="encoder",
+        type=positive_float,
+    )
+    stem: str = option(
+        "default",
+        "cifar: a torchvision: or timm: ResNet's 7x7 stride-2 conv1 and max-pool become a 3x3 stride-1 conv and no "
+        "pooling, for small images (the built-in ResNet-18 names its stem in --arch)",
+        group="encoder",
+        choices=STEMS,
+    )
+    backbone_args: Union[str, Dict[str, Any]] = option(
+        "",
+        "keyword arguments of a torchvision: or timm: model's constructor, KEY=VALUE[,KEY=VALUE...] with Python "
+        "literals as values, e.g. img_size=32,patch_size=8 for timm:vit_tiny_patch16_224 on 32x32 images (default: "
+        "none)",
+        group="encoder",
+        type=backbone_args_type,
+        metavar="KEY=VALUE,...",
+        show_default=False,
     )
     hidden_dim: int = option(
         4096, "size of the pre_feature layer used for evaluation", group="encoder", type=positive_int
@@ -344,7 +370,10 @@ class TrainConfig(RuntimeConfig):
         return self.step_variant in ("captured", "compiled-captured")
 
     def model_config(self) -> Dict[str, Any]:
-        return {field: getattr(self, field) for field in ckpt.MODEL_FIELDS}
+        """The encoder's fields (``checkpoint.MODEL_FIELDS``), ``backbone_args`` as a dict: what checkpoints hold."""
+        config = {field: getattr(self, field) for field in ckpt.MODEL_FIELDS}
+        config["backbone_args"] = parse_backbone_args(self.backbone_args)
+        return config
 
     def warn_short_schedule(self, steps_per_epoch: int, total_steps: int) -> None:
         """A warning when the cosine schedule ends before the run: its learning rate is 0 for the steps after it."""
@@ -359,6 +388,8 @@ class TrainConfig(RuntimeConfig):
 
     def validate(self) -> None:
         check_numbers(self)
+        check_arch(self.arch)
+        check_options(self.arch, self.width, self.stem, self.backbone_args)
         for name in ("num_patches", "batch_size", "epochs", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -303,9 +303,16 @@ class SyncBatchNorm(nn.SyncBatchNorm):
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """``module`` with every BatchNorm layer replaced by ``SyncBatchNorm`` (parameters and buffers shared, so the
-    state_dict keys and values are the same; a plain encoder loads it)."""
+    state_dict keys and values are the same; a plain encoder loads it). ValueError for a subclass of BatchNorm with
+    a forward of its own (timm's BatchNormAct2d adds an activation), which a SyncBatchNorm would not compute."""
     converted = module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module) not in (SyncBatchNorm, *plain):
+        raise ValueError(
+            f"--sync-bn: {type(module).__module__}.{type(module).__name__} is a BatchNorm with a forward of its own "
+            f"that a SyncBatchNorm would not compute; train this backbone without --sync-bn"
+        )
+    if type(module) in plain:
         # an affine BatchNorm without a bias exists from torch 2.14 on (its bias= keyword); torch 2.11 has neither
         no_bias = {"bias": False} if module.affine and module.bias is None else {}
         converted = SyncBatchNorm(

@@ -3,9 +3,10 @@ value, each call of the device check taking its own groups (docs/benchmarks.md s
 
 The first call's groups give a complete correctness verdict for what its timings time: the training step (eager,
 captured), evaluation and NCCL, then the CUDA kernels the recipe's step runs (auto's choice on CUDA: the CUDA
-extension's Total Coding Rate at the recipe's shapes and its auto choice, the CUDA augmentation), the optimiser, the
-other CUDA shapes, the opchecks. The second call's: the compiled step, the composite loss, the Triton sweeps. A gpu
-test that no rule names falls into "other", in the first call: a new test is never left out.
+extension's Total Coding Rate at the recipe's shapes and its auto choice, the CUDA augmentation), the optimiser,
+the other CUDA shapes, the opchecks, other backbones' captured step. The second call's: the compiled step, the
+composite loss, the Triton sweeps. A gpu test that no rule names falls into "other", in the first call: a new test
+is never left out (tests/test_gpu_collection.py asks for a rule).
 
 EMPSSL_GPU_TESTS=call1|call2 keeps one call's groups (the others are deselected); unset: every group, in order.
 """
@@ -25,6 +26,7 @@ GROUPS = (
     ("optimiser", 1, r"test_optim\.py::"),
     ("tcr-cuda", 1, r"test_tcr_backends\.py::.*-cuda\]"),
     ("opcheck", 1, r"test_opcheck\.py::(?!.*(triton|composite))"),
+    ("backbones", 1, r"test_backbone_runs\.py::"),  # other backbones' captured step: after the recipe's kernels
     ("other", 1, None),  # every gpu test no other rule takes
     ("compiled", 2, r"test_train_step\.py::.*compiled"),
     ("composite", 2, r"test_tcr_backends\.py::.*-composite\]|test_opcheck\.py::.*composite"),
@@ -61,7 +63,7 @@ RANK = {name: index for index, (name, _, _) in enumerate(GROUPS)}
 def _run_order(nodeid: str):
     group = group_of(nodeid)
     module = nodeid.split("::")[0].rsplit("/", 1)[-1][: -len(".py")]
-    return RANK[group], TRAINING_FILES.index(module) if group == "training" else 0
+    return RANK[group], TRAINING_FILES.index(module) if module in TRAINING_FILES else len(TRAINING_FILES)
 
 
 CALL = {name: call for name, call, _ in GROUPS}

@@ -72,3 +72,42 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """The peak of the bytes held by live CPU tensors while it is active: ``baseline`` (the storages of
+    ``existing`` tensors, held throughout) plus the storages the dispatched ops allocate, each counted until
+    the storage is freed (autograd's saved tensors included: a storage's Python object lives as long as it).
+    CPU tensors only; what CUDA's ``max_memory_allocated`` reports, without the caching allocator's rounding."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.seen = {}
+        for tensor in existing:
+            storage = tensor.untyped_storage()
+            self.seen[storage.data_ptr()] = storage.nbytes()
+        self.baseline = sum(self.seen.values())
+        self.live = self.peak = self.baseline
+
+    def _freed(self, key, nbytes):
+        self.live -= nbytes
+        self.seen.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        from torch.utils._pytree import tree_flatten
+
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+                continue
+            storage = tensor.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self.seen:
+                continue
+            self.seen[key] = nbytes
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key, nbytes)
+        return out

@@ -108,7 +108,7 @@ def test_input_errors_exit_non_zero_with_a_message(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--arch", "resnet50"], "invalid choice: 'resnet50'"),
+        (["train", "--arch", "resnet50"], "unknown --arch 'resnet50' (did you mean torchvision:resnet50?)"),
         (["train", "--loss-backend", "fast"], "invalid choice: 'fast'"),
         (["train", "--batch-size", "0"], "must be a positive integer"),
         (["eval"], "one of the arguments --checkpoint --random-init is required"),

@@ -317,6 +317,22 @@ def test_a_conv_whose_output_is_used_twice_is_not_fused():
     assert fused.fused == 0 and torch.equal(fused.features(x), module.features(x))
 
 
+def test_a_network_torch_fx_cannot_trace_runs_unfused_with_a_note(capsys):
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def features(self, x):
+            return torch.relu(self.conv(x)) if x.sum() > 0 else x  # a branch on the values: no graph
+
+    module = DataDependent()
+    fused = fuse_conv_epilogues(module)
+    x = torch.rand(2, 3, 8, 8)
+    assert fused.fused == 0 and torch.equal(fused.features(x), module.features(x))
+    assert "--fused-conv: torch.fx cannot trace the DataDependent" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 def test_cuda_fused_conv_features_hold_the_2x_rule_against_float64():
     """cuDNN's fused conv + bias + ReLU (+ add) is as close to the float64 features as the plain folded path, in

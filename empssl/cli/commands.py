@@ -12,12 +12,13 @@ from ..config import EvalConfig, TrainConfig, from_args
 
 
 def run_export(args) -> int:
-    from ..models.export import export_checkpoint
+    from ..models.export import export_checkpoint_and_code
 
-    state = export_checkpoint(
+    state, code = export_checkpoint_and_code(
         args.checkpoint, args.out, with_head=args.with_head, format=args.format, overwrite=args.overwrite
     )
-    print(f"wrote {len(state)} tensors ({sum(t.numel() for t in state.values()):,} values) to {args.out}")
+    print(f"wrote {len(state)} tensors ({sum(t.numel() for t in state.values()):,} values) to {args.out}; load with:")
+    print(code)
     return 0
 
 
@@ -95,6 +96,7 @@ def run_eval(args) -> int:
     from ..data.load import load_dataset
     from ..device import resolve_device
     from ..evaluation.pipeline import evaluate
+    from ..models.backbones import parse_backbone_args
     from ..models.encoder import build_encoder, load_encoder
 
     config = from_args(EvalConfig, args)
@@ -102,6 +104,8 @@ def run_eval(args) -> int:
     defaults = TrainConfig()
     stored = {}
     requested_model = {field: getattr(args, field) for field in ckpt.MODEL_FIELDS}
+    if requested_model["backbone_args"] is not None:
+        requested_model["backbone_args"] = parse_backbone_args(requested_model["backbone_args"])
     if args.checkpoint:
         encoder, payload = load_encoder(args.checkpoint)
         stored = payload.get("config", {})

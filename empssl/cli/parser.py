@@ -94,10 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_export_parser(commands) -> None:
     export = commands.add_parser(
         "export",
-        help="write the trained backbone as a state_dict for torchvision.models.resnet18",
-        description="Write the backbone of a checkpoint as a state_dict that torchvision.models.resnet18() loads with "
-        "only fc.* missing (resnet18-cifar: after conv1 = Conv2d(3, 64, 3, 1, 1, bias=False) and "
-        "maxpool = Identity(); see docs/training.md section 7). Width 1 encoders only.",
+        help="write the trained backbone as a state_dict for the library it came from (torchvision, timm)",
+        description="Write the backbone of a checkpoint as a state_dict that its library's model loads strictly, and "
+        "print the Python that builds that model: the built-in ResNet-18 (width 1 only) and torchvision:NAME into "
+        "torchvision's model with its classifier an Identity (resnet18-cifar and --stem cifar: after conv1 = "
+        "Conv2d(3, C, 3, 1, 1, bias=False) and maxpool = Identity()), timm:NAME into timm.create_model(NAME, "
+        "num_classes=0); see docs/training.md section 7.",
     )
     export.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint written by `empssl train`")
     export.add_argument("--out", required=True, metavar="FILE", help="file to write (written atomically)")

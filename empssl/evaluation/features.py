@@ -2,7 +2,8 @@
 augmented patches, with the encoder in eval mode.
 
 Built to run at device speed: features come from a copy of the encoder with every BatchNorm folded into the
-convolution or linear layer before it (``empssl.models.fold``; bf16 channels_last on CUDA), in chunks of one fixed
+convolution or linear layer before it (``empssl.models.fold``: the pairs found by tracing, so any backbone; one
+without such pairs, a LayerNorm transformer, runs as it is; bf16 channels_last on CUDA), in chunks of one fixed
 size (the last one padded), from patches of the counter-based augmentation keyed by (seed, split, image index), so
 an image's patches do not depend on how the images are chunked or split across processes. Under
 ``torch.distributed`` (world size > 1) each rank extracts the features of its slice of the images and all ranks

@@ -1,4 +1,5 @@
-"""The EMP-SSL encoder (docs/method.md section 3): a backbone (``empssl.models.resnet``), then the projector."""
+"""The EMP-SSL encoder (docs/method.md section 3): a backbone (``empssl.models.backbones``: the built-in ResNet-18,
+a torchvision or a timm model), then the projector built on the backbone's feature size."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..checks import check_positive_int
-from .resnet import ResNet18Backbone
+from .backbones import build_backbone, parse_backbone_args
 
 
 class EMPSSLEncoder(nn.Module):
@@ -20,17 +21,33 @@ class EMPSSLEncoder(nn.Module):
     ``forward(x)`` returns z (N, z_dim) with unit-norm rows; ``forward(x, return_features=True)``
     returns (z, features) where features (N, hidden_dim) is the ``pre_feature`` output that
     evaluation uses; ``features(x)`` returns only that.
+
+    ``arch``, ``width``, ``stem`` and ``backbone_args`` choose the backbone (``empssl.models.backbones``); the
+    built-in ResNet-18's parameters keep torchvision's resnet18 names under ``backbone.``, a torchvision or timm
+    model's keep its library's names there.
     """
 
-    def __init__(self, arch: str = "resnet18-cifar", width: float = 1.0, hidden_dim: int = 4096, z_dim: int = 1024):
+    def __init__(
+        self,
+        arch: str = "resnet18-cifar",
+        width: float = 1.0,
+        hidden_dim: int = 4096,
+        z_dim: int = 1024,
+        stem: str = "default",
+        backbone_args=None,
+    ):
         super().__init__()
         check_positive_int(hidden_dim, "hidden_dim")
         check_positive_int(z_dim, "z_dim")
-        self.backbone = ResNet18Backbone(arch, width)
+        built = build_backbone(arch, width, stem, backbone_args)
+        self.backbone = built.module
+        self.arch, self.width, self.stem = arch, width, stem
+        self.backbone_args = parse_backbone_args(backbone_args)
+        self.source, self.feature_dim, self.removed_head = built.source, built.feature_dim, built.removed_head
         self.hidden_dim = hidden_dim
         self.z_dim = z_dim
         self.pre_feature = nn.Sequential(
-            nn.Linear(self.backbone.feature_dim, hidden_dim),
+            nn.Linear(self.feature_dim, hidden_dim),
             nn.BatchNorm1d(hidden_dim),
             nn.ReLU(),
         )
@@ -54,10 +71,18 @@ class EMPSSLEncoder(nn.Module):
 
 
 def build_encoder(
-    arch: str = "resnet18-cifar", width: float = 1.0, hidden_dim: int = 4096, z_dim: int = 1024
+    arch: str = "resnet18-cifar",
+    width: float = 1.0,
+    hidden_dim: int = 4096,
+    z_dim: int = 1024,
+    stem: str = "default",
+    backbone_args=None,
 ) -> EMPSSLEncoder:
-    """The encoder of docs/method.md section 3 (defaults: the paper's CIFAR ResNet-18, 4096-d features, 1024-d z)."""
-    return EMPSSLEncoder(arch=arch, width=width, hidden_dim=hidden_dim, z_dim=z_dim)
+    """The encoder of docs/method.md section 3 (defaults: the paper's CIFAR ResNet-18, 4096-d features, 1024-d z);
+    ``arch`` also takes ``torchvision:NAME`` and ``timm:NAME`` (docs/training.md section 8)."""
+    return EMPSSLEncoder(
+        arch=arch, width=width, hidden_dim=hidden_dim, z_dim=z_dim, stem=stem, backbone_args=backbone_args
+    )
 
 
 def _check_images(x) -> None:
@@ -75,7 +100,7 @@ def load_encoder(path: str, device: Optional[torch.device] = None):
     payload = ckpt.load_checkpoint(path)
     model_config = payload["model_config"]
     try:
-        encoder = build_encoder(**{field: model_config[field] for field in ckpt.MODEL_FIELDS})
+        encoder = build_encoder(**ckpt.model_config_of(model_config))
     except (KeyError, TypeError, ValueError) as err:
         raise ckpt.CheckpointError(f"checkpoint {path} has an unusable model_config {model_config!r}: {err}") from err
     ckpt.check_finite(path, payload["model"])

@@ -3,15 +3,16 @@ section 6): bias and ReLU (``conv -> relu``), or bias, a residual add and ReLU (
 cuDNN fused operation (``torch.cudnn_convolution_relu``, ``torch.cudnn_convolution_add_relu``) instead of a
 convolution and one or two passes over its output.
 
-``fuse_conv_epilogues(network)`` rewrites the FX graph of ``network.features`` (any encoder FX can trace: nothing
-here knows the backbone), so it is generic over the encoder; a BatchNorm-folded encoder (``models.fold``) gives
-every convolution a bias and leaves the BatchNorms out of the way. Off CUDA (or for inputs cuDNN does not take) the
-fused calls compute the same thing op by op.
+``fuse_conv_epilogues(network)`` rewrites the FX graph of ``network.features``: nothing here knows the backbone, so
+it is generic over the encoder (one torch.fx cannot trace runs unfused, with a note). A BatchNorm-folded encoder
+(``models.fold``) gives every convolution a bias and leaves the BatchNorms out of the way. Off CUDA (or for inputs
+cuDNN does not take) the fused calls compute the same thing op by op.
 """
 
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Optional
 
 import torch
@@ -57,10 +58,19 @@ class _Features(nn.Module):
         return self.network.features(x)
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer with every convolution, Linear and BatchNorm a leaf, subclasses too (their forwards check
+    shapes in Python, which tracing cannot follow; only exact nn.Conv2d is fused: a subclass may compute otherwise)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        leaves = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+        return isinstance(module, leaves) or super().is_leaf_module(module, qualified_name)
+
+
 class FusedFeatures(nn.Module):
     """``features(x)`` of the rewritten graph (also its ``forward``); ``fused`` counts the fused convolutions."""
 
-    def __init__(self, graph_module: fx.GraphModule, fused: int):
+    def __init__(self, graph_module: nn.Module, fused: int):
         super().__init__()
         self.graph_module, self.fused = graph_module, fused
 
@@ -98,7 +108,16 @@ def _is_add(node) -> bool:
 def fuse_conv_epilogues(network: nn.Module) -> FusedFeatures:
     """A module whose ``features(x)`` is ``network.features(x)`` with every ``conv -> relu`` and ``conv -> add ->
     relu`` of its graph one fused call (``network`` itself is not changed; the result shares its parameters)."""
-    graph_module = fx.symbolic_trace(_Features(network))
+    root = _Features(network)
+    try:
+        graph_module = fx.GraphModule(root, _Tracer().trace(root))
+    except Exception as err:  # noqa: BLE001 - any tracing failure means: nothing fused, the folded path as it is
+        print(
+            f"empssl: note: --fused-conv: torch.fx cannot trace the {type(network).__name__} "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); its convolutions run unfused",
+            file=sys.stderr,
+        )
+        return FusedFeatures(root, 0)
     modules = dict(graph_module.named_modules())
     graph = graph_module.graph
     for node in list(graph.nodes):  # a folded BatchNorm is an Identity: out of the way of the patterns

@@ -93,7 +93,7 @@ class RunFolder:
                     {"model": self.resumed["model"], "optimizer": self.resumed["optimizer"]},
                     what="state",
                 )
-                check_resume_config(config.resume, self.resumed.get("config", {}), config)
+                check_resume_config(config.resume, self.resumed["model_config"], self.resumed.get("config", {}), config)
                 self.same_run = os.path.realpath(config.resume) == os.path.realpath(self.checkpoint_path)
             self.holds_other_run = self._check_other_run(config.overwrite)
         except BaseException:
@@ -191,10 +191,10 @@ def _records(path: str) -> Iterator[Dict[str, Any]]:
                 yield record
 
 
-def check_resume_config(path: str, stored: Dict[str, Any], config) -> None:
-    """CheckpointError unless ``config`` (a TrainConfig) builds the stored model; a warning for changed trajectory
-    settings."""
-    ckpt.check_same_model(path, {f: stored.get(f) for f in ckpt.MODEL_FIELDS}, config.model_config())
+def check_resume_config(path: str, model_config: Dict[str, Any], stored: Dict[str, Any], config) -> None:
+    """CheckpointError unless ``config`` (a TrainConfig) builds the checkpoint's model (``model_config``); a warning
+    for changed trajectory settings (``stored``: the checkpoint's training config)."""
+    ckpt.check_same_model(path, model_config, config.model_config())
     changed = [
         f"{f}: {stored.get(f)!r} -> {getattr(config, f)!r}"
         for f in _TRAJECTORY_FIELDS
