@@ -65,8 +65,9 @@ def assert_variant_follows_eager(config: TrainConfig, steps: int, num_images: in
         torch._dynamo.reset()
     moved = (reference - initial).norm()
     eager_error, variant_error = (eager - reference).norm(), (variant - reference).norm()
-    # float32 rounding, amplified by the steps (3e-3 of the distance moved for the tiny ResNet-18 on the CPU)
-    assert 0 < eager_error < 0.02 * moved, (eager_error, moved)
+    # float32 rounding, amplified by the steps (3e-3 of the distance moved for the tiny ResNet-18 on the CPU): the
+    # runs follow the float64 trajectory, the comparison below is between runs on one path
+    assert 0 < eager_error < 0.1 * moved, (eager_error, moved)
     assert variant_error <= 2 * eager_error + 1e-12 * moved, (config.step_variant, variant_error, eager_error)
     ulp = 2**-23 * reference_sums.abs().max()  # the sums are float32
     sums_error = (variant_sums - reference_sums).abs().max()
