@@ -20,7 +20,7 @@ import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from . import checkpoint as ckpt
-from .checks import FLOAT32_MAX, finite_float, positive_float, positive_int
+from .checks import FLOAT32_MAX, finite_float, momentum_float, non_negative_float, positive_float, positive_int
 from .data.load import BAD_IMAGE_POLICIES, DATASET_SPECS
 from .models.backbones import (
     ARCH_HELP,
@@ -200,8 +200,10 @@ class EvalConfig(RuntimeConfig):
         0.03, "linear probe learning rate (cosine over the epochs)", group="evaluation", type=positive_float
     )
     linear_batch_size: int = option(100, "linear probe mini-batch size", group="evaluation", type=positive_int)
-    linear_momentum: float = option(0.9, "linear probe SGD momentum", group="evaluation", type=finite_float)
-    linear_weight_decay: float = option(5e-5, "linear probe weight decay", group="evaluation", type=finite_float)
+    linear_momentum: float = option(
+        0.9, "linear probe SGD momentum, in [0, 1)", group="evaluation", type=momentum_float
+    )
+    linear_weight_decay: float = option(5e-5, "linear probe weight decay", group="evaluation", type=non_negative_float)
     fused_conv: bool = option(
         False,
         "the BatchNorm-folded encoder's convolutions with their bias, ReLU and residual add in one cuDNN kernel "
@@ -211,6 +213,23 @@ class EvalConfig(RuntimeConfig):
     )
     knn_k: int = option(20, "neighbours of the kNN", group="evaluation", type=positive_int)
     knn_temperature: float = option(0.07, "kNN vote temperature", group="evaluation", type=positive_float)
+
+    def validate(self) -> None:
+        """ValueError naming the option of any value the command line's types refuse."""
+        check_numbers(self)
+        for name in ("num_patches", "linear_epochs", "linear_batch_size", "knn_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not 0 <= self.linear_momentum < 1:
+            raise ValueError(
+                f"--linear-momentum must be in [0, 1) (SGD diverges from 1 on), got {self.linear_momentum}"
+            )
+        if not self.linear_weight_decay >= 0:
+            raise ValueError(f"--linear-weight-decay must be >= 0, got {self.linear_weight_decay}")
+        for name in ("linear_lr", "knn_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
@@ -406,3 +425,10 @@ class TrainConfig(RuntimeConfig):
             raise ValueError(f"step_variant must be one of {', '.join(STEP_VARIANTS)}, got {self.step_variant!r}")
         if self.num_patches < 2:
             raise ValueError(f"num_patches must be >= 2 (the invariance term compares patches), got {self.num_patches}")
+        if self.z_dim / (self.batch_size * self.eps) > FLOAT32_MAX:  # the coding rate's alpha, at most this large
+            raise ValueError(
+                f"--eps {self.eps:g} is too small for --z-dim {self.z_dim} and --batch-size {self.batch_size}: the "
+                f"coding rate's d / (b eps) overflows float32"
+            )
+        if self.tcr_coef == 0 and self.inv_coef == 0:
+            raise ValueError("--tcr-coef 0 and --inv-coef 0 leave no loss to minimise; give either a non-zero weight")

@@ -1,11 +1,12 @@
 """Where and how the device runs the work: device resolution, autocast, the cuDNN benchmark switch, the one
 CUDA-graph capture helper (the training step, the linear probe's epoch and the benchmarks replay through it), and
-the reader that brings device-side sums to the host without waiting for the device, and the SIGINT/SIGTERM
-handling of a loop that stops after its current step (``StopRequest``, ``TrainingInterrupted``)."""
+the memory a device can still give (checked before a large allocation, so that an absurd size is one line, not an
+allocator's traceback)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Optional
 
 import torch
@@ -32,6 +33,38 @@ def resolve_device(device: str) -> torch.device:
                 f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)"
             )
     return resolved
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes the step may use on ``device``: free GPU memory, or the memory the OS can still give; None if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"
+
+
+def check_fits(need: int, device: torch.device, what: str, advice: str) -> None:
+    """ValueError, before anything is allocated, when ``need`` bytes for ``what`` exceed the memory ``device`` can
+    still give (nothing is checked where that is unknown)."""
+    available = available_memory(device)
+    if available is not None and need > available:
+        raise ValueError(
+            f"{what} needs about {gib(need)} on {device}, but only {gib(available)} is available; {advice}"
+        )
 
 
 def autocast_context(device: torch.device, bf16: bool):

@@ -52,6 +52,9 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in _LAUNCHER_VARIABLES)
 
 
+MAX_TIMEOUT_S = 1e9  # about 31 years: "never" in practice, and well within what a timedelta holds
+
+
 def init_from_env(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
     """Join the process group torchrun's environment describes; returns the device this rank uses.
 
@@ -61,8 +64,11 @@ def init_from_env(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
     """
     if not launched_by_torchrun():
         return device
-    if not timeout_s > 0:
-        raise ValueError(f"the distributed timeout must be a positive number of seconds, got {timeout_s}")
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:  # a timedelta holds at most 999,999,999 days
+        raise ValueError(
+            f"the distributed timeout (--dist-timeout) must be a positive number of seconds up to {MAX_TIMEOUT_S:g}, "
+            f"got {timeout_s}"
+        )
     if is_initialized():
         raise DistributedError("a process group is already initialised in this process")
     local_rank = int(os.environ["LOCAL_RANK"])

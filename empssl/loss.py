@@ -11,6 +11,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
+from .checks import FLOAT32_MAX, check_finite_number
 from .ops import tcr as tcr_op
 
 
@@ -23,8 +24,19 @@ def _check_z(z, eps) -> None:
         raise ValueError(f"z must have shape (b, d) or (n, b, d), got shape {tuple(z.shape)}")
     if 0 in z.shape:
         raise ValueError(f"z must not be empty, got shape {tuple(z.shape)}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    _check_eps(eps)
+    batch, dim = z.shape[-2], z.shape[-1]
+    if dim / (batch * eps) > FLOAT32_MAX:  # alpha = d / (b eps) scales the Gram matrix in float32
+        raise ValueError(
+            f"eps {eps!r} is too small for z of {batch} rows of {dim}: alpha = d / (b eps) overflows float32"
+        )
+
+
+def _check_eps(eps) -> None:
+    try:
+        check_finite_number(eps, "eps", positive=True)
+    except TypeError:
+        raise ValueError(f"eps must be a positive number, got {eps!r}") from None
 
 
 def coding_rate(z: torch.Tensor, eps: float = 0.2, backend: str = "auto") -> torch.Tensor:
@@ -109,8 +121,7 @@ class TotalCodingRate(nn.Module):
 
     def __init__(self, eps: float = 0.2, backend: str = "auto"):
         super().__init__()
-        if not (isinstance(eps, (int, float)) and eps > 0):
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        _check_eps(eps)
         self.eps, self.backend = float(eps), backend
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -177,6 +188,10 @@ class EMPSSLLoss(nn.Module):
     ):
         super().__init__()
         self.total_coding_rate = TotalCodingRate(eps, backend)
+        check_finite_number(inv_coef, "inv_coef")  # what the command line's --inv-coef and --tcr-coef take
+        check_finite_number(tcr_coef, "tcr_coef")
+        if inv_coef == 0 and tcr_coef == 0:
+            raise ValueError("inv_coef and tcr_coef are both 0: the loss would be 0 whatever z is")
         self.inv_coef, self.tcr_coef = float(inv_coef), float(tcr_coef)
         self.gather, self.normalize = bool(gather), bool(normalize)
 

@@ -228,6 +228,9 @@ def build_optimizer(model: nn.Module, **lars_options) -> LARS:
     return LARS(params, **lars_options)
 
 
+MAX_SCHEDULE_STEPS = 2**53  # float64 counts steps exactly up to here (CosineFactor computes t / T in it)
+
+
 class CosineFactor:
     """lr multiplier 0.5 * (1 + cos(pi * t / T)), held at 0 after T. A class (not a lambda) so
     LambdaLR.state_dict() records total_steps."""
@@ -266,4 +269,10 @@ def schedule_steps(num_images: int, batch_size: int, schedule_epochs: int) -> in
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if num_images < batch_size:
         raise ValueError(f"num_images ({num_images}) must be >= batch_size ({batch_size}): no full batch")
-    return (num_images // batch_size) * schedule_epochs
+    steps = (num_images // batch_size) * schedule_epochs
+    if steps > MAX_SCHEDULE_STEPS:
+        raise ValueError(
+            f"a cosine schedule of {schedule_epochs} epochs of {num_images // batch_size} steps is {steps} steps, "
+            f"beyond 2^53 (the most the schedule's float64 step counts exactly); pass a smaller --schedule-epochs"
+        )
+    return steps

@@ -124,9 +124,12 @@ def test_nhwc_and_nchw_inputs_give_identical_patches():
     assert torch.equal(same[0], source_index) and torch.equal(same[1], params)
 
 
-def test_dimension_1_of_size_3_means_nchw():
+def test_a_batch_with_3_in_dimensions_1_and_3_is_refused_and_its_permutation_read():
     images = torch.randint(0, 256, (2, 3, 30, 3), dtype=torch.uint8)  # both dim 1 and dim 3 have size 3
     augment = MultiPatchAugment(AugmentConfig(output_size=4, blur_p=0.0))
+    with pytest.raises(ValueError, match=r"ambiguous: as \(B, 3, H, W\) they are 2 images of 30x3 pixels"):
+        augment.sample(images, 50, generator=torch.Generator().manual_seed(2))
+    images = images.permute(0, 2, 3, 1)  # the (B, 3, H, W) reading, said with the layout: 30x3 images
     _, params = augment.sample(images, 50, generator=torch.Generator().manual_seed(2))
     assert (params[:, AP.CROP_TOP] + params[:, AP.CROP_HEIGHT] <= 30).all()
     assert (params[:, AP.CROP_LEFT] + params[:, AP.CROP_WIDTH] <= 3).all()

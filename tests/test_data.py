@@ -13,7 +13,7 @@ from empssl.data import folder as image_folder
 from empssl.data.dataset import DataError, check_batch_size
 from empssl.data.load import load_dataset
 from empssl.data.synthetic import SYNTHETIC_CLASSES, make_synthetic
-from empssl.training import run_folder as run_dir
+from empssl.files import check_writable_folder
 
 # ----------------------------------------------------------------------------- synthetic
 
@@ -384,5 +384,5 @@ def test_unusable_cache_dir_fails_before_decoding(tmp_path, monkeypatch):
 
 
 def test_check_writable_folder_leaves_nothing_behind(tmp_path):
-    run_dir.check_writable_folder(str(tmp_path / "new" / "deeper"), "--out-dir")  # creatable: fine
+    check_writable_folder(str(tmp_path / "new" / "deeper"), "--out-dir")  # creatable: fine
     assert list(tmp_path.iterdir()) == []  # neither the folder nor the probe file

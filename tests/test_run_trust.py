@@ -354,12 +354,12 @@ def test_a_failed_checkpoint_write_is_one_line_and_a_rerun_needs_no_overwrite(
 ):
     out = tmp_path / "run"
     real_fdopen = os.fdopen
-    monkeypatch.setattr(ckpt.os, "fdopen", lambda fd, *a, **k: _FailingFile(real_fdopen(fd, *a, **k), code))
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: _FailingFile(real_fdopen(fd, *a, **k), code))
     assert _train(out, "--max-steps", "2") == 1
     line = _one_clear_line(capsys.readouterr().err)
     assert text in line and f"cannot write {out / run_dir.CHECKPOINT_NAME}" in line
     assert not [name for name in os.listdir(out) if name.startswith(TEMP_PREFIX)]
-    monkeypatch.setattr(ckpt.os, "fdopen", real_fdopen)
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
     assert _train(out, "--max-steps", "2") == 0  # metrics.jsonl without a checkpoint does not block the rerun
     assert (out / run_dir.CHECKPOINT_NAME).exists() and len(_run_ids(out)) == 1
 

@@ -1,8 +1,9 @@
 """The augmentation recipes (docs/method.md section 4): ``AugmentConfig`` and the recipe for an image size.
 
 A recipe says what the sampler draws and what the kernels apply; the column layout of the sampled
-parameters is ``empssl.augment.params``. This module imports no other module of the package, so the
-sampler (empssl.augment) and the op (empssl.ops.augment) both take the recipe from here.
+parameters is ``empssl.augment.params``. This module imports only the package's validators
+(``empssl.checks``), so the sampler (empssl.augment) and the op (empssl.ops.augment) both take the recipe
+from here.
 """
 
 from __future__ import annotations
@@ -11,9 +12,17 @@ import dataclasses
 import math
 from typing import Tuple
 
+from ..checks import FLOAT32_MAX, FLOAT32_TINY
+
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real number the kernels' float32 holds: finite, within float32's range."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and abs(value) <= FLOAT32_MAX
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +109,12 @@ class AugmentConfig:
                 f"AugmentConfig.blur_kernel_size {kernel} is too large for output_size {self.output_size}: "
                 f"kernel_size // 2 must be < output_size"
             )
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"AugmentConfig.std must be positive, got {self.std!r}")
+        # (x - mean) / std for x in [0, 1] must be a finite float32, and std a normal float32 (a GPU flushes smaller)
+        if any(not (s >= FLOAT32_TINY and (1 + abs(m)) / s <= FLOAT32_MAX) for s, m in zip(self.std, self.mean)):
+            raise ValueError(
+                f"AugmentConfig.std must be positive and large enough that (x - mean) / std stays a finite float32 "
+                f"(std >= (1 + |mean|) / 3.4e38, and >= 1.2e-38), got {self.std!r}"
+            )
 
 
 def augment_config_for(image_size: int) -> AugmentConfig:

@@ -147,6 +147,14 @@ def _as_nhwc(images) -> torch.Tensor:
         raise TypeError(f"images must be uint8 (values 0..255), got {images.dtype}")
     if images.ndim != 4:
         raise ValueError(f"images must have shape (B, H, W, 3) or (B, 3, H, W), got shape {tuple(images.shape)}")
+    if images.shape[1] == 3 and images.shape[3] == 3:
+        batch, _, middle, _ = images.shape
+        raise ValueError(
+            f"images of shape {tuple(images.shape)} are ambiguous: as (B, 3, H, W) they are {batch} images of "
+            f"{middle}x3 pixels, as (B, H, W, 3) {batch} images of 3x{middle}; say which: pass "
+            f"images.permute(0, 2, 3, 1) for the first reading (then (B, H, W, 3)), images.permute(0, 3, 1, 2) for "
+            f"the second (then (B, 3, H, W))"
+        )
     if images.shape[1] == 3:
         nhwc = images.permute(0, 2, 3, 1)
     elif images.shape[3] == 3:
@@ -218,9 +226,10 @@ class MultiPatchAugment(nn.Module):
     """Cut ``num_patches`` augmented patches from every image of a uint8 batch (docs/method.md section 4).
 
     ``images`` is uint8, (B, H, W, 3) or (B, 3, H, W); the layout is told by which dimension
-    has size 3, and a batch where both dimension 1 and dimension 3 have size 3 is read as
-    (B, 3, H, W). ``augment(images, num_patches, generator=None)`` returns float patches of
-    shape (num_patches * B, 3, S, S), patch-major: patch ``i * B + j`` comes from image j.
+    has size 3; a batch where both dimension 1 and dimension 3 have size 3 is refused as ambiguous, naming both
+    readings (its permutation to the other layout is not).
+    ``augment(images, num_patches, generator=None)`` returns float patches of shape
+    (num_patches * B, 3, S, S), patch-major: patch ``i * B + j`` comes from image j.
     ``augment(images, num_patches, seed=..., step=..., image_ids=...)`` draws from the
     counter-based source instead (see ``sample_augment_params``): no generator state, replayable
     by a CUDA graph, independent of how the batch is split.

@@ -23,12 +23,16 @@ def run_export(args) -> int:
 
 
 def run_plot(args) -> int:
+    from ..files import check_regular_file, remove_stale_temporaries
     from ..training.curves import write_training_curves
     from ..training.run_folder import CURVES_NAME, METRICS_NAME, read_step_metrics
 
     metrics = os.path.join(args.run_dir, METRICS_NAME) if os.path.isdir(args.run_dir) else args.run_dir
-    if not os.path.isfile(metrics):
+    if not os.path.exists(metrics):
         raise ValueError(f"{metrics} does not exist: RUN_DIR must be a folder written by `empssl train`")
+    check_regular_file(metrics, "metrics log")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(metrics)), CURVES_NAME)
+    check_png_out(out, metrics)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -36,11 +40,34 @@ def run_plot(args) -> int:
     records = read_step_metrics(metrics)
     if not records:
         raise ValueError(f"{metrics} holds no step record to plot")
-    written = write_training_curves(
-        records, args.out or os.path.join(os.path.dirname(os.path.abspath(metrics)), CURVES_NAME)
-    )
+    remove_stale_temporaries(os.path.dirname(os.path.abspath(out)), target=out)
+    written = write_training_curves(records, out)
     print(f"wrote {written}: {len(records)} records, steps {records[0]['step']} to {records[-1]['step']}")
     return 0
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png_out(out: str, metrics: str) -> None:
+    """ValueError unless ``out`` may receive a PNG: never the metrics log it is drawn from, nor an existing file that
+    is not a PNG (a checkpoint, a log: a PNG would replace it), nor a folder."""
+    from ..files import open_input, same_file
+
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder; pass the PNG file to write")
+    if same_file(out, metrics):
+        raise ValueError(f"--out {out} is the metrics log it would be drawn from; pass another --out")
+    if os.path.exists(out):
+        is_png = False
+        if os.path.isfile(out):  # never opened otherwise: a FIFO would block
+            with open_input(out, "--out") as f:
+                is_png = f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+        if not is_png:
+            raise ValueError(
+                f"--out {out} exists and is not a PNG (a checkpoint? a log?): drawing the curves would replace it; "
+                f"pass another --out"
+            )
 
 
 def setup_runtime(args) -> None:
@@ -97,7 +124,7 @@ def run_eval(args) -> int:
     from ..device import resolve_device
     from ..evaluation.pipeline import evaluate
     from ..models.backbones import parse_backbone_args
-    from ..models.encoder import build_encoder, load_encoder
+    from ..models.encoder import build_encoder, check_buildable, load_encoder
 
     config = from_args(EvalConfig, args)
     device = resolve_device(config.device)
@@ -117,6 +144,7 @@ def run_eval(args) -> int:
         model_config = {
             field: value if value is not None else getattr(defaults, field) for field, value in requested_model.items()
         }
+        check_buildable(model_config, device)
         torch.manual_seed(config.seed)
         encoder = build_encoder(**model_config)
         source = "random init (seed %d)" % config.seed

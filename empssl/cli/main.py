@@ -8,9 +8,11 @@ epochs, stopped after 1 epoch) and evaluation by bag of features over 128 patche
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from .commands import run_eval, run_export, run_info, run_plot, run_train, setup_runtime
 from .parser import build_parser
@@ -34,7 +36,7 @@ def _main(argv: List[str]) -> int:
     if argv[:1] == ["reproduce"]:  # a sweep of train and eval commands, with options of its own
         from ..reproduce.command import main as reproduce_main
 
-        return reproduce_main(argv[1:], run_command=main)
+        return reproduce_main(argv[1:], run_command=main, parse_command=parse_command)
     parser = build_parser()
     args = parser.parse_args(argv)
     from ..backends import BackendUnavailableError
@@ -61,7 +63,16 @@ def _main(argv: List[str]) -> int:
         ValueError,
         TypeError,
     ) as err:
-        print(f"{_prog(args)}: error: {err}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {_first_line(err)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise  # a bug: its traceback is what finds it
+        print(
+            f"{_prog(args)}: error: out of memory ({_first_line(err) or 'MemoryError'}); lower the sizes of the run "
+            f"(--batch-size, --num-patches, --width, --train-size) or use a device with more memory",
+            file=sys.stderr,
+        )
         return 1
     except OSError as err:  # a full disk, a permission, a read-only folder, a path that vanished: one line
         print(f"{_prog(args)}: error: {describe_os_error(err)}", file=sys.stderr)
@@ -72,6 +83,37 @@ def _main(argv: List[str]) -> int:
     except KeyboardInterrupt:
         print(f"{_prog(args)}: interrupted", file=sys.stderr)
         return 130
+
+
+def parse_command(argv: List[str]) -> Dict[str, Any]:
+    """The options of ``empssl ARGV`` as the command parses them, its train or eval settings checked as it checks them
+    (before any work); ValueError with the parser's one-line message otherwise."""
+    from ..config import EvalConfig, TrainConfig, from_args
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            args = build_parser().parse_args(argv)
+    except SystemExit:
+        errors = [line for line in captured.getvalue().splitlines() if ": error: " in line]
+        raise ValueError(errors[-1].split(": error: ", 1)[1] if errors else captured.getvalue().strip()) from None
+    if args.command == "train":
+        from_args(TrainConfig, args).validate()
+    elif args.command == "eval":
+        from_args(EvalConfig, args).validate()
+    return vars(args)
+
+
+def _first_line(err: BaseException) -> str:
+    """An error's message as one line (a C++ error from torch carries its whole stack)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
 
 
 def describe_os_error(err: OSError) -> str:

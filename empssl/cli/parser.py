@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..checks import positive_float, positive_int
+from ..checks import positive_float, thread_count
 from ..config import EvalConfig, TrainConfig, add_options
 
 
@@ -14,7 +14,7 @@ def _add_process_options(parser: argparse.ArgumentParser, groups) -> None:
     from ..distributed import DEFAULT_TIMEOUT_S
 
     groups["runtime"].add_argument(
-        "--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)"
+        "--threads", type=thread_count, default=None, help="CPU threads for torch, at most the cores (default: torch's)"
     )
     groups["runtime"].add_argument(
         "--dist-timeout",

@@ -9,6 +9,7 @@ import urllib.error
 import numpy as np
 import torch
 
+from ..files import check_regular_file
 from .dataset import DataError, ImageDataset
 
 _CIFAR_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
@@ -67,6 +68,7 @@ def load_cifar(kind: str, root: str) -> ImageDataset:
         path = os.path.join(folder, name)
         if not os.path.exists(path):
             raise DataError(f"CIFAR file {path} not found; run with --download to fetch {title} again")
+        check_regular_file(path, "CIFAR file")  # before the MD5 reads it: a FIFO would block
         if not check_integrity(path, md5):
             raise DataError(
                 f"CIFAR file {path} is corrupt (its MD5 is not torchvision's {md5}); delete it and run with --download"

@@ -4,10 +4,13 @@ splits every loader shares (empssl.data and empssl.data.folder make data sets of
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from ..device import check_fits
 
 TEST_FRACTION = 0.1  # of a data set that comes without a test split
 # labels are class indices 0 <= label < max(number of images, MAX_CLASSES): a larger one is a broken file, not a class
@@ -60,6 +63,16 @@ class ImageDataset:
         return int(self.train_images.shape[1]), int(self.train_images.shape[2])
 
     def to(self, device) -> "ImageDataset":
+        """The data set on ``device``; ValueError, before any copy, if it does not fit in the memory left there."""
+        target = torch.device(device)
+        if target != self.train_images.device:
+            tensors = (self.train_images, self.train_labels, self.test_images, self.test_labels)
+            check_fits(
+                sum(t.numel() * t.element_size() for t in tensors),
+                target,
+                f"{self.name} ({len(self.train_labels)} train and {len(self.test_labels)} test images)",
+                "use fewer images (--train-size, --test-size) or a smaller --image-size",
+            )
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return dataclasses.replace(
             self,
@@ -141,6 +154,31 @@ def check_labels(labels: np.ndarray, source: str, array: str, num_images: int) -
             f"{bound:,} (the larger of the number of images and {MAX_CLASSES:,})"
         )
     return values.astype(np.int64)
+
+
+FINGERPRINT_SAMPLE_BYTES = 2**24  # of whole images hashed by ``fingerprint`` (16 MiB: tens of milliseconds)
+_FINGERPRINT_CHUNK = 4096  # images summed at once (bounded memory for the int64 sums)
+
+
+def fingerprint(images: torch.Tensor) -> str:
+    """A cheap identity of a set of uint8 images (N, H, W, 3), on any device: SHA-256 of their shape, of every image's
+    sum of its bytes (as 64-bit words where they divide evenly; one pass over the data), and of the bytes of whole
+    images at evenly spaced indices, first and last included (up to ``FINGERPRINT_SAMPLE_BYTES``). Other images of
+    the same count and size give another one. CIFAR-10's 50,000 training images: about 0.05 s on a 2-core CPU."""
+    count = int(images.shape[0])
+    digest = hashlib.sha256(f"{tuple(images.shape)}|{images.dtype}".encode())
+    per_image = max(1, images[:1].numel())
+    for start in range(0, count, _FINGERPRINT_CHUNK):
+        rows = images[start : start + _FINGERPRINT_CHUNK].contiguous().reshape(-1, per_image)
+        if per_image % 8 == 0:  # the bytes as 64-bit words, summed modulo 2^64: exact on any device, 100x faster
+            sums = rows.view(torch.int64).sum(1)
+        else:
+            sums = rows.sum(1, dtype=torch.int64)
+        digest.update(sums.cpu().numpy().tobytes())
+    samples = max(2, min(count, FINGERPRINT_SAMPLE_BYTES // per_image))
+    index = torch.linspace(0, count - 1, samples, dtype=torch.float64).round().long().unique()
+    digest.update(images.index_select(0, index.to(images.device)).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 def check_batch_size(batch_size: int, num_images: int, what: str = "training set") -> None:

@@ -1,31 +1,54 @@
 """``folder:PATH`` data sets: an ImageFolder tree decoded once (threads, PIL) into uint8 arrays, cached on disk.
 
 PATH/train/<class>/* with PATH/val or PATH/test/<class>/*, or one PATH/<class>/* tree split deterministically.
+
+Bounded work for any file: an image is read only if it is a regular file (a FIFO named ``x.png`` is a bad image,
+never opened for reading), its decode reserves its memory from one budget shared by the decoding threads, and an
+image of an extreme aspect ratio is resized only in the part the centre crop keeps. A class folder that cannot be
+read stops the load (its class is never dropped silently). The cache folder may hold the user's own files: the
+cache removes only the caches it wrote, proven by their names and by the marker in their ``.meta.json``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
+import re
+import threading
 import warnings
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ..files import check_writable_folder, write_atomically
+from ..device import check_fits
+from ..files import check_writable_folder, open_input, remove_stale_temporaries, write_atomically
 from .dataset import DataError, ImageDataset, deterministic_split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
+def _unreadable_folder(err: OSError):
+    raise DataError(
+        f"cannot read the class folder {err.filename} ({err.strerror or err}): its images would be left out; "
+        f"fix its permissions, or move it out of the data set"
+    ) from err
+
+
 def _list_class_tree(folder: str) -> List[Tuple[str, str]]:
-    """(relative path, class name) of every image file under folder/<class>/, sorted."""
+    """(relative path, class name) of every image file under folder/<class>/, sorted. DataError for a folder that
+    cannot be read."""
     entries = []
-    for class_name in sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith(".")):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(folder, class_name)):
+    try:
+        with os.scandir(folder) as listing:
+            class_names = sorted(d.name for d in listing if d.is_dir() and not d.name.startswith("."))
+    except OSError as err:
+        _unreadable_folder(err)
+    for class_name in class_names:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(folder, class_name), onerror=_unreadable_folder):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for filename in sorted(filenames):
                 if filename.lower().endswith(IMAGE_EXTENSIONS):
@@ -93,33 +116,122 @@ def to_rgb8(image):
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
+DECODE_MEMORY = 2**30  # bytes the decoding threads may hold at once (a larger image decodes alone)
+MAX_SOURCE_PIXELS = 89_478_485  # PIL's own bound for a decompression bomb (it only warns below twice this)
+_RESIZED_PIXELS = 4  # times image_size**2: beyond it only the part the centre crop keeps is resized
+
+
+class _MemoryBudget:
+    """Bytes shared by threads: ``reserve(n)`` waits until n fit beside the others' reservations (one that exceeds
+    the whole budget waits until it is alone)."""
+
+    def __init__(self, total: int):
+        self.total, self.used, self.condition = total, 0, threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, amount: int) -> Iterator[None]:
+        with self.condition:
+            self.condition.wait_for(lambda: self.used == 0 or self.used + amount <= self.total)
+            self.used += amount
+        try:
+            yield
+        finally:
+            with self.condition:
+                self.used -= amount
+                self.condition.notify_all()
+
+
+_DECODE_BUDGET = _MemoryBudget(DECODE_MEMORY)
+
+
+def _decoded_bytes(image) -> int:
+    """What decoding and converting ``image`` holds at its peak: the source, RGB, and for high-depth modes
+    ``to_rgb8``'s float64 copy."""
+    per_pixel = 16 if image.mode in ("I", "F") or image.mode.startswith("I;16") else 8
+    return image.size[0] * image.size[1] * per_pixel
+
+
 def decode_image(file: str, image_size: int) -> np.ndarray:
-    """One image file -> (S, S, 3) uint8: RGB, shorter side resized to S, centre crop."""
+    """One image file -> (S, S, 3) uint8: RGB, shorter side resized to S, centre crop. Only a regular file is opened;
+    one of more than ``MAX_SOURCE_PIXELS`` is refused from its header; its decode waits for room in the threads'
+    shared memory budget; an image so elongated that its resized copy would exceed ``_RESIZED_PIXELS`` times S*S has
+    only the centre region resized (PIL's resize of a box: the same samples, up to rounding by 1 in 255)."""
     from PIL import Image
 
-    with Image.open(file) as image:
-        image = to_rgb8(image)
-        width, height = image.size
-        scale = image_size / min(width, height)
-        new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
-        if (new_w, new_h) != (width, height):
-            image = image.resize((new_w, new_h), Image.BILINEAR)
-        left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-        image = image.crop((left, top, left + image_size, top + image_size))
+    with open_input(file, "image") as f, Image.open(f) as source:
+        if source.size[0] * source.size[1] > MAX_SOURCE_PIXELS:  # read from the header: nothing decoded yet
+            raise ValueError(
+                f"{source.size[0]}x{source.size[1]} pixels, more than the {MAX_SOURCE_PIXELS:,} an image may have"
+            )
+        with _DECODE_BUDGET.reserve(_decoded_bytes(source)):
+            return _resized(to_rgb8(source), image_size)
+
+
+def _resized(image, image_size: int) -> np.ndarray:
+    """``image`` (RGB), its shorter side resized to ``image_size``, centre-cropped to a square (``decode_image``)."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = image_size / min(width, height)
+    new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
+    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+    if new_w * new_h > _RESIZED_PIXELS * image_size * image_size:
+        # the crop's box in the source's coordinates: PIL maps output pixels into a box exactly as a whole resize
+        step_x, step_y = width / new_w, height / new_h
+        box = (left * step_x, top * step_y, (left + image_size) * step_x, (top + image_size) * step_y)
+        image = image.resize((image_size, image_size), Image.BILINEAR, box=box)
         return np.asarray(image, dtype=np.uint8)
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    image = image.crop((left, top, left + image_size, top + image_size))
+    return np.asarray(image, dtype=np.uint8)
+
+
+CACHE_MARKER = "empssl folder cache"  # in every .meta.json this loader writes: the proof that a cache is its own
+_CACHE_FILE = re.compile(r"(?P<key>[0-9a-f]{20})\.(?:(?:train|test)-(?:images|labels)\.npy|meta\.json)")
+
+
+def _load_npy(file: str) -> np.ndarray:
+    with open_input(file, "cache file") as f:
+        return np.load(f, allow_pickle=False)
+
+
+def _read_meta(file: str) -> dict:
+    with open_input(file, "cache file") as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list):
+        raise ValueError(f"{file} is not a cache's metadata")
+    return meta
 
 
 def _readable(file: str) -> bool:
     """Whether a cache file loads whole (the one a failed load names)."""
     try:
-        if file.endswith(".npy"):
-            np.load(file, allow_pickle=False)
-        else:
-            with open(file) as f:
-                json.load(f)["classes"]
+        _load_npy(file) if file.endswith(".npy") else _read_meta(file)
         return True
     except (OSError, ValueError, KeyError, EOFError):
         return False
+
+
+def _remove_stale_caches(cache_dir: str, key: str, source: str) -> None:
+    """Caches of earlier states of the tree at ``source``: only files named as this loader names them, of a cache
+    whose .meta.json carries ``CACHE_MARKER`` and this tree's path (a cache folder may hold the user's own .npy
+    files, or another tree's cache)."""
+    names = os.listdir(cache_dir)
+    for name in names:
+        match = _CACHE_FILE.fullmatch(name)
+        if match is None or match["key"] == key or not name.endswith(".meta.json"):
+            continue
+        try:
+            meta = _read_meta(os.path.join(cache_dir, name))
+        except (OSError, ValueError):
+            continue
+        if meta.get("format") != CACHE_MARKER or meta.get("source") != source:
+            continue
+        own = [other for other in names if (m := _CACHE_FILE.fullmatch(other)) and m["key"] == match["key"]]
+        for other in sorted(own, key=lambda n: n.endswith(".meta.json")):  # the marker last
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(cache_dir, other))
 
 
 def _check_cache(arrays, image_size: int, num_classes: int) -> None:
@@ -182,8 +294,9 @@ def load_image_folder(
     """An ImageFolder tree decoded once (in parallel) into uint8 arrays, cached as .npy and reused.
 
     The cache key is a fingerprint of every file's relative path, size and mtime, so the cache is
-    rebuilt when the tree changes. Cache files are written atomically (temp file + os.replace);
-    the metadata file is written last and marks a complete cache.
+    rebuilt when the tree changes (and the caches of its earlier states removed: ``_remove_stale_caches``). Cache
+    files are written atomically (temp file + os.replace); the metadata file is written last and marks a complete
+    cache.
     """
     splits, classes = _find_splits(path, seed)
     cache_dir = cache_dir or os.path.join(path, ".empssl_cache")
@@ -198,9 +311,8 @@ def load_image_folder(
         check_writable_folder(cache_dir, "--cache-dir")
     if cached:
         try:
-            arrays = {name: np.load(file, allow_pickle=False) for name, file in files.items()}
-            with open(meta_path) as f:
-                cached_classes = json.load(f)["classes"]
+            arrays = {name: _load_npy(file) for name, file in files.items()}
+            cached_classes = _read_meta(meta_path)["classes"]
             _check_cache(arrays, image_size, len(cached_classes))
             classes = cached_classes
         except (OSError, ValueError, KeyError, EOFError) as err:  # truncated, unreadable or foreign: decode again
@@ -212,6 +324,13 @@ def load_image_folder(
             cached = False
             check_writable_folder(cache_dir, "--cache-dir")
     if not cached:
+        count = len(splits["train"]) + len(splits["test"])
+        check_fits(  # the decoded arrays, and np.stack's copy of a split
+            2 * count * image_size * image_size * 3,
+            torch.device("cpu"),
+            f"decoding {count} images of {path} at {image_size}x{image_size}",
+            "pass a smaller --image-size",
+        )
         arrays, skipped = {}, []
         for split in ("train", "test"):
             images, labels, bad = _decode_split(
@@ -220,12 +339,17 @@ def load_image_folder(
             arrays[f"{split}-images"], arrays[f"{split}-labels"] = images, labels
             skipped += bad
         os.makedirs(cache_dir, exist_ok=True)
-        for stale in os.listdir(cache_dir):  # caches of an earlier state of this tree
-            if not stale.startswith(key) and (stale.endswith(".npy") or stale.endswith(".meta.json")):
-                os.remove(os.path.join(cache_dir, stale))
+        _remove_stale_caches(cache_dir, key, os.path.abspath(path))
+        remove_stale_temporaries(cache_dir)  # of a killed cache write (only this package's, whose writer is gone)
         for name, file in files.items():
             write_atomically(file, lambda f, array=arrays[name]: np.save(f, array))
-        meta = {"classes": classes, "image_size": image_size, "skipped": skipped, "source": os.path.abspath(path)}
+        meta = {
+            "format": CACHE_MARKER,
+            "classes": classes,
+            "image_size": image_size,
+            "skipped": skipped,
+            "source": os.path.abspath(path),
+        }
         write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()))
     tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
     return ImageDataset(

@@ -3,23 +3,38 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
+from ..files import NotARegularFile, open_input
 from .dataset import DataError, ImageDataset, check_labels, deterministic_split
+
+
+def _is_pickle(path: str) -> bool:
+    """Whether the file starts as a pickle of protocol 2 or later does (the PROTO opcode)."""
+    with open_input(path, "npz file") as f:
+        return f.read(1) == b"\x80"
 
 
 def load_npz(path: str, seed: int = 0) -> ImageDataset:
     """Arrays ``images`` / ``labels`` (and optional ``test_images`` / ``test_labels``) from one .npz file."""
-    if not os.path.exists(path):
-        raise DataError(f"npz file {path} not found")
     try:
-        with np.load(path, allow_pickle=False) as arrays:
+        with open_input(path, "npz file") as f, np.load(f, allow_pickle=False) as arrays:
             content = {key: arrays[key] for key in arrays.files}
+    except FileNotFoundError:
+        raise DataError(f"npz file {path} not found") from None
+    except NotARegularFile as err:
+        raise DataError(str(err)) from None
+    except ValueError as err:
+        if "Object arrays" not in str(err) and not _is_pickle(path):
+            raise DataError(f"npz file {path} is corrupt or not an .npz archive (ValueError: {err})") from None
+        raise DataError(
+            f"npz file {path} is unsafe: it holds Python objects (pickled), which only an unpickling load would "
+            f"read and which can run any code; empssl never loads them: save plain numeric arrays (images uint8, "
+            f"labels integers)"
+        ) from None
     except Exception as err:
-        raise DataError(f"npz file {path} is corrupt or not an .npz archive ({type(err).__name__}: {err})") from err
+        raise DataError(f"npz file {path} is corrupt or not an .npz archive ({type(err).__name__}: {err})") from None
     for key in ("images", "labels"):
         if key not in content:
             raise DataError(f"npz file {path} has no array {key!r} (found: {sorted(content)})")

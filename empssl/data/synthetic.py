@@ -8,7 +8,10 @@ from typing import Tuple
 
 import torch
 
+from ..device import check_fits
 from .dataset import ImageDataset
+
+GENERATION_BYTES_PER_PIXEL = 64  # the float32 masks, colours and noise of a split while it is drawn
 
 SYNTHETIC_CLASSES = (
     "disc",
@@ -90,6 +93,13 @@ def make_synthetic(train_size: int = 10000, test_size: int = 2000, image_size: i
     for name, value in (("train_size", train_size), ("test_size", test_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    pixels = image_size * image_size
+    check_fits(
+        max(train_size, test_size) * pixels * GENERATION_BYTES_PER_PIXEL + (train_size + test_size) * pixels * 3,
+        torch.device("cpu"),
+        f"the synthetic data set ({train_size} train and {test_size} test images of {image_size}x{image_size})",
+        "lower --train-size, --test-size or --image-size",
+    )
     generator = torch.Generator().manual_seed(seed)
     train_images, train_labels = _synthetic_split(train_size, image_size, generator)
     test_images, test_labels = _synthetic_split(test_size, image_size, generator)

@@ -37,6 +37,33 @@ MAX_PATCHES_PER_FORWARD = {"cuda": 8192, "cpu": 1024}
 SPLIT_KEYS = {"train": 0, "test": 1}
 
 
+def forward_bytes_per_patch(encoder: torch.nn.Module, image_size: int) -> Optional[int]:
+    """An upper bound of the bytes a no-grad forward of ``encoder`` holds per patch of ``image_size``: twice the
+    largest input plus output of one layer per patch (a residual keeps its input alive), in float32, plus the patch.
+    Measured by one forward on the meta device (no memory, no compute); None if the encoder does not run there."""
+    from torch.func import functional_call
+
+    named = [*encoder.named_parameters(), *encoder.named_buffers()]
+    on_meta = {name: torch.empty_like(tensor, device="meta") for name, tensor in named}
+    peak = 0
+
+    def record(module, inputs, output):
+        nonlocal peak
+        peak = max(peak, sum(t.numel() for t in (*inputs, output) if isinstance(t, torch.Tensor)))
+
+    leaves = [module for module in encoder.modules() if not list(module.children())]
+    handles = [module.register_forward_hook(record) for module in leaves]
+    try:
+        with torch.no_grad():
+            functional_call(encoder, on_meta, (torch.empty(2, 3, image_size, image_size, device="meta"),))
+    except Exception:  # an encoder with host-side logic the meta device cannot run: no estimate
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 4 * peak + 4 * 3 * image_size * image_size  # the forward ran 2 patches: twice its peak per patch is 4x
+
+
 @torch.no_grad()
 def extract_features(
     encoder: torch.nn.Module,

@@ -5,6 +5,7 @@ features of both splits (``empssl.evaluation.features``), then the linear probe 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -12,9 +13,10 @@ import torch
 from ..augment.config import AugmentConfig, augment_config_for
 from ..augment.multipatch import MultiPatchAugment
 from ..config import EvalConfig
-from ..data.dataset import ImageDataset
-from .features import SPLIT_KEYS, extract_features
-from .probe import LabelledFeatures, knn_classify, linear_probe
+from ..data.dataset import DataError, ImageDataset
+from ..device import check_fits
+from .features import MAX_PATCHES_PER_FORWARD, SPLIT_KEYS, extract_features, forward_bytes_per_patch
+from .probe import LabelledFeatures, knn_classify, linear_probe, probe_memory
 
 
 def evaluate(
@@ -33,8 +35,11 @@ def evaluate(
     """
     start = time.perf_counter()
     config = config or EvalConfig()
+    config.validate()
     device = next(encoder.parameters()).device
     data = data.to(device)
+    check_test_classes(data)
+    check_evaluation_fits(encoder, data, config, device)
     recipe = augment_config or augment_config_for(data.image_size[0])
     use_amp = config.bf16 and device.type == "cuda"
     augment = MultiPatchAugment(
@@ -93,3 +98,68 @@ def evaluate(
         "knn_seconds": knn_seconds,
         "total_seconds": time.perf_counter() - start,
     }
+
+
+def check_test_classes(data: ImageDataset) -> None:
+    """A warning when test images are of classes the training split lacks (the probe and the kNN cannot predict
+    them: each counts as an error); DataError when no test image is of a training class (every prediction would be
+    wrong, the accuracy 0 by construction)."""
+    train_classes = set(data.train_labels.unique().tolist())
+    test_labels = data.test_labels.unique().tolist()
+    unknown = [label for label in test_labels if label not in train_classes]
+    if not unknown:
+        return
+
+    def named(labels):
+        names = [data.classes[label] if label < len(data.classes) else str(label) for label in labels[:5]]
+        return ", ".join(names) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+
+    if len(unknown) == len(test_labels):
+        raise DataError(
+            f"{data.name}: no test image is of a class of the training split (the test split's classes "
+            f"{named(unknown)} are not among the training split's {named(sorted(train_classes))}): every prediction "
+            f"would be wrong; evaluate on a test split of the training split's classes"
+        )
+    missing = int(torch.isin(data.test_labels, torch.tensor(unknown, device=data.test_labels.device)).sum())
+    warnings.warn(
+        f"{data.name}: {missing} of the {len(data.test_labels)} test images are of classes the training split lacks "
+        f"({named(unknown)}): no classifier trained on it can predict them, so they count as errors (the accuracy is "
+        f"at most {1 - missing / len(data.test_labels):.3f})"
+    )
+
+
+def check_evaluation_fits(encoder: torch.nn.Module, data: ImageDataset, config: EvalConfig, device) -> None:
+    """ValueError, before any work, if the features' forward, the linear probe or the kNN cannot fit in the memory
+    left on ``device`` (an absurd --num-patches, or labels that make millions of classes)."""
+    num_train, num_test = int(data.train_labels.shape[0]), int(data.test_labels.shape[0])
+    dim = getattr(encoder, "hidden_dim", None)
+    if isinstance(dim, int):
+        used = int(data.train_labels.unique().numel())
+        advice = (
+            f"labels are class indices, so {data.num_classes} classes exist for {used} used: number the classes 0 to "
+            f"{used - 1}"
+            if data.num_classes > 2 * used
+            else "lower --linear-epochs, or evaluate fewer images (--train-size, --test-size)"
+        )
+        need = probe_memory(
+            num_train, num_test, dim, data.num_classes, config.linear_epochs, config.linear_batch_size
+        ) + 4 * dim * (num_train + num_test)
+        check_fits(
+            need,
+            device,
+            f"the linear probe and kNN over {data.num_classes} classes of {dim}-d features of {num_train} + "
+            f"{num_test} images",
+            advice,
+        )
+    # a forward holds one image's patches at least (more fill the tuned chunk of MAX_PATCHES_PER_FORWARD)
+    per_patch = None
+    if config.num_patches > MAX_PATCHES_PER_FORWARD.get(device.type, 8192):
+        per_patch = forward_bytes_per_patch(encoder, data.image_size[0])
+    if per_patch is not None:
+        patches = config.num_patches
+        check_fits(
+            patches * per_patch,
+            device,
+            f"the features' forward of {config.num_patches} patches per image",
+            "lower --num-patches",
+        )

@@ -3,7 +3,7 @@ a torchvision or a timm model), then the projector built on the backbone's featu
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.fx
@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..checks import check_positive_int
+from ..device import check_fits
 from .backbones import build_backbone, parse_backbone_args
 
 
@@ -85,6 +86,25 @@ def build_encoder(
     )
 
 
+def check_buildable(model_config: Dict[str, Any], device: torch.device) -> None:
+    """ValueError, before anything is allocated, unless an encoder of ``model_config`` can be built and its weights
+    fit in the memory left on ``device`` (built first on the meta device: an absurd --width is one line)."""
+    try:
+        with torch.device("meta"):
+            skeleton = build_encoder(**model_config)
+    except (RuntimeError, OverflowError, TypeError) as err:  # sizes no tensor can have
+        raise ValueError(
+            f"an encoder of {ckpt.describe_model(model_config)} cannot be built: its tensors are too large "
+            f"({str(err).splitlines()[0]})"
+        ) from None
+    check_fits(
+        sum(tensor.numel() * tensor.element_size() for tensor in skeleton.state_dict().values()),
+        device,
+        f"an encoder of {ckpt.describe_model(model_config)}",
+        "lower --width, --hidden-dim or --z-dim",
+    )
+
+
 def _check_images(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -99,10 +119,16 @@ def load_encoder(path: str, device: Optional[torch.device] = None):
     """(encoder, checkpoint dict): the encoder built from the checkpoint's architecture, its weights loaded."""
     payload = ckpt.load_checkpoint(path)
     model_config = payload["model_config"]
-    try:
-        encoder = build_encoder(**ckpt.model_config_of(model_config))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ckpt.CheckpointError(f"checkpoint {path} has an unusable model_config {model_config!r}: {err}") from err
+    try:  # first on the meta device (no memory): its tensors' shapes must be the checkpoint's before any is allocated
+        fields = ckpt.model_config_of(model_config)
+        with torch.device("meta"):
+            skeleton = build_encoder(**fields)
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} has an unusable model_config {model_config!r}: {str(err).splitlines()[0]}"
+        ) from None
+    ckpt.check_state_shapes(path, "model", skeleton.state_dict(), payload["model"])
+    encoder = build_encoder(**fields)
     ckpt.check_finite(path, payload["model"])
     ckpt.load_model_state(encoder, payload["model"], path)
     if device is not None:

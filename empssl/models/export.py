@@ -13,7 +13,8 @@ and ``--stem cifar`` the same two stem lines. ``with_head`` adds the ``pre_featu
 BatchNorm1d, ReLU) whose output is the hidden_dim-d feature that evaluation uses.
 
 Files are a plain state_dict (``torch.save``, loads with ``torch.load(weights_only=True)``) or
-safetensors, written atomically; an existing file is kept unless ``overwrite``.
+safetensors, written atomically (the temporary a killed export left is removed by the next export to the same
+file); an existing file is kept unless ``overwrite``, and the checkpoint exported is never replaced.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..files import write_atomically
+from ..files import remove_stale_temporaries, same_file, write_atomically
 from .backbones import parse_arch
 from .encoder import EMPSSLEncoder, load_encoder
 
@@ -89,6 +90,7 @@ def save_state_dict(
     """
     format = format_for(path, format)
     _check_out(path, overwrite)
+    remove_stale_temporaries(os.path.dirname(os.path.abspath(path)), target=path)  # of a killed export to ``path``
     if format == "safetensors":
         try:
             from safetensors.torch import save as safetensors_bytes
@@ -145,6 +147,8 @@ def export_checkpoint_and_code(
 ) -> Tuple[Dict[str, torch.Tensor], str]:
     """``export_checkpoint``'s state and the ``loading_code`` of the file written."""
     format = format_for(out, format)
+    if same_file(out, checkpoint):  # --overwrite or not: an output never replaces the command's input
+        raise ExportError(f"--out {out} is the checkpoint it exports (--checkpoint {checkpoint}); pass another --out")
     _check_out(out, overwrite)  # before the (slow) checkpoint read
     encoder, payload = load_encoder(checkpoint)
     state = export_state_dict(encoder, with_head)

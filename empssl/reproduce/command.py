@@ -7,10 +7,10 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from ..checks import positive_int
-from ..files import check_writable_folder
+from ..files import check_output_folder
 from ..training.run_folder import RunLock
 from .sweep import EXPERIMENTS, Sweep, SweepError, SweepStopped, Task, check_memory
 
@@ -22,9 +22,14 @@ def _eta(sweep: Sweep, remaining: List[Task], rates: Dict[str, float]) -> str:
     return f"about {seconds / 60:.0f} min left" if seconds >= 90 else f"about {seconds:.0f} s left"
 
 
-def run_sweep(args: argparse.Namespace, run_command: Callable[[List[str]], int]) -> int:
-    sweep = Sweep(args, run_command)
-    check_writable_folder(sweep.out_dir, "--out-dir")
+def run_sweep(
+    args: argparse.Namespace,
+    run_command: Callable[[List[str]], int],
+    parse_command: Optional[Callable[[List[str]], Dict[str, Any]]] = None,
+) -> int:
+    sweep = Sweep(args, run_command, parse_command)
+    check_output_folder(sweep.out_dir, "--out-dir")
+    sweep.check_commands()  # every cell's command, before anything is written
     with RunLock(sweep.out_dir):  # one sweep per folder, as one run per run folder
         sweep.check_folder()
         check_memory(sweep)  # before the folder is claimed: a refused sweep leaves nothing behind
@@ -124,9 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: List[str], run_command: Callable[[List[str]], int]) -> int:
-    """``empssl reproduce ARGV``; ``run_command`` runs one ``empssl`` command line in this process (empssl.cli.main,
-    handed in by it: this module does not import the command line that dispatches to it)."""
+def main(
+    argv: List[str],
+    run_command: Callable[[List[str]], int],
+    parse_command: Optional[Callable[[List[str]], Dict[str, Any]]] = None,
+) -> int:
+    """``empssl reproduce ARGV``; ``run_command`` runs one ``empssl`` command line in this process, ``parse_command``
+    parses and checks one (ValueError with the parser's message), returning its options (both empssl.cli's, handed
+    in by it: this module does not import the command line that dispatches to it)."""
     args = build_parser().parse_args(argv)
     args.dataset = args.dataset or ["cifar10", "cifar100"]
     if args.experiment == "transfer" and len(set(args.dataset)) < 2:
@@ -136,7 +146,7 @@ def main(argv: List[str], run_command: Callable[[List[str]], int]) -> int:
     args.patches = args.patches or ([20, 50, 100, 200] if args.experiment == "patches" else [20])
     args.out_dir = args.out_dir or os.path.join("runs", f"reproduce-{args.experiment}")
     try:
-        return run_sweep(args, run_command)
+        return run_sweep(args, run_command, parse_command)
     except SweepStopped as err:
         print(f"empssl reproduce: {err}", file=sys.stderr)
         return err.code

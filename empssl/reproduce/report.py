@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from typing import Any, Dict, List, Optional
 
 from . import published
@@ -16,7 +17,9 @@ REPORT_MD, REPORT_JSON, EPOCHS_PNG, PATCHES_PNG = "report.md", "report.json", "a
 
 
 def _read(path: str) -> Dict[str, Any]:
-    with open(path) as f:
+    from ..files import open_input
+
+    with open_input(path, "the sweep's file") as f:
         return json.load(f)
 
 
@@ -178,8 +181,12 @@ def write_report(sweep) -> str:
         text += "\n(no plot: matplotlib is not installed)\n"
     if plot is not None:
         name, figure = plot
-        write_atomically(os.path.join(sweep.out_dir, name), lambda f: figure.savefig(f, format="png", dpi=100))
-        text += f"\n![{sweep.args.experiment}]({name})\n"
+        try:
+            write_atomically(os.path.join(sweep.out_dir, name), lambda f: figure.savefig(f, format="png", dpi=100))
+            text += f"\n![{sweep.args.experiment}]({name})\n"
+        except Exception as err:  # an optional output: the report's table still lands
+            warnings.warn(f"{os.path.join(sweep.out_dir, name)} was not written ({type(err).__name__}: {err})")
+            text += f"\n(no plot: {name} could not be written)\n"
     write_atomically(os.path.join(sweep.out_dir, REPORT_MD), lambda f: f.write(text.encode()))
     write_atomically(
         os.path.join(sweep.out_dir, REPORT_JSON),

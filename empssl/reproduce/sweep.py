@@ -8,8 +8,11 @@ commands in its commands.txt. The sweep's own files: sweep.json (the experiment 
 decides a cell's result: a restart with other values is refused, so no two settings mix in one folder),
 sweep.log (one JSON line per task started and finished), report.md, report.json and the plots.
 
-Started again with the same command, a sweep skips finished tasks (train.json / eval.json mark them)
-and resumes an unfinished training from its last checkpoint.
+Every cell's command is parsed and checked by the real ``empssl train`` / ``empssl eval`` parsers before any cell
+runs, and ``--train-args`` / ``--eval-args`` may not change the options that define a cell (its data set, patches,
+epochs, folders). Started again with the same command, a sweep skips finished tasks (train.json / eval.json mark
+them) and resumes an unfinished training from its last checkpoint. ``--train-args`` or ``--eval-args`` corrected
+after a failure continue the sweep as long as no cell of their kind has started with the old ones.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+from ..files import append_text, open_input, remove_stale_temporaries, write_atomically
 from ..training.run_folder import CHECKPOINT_NAME, LOCK_NAME, METRICS_NAME
 from .published import Recipe
 
@@ -36,6 +40,23 @@ EXPERIMENTS = {
     "transfer": "trained on each data set, linearly evaluated on each (CIFAR-10 <-> CIFAR-100)",
 }
 SWEEP_FILE, LOG_FILE, TRAIN_DONE, EVAL_DONE = "sweep.json", "sweep.log", "train.json", "eval.json"
+# the parsed options that define a cell: --train-args / --eval-args may not change them
+CELL_OPTIONS = {
+    "train": (
+        "dataset",
+        "root",
+        "device",
+        "num_patches",
+        "epochs",
+        "schedule_epochs",
+        "out_dir",
+        "resume",
+        "overwrite",
+    ),
+    "eval": ("checkpoint", "random_init", "dataset", "root", "device", "json"),
+}
+# options of the sweep's identity that may change while no cell of their kind has started
+CORRECTABLE = {"train_args": "train", "eval_args": "eval"}
 
 
 class SweepError(ValueError):
@@ -105,23 +126,27 @@ def plan(experiment: str, datasets: List[str], epochs: int, patches: List[int]) 
 
 def _read_json(path: str) -> Optional[Dict[str, Any]]:
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open_input(path, "the sweep's file") as f:
+            value = json.load(f)
     except (OSError, ValueError):
-        return None  # absent, or cut by a kill: the task is not done
+        return None  # absent, cut by a kill, or not a regular file: the task is not done
+    return value if isinstance(value, dict) else None
 
 
 def _write_json(path: str, value: Any) -> None:
-    from ..files import write_atomically
-
     write_atomically(path, lambda f: f.write((json.dumps(value, indent=1, sort_keys=True) + "\n").encode()))
 
 
 class Sweep:
     """The tasks of one experiment in one folder: what is done, running the rest, and the log."""
 
-    def __init__(self, args: argparse.Namespace, run_command: Callable[[List[str]], int]):
-        self.args, self.run_command = args, run_command
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        run_command: Callable[[List[str]], int],
+        parse_command: Optional[Callable[[List[str]], Dict[str, Any]]] = None,
+    ):
+        self.args, self.run_command, self.parse_command = args, run_command, parse_command
         self.out_dir = os.path.abspath(args.out_dir)
         self.tasks = plan(args.experiment, args.dataset, args.epochs, args.patches)
         self.train_args, self.eval_args = shlex.split(args.train_args), shlex.split(args.eval_args)
@@ -152,25 +177,66 @@ class Sweep:
             )
         mine = self.identity()
         if stored is not None:
-            changed = [
-                f"{key}: {stored.get(key)!r} -> {value!r}" for key, value in mine.items() if stored.get(key) != value
-            ]
-            if changed:
+            changed = {key for key, value in mine.items() if stored.get(key) != value}
+            fixed = [key for key in changed if key not in CORRECTABLE or self.started(CORRECTABLE[key])]
+            if fixed:
+                shown = "; ".join(f"{key}: {stored.get(key)!r} -> {mine[key]!r}" for key in sorted(fixed))
                 raise SweepError(
-                    f"--out-dir {self.out_dir} holds another sweep ({'; '.join(changed)}); its cells would "
+                    f"--out-dir {self.out_dir} holds another sweep ({shown}); its cells would "
                     f"mix with this one's. Rerun its own command to continue it, or pass another --out-dir"
+                )
+            for key in sorted(changed):
+                print(
+                    f"empssl reproduce: note: continuing the sweep in {self.out_dir} with the corrected "
+                    f"--{key.replace('_', '-')} (no {CORRECTABLE[key]} cell ran with the old ones)",
+                    file=sys.stderr,
                 )
         elif os.path.isdir(self.out_dir) and set(os.listdir(self.out_dir)) - {LOCK_NAME}:
             raise SweepError(f"--out-dir {self.out_dir} is not empty and holds no sweep; pass an empty or new folder")
 
+    def started(self, kind: str) -> bool:
+        """Whether a cell of ``kind`` (train: trainings and their snapshots; eval) has started or finished."""
+        marks = {"train": (CHECKPOINT_NAME, METRICS_NAME, TRAIN_DONE), "eval": (EVAL_DONE, "eval.txt")}[kind]
+        kinds = ("train", "snapshot") if kind == "train" else ("eval",)
+        return any(
+            os.path.exists(os.path.join(self.cell_dir(task.cell), mark))
+            for task in self.tasks
+            if task.kind in kinds
+            for mark in marks
+        )
+
+    def check_commands(self) -> None:
+        """SweepError, before any cell runs, unless every cell's command parses with the real parsers (its values
+        checked as the command checks them) and --train-args / --eval-args leave the options of the cell as given."""
+        if self.parse_command is None:
+            return
+        for task in self.tasks:
+            if task.kind == "snapshot":
+                continue
+            extra = self.train_args if task.kind == "train" else self.eval_args
+            option = f"--{task.kind}-args {shlex.join(extra)!r}"
+            command = self.train_command if task.kind == "train" else self.eval_command
+            try:
+                parsed = self.parse_command(command(task))
+            except ValueError as err:
+                raise SweepError(f"{option}: {err}") from None
+            base = self.parse_command(command(task, extra=False))
+            overridden = ["--" + n.replace("_", "-") for n in CELL_OPTIONS[task.kind] if parsed.get(n) != base.get(n)]
+            if overridden:
+                raise SweepError(
+                    f"{option} changes {', '.join(overridden)}, which the sweep sets for each cell; leave "
+                    f"{'it' if len(overridden) == 1 else 'them'} out (the sweep's own options choose them)"
+                )
+
     def record(self) -> None:
-        """sweep.json: from now on the folder is this sweep's."""
+        """sweep.json: from now on the folder is this sweep's (a killed write's temporaries removed)."""
         os.makedirs(self.out_dir, exist_ok=True)
+        remove_stale_temporaries(self.out_dir)
         _write_json(os.path.join(self.out_dir, SWEEP_FILE), self.identity())
 
     def log(self, event: str, task: Task, **extra) -> None:
-        with open(os.path.join(self.out_dir, LOG_FILE), "a") as f:
-            f.write(json.dumps({"event": event, "task": task.name, "time": time.time(), **extra}) + "\n")
+        line = json.dumps({"event": event, "task": task.name, "time": time.time(), **extra}) + "\n"
+        append_text(os.path.join(self.out_dir, LOG_FILE), line, "the sweep's log")
 
     # -- what is done --------------------------------------------------------------------------------------
     def cell_dir(self, cell: str) -> str:
@@ -186,7 +252,8 @@ class Sweep:
         return _read_json(os.path.join(folder, EVAL_DONE)) is not None
 
     # -- running ---------------------------------------------------------------------------------------------
-    def train_command(self, task: Task) -> List[str]:
+    def train_command(self, task: Task, extra: bool = True) -> List[str]:
+        """The cell's ``empssl train`` command (``extra``: with --train-args)."""
         folder = self.cell_dir(task.cell)
         command = [
             "train",
@@ -204,7 +271,7 @@ class Sweep:
             str(task.recipe.schedule_epochs),
             "--out-dir",
             folder,
-            *self.train_args,
+            *(self.train_args if extra else []),
         ]
         if self.args.no_progress:
             command.append("--no-progress")
@@ -215,7 +282,8 @@ class Sweep:
             command.append("--overwrite")  # killed before its first checkpoint: nothing to continue
         return command
 
-    def eval_command(self, task: Task) -> List[str]:
+    def eval_command(self, task: Task, extra: bool = True) -> List[str]:
+        """The cell's ``empssl eval`` command (``extra``: with --eval-args)."""
         checkpoint = os.path.join(self.cell_dir(task.source), CHECKPOINT_NAME)
         command = [
             "eval",
@@ -228,7 +296,7 @@ class Sweep:
             "--device",
             self.args.device,
             "--json",
-            *self.eval_args,
+            *(self.eval_args if extra else []),
         ]
         if self.args.no_progress:
             command.append("--no-progress")
@@ -237,22 +305,20 @@ class Sweep:
     def run(self, task: Task) -> None:
         folder = self.cell_dir(task.cell)
         os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)  # of a killed write of this cell's files
         start = time.perf_counter()
         if task.kind == "snapshot":
-            from ..files import write_atomically
-
             source = os.path.join(self.cell_dir(task.source), CHECKPOINT_NAME)
             # the run's time so far goes with its checkpoint: the report's time for this epoch
             _write_json(
                 os.path.join(folder, TRAIN_DONE),
                 {"epochs": task.recipe.epochs, "seconds": _run_seconds(self.cell_dir(task.source))},
             )
-            with open(source, "rb") as src:
+            with open_input(source, "checkpoint") as src:
                 write_atomically(os.path.join(folder, CHECKPOINT_NAME), lambda f: shutil.copyfileobj(src, f))
             return
         command = self.train_command(task) if task.kind == "train" else self.eval_command(task)
-        with open(os.path.join(folder, "commands.txt"), "a") as f:
-            f.write("empssl " + shlex.join(command) + "\n")
+        append_text(os.path.join(folder, "commands.txt"), "empssl " + shlex.join(command) + "\n", "the cell's commands")
         if task.kind == "train":
             code = self.run_command(command)
             self._check_exit(task, code)
@@ -267,8 +333,7 @@ class Sweep:
             print(printed, end="")
             self._check_exit(task, code)
             results = json.loads(printed.strip().splitlines()[-1])
-            with open(os.path.join(folder, "eval.txt"), "w") as f:
-                f.write(printed)
+            write_atomically(os.path.join(folder, "eval.txt"), lambda f: f.write(printed.encode()))
             _write_json(
                 os.path.join(folder, EVAL_DONE),
                 {

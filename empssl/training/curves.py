@@ -7,6 +7,7 @@ a display nor changes the caller's pyplot backend; the PNG is written atomically
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Any, Dict, List, Optional
@@ -26,7 +27,11 @@ def curves_figure(records: List[Dict[str, Any]]):
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 2, sharex=True).ravel()
     for ax, (key, title) in zip(axes, CURVE_PANELS):
-        points = [(record["step"], record[key]) for record in records if isinstance(record.get(key), (int, float))]
+        points = [
+            (record["step"], record[key])
+            for record in records
+            if isinstance(record.get(key), (int, float)) and math.isfinite(record[key])
+        ]
         ax.plot([step for step, _ in points], [value for _, value in points], marker="." if len(points) < 50 else None)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)

@@ -30,9 +30,9 @@ from .. import checkpoint as ckpt
 from .. import distributed
 from ..augment.config import smallest_image_size
 from ..config import TrainConfig
-from ..data.dataset import ImageDataset, check_batch_size, check_image_size
+from ..data.dataset import ImageDataset, check_batch_size, check_image_size, fingerprint
 from ..data.load import load_dataset
-from ..device import cudnn_benchmark, float32_precision, resolve_device
+from ..device import check_fits, cudnn_benchmark, float32_precision, resolve_device
 from .memory import check_step_fits
 from .run_folder import RunFolder, check_resume_data
 from .signals import StopRequest, TrainingInterrupted
@@ -89,15 +89,16 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
                 held.callback(folder.close)
         # rank 0's checkpoint for every rank (the other nodes need no copy of the file)
         resumed, same_run = distributed.broadcast_object((folder.resumed, folder.same_run) if folder else None)
-        data, images = _training_images(config, data, resumed, device)
+        data, images, data_fingerprint = _training_images(config, data, resumed, device)
         state = build_train_state(config, device, images.shape[0], int(images.shape[1]))
-        return _TrainingLoop(config, state, data, images, folder, resumed, same_run).run()
+        return _TrainingLoop(config, state, data, images, data_fingerprint, folder, resumed, same_run).run()
 
 
 def _training_images(
     config: TrainConfig, data: Optional[ImageDataset], resumed: Optional[Dict[str, Any]], device: torch.device
-) -> Tuple[ImageDataset, torch.Tensor]:
-    """The data set and its training images on ``device`` (uint8, square), checked on every rank."""
+) -> Tuple[ImageDataset, torch.Tensor, str]:
+    """The data set, its training images on ``device`` (uint8, square) and their fingerprint, checked on every rank
+    (a resume: against the checkpoint's)."""
     with distributed.same_outcome_on_every_rank():
         if data is None:
             data = load_dataset(
@@ -112,9 +113,17 @@ def _training_images(
                 show_progress=config.progress and distributed.rank() == 0,
             )
         check_image_size(data, smallest_image_size())
-        if resumed is not None:
-            check_resume_data(config.resume, resumed, config, data)
+        if data.train_images.device != device:
+            check_fits(
+                data.train_images.numel(),
+                device,
+                f"the {data.train_images.shape[0]} training images of {data.name}",
+                "use fewer images (--train-size) or a smaller --image-size",
+            )
         images = data.train_images.to(device)
+        data_fingerprint = fingerprint(images)
+        if resumed is not None:
+            check_resume_data(config.resume, resumed, config, data, data_fingerprint)
         check_batch_size(config.batch_size, images.shape[0])
         height, width = images.shape[1:3]
         if height != width:
@@ -126,7 +135,7 @@ def _training_images(
             f"the ranks loaded different training sets (images of shape {shapes} by rank); give every "
             f"node the same data set"
         )
-    return data, images
+    return data, images, data_fingerprint
 
 
 class _TrainingLoop:
@@ -143,11 +152,13 @@ class _TrainingLoop:
         state: TrainState,
         data: ImageDataset,
         images: torch.Tensor,
+        data_fingerprint: str,
         folder: Optional[RunFolder],
         resumed: Optional[Dict[str, Any]],
         same_run: bool,
     ):
         self.config, self.state, self.data, self.images, self.folder = config, state, data, images, folder
+        self.data_fingerprint = data_fingerprint
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.num_train, self.image_size = images.shape[0], int(images.shape[1])
         self.steps_per_epoch = self.num_train // config.batch_size
@@ -159,7 +170,7 @@ class _TrainingLoop:
         self.step, self.elapsed_before = 0, 0.0  # the run's step and its seconds before this call
         self.run_id = uuid.uuid4().hex[:12]  # tags this run's metrics lines: a resume keeps only its own
         if resumed is not None:
-            state.load_state_dict(resumed, config.resume)
+            state.load_state_dict(resumed, config.resume, self.num_train)
             self.step = int(resumed["step"])
             self.run_id = resumed.get("run_id")
             self.elapsed_before = float(resumed.get("elapsed_s", 0.0))
@@ -333,7 +344,12 @@ class _TrainingLoop:
                 "config": dataclasses.asdict(self.config),
                 "model_config": self.config.model_config(),
                 "epoch": self.step // self.steps_per_epoch,
-                "dataset": {"name": self.data.name, "num_train": self.num_train, "image_size": self.image_size},
+                "dataset": {
+                    "name": self.data.name,
+                    "num_train": self.num_train,
+                    "image_size": self.image_size,
+                    "fingerprint": self.data_fingerprint,  # a resume must train on these very images
+                },
                 "run_id": self.run_id,
                 "world_size": self.world,  # for the record: any number of ranks that divides batch_size resumes it
                 "elapsed_s": self.elapsed_before + time.perf_counter() - self.start,

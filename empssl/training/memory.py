@@ -12,11 +12,11 @@ CPU), enough to refuse a cell that cannot fit before a sweep spends hours on the
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 
+from ..device import available_memory, gib
 from ..models.backbones import BackboneError
 
 MARGIN = 1.25  # cuDNN workspaces, the caching allocator's rounding and fragmentation
@@ -133,24 +133,6 @@ def estimate_step_memory(
     )
 
 
-def available_memory(device: torch.device) -> Optional[int]:
-    """Bytes the step may use on ``device``: free GPU memory, or the memory the OS can still give; None if unknown."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def check_step_fits(config, device: torch.device, image_size: int, world_size: int = 1) -> None:
     """ValueError, before the model is built, if one step of ``config`` (a TrainConfig) cannot fit in ``device``'s
     memory, or its encoder has tensors too large to exist."""
@@ -168,7 +150,7 @@ def check_step_fits(config, device: torch.device, image_size: int, world_size: i
         )
     except (BackboneError, ImageSizeError):  # their messages say what to do
         raise
-    except (RuntimeError, OverflowError, ValueError) as err:  # sizes no tensor can have (storage size overflows)
+    except (RuntimeError, OverflowError, TypeError, ValueError) as err:  # sizes no tensor can have
         raise ValueError(
             f"an encoder of --arch {config.arch} --width {config.width:g} --hidden-dim {config.hidden_dim} --z-dim "
             f"{config.z_dim} cannot be built: its tensors are too large ({str(err).splitlines()[0]})"
@@ -182,7 +164,3 @@ def check_step_fits(config, device: torch.device, image_size: int, world_size: i
             f"only {gib(available)} is available: at most {fits} patches per image fit; lower these, "
             f"or use a larger device"
         )
-
-
-def gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.1f} GiB"

@@ -13,6 +13,10 @@ run id and start time (the lock file's text, for the message only). The kernel d
 dies, so a lock file left by a killed run never blocks. A folder holding only ``metrics.jsonl`` (its run stopped
 before its first checkpoint: a full disk, a crash, a non-finite loss) holds nothing to resume: a new run replaces
 it, with a note, once it writes its first checkpoint (no ``--overwrite`` needed).
+
+Nothing in the folder is written through a link (empssl/files.py): a run's lock, checkpoint, metrics log or curves
+that is a symbolic link is refused, and the lock and the log are opened without following one. A folder that holds
+far more than a run (``/``, the home folder, a repository's root) is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ import warnings
 from typing import Any, Dict, Iterator, List, Optional
 
 from .. import checkpoint as ckpt
-from ..files import check_writable_folder, remove_stale_temporaries, write_atomically
+from ..files import (
+    StagedWrite,
+    append_text,
+    check_output_folder,
+    open_input,
+    open_owned,
+    refuse_link,
+    remove_stale_temporaries,
+    same_file,
+)
 from .curves import write_training_curves
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -82,7 +95,9 @@ class RunFolder:
     def open(self, config) -> "RunFolder":
         """Check ``config.out_dir`` and ``config.resume`` (``config``: a TrainConfig) before anything is written;
         ValueError/CheckpointError naming what is wrong. Takes the lock: ``close`` releases it."""
-        check_writable_folder(self.path, "--out-dir")
+        check_output_folder(self.path, "--out-dir", config.overwrite)
+        for name in (CHECKPOINT_NAME, METRICS_NAME, CURVES_NAME):  # never written through: see empssl/files.py
+            refuse_link(os.path.join(self.path, name), "--out-dir's")
         self.lock.acquire()
         try:
             if config.resume:
@@ -94,7 +109,7 @@ class RunFolder:
                     what="state",
                 )
                 check_resume_config(config.resume, self.resumed["model_config"], self.resumed.get("config", {}), config)
-                self.same_run = os.path.realpath(config.resume) == os.path.realpath(self.checkpoint_path)
+                self.same_run = same_file(config.resume, self.checkpoint_path)  # through links, hard ones too
             self.holds_other_run = self._check_other_run(config.overwrite)
         except BaseException:
             self.lock.release()
@@ -126,26 +141,49 @@ class RunFolder:
         self.lock.record(run_id)
         remove_stale_temporaries(self.path)
         history: List[Dict[str, Any]] = []
-        if resume_path is not None:
-            history = read_metrics(
-                os.path.join(os.path.dirname(resume_path), METRICS_NAME), run_id=run_id, until_step=step
-            )
+        if resume_path is not None:  # the log beside the checkpoint itself (a link to it may lie elsewhere)
+            folder = self.path if self.same_run else os.path.dirname(os.path.realpath(resume_path))
+            history = read_metrics(os.path.join(folder, METRICS_NAME), run_id=run_id, until_step=step)
             history.append({"event": "resume", "step": step, "elapsed_s": elapsed_s, "run_id": run_id})
         self.metrics = MetricsLog(self.metrics_path, history, owned=not self.holds_other_run or self.same_run)
 
     def write_checkpoint(self, payload: Dict[str, Any]) -> None:
-        """The checkpoint, atomically; under take-over the old run's metrics go only now that its checkpoint is
-        replaced."""
-        ckpt.save_checkpoint(self.checkpoint_path, payload)
-        if not self.metrics.owned:
-            self.metrics.take_over()
+        """The checkpoint, atomically. Under take-over the new metrics log and the checkpoint are both written in
+        full before either replaces the old run's (so a failed write, a full disk, leaves the old run whole), and the
+        old run's curves go with them."""
+        if self.metrics.owned:
+            ckpt.save_checkpoint(self.checkpoint_path, payload)
+            return
+        metrics = self.metrics.stage()
+        try:
+            checkpoint = ckpt.stage_checkpoint(self.checkpoint_path, payload)
+        except BaseException:
+            metrics.discard()
+            raise
+        metrics.commit()
+        self.metrics.taken_over()
+        checkpoint.commit()  # the checkpoint last: its presence makes the folder this run's
+        self._remove_old_curves()
+
+    def _remove_old_curves(self) -> None:
+        with contextlib.suppress(OSError):
+            os.remove(self.curves_path)  # the old run's (drawn again at the end); a link goes, not what it names
 
     def finish(self) -> None:
         """After the last step: the metrics log is this run's even when nothing was trained (resumed at the end), and
-        curves.png is drawn from it (where matplotlib is installed)."""
+        curves.png is drawn from it (where matplotlib is installed). Curves that cannot be drawn or written (a full
+        disk) are a warning: the run's checkpoint and metrics are complete."""
         if not self.metrics.owned:
             self.metrics.take_over()
-        write_training_curves(read_step_metrics(self.metrics_path), self.curves_path)
+            self._remove_old_curves()
+        try:
+            write_training_curves(read_step_metrics(self.metrics_path), self.curves_path)
+        except Exception as err:  # an optional output: never the run's failure
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"{self.curves_path} was not written ({reason}); the run's checkpoint and metrics are complete: draw "
+                f"it later with `empssl plot {self.path}`"
+            )
 
     def close(self) -> None:
         self.lock.release()
@@ -157,7 +195,8 @@ def read_metrics(
     until_step: Optional[int] = None,
 ) -> List[Dict[str, Any]]:
     """The records of a metrics.jsonl in file order, resume markers included; with ``run_id`` only that run's, with
-    ``until_step`` only those up to that step. A line a kill cut short is skipped."""
+    ``until_step`` only those up to that step. A line a kill cut short is skipped; other unreadable lines with a
+    warning naming the file (``_records``)."""
     return [
         record
         for record in _records(path)
@@ -169,26 +208,55 @@ def read_metrics(
 def read_step_metrics(path: str) -> List[Dict[str, Any]]:
     """One record per step in step order, resume markers left out; the last record of a step wins (a resumed run logs
     again the steps after its checkpoint)."""
-    by_step = {
-        record["step"]: record
-        for record in _records(path)
-        if isinstance(record.get("step"), int) and "event" not in record
-    }
+    by_step = {record["step"]: record for record in _records(path) if "step" in record and "event" not in record}
     return [by_step[step] for step in sorted(by_step)]
 
 
+# what a record's fields must be where present (a hand-edited or damaged line is skipped, not used)
+_NUMBER_FIELDS = ("epoch", "loss", "tcr", "inv", "lr", "patches_per_s", "elapsed_s")
+
+
+def _record_problem(record: Any) -> Optional[str]:
+    """Why a parsed line is not a usable record, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    step = record.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**62:
+        return f"its step {step!r} is not an integer >= 0"
+    if not isinstance(record.get("run_id", ""), str):
+        return f"its run_id {record['run_id']!r} is not a string"
+    for field in _NUMBER_FIELDS:
+        value = record.get(field, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"its {field} {value!r} is not a number"
+    return None
+
+
 def _records(path: str) -> Iterator[Dict[str, Any]]:
-    """The JSON objects of ``path``, one per line (none when it does not exist)."""
-    if not os.path.exists(path):
+    """The records of ``path``, one JSON object per line (none when it does not exist). A last line without its
+    newline (a kill cut it short) is skipped quietly; any other line that is not UTF-8 JSON of a record's types is
+    skipped with one warning naming the file and the lines."""
+    try:
+        f = open_input(path, "metrics log")
+    except FileNotFoundError:
         return
-    with open(path) as f:
-        for line in f:
+    skipped: List[str] = []
+    with f:
+        for number, line in enumerate(f, start=1):
             try:
-                record = json.loads(line)
-            except ValueError:  # a line a kill cut short
+                record = json.loads(line.decode("utf-8"))
+                problem = _record_problem(record)
+            except ValueError as err:  # UnicodeDecodeError too
+                if not line.endswith(b"\n"):
+                    continue  # a line a kill cut short
+                problem = "not UTF-8 JSON" if isinstance(err, UnicodeDecodeError) else "not JSON"
+            if problem is not None:
+                skipped.append(f"line {number}: {problem}")
                 continue
-            if isinstance(record, dict):
-                yield record
+            yield record
+    if skipped:
+        shown = "; ".join(skipped[:3]) + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        warnings.warn(f"metrics log {path}: {len(skipped)} unreadable line(s) skipped ({shown})")
 
 
 def check_resume_config(path: str, model_config: Dict[str, Any], stored: Dict[str, Any], config) -> None:
@@ -206,12 +274,14 @@ def check_resume_config(path: str, model_config: Dict[str, Any], stored: Dict[st
         )
 
 
-def check_resume_data(path: str, resumed: Dict[str, Any], config, data) -> None:
-    """ValueError unless ``data`` (the ImageDataset loaded for ``config``) has the size the checkpoint was trained on
-    (its stored permutation indexes it)."""
+def check_resume_data(path: str, resumed: Dict[str, Any], config, data, fingerprint: Optional[str] = None) -> None:
+    """ValueError unless ``data`` (the ImageDataset loaded for ``config``) holds the images the checkpoint was trained
+    on: their number and size (its stored permutation indexes them), and, where the checkpoint stores one, their
+    ``fingerprint`` (``empssl.data.dataset.fingerprint``)."""
     stored = resumed.get("dataset", {})
     num_train, image_size = int(data.train_images.shape[0]), data.image_size[0]
-    if stored.get("num_train", num_train) == num_train and stored.get("image_size", image_size) == image_size:
+    same_size = stored.get("num_train", num_train) == num_train and stored.get("image_size", image_size) == image_size
+    if same_size and stored.get("fingerprint", fingerprint) == fingerprint:
         return
     stored_config = resumed.get("config", {})
     changed = [
@@ -219,6 +289,13 @@ def check_resume_data(path: str, resumed: Dict[str, Any], config, data) -> None:
         for f in _DATA_FIELDS
         if f in stored_config and stored_config[f] != getattr(config, f)
     ]
+    if same_size:
+        why = "changed settings: " + "; ".join(changed) if changed else f"the content of {data.name} changed"
+        raise ValueError(
+            f"cannot resume {path}: this run's {num_train} training images of {image_size}x{image_size} are not the "
+            f"ones it was trained on (their fingerprint differs); {why}. Resume with the data it was trained on, or "
+            f"start a new run in another --out-dir"
+        )
     why = "changed settings: " + "; ".join(changed) if changed else "the data set itself changed"
     raise ValueError(
         f"cannot resume {path}: it was trained on {stored.get('num_train')} images of "
@@ -252,34 +329,38 @@ class RunLock:
         self.created_folder = not os.path.isdir(self.folder)
         os.makedirs(self.folder, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_owned(self.path, os.O_RDWR | os.O_CREAT, "the lock file")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
+                holder = self._holder(fd)
                 os.close(fd)
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
                 raise RunFolderBusy(
-                    f"--out-dir {self.folder} is in use by another run ({self.holder()}); wait for it "
+                    f"--out-dir {self.folder} is in use by another run ({holder}); wait for it "
                     f"to finish, or pass another --out-dir"
                 ) from None
-            try:
-                same_file = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same_file = False
-            if same_file:
+            if self._is_at_path(fd):
                 self.fd = fd
                 self.record(None)
                 return self
             os.close(fd)
 
-    def holder(self) -> str:
+    def _is_at_path(self, fd: int) -> bool:
+        """Whether ``fd`` is still the file at the lock's path (not removed or replaced since it was opened)."""
         try:
-            with open(self.path) as f:
-                info = json.loads(f.read() or "{}")
+            return os.path.samestat(os.fstat(fd), os.lstat(self.path))
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
         except (OSError, ValueError):
             info = {}
-        if not info:
+        if not isinstance(info, dict) or not info:
             return "its lock file names no holder"
         return (
             f"pid {info.get('pid')} on {info.get('host')}, run id {info.get('run_id') or 'not yet known'}, "
@@ -296,8 +377,9 @@ class RunLock:
     def release(self) -> None:
         if self.fd is None:
             return
-        with contextlib.suppress(OSError):
-            os.remove(self.path)  # while still locked: a waiting process sees the path gone and tries again
+        if self._is_at_path(self.fd):  # only this lock's own file: never what replaced it at the path
+            with contextlib.suppress(OSError):
+                os.remove(self.path)  # while still locked: a waiting process sees the path gone and tries again
         os.close(self.fd)
         self.fd = None
         if self.created_folder:
@@ -325,10 +407,17 @@ class MetricsLog:
             self.pending.append(record)
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n", "the metrics log")
+
+    def stage(self) -> StagedWrite:
+        """The pending lines written in full beside the file, not yet in place (``StagedWrite``)."""
+        text = "".join(json.dumps(r) + "\n" for r in self.pending).encode()
+        return StagedWrite(self.path, lambda f: f.write(text))
+
+    def taken_over(self) -> None:
+        self.pending, self.owned = [], True
 
     def take_over(self) -> None:
         """Replace the file with the pending lines (atomically: a kill leaves the old file or the new one)."""
-        write_atomically(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.pending).encode()))
-        self.pending, self.owned = [], True
+        self.stage().commit()
+        self.taken_over()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -84,8 +85,78 @@ class TrainState:
             "permutation": None if self.permutation is None else self.permutation.cpu(),
         }
 
-    def load_state_dict(self, state: Dict[str, Any], path: str = "state") -> None:
-        """Continue from ``state_dict()``'s output (``path`` names it in errors)."""
+    def check_state_dict(self, state: Dict[str, Any], path: str, num_train: Optional[int] = None) -> None:
+        """CheckpointError naming the first field of ``state`` (checked by ``checkpoint.check_train_state``) whose
+        sizes do not fit this state: the model's tensors, the optimiser's groups and the shapes of its buffers
+        against the parameters, the generators' state sizes, the permutation against ``num_train`` images."""
+        ckpt.check_state_shapes(path, "model", self.encoder.state_dict(), state["model"])
+        groups, saved = self.optimizer.param_groups, state["optimizer"]["param_groups"]
+        if len(saved) != len(groups):
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} does not fit: its optimizer has {len(saved)} parameter groups, this one "
+                f"{len(groups)}; use another checkpoint"
+            )
+        params: Dict[Any, torch.Tensor] = {}
+        for index, (group, saved_group) in enumerate(zip(groups, saved)):
+            ids = saved_group.get("params")
+            if not isinstance(ids, list) or len(ids) != len(group["params"]) or len(set(map(repr, ids))) != len(ids):
+                raise ckpt.CheckpointError(
+                    f"checkpoint {path} does not fit: optimizer/param_groups/{index}/params does not list this "
+                    f"group's {len(group['params'])} parameters; use another checkpoint"
+                )
+            params.update(zip(ids, group["params"]))
+            for key, value in group.items():
+                if key in ("params", "lr"):
+                    continue
+                loaded = saved_group.get(key)
+                same_kind = isinstance(loaded, bool) if isinstance(value, bool) else type(loaded) is type(value)
+                if not same_kind or (isinstance(loaded, float) and not math.isfinite(loaded)):
+                    raise ckpt.CheckpointError(
+                        f"checkpoint {path} has an unusable field optimizer/param_groups/{index}/{key}: expected "
+                        f"{'a finite ' if isinstance(value, float) else ''}{type(value).__name__}, got {loaded!r}; "
+                        f"use another checkpoint"
+                    )
+        for key, buffers in state["optimizer"]["state"].items():
+            where = f"optimizer/state/{key}"
+            if key not in params or not isinstance(buffers, dict):
+                raise ckpt.CheckpointError(
+                    f"checkpoint {path} does not fit: {where} belongs to no parameter of this model; use another "
+                    f"checkpoint"
+                )
+            param = params[key]
+            for name, buffer in buffers.items():
+                if not isinstance(buffer, torch.Tensor) or buffer.shape != param.shape or buffer.dtype != param.dtype:
+                    shown = (
+                        f"{buffer.dtype} {tuple(buffer.shape)}" if isinstance(buffer, torch.Tensor) else repr(buffer)
+                    )
+                    raise ckpt.CheckpointError(
+                        f"checkpoint {path} does not fit: {where}/{name} is {shown}, its parameter is {param.dtype} "
+                        f"{tuple(param.shape)}; use another checkpoint"
+                    )
+        generators = {"torch_cpu": torch.get_rng_state(), "permutation": self.permutation_generator.get_state()}
+        if self.device.type == "cuda" and "torch_cuda" in state["rng"]:
+            generators["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        for name, current in generators.items():
+            if state["rng"][name].shape != current.shape:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {path} has an unusable field rng/{name}: a generator state of "
+                    f"{state['rng'][name].numel()} bytes, this generator's has {current.numel()}; use another "
+                    f"checkpoint"
+                )
+        permutation = state["permutation"]
+        if permutation is not None and num_train is not None:
+            if permutation.numel() != num_train or not torch.equal(
+                torch.sort(permutation).values, torch.arange(num_train)
+            ):
+                raise ckpt.CheckpointError(
+                    f"checkpoint {path} has an unusable field permutation: not an order of the {num_train} training "
+                    f"images; use another checkpoint"
+                )
+
+    def load_state_dict(self, state: Dict[str, Any], path: str = "state", num_train: Optional[int] = None) -> None:
+        """Continue from ``state_dict()``'s output (``path`` names it in errors), every size checked first
+        (``check_state_dict``)."""
+        self.check_state_dict(state, path, num_train)
         ckpt.load_model_state(self.encoder, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # load_state_dict put the saved (CPU) lr tensor there
