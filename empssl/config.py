@@ -1,9 +1,9 @@
 """Settings as dataclasses whose fields carry their command-line form: a default lives in one place.
 
 ``option(default, help, ...)`` is a ``dataclasses.field`` with the option's help text, group and
-form in its metadata; ``add_options`` turns the fields of a config class into ``argparse`` options
-(``batch_size`` -> ``--batch-size``) and ``from_args`` builds the config back from the parsed
-namespace. ``TrainConfig`` and ``EvalConfig`` (both here) are declared this way, so
+form in its metadata; ``empssl.options`` turns the fields of a config class into ``argparse`` options
+(``batch_size`` -> ``--batch-size``) and configuration-file keys, and builds the config back from them.
+``TrainConfig`` and ``EvalConfig`` (both here) are declared this way, so
 ``empssl train --help`` and ``empssl eval --help`` print the dataclasses' defaults.
 
 Forms: ``value`` (``--name VALUE``), ``switch`` (``--name`` sets True), ``negated`` (a True
@@ -13,7 +13,6 @@ default, ``--name`` / ``--no-name``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import warnings
@@ -38,6 +37,7 @@ from .optim import RECIPE_LR
 FORMS = ("value", "switch", "negated", "on_off", "tristate")
 # how a training step runs on CUDA (TrainConfig.step_variant); bench epoch times each side by side
 STEP_VARIANTS = ("eager", "captured", "compiled", "compiled-captured")
+EVAL_VIEWS = ("patches", "whole", "both")  # what `eval --views` evaluates (docs/training.md section 5)
 
 
 def check_numbers(config) -> None:
@@ -78,90 +78,6 @@ def option(
         "show_default": show_default,
     }
     return dataclasses.field(default=default, metadata={"cli": metadata})
-
-
-def _cli_fields(config_class) -> Dict[str, dataclasses.Field]:
-    return {field.name: field for field in dataclasses.fields(config_class) if "cli" in field.metadata}
-
-
-def _shown(value: Any, form: str) -> str:
-    if form == "on_off":
-        return "on" if value else "off"
-    return "none" if value is None else str(value)
-
-
-def add_options(
-    parser: argparse.ArgumentParser,
-    config_class,
-    group: str,
-    *,
-    from_checkpoint: bool = False,
-    groups: Optional[Dict[str, Any]] = None,
-) -> None:
-    """Add the options of ``config_class``'s fields in ``group`` to ``parser`` (under an argument
-    group of that name, shared through ``groups``). ``from_checkpoint``: the options default to
-    None, and the help says the checkpoint's value comes first (``empssl eval``)."""
-    groups = {} if groups is None else groups
-    if group not in groups:
-        groups[group] = parser.add_argument_group(group)
-    target = groups[group]
-    for name, field in _cli_fields(config_class).items():
-        cli = field.metadata["cli"]
-        if cli["group"] != group:
-            continue
-        flag, form = "--" + name.replace("_", "-"), cli["form"]
-        help_text = cli["help"]
-        if cli["show_default"] and form not in ("switch", "negated", "tristate"):  # their help says what they change
-            shown = _shown(field.default, form)
-            help_text += f" (default: the checkpoint's, else {shown})" if from_checkpoint else f" (default {shown})"
-        elif from_checkpoint:  # a default spelled in the help text: the checkpoint's value still comes first
-            help_text += "; with --checkpoint, the checkpoint's value unless given"
-        if form == "switch":
-            target.add_argument(flag, dest=name, action="store_true", help=help_text)
-        elif form == "negated":
-            target.add_argument(
-                "--no-" + name.replace("_", "-"),
-                dest=name,
-                action="store_false",
-                default=None if from_checkpoint else True,
-                help=help_text,
-            )
-        elif form == "tristate":
-            on_help, _, off_help = help_text.partition(" | ")
-            target.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=on_help)
-            target.add_argument(
-                "--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False, help=off_help or None
-            )
-        elif form == "on_off":
-            default = None if from_checkpoint else _shown(field.default, form)
-            target.add_argument(flag, dest=name, choices=("on", "off"), default=default, help=help_text)
-        else:
-            target.add_argument(
-                flag,
-                dest=name,
-                type=cli["type"],
-                choices=cli["choices"],
-                metavar=cli["metavar"],
-                default=None if from_checkpoint else field.default,
-                help=help_text,
-            )
-
-
-def option_value(config_class, name: str, parsed: Any) -> Any:
-    """The field's value for a parsed option (``on``/``off`` become booleans)."""
-    if _cli_fields(config_class)[name].metadata["cli"]["form"] == "on_off" and isinstance(parsed, str):
-        return parsed == "on"
-    return parsed
-
-
-def from_args(config_class, args: argparse.Namespace, **overrides):
-    """``config_class`` from the parsed options of its fields (absent ones keep their defaults)."""
-    values = {
-        name: option_value(config_class, name, getattr(args, name))
-        for name in _cli_fields(config_class)
-        if hasattr(args, name)
-    }
-    return config_class(**{**values, **overrides})
 
 
 @dataclasses.dataclass
@@ -213,6 +129,13 @@ class EvalConfig(RuntimeConfig):
     )
     knn_k: int = option(20, "neighbours of the kNN", group="evaluation", type=positive_int)
     knn_temperature: float = option(0.07, "kNN vote temperature", group="evaluation", type=positive_float)
+    views: str = option(
+        "patches",
+        "an image's features: the mean over its bag of T patches (the method), the whole image resized to the "
+        "recipe's patch size, or both, each evaluated",
+        group="evaluation",
+        choices=EVAL_VIEWS,
+    )
 
     def validate(self) -> None:
         """ValueError naming the option of any value the command line's types refuse."""
@@ -377,6 +300,39 @@ class TrainConfig(RuntimeConfig):
         show_default=False,
     )
     log_every: int = option(10, "steps between log lines", group="output", type=positive_int)
+    # what the run reports beside its loss (docs/training.md section 9)
+    monitor_every: Optional[int] = option(
+        None,
+        "steps between online checks: kNN top-1 on a fixed held-out subset, the effective rank and coding rate of "
+        "the step's embeddings, a collapse warning (0: off; default: every 100 steps where the data set has "
+        "labels, the rank and coding rate only when asked for where it has none)",
+        group="output",
+        type=int,
+        metavar="N",
+        show_default=False,
+    )
+    monitor_size: int = option(
+        1000,
+        "images of each split in the online kNN: its bank (train images) and its queries (test images)",
+        group="output",
+        type=positive_int,
+    )
+    monitor_patches: int = option(
+        4, "patches per image of the online kNN's features", group="output", type=positive_int
+    )
+    tensorboard: bool = option(
+        False,
+        "write the metrics as TensorBoard scalars to OUT_DIR/tensorboard (needs tensorboard)",
+        group="output",
+        form="switch",
+    )
+    wandb: Optional[str] = option(
+        None,
+        "log the metrics to this Weights & Biases project (needs wandb; WANDB_MODE=offline runs without network)",
+        group="output",
+        metavar="PROJECT",
+        show_default=False,
+    )
 
     @property
     def compiled(self) -> bool:
@@ -417,6 +373,14 @@ class TrainConfig(RuntimeConfig):
             raise ValueError(f"schedule_epochs must be a positive integer or None, got {self.schedule_epochs!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.monitor_every is not None and (isinstance(self.monitor_every, bool) or self.monitor_every < 0):
+            raise ValueError(f"monitor_every must be >= 0 (0: off) or None, got {self.monitor_every!r}")
+        for name in ("monitor_size", "monitor_patches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.wandb is not None and not (isinstance(self.wandb, str) and self.wandb.strip()):
+            raise ValueError(f"wandb must name a project, got {self.wandb!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be a positive integer or None, got {self.max_steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

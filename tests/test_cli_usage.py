@@ -74,12 +74,13 @@ def _help_of(parser, command):
 
 def test_eval_help_says_where_a_checkpoint_overrides_the_default():
     from empssl import checkpoint as ckpt
-    from empssl.config import TrainConfig, _cli_fields
+    from empssl.config import TrainConfig
+    from empssl.options import option_fields
 
     helps = _help_of(cli.build_parser(), "eval")
     from_checkpoint = [
         name
-        for name, field in _cli_fields(TrainConfig).items()
+        for name, field in option_fields(TrainConfig).items()
         if field.metadata["cli"]["group"] in ("data", "encoder") and name in helps
     ]
     assert set(ckpt.MODEL_FIELDS) <= set(from_checkpoint) and "image_size" in from_checkpoint

@@ -5,10 +5,11 @@ import dataclasses
 import pytest
 
 from empssl import cli
-from empssl.config import EvalConfig, RuntimeConfig, TrainConfig, from_args
+from empssl.config import EvalConfig, RuntimeConfig, TrainConfig
+from empssl.options import from_args
 
-TRAIN_ONLY_IN_CLI = {"threads", "dist_timeout"}  # settings of the process, not of the run
-EVAL_ONLY_IN_CLI = {"threads", "dist_timeout", "json", "checkpoint", "random_init"}
+TRAIN_ONLY_IN_CLI = {"threads", "dist_timeout", "config"}  # settings of the process (and the file of options)
+EVAL_ONLY_IN_CLI = {"threads", "dist_timeout", "json", "checkpoint", "random_init", "config"}
 
 
 def _parse(argv):

@@ -34,7 +34,7 @@ from empssl.evaluation.probe import LabelledFeatures, ProbeDivergedError, knn_cl
 from empssl.files import TEMP_PREFIX, LinkRefused, StagedWrite, append_text, remove_stale_temporaries, write_atomically
 from empssl.loss import EMPSSLLoss, coding_rate
 from empssl.models.encoder import build_encoder
-from empssl.training import curves
+from empssl.training import curves, run_lock
 from empssl.training import loop as T
 from empssl.training import run_folder as run_dir
 
@@ -96,7 +96,7 @@ def _rewrite(path, change, checksums=True):
 
 
 @pytest.mark.parametrize(
-    "name", [run_dir.LOCK_NAME, run_dir.METRICS_NAME, run_dir.CHECKPOINT_NAME, run_dir.CURVES_NAME]
+    "name", [run_lock.LOCK_NAME, run_dir.METRICS_NAME, run_dir.CHECKPOINT_NAME, run_dir.CURVES_NAME]
 )
 def test_a_run_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path, capsys, name):
     out, victim = tmp_path / "run", tmp_path / "victim.txt"
@@ -111,7 +111,7 @@ def test_a_run_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path,
 
 
 @pytest.mark.parametrize(
-    "name", [run_dir.LOCK_NAME, run_dir.METRICS_NAME, run_dir.CHECKPOINT_NAME, run_dir.CURVES_NAME]
+    "name", [run_lock.LOCK_NAME, run_dir.METRICS_NAME, run_dir.CHECKPOINT_NAME, run_dir.CURVES_NAME]
 )
 def test_a_run_file_that_is_a_hard_link_never_changes_its_other_name(tmp_path, capsys, name):
     out, victim = tmp_path / "run", tmp_path / "victim.txt"
@@ -120,7 +120,7 @@ def test_a_run_file_that_is_a_hard_link_never_changes_its_other_name(tmp_path, c
     os.link(victim, out / name)
     code = _train(out, "--max-steps", "2", "--overwrite")
     err = capsys.readouterr().err
-    if name == run_dir.LOCK_NAME:  # written in place: refused
+    if name == run_lock.LOCK_NAME:  # written in place: refused
         assert code == 1 and f"{out / name} is a hard link (2 names of one file)" in _one_clear_line(err)
     else:  # replaced by a new file (os.replace): the other name keeps its content
         assert code == 0, err
@@ -136,12 +136,12 @@ def test_owned_files_are_never_opened_through_a_link(tmp_path):
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / ".lock").symlink_to(victim)
     with pytest.raises(LinkRefused):
-        run_dir.RunLock(str(tmp_path / "sweep")).acquire()
+        run_lock.RunLock(str(tmp_path / "sweep")).acquire()
     assert victim.read_text() == "mine\n"
 
 
 def test_a_lock_released_after_its_path_was_replaced_removes_nothing(tmp_path):
-    lock = run_dir.RunLock(str(tmp_path / "run")).acquire()
+    lock = run_lock.RunLock(str(tmp_path / "run")).acquire()
     os.remove(lock.path)
     (tmp_path / "run" / ".lock").write_text("someone else's\n")
     lock.release()

@@ -12,7 +12,7 @@ from empssl.config import TrainConfig
 from empssl.data.synthetic import make_synthetic
 from empssl.training import curves as plots
 from empssl.training import loop as T
-from empssl.training.run_folder import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME, read_step_metrics
+from empssl.training.run_folder import CHECKPOINT_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME, read_step_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -80,7 +80,7 @@ def test_without_matplotlib_nothing_is_written_and_one_line_says_why(tmp_path, c
 def test_train_without_matplotlib_writes_its_files_and_no_curves(tmp_path, capsys, no_matplotlib):
     config = TrainConfig(**TINY, max_steps=2, out_dir=str(tmp_path / "run"))
     T.train(config, make_synthetic(32, 16, 8, seed=0))
-    assert sorted(os.listdir(config.out_dir)) == [CHECKPOINT_NAME, METRICS_NAME]
+    assert sorted(os.listdir(config.out_dir)) == [CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME]
     assert "matplotlib is not installed" in capsys.readouterr().err
 
 
@@ -103,7 +103,7 @@ def test_train_writes_curves_png_beside_the_metrics(tmp_path):
 
     config = TrainConfig(**TINY, max_steps=3, out_dir=str(tmp_path / "run"))
     T.train(config, make_synthetic(64, 16, 8, seed=0))
-    assert sorted(os.listdir(config.out_dir)) == [CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME]  # no temp file
+    assert sorted(os.listdir(config.out_dir)) == [CHECKPOINT_NAME, CONFIG_NAME, CURVES_NAME, METRICS_NAME]  # no temp
     with Image.open(os.path.join(config.out_dir, CURVES_NAME)) as image:
         assert image.format == "PNG" and image.size == (1000, 650)
         # drawn, not blank: the lines and text make many colours

@@ -169,7 +169,7 @@ def test_a_changed_option_is_refused_and_a_foreign_folder_too(tmp_path, capsys):
 
 
 def test_one_sweep_per_folder(tmp_path, capsys):
-    from empssl.training.run_folder import RunLock
+    from empssl.training.run_lock import RunLock
 
     out = tmp_path / "sweep"
     with RunLock(str(out)):  # as a sweep still running in it holds it

@@ -28,6 +28,7 @@ from empssl.data.npz import load_npz
 from empssl.device import resolve_device
 from empssl.files import TEMP_PREFIX
 from empssl.training import run_folder as run_dir
+from empssl.training import run_lock
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -58,21 +59,21 @@ def _env():
 
 def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "run"
-    with run_dir.RunLock(str(out)) as lock:  # another open file: flock conflicts as with another process
+    with run_lock.RunLock(str(out)) as lock:  # another open file: flock conflicts as with another process
         lock.record("abc123")
         assert _train(out, "--max-steps", "2") == 1
         line = _one_clear_line(capsys.readouterr().err)
         assert "is in use by another run" in line and f"pid {os.getpid()}" in line and "run id abc123" in line
-        assert sorted(os.listdir(out)) == [run_dir.LOCK_NAME]  # nothing of the refused run
+        assert sorted(os.listdir(out)) == [run_lock.LOCK_NAME]  # nothing of the refused run
     assert not out.exists()  # the lock's own folder goes with it: nothing half-made blocks a rerun
 
 
 def test_a_stale_lock_file_of_a_dead_process_never_blocks(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / run_dir.LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "gone", "run_id": "dead"}))
+    (out / run_lock.LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "gone", "run_id": "dead"}))
     assert _train(out, "--max-steps", "2") == 0
-    assert (out / run_dir.CHECKPOINT_NAME).exists() and not (out / run_dir.LOCK_NAME).exists()
+    assert (out / run_dir.CHECKPOINT_NAME).exists() and not (out / run_lock.LOCK_NAME).exists()
 
 
 @pytest.mark.slow  # a subprocess or a compile: over 4.5 s on 2 cores
@@ -96,7 +97,7 @@ def test_two_concurrent_processes_one_run_per_folder(tmp_path):
     )
     try:
         deadline = time.time() + 60
-        while not (out / run_dir.LOCK_NAME).exists() and time.time() < deadline:
+        while not (out / run_lock.LOCK_NAME).exists() and time.time() < deadline:
             time.sleep(0.02)
         second = subprocess.run(
             [sys.executable, "-m", "empssl", "train", *TINY_ARGS, "--max-steps", "4", "--out-dir", str(out)],
@@ -114,7 +115,7 @@ def test_two_concurrent_processes_one_run_per_folder(tmp_path):
     assert len(_run_ids(out)) == 1
     steps = [json.loads(line)["step"] for line in (out / run_dir.METRICS_NAME).read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # each step once, of one run
-    assert not (out / run_dir.LOCK_NAME).exists()
+    assert not (out / run_lock.LOCK_NAME).exists()
 
 
 # ---------------------------------------------------------------------- non-finite state
@@ -354,7 +355,12 @@ def test_a_failed_checkpoint_write_is_one_line_and_a_rerun_needs_no_overwrite(
 ):
     out = tmp_path / "run"
     real_fdopen = os.fdopen
-    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: _FailingFile(real_fdopen(fd, *a, **k), code))
+
+    def failing_for_checkpoints(fd, *args, **kwargs):  # the run's other files (config.toml) are written as usual
+        file = real_fdopen(fd, *args, **kwargs)
+        return _FailingFile(file, code) if os.readlink(f"/proc/self/fd/{fd}").endswith(".pt") else file
+
+    monkeypatch.setattr(os, "fdopen", failing_for_checkpoints)
     assert _train(out, "--max-steps", "2") == 1
     line = _one_clear_line(capsys.readouterr().err)
     assert text in line and f"cannot write {out / run_dir.CHECKPOINT_NAME}" in line
@@ -474,7 +480,7 @@ def test_sigint_before_the_loop_exits_130_without_a_traceback(tmp_path):
     ]
     process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while not (out / run_dir.LOCK_NAME).exists() and time.time() < deadline:
+    while not (out / run_lock.LOCK_NAME).exists() and time.time() < deadline:
         time.sleep(0.01)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)

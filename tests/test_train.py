@@ -14,7 +14,7 @@ from empssl.data.synthetic import make_synthetic
 from empssl.models.encoder import build_encoder, load_encoder
 from empssl.training import loop as T
 from empssl.training import step as S
-from empssl.training.run_folder import CHECKPOINT_NAME, METRICS_NAME
+from empssl.training.run_folder import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME
 from empssl.training.step import train_step
 
 TINY = dict(dataset="synthetic", width=0.125, hidden_dim=64, z_dim=32, device="cpu", progress=False)
@@ -110,7 +110,7 @@ def test_checkpoint_contents_and_atomic_write(tmp_path, tiny_data):
     config = _config(tmp_path, "run", checkpoint_every=2, max_steps=5)
     result = T.train(config, tiny_data)
     files = sorted(set(os.listdir(config.out_dir)) - {"curves.png"})  # written too where matplotlib is installed
-    assert files == [CHECKPOINT_NAME, METRICS_NAME]  # no temporary files left behind
+    assert files == [CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME]  # no temporary files left behind
     saved = ckpt.load_checkpoint(result.checkpoint_path)
     assert saved["step"] == 5 and saved["model_config"] == config.model_config()
     assert {"torch_cpu", "permutation"} <= set(saved["rng"])  # the augmentation is keyed by the step: no state

@@ -25,7 +25,7 @@ from empssl import cli
 from empssl.config import TrainConfig
 from empssl.files import TEMP_PREFIX
 from empssl.models.encoder import build_encoder
-from empssl.training.run_folder import CHECKPOINT_NAME, METRICS_NAME
+from empssl.training.run_folder import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME
 
 WORLD = 2
 STEPS = 4
@@ -188,7 +188,7 @@ def test_two_ranks_train_as_one_process(float64_runs):
     steps, losses = _losses(two)
     assert steps == list(range(1, STEPS + 1)) and _losses(one)[0] == steps
     torch.testing.assert_close(losses, _losses(one)[1], rtol=1e-6, atol=0)  # logged as float32 sums
-    assert sorted(set(os.listdir(two)) - {"curves.png"}) == [CHECKPOINT_NAME, METRICS_NAME]
+    assert sorted(set(os.listdir(two)) - {"curves.png"}) == [CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME]
     assert ckpt.load_checkpoint(os.path.join(two, CHECKPOINT_NAME))["world_size"] == WORLD
 
 
@@ -228,7 +228,7 @@ def test_torchrun_empssl_float32_logs_the_losses_of_one_process(tmp_path):
         f"\nfloat32, {STEPS} steps: max relative difference of the parameters to one process "
         f"{_max_relative_difference(_model(two), _model(one)):.1e} (rounding, amplified by the steps)"
     )
-    assert sorted(set(os.listdir(two)) - {"curves.png"}) == [CHECKPOINT_NAME, METRICS_NAME]
+    assert sorted(set(os.listdir(two)) - {"curves.png"}) == [CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME]
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_training(tmp_path):

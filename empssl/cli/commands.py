@@ -7,8 +7,10 @@ import json
 import os
 import platform
 import sys
+from typing import Optional
 
-from ..config import EvalConfig, TrainConfig, from_args
+from ..config import EvalConfig, TrainConfig
+from ..options import from_args
 
 
 def run_export(args) -> int:
@@ -116,63 +118,74 @@ def describe_training(result) -> str:
     )
 
 
-def run_eval(args) -> int:
+def encoder_from_args(args, config: EvalConfig):
+    """(encoder on the config's device, the checkpoint's contents (empty without one), what the encoder is) for
+    ``eval`` and the picture commands: the checkpoint's encoder (``args.checkpoint``), else a random one of the
+    architecture given (``--random-init``)."""
     import torch
 
     from .. import checkpoint as ckpt
-    from ..data.load import load_dataset
     from ..device import resolve_device
-    from ..evaluation.pipeline import evaluate
     from ..models.backbones import parse_backbone_args
     from ..models.encoder import build_encoder, check_buildable, load_encoder
 
-    config = from_args(EvalConfig, args)
     device = resolve_device(config.device)
-    defaults = TrainConfig()
-    stored = {}
-    requested_model = {field: getattr(args, field) for field in ckpt.MODEL_FIELDS}
+    requested_model = {field: getattr(args, field, None) for field in ckpt.MODEL_FIELDS}
     if requested_model["backbone_args"] is not None:
         requested_model["backbone_args"] = parse_backbone_args(requested_model["backbone_args"])
-    if args.checkpoint:
+    if getattr(args, "checkpoint", None):
         encoder, payload = load_encoder(args.checkpoint)
-        stored = payload.get("config", {})
         given = {field: value for field, value in requested_model.items() if value is not None}
         if given:  # an explicit architecture must be the checkpoint's
             ckpt.check_same_model(args.checkpoint, payload["model_config"], {**payload["model_config"], **given})
-        source = args.checkpoint
-    else:
-        model_config = {
-            field: value if value is not None else getattr(defaults, field) for field, value in requested_model.items()
-        }
-        check_buildable(model_config, device)
-        torch.manual_seed(config.seed)
-        encoder = build_encoder(**model_config)
-        source = "random init (seed %d)" % config.seed
+        return encoder.to(device), payload, args.checkpoint
+    defaults = TrainConfig()
+    model_config = {
+        field: value if value is not None else getattr(defaults, field) for field, value in requested_model.items()
+    }
+    check_buildable(model_config, device)
+    torch.manual_seed(config.seed)
+    return build_encoder(**model_config).to(device), {}, "random init (seed %d)" % config.seed
 
-    def pick(name):  # command line, else the checkpoint's training config, else the default
-        value = getattr(args, name)
-        if value is None:
-            value = stored.get(name, getattr(defaults, name))
-        return value
 
-    data = load_dataset(
-        pick("dataset"),
-        root=pick("root"),
-        download=args.download,
-        image_size=pick("image_size"),
-        cache_dir=pick("cache_dir"),
-        on_bad_image=pick("on_bad_image"),
-        seed=pick("data_seed"),
-        train_size=pick("train_size"),
-        test_size=config.test_size,
-        device=device,
-        show_progress=config.progress,
-    )
+def run_setting(args, stored: dict, name: str):
+    """A training run's setting: the command line's, else the checkpoint's training config's, else the default."""
+    value = getattr(args, name, None)
+    return stored.get(name, getattr(TrainConfig(), name)) if value is None else value
+
+
+def data_from_args(args, config: EvalConfig, stored: dict, test_size: Optional[int] = None):
+    """The data set of the command line's data options (each defaulting to the checkpoint's, ``stored``), on the
+    config's device, checked large enough for the augmentation."""
     from ..augment.config import smallest_image_size
     from ..data.dataset import check_image_size
+    from ..data.load import load_dataset
+    from ..device import resolve_device
 
+    data = load_dataset(
+        run_setting(args, stored, "dataset"),
+        root=run_setting(args, stored, "root"),
+        download=getattr(args, "download", False),
+        image_size=run_setting(args, stored, "image_size"),
+        cache_dir=run_setting(args, stored, "cache_dir"),
+        on_bad_image=run_setting(args, stored, "on_bad_image"),
+        seed=run_setting(args, stored, "data_seed"),
+        train_size=run_setting(args, stored, "train_size"),
+        test_size=test_size,
+        device=resolve_device(config.device),
+        show_progress=config.progress,
+    )
     check_image_size(data, smallest_image_size())
-    results = evaluate(encoder.to(device), data, config)
+    return data
+
+
+def run_eval(args) -> int:
+    from ..evaluation.pipeline import evaluate
+
+    config = from_args(EvalConfig, args)
+    encoder, payload, source = encoder_from_args(args, config)
+    data = data_from_args(args, config, payload.get("config", {}), test_size=config.test_size)
+    results = evaluate(encoder, data, config)
     if not _is_main_rank():
         return 0
     results = {"encoder": source, "dataset": data.name, **results}
@@ -182,16 +195,22 @@ def run_eval(args) -> int:
             "data set",
             f"{data.name}: {results['num_train']} train / {results['num_test']} test, {data.num_classes} classes",
         ),
-        ("patches per image", str(results["num_patches"])),
-        ("linear probe top-1 (final epoch)", f"{100 * results['linear_top1']:.2f} %"),
-        (
-            f"  best epoch ({results['linear_best_epoch']}), for reference",
-            f"{100 * results['linear_best_epoch_top1']:.2f} %",
-        ),
-        (f"kNN top-1 (k={config.knn_k})", f"{100 * results['knn_top1']:.2f} %"),
-        (f"kNN top-5 (k={config.knn_k})", f"{100 * results['knn_top5']:.2f} %"),
-        ("time", f"{results['total_seconds']:.1f} s (features {results['feature_seconds']:.1f} s)"),
     ]
+    for view in ("patches", "whole"):
+        prefix = "whole_" if view == "whole" else ""
+        if prefix + "linear_top1" not in results:
+            continue
+        name = "whole image" if view == "whole" else f"bag of {results['num_patches']} patches"
+        rows += [
+            (f"{name}: linear probe top-1 (final epoch)", f"{100 * results[prefix + 'linear_top1']:.2f} %"),
+            (
+                f"  best epoch ({results[prefix + 'linear_best_epoch']}), for reference",
+                f"{100 * results[prefix + 'linear_best_epoch_top1']:.2f} %",
+            ),
+            (f"{name}: kNN top-1 (k={config.knn_k})", f"{100 * results[prefix + 'knn_top1']:.2f} %"),
+            (f"{name}: kNN top-5 (k={config.knn_k})", f"{100 * results[prefix + 'knn_top5']:.2f} %"),
+        ]
+    rows.append(("time", f"{results['total_seconds']:.1f} s (features {results['feature_seconds']:.1f} s)"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

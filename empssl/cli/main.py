@@ -15,7 +15,8 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .commands import run_eval, run_export, run_info, run_plot, run_train, setup_runtime
-from .parser import build_parser
+from .parser import COMMAND_OPTIONS, build_parser
+from .pictures import run_embed, run_map, run_neighbours, run_preview
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -37,8 +38,7 @@ def _main(argv: List[str]) -> int:
         from ..reproduce.command import main as reproduce_main
 
         return reproduce_main(argv[1:], run_command=main, parse_command=parse_command)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(argv)
     from ..backends import BackendUnavailableError
     from ..checkpoint import CheckpointError
     from ..data.dataset import DataError
@@ -49,9 +49,17 @@ def _main(argv: List[str]) -> int:
     try:
         if args.command not in ("info", "export", "plot"):
             setup_runtime(args)
-        code = {"train": run_train, "eval": run_eval, "plot": run_plot, "info": run_info, "export": run_export}[
-            args.command
-        ](args)
+        code = {
+            "train": run_train,
+            "eval": run_eval,
+            "plot": run_plot,
+            "info": run_info,
+            "export": run_export,
+            "embed": run_embed,
+            "neighbours": run_neighbours,
+            "map": run_map,
+            "preview": run_preview,
+        }[args.command](args)
         destroy()  # only after success: after a failed collective, NCCL's teardown can wait for the dead rank
         return code
     except (
@@ -85,15 +93,32 @@ def _main(argv: List[str]) -> int:
         return 130
 
 
+def parse_command_line(argv: List[str]):
+    """The parsed options of ``argv``, a ``--config`` file's values taken as the defaults of the options (so an
+    option given beside it wins); argparse's exit (2) for a bad option or a bad file."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        from ..options import read_config_file
+
+        try:
+            values = read_config_file(args.config, COMMAND_OPTIONS[args.command], f"empssl {args.command}")
+        except ValueError as err:
+            parser.exit(2, f"empssl {args.command}: error: {err}\n")
+        args = build_parser({args.command: values}).parse_args(argv)
+    return args
+
+
 def parse_command(argv: List[str]) -> Dict[str, Any]:
     """The options of ``empssl ARGV`` as the command parses them, its train or eval settings checked as it checks them
     (before any work); ValueError with the parser's one-line message otherwise."""
-    from ..config import EvalConfig, TrainConfig, from_args
+    from ..config import EvalConfig, TrainConfig
+    from ..options import from_args
 
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            args = build_parser().parse_args(argv)
+            args = parse_command_line(argv)
     except SystemExit:
         errors = [line for line in captured.getvalue().splitlines() if ": error: " in line]
         raise ValueError(errors[-1].split(": error: ", 1)[1] if errors else captured.getvalue().strip()) from None

@@ -1,5 +1,6 @@
 """Bag-of-features extraction (docs/method.md section 6): each image as the mean ``pre_feature`` output of T
-augmented patches, with the encoder in eval mode.
+augmented patches, with the encoder in eval mode; and the whole-image view beside it (``extract_whole_image_features``:
+the image resized to the recipe's patch size).
 
 Built to run at device speed: features come from a copy of the encoder with every BatchNorm folded into the
 convolution or linear layer before it (``empssl.models.fold``: the pairs found by tracing, so any backbone; one
@@ -13,12 +14,13 @@ gather them.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import distributed
-from ..augment.config import augment_config_for
+from ..augment.config import AugmentConfig, augment_config_for
 from ..augment.multipatch import MultiPatchAugment
 from ..config import EvalConfig
 from ..device import cudnn_benchmark
@@ -80,13 +82,16 @@ def extract_features(
     split_key: int = 0,
     fold: bool = True,
     fused_conv: bool = False,
+    image_keys: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """(N, feature_dim) float32: per image, the mean ``encoder.features`` of ``num_patches`` augmented patches.
 
     ``images``: uint8 (N, H, W, 3) on the encoder's device. Patch i of image k is drawn from the
     counter-based source keyed by (``seed``, ``split_key``, k, i), or from ``generator`` when one is
-    given (then the patches depend on the chunking, and a process group is refused). ``fold``: run a
-    BatchNorm-folded copy of the encoder (``fold_batchnorm``; on CUDA in bf16 when ``bf16``, with the
+    given (then the patches depend on the chunking, and a process group is refused). ``image_keys`` (int64 (N,),
+    on the images' device): the k of each image (its index in its split, when ``images`` is a subset of one), so
+    that an image gets its patches whatever subset it is embedded in; default: its position in ``images``.
+    ``fold``: run a BatchNorm-folded copy of the encoder (``fold_batchnorm``; on CUDA in bf16 when ``bf16``, with the
     patches' memory format; ``fused_conv``: each convolution with its bias, ReLU and residual add in one cuDNN
     kernel, ``models.fused``); otherwise the encoder itself in eval mode (its mode is restored after).
     Chunks hold ``max_patches_per_forward // num_patches`` images (default: ``MAX_PATCHES_PER_FORWARD``
@@ -97,28 +102,94 @@ def extract_features(
     """
     if not isinstance(num_patches, int) or num_patches < 1:
         raise ValueError(f"num_patches must be a positive integer, got {num_patches!r}")
-    if images.ndim != 4 or images.dtype != torch.uint8 or images.shape[0] == 0:
-        raise ValueError(f"images must be uint8 (N, H, W, 3) with N > 0, got {images.dtype} {tuple(images.shape)}")
+    _check_images(images)
     if fused_conv and not fold:
         raise ValueError("fused_conv fuses the BatchNorm-folded encoder's convolutions: it needs fold=True")
     device = images.device
-    rank, world = distributed.rank(), distributed.world_size()
-    if generator is not None and world > 1:
+    if generator is not None and distributed.world_size() > 1:
         raise ValueError(
             "a generator's patches depend on how the images are split across ranks: "
             "under torch.distributed use the counter-based source (seed, no generator)"
         )
-    on_gpu_bf16 = bf16 and device.type == "cuda"
     augment = augment or MultiPatchAugment(
         augment_config_for(int(images.shape[1])),
-        out_dtype=torch.bfloat16 if on_gpu_bf16 else torch.float32,
+        out_dtype=torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32,
         channels_last=device.type == "cuda",
     )
-    if max_patches_per_forward is None:
-        max_patches_per_forward = MAX_PATCHES_PER_FORWARD.get(device.type, 8192)
+
+    def patches_of(batch, image_ids):
+        if generator is not None:
+            return augment(batch, num_patches, generator=generator)
+        keys = image_ids if image_keys is None else image_keys.index_select(0, image_ids)
+        return augment(batch, num_patches, seed=seed, step=split_key, image_ids=keys)
+
+    return _chunked_features(
+        encoder, images, patches_of, num_patches, bf16, max_patches_per_forward, progress, description, fold, fused_conv
+    )
+
+
+@torch.no_grad()
+def extract_whole_image_features(
+    encoder: torch.nn.Module,
+    images: torch.Tensor,
+    recipe: Optional[AugmentConfig] = None,
+    bf16: bool = True,
+    max_images_per_forward: Optional[int] = None,
+    progress: bool = False,
+    description: str = "features",
+    *,
+    fold: bool = True,
+) -> torch.Tensor:
+    """(N, feature_dim) float32: ``encoder.features`` of each whole image, resized to the patch size of ``recipe``
+    (default: the recipe for the images' size) as torchvision's ``Resize`` does (bilinear, antialiased) and
+    normalised with the recipe's mean and std: the whole-image view of ``empssl eval --views whole``. The encoder,
+    its chunks and the ranks' slices as in ``extract_features``."""
+    _check_images(images)
+    recipe = recipe or augment_config_for(int(images.shape[1]))
+    device = images.device
+    dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
+    mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
+    size = recipe.output_size
+
+    def whole_images_of(batch, image_ids):
+        x = batch.permute(0, 3, 1, 2).float().div_(255)
+        if tuple(x.shape[2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = ((x - mean) / std).to(dtype)
+        return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
+
+    max_per_forward = max_images_per_forward or MAX_PATCHES_PER_FORWARD.get(device.type, 8192)
+    return _chunked_features(encoder, images, whole_images_of, 1, bf16, max_per_forward, progress, description, fold)
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.dtype != torch.uint8 or images.shape[0] == 0:
+        raise ValueError(f"images must be uint8 (N, H, W, 3) with N > 0, got {images.dtype} {tuple(images.shape)}")
+
+
+def _chunked_features(
+    encoder: torch.nn.Module,
+    images: torch.Tensor,
+    inputs_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    per_image: int,
+    bf16: bool,
+    max_per_forward: Optional[int],
+    progress: bool,
+    description: str,
+    fold: bool,
+    fused_conv: bool = False,
+) -> torch.Tensor:
+    """(N, feature_dim) float32: the mean ``features`` of the ``per_image`` network inputs ``inputs_of(batch,
+    image_ids)`` makes of each image (patch-major), in equal chunks, each rank its slice (``extract_features``)."""
+    device = images.device
+    rank, world = distributed.rank(), distributed.world_size()
+    on_gpu_bf16 = bf16 and device.type == "cuda"
+    if max_per_forward is None:
+        max_per_forward = MAX_PATCHES_PER_FORWARD.get(device.type, 8192)
     num_images = images.shape[0]
     # never more than a rank's share of the images: a small set is not padded to a large chunk
-    images_per_chunk = max(1, min(max_patches_per_forward // num_patches, math.ceil(num_images / world)))
+    images_per_chunk = max(1, min(max_per_forward // per_image, math.ceil(num_images / world)))
     # this rank's images: a whole number of chunks; ids past the end repeat the last image and are dropped
     per_rank = math.ceil(math.ceil(num_images / world) / images_per_chunk) * images_per_chunk
     if fold:
@@ -146,18 +217,14 @@ def extract_features(
                 leave=False,
             ):
                 image_ids = torch.arange(start, start + images_per_chunk, device=device).clamp_(max=num_images - 1)
-                batch = images.index_select(0, image_ids)
-                if generator is not None:
-                    patches = augment(batch, num_patches, generator=generator)
-                else:
-                    patches = augment(batch, num_patches, seed=seed, step=split_key, image_ids=image_ids)
+                inputs = inputs_of(images.index_select(0, image_ids), image_ids)
                 if not fold and on_gpu_bf16:
                     with torch.autocast("cuda", dtype=torch.bfloat16):
-                        features = network.features(patches)
+                        features = network.features(inputs)
                 else:
-                    features = network.features(patches.to(next(network.parameters()).dtype))
-                # patch-major: row i * b + j is patch i of image j
-                mean = features.reshape(num_patches, images_per_chunk, -1).mean(0, dtype=torch.float32)
+                    features = network.features(inputs.to(next(network.parameters()).dtype))
+                # patch-major: row i * b + j is input i of image j
+                mean = features.reshape(per_image, images_per_chunk, -1).mean(0, dtype=torch.float32)
                 if local is None:
                     local = torch.empty(per_rank, mean.shape[1], device=device)
                 local[start - rank * per_rank : start - rank * per_rank + images_per_chunk] = mean

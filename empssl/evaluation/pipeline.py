@@ -1,6 +1,6 @@
 """``evaluate``: the bag-of-features evaluation of an encoder on a data set (docs/method.md section 6): the
-features of both splits (``empssl.evaluation.features``), then the linear probe and the weighted kNN on them
-(``empssl.evaluation.probe``)."""
+features of both splits (``empssl.evaluation.features``: bags of patches, whole images, or both views), then the
+linear probe and the weighted kNN on them (``empssl.evaluation.probe``)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,16 @@ import torch
 
 from ..augment.config import AugmentConfig, augment_config_for
 from ..augment.multipatch import MultiPatchAugment
-from ..config import EvalConfig
+from ..config import EVAL_VIEWS, EvalConfig
 from ..data.dataset import DataError, ImageDataset
 from ..device import check_fits
-from .features import MAX_PATCHES_PER_FORWARD, SPLIT_KEYS, extract_features, forward_bytes_per_patch
+from .features import (
+    MAX_PATCHES_PER_FORWARD,
+    SPLIT_KEYS,
+    extract_features,
+    extract_whole_image_features,
+    forward_bytes_per_patch,
+)
 from .probe import LabelledFeatures, knn_classify, linear_probe, probe_memory
 
 
@@ -31,11 +37,15 @@ def evaluate(
     size).
 
     Keys: linear_top1 (the result), linear_best_epoch_top1 and linear_best_epoch (reference only),
-    knn_top1, knn_top5, plus num_patches, num_train, num_test, feature_dim and timings.
+    knn_top1, knn_top5, plus num_patches, num_train, num_test, feature_dim and timings. ``config.views``: "patches"
+    (the method's bag of patches: the keys above), "whole" (each whole image resized to the recipe's patch size: the
+    same keys prefixed ``whole_``) or "both".
     """
     start = time.perf_counter()
     config = config or EvalConfig()
     config.validate()
+    if config.views not in EVAL_VIEWS:
+        raise ValueError(f"views must be one of {EVAL_VIEWS}, got {config.views!r}")
     device = next(encoder.parameters()).device
     data = data.to(device)
     check_test_classes(data)
@@ -48,25 +58,57 @@ def evaluate(
         out_dtype=torch.bfloat16 if use_amp else torch.float32,
         channels_last=device.type == "cuda",
     )
-    features = {
-        split: extract_features(
-            encoder,
-            getattr(data, f"{split}_images"),
-            config.num_patches,
-            augment,
-            bf16=config.bf16,
-            progress=config.progress,
-            description=f"{split} features",
-            seed=config.seed,
-            split_key=key,
-            fused_conv=config.fused_conv,
-        )
-        for split, key in SPLIT_KEYS.items()
+    views = ("patches", "whole") if config.views == "both" else (config.views,)
+    results: Dict[str, float] = {}
+    seconds = {"feature_seconds": 0.0, "probe_seconds": 0.0, "knn_seconds": 0.0}
+    for view in views:
+        features = {}
+        for split, key in SPLIT_KEYS.items():
+            clock = time.perf_counter()
+            images = getattr(data, f"{split}_images")
+            description = f"{split} features" + (" (whole images)" if view == "whole" else "")
+            if view == "whole":
+                features[split] = extract_whole_image_features(
+                    encoder, images, recipe, bf16=config.bf16, progress=config.progress, description=description
+                )
+            else:
+                features[split] = extract_features(
+                    encoder,
+                    images,
+                    config.num_patches,
+                    augment,
+                    bf16=config.bf16,
+                    progress=config.progress,
+                    description=description,
+                    seed=config.seed,
+                    split_key=key,
+                    fused_conv=config.fused_conv,
+                )
+            if not torch.isfinite(features[split]).all():  # also the wait for the features: their time is theirs
+                raise ValueError(
+                    f"the encoder produced non-finite {split} features; the checkpoint is probably diverged"
+                )
+            seconds["feature_seconds"] += time.perf_counter() - clock
+        prefix = "whole_" if view == "whole" else ""
+        results.update({prefix + key: value for key, value in _classify(features, data, config, seconds).items()})
+    return {
+        **results,
+        "views": config.views,
+        "num_patches": config.num_patches,
+        "num_train": int(data.train_labels.shape[0]),
+        "num_test": int(data.test_labels.shape[0]),
+        "num_classes": data.num_classes,
+        "feature_dim": int(features["train"].shape[1]),
+        **seconds,
+        "total_seconds": time.perf_counter() - start,
     }
-    for split, value in features.items():
-        if not torch.isfinite(value).all():  # also the wait for the features: feature_seconds is their time
-            raise ValueError(f"the encoder produced non-finite {split} features; the checkpoint is probably diverged")
-    feature_seconds = time.perf_counter() - start
+
+
+def _classify(
+    features: Dict[str, torch.Tensor], data: ImageDataset, config: EvalConfig, seconds: Dict[str, float]
+) -> Dict[str, float]:
+    """The linear probe and the kNN on one view's features (their times added to ``seconds``)."""
+    clock = time.perf_counter()
     labelled = LabelledFeatures(
         features["train"], data.train_labels, features["test"], data.test_labels, data.num_classes
     )
@@ -79,24 +121,16 @@ def evaluate(
         batch_size=config.linear_batch_size,
         seed=config.seed,
     )
-    probe_seconds = time.perf_counter() - start - feature_seconds
+    seconds["probe_seconds"] += time.perf_counter() - clock
+    clock = time.perf_counter()
     knn = knn_classify(labelled, k=config.knn_k, temperature=config.knn_temperature)
-    knn_seconds = time.perf_counter() - start - feature_seconds - probe_seconds
+    seconds["knn_seconds"] += time.perf_counter() - clock
     return {
         "linear_top1": probe["final_top1"],
         "linear_best_epoch_top1": probe["best_epoch_top1"],
         "linear_best_epoch": probe["best_epoch"],
         "knn_top1": knn["top1"],
         "knn_top5": knn["top5"],
-        "num_patches": config.num_patches,
-        "num_train": int(data.train_labels.shape[0]),
-        "num_test": int(data.test_labels.shape[0]),
-        "num_classes": data.num_classes,
-        "feature_dim": int(features["train"].shape[1]),
-        "feature_seconds": feature_seconds,
-        "probe_seconds": probe_seconds,
-        "knn_seconds": knn_seconds,
-        "total_seconds": time.perf_counter() - start,
     }
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from ..checks import positive_int
 from ..files import check_output_folder
-from ..training.run_folder import RunLock
+from ..training.run_lock import RunLock
 from .sweep import EXPERIMENTS, Sweep, SweepError, SweepStopped, Task, check_memory
 
 

@@ -30,7 +30,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from ..files import append_text, open_input, remove_stale_temporaries, write_atomically
-from ..training.run_folder import CHECKPOINT_NAME, LOCK_NAME, METRICS_NAME
+from ..training.run_folder import CHECKPOINT_NAME, METRICS_NAME
+from ..training.run_lock import LOCK_NAME
 from .published import Recipe
 
 EXPERIMENTS = {
@@ -377,8 +378,9 @@ def check_memory(sweep: Sweep) -> None:
     beside the memory available), and refuse the sweep naming every cell that does not, with the largest patch
     count that fits (the trainer's own check, empssl.training.memory.check_step_fits, on each cell's
     configuration)."""
-    from ..config import TrainConfig, add_options, from_args
+    from ..config import TrainConfig
     from ..device import resolve_device
+    from ..options import add_options, from_args
     from ..training.memory import available_memory, check_step_fits, estimate_step_memory, gib
 
     parser = argparse.ArgumentParser(add_help=False)  # the train options of --train-args, as `empssl train` reads them

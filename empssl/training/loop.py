@@ -34,6 +34,7 @@ from ..data.dataset import ImageDataset, check_batch_size, check_image_size, fin
 from ..data.load import load_dataset
 from ..device import check_fits, cudnn_benchmark, float32_precision, resolve_device
 from .memory import check_step_fits
+from .monitor import OnlineMonitor
 from .run_folder import RunFolder, check_resume_data
 from .signals import StopRequest, TrainingInterrupted
 from .step import TrainState, build_train_state, captured_train_step, train_step
@@ -86,7 +87,7 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
             device = resolve_device(config.device)
             if distributed.rank() == 0:
                 folder = RunFolder(config.out_dir).open(config)
-                held.callback(folder.close)
+                held.push(lambda kind, error, trace: folder.close(failed=kind is not None))
         # rank 0's checkpoint for every rank (the other nodes need no copy of the file)
         resumed, same_run = distributed.broadcast_object((folder.resumed, folder.same_run) if folder else None)
         data, images, data_fingerprint = _training_images(config, data, resumed, device)
@@ -180,6 +181,7 @@ class _TrainingLoop:
             if self.step < self.total_steps:
                 config.warn_short_schedule(self.steps_per_epoch, self.total_steps)
             folder.start(self.run_id, config.resume if resumed is not None else None, self.step, self.elapsed_before)
+        self.monitor = OnlineMonitor(config, data, images, state.bf16)
         self.start = time.perf_counter()
         self.last_metrics: Dict[str, Any] = {}
         self.bar = None
@@ -197,15 +199,21 @@ class _TrainingLoop:
             dynamic_ncols=True,
         )
         reader = LateReader(state.metric_sums, self.emit)
-        window_start, window_steps = self.start, 0
+        window_start, window_steps, window_monitor_s = self.start, 0, 0.0
         state.encoder.train()
         run_step = self.step_function()
         with StopRequest() as stop, cudnn_benchmark(state.device.type == "cuda"), float32_precision(config.tf32):
             try:
                 while self.step < self.total_steps:
-                    run_step(*self.next_batch())
+                    batch = self.next_batch()
+                    monitor_now = self.monitor.due(self.step + 1)
+                    if monitor_now:  # the step's own embeddings, before its update (training.monitor)
+                        self.monitor.step_embeddings(state, *batch)
+                    run_step(*batch)
                     self.step += 1
                     window_steps += 1
+                    monitored = self.monitor.measure(state, self.step) if monitor_now else {}
+                    window_monitor_s += monitored.get("monitor_s", 0.0)
 
                     # every rank stops after the same step, whichever rank the signal reached
                     signum = stop.signum if self.world == 1 else distributed.agree_on_stop(stop.signum)
@@ -214,11 +222,13 @@ class _TrainingLoop:
                         or self.step == self.total_steps
                         or signum is not None
                     )
-                    # a line at every checkpoint too: the file cut back to a checkpoint on resume covers every step
-                    if self.step % config.log_every == 0 or checkpoint_now:
+                    # a line at every checkpoint too: the file cut back to a checkpoint on resume covers every step;
+                    # and at every monitored step, which carries the monitoring's values
+                    if self.step % config.log_every == 0 or checkpoint_now or monitor_now:
                         now = time.perf_counter()
-                        reader.close_window(self.window_record(window_steps, now - window_start), window_steps)
-                        window_start, window_steps = now, 0
+                        record = self.window_record(window_steps, now - window_start - window_monitor_s)
+                        reader.close_window({**record, **monitored}, window_steps)
+                        window_start, window_steps, window_monitor_s = now, 0, 0.0
                     if checkpoint_now:
                         reader.flush()  # a checkpoint waits for its step: it never holds a step past a non-finite loss
                         self.checkpoint()
@@ -313,7 +323,7 @@ class _TrainingLoop:
             **{k: v for k, v in record.items() if k not in ("step", "epoch")},
         }
         if self.folder is not None:
-            self.folder.metrics.write(self.last_metrics)
+            self.folder.log(self.last_metrics)
         self.bar.set_postfix(
             loss=f"{means[0]:.3f}",
             tcr=f"{means[1]:.3f}",

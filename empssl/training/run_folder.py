@@ -7,10 +7,9 @@ checkpoint). On resume ``metrics.jsonl`` is cut back to the checkpoint's step an
 marker, so each step appears at most once, in order. A kill can leave temporary files of an atomic
 write behind: the next run in the folder removes them.
 
-One run at a time: ``RunLock`` holds an exclusive ``flock`` on ``.lock`` in the folder for the whole run, taken
-before the folder's files are judged, so a second run into the folder is refused with the holder's pid, host,
-run id and start time (the lock file's text, for the message only). The kernel drops the lock when its process
-dies, so a lock file left by a killed run never blocks. A folder holding only ``metrics.jsonl`` (its run stopped
+One run at a time: ``RunLock`` (``training.run_lock``) holds an exclusive ``flock`` on ``.lock`` in the folder for
+the whole run, taken before the folder's files are judged, so a second run into the folder is refused with the
+holder's pid, host and run id. A folder holding only ``metrics.jsonl`` (its run stopped
 before its first checkpoint: a full disk, a crash, a non-finite loss) holds nothing to resume: a new run replaces
 it, with a note, once it writes its first checkpoint (no ``--overwrite`` needed).
 
@@ -22,13 +21,10 @@ far more than a run (``/``, the home folder, a repository's root) is refused unl
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
+import dataclasses
 import json
 import os
-import socket
 import sys
-import time
 import warnings
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -38,17 +34,20 @@ from ..files import (
     append_text,
     check_output_folder,
     open_input,
-    open_owned,
     refuse_link,
     remove_stale_temporaries,
     same_file,
+    write_atomically,
 )
+from ..options import config_toml
 from .curves import write_training_curves
+from .run_lock import RunLock
+from .trackers import Trackers
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
-LOCK_NAME = ".lock"
+CONFIG_NAME = "config.toml"  # the run's effective configuration: `empssl train --config DIR/config.toml` takes it
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME)  # the files that make a folder a run's
 # fields that change the training trajectory: a resume with other values is not a continuation
 _TRAJECTORY_FIELDS = (
@@ -86,18 +85,35 @@ class RunFolder:
         self.checkpoint_path = os.path.join(path, CHECKPOINT_NAME)
         self.metrics_path = os.path.join(path, METRICS_NAME)
         self.curves_path = os.path.join(path, CURVES_NAME)
+        self.config_path = os.path.join(path, CONFIG_NAME)
         self.lock = RunLock(path)
         self.resumed: Optional[Dict[str, Any]] = None  # the checkpoint a resume continues
         self.same_run = False  # the resumed checkpoint is this folder's own: the run continues the folder's run
         self.holds_other_run = False  # the folder holds another run's files, replaced on take-over
         self.metrics: Optional[MetricsLog] = None
+        self.trackers: Optional[Trackers] = None
+        self.run_id: Optional[str] = None
+        self.config_text = ""
+        self.history: List[Dict[str, Any]] = []  # the resumed run's lines, up to its checkpoint
+        self.files_started = False  # the configuration file is written and the trackers have started
 
     def open(self, config) -> "RunFolder":
         """Check ``config.out_dir`` and ``config.resume`` (``config``: a TrainConfig) before anything is written;
-        ValueError/CheckpointError naming what is wrong. Takes the lock: ``close`` releases it."""
+        ValueError/CheckpointError naming what is wrong (also a tracker whose package is missing). Takes the lock:
+        ``close`` releases it."""
         check_output_folder(self.path, "--out-dir", config.overwrite)
-        for name in (CHECKPOINT_NAME, METRICS_NAME, CURVES_NAME):  # never written through: see empssl/files.py
+        for name in (CHECKPOINT_NAME, METRICS_NAME, CURVES_NAME, CONFIG_NAME):  # never written through: empssl/files.py
             refuse_link(os.path.join(self.path, name), "--out-dir's")
+        trackers = Trackers(self.path, config.tensorboard, config.wandb, dataclasses.asdict(config))
+        self.config_text = config_toml(
+            config,
+            header=(
+                "The effective configuration of the run in this folder, written by empssl train. It runs again with",
+                f"`empssl train --config {os.path.join(self.path, CONFIG_NAME)} --out-dir NEW_FOLDER`: an option given",
+                "beside --config wins over the file's (docs/training.md section 10).",
+            ),
+            leave_out={name: "how this run was started, not what it is" for name in ("resume", "overwrite")},
+        )
         self.lock.acquire()
         try:
             if config.resume:
@@ -114,6 +130,7 @@ class RunFolder:
         except BaseException:
             self.lock.release()
             raise
+        self.trackers = trackers
         return self
 
     def _check_other_run(self, overwrite: bool) -> bool:
@@ -137,7 +154,9 @@ class RunFolder:
 
     def start(self, run_id: Optional[str], resume_path: Optional[str], step: int, elapsed_s: float) -> None:
         """Every input is checked: from here on the folder is this run's. The metrics log starts from the resumed
-        run's lines up to ``step`` (then one resume marker), or empty."""
+        run's lines up to ``step`` (then one resume marker), or empty. The configuration file and the trackers
+        start with the run's first line or checkpoint in a folder it owns (under take-over: its first checkpoint)."""
+        self.run_id = run_id
         self.lock.record(run_id)
         remove_stale_temporaries(self.path)
         history: List[Dict[str, Any]] = []
@@ -145,15 +164,34 @@ class RunFolder:
             folder = self.path if self.same_run else os.path.dirname(os.path.realpath(resume_path))
             history = read_metrics(os.path.join(folder, METRICS_NAME), run_id=run_id, until_step=step)
             history.append({"event": "resume", "step": step, "elapsed_s": elapsed_s, "run_id": run_id})
+        self.history = history
         self.metrics = MetricsLog(self.metrics_path, history, owned=not self.holds_other_run or self.same_run)
+
+    def _own(self, records: List[Dict[str, Any]]) -> None:
+        """Once the run has something to keep (its first line or checkpoint) in a folder it owns: the configuration
+        file is written and the trackers start from ``records`` (the run's lines so far)."""
+        if self.files_started:
+            return
+        self.files_started = True
+        write_atomically(self.config_path, lambda f: f.write(self.config_text.encode()))
+        self.trackers.start(records, self.run_id)
+
+    def log(self, record: Dict[str, Any]) -> None:
+        """One line of the metrics log, and the same record to every tracker."""
+        if self.metrics.owned:
+            self._own(self.history)
+        self.metrics.write(record)
+        self.trackers.log(record)
 
     def write_checkpoint(self, payload: Dict[str, Any]) -> None:
         """The checkpoint, atomically. Under take-over the new metrics log and the checkpoint are both written in
         full before either replaces the old run's (so a failed write, a full disk, leaves the old run whole), and the
-        old run's curves go with them."""
+        old run's curves go with them; then this run's configuration file and trackers replace the old run's."""
         if self.metrics.owned:
             ckpt.save_checkpoint(self.checkpoint_path, payload)
+            self._own(self.history)
             return
+        records = list(self.metrics.pending)
         metrics = self.metrics.stage()
         try:
             checkpoint = ckpt.stage_checkpoint(self.checkpoint_path, payload)
@@ -164,6 +202,7 @@ class RunFolder:
         self.metrics.taken_over()
         checkpoint.commit()  # the checkpoint last: its presence makes the folder this run's
         self._remove_old_curves()
+        self._own(records)
 
     def _remove_old_curves(self) -> None:
         with contextlib.suppress(OSError):
@@ -174,8 +213,12 @@ class RunFolder:
         curves.png is drawn from it (where matplotlib is installed). Curves that cannot be drawn or written (a full
         disk) are a warning: the run's checkpoint and metrics are complete."""
         if not self.metrics.owned:
+            records = list(self.metrics.pending)
             self.metrics.take_over()
             self._remove_old_curves()
+            self._own(records)
+        self._own(self.history)
+        self.trackers.close()
         try:
             write_training_curves(read_step_metrics(self.metrics_path), self.curves_path)
         except Exception as err:  # an optional output: never the run's failure
@@ -185,7 +228,9 @@ class RunFolder:
                 f"it later with `empssl plot {self.path}`"
             )
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        if self.trackers is not None:
+            self.trackers.close(failed)
         self.lock.release()
 
 
@@ -303,94 +348,6 @@ def check_resume_data(path: str, resumed: Dict[str, Any], config, data, fingerpr
         f"{num_train} of {image_size}x{image_size} ({data.name}); {why}. Resume with the checkpoint's data "
         f"settings, or start a new run in another --out-dir"
     )
-
-
-class RunFolderBusy(ValueError):
-    """Another live process holds the run folder's lock."""
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``folder/.lock``, held from ``acquire`` to ``release`` (a context manager).
-
-    The file's text (pid, host, run id, start time) only names the holder in the refusal; the lock itself is the
-    kernel's and goes with its process. ``release`` removes the file; ``acquire`` checks that the file it locked is
-    still the one at the path (a release between its open and its flock removed it), else it tries again.
-    Creating the folder is the only thing written before the run's inputs are checked; an empty folder this lock
-    created is removed again on release.
-    """
-
-    def __init__(self, folder: str):
-        self.folder, self.path = folder, os.path.join(folder, LOCK_NAME)
-        self.fd: Optional[int] = None
-        self.created_folder = False
-        self.started = time.strftime("%Y-%m-%d %H:%M:%S")
-
-    def acquire(self) -> "RunLock":
-        self.created_folder = not os.path.isdir(self.folder)
-        os.makedirs(self.folder, exist_ok=True)
-        while True:
-            fd = open_owned(self.path, os.O_RDWR | os.O_CREAT, "the lock file")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                holder = self._holder(fd)
-                os.close(fd)
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                raise RunFolderBusy(
-                    f"--out-dir {self.folder} is in use by another run ({holder}); wait for it "
-                    f"to finish, or pass another --out-dir"
-                ) from None
-            if self._is_at_path(fd):
-                self.fd = fd
-                self.record(None)
-                return self
-            os.close(fd)
-
-    def _is_at_path(self, fd: int) -> bool:
-        """Whether ``fd`` is still the file at the lock's path (not removed or replaced since it was opened)."""
-        try:
-            return os.path.samestat(os.fstat(fd), os.lstat(self.path))
-        except FileNotFoundError:
-            return False
-
-    @staticmethod
-    def _holder(fd: int) -> str:
-        try:
-            info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        except (OSError, ValueError):
-            info = {}
-        if not isinstance(info, dict) or not info:
-            return "its lock file names no holder"
-        return (
-            f"pid {info.get('pid')} on {info.get('host')}, run id {info.get('run_id') or 'not yet known'}, "
-            f"started {info.get('started')}"
-        )
-
-    def record(self, run_id: Optional[str]) -> None:
-        """Write the holder's description into the lock file (for a refused second run's message)."""
-        text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id, "started": self.started})
-        with contextlib.suppress(OSError):
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, (text + "\n").encode(), 0)
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        if self._is_at_path(self.fd):  # only this lock's own file: never what replaced it at the path
-            with contextlib.suppress(OSError):
-                os.remove(self.path)  # while still locked: a waiting process sees the path gone and tries again
-        os.close(self.fd)
-        self.fd = None
-        if self.created_folder:
-            with contextlib.suppress(OSError):
-                os.rmdir(self.folder)  # only if empty: the run failed before writing anything
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 class MetricsLog:
