@@ -25,6 +25,7 @@ from ..augment.multipatch import MultiPatchAugment
 from ..config import EvalConfig
 from ..device import cudnn_benchmark
 from ..models.fold import fold_batchnorm
+from ..models.fused import fuse_conv_epilogues
 
 DEFAULTS = EvalConfig()  # the recipe's settings: the defaults below are read from here
 
@@ -80,6 +81,7 @@ def extract_features(
     seed: int = DEFAULTS.seed,
     split_key: int = 0,
     fold: bool = True,
+    fused_conv: bool = False,
     image_keys: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """(N, feature_dim) float32: per image, the mean ``encoder.features`` of ``num_patches`` augmented patches.
@@ -90,7 +92,8 @@ def extract_features(
     on the images' device): the k of each image (its index in its split, when ``images`` is a subset of one), so
     that an image gets its patches whatever subset it is embedded in; default: its position in ``images``.
     ``fold``: run a BatchNorm-folded copy of the encoder (``fold_batchnorm``; on CUDA in bf16 when ``bf16``, with the
-    patches' memory format); otherwise the encoder itself in eval mode (its mode is restored after).
+    patches' memory format; ``fused_conv``: each convolution with its bias, ReLU and residual add in one cuDNN
+    kernel, ``models.fused``); otherwise the encoder itself in eval mode (its mode is restored after).
     Chunks hold ``max_patches_per_forward // num_patches`` images (default: ``MAX_PATCHES_PER_FORWARD``
     of the device type; at most a rank's share of the images); the last is padded to that size, so
     every forward has the same shape.
@@ -100,6 +103,8 @@ def extract_features(
     if not isinstance(num_patches, int) or num_patches < 1:
         raise ValueError(f"num_patches must be a positive integer, got {num_patches!r}")
     _check_images(images)
+    if fused_conv and not fold:
+        raise ValueError("fused_conv fuses the BatchNorm-folded encoder's convolutions: it needs fold=True")
     device = images.device
     if generator is not None and distributed.world_size() > 1:
         raise ValueError(
@@ -119,7 +124,7 @@ def extract_features(
         return augment(batch, num_patches, seed=seed, step=split_key, image_ids=keys)
 
     return _chunked_features(
-        encoder, images, patches_of, num_patches, bf16, max_patches_per_forward, progress, description, fold
+        encoder, images, patches_of, num_patches, bf16, max_patches_per_forward, progress, description, fold, fused_conv
     )
 
 
@@ -173,6 +178,7 @@ def _chunked_features(
     progress: bool,
     description: str,
     fold: bool,
+    fused_conv: bool = False,
 ) -> torch.Tensor:
     """(N, feature_dim) float32: the mean ``features`` of the ``per_image`` network inputs ``inputs_of(batch,
     image_ids)`` makes of each image (patch-major), in equal chunks, each rank its slice (``extract_features``)."""
@@ -192,6 +198,8 @@ def _chunked_features(
             network = network.to(memory_format=torch.channels_last)
             if on_gpu_bf16:
                 network = network.to(torch.bfloat16)
+        if fused_conv:
+            network = fuse_conv_epilogues(network)
     else:
         network = encoder
     was_training = encoder.training

@@ -82,6 +82,7 @@ def evaluate(
                     description=description,
                     seed=config.seed,
                     split_key=key,
+                    fused_conv=config.fused_conv,
                 )
             if not torch.isfinite(features[split]).all():  # also the wait for the features: their time is theirs
                 raise ValueError(

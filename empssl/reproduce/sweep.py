@@ -374,12 +374,14 @@ def _run_seconds(folder: str) -> float:
 
 
 def check_memory(sweep: Sweep) -> None:
-    """Refuse, before any cell runs, a training cell whose step cannot fit on the device (the trainer's own check,
-    empssl.training.memory.check_step_fits, on each cell's configuration)."""
+    """Say, before any cell runs, which training cells fit on the device (the estimate of each patch count's step
+    beside the memory available), and refuse the sweep naming every cell that does not, with the largest patch
+    count that fits (the trainer's own check, empssl.training.memory.check_step_fits, on each cell's
+    configuration)."""
     from ..config import TrainConfig
     from ..device import resolve_device
     from ..options import add_options, from_args
-    from ..training.memory import check_step_fits
+    from ..training.memory import available_memory, check_step_fits, estimate_step_memory, gib
 
     parser = argparse.ArgumentParser(add_help=False)  # the train options of --train-args, as `empssl train` reads them
     groups: Dict[str, Any] = {}
@@ -388,11 +390,36 @@ def check_memory(sweep: Sweep) -> None:
     known, _ = parser.parse_known_args(sweep.train_args)  # process options (--threads) are not the config's
     config = from_args(TrainConfig, known)
     device = resolve_device(sweep.args.device)
-    for task in sweep.tasks:
-        if task.kind == "train":
-            try:
-                check_step_fits(
-                    dataclasses.replace(config, num_patches=task.recipe.num_patches), device, config.image_size or 32
-                )
-            except ValueError as err:
-                raise SweepError(f"cell {task.cell} cannot fit: {err}") from None
+    image_size = config.image_size or 32
+    refused: Dict[int, str] = {}
+    lines = []
+    for num_patches in sorted({task.recipe.num_patches for task in sweep.tasks if task.kind == "train"}):
+        cell = dataclasses.replace(config, num_patches=num_patches)
+        try:
+            check_step_fits(cell, device, image_size)
+        except ValueError as err:
+            refused[num_patches] = str(err)
+        try:
+            need = gib(
+                estimate_step_memory(
+                    **cell.model_config(),
+                    image_size=image_size,
+                    batch_size=cell.batch_size,
+                    num_patches=num_patches,
+                    bf16=cell.bf16 and device.type == "cuda",
+                ).total
+            )
+        except (RuntimeError, OverflowError, ValueError):
+            need = "more than any device"
+        lines.append(f"{num_patches} patches: {need}, {'does not fit' if num_patches in refused else 'fits'}")
+    available = available_memory(device)
+    if lines:
+        where = f"{device} ({gib(available)} available)" if available is not None else f"{device}"
+        print(f"empssl reproduce: a training step on {where}: " + "; ".join(lines), file=sys.stderr, flush=True)
+    if refused:
+        cells = [task.cell for task in sweep.tasks if task.kind == "train" and task.recipe.num_patches in refused]
+        first = refused[min(refused)]
+        raise SweepError(
+            f"cell {cells[0]} cannot fit: {first}"
+            + (f" (the cells that cannot fit: {', '.join(cells)})" if len(cells) > 1 else "")
+        )
