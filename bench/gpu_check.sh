@@ -1,54 +1,72 @@
 #!/usr/bin/env bash
-# The one prepared device check for a lent GPU machine (no network; Python 3.12, torch, triton,
-# pytest preinstalled there). It installs the package for the card's architecture, checks that
-# everything imports, then runs what matters most first: the training epoch (eager, captured, the
-# published path, the speed-up), the kernel benchmarks, the tests marked `gpu` (training, capture,
-# evaluation and NCCL first, the kernel sweeps after), and last the compiled epoch row (a cold
-# Inductor compile is the slowest and least needed figure).
+# The prepared device check for a lent GPU machine (no network; Python 3.12, torch, triton, pytest preinstalled
+# there), in two calls (docs/benchmarks.md section 5). Each installs the package for the card's architecture with its
+# CUDA part insisted on (EMPSSL_BUILD_CUDA=1), checks the imports and names the backends the epoch will time, then:
+#   call 1 (the default, at most 7 min with the install): the epoch rows (eager and captured step, the published
+#          path under torch's TF32 defaults and the speed-up, the evaluation), each written the moment it is
+#          measured; the gpu tests that give the verdict on what those rows time (training, capture, evaluation,
+#          NCCL; the CUDA loss at the recipe's shapes and its auto choice; the CUDA augmentation; the optimiser; the
+#          other CUDA shapes; the opchecks: tests/gpu_order.py); the kernel benchmarks.
+#   call 2 (only if time is left; about 3 min when the machine call 1 used is still warm, whose build it keeps): the
+#          compiled step variants' rows, then the rest of the gpu tests (the compiled step, the composite loss, the
+#          Triton sweeps).
 #
-#   bash bench/gpu_check.sh OUT                    # on the GPU machine: the default steps
+#   bash bench/gpu_check.sh OUT                    # call 1
+#   bash bench/gpu_check.sh OUT call2              # call 2
 #   bash bench/gpu_check.sh OUT tests bench_tcr    # only these steps (env, imports and summary always run)
-#   bash bench/gpu_check.sh --rehearse OUT         # on a machine without a GPU: every part that needs none
+#   bash bench/gpu_check.sh --rehearse OUT         # on a machine without a GPU: both calls, every part that needs none
+#   bash bench/gpu_check.sh --plan                 # both calls' plans, nothing run
 #
-# Every step runs under `timeout -k`; the limits of the selected steps, install included, add up to
-# at most 420 s (checked, and printed as the plan, before anything runs). Each step appends to OUT as
-# it goes, and summary.txt is rewritten after every step and every 15 s while one runs, so a step or a
-# whole run that is killed keeps everything finished before it, its summary included.
-# OUT holds at most 8 files: gpu_check.log (everything printed), env.txt, steps.csv, results.csv (every
-# benchmark row), tests.txt (the gpu tests' outcome), summary.txt and results.png.
-# --rehearse runs the same install command, the imports, collects the gpu tests in the GPU run's order
-# (an import or collection error fails it) and with torch pretending an sm_90 device (no gpu test may
-# hide), compiles every Triton configuration ahead of time for sm_90 under the installed triton, runs
-# each benchmark at a toy size on the CPU with the same output options, and checks the file count and
-# the limits; its time limits are the GPU ones times REHEARSE_SLOWDOWN (default 4: a 2-core CPU builds
-# and compiles that much slower than the 16-core GPU machine).
+# Every step runs under `timeout -k`; each call's limits, install included, add up to at most its budget (checked,
+# and both plans printed, before anything runs). Each step appends to OUT as it goes, and summary.txt is rewritten
+# after every step and every 15 s while one runs (bench/gpu_summary.py: test counts from the test lines themselves),
+# so a step or a whole run that is killed keeps everything finished before it, its summary included.
+# OUT holds at most 8 files: gpu_check.log (everything printed), env.txt, steps.csv, results.csv (every benchmark
+# row), tests.txt (the gpu tests' outcome, one line each), summary.txt and results.png.
+# --rehearse runs the same install command, the imports, collects each call's gpu tests in the GPU run's order (an
+# import or collection error fails it) and with torch pretending an sm_90 device (no gpu test may hide), compiles
+# every Triton configuration ahead of time for sm_90 under the installed triton, runs each benchmark at a toy size
+# on the CPU with the same output options, and checks the file count and both calls' limits; its time limits are
+# the GPU ones times REHEARSE_SLOWDOWN (default 4: a 2-core CPU builds and compiles that much slower than the
+# 16-core GPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 rehearse=0
+plan_only=0
 if [ "${1:-}" = "--rehearse" ]; then rehearse=1; shift; fi
-out=${1:?usage: bash bench/gpu_check.sh [--rehearse] OUT [STEP ...]}
+if [ "${1:-}" = "--plan" ]; then plan_only=1; set -- "${TMPDIR:-/tmp}" "${@:2}"; fi
+out=${1:?usage: bash bench/gpu_check.sh [--rehearse] OUT [call1|call2|STEP ...] | bash bench/gpu_check.sh --plan}
 shift
 mkdir -p "$out" || exit 2
 out=$(cd "$out" && pwd)
 
 # step -> GPU time limit in seconds; the order is the order they run in (by value: key figures first)
-STEP_NAMES=(env install imports bench_epoch bench_tcr bench_augment tests bench_step bench_data bench_compiled summary)
-# bench_step and bench_data are not default steps: bench_epoch's "share" rows hold the step's phases, and the
-# store's read rate into the GPU (bench data: pinned buffers, a side stream) matters once a set outgrows memory;
-# name them to run them (each fits in place of another step)
-DEFAULT_OFF=(bench_step bench_data)
-declare -A LIMIT=([env]=10 [install]=90 [imports]=15 [bench_epoch]=65 [bench_tcr]=30 [bench_augment]=25 [tests]=105
-                  [bench_step]=20 [bench_data]=40 [bench_compiled]=70 [summary]=10)
-BUDGET=420
+STEP_NAMES=(env install imports bench_epoch tests bench_tcr bench_augment bench_step bench_data bench_compiled sweeps summary)
+CALL1=(env install imports bench_epoch tests bench_tcr bench_augment summary)
+CALL2=(env install imports bench_compiled sweeps summary)
+# bench_step and bench_data are in no call: bench_epoch's "share" rows hold the step's phases, and the store's read
+# rate into the GPU (bench data: pinned buffers, a side stream) matters once a set outgrows memory; name them to run
+# them (each fits in place of another step)
+declare -A LIMIT=([env]=10 [install]=90 [imports]=15 [bench_epoch]=85 [tests]=165 [bench_tcr]=25 [bench_augment]=20
+                  [bench_step]=20 [bench_data]=40 [bench_compiled]=95 [sweeps]=50 [summary]=10)
+# a call's budget: call 1 at most 7 min with the install; call 2 what is left of a 15-min lease after two starts
+declare -A BUDGET=([call1]=420 [call2]=270)
 MAX_FILES=8
 
 selected=("$@")
-if [ ${#selected[@]} -eq 0 ]; then
-  for name in "${STEP_NAMES[@]}"; do [[ " ${DEFAULT_OFF[*]} " == *" $name "* ]] || selected+=("$name"); done
+if [ ${#selected[@]} -eq 0 ]; then selected=(call1); fi
+call=custom
+if [ "${selected[*]}" = call1 ]; then call=call1; selected=("${CALL1[@]}"); fi
+if [ "${selected[*]}" = call2 ]; then call=call2; selected=("${CALL2[@]}"); fi
+if [ "$rehearse" = 1 ] && [ "$call" = call1 ] && [ $# -eq 0 ]; then  # the rehearsal: both calls' steps, in order
+  call=both
+  selected=()
+  for name in "${STEP_NAMES[@]}"; do case $name in bench_step|bench_data) ;; *) selected+=("$name") ;; esac; done
 fi
 for name in "${selected[@]}"; do
-  [ -n "${LIMIT[$name]:-}" ] || { echo "gpu_check: unknown step '$name' (steps: ${STEP_NAMES[*]})"; exit 2; }
+  [ -n "${LIMIT[$name]:-}" ] || {
+    echo "gpu_check: unknown step '$name' (calls: call1, call2; steps: ${STEP_NAMES[*]})"; exit 2; }
 done
 wanted() {  # env, imports and summary always run: they are cheap and every later step needs them
   local name=$1 s
@@ -56,15 +74,26 @@ wanted() {  # env, imports and summary always run: they are cheap and every late
   for s in "${selected[@]}"; do [ "$s" = "$name" ] && return 0; done
   return 1
 }
-total=0
-plan=()
-for name in "${STEP_NAMES[@]}"; do
-  if wanted "$name"; then total=$(( total + LIMIT[$name] )); plan+=("$name ${LIMIT[$name]} s"); fi
-done
-plan_line="plan (GPU limits, in order): $(IFS=,; echo "${plan[*]}" | sed 's/,/, /g') = ${total} s of ${BUDGET}"
-if [ "$total" -gt "$BUDGET" ]; then
-  echo "$plan_line"
-  echo "gpu_check: the selected steps' limits add up to ${total} s, over the ${BUDGET} s budget"
+plan_of() {  # plan_of NAME STEP...: "NAME: a 10 s, b 90 s = 100 s of BUDGET"; fails when over the budget
+  local title=$1 budget=$2 total=0 parts=() name
+  shift 2
+  for name in "$@"; do total=$(( total + LIMIT[$name] )); parts+=("$name ${LIMIT[$name]} s"); done
+  echo "$title (GPU limits, in order): $(IFS=,; echo "${parts[*]}" | sed 's/,/, /g') = ${total} s of ${budget}"
+  [ "$total" -le "$budget" ]
+}
+plans_ok=1
+plan1=$(plan_of "call 1" "${BUDGET[call1]}" "${CALL1[@]}") || plans_ok=0
+plan2=$(plan_of "call 2" "${BUDGET[call2]}" "${CALL2[@]}") || plans_ok=0
+this_plan=""
+if [ "$call" = custom ]; then
+  custom=()
+  for name in "${STEP_NAMES[@]}"; do wanted "$name" && custom+=("$name"); done
+  this_plan=$(plan_of "this run" "${BUDGET[call1]}" "${custom[@]}") || plans_ok=0
+fi
+if [ "$plans_ok" = 0 ] || [ "$plan_only" = 1 ]; then
+  printf '%s\n' "$plan1" "$plan2" ${this_plan:+"$this_plan"}
+  [ "$plans_ok" = 1 ] && exit 0
+  echo "gpu_check: a plan's limits add up to more than its budget"
   exit 2
 fi
 
@@ -80,7 +109,7 @@ slowdown=1
 if [ "$rehearse" = 1 ]; then
   slowdown=${REHEARSE_SLOWDOWN:-4}
   export CUDA_VISIBLE_DEVICES=""  # nothing here may find a GPU by accident
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # the H200's, as the GPU branch would probe it
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # an H100's and H200's, as the GPU branch would probe it
 else
   export TRITON_INTERPRET=0  # compiled Triton kernels on the GPU, never the interpreter
 fi
@@ -124,72 +153,96 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
       f"triton {triton_version}, numpy {numpy.__version__}, {platform.machine()}")
 if torch.cuda.is_available():
     major, minor = torch.cuda.get_device_capability()
-    print(f"gpu: {torch.cuda.get_device_name()} (sm_{major}{minor}), {torch.cuda.device_count()} device(s)")
+    free, total = torch.cuda.mem_get_info()
+    print(f"gpu: {torch.cuda.get_device_name()} (sm_{major}{minor}), {torch.cuda.device_count()} device(s), "
+          f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
 else:
     print("gpu: none visible")
 PY
 }
 
+built_here() {  # this tree's extension is built for this Python, with its CUDA part, newer than its sources (warm)
+  "$py" - <<'PY' 2>/dev/null
+import os, sys
+import empssl, empssl._C
+here = os.path.abspath("empssl")
+library = os.path.abspath(empssl._C.__file__)
+sources = [os.path.join(d, f) for d, _, files in os.walk("csrc") for f in files] + ["setup.py"]
+ours = os.path.dirname(library) == here and os.path.dirname(os.path.abspath(empssl.__file__)) == here
+fresh = all(os.path.getmtime(source) <= os.path.getmtime(library) for source in sources)
+sys.exit(0 if ours and fresh and empssl._C.with_cuda else 1)
+PY
+}
+
 install_package() {
+  if built_here; then
+    echo "install: skipped: this tree's extension is built, with its CUDA part, and newer than csrc/ (a warm machine)"
+    return 0
+  fi
   if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # one architecture only, this card's: half the nvcc time
     TORCH_CUDA_ARCH_LIST=$(timeout 30 "$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') || return 1
     export TORCH_CUDA_ARCH_LIST
   fi
-  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
-  "$py" -m pip install --no-build-isolation --no-deps -e .
+  # the CUDA part insisted on: a missed nvcc fails here instead of timing Triton in its place
+  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS EMPSSL_BUILD_CUDA=1"
+  EMPSSL_BUILD_CUDA=1 "$py" -m pip install --no-build-isolation --no-deps -e .
 }
 
 check_imports() {
   "$py" - <<'PY' || return 1
+import os, sys
+import torch
 import empssl, empssl._C, empssl.kernels.tcr, empssl.kernels.augment, empssl.bench.tcr, empssl.bench.augment, empssl.bench.step, empssl.bench.epoch
+from empssl.bench.epoch import step_backends
+from empssl.config import TrainConfig
 print(f"empssl {empssl.__version__} from {empssl.__file__}; extension CUDA part: {empssl._C.with_cuda}")
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+chosen = step_backends(TrainConfig(), device)
+print(f"the epoch will time, on {device.type}: " + ", ".join(f"{op} backend {name}" for op, name in chosen.items())
+      + " (auto's choice for the recipe's inputs)")
+if os.environ.get("GPU_CHECK_REHEARSE") != "1" and set(chosen.values()) != {"cuda"}:
+    sys.exit("gpu_check: the epoch would not time the CUDA kernels: the CUDA part is missing or refused (see above)")
 PY
   "$py" -m empssl info
 }
 
-pytest_timeout_args() {  # a per-test limit where pytest-timeout is installed (it is on the GPU machine)
-  if "$py" -c "import pytest_timeout" 2>/dev/null; then echo "--timeout=60"; fi
+pytest_per_test_limit() {  # a per-test limit where pytest-timeout is installed (it is on the GPU machine)
+  if "$py" -c "import pytest_timeout" 2>/dev/null; then echo "--timeout=$1"; fi
 }
 
-# the gpu tests by value: training, capture, evaluation and NCCL first, then the rest, the kernel sweeps last
-# (pytest runs the files in this order and collects a file named twice once)
-test_files() {
-  local first=(tests/test_train_step.py tests/test_train.py tests/test_evaluate.py tests/test_train_distributed.py
-               tests/test_evaluate_distributed.py)
-  local last=(tests/test_augment_triton.py tests/test_augment_backends.py tests/test_tcr_triton.py tests/test_tcr_backends.py)
-  local f rest=()
-  for f in tests/test_*.py; do
-    [[ " ${first[*]} ${last[*]} " == *" $f "* ]] || rest+=("$f")
-  done
-  echo "${first[*]} ${rest[*]} ${last[*]}"
-}
-
+# run_tests CALL: the gpu tests of that call's groups, in their order (tests/gpu_order.py), one line each in tests.txt
 run_tests() {
-  local extra files
-  extra=$(pytest_timeout_args)
-  files=$(test_files)
+  local which=$1 extra workers=""
+  extra=$(pytest_per_test_limit "$([ "$which" = call1 ] && echo 60 || echo 150)")  # call 2 holds the compiled step
   [ -n "$extra" ] || echo "note: pytest-timeout not installed: no per-test limit (the step limit still holds)"
+  export EMPSSL_GPU_TESTS=$which PYTHONPATH="$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
   if [ "$rehearse" = 1 ]; then
     # what the GPU run would hit before its first test: an import or collection error fails here too
+    local collected rc
     # shellcheck disable=SC2086
-    "$py" -m pytest -q -m gpu --collect-only -p no:cacheprovider $extra $files > "$out/tests.txt" 2>&1
-    local rc=$?
-    tail -n 3 "$out/tests.txt"
-    [ "$rc" = 0 ] || { cat "$out/tests.txt"; return 1; }
-    echo "first gpu tests in the GPU run's order:"
-    grep -m 3 "::" "$out/tests.txt"
-    echo "every module holding gpu tests collects them on an sm_90 device with TRITON_INTERPRET=0:"
+    collected=$("$py" -m pytest -q -m gpu --collect-only -p no:cacheprovider -p gpu_order $extra tests 2>&1)
+    rc=$?
+    echo "$collected" >> "$out/tests.txt"
+    [ "$rc" = 0 ] || { echo "$collected" | tail -n 40; return 1; }
+    echo "$collected" | grep "^gpu test groups in order"
+    echo "$collected" | tail -n 1
+    echo "first gpu tests of $which in the GPU run's order:"
+    echo "$collected" | grep -m 4 "::"
+    [ "$which" = call1 ] || return 0
+    echo "every module holding gpu tests collects them on an sm_90 device with TRITON_INTERPRET=0, in the planned order:"
     "$py" -m pytest -q -p no:cacheprovider tests/test_gpu_collection.py 2>&1 | tail -n 1
     [ "${PIPESTATUS[0]}" = 0 ] || return 1
     echo "ahead-of-time compile of every Triton configuration for sm_90:"
     EMPSSL_AOT_TARGETS=90 "$py" -m pytest -q -p no:cacheprovider -s tests/test_triton_aot.py 2>&1 | grep -v "^\s*$"
     return "${PIPESTATUS[0]}"
   fi
+  # call 2's sweeps compile a Triton kernel per configuration: spread over workers where pytest-xdist is installed
+  if [ "$which" = call2 ] && "$py" -c "import xdist" 2>/dev/null; then workers="-n 4"; fi
   # one line per test in tests.txt, so a run killed at the step limit still shows what finished
   # shellcheck disable=SC2086
-  "$py" -m pytest -v -m gpu -p no:cacheprovider -rfE --durations=15 $extra $files > "$out/tests.txt" 2>&1
+  "$py" -m pytest -v -m gpu -p no:cacheprovider -p gpu_order -rfE --durations=15 $workers $extra tests >> "$out/tests.txt" 2>&1
   local rc=$?
-  grep -E "^(FAILED|ERROR)|(passed|failed|error).* in [0-9.]+s" "$out/tests.txt" | tail -n 40
+  grep -E "^gpu test groups|^(FAILED|ERROR)|(passed|failed|error).* in [0-9.]+s" "$out/tests.txt" | tail -n 40
   sed -n '/slowest 15 durations/,/^$/p' "$out/tests.txt" | head -n 17
   return "$rc"
 }
@@ -205,79 +258,17 @@ bench() {  # bench NAME [ARGS...]: one benchmark, its rows appended to results.c
 }
 
 summary() {  # summary [--plot]: summary.txt from what OUT holds now (cheap: rewritten after every step)
-  "$py" - "$out" "$@" <<'PY'
-import csv, os, re, sys
-out, plot = sys.argv[1], "--plot" in sys.argv[2:]
-sys.path.insert(0, os.getcwd())
-
-
-def readable(ms):
-    seconds = float(ms) / 1e3
-    if seconds < 1:
-        return f"{seconds * 1e3:.3g} ms"
-    return f"{seconds:.3g} s" if seconds < 120 else f"{seconds / 60:.3g} min" if seconds < 7200 else f"{seconds / 3600:.3g} h"
-
-
-lines = []
-env = os.path.join(out, "env.txt")
-if os.path.exists(env):
-    with open(env) as f:
-        lines += [line.rstrip() for line in f if line.strip()][:4]
-rows = []
-path = os.path.join(out, "results.csv")
-if os.path.exists(path):
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-if rows:
-    lines.append(f"device: {rows[0]['device']} | {rows[0]['versions']}")
-    lines.append(f"{'bench':8s} {'case':30s} {'method':34s} {'dtype':8s} {'time':>9s} {'rate':>10s} {'unit':10s} {'of limit':>8s}")
-    shown = rows[:48]
-    for r in shown:
-        head = f"{r['bench']:8s} {r['case'][:30]:30s} {r['method'][:34]:34s} {r['dtype'][:8]:8s}"
-        if r.get("error"):
-            lines.append(f"{head} FAILED: {r['error'][:80]}")
-            continue
-        fraction = f"{float(r['limit_fraction']):.1%}" if r["limit_fraction"] else ""
-        lines.append(f"{head} {readable(r['ms']):>9s} {float(r['rate']):10.3g} {r['rate_unit'][:10]:10s} {fraction:>8s}")
-    if len(shown) < len(rows):
-        lines.append(f"... {len(rows) - len(shown)} more rows in results.csv")
-    if plot:
-        try:
-            from empssl.bench.common import plot_rows
-            plot_rows(rows, os.path.join(out, "results.png"), f"{rows[0]['device']} | {rows[0]['versions']}")
-        except Exception as err:  # the plot is a convenience; the CSV is the record
-            lines.append(f"no plot: {type(err).__name__}: {err}")
-tests = os.path.join(out, "tests.txt")
-if os.path.exists(tests):
-    text = open(tests).read()
-    counts = re.findall(r"^=*\s*(.*\b(?:passed|failed|error|errors|skipped|deselected|selected|collected)\b.*?)\s*=*$", text, re.M)
-    if counts:
-        lines.append("gpu tests: " + counts[-1])
-    else:  # killed before pytest's last line (or still running): count the per-test lines of -v
-        outcomes = re.findall(r"^tests/\S+ (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", text, re.M)
-        tally = {o: outcomes.count(o) for o in sorted(set(outcomes))}
-        lines.append("gpu tests (no pytest summary yet: running or stopped early): "
-                     + (", ".join(f"{v} {k.lower()}" for k, v in tally.items()) or "none ran"))
-    failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M))
-                    | set(re.findall(r"^(tests/\S+) (?:FAILED|ERROR)", text, re.M)))
-    lines += [f"  FAILED {name}" for name in failed[:12]] + ([f"  ... {len(failed) - 12} more"] if len(failed) > 12 else [])
-with open(os.path.join(out, "steps.csv")) as f:
-    steps = list(csv.DictReader(f))
-lines.append("steps: " + ", ".join(f"{s['step']} {'ok' if s['exit'] == '0' else 'EXIT ' + s['exit']} {s['seconds']}s/{s['limit']}s" for s in steps))
-temporary = os.path.join(out, f".summary.{os.getpid()}.tmp")  # written whole, then renamed: never half a summary
-with open(temporary, "w") as f:
-    f.write("\n".join(lines) + "\n")
-os.replace(temporary, os.path.join(out, "summary.txt"))
-if plot:
-    print("\n".join(lines))
-PY
+  "$py" bench/gpu_summary.py "$out" "$@"
 }
 
 export py out rehearse
-export -f env_report env_facts install_package check_imports pytest_timeout_args test_files run_tests bench summary
+export -f env_report env_facts built_here install_package check_imports pytest_per_test_limit run_tests bench summary
+[ "$rehearse" = 1 ] && export GPU_CHECK_REHEARSE=1
 
-say "gpu_check: $( [ "$rehearse" = 1 ] && echo rehearsal || echo GPU run ) in $(pwd), OUT=$out, steps: ${selected[*]}"
-say "$plan_line"
+say "gpu_check: $( [ "$rehearse" = 1 ] && echo rehearsal || echo GPU run ) of ${call} in $(pwd), OUT=$out, steps: ${selected[*]}"
+say "$plan1"
+say "$plan2"
+[ -z "$this_plan" ] || say "$this_plan"
 [ "$slowdown" = 1 ] || say "rehearsal: each limit x ${slowdown} here (REHEARSE_SLOWDOWN)"
 # summary.txt stays current while a step runs, so a kill of the whole run (an outer timeout) keeps it
 ( while sleep 15 && kill -0 $$ 2>/dev/null; do summary >/dev/null 2>&1; done ) &
@@ -287,14 +278,16 @@ after() { summary >/dev/null 2>&1; }  # after every step: its rows and its lines
 step env env_report; after
 wanted install && { step install install_package; after; }
 step imports check_imports; after
-wanted bench_epoch && { step bench_epoch bench epoch --compiled skip; after; }
+wanted bench_epoch && { step bench_epoch bench epoch; after; }
+wanted tests && { step tests run_tests call1; after; }
 wanted bench_tcr && { step bench_tcr bench tcr; after; }
 wanted bench_augment && { step bench_augment bench augment; after; }
-wanted tests && { step tests run_tests; after; }
 wanted bench_step && { step bench_step bench step; after; }
 wanted bench_data && { step bench_data bench data --quick; after; }
-# its own last step: a cold Inductor compile of forward and backward is the slowest part; fewer timed steps
-wanted bench_compiled && { step bench_compiled bench epoch --compiled only --steps 50; after; }
+# call 2: a cold Inductor compile of forward and backward is the slowest part (the second variant's hits the first's
+# caches); compiled-captured first, the likely faster one; fewer timed steps
+wanted bench_compiled && { step bench_compiled bench epoch --variants compiled-captured,compiled --parts steps --steps 50; after; }
+wanted sweeps && { step sweeps run_tests call2; after; }
 kill "$refresher" 2>/dev/null
 wait "$refresher" 2>/dev/null
 

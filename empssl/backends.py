@@ -304,6 +304,15 @@ def resolve(op: str, requested: str, device: torch.device, *facts) -> str:
     return name
 
 
+def resolved_on(device_type: str) -> Dict[str, list]:
+    """{op: the backends ``resolve`` chose for it on devices of this type so far}: what a run actually used."""
+    chosen: Dict[str, list] = {}
+    for (op, _, device, _), name in _RESOLVED.items():
+        if device.type == device_type and name not in chosen.setdefault(op, []):
+            chosen[op].append(name)
+    return chosen
+
+
 def clear_resolved() -> None:
     """Forget every choice ``resolve`` made (the next call runs the checks again)."""
     _RESOLVED.clear()

@@ -43,6 +43,8 @@ from .ops import tcr as tcr_op
 from .optim import RECIPE_LR
 
 FORMS = ("value", "switch", "negated", "on_off", "tristate")
+# how a training step runs on CUDA (TrainConfig.step_variant); bench epoch times each side by side
+STEP_VARIANTS = ("eager", "captured", "compiled", "compiled-captured")
 EVAL_VIEWS = ("patches", "whole", "both")  # what `eval --views` evaluates (docs/training.md section 5)
 
 
@@ -126,6 +128,13 @@ class EvalConfig(RuntimeConfig):
         0.9, "linear probe SGD momentum, in [0, 1)", group="evaluation", type=momentum_float
     )
     linear_weight_decay: float = option(5e-5, "linear probe weight decay", group="evaluation", type=non_negative_float)
+    fused_conv: bool = option(
+        False,
+        "the BatchNorm-folded encoder's convolutions with their bias, ReLU and residual add in one cuDNN kernel "
+        "each, on CUDA (chosen by the GPU run's timing: docs/benchmarks.md section 5)",
+        group="evaluation",
+        form="on_off",
+    )
     knn_k: int = option(20, "neighbours of the kNN", group="evaluation", type=positive_int)
     knn_temperature: float = option(0.07, "kNN vote temperature", group="evaluation", type=positive_float)
     views: str = option(
@@ -280,11 +289,14 @@ class TrainConfig(RuntimeConfig):
         group="training",
         form="tristate",
     )
-    compile: bool = option(
-        False,
-        "torch.compile the encoder's forward and the loss as one graph (fullgraph on one process)",
+    step_variant: str = option(
+        "captured",
+        "how the step runs on CUDA: eager (op by op), captured (recorded once as a CUDA graph and replayed), "
+        "compiled (torch.compile of the encoder's forward and the loss as one graph: Inductor fuses BatchNorm, "
+        "ReLU and the residual add), compiled-captured (both); off CUDA captured runs eagerly "
+        "(docs/training.md section 6)",
         group="training",
-        form="switch",
+        choices=STEP_VARIANTS,
     )
     sync_bn: bool = option(
         False,
@@ -299,12 +311,6 @@ class TrainConfig(RuntimeConfig):
         "chosen rather than torch's defaults: the loss's float32 Gram needs it; bf16 autocast is unaffected)",
         group="training",
         form="switch",
-    )
-    cuda_graph: bool = option(
-        True,
-        "run the step eagerly on CUDA (default: captured once as a CUDA graph and replayed)",
-        group="training",
-        form="negated",
     )
     # output
     out_dir: str = option(
@@ -361,6 +367,16 @@ class TrainConfig(RuntimeConfig):
         show_default=False,
     )
 
+    @property
+    def compiled(self) -> bool:
+        """The step's forward and loss run as one torch.compile graph."""
+        return self.step_variant in ("compiled", "compiled-captured")
+
+    @property
+    def captured(self) -> bool:
+        """On CUDA the step is recorded once as a CUDA graph and replayed."""
+        return self.step_variant in ("captured", "compiled-captured")
+
     def model_config(self) -> Dict[str, Any]:
         """The encoder's fields (``checkpoint.MODEL_FIELDS``), ``backbone_args`` as a dict: what checkpoints hold."""
         config = {field: getattr(self, field) for field in ckpt.MODEL_FIELDS}
@@ -402,6 +418,8 @@ class TrainConfig(RuntimeConfig):
             raise ValueError(f"wandb must name a project, got {self.wandb!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.step_variant not in STEP_VARIANTS:
+            raise ValueError(f"step_variant must be one of {', '.join(STEP_VARIANTS)}, got {self.step_variant!r}")
         if self.num_patches < 2:
             raise ValueError(f"num_patches must be >= 2 (the invariance term compares patches), got {self.num_patches}")
         if self.z_dim / (self.batch_size * self.eps) > FLOAT32_MAX:  # the coding rate's alpha, at most this large

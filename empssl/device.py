@@ -75,9 +75,11 @@ def autocast_context(device: torch.device, bf16: bool):
 
 @contextlib.contextmanager
 def cudnn_benchmark(enabled: bool):
-    """cudnn.benchmark on while the work runs (when ``enabled``: its shapes never change), restored after."""
+    """cudnn.benchmark on while the work runs (when ``enabled``: its shapes never change), restored after; left off
+    when cudnn.deterministic is set: timing picks the algorithms anew in each process, cuDNN's heuristics pick the
+    same ones in every process, so two runs compute the same numbers."""
     previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = previous or enabled
+    torch.backends.cudnn.benchmark = previous or (enabled and not torch.backends.cudnn.deterministic)
     try:
         yield
     finally:
@@ -85,11 +87,13 @@ def cudnn_benchmark(enabled: bool):
 
 
 @contextlib.contextmanager
-def float32_precision(tf32: bool):
-    """TF32 on or off for float32 matmuls and cuDNN convolutions, as chosen (``TrainConfig.tf32``), not as
-    inherited from torch's defaults (matmul off, cuDNN on) or a caller's settings; restored after."""
+def float32_precision(tf32: bool, cudnn: Optional[bool] = None):
+    """TF32 on or off for float32 matmuls and cuDNN convolutions (``cudnn``: the convolutions' own setting, else
+    ``tf32``), as chosen (``TrainConfig.tf32``), not as inherited from torch's defaults (matmul off, cuDNN on) or a
+    caller's settings; restored after."""
     previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32 if cudnn is None else cudnn
     try:
         yield
     finally:

@@ -1,7 +1,9 @@
-"""empssl bench epoch: a toy-sized run writes the eager step, its phase shares, the published path and the
-evaluation, each row consistent with its extrapolation; the counters it uses count what they say."""
+"""empssl bench epoch: a toy-sized run writes the eager step, its profile and phase shares, the published path and the
+evaluation, each row consistent with its extrapolation and written before anything after it runs; the counters it
+uses count what they say; the published path runs under torch's TF32 defaults, as the authors ran it."""
 
 import csv
+import dataclasses
 import re
 import subprocess
 import sys
@@ -11,6 +13,8 @@ import torch
 
 from empssl.bench import BENCHMARKS, common
 from empssl.bench import epoch as bench_epoch
+from empssl.bench import published as bench_published
+from empssl.config import STEP_VARIANTS, TrainConfig
 
 
 def test_epoch_is_a_registered_benchmark():
@@ -34,7 +38,38 @@ def test_published_loss_is_the_authors_formula():
         [torch.stack([z[i, j] @ zbar[j] / (z[i, j].norm() * zbar[j].norm()) for j in range(6)]) for i in range(3)]
     )
     expected = -tcr / 3 - 200 * cos.mean()
-    torch.testing.assert_close(bench_epoch.published_loss(z), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bench_published.published_loss(z), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_published_baseline_runs_under_torchs_own_tf32_defaults():
+    """What a fresh torch process sets (the authors' code never changes it) is what the published rows run under."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch; print(torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.split() == [str(v) for v in bench_published.TORCH_DEFAULT_TF32]
+    assert bench_published.tf32_label(bench_published.TORCH_DEFAULT_TF32) == "torch defaults: TF32 convolutions"
+    assert "convolutions off" in bench_published.tf32_label(bench_published.TF32_OFF)
+
+
+def test_the_step_backends_are_named_before_anything_runs():
+    config = TrainConfig(batch_size=4, num_patches=2, z_dim=32)
+    assert bench_epoch.step_backends(config, torch.device("cpu")) == {"augment": "cpu", "tcr": "cpu"}
+    reference = dataclasses.replace(config, augment_backend="reference", loss_backend="reference")
+    assert bench_epoch.step_backends(reference, torch.device("cpu")) == {"augment": "reference", "tcr": "reference"}
+
+
+@pytest.mark.parametrize("text", ["", "eager,warp", "compiled;captured"])
+def test_bad_variant_lists_are_refused(text):
+    with pytest.raises(ValueError, match="--variants takes"):
+        bench_epoch._variant_list(text)
+    assert bench_epoch._variant_list("all") == list(STEP_VARIANTS)
 
 
 def _number(pattern, text):
@@ -81,14 +116,21 @@ def test_epoch_benchmark_tiny_run_writes_every_row(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     with open(path) as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}
-    assert "captured" not in rows and "need a CUDA GPU" in done.stdout  # the captured steps need CUDA
-    for method in ("eager", "published"):
+    assert "captured" not in rows and "backends the step will run on cpu: augment cpu, tcr cpu" in done.stdout
+    published = next(m for m in rows if m.startswith("published"))
+    assert published == "published (torch defaults: TF32 convolutions)"  # the authors' settings: the baseline
+    assert "the speed-up: the fastest step above is" in rows[published]["note"]
+    for method in ("eager", published):
         row = rows[method]
         assert row["bench"] == "epoch" and float(row["ms"]) > 0
         assert float(row["rate"]) == pytest.approx(1e3 / float(row["ms"]), rel=1e-3)  # steps/s is 1 / step time
         epoch_seconds = _seconds(r"\(500 steps\) ([0-9.]+) (ms|s|min|h);", row["note"])
         assert epoch_seconds == pytest.approx(500 * float(row["ms"]) / 1e3, rel=5e-2)  # 3-4 digits printed
-    assert _number(r"; (\d+) aten ops/step", rows["eager"]["note"]) > 50
+    profile = rows["eager: kernels per step"]
+    assert profile["rate_unit"] == "aten ops/step" and float(profile["rate"]) > 50
+    assert "host syncs/step n/a off CUDA" in profile["note"]
+    methods = list(rows)
+    assert methods.index("eager") < methods.index("eager: kernels per step")  # the timed row first, then its profile
     shares = [float(rows[f"share {phase} (eager, profiled)"]["rate"]) for phase in bench_epoch.PHASES]
     assert all(share > 0 for share in shares) and sum(shares) == pytest.approx(1.0, abs=1e-3)
     evaluation = next(r for m, r in rows.items() if m.startswith("CIFAR-10 evaluation"))
@@ -97,7 +139,7 @@ def test_epoch_benchmark_tiny_run_writes_every_row(tmp_path):
     probe = next(r for m, r in rows.items() if m.startswith("linear probe"))
     # 500 train + 100 test features, 1 epoch -> 50,000 + 10,000 features, 100 epochs: x 10,000
     assert parts[1] == pytest.approx(float(probe["ms"]) / 1e3 * 1e4, rel=1e-2)
-    features = next(r for m, r in rows.items() if m.startswith("features"))
+    features = next(r for m, r in rows.items() if m.startswith("features folded"))
     patch_rate = _number(r"([0-9.e+]+) patch forwards/s", features["note"])
     assert parts[0] == pytest.approx(60000 * 128 / patch_rate, rel=1e-2)
 
@@ -111,37 +153,52 @@ def tf32_restored():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("failing", ["eager", "published"])
+@pytest.mark.parametrize("failing", ["eager", "published", "profile"])
 def test_a_failing_row_is_written_with_its_error_and_the_next_rows_run(tmp_path, monkeypatch, tf32_restored, failing):
-    """A deliberately failing row (the eager step raising as a failed capture would, or the published path out of
-    memory) becomes a row with its error; every row after it is still measured and written; the exit code is 1."""
-    time_steps = bench_epoch.time_steps
+    """A deliberately failing row (the eager step raising as a failed capture would, the published path out of
+    memory, or the profile after a timed step) becomes a row with its error; every row before it is written and
+    every row after it still measured and written; the exit code is 1."""
     if failing == "eager":
         error = RuntimeError("CUDA graph capture failed (deliberate, for this test)\nsecond line")
+        prepare = bench_epoch.prepare_variant
 
-        def failing_steps(device, config, method, *args):
-            if method == "eager":
+        def failing_prepare(device, config, variant, *args):
+            if variant == "eager":
                 raise error
-            return time_steps(device, config, method, *args)
+            return prepare(device, config, variant, *args)
 
-        monkeypatch.setattr(bench_epoch, "time_steps", failing_steps)
-    else:
+        monkeypatch.setattr(bench_epoch, "prepare_variant", failing_prepare)
+    elif failing == "published":
         error = torch.OutOfMemoryError("CUDA out of memory (deliberate, for this test)")
 
         def failing_published(*args):
             raise error
 
         monkeypatch.setattr(bench_epoch, "time_published", failing_published)
+    else:
+        error = RuntimeError("the profiler failed (deliberate, for this test)")
+
+        def failing_count(*args):
+            raise error
+
+        monkeypatch.setattr(bench_epoch, "count_kernels", failing_count)
     path = tmp_path / "results.csv"
     code = bench_epoch.main(["--tiny", "--device", "cpu", "--csv", str(path), "--no-plot"])
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
     methods = [r["method"] for r in rows]
     failed = [r for r in rows if r["error"]]
-    assert code == 1 and [r["method"] for r in failed] == [failing]
+    failing_method = {
+        "eager": "eager",
+        "published": "published (torch defaults: TF32 convolutions)",
+        "profile": "eager: kernels per step",
+    }[failing]
+    assert code == 1 and [r["method"] for r in failed] == [failing_method]
     assert failed[0]["error"] == f"{type(error).__name__}: {str(error).splitlines()[0]}"
     assert failed[0]["ms"] == failed[0]["rate"] == ""
-    after = methods[methods.index(failing) + 1 :]
-    assert "published" in after if failing == "eager" else "published" not in after
+    after = methods[methods.index(failing_method) + 1 :]
+    assert any(m.startswith("published") for m in after) if failing != "published" else True
     assert any(m.startswith("CIFAR-10 evaluation") for m in after)  # the last rows of the run
+    if failing == "profile":  # the step was timed and written before its profile ran
+        assert methods[: methods.index(failing_method)] == ["eager"] and float(rows[0]["ms"]) > 0
     assert all(float(r["ms"]) > 0 for r in rows if not r["error"])

@@ -35,10 +35,10 @@ def test_train_options_reach_the_config():
             "0.5",
             "--bf16",
             "off",
-            "--no-cuda-graph",
+            "--step-variant",
+            "compiled",
             "--no-progress",
             "--no-channels-last",
-            "--compile",
             "--schedule-epochs",
             "3",
             "--resume",
@@ -46,16 +46,17 @@ def test_train_options_reach_the_config():
         ]
     )
     config = from_args(TrainConfig, args)
-    assert (config.batch_size, config.lr, config.bf16, config.cuda_graph, config.progress) == (
+    assert (config.batch_size, config.lr, config.bf16, config.step_variant, config.progress) == (
         32,
         0.5,
         False,
-        False,
+        "compiled",
         False,
     )
-    assert (config.channels_last, config.compile, config.schedule_epochs, config.resume) == (
+    assert (config.channels_last, config.compiled, config.captured, config.schedule_epochs, config.resume) == (
         False,
         True,
+        False,
         3,
         "r/checkpoint.pt",
     )

@@ -71,14 +71,17 @@ def test_a_written_file_with_tables_and_dashes_equals_the_flags(tmp_path):
 def test_flags_beside_the_file_win_and_switches_can_be_turned_off(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(
-        "[training]\nlr = 0.1\nbatch_size = 32\ncompile = true\ncuda_graph = false\nchannels_last = true\n"
+        '[training]\nlr = 0.1\nbatch_size = 32\ntf32 = true\nstep_variant = "eager"\nchannels_last = true\n'
         '[runtime]\nbf16 = "off"\nprogress = false\n[output]\nmonitor_every = 7\n'
     )
-    args = parse_command_line(["train", "--config", str(config), "--lr", "0.2", "--no-compile", "--cuda-graph"])
+    args = parse_command_line(
+        ["train", "--config", str(config), "--lr", "0.2", "--no-tf32", "--step-variant", "compiled"]
+    )
     got = from_args(TrainConfig, args)
-    assert (got.lr, got.batch_size, got.compile, got.cuda_graph, got.channels_last) == (0.2, 32, False, True, True)
+    assert (got.lr, got.batch_size, got.tf32, got.step_variant, got.channels_last) == (0.2, 32, False, "compiled", True)
     assert (got.bf16, got.progress, got.monitor_every) == (False, False, 7)
-    assert from_args(TrainConfig, parse_command_line(["train", "--config", str(config)])).compile is True
+    from_file = from_args(TrainConfig, parse_command_line(["train", "--config", str(config)]))
+    assert (from_file.tf32, from_file.step_variant) == (True, "eager")
     assert (
         from_args(
             TrainConfig, parse_command_line(["train", "--config", str(config), "--no-channels-last"])
@@ -105,7 +108,8 @@ def test_every_option_value_round_trips_through_a_written_file(tmp_path):
         inv_coef=-3.5,
         eps=0.2,
         channels_last=False,
-        compile=True,
+        step_variant="compiled-captured",
+        tf32=True,
         bf16=False,
         progress=False,
         wandb="proj",
@@ -128,7 +132,7 @@ def test_every_option_value_round_trips_through_a_written_file(tmp_path):
         ('[training]\nlr = "fast"\n', "key 'training.lr' must be a number, got 'fast' (str)"),
         ("[training]\nbatch_size = 1.5\n", "key 'training.batch_size' must be an integer, got 1.5 (float)"),
         ("batch_size = true\n", "key 'batch_size' must be an integer, got True (bool)"),
-        ("compile = 1\n", "key 'compile' must be true or false, got 1 (int)"),
+        ("tf32 = 1\n", "key 'tf32' must be true or false, got 1 (int)"),
         ("[training]\nlr = -0.3\n", "key 'training.lr': must be a positive number"),
         ("lr = 1e39\n", "key 'lr': must be a finite number within float32's range"),
         ('arch = "vgg"\n', "key 'arch': unknown --arch 'vgg'"),
@@ -164,9 +168,9 @@ def test_a_yaml_file_where_pyyaml_is_installed(tmp_path):
     except ImportError as err:
         pytest.skip(f"optional dependency not installed: PyYAML ({err})")
     path = tmp_path / "run.yaml"
-    path.write_text("training:\n  lr: 1e-4\n  batch_size: 32\ncompile: true\n")  # PyYAML reads 1e-4 as a string
+    path.write_text("training:\n  lr: 1e-4\n  batch_size: 32\ntf32: true\n")  # PyYAML reads 1e-4 as a string
     got = from_args(TrainConfig, parse_command_line(["train", "--config", str(path)]))
-    assert (got.lr, got.batch_size, got.compile) == (1e-4, 32, True)
+    assert (got.lr, got.batch_size, got.tf32) == (1e-4, 32, True)
     path.write_text("training:\n  batch_size: many\n")
     with pytest.raises(ValueError, match=f"{path}: key 'training.batch_size': invalid literal"):
         read_config_file(str(path), COMMAND_OPTIONS["train"])

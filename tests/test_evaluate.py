@@ -1,6 +1,9 @@
 """Bag-of-features evaluation: feature averaging, BatchNorm folding, linear probe (against the
 Python-loop reference), weighted kNN."""
 
+import copy
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,7 @@ from empssl.evaluation.pipeline import evaluate
 from empssl.evaluation.probe import LabelledFeatures, fit_linear_probe, knn_classify, linear_probe
 from empssl.models.encoder import build_encoder
 from empssl.models.fold import fold_batchnorm
+from empssl.models.fused import fuse_conv_epilogues
 from empssl.reference import probe as reference_probe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -265,3 +269,81 @@ def test_cuda_bf16_folded_features_match_the_autocast_encoder():
     assert (folded - autocast).norm() <= 0.05 * autocast.norm()
     float32 = extract_features(encoder, images, 8, max_patches_per_forward=64, bf16=False)
     assert (folded - float32).norm() <= 0.05 * float32.norm()
+
+
+def test_fused_conv_epilogues_compute_the_folded_features_with_one_call_per_conv_and_epilogue():
+    """Every conv -> ReLU and conv -> add -> ReLU of the folded ResNet-18 (the stem and the 8 blocks' two
+    convolutions: 17) is one fused call; the downsampling convolutions, whose output feeds an add that is not
+    theirs alone, stay plain. Off CUDA the fused calls are the same ops: the features are bitwise the folded ones,
+    input checks included."""
+    generator = torch.Generator().manual_seed(torch.seed())
+    folded = fold_batchnorm(_encoder_with_trained_statistics(generator))
+    fused = fuse_conv_epilogues(folded)
+    assert fused.fused == 17
+    calls = [node.target.__name__ for node in fused.graph_module.graph.nodes if node.op == "call_function"]
+    assert calls.count("conv_bias_relu") == 9 and calls.count("conv_bias_add_relu") == 8
+    modules = dict(fused.graph_module.named_modules())
+    plain = [n.target for n in fused.graph_module.graph.nodes if n.op == "call_module"]
+    assert [t for t in plain if isinstance(modules[t], torch.nn.Conv2d)] == [
+        f"network.backbone.layer{i}.0.downsample.0" for i in (2, 3, 4)
+    ]
+    x = torch.randn(6, 3, 16, 16, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(fused.features(x), folded.features(x))
+    with pytest.raises(ValueError, match=r"shape \(N, 3, H, W\)"):
+        fused.features(x[0])
+    images = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8, generator=generator)
+    encoder = _encoder_with_trained_statistics(generator)
+    assert torch.equal(
+        extract_features(encoder, images, 4, fused_conv=True), extract_features(encoder, images, 4, fused_conv=False)
+    )
+    with pytest.raises(ValueError, match="needs fold=True"):
+        extract_features(encoder, images, 4, fold=False, fused_conv=True)
+
+
+def test_a_conv_whose_output_is_used_twice_is_not_fused():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def features(self, x):
+            y = self.conv(x)
+            return torch.relu(y) + y
+
+    module = Twice()
+    fused = fuse_conv_epilogues(module)
+    x = torch.randn(2, 3, 8, 8)
+    assert fused.fused == 0 and torch.equal(fused.features(x), module.features(x))
+
+
+def test_a_network_torch_fx_cannot_trace_runs_unfused_with_a_note(capsys):
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def features(self, x):
+            return torch.relu(self.conv(x)) if x.sum() > 0 else x  # a branch on the values: no graph
+
+    module = DataDependent()
+    fused = fuse_conv_epilogues(module)
+    x = torch.rand(2, 3, 8, 8)
+    assert fused.fused == 0 and torch.equal(fused.features(x), module.features(x))
+    assert "--fused-conv: torch.fx cannot trace the DataDependent" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_fused_conv_features_hold_the_2x_rule_against_float64():
+    """cuDNN's fused conv + bias + ReLU (+ add) is as close to the float64 features as the plain folded path, in
+    bf16 and in float32 (TF32 off): at most twice its error (docs/design.md section 8)."""
+    torch.backends.cudnn.allow_tf32 = False  # conftest restores it after the test
+    generator = torch.Generator().manual_seed(torch.seed())
+    encoder = _encoder_with_trained_statistics(generator).cuda().to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=generator).cuda()
+    features = functools.partial(extract_features, images=images, num_patches=8, max_patches_per_forward=64)
+    truth = features(copy.deepcopy(encoder).double(), bf16=False)
+    for bf16 in (True, False):
+        plain, fused = (features(encoder, bf16=bf16, fused_conv=fused_conv) for fused_conv in (False, True))
+        assert torch.isfinite(fused).all() and (plain - truth).norm() > 0
+        assert (fused - truth).norm() <= 2 * (plain - truth).norm(), bf16

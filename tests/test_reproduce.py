@@ -237,6 +237,21 @@ def test_a_cell_that_cannot_fit_is_refused_before_anything_runs(tmp_path, capsys
         and f"at most {fits} patches per image fit" in err
     )
     assert 2 <= fits < 50 and not out.exists()  # nothing written, not even the sweep's record
+    small = memory.estimate_step_memory(
+        arch="resnet18-cifar",
+        width=1.0,
+        hidden_dim=4096,
+        z_dim=1024,
+        image_size=32,
+        batch_size=100,
+        num_patches=2,
+        bf16=False,
+    )
+    # which cells fit on the device it found, before the refusal
+    assert (
+        f"a training step on cpu (3.0 GiB available): 2 patches: {memory.gib(small.total)}, fits; "
+        f"50 patches: {memory.gib(need.total)}, does not fit" in err
+    )
 
 
 def test_the_memory_estimate_scales_with_the_patches_and_halves_activations_in_bf16():
@@ -305,3 +320,28 @@ def test_a_sweep_killed_mid_cell_finishes_every_task_once(tmp_path):
     assert not {e["task"] for e in after} & done_before  # a finished task is never started again
     assert re.search(r"task 3/6 \(train synthetic-patches-003\), 2 done", again.stderr)
     _check_report_against_cells(out, ["synthetic-patches-002", "synthetic-patches-003", "synthetic-patches-004"])
+
+
+def test_the_memory_figures_of_the_docs_are_the_estimators():
+    """docs/reproduce.md's step memory per patch count, and the largest patch count an H100 (78 GiB free) and an H200
+    (139 GiB free) take, are what empssl.training.memory estimates for the recipe's step."""
+    from empssl.training.memory import estimate_step_memory, gib
+
+    text = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "docs", "reproduce.md")).read().split())
+    stated = dict(re.findall(r"(\d+) patches ([0-9.]+ GiB)", text))
+    assert set(stated) == {"20", "50", "100", "200"}
+    for patches, figure in stated.items():
+        need = estimate_step_memory(
+            arch="resnet18-cifar",
+            width=1.0,
+            hidden_dim=4096,
+            z_dim=1024,
+            image_size=32,
+            batch_size=100,
+            num_patches=int(patches),
+            bf16=True,
+        )
+        assert gib(need.total) == figure, patches
+    h100, h200 = (need.largest_num_patches(free * 2**30, 100) for free in (78, 139))
+    assert f"at most {h100} patches fit" in text and f"(about 139 GiB free) up to {h200}." in text
+    assert h100 < 200 <= h200  # the 200-patch cell: refused on an H100, taken on an H200

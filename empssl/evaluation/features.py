@@ -26,6 +26,7 @@ from ..config import EvalConfig
 from ..data.batches import take_images
 from ..device import cudnn_benchmark
 from ..models.fold import fold_batchnorm
+from ..models.fused import fuse_conv_epilogues
 
 DEFAULTS = EvalConfig()  # the recipe's settings: the defaults below are read from here
 
@@ -81,6 +82,7 @@ def extract_features(
     seed: int = DEFAULTS.seed,
     split_key: int = 0,
     fold: bool = True,
+    fused_conv: bool = False,
     image_keys: Optional[torch.Tensor] = None,
     image_sizes: Optional[torch.Tensor] = None,
     device: Optional[torch.device] = None,
@@ -95,7 +97,8 @@ def extract_features(
     on the images' device): the k of each image (its index in its split, when ``images`` is a subset of one), so
     that an image gets its patches whatever subset it is embedded in; default: its position in ``images``.
     ``fold``: run a BatchNorm-folded copy of the encoder (``fold_batchnorm``; on CUDA in bf16 when ``bf16``, with the
-    patches' memory format); otherwise the encoder itself in eval mode (its mode is restored after).
+    patches' memory format; ``fused_conv``: each convolution with its bias, ReLU and residual add in one cuDNN
+    kernel, ``models.fused``); otherwise the encoder itself in eval mode (its mode is restored after).
     Chunks hold ``max_patches_per_forward // num_patches`` images (default: ``MAX_PATCHES_PER_FORWARD``
     of the device type; at most a rank's share of the images); the last is padded to that size, so
     every forward has the same shape.
@@ -105,6 +108,8 @@ def extract_features(
     if not isinstance(num_patches, int) or num_patches < 1:
         raise ValueError(f"num_patches must be a positive integer, got {num_patches!r}")
     _check_images(images)
+    if fused_conv and not fold:
+        raise ValueError("fused_conv fuses the BatchNorm-folded encoder's convolutions: it needs fold=True")
     device = _device_of(images, encoder, device)
     if generator is not None and distributed.world_size() > 1:
         raise ValueError(
@@ -125,7 +130,17 @@ def extract_features(
         return augment(batch, num_patches, seed=seed, step=split_key, image_ids=keys, image_sizes=sizes)
 
     return _chunked_features(
-        encoder, images, patches_of, num_patches, bf16, max_patches_per_forward, progress, description, fold, device
+        encoder,
+        images,
+        patches_of,
+        num_patches,
+        bf16,
+        max_patches_per_forward,
+        progress,
+        description,
+        fold,
+        fused_conv,
+        device,
     )
 
 
@@ -168,7 +183,7 @@ def extract_whole_image_features(
 
     max_per_forward = max_images_per_forward or MAX_PATCHES_PER_FORWARD.get(device.type, 8192)
     return _chunked_features(
-        encoder, images, whole_images_of, 1, bf16, max_per_forward, progress, description, fold, device
+        encoder, images, whole_images_of, 1, bf16, max_per_forward, progress, description, fold, device=device
     )
 
 
@@ -198,10 +213,13 @@ def _chunked_features(
     progress: bool,
     description: str,
     fold: bool,
-    device: torch.device,
+    fused_conv: bool = False,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
-    """(N, feature_dim) float32: the mean ``features`` of the ``per_image`` network inputs ``inputs_of(batch,
-    image_ids)`` makes of each image (patch-major), in equal chunks, each rank its slice (``extract_features``)."""
+    """(N, feature_dim) float32 on ``device`` (default: the images'): the mean ``features`` of the ``per_image``
+    network inputs ``inputs_of(batch, image_ids)`` makes of each image (patch-major), in equal chunks, each rank its
+    slice (``extract_features``)."""
+    device = _device_of(images, encoder, device)
     rank, world = distributed.rank(), distributed.world_size()
     on_gpu_bf16 = bf16 and device.type == "cuda"
     if max_per_forward is None:
@@ -217,6 +235,8 @@ def _chunked_features(
             network = network.to(memory_format=torch.channels_last)
             if on_gpu_bf16:
                 network = network.to(torch.bfloat16)
+        if fused_conv:
+            network = fuse_conv_epilogues(network)
     else:
         network = encoder
     was_training = encoder.training

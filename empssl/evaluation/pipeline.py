@@ -100,6 +100,7 @@ def evaluate(
                     split_key=key,
                     image_sizes=getattr(data, f"{split}_sizes"),
                     device=device,
+                    fused_conv=config.fused_conv,
                 )
             if not torch.isfinite(features[split]).all():  # also the wait for the features: their time is theirs
                 raise ValueError(

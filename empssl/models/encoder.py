@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -109,6 +110,9 @@ def _check_images(x) -> None:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"x must have shape (N, 3, H, W), got {tuple(x.shape)}")
+
+
+torch.fx.wrap("_check_images")  # a call in a traced graph (models.fused), so it still checks the real inputs
 
 
 def load_encoder(path: str, device: Optional[torch.device] = None):

@@ -28,7 +28,7 @@ import shlex
 import shutil
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..files import append_text, open_input, remove_stale_temporaries, write_atomically
 from ..training.run_folder import CHECKPOINT_NAME, METRICS_NAME
@@ -403,13 +403,15 @@ def _run_seconds(folder: str) -> float:
 
 
 def check_memory(sweep: Sweep) -> None:
-    """Refuse, before any cell runs, a training cell whose step cannot fit on the device (the trainer's own check,
-    empssl.training.memory.check_step_fits, on each cell's configuration)."""
+    """Say, before any cell runs, which training cells fit on the device (the estimate of each patch count's step
+    beside the memory available), and refuse the sweep naming every cell that does not, with the largest patch
+    count that fits (the trainer's own check, empssl.training.memory.check_step_fits, on each cell's
+    configuration)."""
     from ..config import TrainConfig
     from ..data.load import recipe_patch_size
     from ..device import resolve_device
     from ..options import add_options, from_args
-    from ..training.memory import check_step_fits
+    from ..training.memory import available_memory, check_step_fits, estimate_step_memory, gib
 
     parser = argparse.ArgumentParser(add_help=False)  # the train options of --train-args, as `empssl train` reads them
     groups: Dict[str, Any] = {}
@@ -418,12 +420,46 @@ def check_memory(sweep: Sweep) -> None:
     known, _ = parser.parse_known_args(sweep.train_args)  # process options (--threads) are not the config's
     config = from_args(TrainConfig, known)
     device = resolve_device(sweep.args.device)
+    # one estimate per kind of cell: its patch count, its patch size and the options its data set's recipe sets
+    kinds: Dict[Tuple[int, int, Tuple[str, ...]], List[str]] = {}
     for task in sweep.tasks:
         if task.kind == "train":
-            cell_args = dataset_arguments(task.dataset, sweep.train_args) + sweep.train_args
-            cell = from_args(TrainConfig, parser.parse_known_args(cell_args)[0])
             patch_size = config.patch_size or recipe_patch_size(task.dataset, config.image_size)
-            try:
-                check_step_fits(dataclasses.replace(cell, num_patches=task.recipe.num_patches), device, patch_size)
-            except ValueError as err:
-                raise SweepError(f"cell {task.cell} cannot fit: {err}") from None
+            own = tuple(dataset_arguments(task.dataset, sweep.train_args))
+            kinds.setdefault((task.recipe.num_patches, patch_size, own), []).append(task.cell)
+    sizes = {patch_size for _, patch_size, _ in kinds}
+    refused: Dict[Tuple[int, int, Tuple[str, ...]], str] = {}
+    lines = []
+    for kind in sorted(kinds):
+        num_patches, patch_size, own = kind
+        cell = from_args(TrainConfig, parser.parse_known_args([*own, *sweep.train_args])[0])
+        cell = dataclasses.replace(cell, num_patches=num_patches)
+        try:
+            check_step_fits(cell, device, patch_size)
+        except ValueError as err:
+            refused[kind] = str(err)
+        try:
+            need = gib(
+                estimate_step_memory(
+                    **cell.model_config(),
+                    image_size=patch_size,
+                    batch_size=cell.batch_size,
+                    num_patches=num_patches,
+                    bf16=cell.bf16 and device.type == "cuda",
+                ).total
+            )
+        except (RuntimeError, OverflowError, ValueError):
+            need = "more than any device"
+        of = f" of {patch_size}x{patch_size}" if len(sizes) > 1 else ""
+        lines.append(f"{num_patches} patches{of}: {need}, {'does not fit' if kind in refused else 'fits'}")
+    available = available_memory(device)
+    if lines:
+        where = f"{device} ({gib(available)} available)" if available is not None else f"{device}"
+        print(f"empssl reproduce: a training step on {where}: " + "; ".join(lines), file=sys.stderr, flush=True)
+    if refused:
+        cells = [cell for kind in sorted(refused) for cell in kinds[kind]]
+        first = refused[min(refused)]
+        raise SweepError(
+            f"cell {cells[0]} cannot fit: {first}"
+            + (f" (the cells that cannot fit: {', '.join(cells)})" if len(cells) > 1 else "")
+        )

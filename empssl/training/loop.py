@@ -3,7 +3,7 @@
 ``train`` checks every input, then the loop runs: a batch is an index slice of a per-epoch random permutation of
 the training images (uint8), whose pixels come from a batch source (``empssl.data.batches``: the set held on the
 training device, or each step's images read ahead from the on-disk store); each step is ``training.step.train_step``
-(on CUDA captured once as a CUDA graph and replayed, ``cuda_graph``); the run's files are its ``RunFolder``'s (rank
+(on CUDA captured once as a CUDA graph and replayed, ``step_variant``); the run's files are its ``RunFolder``'s (rank
 0 holds the folder's lock for the whole call). The host reads the step's metric sums every ``log_every`` steps one
 window late (``LateReader``: a non-blocking copy queued when a window closes is read when the next one closes), so
 the non-finite check is one window late too; at a checkpoint the sums are read at once, so no checkpoint holds a
@@ -302,7 +302,7 @@ class _TrainingLoop:
 
     def step_function(self) -> Callable[[torch.Tensor, torch.Tensor], Any]:
         """``train_step`` of the state, captured as a CUDA graph where that is on and safe."""
-        captured = self.state.device.type == "cuda" and self.config.cuda_graph
+        captured = self.state.device.type == "cuda" and self.config.captured
         if captured and self.world > 1:
             # a replayed graph's NCCL collectives are not watched by the timeout watchdog: a dead rank would hang the
             # others for ever. Eager steps keep the timeout (and capture with NCCL is untested here).

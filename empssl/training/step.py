@@ -67,8 +67,8 @@ class TrainState:
     # int64 (N, 2) on the device: each training image's (height, width) in its canvas, where the images keep their
     # own aspect ratios (the step gathers its batch's rows); None: every image fills the canvas
     image_sizes: Optional[torch.Tensor] = None
-    # --compile: torch.compile's artifact of ``forward_and_loss`` (a graph made of this state's modules), which
-    # ``train_step`` runs in its place; None: the step runs ``forward_and_loss`` itself
+    # --step-variant compiled(-captured): torch.compile's artifact of ``forward_and_loss`` (a graph made of this
+    # state's modules), which ``train_step`` runs in its place; None: the step runs ``forward_and_loss`` itself
     compiled_forward_and_loss: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
 
     @property
@@ -202,7 +202,7 @@ def build_train_state(
     schedule = CosineFactor(schedule_steps(num_train, config.batch_size, config.schedule_epochs or config.epochs))
     lr = torch.full((), config.lr * schedule(0), dtype=torch.float32, device=device)
     compiled_forward_and_loss = None
-    if config.compile:
+    if config.compiled:
         # one graph of forward and loss, so Inductor fuses BatchNorm, ReLU and residual traffic across them; under
         # torch.distributed the loss's gather (an autograd.Function around all_gather) may break the graph: allowed
         compiled_forward_and_loss = torch.compile(forward_and_loss, fullgraph=world_size == 1)
@@ -229,7 +229,7 @@ def build_train_state(
 def forward_and_loss(state: TrainState, patches: torch.Tensor, batch_size: int) -> Tuple[torch.Tensor, ...]:
     """(loss, tcr, inv) of the patch-major ``patches`` of ``batch_size`` images: the encoder under
     autocast, then the loss in float32 (float64 z stays float64, for exact checks). One function,
-    so that ``--compile`` makes forward and loss one graph."""
+    so that ``--step-variant compiled`` makes forward and loss one graph."""
     profile = torch.autograd.profiler.record_function
     with profile("empssl.forward"), autocast_context(patches.device, state.bf16):
         z = state.encoder(patches)
