@@ -9,7 +9,7 @@ arXiv 2304.03977, and the authors' public code and its README (the "optimised fo
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 SOURCE = "Tong et al., EMP-SSL, arXiv 2304.03977 (ResNet-18, linear probe)"
 
@@ -55,3 +55,17 @@ def linear_probe(dataset: str, recipe: Recipe) -> Tuple[Optional[float], str]:
     if path and kind in TREE_DATA_SETS:
         dataset = kind
     return LINEAR_PROBE.get((dataset, recipe), (None, ""))
+
+
+# the options the authors' command sets for a data set beyond the recipe's: ImageNet-100 trains the ResNet-18 with the
+# ImageNet stem (224-pixel patches)
+DATASET_ARGUMENTS = {"imagenet100": ("--arch", "resnet18-imagenet")}
+
+
+def dataset_arguments(dataset: str, train_args: List[str]) -> List[str]:
+    """The training options a data set's published recipe sets (a spec: ``imagenet100:PATH``), unless ``train_args``
+    set them itself."""
+    kind, _, path = dataset.partition(":")
+    options = DATASET_ARGUMENTS.get(kind, ()) if path else ()
+    given = {arg.split("=")[0] for arg in train_args}
+    return [value for flag, value in zip(options[::2], options[1::2]) if flag not in given for value in (flag, value)]

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..files import append_text, open_input, remove_stale_temporaries, write_atomically
 from ..training.run_folder import CHECKPOINT_NAME, METRICS_NAME
 from ..training.run_lock import LOCK_NAME
-from .published import Recipe
+from .published import Recipe, dataset_arguments
 
 EXPERIMENTS = {
     "one-epoch": "one epoch at 20 patches, with a 1-epoch schedule and optimised for 1 epoch (a 2-epoch schedule)",
@@ -91,11 +91,9 @@ def _eval_cell(source: Task, dataset: str, cell: Optional[str] = None) -> Task:
 
 
 def cell_prefix(dataset: str) -> str:
-    """A folder name for a data set's cells: the spec itself (``cifar10``), or for a spec with a path its kind and
-    the path's last part (``tinyimagenet:/data/tiny-imagenet-200`` -> ``tinyimagenet-tiny-imagenet-200``)."""
+    """A folder name for a data set's cells: the spec (``cifar10``), or its kind and its path's last part."""
     kind, _, path = dataset.partition(":")
-    name = f"{kind}-{os.path.basename(os.path.normpath(path))}" if path else kind
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{kind}-{os.path.basename(os.path.normpath(path))}" if path else kind)
 
 
 def plan(experiment: str, datasets: List[str], epochs: int, patches: List[int]) -> List[Task]:
@@ -377,18 +375,6 @@ class Sweep:
         return 1.0 if task.kind == "eval" else 0.0
 
 
-# the authors' command for ImageNet-100 trains the ResNet-18 with the ImageNet stem (224-pixel patches)
-DATASET_ARGUMENTS = {"imagenet100": ("--arch", "resnet18-imagenet")}
-
-
-def dataset_arguments(dataset: str, train_args: List[str]) -> List[str]:
-    """The training options a data set's published recipe sets, unless ``--train-args`` sets them itself."""
-    kind, _, path = dataset.partition(":")
-    options = DATASET_ARGUMENTS.get(kind, ()) if path else ()
-    given = {arg.split("=")[0] for arg in train_args}
-    return [value for flag, value in zip(options[::2], options[1::2]) if flag not in given for value in (flag, value)]
-
-
 class SweepStopped(RuntimeError):
     def __init__(self, code: int, message: str):
         super().__init__(message)
@@ -427,13 +413,11 @@ def check_memory(sweep: Sweep) -> None:
             patch_size = config.patch_size or recipe_patch_size(task.dataset, config.image_size)
             own = tuple(dataset_arguments(task.dataset, sweep.train_args))
             kinds.setdefault((task.recipe.num_patches, patch_size, own), []).append(task.cell)
-    sizes = {patch_size for _, patch_size, _ in kinds}
     refused: Dict[Tuple[int, int, Tuple[str, ...]], str] = {}
     lines = []
     for kind in sorted(kinds):
         num_patches, patch_size, own = kind
-        cell = from_args(TrainConfig, parser.parse_known_args([*own, *sweep.train_args])[0])
-        cell = dataclasses.replace(cell, num_patches=num_patches)
+        cell = from_args(TrainConfig, parser.parse_known_args([*own, *sweep.train_args])[0], num_patches=num_patches)
         try:
             check_step_fits(cell, device, patch_size)
         except ValueError as err:
@@ -450,7 +434,7 @@ def check_memory(sweep: Sweep) -> None:
             )
         except (RuntimeError, OverflowError, ValueError):
             need = "more than any device"
-        of = f" of {patch_size}x{patch_size}" if len(sizes) > 1 else ""
+        of = f" of {patch_size}x{patch_size}" if len({size for _, size, _ in kinds}) > 1 else ""
         lines.append(f"{num_patches} patches{of}: {need}, {'does not fit' if kind in refused else 'fits'}")
     available = available_memory(device)
     if lines:
