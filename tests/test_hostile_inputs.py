@@ -238,7 +238,8 @@ def test_resume_through_a_link_keeps_the_runs_metrics_history(tmp_path, saved_ru
     "place, change",
     [
         ("step", lambda p: p.__setitem__("step", 3)),
-        ("run_id", lambda p: p.__setitem__("run_id", p["run_id"][:-1] + "0")),
+        # another last character whatever the random run id ends with
+        ("run_id", lambda p: p.__setitem__("run_id", p["run_id"][:-1] + ("1" if p["run_id"].endswith("0") else "0"))),
         ("elapsed_s", lambda p: p.__setitem__("elapsed_s", float("nan"))),
         ("model_config/width", lambda p: p["model_config"].__setitem__("width", 0.25)),
         ("config/lr", lambda p: p["config"].__setitem__("lr", 0.4)),
