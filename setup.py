@@ -209,6 +209,8 @@ packages, package_dir = _packages()
 setup(
     packages=packages,
     package_dir=package_dir,
+    # data the package reads at run time: ImageNet-100's class list (empssl/data/layouts.py names its source)
+    package_data={"empssl.data": ["imagenet100.txt"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

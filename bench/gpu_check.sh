@@ -42,12 +42,14 @@ mkdir -p "$out" || exit 2
 out=$(cd "$out" && pwd)
 
 # step -> GPU time limit in seconds; the order is the order they run in (by value: key figures first)
-STEP_NAMES=(env install imports bench_epoch tests bench_tcr bench_augment bench_step bench_compiled sweeps summary)
+STEP_NAMES=(env install imports bench_epoch tests bench_tcr bench_augment bench_step bench_data bench_compiled sweeps summary)
 CALL1=(env install imports bench_epoch tests bench_tcr bench_augment summary)
 CALL2=(env install imports bench_compiled sweeps summary)
-# bench_step is in no call: bench_epoch's "share" rows hold its phases; name it to run it (it fits in place of another)
+# bench_step and bench_data are in no call: bench_epoch's "share" rows hold the step's phases, and the store's read
+# rate into the GPU (bench data: pinned buffers, a side stream) matters once a set outgrows memory; name them to run
+# them (each fits in place of another step)
 declare -A LIMIT=([env]=10 [install]=90 [imports]=15 [bench_epoch]=85 [tests]=165 [bench_tcr]=25 [bench_augment]=20
-                  [bench_step]=20 [bench_compiled]=95 [sweeps]=50 [summary]=10)
+                  [bench_step]=20 [bench_data]=40 [bench_compiled]=95 [sweeps]=50 [summary]=10)
 # a call's budget: call 1 at most 7 min with the install; call 2 what is left of a 15-min lease after two starts
 declare -A BUDGET=([call1]=420 [call2]=270)
 MAX_FILES=8
@@ -60,7 +62,7 @@ if [ "${selected[*]}" = call2 ]; then call=call2; selected=("${CALL2[@]}"); fi
 if [ "$rehearse" = 1 ] && [ "$call" = call1 ] && [ $# -eq 0 ]; then  # the rehearsal: both calls' steps, in order
   call=both
   selected=()
-  for name in "${STEP_NAMES[@]}"; do [ "$name" = bench_step ] || selected+=("$name"); done
+  for name in "${STEP_NAMES[@]}"; do case $name in bench_step|bench_data) ;; *) selected+=("$name") ;; esac; done
 fi
 for name in "${selected[@]}"; do
   [ -n "${LIMIT[$name]:-}" ] || {
@@ -281,6 +283,7 @@ wanted tests && { step tests run_tests call1; after; }
 wanted bench_tcr && { step bench_tcr bench tcr; after; }
 wanted bench_augment && { step bench_augment bench augment; after; }
 wanted bench_step && { step bench_step bench step; after; }
+wanted bench_data && { step bench_data bench data --quick; after; }
 # call 2: a cold Inductor compile of forward and backward is the slowest part (the second variant's hits the first's
 # caches); compiled-captured first, the likely faster one; fewer timed steps
 wanted bench_compiled && { step bench_compiled bench epoch --variants compiled-captured,compiled --parts steps --steps 50; after; }

@@ -299,7 +299,7 @@ def check_train_state(path: str, payload: Dict[str, Any]) -> None:
     for place in ("config", "dataset"):
         _check_field(path, place, payload.get(place, {}), isinstance(payload.get(place, {}), dict), "a dict")
     dataset = payload.get("dataset", {})
-    for place in ("num_train", "image_size"):
+    for place in ("num_train", "image_size", "patch_size"):
         if place in dataset:
             _check_field(path, f"dataset/{place}", dataset[place], _is_int(dataset[place], 1), "a positive integer")
     if "fingerprint" in dataset:

@@ -82,3 +82,20 @@ def positive_float(text: str) -> float:
     if not value >= FLOAT32_TINY:
         raise argparse.ArgumentTypeError(f"must be a positive number (at least 1.2e-38), got {text}")
     return value
+
+
+def aspect_ratio(text: str) -> float:
+    """A longest kept aspect ratio: a number from 1 to 4, or a ratio such as 4:3 or 4/3."""
+    for separator in (":", "/"):
+        if separator in text:
+            long, _, short = text.partition(separator)
+            try:
+                value = float(long) / float(short)
+            except (ValueError, ZeroDivisionError):
+                raise argparse.ArgumentTypeError(f"expected a ratio such as 4:3, got {text}") from None
+            break
+    else:
+        value = finite_float(text)
+    if not 1.0 <= value <= 4.0:
+        raise argparse.ArgumentTypeError(f"must be from 1 (the centre square) to 4 (4:1), got {text}")
+    return value

@@ -19,8 +19,16 @@ import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from . import checkpoint as ckpt
-from .checks import FLOAT32_MAX, finite_float, momentum_float, non_negative_float, positive_float, positive_int
-from .data.load import BAD_IMAGE_POLICIES, DATASET_SPECS
+from .checks import (
+    FLOAT32_MAX,
+    aspect_ratio,
+    finite_float,
+    momentum_float,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
+from .data.load import BAD_IMAGE_POLICIES, DATASET_SPECS, STREAM_CHOICES
 from .models.backbones import (
     ARCH_HELP,
     STEMS,
@@ -170,10 +178,35 @@ class TrainConfig(RuntimeConfig):
     )
     image_size: Optional[int] = option(
         None,
-        "image size of folder: and synthetic data sets (default: 32)",
+        "image trees: the stored size (each image's shorter side); synthetic: the images' size (default: 64 Tiny "
+        "ImageNet, 448 ImageNet-100, else 32)",
         group="data",
         type=positive_int,
         show_default=False,
+    )
+    max_aspect: Optional[float] = option(
+        None,
+        "image trees: the longest aspect ratio (long:short, e.g. 4:3) an image keeps whole; beyond it the longer "
+        "side is centre-cropped, 1 keeps the centre square (default: 4:3 for ImageNet-100, else 1)",
+        group="data",
+        type=aspect_ratio,
+        metavar="RATIO",
+        show_default=False,
+    )
+    patch_size: Optional[int] = option(
+        None,
+        "size of the patches the encoder sees, cropped from the stored image and resized (default: the recipe's: "
+        "32 CIFAR, 64 Tiny ImageNet, 224 ImageNet-100, else the image size up to 224)",
+        group="data",
+        type=positive_int,
+        show_default=False,
+    )
+    stream: str = option(
+        "auto",
+        "image trees: on reads each step's images from the on-disk store (each rank its share, read ahead), off "
+        "holds the training split in memory, auto holds it in memory where it fits (`empssl info`: the rule)",
+        group="data",
+        choices=STREAM_CHOICES,
     )
     train_size: Optional[int] = option(
         None,
@@ -184,13 +217,13 @@ class TrainConfig(RuntimeConfig):
     )
     cache_dir: Optional[str] = option(
         None,
-        "where folder: data sets cache their decoded arrays (default: PATH/.empssl_cache)",
+        "where image trees keep their decoded stores (default: PATH/.empssl_cache)",
         group="data",
         show_default=False,
     )
     on_bad_image: str = option(
         "skip",
-        "an image of a folder: data set that does not decode: skip it with a warning, or stop",
+        "an image of an image tree that does not decode: skip it with a warning, or stop",
         group="data",
         choices=BAD_IMAGE_POLICIES,
     )
@@ -369,8 +402,10 @@ class TrainConfig(RuntimeConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.schedule_epochs is not None and (not isinstance(self.schedule_epochs, int) or self.schedule_epochs < 1):
-            raise ValueError(f"schedule_epochs must be a positive integer or None, got {self.schedule_epochs!r}")
+        for name in ("schedule_epochs", "max_steps", "patch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.monitor_every is not None and (isinstance(self.monitor_every, bool) or self.monitor_every < 0):
@@ -381,8 +416,6 @@ class TrainConfig(RuntimeConfig):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.wandb is not None and not (isinstance(self.wandb, str) and self.wandb.strip()):
             raise ValueError(f"wandb must name a project, got {self.wandb!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be a positive integer or None, got {self.max_steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.step_variant not in STEP_VARIANTS:

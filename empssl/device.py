@@ -1,13 +1,14 @@
 """Where and how the device runs the work: device resolution, autocast, the cuDNN benchmark switch, the one
 CUDA-graph capture helper (the training step, the linear probe's epoch and the benchmarks replay through it), and
 the memory a device can still give (checked before a large allocation, so that an absurd size is one line, not an
-allocator's traceback)."""
+allocator's traceback), and the host memory this process may use (``host_memory_available``: a cgroup's limit
+included)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -36,17 +37,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def available_memory(device: torch.device) -> Optional[int]:
-    """Bytes the step may use on ``device``: free GPU memory, or the memory the OS can still give; None if unknown."""
+    """Bytes the step may use on ``device``: free GPU memory, or the host memory this process may still use (a
+    cgroup's limit included: ``host_memory_available``); None if unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available, _ = host_memory_available()
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -140,3 +138,99 @@ class CudaGraphCall:
                 static.copy_(value)
         self.graph.replay()
         return self.outputs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The host memory this process may use: the machine's, bounded by a container's or cgroup's limit
+
+_NO_V1_LIMIT = 2**62  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
+
+
+def _read_text(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _read_int(path: str) -> Optional[int]:
+    text = _read_text(path)
+    try:
+        return int(text.strip()) if text is not None else None
+    except ValueError:
+        return None  # "max": no limit
+
+
+def _reclaimable_cache(folder: str, key: str) -> int:
+    """The inactive file cache of a cgroup (counted in its usage, but the kernel drops it before failing)."""
+    for line in (_read_text(os.path.join(folder, "memory.stat")) or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def _cgroup_folders(root: str):
+    """(version, folder) of this process's memory cgroup and each of its parents up to the mount, leaf first, for each
+    cgroup mount (a hybrid system has both versions; a folder without memory files is skipped by the caller)."""
+    membership = _read_text(os.path.join(root, "proc/self/cgroup")) or ""
+    mounts = _read_text(os.path.join(root, "proc/self/mountinfo")) or ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        mount_root, mount_point = fields[3], fields[4]
+        fstype, _, options = line.split(" - ", 1)[1].partition(" ")
+        if fstype == "cgroup2":
+            version, wanted = 2, lambda controllers: controllers == ""
+        elif fstype == "cgroup" and "memory" in options.split()[-1].split(","):
+            version, wanted = 1, lambda controllers: "memory" in controllers.split(",")
+        else:
+            continue
+        for entry in membership.splitlines():
+            _, _, rest = entry.partition(":")
+            controllers, _, path = rest.partition(":")
+            if not wanted(controllers):
+                continue
+            # a container sees its own cgroup as the mount's root: the path is taken relative to it
+            relative = os.path.relpath(path, mount_root) if path.startswith(mount_root) else "."
+            folder = os.path.normpath(os.path.join(root, mount_point.lstrip("/"), relative))
+            top = os.path.normpath(os.path.join(root, mount_point.lstrip("/")))
+            while True:
+                yield version, folder
+                if folder == top or not folder.startswith(top):
+                    break
+                folder = os.path.dirname(folder)
+
+
+def host_memory_available(root: str = "/") -> Tuple[Optional[int], str]:
+    """(bytes this process may still allocate on the host, what bounds it): the least of the machine's available
+    memory (MemAvailable) and, for this process's memory cgroup and each parent (v2 ``memory.max`` /
+    ``memory.current``, v1 ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``), its limit less its use (the
+    inactive file cache counted as free). (None, reason) where nothing can be read. ``root``: where /proc and /sys
+    are (tests point it at a fake tree)."""
+    best: Optional[int] = None
+    what = "nothing readable (no /proc/meminfo)"
+    for line in (_read_text(os.path.join(root, "proc/meminfo")) or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            best, what = int(line.split()[1]) * 1024, "the machine's available memory (MemAvailable)"
+    for version, folder in _cgroup_folders(root):
+        if version == 2:
+            limit, used = (
+                _read_int(os.path.join(folder, "memory.max")),
+                _read_int(os.path.join(folder, "memory.current")),
+            )
+            cache = _reclaimable_cache(folder, "inactive_file")
+        else:
+            limit = _read_int(os.path.join(folder, "memory.limit_in_bytes"))
+            used = _read_int(os.path.join(folder, "memory.usage_in_bytes"))
+            cache = _reclaimable_cache(folder, "total_inactive_file")
+            limit = None if limit is not None and limit >= _NO_V1_LIMIT else limit
+        if limit is None:
+            continue
+        free = max(0, limit - max(0, (used or 0) - cache))
+        if best is None or free < best:
+            best = free
+            what = f"the cgroup v{version} limit of {limit / 2**30:.1f} GiB ({folder})"
+    return best, what

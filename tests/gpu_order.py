@@ -19,7 +19,8 @@ GROUPS = (
     (
         "training",
         1,
-        r"tests/test_(train_step|train|monitor|evaluate|train_distributed|evaluate_distributed)\.py::(?!.*compiled)",
+        r"tests/test_(train_step|train|monitor|store|evaluate|train_distributed|evaluate_distributed)\.py::"
+        r"(?!.*compiled)",
     ),
     ("tcr-cuda-recipe", 1, r"test_tcr_backends\.py::(test_gpu_forward_only_and_auto_choice|.*\[20-100-1024-.*-cuda\])"),
     ("augment-cuda", 1, r"test_augment_api\.py::|test_augment_backends\.py::(?!.*triton)"),
@@ -38,11 +39,13 @@ GROUPS = (
     ("triton-tcr", 2, r"test_tcr_triton\.py::|test_tcr_backends\.py::.*-triton\]|test_opcheck\.py::.*triton"),
 )
 CALL_ENV = "EMPSSL_GPU_TESTS"
-# within the training group: the step the epoch rows time first, then the trainer, its monitoring, the evaluation, NCCL
+# within the training group: the step the epoch rows time first, then the trainer, its monitoring, its reads from a
+# store, the evaluation, NCCL
 TRAINING_FILES = (
     "test_train_step",
     "test_train",
     "test_monitor",
+    "test_store",
     "test_evaluate",
     "test_train_distributed",
     "test_evaluate_distributed",

@@ -118,3 +118,27 @@ def test_tcr_benchmark_has_one_row_per_shape_for_its_float32_only_methods(tmp_pa
         ("cpu", "bfloat16"),
         ("composite", "bfloat16"),
     }
+
+
+def test_data_benchmark_times_building_and_reading_a_store_against_the_need(tmp_path, monkeypatch):
+    import tempfile
+
+    from empssl.bench import data
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the benchmark makes its trees
+    path = tmp_path / "data.csv"
+    assert data.main(["--tiny", "--device", "cpu", "--csv", str(path), "--no-plot"]) == 0
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    by_method = {(row["case"], row["method"].split(" (")[0]): row for row in rows}
+    assert set(by_method) == {
+        ("32x32 (CIFAR size)", "build"),
+        ("32x32 (CIFAR size)", "read, in page cache"),
+        ("32x32 (CIFAR size)", "read, evicted from cache"),
+        ("500x375 -> 448, 4:3", "build"),  # 40 photos: fewer than a batch, no read rows
+    }
+    read = by_method[("32x32 (CIFAR size)", "read, in page cache")]
+    assert read["rate_unit"] == "images/s" and read["limit"] == "need 6,250 images/s"
+    assert float(read["limit_fraction"]) == pytest.approx(float(read["rate"]) / 6250, rel=1e-2)
+    assert "597x597 canvas" in by_method[("500x375 -> 448, 4:3", "build")]["note"]  # 448 whole up to 4:3
+    assert not list(tmp_path.glob("empssl-bench-data-*"))  # the made trees and stores are removed

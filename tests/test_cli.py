@@ -137,6 +137,11 @@ def test_info_as_a_program():
     assert ["tcr", "cpu", "reference", "yes"] in [row[:4] for row in backend_rows]
     if not torch.cuda.is_available():
         assert all(row[3] == "no:" for row in backend_rows if row[1] == "cuda" and row[2] == "cuda")
+    (rule,) = [line for line in info.stdout.splitlines() if line.startswith("data ")]
+    from empssl.device import host_memory_available
+
+    assert "held in memory when it takes at most half of the memory this process may use" in rule
+    assert host_memory_available()[1] in rule and "on-disk store" in rule
 
 
 def _snapshot(folder):

@@ -227,7 +227,8 @@ def test_image_folder_decodes_caches_and_reuses(tmp_path, monkeypatch):
             expected = torch.tensor(colours[dataset.classes[label]], dtype=torch.float32)
             assert (image.float().mean((0, 1)) - expected).abs().max() < 6  # JPEG is lossy
     cache = tmp_path / ".empssl_cache"
-    assert len(list(cache.glob("*.meta.json"))) == 1 and not list(cache.glob(".tmp-*"))
+    assert len(list(cache.glob("*.train.empssl-store"))) == 1 and len(list(cache.glob("*.test.empssl-store"))) == 1
+    assert not list(cache.glob("*.partial"))
 
     def must_not_decode(*args):
         raise AssertionError("the cache should have been used")
@@ -248,7 +249,7 @@ def test_image_folder_cache_rebuilt_when_a_file_changes(tmp_path):
         i for i in range(len(before.train_labels)) if not torch.equal(before.train_images[i], after.train_images[i])
     ]
     assert len(index) == 1 and after.train_images[index[0], 4, 4].tolist() == [10, 250, 10]
-    assert len(list((tmp_path / ".empssl_cache").glob("*.meta.json"))) == 1  # the stale cache is gone
+    assert len(list((tmp_path / ".empssl_cache").glob("*.train.empssl-store"))) == 1  # the stale store is gone
 
 
 def test_image_folder_single_tree_split_is_deterministic(tmp_path):

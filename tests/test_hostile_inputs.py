@@ -29,6 +29,7 @@ from empssl.config import EvalConfig, TrainConfig
 from empssl.data import folder as image_folder
 from empssl.data.dataset import DataError, ImageDataset, fingerprint
 from empssl.data.npz import load_npz
+from empssl.data.store import read_header
 from empssl.evaluation import pipeline
 from empssl.evaluation.probe import LabelledFeatures, ProbeDivergedError, knn_classify, linear_probe
 from empssl.files import TEMP_PREFIX, LinkRefused, StagedWrite, append_text, remove_stale_temporaries, write_atomically
@@ -189,6 +190,8 @@ def test_the_cache_removes_only_the_caches_it_wrote_of_this_tree(tmp_path):
         "run.meta.json": b'{"classes": ["x"]}',
         "0123456789abcdef0123.train-images.npy": b"named like a cache, no marker",
         "0123456789abcdef0123.meta.json": b'{"classes": ["x"], "source": "/elsewhere"}',
+        "0123456789abcdef0123.train.empssl-store": b"named like a store, not one",
+        "0123456789abcdef0123.test.empssl-store.partial": b"named like a partial store, not one",
     }
     for name, content in mine.items():
         (cache / name).write_bytes(content)
@@ -208,10 +211,9 @@ def test_the_cache_removes_only_the_caches_it_wrote_of_this_tree(tmp_path):
         assert (cache / name).read_bytes() == content, name
     kept = set(os.listdir(cache)) - set(mine)
     assert other_cache <= kept and not tree_cache & kept  # the tree's old cache went, the other tree's stays
-    assert len(tree_cache) == len(other_cache) == len(kept - other_cache) == 5  # 4 arrays and the marked metadata
-    assert json.loads((cache / next(n for n in other_cache if n.endswith(".meta.json"))).read_text())["format"] == (
-        image_folder.CACHE_MARKER
-    )
+    assert len(tree_cache) == len(other_cache) == len(kept - other_cache) == 2  # a store per split
+    # each store names its tree in its header: the proof of whose it is
+    assert {read_header(str(cache / name))["source"] for name in other_cache} == {str(tmp_path / "other")}
 
 
 # ---------------------------------------------------------------------- resume through a link

@@ -97,6 +97,7 @@ def test_pure_python_wheel_holds_every_module(clean_tree, tmp_path):
     missing = sorted(_python_modules(clean_tree) - shipped)
     assert not missing, f"the wheel lacks {missing}"
     assert "empssl/ops/__init__.py" in shipped and "empssl/kernels/tcr.py" in shipped
+    assert "empssl/data/imagenet100.txt" in shipped  # read at run time by imagenet100:PATH
     assert record["EXTENSION"] == "none" and record["REASON"] == "EMPSSL_BUILD_EXT=0"
 
 
@@ -118,6 +119,7 @@ def test_sdist_holds_every_source_and_header(clean_tree, tmp_path):
     wanted = {path for path in _tracked_files() if path.startswith(("csrc/", "kernels/", "empssl/"))}
     assert any(path.endswith(".cu") for path in wanted) and any(path.endswith(".h") for path in wanted)
     assert not sorted(wanted - shipped), f"the sdist lacks {sorted(wanted - shipped)}"
+    assert "empssl/data/imagenet100.txt" in shipped
     assert "empssl/_build_info.py" not in shipped  # each build writes its own record
 
 

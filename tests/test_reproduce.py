@@ -153,6 +153,40 @@ def test_the_published_numbers_sit_beside_the_cells_of_their_recipe():
     assert published.linear_probe("synthetic", Recipe(1, 2, 20)) == (None, "")
 
 
+def test_tiny_imagenet_and_imagenet100_sit_beside_their_published_numbers_in_cells_of_their_own(tmp_path):
+    tiny, in100 = f"tinyimagenet:{tmp_path}/tiny-imagenet-200", f"imagenet100:{tmp_path}/ILSVRC/"
+    tasks = reproduce.plan("one-epoch", [tiny, in100], epochs=1, patches=[20])
+    evals = [t for t in tasks if t.kind == "eval"]
+    assert [(t.cell, published.linear_probe(t.dataset, t.recipe)[0]) for t in evals] == [
+        ("tinyimagenet-tiny-imagenet-200-schedule-1", None),
+        ("tinyimagenet-tiny-imagenet-200-optimised", 0.381),
+        ("imagenet100-ILSVRC-schedule-1", None),
+        ("imagenet100-ILSVRC-optimised", 0.585),
+    ]
+    for dataset, paper in ((tiny, 0.515), (in100, 0.789)):
+        convergence = [t for t in reproduce.plan("convergence", [dataset], 10, [200]) if t.kind == "eval"]
+        assert [published.linear_probe(dataset, t.recipe)[0] for t in convergence] == [None] * 9 + [paper]
+    assert published.linear_probe(f"folder:{tmp_path}/tiny-imagenet-200", Recipe(1, 2, 20)) == (None, "")
+    with pytest.raises(reproduce.SweepError, match="would share cell folders"):
+        reproduce.plan("one-epoch", [f"folder:{tmp_path}/a/x", f"folder:{tmp_path}/b/x"], 1, [20])
+
+
+def test_imagenet100_cells_train_the_imagenet_stem_unless_told_otherwise(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(
+        out_dir=str(tmp_path), experiment="one-epoch", dataset=["imagenet100:/data/in", "cifar10"], epochs=1,
+        patches=[20], root="data", device="cpu", train_args="", eval_args="", no_progress=True,
+    )  # fmt: skip
+    sweep = reproduce.Sweep(args, run_command=None)
+    commands = {t.dataset: sweep.train_command(t) for t in sweep.tasks if t.kind == "train"}
+    arch = lambda command: command[command.index("--arch") + 1]  # noqa: E731
+    assert arch(commands["imagenet100:/data/in"]) == "resnet18-imagenet" and "--arch" not in commands["cifar10"]
+    sweep = reproduce.Sweep(argparse.Namespace(**{**vars(args), "train_args": "--arch resnet18-cifar"}), None)
+    command = sweep.train_command(sweep.tasks[0])
+    assert command.count("--arch") == 1 and arch(command) == "resnet18-cifar"
+
+
 def test_a_changed_option_is_refused_and_a_foreign_folder_too(tmp_path, capsys):
     out = tmp_path / "sweep"
     out.mkdir()

@@ -23,7 +23,8 @@ from empssl import checkpoint as ckpt
 from empssl import cli
 from empssl.config import TrainConfig
 from empssl.data.dataset import DataError
-from empssl.data.folder import decode_image, load_image_folder
+from empssl.data.folder import decode_image
+from empssl.data.load import load_dataset
 from empssl.data.npz import load_npz
 from empssl.device import resolve_device
 from empssl.files import TEMP_PREFIX
@@ -275,7 +276,7 @@ def test_a_folder_of_16_bit_pngs_trains_on_its_real_brightness(tmp_path):
             Image.fromarray(gray).save(tmp_path / "data" / label / f"{index}.png")
     with Image.open(tmp_path / "data" / "a" / "0.png") as image:
         assert image.mode.startswith("I")  # 16 bits stored and read
-    data = load_image_folder(str(tmp_path / "data"), image_size=8, show_progress=False)
+    data = load_dataset(f"folder:{tmp_path / 'data'}", image_size=8, show_progress=False)
     images = torch.cat([data.train_images, data.test_images]).float()
     assert images.max() <= 64 and images.mean() < 40  # clipping made them ~98% white (255)
 
@@ -400,17 +401,19 @@ def _image_tree(root, count=6):
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "meta"])
 def test_a_truncated_or_unreadable_cache_is_rebuilt_with_a_warning_naming_it(tmp_path, damage):
     _image_tree(tmp_path / "data")
-    first = load_image_folder(str(tmp_path / "data"), image_size=8, show_progress=False)
+    first = load_dataset(f"folder:{tmp_path / 'data'}", image_size=8, show_progress=False)
     cache = tmp_path / "data" / ".empssl_cache"
-    target = sorted(cache.glob("*.train-images.npy"))[0] if damage != "meta" else sorted(cache.glob("*.meta.json"))[0]
-    content = target.read_bytes()
-    target.write_bytes({"truncate": content[: len(content) // 2], "garbage": b"\x00" * 40, "meta": b"{"}[damage])
-    with pytest.warns(UserWarning, match=f"cache file {target} is truncated or unreadable"):
-        again = load_image_folder(str(tmp_path / "data"), image_size=8, show_progress=False)
+    target = sorted(cache.glob("*.train.empssl-store"))[0]
+    content = bytearray(target.read_bytes())
+    if damage == "meta":  # the header's JSON cut short
+        content[30] = ord("}")
+    target.write_bytes({"truncate": content[: len(content) // 2], "garbage": b"\x00" * 40, "meta": content}[damage])
+    with pytest.warns(UserWarning, match=f"{target}.*rebuilding the store"):
+        again = load_dataset(f"folder:{tmp_path / 'data'}", image_size=8, show_progress=False)
     assert torch.equal(again.train_images, first.train_images) and again.classes == first.classes
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # rebuilt: read without a word
-        load_image_folder(str(tmp_path / "data"), image_size=8, show_progress=False)
+        load_dataset(f"folder:{tmp_path / 'data'}", image_size=8, show_progress=False)
 
 
 @pytest.mark.parametrize("size", [2, 6])

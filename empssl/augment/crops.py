@@ -46,13 +46,17 @@ def _constant_columns(like: torch.Tensor, values) -> torch.Tensor:
 
 
 def crop_boxes_from_uniforms(
-    u: torch.Tensor, image_height: int, image_width: int, scale: Tuple[float, float], ratio: Tuple[float, float]
+    u: torch.Tensor, image_height, image_width, scale: Tuple[float, float], ratio: Tuple[float, float]
 ) -> torch.Tensor:
     """Boxes (see ``sample_crop_boxes``) from float64 uniforms ``u`` of shape (num_boxes, crop_uniform_count).
 
-    Every constant is a Python scalar and every result a new tensor (no copies of Python data to
-    the device, no writes into views), so the function is one traceable graph with no host sync.
+    ``image_height`` and ``image_width``: one size for every box (ints), or each box's own image size (float64 or
+    integer tensors of shape (num_boxes,): images of several sizes in one batch, each stored in the top-left corner
+    of a larger canvas). Every constant is a Python scalar and every result a new tensor (no copies of Python data
+    to the device, no writes into views), so the function is one traceable graph with no host sync.
     """
+    if isinstance(image_height, torch.Tensor) or isinstance(image_width, torch.Tensor):
+        return _crop_boxes_per_image(u, image_height, image_width, scale, ratio)
     fallback_top, fallback_left, fallback_h, fallback_w = _fallback_crop_box(image_height, image_width, ratio)
     fixed = _fixed_crop_size(image_height * image_width, scale, ratio)
     if fixed is not None:
@@ -80,6 +84,47 @@ def crop_boxes_from_uniforms(
     left = torch.minimum(torch.floor(u[:, 2 * attempts + 1] * (free_w + 1)), free_w)
     top = torch.where(found, top, float(fallback_top))
     left = torch.where(found, left, float(fallback_left))
+    return torch.stack((top, left, h, w), dim=1)
+
+
+def _crop_boxes_per_image(
+    u: torch.Tensor, image_height, image_width, scale: Tuple[float, float], ratio: Tuple[float, float]
+) -> torch.Tensor:
+    """``crop_boxes_from_uniforms`` with each box's own image size (H, W as (num_boxes,) tensors): the same draws,
+    with the same arithmetic in float64, so a box equals the one the single-size path gives for its size."""
+    as_column = lambda size: torch.as_tensor(size, dtype=torch.float64, device=u.device).expand(u.shape[0])  # noqa: E731
+    height, width = as_column(image_height), as_column(image_width)
+    # torchvision's fallback, per box: the whole image with its ratio clamped into ratio
+    low_ratio, high_ratio = min(ratio), max(ratio)
+    in_ratio = width / height
+    too_narrow, too_wide = in_ratio < low_ratio, in_ratio > high_ratio
+    fallback_w = torch.where(too_wide, (height * high_ratio).round(), width)
+    fallback_h = torch.where(too_narrow, (width / low_ratio).round(), height)
+    fallback_top = torch.div(height - fallback_h, 2, rounding_mode="floor")
+    fallback_left = torch.div(width - fallback_w, 2, rounding_mode="floor")
+    area = height * width
+    if scale[0] == scale[1] and ratio[0] == ratio[1]:  # fixed size: one attempt decides (see _fixed_crop_size)
+        aspect = math.exp(math.log(ratio[0]))
+        target_area = area * scale[0]
+        h_try, w_try = (target_area / aspect).sqrt().round(), (target_area * aspect).sqrt().round()
+        position = u[:, 0], u[:, 1]
+        found = (h_try > 0) & (h_try <= height) & (w_try > 0) & (w_try <= width)
+        h, w = torch.where(found, h_try, fallback_h), torch.where(found, w_try, fallback_w)
+    else:
+        attempts = _CROP_ATTEMPTS
+        target_area = u[:, :attempts] * (area * (scale[1] - scale[0])).unsqueeze(1) + (area * scale[0]).unsqueeze(1)
+        log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+        aspect = (u[:, attempts : 2 * attempts] * (log_high - log_low) + log_low).exp()
+        h_try, w_try = (target_area / aspect).sqrt().round(), (target_area * aspect).sqrt().round()
+        fits = (h_try > 0) & (h_try <= height.unsqueeze(1)) & (w_try > 0) & (w_try <= width.unsqueeze(1))
+        first_fit = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
+        found = fits.any(dim=1)
+        h = torch.where(found, h_try.gather(1, first_fit).squeeze(1), fallback_h)
+        w = torch.where(found, w_try.gather(1, first_fit).squeeze(1), fallback_w)
+        position = u[:, 2 * attempts], u[:, 2 * attempts + 1]
+    free_h, free_w = height - h, width - w
+    top = torch.where(found, torch.minimum(torch.floor(position[0] * (free_h + 1)), free_h), fallback_top)
+    left = torch.where(found, torch.minimum(torch.floor(position[1] * (free_w + 1)), free_w), fallback_left)
     return torch.stack((top, left, h, w), dim=1)
 
 

@@ -62,6 +62,7 @@ def sample_augment_params(
     seed=None,
     step=0,
     image_ids: Optional[torch.Tensor] = None,
+    image_sizes: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Random parameters of ``num_patches`` patches of each of ``num_images`` images.
 
@@ -79,6 +80,11 @@ def sample_augment_params(
       of (seed, step, image id, patch, draw). Patch i of an image with a given id gets the same
       parameters whatever the rest of the batch is, and a CUDA graph replays the draws (pass step
       as a device tensor and advance it in place).
+
+    ``image_sizes``: int64 (num_images, 2), the (height, width) of each image where the images have several
+    sizes, each stored in the top-left corner of the ``image_height`` x ``image_width`` canvas (the rest of the
+    canvas is never read; sizes are clamped into the canvas): each box is drawn as RandomResizedCrop draws it on its
+    image alone. None: every image fills the canvas.
 
     Drawn on ``device`` (default: the device of image_ids or step, else the generator's, else
     CPU) with no host synchronisation and no copy of Python data to the device; with ``seed``
@@ -99,6 +105,11 @@ def sample_augment_params(
     # one float64 draw per call: the crop's uniforms, then 5 gates, 4 jitter factors, 4 order keys, 1 sigma
     crop_uniforms = crop_uniform_count(config.crop_scale, config.crop_ratio)
     u = draw_uniforms(num_images, num_patches, crop_uniforms + 14, generator, device, seed, step, image_ids)
+    if image_sizes is not None:  # patch-major rows: row i * num_images + j is image j's
+        _check_image_sizes(image_sizes, num_images, image_height, image_width, device)
+        sizes = image_sizes.to(torch.float64).repeat(num_patches, 1)
+        # clamped into the canvas without a sync: no box can leave the images whatever the sizes say
+        image_height, image_width = sizes[:, 0].clamp(1, image_height), sizes[:, 1].clamp(1, image_width)
     boxes = crop_boxes_from_uniforms(
         u[:, :crop_uniforms], image_height, image_width, config.crop_scale, config.crop_ratio
     )
@@ -118,6 +129,19 @@ def sample_augment_params(
     params = torch.cat(columns, dim=1).to(torch.float32)  # cat promotes the flags and the order to float64
     source_index = torch.arange(num_images, device=device).repeat(num_patches)
     return source_index, params
+
+
+def _check_image_sizes(image_sizes, num_images: int, height: int, width: int, device: torch.device) -> None:
+    """Type, shape and device of ``image_sizes`` (their values are the loader's: checking them would sync)."""
+    if not isinstance(image_sizes, torch.Tensor):
+        raise TypeError(f"image_sizes must be a torch.Tensor or None, got {type(image_sizes).__name__}")
+    if image_sizes.dtype not in (torch.int64, torch.int32) or image_sizes.shape != (num_images, 2):
+        raise ValueError(
+            f"image_sizes must be int64 (height, width) of shape ({num_images}, 2) within the {height}x{width} "
+            f"canvas, got {image_sizes.dtype} of shape {tuple(image_sizes.shape)}"
+        )
+    if image_sizes.device != device:
+        raise ValueError(f"image_sizes is on {image_sizes.device} but the parameters are sampled on {device}")
 
 
 def _sampling_constants(config: AugmentConfig) -> Tuple[Tuple[float, ...], Tuple[float, ...], Tuple[float, ...]]:
@@ -232,7 +256,8 @@ class MultiPatchAugment(nn.Module):
     (num_patches * B, 3, S, S), patch-major: patch ``i * B + j`` comes from image j.
     ``augment(images, num_patches, seed=..., step=..., image_ids=...)`` draws from the
     counter-based source instead (see ``sample_augment_params``): no generator state, replayable
-    by a CUDA graph, independent of how the batch is split.
+    by a CUDA graph, independent of how the batch is split. ``image_sizes`` (int64 (B, 2)): each image's
+    (height, width) where the images have several sizes, each in the top-left corner of the batch's H x W.
     ``sample`` and ``apply`` do the two halves separately: any backend given the same
     parameters returns the same patches.
 
@@ -265,7 +290,7 @@ class MultiPatchAugment(nn.Module):
             f"channels_last={self.channels_last}"
         )
 
-    def _sample(self, images_nhwc: torch.Tensor, num_patches, generator, seed, step, image_ids):
+    def _sample(self, images_nhwc: torch.Tensor, num_patches, generator, seed, step, image_ids, image_sizes=None):
         check_positive_int(num_patches, "num_patches")
         check_generator(generator, images_nhwc.device)
         num_images, height, width, _ = images_nhwc.shape
@@ -280,6 +305,7 @@ class MultiPatchAugment(nn.Module):
             seed=seed,
             step=step,
             image_ids=image_ids,
+            image_sizes=image_sizes,
         )
 
     def _run_backend(self, images_nhwc: torch.Tensor, source_index: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -297,10 +323,11 @@ class MultiPatchAugment(nn.Module):
         seed=None,
         step=0,
         image_ids: Optional[torch.Tensor] = None,
+        image_sizes: Optional[torch.Tensor] = None,
     ):
         """(source_index, params) for ``num_patches`` patches of every image, on the images' device;
         the random source is ``generator`` or the counter keys, as in ``sample_augment_params``."""
-        return self._sample(_as_nhwc(images), num_patches, generator, seed, step, image_ids)
+        return self._sample(_as_nhwc(images), num_patches, generator, seed, step, image_ids, image_sizes)
 
     def apply(self, images: torch.Tensor, source_index: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Patches (P, 3, S, S) for given parameters. Checks their values first (one host synchronisation)."""
@@ -317,7 +344,8 @@ class MultiPatchAugment(nn.Module):
         seed=None,
         step=0,
         image_ids: Optional[torch.Tensor] = None,
+        image_sizes: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         images_nhwc = _as_nhwc(images)
-        source_index, params = self._sample(images_nhwc, num_patches, generator, seed, step, image_ids)
+        source_index, params = self._sample(images_nhwc, num_patches, generator, seed, step, image_ids, image_sizes)
         return self._run_backend(images_nhwc, source_index, params)  # valid by construction: no value check, no sync

@@ -1,6 +1,6 @@
 """Benchmarks of the kernels and the training step, installed with the package.
 
-    empssl bench tcr | augment | step | epoch | predict [--quick | --tiny] [--out DIR | --csv FILE] [--no-plot]
+    empssl bench tcr | augment | step | epoch | predict | data [--quick | --tiny] [--out DIR | --csv FILE] [--no-plot]
     python -m empssl.bench tcr ...        (the same)
 
 Each writes one CSV (columns ``empssl.bench.common.FIELDS``, a row appended as soon as it is
@@ -20,6 +20,7 @@ BENCHMARKS = {
     "step": "one training step split into augmentation, forward, loss, backward+optimiser",
     "epoch": "free-running training steps of each step variant and the extrapolated CIFAR-10 epoch",
     "predict": "the epoch each step variant should take on a GPU, from kernels, FLOPs and bytes counted on the CPU",
+    "data": "image data: building the on-disk store on every core, reading a step's images from it, against the need",
 }
 
 

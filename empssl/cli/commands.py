@@ -154,11 +154,15 @@ def run_setting(args, stored: dict, name: str):
     return stored.get(name, getattr(TrainConfig(), name)) if value is None else value
 
 
-def data_from_args(args, config: EvalConfig, stored: dict, test_size: Optional[int] = None):
-    """The data set of the command line's data options (each defaulting to the checkpoint's, ``stored``), on the
-    config's device, checked large enough for the augmentation."""
+def data_from_args(
+    args, config: EvalConfig, stored: dict, test_size: Optional[int] = None, stream: Optional[str] = None
+):
+    """(the data set of the command line's data options, each defaulting to the checkpoint's, ``stored``, on the
+    config's device; its patch size), checked large enough for the augmentation. ``stream``: the image trees' rule
+    (default: the options'; the picture commands hold their images in memory, ``off``); evaluation refuses an
+    unlabelled tree before decoding it."""
     from ..augment.config import smallest_image_size
-    from ..data.dataset import check_image_size
+    from ..data.dataset import check_patch_size
     from ..data.load import load_dataset
     from ..device import resolve_device
 
@@ -174,9 +178,13 @@ def data_from_args(args, config: EvalConfig, stored: dict, test_size: Optional[i
         test_size=test_size,
         device=resolve_device(config.device),
         show_progress=config.progress,
+        max_aspect=run_setting(args, stored, "max_aspect"),
+        stream=stream or run_setting(args, stored, "stream"),
+        need_labels=stream is None,
     )
-    check_image_size(data, smallest_image_size())
-    return data
+    patch_size = run_setting(args, stored, "patch_size") or data.recipe_patch_size
+    check_patch_size(data, patch_size, smallest_image_size())
+    return data, patch_size
 
 
 def run_eval(args) -> int:
@@ -184,8 +192,8 @@ def run_eval(args) -> int:
 
     config = from_args(EvalConfig, args)
     encoder, payload, source = encoder_from_args(args, config)
-    data = data_from_args(args, config, payload.get("config", {}), test_size=config.test_size)
-    results = evaluate(encoder, data, config)
+    data, patch_size = data_from_args(args, config, payload.get("config", {}), test_size=config.test_size)
+    results = evaluate(encoder, data, config, patch_size=patch_size)
     if not _is_main_rank():
         return 0
     results = {"encoder": source, "dataset": data.name, **results}
@@ -255,6 +263,9 @@ def run_info(args) -> int:
         f"convolutions (--tf32 turns it on); torch's settings in this process: matmul "
         f"{torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}"
     )
+    from ..data.load import memory_rule
+
+    print(f"data         {memory_rule('cuda' if torch.cuda.is_available() else None)}")
     print()
     rows = backends.availability_table()
     header = ("op", "device", "backend", "available")

@@ -34,7 +34,7 @@ def _images(args, config: EvalConfig, payload: dict, split: str, limit: Optional
         size = int(args.image_size or payload.get("dataset", {}).get("image_size") or stored.get("image_size") or 32)
         images = folder_images(args.images, size, resolve_device(config.device), config.progress)
     else:
-        images = split_images(data_from_args(args, config, stored, config.test_size), split)
+        images = split_images(*data_from_args(args, config, stored, config.test_size, stream="off"), split)
     if limit is not None and limit < len(images):
         images = images.subset(torch.arange(limit))
     return images
@@ -106,11 +106,11 @@ def run_neighbours(args) -> int:
         exclude = chosen.to(bank_embeddings.device)
         query_embeddings = bank_embeddings.index_select(0, exclude)
     else:
-        data = data_from_args(args, config, payload.get("config", {}), config.test_size)
-        bank = split_images(data, "train")
+        data, patch_size = data_from_args(args, config, payload.get("config", {}), config.test_size, stream="off")
+        bank = split_images(data, patch_size, "train")
         if args.max_images is not None and args.max_images < len(bank):
             bank = bank.subset(torch.arange(args.max_images))
-        pool = split_images(data, args.split)
+        pool = split_images(data, patch_size, args.split)
         queries = pool.subset(_pick(args.queries, len(pool), config.seed))
         bank_embeddings, exclude = embed(encoder, bank, config, "bank"), None
         query_embeddings = embed(encoder, queries, config, "queries")
@@ -164,7 +164,7 @@ def run_preview(args) -> int:
     out_dtype = torch.bfloat16 if config.bf16 and device.type == "cuda" else torch.float32  # the trainer's patches
     picture, _, rows, backend, _ = augmentation_preview(
         chosen,
-        augment_config_for(int(chosen.images.shape[1])),
+        augment_config_for(chosen.patch_size or int(chosen.images.shape[1])),
         config.augment_backend,
         args.num_patches,
         config.seed,

@@ -1,5 +1,6 @@
-"""Data sets as uint8 tensors (``ImageDataset``), loaded by spec (``load_dataset``): CIFAR, image folders, npz
-files and the built-in synthetic set."""
+"""Data sets as uint8 images (``ImageDataset``), loaded by spec (``load_dataset``): CIFAR, image trees (Tiny
+ImageNet, ImageNet-100, your own, labelled or not; held in memory or read a step at a time from an on-disk store),
+npz files and the built-in synthetic set."""
 
 from .dataset import DataError, ImageDataset
 from .load import load_dataset

@@ -1,97 +1,46 @@
-"""``folder:PATH`` data sets: an ImageFolder tree decoded once (threads, PIL) into uint8 arrays, cached on disk.
+"""Image trees (``folder:``, ``tinyimagenet:``, ``imagenet100:``, ``unlabelled:`` PATH) decoded once into stores.
 
-PATH/train/<class>/* with PATH/val or PATH/test/<class>/*, or one PATH/<class>/* tree split deterministically.
+The tree is listed by ``empssl.data.layouts``; each split is decoded once, on every core, into an on-disk store
+(``empssl.data.store``) in the cache folder (default PATH/.empssl_cache), named by a fingerprint of every file's
+path, size and mtime and of the storage settings, so a changed tree or setting gets a new store and the stale one is
+removed (only stores of this tree's, proven by their header). ``load_image_folder`` returns an ``ImageDataset``
+whose splits are these stores; ``empssl.data.load`` reads a split into memory where it fits.
 
-Bounded work for any file: an image is read only if it is a regular file (a FIFO named ``x.png`` is a bad image,
-never opened for reading), its decode reserves its memory from one budget shared by the decoding threads, and an
-image of an extreme aspect ratio is resized only in the part the centre crop keeps. A class folder that cannot be
-read stops the load (its class is never dropped silently). The cache folder may hold the user's own files: the
-cache removes only the caches it wrote, proven by their names and by the marker in their ``.meta.json``.
+Bounded work for any file (``decode_image``): an image is read only if it is a regular file (a FIFO named ``x.png``
+is a bad image, never opened for reading), its decode reserves its memory from one budget shared by the decoding
+threads, and only the region the storage keeps is resized. A folder that cannot be read stops the load (its images
+are never dropped silently).
+
+Storage: each image keeps its aspect ratio up to ``max_aspect`` (the longer side centre-cropped beyond it; 1: the
+centre square), its shorter side resized to ``image_size``, in the top-left corner of a canvas whose side is the
+longest kept side (``canvas_size``); the patches are cut from the image at this resolution (docs/method.md section 4).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
-import json
+import math
 import os
-import re
+import shutil
 import threading
-import warnings
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, Optional
 
 import numpy as np
-import torch
 
-from ..device import check_fits
-from ..files import check_writable_folder, open_input, remove_stale_temporaries, write_atomically
-from .dataset import DataError, ImageDataset, deterministic_split
+from ..files import check_writable_folder, open_input
+from .build import build_store, remove_stale_stores
+from .dataset import DataError, ImageDataset
+from .layouts import Listing, list_images
+from .store import SUFFIX, ImageStore, StoreError, store_header
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-
-
-def _unreadable_folder(err: OSError):
-    raise DataError(
-        f"cannot read the class folder {err.filename} ({err.strerror or err}): its images would be left out; "
-        f"fix its permissions, or move it out of the data set"
-    ) from err
+STORE_VERSION = 2  # of what a store holds: changing the decoding changes it, so old stores are not reused
+MAX_ASPECT_LIMIT = 4.0
 
 
-def _list_class_tree(folder: str) -> List[Tuple[str, str]]:
-    """(relative path, class name) of every image file under folder/<class>/, sorted. DataError for a folder that
-    cannot be read."""
-    entries = []
-    try:
-        with os.scandir(folder) as listing:
-            class_names = sorted(d.name for d in listing if d.is_dir() and not d.name.startswith("."))
-    except OSError as err:
-        _unreadable_folder(err)
-    for class_name in class_names:
-        for dirpath, dirnames, filenames in os.walk(os.path.join(folder, class_name), onerror=_unreadable_folder):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for filename in sorted(filenames):
-                if filename.lower().endswith(IMAGE_EXTENSIONS):
-                    entries.append((os.path.join(dirpath, filename), class_name))
-    return entries
-
-
-def _find_splits(path: str, seed: int):
-    """{split: [(file, class)]} of an ImageFolder tree, with or without its own test split."""
-    if not os.path.isdir(path):
-        raise DataError(f"image folder {path} not found")
-    train_dir = os.path.join(path, "train")
-    if os.path.isdir(train_dir):
-        test_dir = next((os.path.join(path, d) for d in ("val", "test") if os.path.isdir(os.path.join(path, d))), None)
-        if test_dir is None:
-            raise DataError(f"image folder {path} has train/ but neither val/ nor test/")
-        splits = {"train": _list_class_tree(train_dir), "test": _list_class_tree(test_dir)}
-        for split, folder in (("train", train_dir), ("test", test_dir)):
-            if not splits[split]:
-                raise DataError(f"image folder {folder} holds no images (expected {folder}/<class>/*.png|jpg)")
-    else:
-        entries = _list_class_tree(path)
-        if not entries:
-            raise DataError(
-                f"image folder {path} holds no images (expected {path}/train/<class>/*, "
-                f"{path}/val/<class>/* or {path}/<class>/*.png|jpg)"
-            )
-        train_idx, test_idx = deterministic_split(len(entries), seed=seed)
-        splits = {"train": [entries[i] for i in train_idx], "test": [entries[i] for i in test_idx]}
-    classes = sorted({c for entries in splits.values() for _, c in entries})
-    return splits, classes
-
-
-def _fingerprint(path: str, splits, image_size: int, on_bad_image: str, seed: int) -> str:
-    """Hash of every file's relative path, size and mtime, plus the decoding settings."""
-    digest = hashlib.sha256(f"v1|{image_size}|{on_bad_image}|{seed}".encode())
-    for split in ("train", "test"):
-        for file, class_name in splits[split]:
-            stat = os.stat(file)
-            digest.update(
-                f"{split}|{os.path.relpath(file, path)}|{class_name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode()
-            )
-    return digest.hexdigest()[:20]
+def canvas_size(image_size: int, max_aspect: float) -> int:
+    """The side of the square canvas that holds an image of shorter side ``image_size`` kept up to ``max_aspect``."""
+    return int(math.floor(image_size * max_aspect + 1e-9))
 
 
 def to_rgb8(image):
@@ -118,7 +67,6 @@ def to_rgb8(image):
 
 DECODE_MEMORY = 2**30  # bytes the decoding threads may hold at once (a larger image decodes alone)
 MAX_SOURCE_PIXELS = 89_478_485  # PIL's own bound for a decompression bomb (it only warns below twice this)
-_RESIZED_PIXELS = 4  # times image_size**2: beyond it only the part the centre crop keeps is resized
 
 
 class _MemoryBudget:
@@ -151,212 +99,153 @@ def _decoded_bytes(image) -> int:
     return image.size[0] * image.size[1] * per_pixel
 
 
-def decode_image(file: str, image_size: int) -> np.ndarray:
-    """One image file -> (S, S, 3) uint8: RGB, shorter side resized to S, centre crop. Only a regular file is opened;
-    one of more than ``MAX_SOURCE_PIXELS`` is refused from its header; its decode waits for room in the threads'
-    shared memory budget; an image so elongated that its resized copy would exceed ``_RESIZED_PIXELS`` times S*S has
-    only the centre region resized (PIL's resize of a box: the same samples, up to rounding by 1 in 255)."""
+def decode_image(file: str, image_size: int, max_aspect: float = 1.0) -> np.ndarray:
+    """One image file -> (h, w, 3) uint8 RGB: the shorter side resized to ``image_size``, the longer side kept up
+    to ``max_aspect`` times that (centre-cropped beyond it; 1: the centre square, S x S).
+
+    Bounded work for any file: only a regular file is opened (``open_input``); one of more than
+    ``MAX_SOURCE_PIXELS`` is refused from its header; the decode waits for room in the threads' shared memory
+    budget; a JPEG is decoded at the smallest DCT scale still at least the output's size; and only the region the
+    crop keeps is resized (PIL's resize of a box: the samples of a whole resize and crop, up to rounding by 1)."""
     from PIL import Image
 
     with open_input(file, "image") as f, Image.open(f) as source:
-        if source.size[0] * source.size[1] > MAX_SOURCE_PIXELS:  # read from the header: nothing decoded yet
-            raise ValueError(
-                f"{source.size[0]}x{source.size[1]} pixels, more than the {MAX_SOURCE_PIXELS:,} an image may have"
-            )
+        width, height = source.size
+        if width * height > MAX_SOURCE_PIXELS:  # read from the header: nothing decoded yet
+            raise ValueError(f"{width}x{height} pixels, more than the {MAX_SOURCE_PIXELS:,} an image may have")
+        if source.format == "JPEG":
+            scale = image_size / min(width, height)
+            source.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         with _DECODE_BUDGET.reserve(_decoded_bytes(source)):
-            return _resized(to_rgb8(source), image_size)
+            return _resized(to_rgb8(source), image_size, max_aspect)
 
 
-def _resized(image, image_size: int) -> np.ndarray:
-    """``image`` (RGB), its shorter side resized to ``image_size``, centre-cropped to a square (``decode_image``)."""
+def _resized(image, image_size: int, max_aspect: float) -> np.ndarray:
+    """``image`` (RGB) as ``decode_image`` stores it: the whole image resized so its shorter side is
+    ``image_size``, then its centre (up to ``max_aspect``) kept, computed as a resize of that region alone."""
     from PIL import Image
 
     width, height = image.size
     scale = image_size / min(width, height)
     new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
-    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-    if new_w * new_h > _RESIZED_PIXELS * image_size * image_size:
-        # the crop's box in the source's coordinates: PIL maps output pixels into a box exactly as a whole resize
-        step_x, step_y = width / new_w, height / new_h
-        box = (left * step_x, top * step_y, (left + image_size) * step_x, (top + image_size) * step_y)
-        image = image.resize((image_size, image_size), Image.BILINEAR, box=box)
-        return np.asarray(image, dtype=np.uint8)
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-    image = image.crop((left, top, left + image_size, top + image_size))
-    return np.asarray(image, dtype=np.uint8)
+    longest = canvas_size(image_size, max_aspect)
+    out_w, out_h = min(new_w, longest), min(new_h, longest)
+    left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
+    # the kept region's box in the source's coordinates: PIL maps output pixels into a box as a whole resize does
+    step_x, step_y = width / new_w, height / new_h
+    box = (left * step_x, top * step_y, (left + out_w) * step_x, (top + out_h) * step_y)
+    return np.asarray(image.resize((out_w, out_h), Image.BILINEAR, box=box), dtype=np.uint8)
 
 
-CACHE_MARKER = "empssl folder cache"  # in every .meta.json this loader writes: the proof that a cache is its own
-_CACHE_FILE = re.compile(r"(?P<key>[0-9a-f]{20})\.(?:(?:train|test)-(?:images|labels)\.npy|meta\.json)")
+def _fingerprint(listing: Listing, image_size: int, max_aspect: float, on_bad_image: str, seed: int) -> str:
+    """Hash of every file's relative path, class, size and mtime, plus the layout and the storage settings."""
+    settings = f"v{STORE_VERSION}|{listing.kind}|{listing.layout}|{image_size}|{max_aspect!r}|{on_bad_image}|{seed}"
+    digest = hashlib.sha256(settings.encode())
+    for split, entries in listing.splits.items():
+        for file, class_name in entries:
+            try:
+                stat = os.stat(file)
+            except OSError as err:
+                raise DataError(f"cannot read {file}: {err.strerror or err}") from None
+            relative = os.path.relpath(file, listing.path)
+            digest.update(f"{split}|{relative}|{class_name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
 
 
-def _load_npy(file: str) -> np.ndarray:
-    with open_input(file, "cache file") as f:
-        return np.load(f, allow_pickle=False)
-
-
-def _read_meta(file: str) -> dict:
-    with open_input(file, "cache file") as f:
-        meta = json.load(f)
-    if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list):
-        raise ValueError(f"{file} is not a cache's metadata")
-    return meta
-
-
-def _readable(file: str) -> bool:
-    """Whether a cache file loads whole (the one a failed load names)."""
-    try:
-        _load_npy(file) if file.endswith(".npy") else _read_meta(file)
-        return True
-    except (OSError, ValueError, KeyError, EOFError):
-        return False
-
-
-def _remove_stale_caches(cache_dir: str, key: str, source: str) -> None:
-    """Caches of earlier states of the tree at ``source``: only files named as this loader names them, of a cache
-    whose .meta.json carries ``CACHE_MARKER`` and this tree's path (a cache folder may hold the user's own .npy
-    files, or another tree's cache)."""
-    names = os.listdir(cache_dir)
-    for name in names:
-        match = _CACHE_FILE.fullmatch(name)
-        if match is None or match["key"] == key or not name.endswith(".meta.json"):
-            continue
-        try:
-            meta = _read_meta(os.path.join(cache_dir, name))
-        except (OSError, ValueError):
-            continue
-        if meta.get("format") != CACHE_MARKER or meta.get("source") != source:
-            continue
-        own = [other for other in names if (m := _CACHE_FILE.fullmatch(other)) and m["key"] == match["key"]]
-        for other in sorted(own, key=lambda n: n.endswith(".meta.json")):  # the marker last
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(cache_dir, other))
-
-
-def _check_cache(arrays, image_size: int, num_classes: int) -> None:
-    """ValueError unless the cached arrays have the shapes and types this loader writes."""
-    for split in ("train", "test"):
-        images, labels = arrays[f"{split}-images"], arrays[f"{split}-labels"]
-        if (
-            images.dtype != np.uint8
-            or images.shape[1:] != (image_size, image_size, 3)
-            or labels.dtype != np.int64
-            or labels.shape != images.shape[:1]
-            or (labels.size and not 0 <= labels.min() <= labels.max() < num_classes)
-        ):
-            raise ValueError(f"the cached {split} arrays have unexpected shapes or values")
-
-
-def _decode_or_error(args):
-    file, image_size = args
-    try:
-        return decode_image(file, image_size), None
-    except Exception as err:  # PIL raises several types for a broken file: report them all the same way
-        return None, f"{type(err).__name__}: {err}"
-
-
-def _decode_split(entries, classes, image_size, on_bad_image, description, show_progress):
-    from tqdm import tqdm
-
-    class_index = {c: i for i, c in enumerate(classes)}
-    images, labels, skipped = [], [], []
-    workers = min(32, (os.cpu_count() or 1) + 4)
-    # threads: PIL releases the GIL while decoding and resizing, and nothing needs pickling
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_decode_or_error, [(file, image_size) for file, _ in entries])
-        for (file, class_name), (image, error) in tqdm(
-            zip(entries, results), total=len(entries), desc=description, unit="img", disable=not show_progress
-        ):
-            if image is None:
-                if on_bad_image == "error":
-                    raise DataError(
-                        f"cannot decode image {file}: {error} (pass --on-bad-image skip to skip such files)"
-                    )
-                skipped.append(file)
-                warnings.warn(f"skipping image {file} that does not decode: {error}")
-                continue
-            images.append(image)
-            labels.append(class_index[class_name])
-    if not images:
-        raise DataError(f"no image of the {description} decoded")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), skipped
+def check_storage(image_size: int, max_aspect: float) -> None:
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or not 1 <= image_size <= 8192:
+        raise ValueError(f"image_size must be an integer from 1 to 8192, got {image_size!r}")
+    if not (isinstance(max_aspect, (int, float)) and 1.0 <= max_aspect <= MAX_ASPECT_LIMIT):
+        raise ValueError(f"max_aspect must be a number from 1 to {MAX_ASPECT_LIMIT:g}, got {max_aspect!r}")
 
 
 def load_image_folder(
     path: str,
-    image_size: int = 32,
+    image_size: Optional[int] = None,
     cache_dir: Optional[str] = None,
     on_bad_image: str = "skip",
     seed: int = 0,
     show_progress: bool = True,
+    kind: str = "folder",
+    max_aspect: Optional[float] = None,
+    need_labels: bool = False,
 ) -> ImageDataset:
-    """An ImageFolder tree decoded once (in parallel) into uint8 arrays, cached as .npy and reused.
-
-    The cache key is a fingerprint of every file's relative path, size and mtime, so the cache is
-    rebuilt when the tree changes (and the caches of its earlier states removed: ``_remove_stale_caches``). Cache
-    files are written atomically (temp file + os.replace); the metadata file is written last and marks a complete
-    cache.
-    """
-    splits, classes = _find_splits(path, seed)
-    cache_dir = cache_dir or os.path.join(path, ".empssl_cache")
-    key = _fingerprint(path, splits, image_size, on_bad_image, seed)
-    files = {
-        name: os.path.join(cache_dir, f"{key}.{name}.npy")
-        for name in ("train-images", "train-labels", "test-images", "test-labels")
-    }
-    meta_path = os.path.join(cache_dir, f"{key}.meta.json")
-    cached = os.path.exists(meta_path) and all(os.path.exists(f) for f in files.values())
-    if not cached:  # before decoding: an unusable cache folder fails at once, not after the work
-        check_writable_folder(cache_dir, "--cache-dir")
-    if cached:
-        try:
-            arrays = {name: _load_npy(file) for name, file in files.items()}
-            cached_classes = _read_meta(meta_path)["classes"]
-            _check_cache(arrays, image_size, len(cached_classes))
-            classes = cached_classes
-        except (OSError, ValueError, KeyError, EOFError) as err:  # truncated, unreadable or foreign: decode again
-            broken = next((file for file in [*files.values(), meta_path] if not _readable(file)), meta_path)
-            warnings.warn(
-                f"the cache file {broken} is truncated or unreadable ({type(err).__name__}: {err}); "
-                f"rebuilding the cache of {path}"
-            )
-            cached = False
-            check_writable_folder(cache_dir, "--cache-dir")
-    if not cached:
-        count = len(splits["train"]) + len(splits["test"])
-        check_fits(  # the decoded arrays, and np.stack's copy of a split
-            2 * count * image_size * image_size * 3,
-            torch.device("cpu"),
-            f"decoding {count} images of {path} at {image_size}x{image_size}",
-            "pass a smaller --image-size",
+    """The tree at ``path`` read as ``kind`` (``empssl.data.layouts``), each split decoded once into a store (built
+    in parallel, resumed if interrupted, reused while the tree and settings are unchanged); the returned data set's
+    images are these stores (``ImageStore``). ``image_size`` / ``max_aspect``: the storage (default: the layout's).
+    ``need_labels``: refuse an unlabelled tree before anything is decoded (evaluation)."""
+    listing = list_images(kind, path, seed)
+    if need_labels and not listing.labelled:
+        raise DataError(
+            f"{kind}:{path} has no labels ({listing.layout}): evaluation trains a linear probe and a kNN on "
+            f"labelled features; evaluate on a labelled data set (--dataset folder:PATH with class folders, "
+            f"tinyimagenet:PATH, imagenet100:PATH, cifar10, ...)"
         )
-        arrays, skipped = {}, []
-        for split in ("train", "test"):
-            images, labels, bad = _decode_split(
-                splits[split], classes, image_size, on_bad_image, f"{split} split of {path}", show_progress
-            )
-            arrays[f"{split}-images"], arrays[f"{split}-labels"] = images, labels
-            skipped += bad
-        os.makedirs(cache_dir, exist_ok=True)
-        _remove_stale_caches(cache_dir, key, os.path.abspath(path))
-        remove_stale_temporaries(cache_dir)  # of a killed cache write (only this package's, whose writer is gone)
-        for name, file in files.items():
-            write_atomically(file, lambda f, array=arrays[name]: np.save(f, array))
-        meta = {
-            "format": CACHE_MARKER,
-            "classes": classes,
+    image_size = image_size or listing.defaults.image_size
+    max_aspect = float(max_aspect if max_aspect is not None else listing.defaults.max_aspect)
+    check_storage(image_size, max_aspect)
+    canvas = canvas_size(image_size, max_aspect)
+    cache_dir = cache_dir or os.path.join(path, ".empssl_cache")
+    key = _fingerprint(listing, image_size, max_aspect, on_bad_image, seed)
+    source = os.path.abspath(path)
+    class_index = {name: index for index, name in enumerate(listing.classes)}
+    stores = {}
+    for split, entries in listing.splits.items():
+        store_path = os.path.join(cache_dir, f"{key}.{split}{SUFFIX}")
+        about = {
+            "source": source,
+            "split": split,
+            "fingerprint": key,
+            "layout": listing.layout,
+            "classes": listing.classes,
             "image_size": image_size,
-            "skipped": skipped,
-            "source": os.path.abspath(path),
+            "max_aspect": max_aspect,
         }
-        write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()))
-    tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
+        header = store_header(len(entries), canvas, **about)
+        if os.path.exists(store_path):
+            try:
+                stores[split] = ImageStore.open(store_path, expect=about)
+                continue
+            except StoreError as err:  # truncated, damaged or foreign: decode again (it is ours by its name)
+                import warnings
+
+                warnings.warn(f"{err}; rebuilding the store of the {split} split of {path}")
+        check_writable_folder(cache_dir, "--cache-dir")  # before decoding: an unusable folder fails at once
+        os.makedirs(cache_dir, exist_ok=True)
+        least, free = len(entries) * image_size * image_size * 3, shutil.disk_usage(cache_dir).free
+        if least > free:  # every image takes at least image_size x image_size pixels
+            raise DataError(
+                f"the store of the {split} split of {path} needs at least {least / 2**30:.1f} GiB, but {cache_dir} "
+                f"has {free / 2**30:.1f} GiB free; pass --cache-dir on a larger disk, or a smaller --image-size"
+            )
+        if os.path.exists(store_path):
+            os.unlink(store_path)  # the damaged store of this very fingerprint and split, checked above
+        labels = np.array([class_index.get(name, -1) if name is not None else -1 for _, name in entries], np.int64)
+        build_store(
+            store_path,
+            [file for file, _ in entries],
+            labels,
+            header,
+            lambda file: decode_image(file, image_size, max_aspect),
+            on_bad_image,
+            show_progress,
+            f"{split} split of {path}",
+        )
+        remove_stale_stores(cache_dir, store_path, source, split)
+        stores[split] = ImageStore.open(store_path, expect=about)
+    train = stores["train"]
+    test = stores["test"] if "test" in stores else train[:0]  # unlabelled: no test split
+    # the layout's patch, never larger than the stored size by default (a smaller storage asks for smaller patches)
+    patch_size = min(listing.defaults.patch_size, image_size) if listing.defaults.patch_size else None
     return ImageDataset(
-        f"folder:{path}",
-        tensors["train-images"],
-        tensors["train-labels"],
-        tensors["test-images"],
-        tensors["test-labels"],
-        classes=classes,
+        f"{kind}:{path}",
+        train,
+        train.labels,
+        test,
+        test.labels,
+        classes=list(listing.classes),
+        train_sizes=train.sizes,
+        test_sizes=test.sizes,
+        patch_size=patch_size,
+        layout=listing.layout,
     )

@@ -23,6 +23,7 @@ from .. import distributed
 from ..augment.config import AugmentConfig, augment_config_for
 from ..augment.multipatch import MultiPatchAugment
 from ..config import EvalConfig
+from ..data.batches import take_images
 from ..device import cudnn_benchmark
 from ..models.fold import fold_batchnorm
 from ..models.fused import fuse_conv_epilogues
@@ -83,10 +84,14 @@ def extract_features(
     fold: bool = True,
     fused_conv: bool = False,
     image_keys: Optional[torch.Tensor] = None,
+    image_sizes: Optional[torch.Tensor] = None,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """(N, feature_dim) float32: per image, the mean ``encoder.features`` of ``num_patches`` augmented patches.
 
-    ``images``: uint8 (N, H, W, 3) on the encoder's device. Patch i of image k is drawn from the
+    ``images``: uint8 (N, H, W, 3) on the encoder's device, or an ``ImageStore`` (each chunk read from disk and
+    moved to ``device``, default the encoder's); ``image_sizes``: int64 (N, 2) on that device, each image's (height,
+    width) in its canvas (None: every image fills it). Patch i of image k is drawn from the
     counter-based source keyed by (``seed``, ``split_key``, k, i), or from ``generator`` when one is
     given (then the patches depend on the chunking, and a process group is refused). ``image_keys`` (int64 (N,),
     on the images' device): the k of each image (its index in its split, when ``images`` is a subset of one), so
@@ -105,7 +110,7 @@ def extract_features(
     _check_images(images)
     if fused_conv and not fold:
         raise ValueError("fused_conv fuses the BatchNorm-folded encoder's convolutions: it needs fold=True")
-    device = images.device
+    device = _device_of(images, encoder, device)
     if generator is not None and distributed.world_size() > 1:
         raise ValueError(
             "a generator's patches depend on how the images are split across ranks: "
@@ -118,13 +123,24 @@ def extract_features(
     )
 
     def patches_of(batch, image_ids):
+        sizes = None if image_sizes is None else image_sizes.index_select(0, image_ids)
         if generator is not None:
-            return augment(batch, num_patches, generator=generator)
+            return augment(batch, num_patches, generator=generator, image_sizes=sizes)
         keys = image_ids if image_keys is None else image_keys.index_select(0, image_ids)
-        return augment(batch, num_patches, seed=seed, step=split_key, image_ids=keys)
+        return augment(batch, num_patches, seed=seed, step=split_key, image_ids=keys, image_sizes=sizes)
 
     return _chunked_features(
-        encoder, images, patches_of, num_patches, bf16, max_patches_per_forward, progress, description, fold, fused_conv
+        encoder,
+        images,
+        patches_of,
+        num_patches,
+        bf16,
+        max_patches_per_forward,
+        progress,
+        description,
+        fold,
+        fused_conv,
+        device,
     )
 
 
@@ -139,14 +155,17 @@ def extract_whole_image_features(
     description: str = "features",
     *,
     fold: bool = True,
+    image_sizes: Optional[torch.Tensor] = None,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """(N, feature_dim) float32: ``encoder.features`` of each whole image, resized to the patch size of ``recipe``
     (default: the recipe for the images' size) as torchvision's ``Resize`` does (bilinear, antialiased) and
     normalised with the recipe's mean and std: the whole-image view of ``empssl eval --views whole``. The encoder,
-    its chunks and the ranks' slices as in ``extract_features``."""
+    its chunks and the ranks' slices as in ``extract_features``; ``images``, ``image_sizes`` and ``device`` too (an
+    image of its own size is resized from its region of the canvas)."""
     _check_images(images)
     recipe = recipe or augment_config_for(int(images.shape[1]))
-    device = images.device
+    device = _device_of(images, encoder, device)
     dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
     mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
@@ -154,13 +173,29 @@ def extract_whole_image_features(
 
     def whole_images_of(batch, image_ids):
         x = batch.permute(0, 3, 1, 2).float().div_(255)
-        if tuple(x.shape[2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        if image_sizes is not None:  # each image's own region of its canvas (one resize per image: eval only)
+            regions = image_sizes.index_select(0, image_ids).tolist()
+            x = torch.cat([_resized(x[k : k + 1, :, :h, :w], size) for k, (h, w) in enumerate(regions)])
+        elif tuple(x.shape[2:]) != (size, size):
+            x = _resized(x, size)
         x = ((x - mean) / std).to(dtype)
         return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x.contiguous()
 
     max_per_forward = max_images_per_forward or MAX_PATCHES_PER_FORWARD.get(device.type, 8192)
-    return _chunked_features(encoder, images, whole_images_of, 1, bf16, max_per_forward, progress, description, fold)
+    return _chunked_features(
+        encoder, images, whole_images_of, 1, bf16, max_per_forward, progress, description, fold, device=device
+    )
+
+
+def _resized(x: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _device_of(images, encoder: torch.nn.Module, device: Optional[torch.device]) -> torch.device:
+    """Where the features are computed: the images' device; for images in a store, ``device`` or the encoder's."""
+    if isinstance(images, torch.Tensor):
+        return images.device
+    return torch.device(device) if device is not None else next(encoder.parameters()).device
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -179,10 +214,12 @@ def _chunked_features(
     description: str,
     fold: bool,
     fused_conv: bool = False,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
-    """(N, feature_dim) float32: the mean ``features`` of the ``per_image`` network inputs ``inputs_of(batch,
-    image_ids)`` makes of each image (patch-major), in equal chunks, each rank its slice (``extract_features``)."""
-    device = images.device
+    """(N, feature_dim) float32 on ``device`` (default: the images'): the mean ``features`` of the ``per_image``
+    network inputs ``inputs_of(batch, image_ids)`` makes of each image (patch-major), in equal chunks, each rank its
+    slice (``extract_features``)."""
+    device = _device_of(images, encoder, device)
     rank, world = distributed.rank(), distributed.world_size()
     on_gpu_bf16 = bf16 and device.type == "cuda"
     if max_per_forward is None:
@@ -217,7 +254,7 @@ def _chunked_features(
                 leave=False,
             ):
                 image_ids = torch.arange(start, start + images_per_chunk, device=device).clamp_(max=num_images - 1)
-                inputs = inputs_of(images.index_select(0, image_ids), image_ids)
+                inputs = inputs_of(take_images(images, image_ids, device), image_ids)
                 if not fold and on_gpu_bf16:
                     with torch.autocast("cuda", dtype=torch.bfloat16):
                         features = network.features(inputs)

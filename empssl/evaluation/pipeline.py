@@ -30,11 +30,13 @@ def evaluate(
     data: ImageDataset,
     config: Optional[EvalConfig] = None,
     augment_config: Optional[AugmentConfig] = None,
+    patch_size: Optional[int] = None,
 ) -> Dict[str, float]:
     """Bag-of-features evaluation of ``encoder`` on ``data`` with the settings of ``config`` (default: the
     recipe's, ``EvalConfig()``); accuracies are fractions in [0, 1]. Runs on the encoder's device (``empssl eval``
-    puts it on ``config.device``); ``augment_config``: the recipe of the patches (default: the one for the images'
-    size).
+    puts it on ``config.device``); ``augment_config``: the recipe of the patches (default: the one for
+    ``patch_size``, whose default is the data set's recipe's, ``data.recipe_patch_size``). A split may be held in
+    memory or in its on-disk store. Unlabelled data is refused: the probe and the kNN need labels.
 
     Keys: linear_top1 (the result), linear_best_epoch_top1 and linear_best_epoch (reference only),
     knn_top1, knn_top5, plus num_patches, num_train, num_test, feature_dim and timings. ``config.views``: "patches"
@@ -47,10 +49,17 @@ def evaluate(
     if config.views not in EVAL_VIEWS:
         raise ValueError(f"views must be one of {EVAL_VIEWS}, got {config.views!r}")
     device = next(encoder.parameters()).device
+    if not data.labelled:
+        raise DataError(
+            f"{data.name} has no labels ({data.layout or 'unlabelled images'}): evaluation trains a linear probe and "
+            f"a kNN on labelled features; evaluate on a labelled data set (--dataset folder:PATH with class "
+            f"folders, tinyimagenet:PATH, imagenet100:PATH, cifar10, ...)"
+        )
     data = data.to(device)
     check_test_classes(data)
-    check_evaluation_fits(encoder, data, config, device)
-    recipe = augment_config or augment_config_for(data.image_size[0])
+    patch_size = patch_size or data.recipe_patch_size
+    check_evaluation_fits(encoder, data, config, device, patch_size)
+    recipe = augment_config or augment_config_for(patch_size)
     use_amp = config.bf16 and device.type == "cuda"
     augment = MultiPatchAugment(
         recipe,
@@ -69,7 +78,14 @@ def evaluate(
             description = f"{split} features" + (" (whole images)" if view == "whole" else "")
             if view == "whole":
                 features[split] = extract_whole_image_features(
-                    encoder, images, recipe, bf16=config.bf16, progress=config.progress, description=description
+                    encoder,
+                    images,
+                    recipe,
+                    bf16=config.bf16,
+                    progress=config.progress,
+                    description=description,
+                    image_sizes=getattr(data, f"{split}_sizes"),
+                    device=device,
                 )
             else:
                 features[split] = extract_features(
@@ -82,6 +98,8 @@ def evaluate(
                     description=description,
                     seed=config.seed,
                     split_key=key,
+                    image_sizes=getattr(data, f"{split}_sizes"),
+                    device=device,
                     fused_conv=config.fused_conv,
                 )
             if not torch.isfinite(features[split]).all():  # also the wait for the features: their time is theirs
@@ -162,7 +180,9 @@ def check_test_classes(data: ImageDataset) -> None:
     )
 
 
-def check_evaluation_fits(encoder: torch.nn.Module, data: ImageDataset, config: EvalConfig, device) -> None:
+def check_evaluation_fits(
+    encoder: torch.nn.Module, data: ImageDataset, config: EvalConfig, device, patch_size: int
+) -> None:
     """ValueError, before any work, if the features' forward, the linear probe or the kNN cannot fit in the memory
     left on ``device`` (an absurd --num-patches, or labels that make millions of classes)."""
     num_train, num_test = int(data.train_labels.shape[0]), int(data.test_labels.shape[0])
@@ -188,7 +208,7 @@ def check_evaluation_fits(encoder: torch.nn.Module, data: ImageDataset, config: 
     # a forward holds one image's patches at least (more fill the tuned chunk of MAX_PATCHES_PER_FORWARD)
     per_patch = None
     if config.num_patches > MAX_PATCHES_PER_FORWARD.get(device.type, 8192):
-        per_patch = forward_bytes_per_patch(encoder, data.image_size[0])
+        per_patch = forward_bytes_per_patch(encoder, patch_size)
     if per_patch is not None:
         patches = config.num_patches
         check_fits(

@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="SPEC",
-        help="a data set as `empssl train` takes it; repeat for several (default: cifar10 and cifar100)",
+        help="a data set as `empssl train` takes it: cifar10, cifar100, tinyimagenet:PATH, imagenet100:PATH (the "
+        "paper's four, each reported beside its published number), or any other; repeat for several (default: "
+        "cifar10 and cifar100)",
     )
     parser.add_argument("--root", default="data", help="folder holding the CIFAR data sets (default data)")
     parser.add_argument("--out-dir", default=None, help="the sweep's folder (default runs/reproduce-EXPERIMENT)")

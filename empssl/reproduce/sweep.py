@@ -23,16 +23,17 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..files import append_text, open_input, remove_stale_temporaries, write_atomically
 from ..training.run_folder import CHECKPOINT_NAME, METRICS_NAME
 from ..training.run_lock import LOCK_NAME
-from .published import Recipe
+from .published import Recipe, dataset_arguments
 
 EXPERIMENTS = {
     "one-epoch": "one epoch at 20 patches, with a 1-epoch schedule and optimised for 1 epoch (a 2-epoch schedule)",
@@ -89,37 +90,50 @@ def _eval_cell(source: Task, dataset: str, cell: Optional[str] = None) -> Task:
     return Task("eval", cell or source.cell, dataset, source.recipe, source=source.cell, trained_on=source.dataset)
 
 
+def cell_prefix(dataset: str) -> str:
+    """A folder name for a data set's cells: the spec (``cifar10``), or its kind and its path's last part."""
+    kind, _, path = dataset.partition(":")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{kind}-{os.path.basename(os.path.normpath(path))}" if path else kind)
+
+
 def plan(experiment: str, datasets: List[str], epochs: int, patches: List[int]) -> List[Task]:
     """The tasks of an experiment, in the order they run."""
+    prefixes = [cell_prefix(dataset) for dataset in datasets]
+    if len(set(prefixes)) < len(prefixes):
+        raise SweepError(
+            f"the data sets {', '.join(datasets)} would share cell folders ({', '.join(prefixes)}): give them folders "
+            f"of different names"
+        )
+    name = dict(zip(datasets, prefixes))
     tasks: List[Task] = []
     if experiment == "one-epoch":
         for dataset in datasets:
             for label, schedule in (("schedule-1", 1), ("optimised", 2)):
-                train = _train_cell(dataset, Recipe(1, schedule, 20), f"{dataset}-{label}")
+                train = _train_cell(dataset, Recipe(1, schedule, 20), f"{name[dataset]}-{label}")
                 tasks += [train, _eval_cell(train, dataset)]
     elif experiment == "convergence":
         for dataset in datasets:
-            run = f"{dataset}-run"
+            run = f"{name[dataset]}-run"
             for epoch in range(1, epochs + 1):
                 recipe = Recipe(epoch, epochs, patches[0])
                 tasks.append(_train_cell(dataset, recipe, run))
                 snapshot = Task(
-                    "snapshot", f"{dataset}-epoch-{epoch:03d}", dataset, recipe, source=run, trained_on=dataset
+                    "snapshot", f"{name[dataset]}-epoch-{epoch:03d}", dataset, recipe, source=run, trained_on=dataset
                 )
                 tasks += [snapshot, _eval_cell(snapshot, dataset)]
     elif experiment == "patches":
         for dataset in datasets:
             for n in patches:
-                train = _train_cell(dataset, Recipe(epochs, epochs, n), f"{dataset}-patches-{n:03d}")
+                train = _train_cell(dataset, Recipe(epochs, epochs, n), f"{name[dataset]}-patches-{n:03d}")
                 tasks += [train, _eval_cell(train, dataset)]
     elif experiment == "transfer":
         schedule = 2 if epochs == 1 else epochs  # one epoch: the authors' 1-epoch recipe (a 2-epoch schedule)
         trains = [
-            _train_cell(dataset, Recipe(epochs, schedule, patches[0]), f"{dataset}-train") for dataset in datasets
+            _train_cell(dataset, Recipe(epochs, schedule, patches[0]), f"{name[dataset]}-train") for dataset in datasets
         ]
         tasks += trains
         for train in trains:
-            tasks += [_eval_cell(train, target, f"{train.dataset}-to-{target}") for target in datasets]
+            tasks += [_eval_cell(train, target, f"{name[train.dataset]}-to-{name[target]}") for target in datasets]
     else:
         raise SweepError(f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
     return tasks
@@ -272,6 +286,7 @@ class Sweep:
             str(task.recipe.schedule_epochs),
             "--out-dir",
             folder,
+            *dataset_arguments(task.dataset, self.train_args if extra else []),
             *(self.train_args if extra else []),
         ]
         if self.args.no_progress:
@@ -379,6 +394,7 @@ def check_memory(sweep: Sweep) -> None:
     count that fits (the trainer's own check, empssl.training.memory.check_step_fits, on each cell's
     configuration)."""
     from ..config import TrainConfig
+    from ..data.load import recipe_patch_size
     from ..device import resolve_device
     from ..options import add_options, from_args
     from ..training.memory import available_memory, check_step_fits, estimate_step_memory, gib
@@ -390,20 +406,27 @@ def check_memory(sweep: Sweep) -> None:
     known, _ = parser.parse_known_args(sweep.train_args)  # process options (--threads) are not the config's
     config = from_args(TrainConfig, known)
     device = resolve_device(sweep.args.device)
-    image_size = config.image_size or 32
-    refused: Dict[int, str] = {}
+    # one estimate per kind of cell: its patch count, its patch size and the options its data set's recipe sets
+    kinds: Dict[Tuple[int, int, Tuple[str, ...]], List[str]] = {}
+    for task in sweep.tasks:
+        if task.kind == "train":
+            patch_size = config.patch_size or recipe_patch_size(task.dataset, config.image_size)
+            own = tuple(dataset_arguments(task.dataset, sweep.train_args))
+            kinds.setdefault((task.recipe.num_patches, patch_size, own), []).append(task.cell)
+    refused: Dict[Tuple[int, int, Tuple[str, ...]], str] = {}
     lines = []
-    for num_patches in sorted({task.recipe.num_patches for task in sweep.tasks if task.kind == "train"}):
-        cell = dataclasses.replace(config, num_patches=num_patches)
+    for kind in sorted(kinds):
+        num_patches, patch_size, own = kind
+        cell = from_args(TrainConfig, parser.parse_known_args([*own, *sweep.train_args])[0], num_patches=num_patches)
         try:
-            check_step_fits(cell, device, image_size)
+            check_step_fits(cell, device, patch_size)
         except ValueError as err:
-            refused[num_patches] = str(err)
+            refused[kind] = str(err)
         try:
             need = gib(
                 estimate_step_memory(
                     **cell.model_config(),
-                    image_size=image_size,
+                    image_size=patch_size,
                     batch_size=cell.batch_size,
                     num_patches=num_patches,
                     bf16=cell.bf16 and device.type == "cuda",
@@ -411,13 +434,14 @@ def check_memory(sweep: Sweep) -> None:
             )
         except (RuntimeError, OverflowError, ValueError):
             need = "more than any device"
-        lines.append(f"{num_patches} patches: {need}, {'does not fit' if num_patches in refused else 'fits'}")
+        of = f" of {patch_size}x{patch_size}" if len({size for _, size, _ in kinds}) > 1 else ""
+        lines.append(f"{num_patches} patches{of}: {need}, {'does not fit' if kind in refused else 'fits'}")
     available = available_memory(device)
     if lines:
         where = f"{device} ({gib(available)} available)" if available is not None else f"{device}"
         print(f"empssl reproduce: a training step on {where}: " + "; ".join(lines), file=sys.stderr, flush=True)
     if refused:
-        cells = [task.cell for task in sweep.tasks if task.kind == "train" and task.recipe.num_patches in refused]
+        cells = [cell for kind in sorted(refused) for cell in kinds[kind]]
         first = refused[min(refused)]
         raise SweepError(
             f"cell {cells[0]} cannot fit: {first}"

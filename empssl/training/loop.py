@@ -1,14 +1,15 @@
 """The EMP-SSL training loop (docs/method.md sections 1 and 5): ``train(config)``.
 
 ``train`` checks every input, then the loop runs: a batch is an index slice of a per-epoch random permutation of
-the training images (uint8, on the training device); each step is ``training.step.train_step`` (on CUDA captured
-once as a CUDA graph and replayed, ``step_variant``); the run's files are its ``RunFolder``'s (rank 0 holds the
-folder's lock for the whole call). The host reads the step's metric sums every ``log_every`` steps one window late
-(``LateReader``: a non-blocking copy queued when a window closes is read when the next one closes), so the
-non-finite check is one window late too; at a checkpoint the sums are read at once, so no checkpoint holds a step
-past a non-finite loss. Before each checkpoint the parameters and BatchNorm buffers are checked: a non-finite one
-stops the run as a non-finite loss does (NonFiniteStateError). Checkpoints hold the state and the current epoch's
-permutation, so a resumed run continues exactly: on the CPU it reaches bitwise the same parameters as an
+the training images (uint8), whose pixels come from a batch source (``empssl.data.batches``: the set held on the
+training device, or each step's images read ahead from the on-disk store); each step is ``training.step.train_step``
+(on CUDA captured once as a CUDA graph and replayed, ``step_variant``); the run's files are its ``RunFolder``'s (rank
+0 holds the folder's lock for the whole call). The host reads the step's metric sums every ``log_every`` steps one
+window late (``LateReader``: a non-blocking copy queued when a window closes is read when the next one closes), so
+the non-finite check is one window late too; at a checkpoint the sums are read at once, so no checkpoint holds a
+step past a non-finite loss. Before each checkpoint the parameters and BatchNorm buffers are checked: a non-finite
+one stops the run as a non-finite loss does (NonFiniteStateError). Checkpoints hold the state and the current
+epoch's permutation, so a resumed run continues exactly: on the CPU it reaches bitwise the same parameters as an
 uninterrupted run; ``elapsed_s`` continues the run's clock. SIGINT/SIGTERM stop the loop after the current step
 with a checkpoint of that step (``training.signals``).
 """
@@ -30,7 +31,8 @@ from .. import checkpoint as ckpt
 from .. import distributed
 from ..augment.config import smallest_image_size
 from ..config import TrainConfig
-from ..data.dataset import ImageDataset, check_batch_size, check_image_size, fingerprint
+from ..data.batches import InMemoryBatches, batch_source
+from ..data.dataset import DataError, ImageDataset, check_batch_size, check_patch_size, fingerprint
 from ..data.load import load_dataset
 from ..device import check_fits, cudnn_benchmark, float32_precision, resolve_device
 from .memory import check_step_fits
@@ -90,16 +92,21 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
                 held.push(lambda kind, error, trace: folder.close(failed=kind is not None))
         # rank 0's checkpoint for every rank (the other nodes need no copy of the file)
         resumed, same_run = distributed.broadcast_object((folder.resumed, folder.same_run) if folder else None)
-        data, images, data_fingerprint = _training_images(config, data, resumed, device)
-        state = build_train_state(config, device, images.shape[0], int(images.shape[1]))
-        return _TrainingLoop(config, state, data, images, data_fingerprint, folder, resumed, same_run).run()
+        data, source, patch_size, data_fingerprint = _training_images(config, data, resumed, device)
+        state = build_train_state(config, device, source.num_images, patch_size, data.train_sizes)
+        with contextlib.closing(source):
+            return _TrainingLoop(
+                config, state, data, source, patch_size, data_fingerprint, folder, resumed, same_run
+            ).run()
 
 
 def _training_images(
     config: TrainConfig, data: Optional[ImageDataset], resumed: Optional[Dict[str, Any]], device: torch.device
-) -> Tuple[ImageDataset, torch.Tensor, str]:
-    """The data set, its training images on ``device`` (uint8, square) and their fingerprint, checked on every rank
-    (a resume: against the checkpoint's)."""
+) -> Tuple[ImageDataset, Any, int, str]:
+    """The data set, the source of its training images (uint8, square canvases; in memory on ``device`` or read
+    from the store, by ``config.stream``), the patch size and the images' fingerprint, checked on every rank (a
+    resume: against the checkpoint's)."""
+    world, rank = distributed.world_size(), distributed.rank()
     with distributed.same_outcome_on_every_rank():
         if data is None:
             data = load_dataset(
@@ -111,32 +118,41 @@ def _training_images(
                 on_bad_image=config.on_bad_image,
                 seed=config.data_seed,
                 train_size=config.train_size,
-                show_progress=config.progress and distributed.rank() == 0,
+                device=device,
+                show_progress=config.progress and rank == 0,
+                max_aspect=config.max_aspect,
+                stream=config.stream,
+                need_test=False,
             )
-        check_image_size(data, smallest_image_size())
-        if data.train_images.device != device:
+        patch_size = config.patch_size or data.recipe_patch_size
+        check_patch_size(data, patch_size, smallest_image_size())
+        in_memory = isinstance(data.train_images, torch.Tensor)
+        if in_memory and data.train_images.device != device:
             check_fits(
                 data.train_images.numel(),
                 device,
                 f"the {data.train_images.shape[0]} training images of {data.name}",
-                "use fewer images (--train-size) or a smaller --image-size",
+                "use fewer images (--train-size), a smaller --image-size, or --stream on",
             )
-        images = data.train_images.to(device)
-        data_fingerprint = fingerprint(images)
+        source = batch_source(data.train_images, device, config.batch_size, config.batch_size // world, rank)
+        data_fingerprint = fingerprint(source.tensor if in_memory else data.train_images)
         if resumed is not None:
             check_resume_data(config.resume, resumed, config, data, data_fingerprint)
-        check_batch_size(config.batch_size, images.shape[0])
-        height, width = images.shape[1:3]
+        num_train = int(data.train_images.shape[0])
+        check_batch_size(config.batch_size, num_train)
+        height, width = data.image_size
         if height != width:
-            raise ValueError(f"training images must be square, got {height}x{width}")
-        check_step_fits(config, device, int(height), distributed.world_size())
-    shapes = distributed.all_gather_object(tuple(images.shape))
+            raise DataError(f"training images must be square canvases, got {height}x{width}")
+        check_step_fits(config, device, patch_size, world)
+        if data.note and rank == 0:  # every input checked: the run's first line, where its images are and why
+            print(f"empssl: {data.name}: {data.note}", file=sys.stderr, flush=True)
+    shapes = distributed.all_gather_object((num_train, height, width))
     if len(set(shapes)) > 1:  # each rank loaded its own copy: the permutation indexes the same images on every rank
         raise ValueError(
             f"the ranks loaded different training sets (images of shape {shapes} by rank); give every "
             f"node the same data set"
         )
-    return data, images, data_fingerprint
+    return data, source, patch_size, data_fingerprint
 
 
 class _TrainingLoop:
@@ -152,16 +168,18 @@ class _TrainingLoop:
         config: TrainConfig,
         state: TrainState,
         data: ImageDataset,
-        images: torch.Tensor,
+        source: Any,
+        patch_size: int,
         data_fingerprint: str,
         folder: Optional[RunFolder],
         resumed: Optional[Dict[str, Any]],
         same_run: bool,
     ):
-        self.config, self.state, self.data, self.images, self.folder = config, state, data, images, folder
+        self.config, self.state, self.data, self.source, self.folder = config, state, data, source, folder
         self.data_fingerprint = data_fingerprint
         self.world, self.rank = distributed.world_size(), distributed.rank()
-        self.num_train, self.image_size = images.shape[0], int(images.shape[1])
+        self.num_train, self.image_size, self.patch_size = source.num_images, source.canvas[0], patch_size
+        self.ordered = False  # whether the source holds the current epoch's permutation
         self.steps_per_epoch = self.num_train // config.batch_size
         self.local_batch = config.batch_size // self.world
         self.total_steps = self.steps_per_epoch * config.epochs
@@ -181,7 +199,8 @@ class _TrainingLoop:
             if self.step < self.total_steps:
                 config.warn_short_schedule(self.steps_per_epoch, self.total_steps)
             folder.start(self.run_id, config.resume if resumed is not None else None, self.step, self.elapsed_before)
-        self.monitor = OnlineMonitor(config, data, images, state.bf16)
+        train_images = source.tensor if isinstance(source, InMemoryBatches) else data.train_images
+        self.monitor = OnlineMonitor(config, data, train_images, state.bf16, patch_size, state.device)
         self.start = time.perf_counter()
         self.last_metrics: Dict[str, Any] = {}
         self.bar = None
@@ -266,16 +285,20 @@ class _TrainingLoop:
 
     def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(uint8 images, their indices) of this rank's slice of the step's global batch (the whole batch on one
-        process); a new epoch draws a new permutation (a resumed mid-epoch run keeps its stored one)."""
+        process); a new epoch draws a new permutation (a resumed mid-epoch run keeps its stored one), which the
+        batch source gets too (a store's reader reads ahead in it)."""
         state, batch_size = self.state, self.config.batch_size
         position = self.step % self.steps_per_epoch
         if position == 0:
             state.permutation = torch.randperm(
                 self.num_train, device=state.device, generator=state.permutation_generator
             )
+        if position == 0 or not self.ordered:
+            self.source.set_order(state.permutation, position)
+            self.ordered = True
         first = position * batch_size + self.rank * self.local_batch
         image_ids = state.permutation[first : first + self.local_batch]
-        return self.images[image_ids], image_ids
+        return self.source.images(position, image_ids), image_ids
 
     def step_function(self) -> Callable[[torch.Tensor, torch.Tensor], Any]:
         """``train_step`` of the state, captured as a CUDA graph where that is on and safe."""
@@ -358,6 +381,7 @@ class _TrainingLoop:
                     "name": self.data.name,
                     "num_train": self.num_train,
                     "image_size": self.image_size,
+                    "patch_size": self.patch_size,
                     "fingerprint": self.data_fingerprint,  # a resume must train on these very images
                 },
                 "run_id": self.run_id,

@@ -29,6 +29,7 @@ from .. import distributed
 from ..augment.config import augment_config_for
 from ..augment.multipatch import MultiPatchAugment
 from ..config import EvalConfig, TrainConfig
+from ..data.batches import subset_of
 from ..data.dataset import ImageDataset
 from ..device import autocast_context
 from ..evaluation.features import SPLIT_KEYS, extract_features
@@ -71,7 +72,17 @@ class OnlineMonitor:
     """The monitoring of one run: ``due(step)`` says whether ``step`` is monitored; ``step_embeddings`` (before
     that step runs) recomputes its embeddings, ``measure`` (after it) returns the values for its metrics line."""
 
-    def __init__(self, config: TrainConfig, data: ImageDataset, train_images: torch.Tensor, bf16: bool):
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: ImageDataset,
+        train_images,
+        bf16: bool,
+        patch_size: Optional[int] = None,
+        device: Optional[torch.device] = None,
+    ):
+        """``train_images``: the training images as the step reads them (on the device, or an ``ImageStore``: the
+        bank is read from it once); ``patch_size``: the run's (default: the images' size)."""
         labelled = is_labelled(data)
         every = config.monitor_every
         self.every = (DEFAULT_EVERY if labelled else 0) if every is None else every
@@ -89,17 +100,25 @@ class OnlineMonitor:
             )
         if not self.knn:
             return
-        device = train_images.device
+        device = device or train_images.device
         generator = torch.Generator().manual_seed(config.data_seed)  # its own: the run's random states are untouched
         bank = torch.randperm(train_images.shape[0], generator=generator)[: config.monitor_size].sort().values
         queries = torch.randperm(data.test_images.shape[0], generator=generator)[: config.monitor_size].sort().values
-        self.bank_images = train_images.index_select(0, bank.to(device))
-        self.query_images = data.test_images.index_select(0, queries).to(device)
-        self.bank_labels = data.train_labels.index_select(0, bank).to(device)
-        self.query_labels = data.test_labels.index_select(0, queries).to(device)
+        self.device = device
+        # held on the device, or left in their stores and read at each monitoring point (a run from a store stays
+        # within its memory)
+        self.bank_images = subset_of(train_images, bank, device)
+        self.query_images = subset_of(data.test_images, queries, device)
+        self.bank_labels = data.train_labels.index_select(0, bank.to(data.train_labels.device)).to(device)
+        self.query_labels = data.test_labels.index_select(0, queries.to(data.test_labels.device)).to(device)
+        sizes = (data.train_sizes, data.test_sizes)
+        self.bank_sizes, self.query_sizes = (
+            None if size is None else size.index_select(0, index.to(size.device)).to(device)
+            for size, index in zip(sizes, (bank, queries))
+        )
         self.num_classes = data.num_classes
         self.augment = MultiPatchAugment(
-            augment_config_for(int(train_images.shape[1])),
+            augment_config_for(patch_size or int(train_images.shape[1])),
             backend=config.augment_backend,
             out_dtype=torch.bfloat16 if bf16 else torch.float32,
             channels_last=device.type == "cuda",
@@ -119,7 +138,10 @@ class OnlineMonitor:
         batch): its patches, its weights, training mode; the BatchNorm buffers this forward updates are restored."""
         start = self._clock(state.device)
         buffers = [buffer.clone() for buffer in state.encoder.buffers()]
-        patches = state.augment(images, state.num_patches, seed=state.seed, step=state.step, image_ids=image_ids)
+        sizes = None if state.image_sizes is None else state.image_sizes[image_ids]  # as train_step cuts them
+        patches = state.augment(
+            images, state.num_patches, seed=state.seed, step=state.step, image_ids=image_ids, image_sizes=sizes
+        )
         with autocast_context(patches.device, state.bf16):
             self.embeddings = state.encoder(patches).float()
         for buffer, saved in zip(state.encoder.buffers(), buffers):
@@ -138,9 +160,20 @@ class OnlineMonitor:
         if self.knn:
             features = [
                 extract_features(
-                    state.encoder, images, self.patches, self.augment, bf16=self.bf16, seed=self.seed, split_key=key
+                    state.encoder,
+                    images,
+                    self.patches,
+                    self.augment,
+                    bf16=self.bf16,
+                    seed=self.seed,
+                    split_key=key,
+                    image_sizes=sizes,
+                    device=self.device,
                 )
-                for images, key in ((self.bank_images, SPLIT_KEYS["train"]), (self.query_images, SPLIT_KEYS["test"]))
+                for images, sizes, key in (
+                    (self.bank_images, self.bank_sizes, SPLIT_KEYS["train"]),
+                    (self.query_images, self.query_sizes, SPLIT_KEYS["test"]),
+                )
             ]
             labelled = LabelledFeatures(features[0], self.bank_labels, features[1], self.query_labels, self.num_classes)
             record["knn_top1"] = knn_classify(labelled, k=_KNN.knn_k, temperature=_KNN.knn_temperature)["top1"]

@@ -62,11 +62,13 @@ _TRAJECTORY_FIELDS = (
     "seed",
     "data_seed",
     "image_size",
+    "max_aspect",
+    "patch_size",
     "train_size",
     "sync_bn",
 )
 # settings that decide which images a run trains on
-_DATA_FIELDS = ("dataset", "root", "train_size", "image_size", "data_seed")
+_DATA_FIELDS = ("dataset", "root", "train_size", "image_size", "max_aspect", "data_seed")
 
 
 class RunFolder:

@@ -64,6 +64,9 @@ class TrainState:
     permutation_generator: torch.Generator
     permutation: Optional[torch.Tensor] = None
     world_size: int = 1  # ranks of the process group; > 1: the step averages the gradients over them
+    # int64 (N, 2) on the device: each training image's (height, width) in its canvas, where the images keep their
+    # own aspect ratios (the step gathers its batch's rows); None: every image fills the canvas
+    image_sizes: Optional[torch.Tensor] = None
     # --step-variant compiled(-captured): torch.compile's artifact of ``forward_and_loss`` (a graph made of this
     # state's modules), which ``train_step`` runs in its place; None: the step runs ``forward_and_loss`` itself
     compiled_forward_and_loss: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
@@ -170,8 +173,15 @@ class TrainState:
         self.permutation = None if state["permutation"] is None else state["permutation"].to(self.device)
 
 
-def build_train_state(config: TrainConfig, device: torch.device, num_train: int, image_size: int) -> TrainState:
-    """A fresh state for ``config`` (encoder initialised from ``config.seed``) on ``device``."""
+def build_train_state(
+    config: TrainConfig,
+    device: torch.device,
+    num_train: int,
+    patch_size: int,
+    image_sizes: Optional[torch.Tensor] = None,
+) -> TrainState:
+    """A fresh state for ``config`` (encoder initialised from ``config.seed``) on ``device``: patches of
+    ``patch_size`` (the recipe for that size), cut from images of ``image_sizes`` (see ``TrainState``)."""
     torch.manual_seed(config.seed)  # every rank draws the same initial weights: no broadcast needed
     encoder = build_encoder(**config.model_config()).to(device)
     world_size = distributed.world_size()
@@ -182,7 +192,7 @@ def build_train_state(config: TrainConfig, device: torch.device, num_train: int,
         encoder = encoder.to(memory_format=torch.channels_last)
     bf16 = config.bf16 and device.type == "cuda"
     augment = MultiPatchAugment(
-        augment_config_for(image_size),
+        augment_config_for(patch_size),
         backend=config.augment_backend,
         out_dtype=torch.bfloat16 if bf16 else torch.float32,
         channels_last=channels_last,
@@ -211,6 +221,7 @@ def build_train_state(config: TrainConfig, device: torch.device, num_train: int,
         metric_sums=torch.zeros(3, device=device),
         permutation_generator=torch.Generator(device=device).manual_seed(config.seed),
         world_size=world_size,
+        image_sizes=None if image_sizes is None else image_sizes.to(device),
         compiled_forward_and_loss=compiled_forward_and_loss,
     )
 
@@ -236,7 +247,10 @@ def train_step(state: TrainState, images: torch.Tensor, image_ids: torch.Tensor)
     """
     profile = torch.autograd.profiler.record_function
     with profile("empssl.augment"):
-        patches = state.augment(images, state.num_patches, seed=state.seed, step=state.step, image_ids=image_ids)
+        sizes = None if state.image_sizes is None else state.image_sizes[image_ids]
+        patches = state.augment(
+            images, state.num_patches, seed=state.seed, step=state.step, image_ids=image_ids, image_sizes=sizes
+        )
     loss, tcr, inv = (state.compiled_forward_and_loss or forward_and_loss)(state, patches, images.shape[0])
     with profile("empssl.backward"):
         params = [p for group in state.optimizer.param_groups for p in group["params"]]

@@ -25,7 +25,8 @@ from ..augment.config import augment_config_for
 from ..augment.multipatch import MultiPatchAugment
 from ..config import EvalConfig
 from ..data.dataset import DataError, ImageDataset
-from ..data.folder import IMAGE_EXTENSIONS, decode_image
+from ..data.folder import decode_image
+from ..data.layouts import IMAGE_EXTENSIONS
 from ..evaluation.features import SPLIT_KEYS, extract_features
 from ..files import same_file, write_atomically
 from ..training.monitor import is_labelled
@@ -44,6 +45,10 @@ class ImageSet:
     classes: List[str]
     split_key: int = 0
     keys: Optional[torch.Tensor] = None  # int64 (N,) on the images' device; None: 0..N-1
+    # int64 (N, 2): each image's (height, width) in its canvas, where images keep their own sizes (None: they fill
+    # it); the patch size of their recipe (None: the images' size)
+    sizes: Optional[torch.Tensor] = None
+    patch_size: Optional[int] = None
 
     def __post_init__(self):
         if self.keys is None:
@@ -61,6 +66,8 @@ class ImageSet:
             self.classes,
             self.split_key,
             self.keys.index_select(0, index.to(self.keys.device)),
+            None if self.sizes is None else self.sizes.index_select(0, index.to(self.sizes.device)),
+            self.patch_size,
         )
 
     def label_names(self) -> List[Optional[str]]:
@@ -69,8 +76,9 @@ class ImageSet:
         return [self.classes[i] if i < len(self.classes) else str(i) for i in self.labels.tolist()]
 
 
-def split_images(data: ImageDataset, split: str) -> ImageSet:
-    """One split of a data set, with its labels when it has them."""
+def split_images(data: ImageDataset, patch_size: Optional[int], split: str) -> ImageSet:
+    """One split of a data set (held in memory), with its labels when it has them, its images' sizes and the patch
+    size of its recipe (``patch_size``; None: the data set's)."""
     images = getattr(data, f"{split}_images")
     labelled = is_labelled(data)
     return ImageSet(
@@ -79,6 +87,8 @@ def split_images(data: ImageDataset, split: str) -> ImageSet:
         getattr(data, f"{split}_labels") if labelled else None,
         list(data.classes) if labelled else [],
         SPLIT_KEYS[split],
+        sizes=getattr(data, f"{split}_sizes"),
+        patch_size=patch_size or data.recipe_patch_size,
     )
 
 
@@ -127,7 +137,7 @@ def embed(encoder: torch.nn.Module, images: ImageSet, config: EvalConfig, descri
     """(N, feature_dim) float32: the bag-of-features embedding of each image, as ``empssl eval`` computes it."""
     device = images.images.device
     augment = MultiPatchAugment(
-        augment_config_for(int(images.images.shape[1])),
+        augment_config_for(images.patch_size or int(images.images.shape[1])),
         backend=config.augment_backend,
         out_dtype=torch.bfloat16 if config.bf16 and device.type == "cuda" else torch.float32,
         channels_last=device.type == "cuda",
@@ -143,6 +153,7 @@ def embed(encoder: torch.nn.Module, images: ImageSet, config: EvalConfig, descri
         seed=config.seed,
         split_key=images.split_key,
         image_keys=images.keys,
+        image_sizes=images.sizes,
     )
     if not torch.isfinite(features).all():
         raise ValueError("the encoder produced non-finite embeddings; the checkpoint is probably diverged")

@@ -46,7 +46,9 @@ def augmentation_preview(
     device = pixels.device
     channels_last = device.type == "cuda"
     sampler = MultiPatchAugment(recipe, backend=backend, out_dtype=out_dtype, channels_last=channels_last)
-    source_index, params = sampler.sample(pixels, num_patches, seed=seed, step=step, image_ids=image_ids)
+    source_index, params = sampler.sample(
+        pixels, num_patches, seed=seed, step=step, image_ids=image_ids, image_sizes=images.sizes
+    )
     name = backends.select_backend("augment", backend, device, pixels, source_index, params, recipe)
     patches = MultiPatchAugment(recipe, backend=name, out_dtype=out_dtype, channels_last=channels_last).apply(
         pixels, source_index, params

@@ -1,0 +1,164 @@
+"""The standard image trees read right (empssl.data.layouts): Tiny ImageNet's val/images with val_annotations.txt,
+ImageNet-style train/ and val/, the ImageNet-100 subset, unlabelled folders; test splits with unknown classes and
+ambiguous layouts refused, saying what was found and what was expected."""
+
+import os
+
+import pytest
+import torch
+from image_trees import class_colour, imagenet_style, mean_colour, tiny_imagenet, write_image
+
+from empssl import cli
+from empssl.data.dataset import DataError
+from empssl.data.layouts import imagenet100_classes, list_images
+from empssl.data.load import load_dataset
+
+
+def _check_colours(images, labels, classes, colour_of_class):
+    """Every image's flat colour is its label's class colour: the label belongs to that very image."""
+    for index, label in enumerate(labels.tolist()):
+        expected = torch.tensor(colour_of_class(classes[label]), dtype=torch.float32)
+        assert (mean_colour(images, index) - expected).abs().max() < 8, (index, classes[label])
+
+
+@pytest.mark.parametrize("spec", ["tinyimagenet", "folder"])
+def test_tiny_imagenet_test_labels_are_the_annotations_classes(tmp_path, spec):
+    wnids = ("n01443537", "n01629819", "n01641577")
+    val_order = tiny_imagenet(tmp_path, wnids)
+    data = load_dataset(f"{spec}:{tmp_path}", image_size=8, show_progress=False)
+    assert data.classes == sorted(wnids) and "Tiny ImageNet" in data.layout
+    assert data.train_labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # val_<i>.JPEG is listed in file-name order: its label is the class its annotation line names
+    assert [data.classes[label] for label in data.test_labels.tolist()] == val_order
+    colour = lambda wnid: class_colour(wnids.index(wnid))  # noqa: E731
+    _check_colours(data.train_images, data.train_labels, data.classes, colour)
+    _check_colours(data.test_images, data.test_labels, data.classes, colour)
+    assert data.recipe_patch_size == 8  # the recipe's 64, but never beyond the stored size
+
+
+def test_tiny_imagenet_defaults_store_64_pixel_images(tmp_path):
+    tiny_imagenet(tmp_path, per_class=1)
+    data = load_dataset(f"tinyimagenet:{tmp_path}", show_progress=False)
+    assert data.image_size == (64, 64) and data.recipe_patch_size == 64
+
+
+def test_an_imagenet_tree_labels_by_class_folder(tmp_path):
+    imagenet_style(tmp_path, ("n02", "n01", "n03"), per_class=2)
+    data = load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
+    assert data.classes == ["n01", "n02", "n03"] and "ImageNet style" in data.layout
+    assert data.train_labels.tolist() == [0, 0, 1, 1, 2, 2] and data.test_labels.tolist() == [0, 0, 1, 1, 2, 2]
+    made_order = ["n02", "n01", "n03"]
+    colour = lambda name: class_colour(made_order.index(name))  # noqa: E731
+    _check_colours(data.train_images, data.train_labels, data.classes, colour)
+    _check_colours(data.test_images, data.test_labels, data.classes, colour)
+
+
+def test_a_val_split_may_lack_training_classes_but_never_hold_new_ones(tmp_path):
+    imagenet_style(tmp_path / "fewer", ("a", "b", "c"), val_classes=("a", "c"))
+    data = load_dataset(f"folder:{tmp_path / 'fewer'}", image_size=8, show_progress=False)
+    assert data.classes == ["a", "b", "c"] and sorted(set(data.test_labels.tolist())) == [0, 2]
+    imagenet_style(tmp_path / "more", ("a", "b"), val_classes=("a", "b", "zebra", "yak"))
+    with pytest.raises(DataError, match="test split holds 2 class.* training split does not have: yak, zebra"):
+        load_dataset(f"folder:{tmp_path / 'more'}", image_size=8, show_progress=False)
+    assert not (tmp_path / "more" / ".empssl_cache").exists()  # refused before anything was decoded
+
+
+def test_tiny_imagenet_annotations_naming_unknown_or_missing_files_are_refused(tmp_path):
+    tiny_imagenet(tmp_path / "unknown", val_order=["n01443537", "n09999999"])
+    with pytest.raises(DataError, match="training split does not have: n09999999"):
+        list_images("tinyimagenet", str(tmp_path / "unknown"))
+    tiny_imagenet(tmp_path / "short")
+    os.remove(tmp_path / "short" / "val" / "images" / "val_3.JPEG")
+    with pytest.raises(DataError, match="names 1 image.* missing from val/images .*val_3.JPEG"):
+        list_images("tinyimagenet", str(tmp_path / "short"))
+    write_image(tmp_path / "short" / "val" / "images" / "extra.JPEG", (1, 2, 3), fmt="JPEG")
+    os.remove(tmp_path / "unknown" / "val" / "val_annotations.txt")  # the original failure: images/ read as a class
+    with pytest.raises(DataError, match="no .*val_annotations.txt to label them: expected the Tiny ImageNet layout"):
+        list_images("folder", str(tmp_path / "unknown"))
+    with pytest.raises(DataError, match="no line for 1 image.*extra.JPEG"):
+        list_images("tinyimagenet", str(tmp_path / "short"))
+    with pytest.raises(DataError, match="expected the Tiny ImageNet layout"):
+        list_images("tinyimagenet", str(tmp_path / "unknown" / "train"))
+
+
+@pytest.mark.parametrize(
+    "make, found, expected",
+    [
+        ("flat_val", "val holds 2 images directly but no class folders and no val_annotations.txt", "val/<class>/"),
+        ("loose_val", "val holds 1 image directly beside the class folders", "only val/<class>/\\* folders"),
+        ("top_and_classes", "holds 1 image at its top and 4 images in the subfolders", "unlabelled:"),
+        ("no_val", "has train/ but neither val/ nor test/", "val/<class>/"),
+    ],
+)
+def test_an_ambiguous_or_incomplete_layout_says_what_was_found_and_expected(tmp_path, capsys, make, found, expected):
+    if make == "flat_val":
+        imagenet_style(tmp_path, ("a",))
+        for i in range(2):
+            write_image(tmp_path / "val" / f"loose{i}.jpg", (9, 9, 9))
+        for name in os.listdir(tmp_path / "val"):
+            if os.path.isdir(tmp_path / "val" / name):
+                for file in os.listdir(tmp_path / "val" / name):
+                    os.remove(tmp_path / "val" / name / file)
+                os.rmdir(tmp_path / "val" / name)
+    elif make == "loose_val":
+        imagenet_style(tmp_path, ("a", "b"))
+        write_image(tmp_path / "val" / "loose.jpg", (9, 9, 9))
+    elif make == "top_and_classes":
+        imagenet_style(tmp_path / "x", ("a", "b"))
+        os.rename(tmp_path / "x" / "train", tmp_path / "tree")
+        write_image(tmp_path / "tree" / "top.png", (9, 9, 9))
+        tmp_path = tmp_path / "tree"
+    else:
+        imagenet_style(tmp_path, ("a",))
+        os.rename(tmp_path / "val", tmp_path / "elsewhere")
+    code = cli.main(["train", "--dataset", f"folder:{tmp_path}", "--device", "cpu", "--out-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert found.replace("val holds", f"{tmp_path / 'val'} holds") in err[0] or found in err[0]
+    assert expected.replace("\\", "") in err[0]
+
+
+def test_imagenet100_takes_cmcs_100_classes_out_of_an_imagenet_tree(tmp_path):
+    wanted = imagenet100_classes()
+    assert len(wanted) == len(set(wanted)) == 100 and wanted[:2] == ["n02869837", "n01749939"]  # CMC's order
+    for split in ("train", "val"):
+        for wnid in wanted + ["n99999999"]:  # one ImageNet-1k class beyond the 100
+            write_image(tmp_path / split / wnid / f"{wnid}_0.JPEG", (1, 2, 3), size=(2, 2), fmt="JPEG")
+    listing = list_images("imagenet100", str(tmp_path))
+    assert listing.classes == sorted(wanted) and len(listing.splits["train"]) == len(listing.splits["test"]) == 100
+    assert all(os.path.basename(os.path.dirname(file)) == name for file, name in listing.splits["test"])
+    assert listing.defaults.patch_size == 224 and listing.defaults.max_aspect == pytest.approx(4 / 3)
+    for file in os.listdir(tmp_path / "val" / wanted[5]):
+        os.remove(tmp_path / "val" / wanted[5] / file)
+    os.rmdir(tmp_path / "val" / wanted[5])
+    with pytest.raises(DataError, match=f"lacks 1 of the 100 ImageNet-100 classes \\({wanted[5]}\\)"):
+        list_images("imagenet100", str(tmp_path))
+
+
+def test_imagenet100_defaults_never_upsample_a_quarter_area_patch():
+    """The storage defaults of ImageNet-100: a 25%-area crop of any image kept whole (aspect up to 4:3) covers at
+    least the 224 pixels of the recipe's patch on a side."""
+    listing_defaults = list_images.__globals__["LAYOUT_DEFAULTS"]["imagenet100"]
+    short = listing_defaults.image_size
+    for aspect in (1.0, 1.1, 1.25, 4 / 3):
+        crop_side = (0.25 * short * short * aspect) ** 0.5  # the side of a square 25%-area crop
+        assert crop_side >= listing_defaults.patch_size
+
+
+def test_unlabelled_folders_train_and_eval_says_it_needs_labels(tmp_path, capsys):
+    for i in range(12):
+        write_image(tmp_path / "flat" / f"{i}.png", (10 * i, 5, 5))
+        write_image(tmp_path / "nested" / f"day{i % 3}" / "deeper" / f"{i}.jpg", (5, 10 * i, 5))
+    flat = load_dataset(f"folder:{tmp_path / 'flat'}", image_size=8, show_progress=False)
+    nested = load_dataset(f"unlabelled:{tmp_path / 'nested'}", image_size=8, show_progress=False)
+    for data, count in ((flat, 12), (nested, 12)):
+        assert not data.labelled and data.train_images.shape[0] == count and data.test_images.shape[0] == 0
+        assert data.train_labels.tolist() == [-1] * count
+    tiny = "--width 0.125 --hidden-dim 32 --z-dim 16 --num-patches 2 --batch-size 4 --max-steps 2".split()
+    run = tmp_path / "run"
+    args = ["--dataset", f"unlabelled:{tmp_path / 'nested'}", "--image-size", "8", "--device", "cpu", "--no-progress"]
+    assert cli.main(["train", *args, *tiny, "--out-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--device", "cpu", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no labels" in err[0] and "evaluate on a labelled data set" in err[0]
