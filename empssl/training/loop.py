@@ -92,20 +92,29 @@ def train(config: TrainConfig, data: Optional[ImageDataset] = None) -> TrainResu
                 held.push(lambda kind, error, trace: folder.close(failed=kind is not None))
         # rank 0's checkpoint for every rank (the other nodes need no copy of the file)
         resumed, same_run = distributed.broadcast_object((folder.resumed, folder.same_run) if folder else None)
-        data, source, patch_size, data_fingerprint = _training_images(config, data, resumed, device)
-        state = build_train_state(config, device, source.num_images, patch_size, data.train_sizes)
-        with contextlib.closing(source):
-            return _TrainingLoop(
-                config, state, data, source, patch_size, data_fingerprint, folder, resumed, same_run
-            ).run()
+        images = _training_images(config, data, resumed, device)
+        state = build_train_state(config, device, images.source.num_images, images.patch_size, images.data.train_sizes)
+        with contextlib.closing(images.source):
+            return _TrainingLoop(config, state, images, folder, resumed, same_run).run()
+
+
+@dataclasses.dataclass
+class TrainingImages:
+    """What the loop trains on, checked on every rank: the data set, the source that reads its training images
+    (in memory or from the store: ``data.batches``), the patch size and the images' fingerprint (a resume must train
+    on these very images)."""
+
+    data: ImageDataset
+    source: Any
+    patch_size: int
+    fingerprint: str
 
 
 def _training_images(
     config: TrainConfig, data: Optional[ImageDataset], resumed: Optional[Dict[str, Any]], device: torch.device
-) -> Tuple[ImageDataset, Any, int, str]:
-    """The data set, the source of its training images (uint8, square canvases; in memory on ``device`` or read
-    from the store, by ``config.stream``), the patch size and the images' fingerprint, checked on every rank (a
-    resume: against the checkpoint's)."""
+) -> TrainingImages:
+    """The training images (uint8, square canvases; in memory on ``device`` or read from the store, by
+    ``config.stream``), checked on every rank (a resume: against the checkpoint's fingerprint)."""
     world, rank = distributed.world_size(), distributed.rank()
     with distributed.same_outcome_on_every_rank():
         if data is None:
@@ -152,7 +161,7 @@ def _training_images(
             f"the ranks loaded different training sets (images of shape {shapes} by rank); give every "
             f"node the same data set"
         )
-    return data, source, patch_size, data_fingerprint
+    return TrainingImages(data, source, patch_size, data_fingerprint)
 
 
 class _TrainingLoop:
@@ -167,16 +176,14 @@ class _TrainingLoop:
         self,
         config: TrainConfig,
         state: TrainState,
-        data: ImageDataset,
-        source: Any,
-        patch_size: int,
-        data_fingerprint: str,
+        images: TrainingImages,
         folder: Optional[RunFolder],
         resumed: Optional[Dict[str, Any]],
         same_run: bool,
     ):
-        self.config, self.state, self.data, self.source, self.folder = config, state, data, source, folder
-        self.data_fingerprint = data_fingerprint
+        self.config, self.state, self.folder = config, state, folder
+        self.data, self.source, self.data_fingerprint = images.data, images.source, images.fingerprint
+        source, data, patch_size = images.source, images.data, images.patch_size
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.num_train, self.image_size, self.patch_size = source.num_images, source.canvas[0], patch_size
         self.ordered = False  # whether the source holds the current epoch's permutation
