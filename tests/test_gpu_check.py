@@ -11,6 +11,8 @@ import subprocess
 import gpu_order
 import pytest
 
+from empssl.bench.common import FIELDS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("gpu_summary", os.path.join(ROOT, "bench", "gpu_summary.py"))
 gpu_summary = importlib.util.module_from_spec(_spec)
@@ -69,42 +71,25 @@ def test_pytest_xdist_lines_are_counted_too():
 
 
 def test_the_summary_file_is_written_whole_from_a_cut_off_run(tmp_path):
+    row = dict.fromkeys(FIELDS, "")  # the bench's own columns, so the summary reads what the bench writes
+    row.update(
+        bench="epoch",
+        case="b=100 n=20",
+        method="captured",
+        dtype="bf16",
+        ms="36",
+        rate="27.8",
+        rate_unit="steps/s",
+        limit_fraction="0.4",
+        limit="bf16 matmul",
+        note="CIFAR-10 epoch (500 steps) 18.00 s",
+        device="NVIDIA H100",
+        versions="torch 2.11.0",
+    )
     with open(tmp_path / "results.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "bench",
-                "case",
-                "method",
-                "dtype",
-                "ms",
-                "rate",
-                "rate_unit",
-                "limit_fraction",
-                "limit",
-                "note",
-                "device",
-                "versions",
-                "error",
-            ]
-        )
-        writer.writerow(
-            [
-                "epoch",
-                "b=100 n=20",
-                "captured",
-                "bf16",
-                "36",
-                "27.8",
-                "steps/s",
-                "0.4",
-                "bf16 matmul",
-                "CIFAR-10 epoch (500 steps) 18.00 s",
-                "NVIDIA H100",
-                "torch 2.11.0",
-                "",
-            ]
-        )
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerow(row)
         handle.write("epoch,b=100 n=20,published (torch")  # the row being written when the run was killed
     (tmp_path / "tests.txt").write_text(KILLED)
     (tmp_path / "steps.csv").write_text("step,exit,seconds,limit\nenv,0,2,10\ntests,124,165,165\n")
