@@ -7,6 +7,7 @@ import importlib.util
 import os
 import re
 import subprocess
+import sys
 
 import gpu_order
 import pytest
@@ -172,3 +173,18 @@ def test_the_gpu_tests_run_by_value_and_each_call_takes_its_groups(monkeypatch, 
     monkeypatch.setenv(gpu_order.CALL_ENV, "call3")
     with pytest.raises(ValueError, match="call1 or call2"):
         gpu_order.plan(NODE_IDS)
+
+
+def test_every_test_has_a_time_limit_and_the_device_checks_own_limit_overrides_it(pytestconfig, tmp_path):
+    assert pytestconfig.getini("timeout") == "600"  # pyproject.toml's: the limit CI runs every test under
+    (tmp_path / "test_hangs.py").write_text("import time\n\n\ndef test_hangs():\n    time.sleep(30)\n")
+    done = subprocess.run(  # the project's pytest settings, the device check's --timeout option on the command line
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", os.path.join(ROOT, "pyproject.toml")]
+        + ["--rootdir", str(tmp_path), "--timeout=1", str(tmp_path / "test_hangs.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "Timeout (>1.0s) from pytest-timeout" in done.stdout, (
+        done.stdout[-2000:] + done.stderr[-2000:]
+    )
