@@ -7,7 +7,9 @@ import dataclasses
 import re
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,6 +65,31 @@ def test_the_step_backends_are_named_before_anything_runs():
     assert bench_epoch.step_backends(config, torch.device("cpu")) == {"augment": "cpu", "tcr": "cpu"}
     reference = dataclasses.replace(config, augment_backend="reference", loss_backend="reference")
     assert bench_epoch.step_backends(reference, torch.device("cpu")) == {"augment": "reference", "tcr": "reference"}
+
+
+class _SlowImages:
+    """Images whose every read takes ``seconds``: a PIL pipeline slower than the step, as on a GPU."""
+
+    def __init__(self, images, seconds):
+        self.images, self.seconds = images, seconds
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        time.sleep(self.seconds)
+        return self.images[index]
+
+
+def test_the_published_path_is_timed_at_the_rate_its_workers_deliver_batches():
+    """Data-bound (each worker takes 0.32 s a batch, so 2 workers give one every 0.16 s), the timed steps must
+    not include batches the workers prepared before the clock started, nor a partial round of them."""
+    config = TrainConfig(width=0.125, hidden_dim=64, z_dim=32, batch_size=4, num_patches=2)
+    images = _SlowImages(np.zeros((8, 32, 32, 3), dtype=np.uint8), 0.08)
+    seconds = bench_published.time_published(torch.device("cpu"), config, 3, 2, images)
+    assert seconds >= 0.9 * 0.16, seconds
+    assert bench_published.published_schedule(10, 8) == (16, 16)  # the GPU run's: 2 rounds ahead, 2 timed
+    assert bench_published.published_schedule(3, 0) == (1, 3)  # no workers: nothing prepared ahead
 
 
 @pytest.mark.parametrize("text", ["", "eager,warp", "compiled;captured"])

@@ -25,6 +25,7 @@ from . import common
 # torch's own defaults (torch >= 1.12), under which the authors' code ran: (matmul TF32, cuDNN convolution TF32)
 TORCH_DEFAULT_TF32: Tuple[bool, bool] = (False, True)
 TF32_OFF: Tuple[bool, bool] = (False, False)
+PREFETCH_FACTOR = 2  # batches each DataLoader worker prepares ahead (torch's default, set explicitly)
 
 
 def tf32_label(tf32: Tuple[bool, bool]) -> str:
@@ -63,6 +64,18 @@ def published_loss(z: torch.Tensor, eps: float = 0.2, inv_coef: float = 200.0) -
     return tcr + inv_coef * inv
 
 
+def published_schedule(steps: int, workers: int) -> Tuple[int, int]:
+    """(untimed steps, timed steps) of the published path with ``workers`` DataLoader workers.
+
+    The untimed steps use up every batch the workers prepared before the first step (``workers x PREFETCH_FACTOR``),
+    so each timed step waits for its batch as in a long run. The workers start together and each delivers one batch
+    per round, so the batches arrive in bursts of ``workers``: the timed steps are whole rounds (``steps`` rounded
+    up), or a partial burst would be counted as steps taken in no time."""
+    if workers == 0:  # the main process loads each batch when asked: nothing is ready ahead
+        return 1, steps
+    return workers * PREFETCH_FACTOR, -(-steps // workers) * workers
+
+
 def time_published(
     device: torch.device,
     config: TrainConfig,
@@ -72,15 +85,16 @@ def time_published(
     tf32: Tuple[bool, bool] = TORCH_DEFAULT_TF32,
 ) -> float:
     """Seconds per step of the published path (``images``: uint8 numpy (N, 32, 32, 3)) under ``tf32`` (matmul,
-    cuDNN): DataLoader workers with PIL, float32 NCHW encoder, naive loss, LARS."""
+    cuDNN): DataLoader workers with PIL, float32 NCHW encoder, naive loss, LARS. At least ``steps`` are timed
+    (``published_schedule``)."""
     import PIL  # noqa: F401  (here, not in a worker: a missing one is an ImportError the caller reports)
     import torchvision  # noqa: F401
 
     torch.manual_seed(0)
     encoder = build_encoder(config.arch, config.width, config.hidden_dim, config.z_dim).to(device).train()
     optimizer = build_optimizer(encoder, lr=config.lr)
-    warmup = 1
-    views = _PublishedViews(images, config.num_patches, (warmup + steps) * config.batch_size)
+    warmup, timed = published_schedule(steps, workers)
+    views = _PublishedViews(images, config.num_patches, (warmup + timed) * config.batch_size)
     loader = torch.utils.data.DataLoader(
         views,
         batch_size=config.batch_size,
@@ -88,18 +102,19 @@ def time_published(
         num_workers=workers,
         drop_last=True,
         pin_memory=device.type == "cuda",
+        prefetch_factor=PREFETCH_FACTOR if workers else None,
     )
     start = None
     with float32_precision(tf32[0], cudnn=tf32[1]):
-        for index, batch in enumerate(loader):  # the workers' start-up and the first step are not timed
-            if index == warmup:
-                common.synchronize(device)
-                start = time.perf_counter()
+        for index, batch in enumerate(loader):  # the workers' start-up and the batches ready ahead are not timed
             patches = batch.transpose(0, 1).reshape(-1, *batch.shape[2:]).to(device, non_blocking=True)
             z = encoder(patches).reshape(config.num_patches, config.batch_size, -1)
             loss = published_loss(z, config.eps, config.inv_coef)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if index == warmup - 1:  # the clock starts before the first timed step waits for its batch
+                common.synchronize(device)
+                start = time.perf_counter()
         common.synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / timed
