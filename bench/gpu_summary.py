@@ -1,13 +1,14 @@
 """summary.txt of a bench/gpu_check.sh OUT folder, from whatever it holds now (docs/benchmarks.md section 5).
 
-    python bench/gpu_summary.py OUT [--plot]
+    python bench/gpu_summary.py OUT [--plot]     # writes OUT/summary.txt (printed with --plot)
+    python bench/gpu_summary.py OUT --tests-only  # prints the gpu tests' lines of OUT/tests.txt alone
 
 gpu_check.sh rewrites it after every step and every 15 s while one runs, so a run killed at any moment leaves a
 current summary. It reads env.txt, results.csv (every benchmark row), tests.txt (pytest -v output, possibly cut off
 mid-run) and steps.csv. The test counts come from pytest's per-test lines themselves (serial or pytest-xdist), never
-from its header ("collected ... / ... selected") or its closing tally, which a killed run never writes; the test
-that was running when the output stopped is named. Standard library only (the plot, where asked, imports empssl):
-the summary is written even when the install failed.
+from its header ("collected ... / ... selected") or its closing tally, which a killed run never writes; the tests
+that were running when the output stopped are named (one, or one per pytest-xdist worker). Standard library only
+(the plot, where asked, imports empssl): the summary is written even when the install failed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import csv
 import os
 import re
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 OUTCOMES = ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS")
 _ALTERNATIVES = "|".join(OUTCOMES)
@@ -24,7 +25,8 @@ _ALTERNATIVES = "|".join(OUTCOMES)
 # with pytest-xdist: "[gw3] [ 10%] PASSED tests/test_x.py::..."
 SERIAL = re.compile(rf"^(tests/\S.*?) ({_ALTERNATIVES})(?: \(.*\))?(?: +\[ *\d+%\])?\s*$", re.M)
 XDIST = re.compile(rf"^\[gw\d+\] \[ *\d+%\] ({_ALTERNATIVES}) (tests/\S.*?)\s*$", re.M)
-STARTED = re.compile(r"^(tests/\S+::\S+)[ \t]*$", re.M)  # serial -v prints the id when a test starts
+# pytest -v prints the id when a test starts (with pytest-xdist too: a line of its own per test a worker starts)
+STARTED = re.compile(r"^(tests/\S+::\S+)[ \t]*$", re.M)
 TALLY = re.compile(r"^=+ (.*\b(?:passed|failed|errors?|skipped)\b.* in [0-9.]+s.*?) =+$", re.M)
 
 
@@ -58,17 +60,17 @@ def tests_summary(text: str) -> List[str]:
         return [f"gpu tests collected, none run: {' + '.join(collected)}"] + lines[1:]
     running = _running_at_end(text, {nodeid for nodeid, _ in outcomes})
     if running and not tally:
-        lines.append(f"  stopped in (or still running): {running}")
+        lines.append(f"  stopped in (or still running): {'; '.join(running)}")
     return lines
 
 
-def _running_at_end(text: str, finished: set) -> Optional[str]:
+def _running_at_end(text: str, finished: set) -> List[str]:
+    """The tests started and not finished when the output ends, in the order they started."""
     started = [m.group(1) for m in STARTED.finditer(text)]
-    last = started[-1] if started else None
-    if last is None:  # the id and the start of its own output share the line when a test is cut off
+    if not started:  # serial: the id and the start of its own output share the line when a test is cut off
         lines = [line for line in text.splitlines() if line.startswith("tests/") and "::" in line]
-        last = lines[-1].split()[0] if lines else None
-    return last if last is not None and last not in finished else None
+        started = [lines[-1].split()[0]] if lines else []
+    return [nodeid for nodeid in dict.fromkeys(started) if nodeid not in finished]
 
 
 def _readable(ms: str) -> str:
@@ -154,6 +156,10 @@ def summarise(out: str, plot: bool = False) -> str:
 
 if __name__ == "__main__":
     arguments = sys.argv[1:]
+    if "--tests-only" in arguments[1:]:
+        with open(os.path.join(arguments[0], "tests.txt"), errors="replace") as handle:
+            print("\n".join(tests_summary(handle.read())))
+        raise SystemExit(0)
     text = summarise(arguments[0], plot="--plot" in arguments[1:])
     if "--plot" in arguments[1:]:
         print(text, end="")

@@ -71,6 +71,25 @@ def test_pytest_xdist_lines_are_counted_too():
     assert gpu_summary.tests_summary(XDIST)[0].startswith("gpu tests: 2 passed, 1 failed, 1 skipped")
 
 
+def test_a_cut_off_xdist_run_names_every_test_its_workers_were_running():
+    """pytest-xdist -v prints each test's id when a worker starts it and its outcome line when it ends: the tests
+    started and not ended are the ones running when the output stopped, whichever started last."""
+    started = [
+        "tests/test_tcr_triton.py::test_a[1]",
+        "tests/test_tcr_triton.py::test_a[2]",
+        "tests/test_tcr_triton.py::test_a[3]",
+    ]
+    text = (
+        "gpu test groups in order (sweeps): triton-tcr 3\n"
+        + "".join(f"{nodeid} \n" for nodeid in started[:2])
+        + f"[gw1] [ 33%] PASSED {started[1]} \n"
+        + f"{started[2]} \n"
+        + f"[gw1] [ 66%] PASSED {started[2]} \n"
+    )
+    lines = gpu_summary.tests_summary(text)
+    assert lines[0].startswith("gpu tests: 2 passed") and lines[-1] == f"  stopped in (or still running): {started[0]}"
+
+
 def test_the_summary_file_is_written_whole_from_a_cut_off_run(tmp_path):
     row = dict.fromkeys(FIELDS, "")  # the bench's own columns, so the summary reads what the bench writes
     row.update(
@@ -103,16 +122,28 @@ def test_the_summary_file_is_written_whole_from_a_cut_off_run(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["results.csv", "steps.csv", "summary.txt", "tests.txt"]
 
 
-def test_both_calls_plans_fit_their_budgets_in_the_order_of_their_value():
-    done = subprocess.run(["bash", "bench/gpu_check.sh", "--plan"], cwd=ROOT, capture_output=True, text=True)
+# the device machine's rules (/work/.library/device/README.md): device time counts from the start to the give-back
+LEASE_S, START_S, WARM_AFTER_CALL_S = 15 * 60, 90, 30
+TRANSFER_S = 15  # the tree out and OUT's files back, per call (a small tree)
+
+
+def _plan(*steps):
+    done = subprocess.run(["bash", "bench/gpu_check.sh", "--plan", *steps], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     plans = {}
     for line in done.stdout.splitlines():
-        match = re.match(r"call (\d) \(GPU limits, in order\): (.*) = (\d+) s of (\d+)$", line)
+        match = re.match(r"(call \d|this run) \(GPU limits, in order\): (.*) = (\d+) s of (\d+)$", line)
+        if not match:
+            continue
         steps = [(name, int(limit)) for name, limit in re.findall(r"(\w+) (\d+) s", match.group(2))]
         assert sum(limit for _, limit in steps) == int(match.group(3)) <= int(match.group(4))
         plans[match.group(1)] = (steps, int(match.group(4)))
-    call1, budget1 = plans["1"]
+    return plans, done.stdout
+
+
+def test_both_calls_plans_fit_their_budgets_in_the_order_of_their_value():
+    plans, text = _plan()
+    call1, budget1 = plans["call 1"]
     assert budget1 <= 7 * 60 and [n for n, _ in call1] == [
         "env",
         "install",
@@ -123,13 +154,40 @@ def test_both_calls_plans_fit_their_budgets_in_the_order_of_their_value():
         "bench_augment",
         "summary",
     ]
-    call2, budget2 = plans["2"]
-    assert [n for n, _ in call2] == ["env", "install", "imports", "bench_compiled", "sweeps", "summary"]
-    assert budget1 + budget2 <= 15 * 60 - 2 * 90  # both inside a 15-min lease with two machine starts
+    call2, budget2 = plans["call 2"]
+    assert [n for n, _ in call2] == [
+        "env",
+        "reuse",  # call 1's warm build, never an install: a fresh machine is refused
+        "imports",
+        "bench_compiled",
+        "tests_compiled",  # a cold Inductor compile, in a step of its own
+        "sweeps",
+        "summary",
+    ]
+    # each test step's per-test limit fires inside its step's; the compiled step's test has its 2 minutes
+    per_test = dict(re.findall(r"(\w+) (\d+) s[,)]", text.split("per-test limits:")[1]))
+    limits = dict(call1 + call2)
+    assert set(per_test) == {"tests", "tests_compiled", "sweeps"} and limits["tests_compiled"] >= 120
+    assert all(int(seconds) < limits[name] for name, seconds in per_test.items())
+    # device time: one start, call 1 to its timeout_s, the wait while the machine stays warm, call 2 to its
+    # timeout_s, give_back right after it; each call's budget inside its timeout_s
+    timeouts = [int(t) for t in re.findall(r"call \d with timeout_s=(\d+)", text)]
+    assert budget1 < timeouts[0] and budget2 < timeouts[1]
+    assert START_S + timeouts[0] + WARM_AFTER_CALL_S + timeouts[1] + 2 * TRANSFER_S <= LEASE_S
+    assert "give_back right after call 2" in text
+    # the kill grace of each step's timeout inside its limit, so the limits bound each call
+    script = open(os.path.join(ROOT, "bench", "gpu_check.sh")).read()
+    assert 'timeout -k "$GRACE" $(( limit - GRACE ))' in script
     bad = subprocess.run(
         ["bash", "bench/gpu_check.sh", "/nonexistent-out", "nope"], cwd=ROOT, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "unknown step 'nope'" in bad.stdout
+
+
+def test_a_run_of_chosen_steps_installs_first():
+    """On a bare machine chosen steps need the package: the install always runs (it skips itself when warm)."""
+    plans, _ = _plan("tests", "bench_tcr")
+    assert [n for n, _ in plans["this run"][0]] == ["env", "install", "imports", "tests", "bench_tcr", "summary"]
 
 
 NODE_IDS = [
@@ -147,7 +205,7 @@ NODE_IDS = [
 ]
 
 
-@pytest.mark.parametrize("call", ["", "call1", "call2"])
+@pytest.mark.parametrize("call", ["", "call1", "call2", "tests_compiled", "sweeps"])
 def test_the_gpu_tests_run_by_value_and_each_call_takes_its_groups(monkeypatch, call):
     monkeypatch.setenv(gpu_order.CALL_ENV, call)
     ordered, counts = gpu_order.plan(NODE_IDS)
@@ -168,6 +226,7 @@ def test_the_gpu_tests_run_by_value_and_each_call_takes_its_groups(monkeypatch, 
             "tests/test_tcr_backends.py::test_gpu_backends_against_float64[20-100-1024-random-dtype0-triton]",
         ],
     }
+    expected["tests_compiled"], expected["sweeps"] = expected["call2"][:1], expected["call2"][1:]
     assert ordered == (expected[call] if call else expected["call1"] + expected["call2"])
     assert sum(counts.values()) == len(ordered)
     monkeypatch.setenv(gpu_order.CALL_ENV, "call3")
