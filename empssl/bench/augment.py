@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     elif args.quick or not on_gpu:
         cases = [("cifar", 32, [2000, 20000]), ("imagenet", 224, [64])]
         per_patch_count, repeats = {32: 1000, 224: 16}, 2
-    else:  # sized to fit the device check's 45 s: the per-patch contenders run on fewer patches
+    else:  # sized to fit the device check's bench_augment step (20 s): the per-patch contenders run on fewer patches
         cases = [("cifar", 32, [20000, 200000]), ("imagenet", 224, [2000])]
         per_patch_count, repeats = {32: 1000, 224: 100}, 3
     reference_cap = {32: 2000 if not on_gpu else 200000, 224: 16 if not on_gpu else 2000}
