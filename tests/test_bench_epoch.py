@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from empssl.bench import BENCHMARKS, common
+from empssl.bench import BENCHMARKS, common, evaluation
 from empssl.bench import epoch as bench_epoch
 from empssl.bench import published as bench_published
 from empssl.config import STEP_VARIANTS, TrainConfig
+from empssl.device import float32_precision
 
 
 def test_epoch_is_a_registered_benchmark():
@@ -90,6 +91,31 @@ def test_the_published_path_is_timed_at_the_rate_its_workers_deliver_batches():
     assert seconds >= 0.9 * 0.16, seconds
     assert bench_published.published_schedule(10, 8) == (16, 16)  # the GPU run's: 2 rounds ahead, 2 timed
     assert bench_published.published_schedule(3, 0) == (1, 3)  # no workers: nothing prepared ahead
+
+
+def test_each_row_states_the_tf32_setting_it_ran_under(tmp_path):
+    """The published rows run under torch's TF32 defaults inside a run that set its own: each row says its own."""
+    results = common.Results("epoch", torch.device("cpu"), str(tmp_path / "results.csv"))
+    with float32_precision(False, cudnn=True):
+        defaults = results.add("case", "published (torch defaults)", 1.0, 1.0, "steps/s")
+    with float32_precision(False, cudnn=False):
+        off = results.add("case", "published (TF32 off)", 1.0, 1.0, "steps/s")
+    assert defaults["versions"] != off["versions"]
+
+
+def test_the_float32_knn_is_set_against_the_float32_matmul_rate(monkeypatch, tmp_path):
+    """On a GPU the step's limit is the bf16 matmul rate; the kNN's products are float32 and take that rate."""
+    rates = {torch.float32: 1e9}
+    monkeypatch.setattr(common, "matmul_rate", lambda device, dtype, size=None: rates[dtype])
+    size = bench_epoch.SIZES["tiny"]
+    config = dataclasses.replace(TrainConfig(), **size["model"], device="cpu", progress=False)
+    results = common.Results("epoch", torch.device("cpu"), str(tmp_path / "results.csv"))
+    evaluation.time_evaluation(torch.device("cpu"), config, size, results, 1e30, torch.bfloat16)
+    knn = next(row for row in results.rows if row["method"].startswith("kNN"))
+    knn_train, knn_test = size["knn"]
+    flops_per_second = 2 * knn_train * knn_test * config.hidden_dim / (float(knn["ms"]) / 1e3)
+    assert knn["limit"] == "float32 matmul"
+    assert float(knn["limit_fraction"]) == pytest.approx(flops_per_second / 1e9, rel=2e-3)
 
 
 @pytest.mark.parametrize("text", ["", "eager,warp", "compiled;captured"])

@@ -132,7 +132,7 @@ class Results:
         self.torch_device = device
         self.failures = 0  # rows whose measurement raised
         self.device = device_name(device)
-        self.versions = versions()
+        self.versions = versions()  # as the run starts; each row states its own (a row may run under other TF32)
         self.rows: List[Dict[str, object]] = []
         self.csv_path = csv_path
         if csv_path:
@@ -167,7 +167,7 @@ class Results:
             limit=limit,
             note=note,
             device=self.device,
-            versions=self.versions,
+            versions=versions(),
             error="",
         )
         self._write(row)
@@ -194,7 +194,7 @@ class Results:
             limit="",
             note="",
             device=self.device,
-            versions=self.versions,
+            versions=versions(),
             error=f"{type(error).__name__}: {message}",
         )
         self._write(row)

@@ -391,7 +391,7 @@ def main(argv=None) -> int:
         if "evaluation" in parts:
             case = f"eval {bench.config.arch} w{bench.config.width} d={bench.config.hidden_dim}"
             with results.row(case, "evaluation"):
-                time_evaluation(device, bench.config, bench.size, results, bench.peak)
+                time_evaluation(device, bench.config, bench.size, results, bench.peak, bench.matmul_dtype)
     return common.finish(results, args)
 
 

@@ -24,10 +24,16 @@ def synthetic_images(device: torch.device, generator: torch.Generator, count: in
 
 
 def time_evaluation(
-    device: torch.device, config: TrainConfig, size: Dict, results: common.Results, matmul_peak: float
+    device: torch.device,
+    config: TrainConfig,
+    size: Dict,
+    results: common.Results,
+    matmul_peak: float,
+    matmul_dtype: torch.dtype,
 ) -> None:
     """Rows: features/s (plain folded, and fused on CUDA), probe, kNN, and the 128-patch CIFAR-10 evaluation
-    extrapolated from the fastest features row, the probe and the kNN."""
+    extrapolated from the fastest features row, the probe and the kNN. ``matmul_peak``: the dense ``matmul_dtype``
+    matmul rate measured by the caller."""
     generator = torch.Generator(device=device).manual_seed(0)
     torch.manual_seed(0)
     encoder = build_encoder(config.arch, config.width, config.hidden_dim, config.z_dim).to(device)
@@ -83,6 +89,8 @@ def time_evaluation(
     knn_seconds = common.time_call(lambda: knn_classify(knn_subset), device, repeats=1)
     knn_full = knn_seconds * (EVAL_TRAIN * EVAL_TEST) / (knn_train * knn_test)
     knn_flops = 2 * knn_train * knn_test * config.hidden_dim
+    # the kNN's products are float32: its limit is the float32 matmul rate (TF32 as the row's versions say)
+    knn_peak = matmul_peak if matmul_dtype == torch.float32 else common.matmul_rate(device, torch.float32)
     results.add(
         case,
         f"kNN ({knn_test} x {knn_train})",
@@ -90,8 +98,8 @@ def time_evaluation(
         knn_test / knn_seconds,
         "queries/s",
         "float32",
-        knn_flops / knn_seconds / matmul_peak,
-        "matmul",
+        knn_flops / knn_seconds / knn_peak,
+        "float32 matmul",
         note=f"CIFAR-10 kNN ({EVAL_TEST} x {EVAL_TRAIN}) {knn_full:.3g} s",
     )
     if not patch_rates:  # every features row failed: no evaluation to extrapolate
