@@ -31,6 +31,17 @@ def test_each_op_is_one_kernel_reading_its_inputs_and_writing_its_outputs():
     assert add.bytes == 4 * (64 * 16 + 16 + 64 * 16)
 
 
+def test_an_op_writing_its_arguments_counts_them_as_written():
+    """By the op's schema: a foreach op in place (it returns nothing) reads and writes its tensors, an out= one
+    writes its out tensor without reading it."""
+    a, b = [torch.randn(1000) for _ in range(3)], [torch.randn(1000) for _ in range(3)]
+    (foreach,) = _recorded(lambda: torch._foreach_add_(a, b))
+    assert foreach.bytes == 4 * 3 * 1000 * 3  # a read, b read, a written
+    x, y, out = torch.randn(1000), torch.randn(1000), torch.empty(1000)
+    (add,) = _recorded(lambda: torch.add(x, y, out=out))
+    assert add.bytes == 4 * 1000 * 3 and not add.custom
+
+
 def test_batchnorm_in_training_passes_over_its_input_twice():
     norm = torch.nn.BatchNorm2d(8).train()
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
@@ -53,6 +64,7 @@ def test_counts_extrapolate_exactly_in_the_patches_outside_the_loss():
     for guess, truth in zip(extrapolated, direct):
         if guess.phase != "empssl.loss":
             assert (guess.flops, guess.bytes) == pytest.approx((truth.flops, truth.bytes), rel=1e-9), guess.name
+    assert [k.name for k in direct if k.custom] == ["augment_patches", "tcr_forward_backward"]  # empssl's own ops
     phases = {k.phase for k in direct}
     assert phases == {f"empssl.{p}" for p in ("augment", "forward", "loss", "backward", "optimizer")}
     assert sum(k.flops for k in direct if k.matmul) > 0.99 * sum(k.flops for k in direct)
@@ -80,11 +92,17 @@ def test_the_compiled_step_keeps_the_eager_matmuls_and_ops_outside_its_region():
         P.Kernel("empssl.augment", "augment", 0.0, 5.0, False),
         P.Kernel("empssl.forward", "convolution", 9.0, 7.0, True),
         P.Kernel("empssl.forward", "relu", 0.0, 4.0, False),
+        P.Kernel("empssl.loss", "tcr_forward_backward", 0.0, 3.0, False, custom=True),  # extern to Inductor too
         P.Kernel("empssl.backward", "convolution_backward", 18.0, 9.0, True),
         P.Kernel("empssl.optimizer", "_foreach_add_", 0.0, 6.0, False),
     ]
     compiled = P.compiled_kernels(eager, [(True, 7.0), (False, 2.0), (True, 9.0), (False, 3.0)])
-    assert [k.name for k in compiled] == ["augment", "_foreach_add_", "convolution", "convolution_backward"] + [
+    assert [k.name for k in compiled] == [
+        "augment",
+        "_foreach_add_",
+        "convolution",
+        "tcr_forward_backward",
+        "convolution_backward",
         "fused",
         "fused",
     ]

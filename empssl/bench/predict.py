@@ -4,13 +4,15 @@ counted on the CPU (no GPU needed): kernels, FLOPs and bytes read and written pe
 How it counts (docs/benchmarks.md section 6):
   eager, captured        every aten op ``train_step`` dispatches (a TorchDispatchMode), run on the CPU with the GPU's
                          precision and layout (bf16 autocast, bf16 channels_last patches): each op one kernel that
-                         reads its tensor inputs and writes its outputs once (an in-place op reads and writes);
+                         reads its tensor inputs and writes its outputs and the arguments its schema marks as
+                         written once (an in-place op, a foreach one too, reads and writes);
                          BatchNorm in training passes over its input twice, forward and backward (statistics, then
                          normalise), as cuDNN's does; FLOPs from torch.utils.flop_counter.
   compiled,              the kernels Inductor schedules for forward and loss, and for their backward (its fused
   compiled-captured      nodes after fusion, each reading and writing its buffers once; the CPU backend's fusion),
-                         with the convolutions and matmuls it leaves to cuDNN/cuBLAS taken from the eager count, plus
-                         the eager augmentation and optimiser ops outside the compiled region.
+                         with the kernels it leaves extern taken from the eager count (the convolutions and matmuls
+                         for cuDNN/cuBLAS, the custom ops: the fused loss), plus the eager augmentation and optimiser
+                         ops outside the compiled region.
 Counted at two small batches of the recipe's model and extrapolated linearly in the patches to the recipe's step
 (activations grow with the patches; weights, gradients and the optimiser's tensors do not).
 
@@ -56,6 +58,7 @@ class Kernel:
     flops: float
     bytes: float
     matmul: bool  # a convolution or matmul (cuDNN/cuBLAS): FLOPs at the matmul peak
+    custom: bool = False  # a custom op (not aten's: the fused loss), which Inductor calls as it is
 
 
 def _unique_bytes(tensor: torch.Tensor) -> int:
@@ -85,18 +88,36 @@ class _KernelRecorder(TorchDispatchMode):
             self.phase = str(args[0])
         if func.is_view or name in NO_KERNEL:
             return out
-        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-        inputs = [t for t in leaves if isinstance(t, torch.Tensor)]
+        inputs, written = _tensor_arguments(func, args, kwargs)
+        # the outputs not already counted as a written argument (an in-place op returns its own argument)
+        in_place = {(t.data_ptr(), t.shape, t.stride()) for t in written}
         outputs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        moved = sum(_unique_bytes(t) for t in inputs + outputs)
+        fresh = [t for t in outputs if (t.data_ptr(), t.shape, t.stride()) not in in_place]
+        moved = sum(_unique_bytes(t) for t in inputs + written + fresh)
         if name in BATCH_NORM_FORWARD:  # statistics, then normalise: the input twice
             moved += _unique_bytes(inputs[0])
         elif name in BATCH_NORM_BACKWARD:  # the reductions, then the input gradient: dy and x twice
             moved += _unique_bytes(inputs[0]) + _unique_bytes(inputs[1])
         packet = func.overloadpacket
         flops = flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
-        self.kernels.append(Kernel(self.phase, name, float(flops), float(moved), packet in flop_registry))
+        custom = func.namespace != "aten"
+        self.kernels.append(Kernel(self.phase, name, float(flops), float(moved), packet in flop_registry, custom))
         return out
+
+
+def _tensor_arguments(func, args, kwargs) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """(the tensors ``func`` reads, the tensors it writes in place): by its schema, an argument marked as written
+    (``Tensor(a!)``, ``Tensor(a!)[]``) is written, and read too unless it is an ``out=`` argument."""
+    read, written = [], []
+    for index, argument in enumerate(func._schema.arguments):
+        value = args[index] if index < len(args) and not argument.kwarg_only else kwargs.get(argument.name)
+        tensors = [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+        is_written = argument.alias_info is not None and argument.alias_info.is_write
+        if is_written:
+            written += tensors
+        if not (is_written and argument.is_out):
+            read += tensors
+    return read, written
 
 
 def _counting_state(config: TrainConfig, batch_size: int, num_patches: int):
@@ -124,8 +145,9 @@ def count_eager_step(config: TrainConfig, batch_size: int, num_patches: int) -> 
 
 def inductor_kernels(function, args, params) -> List[Tuple[bool, float]]:
     """(extern, bytes) of every kernel Inductor schedules for ``function(*args)`` (a loss, or a tuple led by one)
-    and for its gradient with respect to ``params``, compiled on the CPU: extern kernels are the convolutions and
-    matmuls it calls cuDNN/cuBLAS for; every other one reads and writes its buffers once."""
+    and for its gradient with respect to ``params``, compiled on the CPU: extern kernels are the ones it calls as
+    they are (convolutions and matmuls for cuDNN/cuBLAS, custom ops); every other one reads and writes its buffers
+    once."""
     import torch._inductor.config as inductor_config
 
     kernels: List[Tuple[bool, float]] = []
@@ -215,12 +237,13 @@ def predict(variant: str, kernels: List[Kernel], rates: Rates) -> Prediction:
 
 
 def compiled_kernels(eager: List[Kernel], graphs: List[Tuple[bool, float]]) -> List[Kernel]:
-    """The compiled step: the eager ops outside the compiled region, the eager convolutions and matmuls (Inductor
-    calls cuDNN/cuBLAS for them: its extern kernels), and Inductor's own kernels, memory-bound."""
+    """The compiled step: the eager ops outside the compiled region, the eager kernels Inductor calls as they are
+    (its extern kernels: convolutions and matmuls for cuDNN/cuBLAS, the custom ops such as the fused loss), and
+    Inductor's own kernels, memory-bound."""
     outside = [k for k in eager if k.phase not in COMPILED_PHASES]
-    matmuls = [k for k in eager if k.phase in COMPILED_PHASES and k.matmul]
+    called = [k for k in eager if k.phase in COMPILED_PHASES and (k.matmul or k.custom)]
     fused = [Kernel("inductor", "fused", 0.0, nbytes, False) for extern, nbytes in graphs if not extern]
-    return outside + matmuls + fused
+    return outside + called + fused
 
 
 def main(argv=None) -> int:
@@ -266,7 +289,8 @@ def main(argv=None) -> int:
         total = _extrapolate(fused[0], fused[1], patches, target)
         results.note(
             f"Inductor (CPU backend) scheduled {counts[0]} and {counts[1]} kernels of its own, "
-            f"{sum(1 for extern, _ in graphs[0] if extern)} extern (cuDNN/cuBLAS) at the two counted sizes"
+            f"{sum(1 for extern, _ in graphs[0] if extern)} extern (cuDNN/cuBLAS and custom ops) at the two counted "
+            "sizes"
         )
         compiled = compiled_kernels(eager, graphs[1])
         scale = total / max(1.0, sum(k.bytes for k in compiled if k.phase == "inductor"))
