@@ -186,12 +186,10 @@ def extrapolated_kernels(counts: Tuple[List[Kernel], List[Kernel]], patches, tar
     if [k.name for k in small] != [k.name for k in large]:
         raise RuntimeError("the two counted steps launched different ops: the step is not the same at both sizes")
     return [
-        Kernel(
-            a.phase,
-            a.name,
-            _extrapolate(a.flops, b.flops, patches, target),
-            _extrapolate(a.bytes, b.bytes, patches, target),
-            a.matmul,
+        dataclasses.replace(
+            a,
+            flops=_extrapolate(a.flops, b.flops, patches, target),
+            bytes=_extrapolate(a.bytes, b.bytes, patches, target),
         )
         for a, b in zip(small, large)
     ]
