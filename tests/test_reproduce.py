@@ -345,3 +345,32 @@ def test_the_memory_figures_of_the_docs_are_the_estimators():
     h100, h200 = (need.largest_num_patches(free * 2**30, 100) for free in (78, 139))
     assert f"at most {h100} patches fit" in text and f"(about 139 GiB free) up to {h200}." in text
     assert h100 < 200 <= h200  # the 200-patch cell: refused on an H100, taken on an H200
+
+
+def test_eval_args_without_the_reported_view_are_refused_and_cut_cells_are_not_set_beside_the_paper(tmp_path):
+    import argparse
+
+    from empssl.cli.main import parse_command
+
+    args = argparse.Namespace(
+        out_dir=str(tmp_path), experiment="one-epoch", dataset=["cifar10"], epochs=1, patches=[20], root="data",
+        device="cpu", train_args="", eval_args="--views whole", no_progress=True,
+    )  # fmt: skip
+    with pytest.raises(reproduce.SweepError, match="--views whole leaves out the bag of patches"):
+        reproduce.Sweep(args, None, parse_command).check_commands()  # before any cell: nothing written
+    assert os.listdir(tmp_path) == []
+    for train_args, paper in (("", 0.842), ("--max-steps 5", None)):
+        args = argparse.Namespace(**{**vars(args), "train_args": train_args, "eval_args": "--views both"})
+        sweep = reproduce.Sweep(args, None, parse_command)
+        sweep.check_commands()
+        for task in sweep.tasks:  # the files a finished cell holds
+            os.makedirs(sweep.cell_dir(task.cell), exist_ok=True)
+            done = {"linear_top1": 0.5, "knn_top1": 0.4} if task.kind == "eval" else {"epochs": 1, "seconds": 2.0}
+            (tmp_path / task.cell / (reproduce.EVAL_DONE if task.kind == "eval" else reproduce.TRAIN_DONE)).write_text(
+                json.dumps(done)
+            )
+        optimised = report.rows(sweep)[1]
+        assert optimised["cell"] == "cifar10-optimised" and optimised["published"] == paper
+        shown = _table(report.markdown(sweep, report.rows(sweep)))[1]
+        assert shown["epochs (schedule)"] == ("1 (2)" if paper else "1 (2), at most 5 steps")
+        assert shown["published %"] == ("84.2" if paper else "")

@@ -166,6 +166,7 @@ class Sweep:
         self.tasks = plan(args.experiment, args.dataset, args.epochs, args.patches)
         self.train_args, self.eval_args = shlex.split(args.train_args), shlex.split(args.eval_args)
         self.times: Dict[str, List[float]] = {"train": [], "eval": []}  # seconds per unit of work, by kind
+        self.max_steps: Optional[int] = None  # --train-args' --max-steps (read by check_commands): cells cut short
 
     # -- identity: a restart must be the same sweep -------------------------------------------------------
     def identity(self) -> Dict[str, Any]:
@@ -235,6 +236,13 @@ class Sweep:
                 parsed = self.parse_command(command(task))
             except ValueError as err:
                 raise SweepError(f"{option}: {err}") from None
+            if task.kind == "train":
+                self.max_steps = parsed.get("max_steps")
+            elif parsed.get("views") == "whole":
+                raise SweepError(
+                    f"{option}: --views whole leaves out the bag of patches, whose linear probe the report sets "
+                    f"beside the published numbers; use --views both"
+                )
             base = self.parse_command(command(task, extra=False))
             overridden = ["--" + n.replace("_", "-") for n in CELL_OPTIONS[task.kind] if parsed.get(n) != base.get(n)]
             if overridden:
