@@ -36,11 +36,26 @@ from .models.backbones import (
     backbone_args_type,
     check_arch,
     check_options,
+    format_backbone_args,
     parse_backbone_args,
 )
 from .ops import augment as augment_op
 from .ops import tcr as tcr_op
 from .optim import RECIPE_LR
+
+
+def backbone_args_text(value) -> str:
+    """The ``--backbone-args`` text of a dict (or text), ValueError unless it reads back to the same values: a
+    keyword argument whose value is no Python literal (a class, a function) has no text."""
+    args = parse_backbone_args(value)
+    text = format_backbone_args(args)
+    if parse_backbone_args(text) != args:
+        raise ValueError(
+            f"backbone_args {args!r} has no --backbone-args text that reads back to it (each value a Python literal), "
+            f"which the run folder's config.toml must hold to rerun the run"
+        )
+    return text
+
 
 FORMS = ("value", "switch", "negated", "on_off", "tristate")
 # how a training step runs on CUDA (TrainConfig.step_variant); bench epoch times each side by side
@@ -70,10 +85,14 @@ def option(
     choices: Optional[Sequence[Any]] = None,
     metavar: Optional[str] = None,
     show_default: bool = True,
+    text: Optional[Callable[[Any], str]] = None,
+    none_means: Optional[Callable[[Any], Any]] = None,
 ):
     """A dataclass field with its command-line option. A ``value`` or ``on_off`` option's ``help``
     is completed with the default (unless ``show_default`` is False: the text then says it); a
-    ``tristate`` help is "what --name does | what --no-name does"."""
+    ``tristate`` help is "what --name does | what --no-name does". ``text``: the option's text of a value Python
+    may give in another form (a dict), for configuration files; ``none_means``: the value that None stands for, of
+    the config (a field the command line cannot set to None, written so into configuration files)."""
     if form not in FORMS:
         raise ValueError(f"unknown option form {form!r}; choose one of {FORMS}")
     metadata = {
@@ -84,6 +103,8 @@ def option(
         "choices": choices,
         "metavar": metavar,
         "show_default": show_default,
+        "text": text,
+        "none_means": none_means,
     }
     return dataclasses.field(default=default, metadata={"cli": metadata})
 
@@ -250,6 +271,7 @@ class TrainConfig(RuntimeConfig):
         "none)",
         group="encoder",
         type=backbone_args_type,
+        text=backbone_args_text,
         metavar="KEY=VALUE,...",
         show_default=False,
     )
@@ -269,7 +291,11 @@ class TrainConfig(RuntimeConfig):
     lr: float = option(RECIPE_LR, "peak learning rate of LARS-SGD", group="training", type=positive_float)
     epochs: int = option(1, "epochs to train", group="training", type=positive_int)
     schedule_epochs: Optional[int] = option(
-        2, "length of the cosine schedule in epochs; the 1-epoch recipe uses 2", group="training", type=positive_int
+        2,
+        "length of the cosine schedule in epochs; the 1-epoch recipe uses 2",
+        group="training",
+        type=positive_int,
+        none_means=lambda config: config.epochs,  # None (Python only): the schedule spans the run
     )
     max_steps: Optional[int] = option(
         None,

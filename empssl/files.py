@@ -287,3 +287,17 @@ def remove_stale_temporaries(folder: str, target: Optional[str] = None) -> None:
             continue
         finally:
             os.close(fd)
+
+
+def describe_os_error(err: OSError) -> str:
+    """``reason: path`` of an OSError (its errno's text when it has no message of its own)."""
+    reason = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
+    hint = {
+        errno.ENOSPC: "free some space or pass another --out-dir",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "check the permissions",
+        errno.EPERM: "check the permissions",
+        errno.ENOENT: "did the path vanish?",
+    }.get(err.errno)
+    where = f" ({err.filename})" if err.filename and str(err.filename) not in reason else ""
+    return f"{reason}{where}" + (f"; {hint}" if hint else "")
