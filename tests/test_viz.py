@@ -24,6 +24,7 @@ from empssl.models.encoder import load_encoder
 from empssl.training import loop as T
 from empssl.viz.common import folder_images
 from empssl.viz.grids import NEUTRAL, OTHER, SAME, GridLayout, scale_for
+from empssl.viz.preview import PARAM_COLUMNS
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
@@ -106,6 +107,22 @@ def test_preview_shows_the_trainers_patches_next_to_the_originals(tmp_path, data
     flips = [float(row["flip"]) for row in rows]
     sampled = reference.sample(data.train_images[ids], 4, seed=0, step=5, image_ids=ids)[1]
     assert flips == [sampled[i * 3 + j, 4].item() for j in range(3) for i in range(4)]
+
+
+def test_preview_of_a_checkpoint_cuts_with_the_runs_seed(tmp_path, data, capsys):
+    checkpoint = T.train(TrainConfig(**TINY, seed=3, max_steps=1, out_dir=str(tmp_path / "run"))).checkpoint_path
+    out = str(tmp_path / "preview.png")
+    argv = ["preview", "--checkpoint", checkpoint, "--num-images", "2", "--num-patches", "2", "--step", "1"]
+    for given, seed in (((), 3), (("--seed", "7"), 7)):  # the run's seed, unless --seed is given
+        assert _run(*argv, *given, "--out", out, *RUNTIME) == 0
+        assert f"(seed {seed}, step 1)" in capsys.readouterr().out
+        rows = _rows(str(tmp_path / "preview.csv"))
+        ids = torch.tensor(sorted({int(row["image"]) for row in rows}))
+        sampled = MultiPatchAugment(augment_config_for(8), backend="reference").sample(
+            data.train_images[ids], 2, seed=seed, step=1, image_ids=ids
+        )[1]
+        shown = [[float(row[column]) for column in PARAM_COLUMNS] for row in rows]
+        assert shown == [sampled[i * 2 + j].tolist() for j in range(2) for i in range(2)]  # every patch's parameters
 
 
 def test_neighbours_are_each_querys_nearest_by_embedding(tmp_path, data, checkpoint):

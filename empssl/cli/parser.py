@@ -211,6 +211,12 @@ def _add_picture_parsers(commands) -> None:
             picture.add_argument(
                 "--step", type=int, default=0, help="the training step whose random numbers cut the patches (default 0)"
             )
+            # the patches training step S cut: with the run's seed, unless --seed is given
+            seed = next(action for action in parser._actions if action.dest == "seed")
+            seed.default, seed.help = (
+                None,
+                "seed of the patches' random numbers (default: the checkpoint's run's, else 0)",
+            )
         _add_process_options(parser, groups)
 
 

@@ -3,6 +3,7 @@ the encoder and the images, check that no output replaces an input, draw with ``
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Tuple
 
 from ..config import EvalConfig
@@ -174,6 +175,8 @@ def run_preview(args) -> int:
     from ..viz.preview import PREVIEW_COLUMNS, augmentation_preview
 
     config, _, payload, _, outputs = _prepare(args, (".png",), with_encoder=False)
+    if config.seed is None:  # the seed the checkpoint's run trained with
+        config = dataclasses.replace(config, seed=int(payload.get("config", {}).get("seed", EvalConfig.seed)))
     images = _images(args, config, payload, args.split, None)
     chosen = images.subset(_pick(args.num_images, len(images), config.seed))
     device = chosen.images.device
