@@ -218,7 +218,10 @@ def test_max_aspect_takes_its_ratio_form_in_a_file(tmp_path, capsys):
         assert read_config_file(str(path), COMMAND_OPTIONS["train"]) == {"max_aspect": expected}
     for text, message in (
         ('[data]\nmax_aspect = "9:1"', "key 'data.max_aspect': must be from 1 (the centre square) to 4 (4:1), got 9:1"),
-        ('[data]\nmax_aspect = "1.5"', "key 'data.max_aspect' must be a number, got '1.5' (str)"),  # a number is no string
+        (
+            '[data]\nmax_aspect = "1.5"',
+            "key 'data.max_aspect' must be a number, got '1.5' (str)",
+        ),  # a number is no string
         ('lr = "fast"', "key 'lr' must be a number, got 'fast' (str)"),
     ):
         path.write_text(text + "\n")
@@ -234,3 +237,16 @@ def test_max_aspect_takes_its_ratio_form_in_a_file(tmp_path, capsys):
     path.write_text("max_aspect: 4:3\n")  # PyYAML: the base-60 integer 243
     with pytest.raises(ValueError, match="YAML reads an unquoted A:B as a base-60 number: quote it, '4:3'"):
         read_config_file(str(path), COMMAND_OPTIONS["train"])
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_the_config_help_names_the_files_the_command_reads(command, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    claim = "a run folder's config.toml is such a file"
+    assert (claim in help_text) == (command == "train")
+    if command == "eval":  # indeed: a run's file is train's
+        (tmp_path / "config.toml").write_text(config_toml(TrainConfig()))
+        with pytest.raises(ValueError, match=r"table \[training\] is not an option group of empssl eval"):
+            read_config_file(str(tmp_path / "config.toml"), COMMAND_OPTIONS["eval"], "empssl eval")

@@ -42,8 +42,14 @@ def _add_config_option(parser: argparse.ArgumentParser, command: str) -> None:
         "--config",
         metavar="FILE",
         help=f"read options from a TOML file (YAML where PyYAML is installed) with the names of `empssl {command}`'s "
-        "options (batch_size = 100), at its top level or in tables named after the option groups; options given "
-        "beside it win (a run folder's config.toml is such a file; docs/training.md section 10)",
+        f"options ({'batch_size = 100' if command == 'train' else 'num_patches = 64'}), at its top level or in tables "
+        "named after the option groups; options given beside it win ("
+        + (
+            "a run folder's config.toml is such a file"
+            if command == "train"
+            else "a run folder's config.toml is train's: eval takes the run's settings from --checkpoint"
+        )
+        + "; docs/training.md section 10)",
     )
 
 
