@@ -374,3 +374,21 @@ def test_eval_args_without_the_reported_view_are_refused_and_cut_cells_are_not_s
         shown = _table(report.markdown(sweep, report.rows(sweep)))[1]
         assert shown["epochs (schedule)"] == ("1 (2)" if paper else "1 (2), at most 5 steps")
         assert shown["published %"] == ("84.2" if paper else "")
+
+
+@pytest.mark.parametrize(
+    "experiment, options, message",
+    [
+        ("one-epoch", ["--epochs", "5", "--patches", "50"], "it takes no --epochs or --patches"),
+        ("one-epoch", ["--patches", "50"], "it takes no --patches (the patches experiment varies them)"),
+        ("convergence", ["--patches", "20,50"], "convergence trains at one patch count"),
+        ("transfer", ["--patches", "20,50"], "transfer trains at one patch count"),
+        ("patches", ["--patches", "20,20"], "--patches 20,20 repeats a patch count"),
+    ],
+)
+def test_options_an_experiment_would_ignore_are_refused(tmp_path, capsys, experiment, options, message):
+    out = tmp_path / "sweep"
+    assert _reproduce([experiment, "--dataset", "a", "--dataset", "b", "--out-dir", str(out), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("empssl reproduce: error: ") and message in err and err.count("\n") == 1
+    assert not out.exists()
