@@ -392,3 +392,23 @@ def test_options_an_experiment_would_ignore_are_refused(tmp_path, capsys, experi
     err = capsys.readouterr().err
     assert err.startswith("empssl reproduce: error: ") and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_the_memory_check_reads_a_config_file_inside_train_args(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from empssl.cli.main import parse_command
+    from empssl.training import memory
+
+    (tmp_path / "big.toml").write_text("[training]\nbatch_size = 400\n")
+    common = dict(arch="resnet18-cifar", width=1.0, hidden_dim=4096, z_dim=1024, image_size=32, num_patches=2)
+    small, big = (memory.estimate_step_memory(**common, batch_size=b, bf16=False).total for b in (100, 400))
+    monkeypatch.setattr(memory, "available_memory", lambda device: (small + big) // 2)  # the file's batch cannot fit
+    args = argparse.Namespace(
+        out_dir=str(tmp_path / "sweep"), experiment="patches", dataset=["synthetic"], epochs=1, patches=[2],
+        root="data", device="cpu", train_args=f"--config {tmp_path / 'big.toml'}", eval_args="", no_progress=True,
+    )  # fmt: skip
+    sweep = reproduce.Sweep(args, None, parse_command)
+    with pytest.raises(reproduce.SweepError, match="cell synthetic-patches-002 cannot fit"):
+        reproduce.check_memory(sweep)
+    assert f"2 patches: {memory.gib(big)}, does not fit" in capsys.readouterr().err

@@ -400,32 +400,32 @@ def check_memory(sweep: Sweep) -> None:
     """Say, before any cell runs, which training cells fit on the device (the estimate of each patch count's step
     beside the memory available), and refuse the sweep naming every cell that does not, with the largest patch
     count that fits (the trainer's own check, empssl.training.memory.check_step_fits, on each cell's
-    configuration)."""
+    configuration: its command as `empssl train` parses it, a --config inside --train-args included). Without the
+    command's parser (``sweep.parse_command``, handed in by the command line) there is nothing to check."""
     from ..config import TrainConfig
     from ..data.load import recipe_patch_size
     from ..device import resolve_device
-    from ..options import add_options, from_args
+    from ..options import from_args
     from ..training.memory import available_memory, check_step_fits, estimate_step_memory, gib
 
-    parser = argparse.ArgumentParser(add_help=False)  # the train options of --train-args, as `empssl train` reads them
-    groups: Dict[str, Any] = {}
-    for group in ("data", "encoder", "training", "output", "runtime"):
-        add_options(parser, TrainConfig, group, groups=groups)
-    known, _ = parser.parse_known_args(sweep.train_args)  # process options (--threads) are not the config's
-    config = from_args(TrainConfig, known)
+    if sweep.parse_command is None:
+        return
     device = resolve_device(sweep.args.device)
-    # one estimate per kind of cell: its patch count, its patch size and the options its data set's recipe sets
-    kinds: Dict[Tuple[int, int, Tuple[str, ...]], List[str]] = {}
+    # one estimate per kind of cell: its patch count, its patch size and the rest of its configuration
+    kinds: Dict[Tuple[int, int, str], List[str]] = {}
+    configs: Dict[Tuple[int, int, str], TrainConfig] = {}
     for task in sweep.tasks:
         if task.kind == "train":
-            patch_size = config.patch_size or recipe_patch_size(task.dataset, config.image_size)
-            own = tuple(dataset_arguments(task.dataset, sweep.train_args))
-            kinds.setdefault((task.recipe.num_patches, patch_size, own), []).append(task.cell)
-    refused: Dict[Tuple[int, int, Tuple[str, ...]], str] = {}
+            cell = from_args(TrainConfig, argparse.Namespace(**sweep.parse_command(sweep.train_command(task))))
+            patch_size = cell.patch_size or recipe_patch_size(task.dataset, cell.image_size)
+            shape = repr((cell.model_config(), cell.batch_size, cell.bf16))
+            kinds.setdefault((cell.num_patches, patch_size, shape), []).append(task.cell)
+            configs.setdefault((cell.num_patches, patch_size, shape), cell)
+    refused: Dict[Tuple[int, int, str], str] = {}
     lines = []
     for kind in sorted(kinds):
-        num_patches, patch_size, own = kind
-        cell = from_args(TrainConfig, parser.parse_known_args([*own, *sweep.train_args])[0], num_patches=num_patches)
+        num_patches, patch_size, _ = kind
+        cell = configs[kind]
         try:
             check_step_fits(cell, device, patch_size)
         except ValueError as err:
