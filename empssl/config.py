@@ -33,29 +33,15 @@ from .models.backbones import (
     ARCH_HELP,
     STEMS,
     arch_type,
+    backbone_args_text,
     backbone_args_type,
     check_arch,
     check_options,
-    format_backbone_args,
     parse_backbone_args,
 )
 from .ops import augment as augment_op
 from .ops import tcr as tcr_op
 from .optim import RECIPE_LR
-
-
-def backbone_args_text(value) -> str:
-    """The ``--backbone-args`` text of a dict (or text), ValueError unless it reads back to the same values: a
-    keyword argument whose value is no Python literal (a class, a function) has no text."""
-    args = parse_backbone_args(value)
-    text = format_backbone_args(args)
-    if parse_backbone_args(text) != args:
-        raise ValueError(
-            f"backbone_args {args!r} has no --backbone-args text that reads back to it (each value a Python literal), "
-            f"which the run folder's config.toml must hold to rerun the run"
-        )
-    return text
-
 
 FORMS = ("value", "switch", "negated", "on_off", "tristate")
 # how a training step runs on CUDA (TrainConfig.step_variant); bench epoch times each side by side

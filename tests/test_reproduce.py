@@ -356,7 +356,9 @@ def test_eval_args_without_the_reported_view_are_refused_and_cut_cells_are_not_s
         out_dir=str(tmp_path), experiment="one-epoch", dataset=["cifar10"], epochs=1, patches=[20], root="data",
         device="cpu", train_args="", eval_args="--views whole", no_progress=True,
     )  # fmt: skip
-    with pytest.raises(reproduce.SweepError, match="--views whole leaves out the bag of patches"):
+    with pytest.raises(
+        reproduce.SweepError, match="--views whole leaves out the bag of patches the report shows; use both"
+    ):
         reproduce.Sweep(args, None, parse_command).check_commands()  # before any cell: nothing written
     assert os.listdir(tmp_path) == []
     for train_args, paper in (("", 0.842), ("--max-steps 5", None)):

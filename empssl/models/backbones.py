@@ -173,6 +173,19 @@ def format_backbone_args(args: Dict[str, Any]) -> str:
     return ",".join(f"{key}={value!r}" for key, value in args.items())
 
 
+def backbone_args_text(value) -> str:
+    """The ``--backbone-args`` text of a dict (or text), ValueError unless it reads back to the same values: a
+    keyword argument whose value is no Python literal (a class, a function) has no text."""
+    args = parse_backbone_args(value)
+    text = format_backbone_args(args)
+    if parse_backbone_args(text) != args:
+        raise ValueError(
+            f"backbone_args {args!r} has no --backbone-args text that reads back to it (each value a Python literal), "
+            f"which the run folder's config.toml must hold to rerun the run"
+        )
+    return text
+
+
 def backbone_args_type(text: str) -> str:
     """argparse type of ``--backbone-args``: the text, checked."""
     import argparse

@@ -238,11 +238,8 @@ class Sweep:
                 raise SweepError(f"{option}: {err}") from None
             if task.kind == "train":
                 self.max_steps = parsed.get("max_steps")
-            elif parsed.get("views") == "whole":
-                raise SweepError(
-                    f"{option}: --views whole leaves out the bag of patches, whose linear probe the report sets "
-                    f"beside the published numbers; use --views both"
-                )
+            elif parsed.get("views") == "whole":  # the report's column is the bag of patches' linear probe
+                raise SweepError(f"{option}: --views whole leaves out the bag of patches the report shows; use both")
             base = self.parse_command(command(task, extra=False))
             overridden = ["--" + n.replace("_", "-") for n in CELL_OPTIONS[task.kind] if parsed.get(n) != base.get(n)]
             if overridden:
@@ -399,9 +396,8 @@ def _run_seconds(folder: str) -> float:
 def check_memory(sweep: Sweep) -> None:
     """Say, before any cell runs, which training cells fit on the device (the estimate of each patch count's step
     beside the memory available), and refuse the sweep naming every cell that does not, with the largest patch
-    count that fits (the trainer's own check, empssl.training.memory.check_step_fits, on each cell's
-    configuration: its command as `empssl train` parses it, a --config inside --train-args included). Without the
-    command's parser (``sweep.parse_command``, handed in by the command line) there is nothing to check."""
+    count that fits: the trainer's own check (check_step_fits) on each cell's command as `empssl train` parses it
+    (``sweep.parse_command``, a --config inside --train-args included; without it, nothing to check)."""
     from ..config import TrainConfig
     from ..data.load import recipe_patch_size
     from ..device import resolve_device
@@ -412,20 +408,17 @@ def check_memory(sweep: Sweep) -> None:
         return
     device = resolve_device(sweep.args.device)
     # one estimate per kind of cell: its patch count, its patch size and the rest of its configuration
-    kinds: Dict[Tuple[int, int, str], List[str]] = {}
-    configs: Dict[Tuple[int, int, str], TrainConfig] = {}
+    kinds: Dict[Tuple[int, int, str], Tuple[TrainConfig, List[str]]] = {}  # a configuration and its cells
     for task in sweep.tasks:
         if task.kind == "train":
             cell = from_args(TrainConfig, argparse.Namespace(**sweep.parse_command(sweep.train_command(task))))
             patch_size = cell.patch_size or recipe_patch_size(task.dataset, cell.image_size)
             shape = repr((cell.model_config(), cell.batch_size, cell.bf16))
-            kinds.setdefault((cell.num_patches, patch_size, shape), []).append(task.cell)
-            configs.setdefault((cell.num_patches, patch_size, shape), cell)
+            kinds.setdefault((cell.num_patches, patch_size, shape), (cell, []))[1].append(task.cell)
     refused: Dict[Tuple[int, int, str], str] = {}
     lines = []
     for kind in sorted(kinds):
-        num_patches, patch_size, _ = kind
-        cell = configs[kind]
+        (num_patches, patch_size, _), cell = kind, kinds[kind][0]
         try:
             check_step_fits(cell, device, patch_size)
         except ValueError as err:
@@ -449,7 +442,7 @@ def check_memory(sweep: Sweep) -> None:
         where = f"{device} ({gib(available)} available)" if available is not None else f"{device}"
         print(f"empssl reproduce: a training step on {where}: " + "; ".join(lines), file=sys.stderr, flush=True)
     if refused:
-        cells = [cell for kind in sorted(refused) for cell in kinds[kind]]
+        cells = [cell for kind in sorted(refused) for cell in kinds[kind][1]]
         first = refused[min(refused)]
         raise SweepError(
             f"cell {cells[0]} cannot fit: {first}"
