@@ -14,9 +14,14 @@ import torch
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch.device; ValueError for anything else or a missing GPU."""
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch.device; ValueError for anything else or a missing GPU.
+    In a process group (torchrun), ``cuda`` and ``auto`` are this rank's GPU, the current one (the group's set-up
+    made it ``cuda:LOCAL_RANK``): a run keeps the user's ``--device``, which every rank resolves to its own."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.is_available() and torch.distributed.is_available():
+        if torch.distributed.is_initialized():
+            return torch.device("cuda", torch.cuda.current_device())
     expected = "expected cpu, cuda, cuda:N or auto"
     try:
         resolved = torch.device(device)

@@ -73,14 +73,15 @@ def check_png_out(out: str, metrics: str) -> None:
 
 
 def setup_runtime(args) -> None:
-    """Threads; under torchrun, the process group (``args.device`` becomes this rank's device)."""
+    """Threads; under torchrun, the process group. ``args.device`` stays the user's (a run's config.toml reruns under
+    torchrun): every rank resolves it to its own device (``device.resolve_device``)."""
     import torch
 
     from .. import distributed
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.device = distributed.init_from_env(args.device, args.dist_timeout)
+    distributed.init_from_env(args.device, args.dist_timeout)
 
 
 def _is_main_rank() -> bool:
