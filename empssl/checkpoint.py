@@ -203,7 +203,8 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """The checkpoint dict of ``path`` with tensors on the CPU, every field verified against its checksum;
-    CheckpointError if missing, not a regular file, truncated, foreign or unsafe to load."""
+    CheckpointError if missing, not a regular file, truncated, foreign, unsafe to load, or if its model_config or
+    config holds anything but plain values."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says it all
@@ -236,7 +237,17 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     verify_checksums(path, payload)
-    _check_field(path, "model_config", payload["model_config"], isinstance(payload["model_config"], dict), "a dict")
+    for place in ("model_config", "config"):  # compared with a run's settings: plain values only (not tensors)
+        settings = payload.get(place, {})
+        _check_field(path, place, settings, isinstance(settings, dict), "a dict")
+        for key, value in settings.items():
+            _check_field(
+                path,
+                f"{place}/{key}",
+                value,
+                isinstance(key, str) and _is_plain(value),
+                "a number, string, bool or None (or a list or dict of those)",
+            )
     model = payload["model"]
     _check_field(
         path,
@@ -256,6 +267,14 @@ def _check_field(path: str, place: str, value: Any, valid: bool, expected: str) 
             f"checkpoint {path} has an unusable field {place}: expected {expected}, got {shown[:80]}; use another "
             f"checkpoint"
         )
+
+
+def _is_plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(item) for item in value)
+    return isinstance(value, dict) and all(isinstance(key, str) and _is_plain(item) for key, item in value.items())
 
 
 def _is_int(value: Any, low: int, high: int = 2**62) -> bool:
@@ -296,9 +315,8 @@ def check_train_state(path: str, payload: Dict[str, Any]) -> None:
         isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) and 0 <= elapsed < 1e12,
         "a finite number of seconds >= 0",
     )
-    for place in ("config", "dataset"):
-        _check_field(path, place, payload.get(place, {}), isinstance(payload.get(place, {}), dict), "a dict")
     dataset = payload.get("dataset", {})
+    _check_field(path, "dataset", dataset, isinstance(dataset, dict), "a dict")
     for place in ("num_train", "image_size", "patch_size"):
         if place in dataset:
             _check_field(path, f"dataset/{place}", dataset[place], _is_int(dataset[place], 1), "a positive integer")
