@@ -341,9 +341,9 @@ def check_train_state(path: str, payload: Dict[str, Any]) -> None:
         path,
         "permutation",
         permutation,
-        permutation is None
+        (permutation is None and payload["step"] == 0)  # drawn at the first step: every later state holds one
         or (isinstance(permutation, torch.Tensor) and permutation.dtype == torch.int64 and permutation.ndim == 1),
-        "None or a 1-D int64 tensor of image indices",
+        "a 1-D int64 tensor of image indices (None at step 0 only)",
     )
     optimizer = payload["optimizer"]
     _check_field(

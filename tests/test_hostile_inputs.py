@@ -293,6 +293,7 @@ def _momentum(payload):
          "unusable field model_config/backbone_args"),
         (lambda p: p.__setitem__("permutation", p["permutation"].double()), "unusable field permutation"),
         (lambda p: p.__setitem__("permutation", p["permutation"][:-1]), "unusable field permutation: not an order"),
+        (lambda p: p.__setitem__("permutation", None), "unusable field permutation: expected a 1-D int64 tensor"),
         (lambda p: p.__setitem__("permutation", torch.zeros_like(p["permutation"])), "field permutation: not an order"),
         (lambda p: p.__setitem__("step", -1), "unusable field step: expected an integer >= 0"),
         (lambda p: p.__setitem__("step", "7"), "unusable field step"),
