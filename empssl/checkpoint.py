@@ -214,6 +214,8 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} not found") from None
     except NotARegularFile as err:
         raise CheckpointError(str(err)) from None
+    except OSError as err:  # the file is there but the system refuses it (permissions, I/O): not corruption
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err.strerror or err}") from None
     except pickle.UnpicklingError as err:  # the weights-only unpickler met something that only a full unpickler runs
         found = re.search(r"(unsupported GLOBAL \S+|Unsupported global: GLOBAL \S+|Unsupported operand \d+)", str(err))
         raise CheckpointError(

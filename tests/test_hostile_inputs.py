@@ -494,6 +494,21 @@ def test_an_unreadable_class_folder_stops_the_load_naming_it(tmp_path, monkeypat
     assert image_folder.load_image_folder(str(tmp_path / "tree"), image_size=8, show_progress=False).num_classes == 3
 
 
+def test_a_checkpoint_the_system_refuses_to_read_is_one_line_saying_so_not_corrupt(saved_run, monkeypatch, capsys):
+    _, path = saved_run
+    real = os.open
+
+    def refusing_open(name, *args, **kwargs):  # as a mode-600 file of another user does for one who is not root
+        if os.fspath(name) == str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    assert cli.main(["eval", "--checkpoint", str(path), "--device", "cpu", "--no-progress"]) == 1
+    line = _one_clear_line(capsys.readouterr().err)
+    assert f"checkpoint {path} cannot be read: Permission denied" in line and "corrupt" not in line, line
+
+
 # ---------------------------------------------------------------------- outputs never replace inputs
 
 
