@@ -810,6 +810,8 @@ def test_test_classes_the_training_split_lacks_warn_or_refuse():
         ({"inv_coef": float("nan")}, "inv_coef must be a finite number"),
         ({"tcr_coef": float("inf")}, "tcr_coef must be a finite number"),
         ({"inv_coef": 1e39}, "inv_coef must be a finite number within float32"),
+        ({"eps": 10**400}, r"eps must be a finite number within float32's range \(\|x\| <= 3.4e38\), got about 1e400"),
+        ({"tcr_coef": -(10**5000)}, "tcr_coef must be a finite number within float32's range"),
         ({"inv_coef": 0.0, "tcr_coef": 0.0}, "both 0"),
         ({"eps": float("inf")}, "eps must be a finite number"),
         ({"eps": 1e-45}, "eps must be a positive number"),
