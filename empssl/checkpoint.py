@@ -119,9 +119,14 @@ def verify_checksums(path: str, payload: Dict[str, Any]) -> None:
         return
     if not isinstance(stored, dict):
         raise CheckpointError(f"checkpoint {path} is corrupt: its checksums are unreadable; use another checkpoint")
-    if stored.get("version") != CHECKSUMS_VERSION:
+    if "version" not in stored:  # version 1: tensors' checksums only, by place
         _verify_tensor_checksums(path, payload, stored)
         return
+    if stored["version"] != CHECKSUMS_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} holds checksums of version {stored['version']!r}, this empssl verifies versions 1 "
+            f"and {CHECKSUMS_VERSION}: a newer empssl wrote it; use that empssl, or another checkpoint"
+        )
     expected, found = stored.get("fields"), dict(_fields({k: v for k, v in payload.items() if k != "checksums"}))
     if not isinstance(expected, dict):
         raise CheckpointError(f"checkpoint {path} is corrupt: its checksums are unreadable; use another checkpoint")

@@ -270,6 +270,22 @@ def test_a_removed_or_added_field_is_refused(saved_run):
         ckpt.load_checkpoint(str(path))
 
 
+def test_checksums_of_a_newer_version_are_refused_as_such_and_version_1_still_verifies(saved_run, capsys):
+    _, path = saved_run
+    _rewrite(path, lambda p: p["checksums"].__setitem__("version", 3), checksums=False)
+    with pytest.raises(ckpt.CheckpointError, match="checksums of version 3, .* a newer empssl wrote it"):
+        ckpt.load_checkpoint(str(path))
+    version_1 = lambda p: p.__setitem__(  # noqa: E731
+        "checksums", {place: ckpt.tensor_checksum(t) for place, t in ckpt._tensors(p) if place != "checksums"}
+    )
+    _rewrite(path, version_1, checksums=False)
+    ckpt.load_checkpoint(str(path))
+    assert "only its tensors held checksums" in capsys.readouterr().err
+    _rewrite(path, lambda p: p["model"]["backbone.conv1.weight"].mul_(2), checksums=False)
+    with pytest.raises(ckpt.CheckpointError, match="tensor model/backbone.conv1.weight does not match its checksum"):
+        ckpt.load_checkpoint(str(path))
+
+
 def _momentum(payload):
     return next(iter(payload["optimizer"]["state"].values()))
 
