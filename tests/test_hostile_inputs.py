@@ -637,6 +637,32 @@ def test_a_killed_exports_temporary_is_removed_by_the_next_export_and_nothing_el
     assert f"{TEMP_PREFIX}other.pt-abcdefgh.pt" not in os.listdir(out.parent)
 
 
+def test_a_staged_write_closes_its_file_when_locking_fails_and_never_sets_the_umask(tmp_path, monkeypatch):
+    import fcntl
+
+    open_fds = lambda: sorted(os.listdir("/proc/self/fd"))  # noqa: E731
+    before, real_flock = open_fds(), fcntl.flock
+
+    def refusing_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refusing_flock)
+    with pytest.raises(OSError, match="cannot write .*out.bin: No locks available"):
+        StagedWrite(str(tmp_path / "out.bin"), lambda f: f.write(b"x"))
+    assert open_fds() == before and os.listdir(tmp_path) == []  # no descriptor, no temporary left
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+
+    # reading the umask means setting it: another thread's new file in between would get mode 0666
+    saved = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("os.umask called"))
+        write_atomically(str(tmp_path / "out.bin"), lambda f: f.write(b"x"))
+    finally:
+        monkeypatch.undo()
+        os.umask(saved)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o640  # a plain open()'s mode under umask 027
+
+
 # ---------------------------------------------------------------------- damaged metrics logs
 
 
