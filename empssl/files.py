@@ -1,13 +1,14 @@
 """Files the package reads and writes, opened so that nothing of the user's is touched and nothing hangs.
 
-Writes are atomic (a temporary file in the same folder, then ``os.replace``, so a kill leaves the old file or the new
-one, never half of one), into folders checked writable before any work starts. A temporary is named
-``.tmp-empssl-<file>-<random>`` and its writer holds an ``flock`` on it until it is in place: the next run or
-sweep into the folder removes the ones a kill left behind, the next export or plot those of its own file
-(``remove_stale_temporaries``: the lock tells a dead writer's from a live one's), and nothing else. The files a program owns in its folders (a run's lock and
-metrics log) are opened without following symbolic links, so a link planted in a run folder never makes a write
-land in somebody else's file. Inputs (a checkpoint, an npz file, an image, a metrics log) must be regular files: a
-FIFO or a device is refused from its ``stat`` without being opened for reading, so it never blocks.
+Writes are atomic (a temporary file in the same folder, then ``os.replace``, so a kill leaves the old file or the
+new one, never half of one), into folders checked writable before any work starts. A temporary is named
+``.tmp-empssl-<file>-<random>`` and its writer holds an ``flock`` on it until it is in place: the next run or sweep
+into the folder removes the ones a kill left behind, the next export or plot those of its own file
+(``remove_stale_temporaries``: the lock tells a dead writer's from a live one's), and nothing else. The files a
+program owns in its folders (a run's lock and metrics log) are opened without following symbolic links, so a link
+planted in a run folder never makes a write land in somebody else's file. Inputs (a checkpoint, an npz file, an
+image, a metrics log) must be regular files: a FIFO or a device is refused from its ``stat`` without being opened
+for reading, so it never blocks.
 """
 
 from __future__ import annotations
