@@ -62,6 +62,7 @@ class Listing:
     splits: Dict[str, List[Entry]]
     classes: List[str]  # the training split's, sorted; [] for unlabelled images
     defaults: StorageDefaults = StorageDefaults()
+    seeded_split: bool = False  # whether the seed chose the split (one <class>/ tree)
 
     @property
     def labelled(self) -> bool:
@@ -287,7 +288,7 @@ def _detect(path: str, seed: int) -> Listing:
     train_idx, test_idx = deterministic_split(len(entries), seed=seed)
     splits = {"train": [entries[i] for i in train_idx], "test": [entries[i] for i in test_idx]}
     classes = sorted({c for _, c in splits["train"]})
-    return Listing("folder", path, "one <class>/ tree, split deterministically", splits, classes)
+    return Listing("folder", path, "one <class>/ tree, split deterministically", splits, classes, seeded_split=True)
 
 
 def list_images(kind: str, path: str, seed: int = 0) -> Listing:
