@@ -162,3 +162,23 @@ def test_unlabelled_folders_train_and_eval_says_it_needs_labels(tmp_path, capsys
     assert cli.main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--device", "cpu", "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no labels" in err[0] and "evaluate on a labelled data set" in err[0]
+
+
+def test_a_fifo_named_val_annotations_is_refused_without_blocking(tmp_path):
+    import signal
+
+    tiny_imagenet(tmp_path)
+    os.unlink(tmp_path / "val" / "val_annotations.txt")
+    os.mkfifo(tmp_path / "val" / "val_annotations.txt")
+
+    def hung(*_):
+        raise TimeoutError("reading the FIFO blocked")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        with pytest.raises(ValueError, match="val_annotations.txt is a FIFO .named pipe., not a regular file"):
+            list_images("folder", str(tmp_path))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -19,9 +19,11 @@ what was expected.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from typing import Dict, List, Optional, Tuple
 
+from ..files import open_input
 from .dataset import DataError, deterministic_split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -152,7 +154,8 @@ def _tiny_imagenet(path: str) -> Listing:
     if not train:
         raise DataError(f"{train_dir} holds no images; {expected}")
     labels = {}
-    with open(annotations_file, encoding="utf-8", errors="replace") as f:
+    binary = open_input(annotations_file, "the Tiny ImageNet annotations")  # a FIFO is refused, never read
+    with io.TextIOWrapper(binary, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             fields = line.split("\t")
             if not line.strip():
