@@ -182,3 +182,27 @@ def test_a_fifo_named_val_annotations_is_refused_without_blocking(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_trees_train_size_draws_from_every_class_by_the_seed_and_decodes_only_those(tmp_path, monkeypatch):
+    from empssl.data import folder as image_folder
+
+    classes = tuple("abcdef")
+    imagenet_style(tmp_path, classes, per_class=6)
+    load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
+    stores = set((tmp_path / ".empssl_cache").iterdir())
+    decoded = []
+    real = image_folder.decode_image
+    monkeypatch.setattr(image_folder, "decode_image", lambda file, *args: decoded.append(file) or real(file, *args))
+    drawn = [
+        load_dataset(f"folder:{tmp_path}", image_size=8, train_size=12, test_size=5, seed=seed, show_progress=False)
+        for seed in (0, 0, 1)
+    ]
+    assert len(decoded) == 2 * (12 + 5)  # the drawn images alone; the same seed's again from its stores
+    labels = drawn[0].train_labels
+    assert len(labels) == 12 and len(drawn[0].test_labels) == 5 and drawn[0].classes == list(classes)
+    assert len(set(labels.tolist())) >= 4  # the first 12 of the sorted listing would be 2 classes
+    assert labels.tolist() == sorted(labels.tolist())  # kept in the tree's order
+    assert torch.equal(drawn[1].train_images, drawn[0].train_images)
+    assert not torch.equal(drawn[2].train_images, drawn[0].train_images)
+    assert stores <= set((tmp_path / ".empssl_cache").iterdir())  # the whole tree's stores are no stale state

@@ -141,7 +141,10 @@ def _settings(listing: Listing, image_size: int, max_aspect: float, on_bad_image
     """What decides a store's images besides the files: the store version, the layout, the storage settings, and
     the seed where it splits the tree (only there: elsewhere another --data-seed stores the same images)."""
     split_by = f"|seed {seed}" if listing.seeded_split else ""
-    return f"v{STORE_VERSION}|{listing.kind}|{listing.layout}|{image_size}|{max_aspect!r}|{on_bad_image}{split_by}"
+    drawn = f"|{listing.drawn}" if listing.drawn else ""  # a subset's store is not a stale state of the whole's
+    return (
+        f"v{STORE_VERSION}|{listing.kind}|{listing.layout}|{image_size}|{max_aspect!r}|{on_bad_image}{split_by}{drawn}"
+    )
 
 
 def _fingerprint(listing: Listing, settings: str) -> str:
@@ -175,12 +178,15 @@ def load_image_folder(
     kind: str = "folder",
     max_aspect: Optional[float] = None,
     need_labels: bool = False,
+    train_size: Optional[int] = None,
+    test_size: Optional[int] = None,
 ) -> ImageDataset:
     """The tree at ``path`` read as ``kind`` (``empssl.data.layouts``), each split decoded once into a store (built
     in parallel, resumed if interrupted, reused while the tree and settings are unchanged); the returned data set's
     images are these stores (``ImageStore``). ``image_size`` / ``max_aspect``: the storage (default: the layout's).
-    ``need_labels``: refuse an unlabelled tree before anything is decoded (evaluation)."""
-    listing = list_images(kind, path, seed)
+    ``need_labels``: refuse an unlabelled tree before anything is decoded (evaluation). ``train_size`` /
+    ``test_size``: decode only that many images of the split, drawn by ``seed`` (``Listing.draw``)."""
+    listing = list_images(kind, path, seed).draw({"train": train_size, "test": test_size}, seed)
     if need_labels and not listing.labelled:
         raise DataError(
             f"{kind}:{path} has no labels ({listing.layout}): evaluation trains a linear probe and a kNN on "

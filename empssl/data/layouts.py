@@ -23,6 +23,8 @@ import io
 import os
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
+
 from ..files import open_input
 from .dataset import DataError, deterministic_split
 
@@ -65,10 +67,29 @@ class Listing:
     classes: List[str]  # the training split's, sorted; [] for unlabelled images
     defaults: StorageDefaults = StorageDefaults()
     seeded_split: bool = False  # whether the seed chose the split (one <class>/ tree)
+    drawn: str = ""  # the subsets ``draw`` took ("" for whole splits)
 
     @property
     def labelled(self) -> bool:
         return bool(self.classes)
+
+    def draw(self, sizes: Dict[str, Optional[int]], seed: int) -> "Listing":
+        """At most ``sizes[split]`` images of each split (None: all), drawn at random by ``seed`` from the whole
+        split (every class in its share, never the first classes of the sorted listing) and kept in the tree's
+        order; the classes stay the whole training split's."""
+        splits, drawn = dict(self.splits), []
+        for number, (split, size) in enumerate(sizes.items()):
+            if size is not None and size <= 0:
+                raise ValueError(f"{split}_size must be positive, got {size}")
+            entries = self.splits.get(split, [])
+            if size is None or size >= len(entries):
+                continue
+            keep = np.sort(np.random.default_rng((seed, number)).choice(len(entries), size, replace=False))
+            splits[split] = [entries[k] for k in keep]
+            drawn.append(f"{split} {size} of {len(entries)}")
+        if not drawn:
+            return self
+        return dataclasses.replace(self, splits=splits, drawn=f"{', '.join(drawn)} drawn by seed {seed}")
 
 
 def _is_image(name: str) -> bool:

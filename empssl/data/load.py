@@ -136,12 +136,13 @@ def load_dataset(
 ) -> ImageDataset:
     """Load a data set by spec (see the module docstring) and move its in-memory tensors to ``device`` once.
 
-    ``train_size`` / ``test_size``: the number of images of the synthetic set, or the first
-    images of any other set. ``image_size``: the stored size (shorter side) of image trees and the size of
-    ``synthetic``; ``max_aspect``: the longest aspect ratio an image tree's images keep whole. ``stream``: ``auto``
-    holds each split of an image tree in memory where it fits (``fits_in_memory``) and in its on-disk store
-    otherwise; ``on`` / ``off`` force either. ``need_test=False`` (training) leaves the test split in its store;
-    ``need_labels`` (evaluation) refuses an unlabelled tree before decoding it.
+    ``train_size`` / ``test_size``: the number of images of the synthetic set, the first images of CIFAR and npz (in
+    their files' order), or images of an image tree drawn by ``seed`` from the whole split (the tree's listing is
+    sorted by class: its first images would be its first classes). ``image_size``: the stored size (shorter side) of
+    image trees and the size of ``synthetic``; ``max_aspect``: the longest aspect ratio an image tree's images keep
+    whole. ``stream``: ``auto`` holds each split of an image tree in memory where it fits (``fits_in_memory``) and
+    in its on-disk store otherwise; ``on`` / ``off`` force either. ``need_test=False`` (training) leaves the test
+    split in its store; ``need_labels`` (evaluation) refuses an unlabelled tree before decoding it.
     """
     if not isinstance(spec, str):
         raise TypeError(f"dataset spec must be a string, got {type(spec).__name__}")
@@ -154,9 +155,10 @@ def load_dataset(
     kind, _, path = spec.partition(":")
     if kind in KINDS and path:
         data = load_image_folder(
-            path, image_size, cache_dir, on_bad_image, seed, show_progress, kind, max_aspect, need_labels
-        )
-        data = _hold(data.subset(train_size, test_size), stream, device, need_test, show_progress)
+            path, image_size, cache_dir, on_bad_image, seed, show_progress, kind, max_aspect, need_labels, train_size,
+            test_size,
+        )  # fmt: skip
+        data = _hold(data, stream, device, need_test, show_progress)
         return data.to(device) if device is not None else data
     if stream == "on":
         raise DataError(
