@@ -206,3 +206,23 @@ def test_a_trees_train_size_draws_from_every_class_by_the_seed_and_decodes_only_
     assert torch.equal(drawn[1].train_images, drawn[0].train_images)
     assert not torch.equal(drawn[2].train_images, drawn[0].train_images)
     assert stores <= set((tmp_path / ".empssl_cache").iterdir())  # the whole tree's stores are no stale state
+
+
+def test_a_class_tree_is_split_per_class_keeping_every_class_in_training(tmp_path):
+    for name, count in (("cat", 1), ("dog", 10), ("fox", 20), ("owl", 2)):
+        for i in range(count):
+            write_image(tmp_path / name / f"{i}.png", (1, 2, 3))
+    for seed in range(8):
+        listing = list_images("folder", str(tmp_path), seed)  # a whole-tree split would hand cat to test sometimes
+        test = [name for _, name in listing.splits["test"]]
+        assert listing.classes == ["cat", "dog", "fox", "owl"]
+        assert sorted(test) == ["dog", "fox", "fox"]  # a tenth of each class, rounded; owl's 0.2 rounds to none
+    for name in ("dog", "fox"):
+        for file in (tmp_path / name).iterdir():
+            if file.name != "0.png":
+                file.unlink()
+    listing = list_images("folder", str(tmp_path), 0)  # no class large enough for its share: owl gives one
+    assert [name for _, name in listing.splits["test"]] == ["owl"] and len(listing.splits["train"]) == 4
+    (tmp_path / "owl" / "1.png").unlink()
+    with pytest.raises(DataError, match="cannot split 4 images of 4 classes"):
+        list_images("folder", str(tmp_path), 0)

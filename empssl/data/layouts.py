@@ -5,7 +5,8 @@ split's classes, the layout found (in words, for messages) and the layout's stor
 
 - ``folder``: the layout is found from the tree: Tiny ImageNet (``train/<wnid>/images/*``, ``val/images/*`` with
   ``val/val_annotations.txt``), ImageNet style (``train/<class>/**`` with ``val/<class>/**`` or ``test/``), one
-  ``<class>/**`` tree split deterministically, or a flat folder of images (unlabelled);
+  ``<class>/**`` tree split deterministically per class (every class kept in training), or a flat folder of
+  images (unlabelled);
 - ``tinyimagenet``: the Tiny ImageNet layout, nothing else;
 - ``imagenet100``: the 100 classes of ``imagenet100.txt`` (the list of CMC, used by solo-learn and the EMP-SSL
   paper) out of an ImageNet-1k ``train/<wnid>`` and ``val/<wnid>`` tree;
@@ -309,7 +310,7 @@ def _detect(path: str, seed: int) -> Listing:
             f"image folder {path} holds no images (expected {path}/train/<class>/*, "
             f"{path}/val/<class>/* or {path}/<class>/*.png|jpg)"
         )
-    train_idx, test_idx = deterministic_split(len(entries), seed=seed)
+    train_idx, test_idx = deterministic_split(len(entries), seed=seed, classes=[name for _, name in entries])
     splits = {"train": [entries[i] for i in train_idx], "test": [entries[i] for i in test_idx]}
     classes = sorted({c for _, c in splits["train"]})
     return Listing("folder", path, "one <class>/ tree, split deterministically", splits, classes, seeded_split=True)
