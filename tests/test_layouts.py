@@ -135,14 +135,23 @@ def test_imagenet100_takes_cmcs_100_classes_out_of_an_imagenet_tree(tmp_path):
         list_images("imagenet100", str(tmp_path))
 
 
-def test_imagenet100_defaults_never_upsample_a_quarter_area_patch():
-    """The storage defaults of ImageNet-100: a 25%-area crop of any image kept whole (aspect up to 4:3) covers at
-    least the 224 pixels of the recipe's patch on a side."""
-    listing_defaults = list_images.__globals__["LAYOUT_DEFAULTS"]["imagenet100"]
-    short = listing_defaults.image_size
-    for aspect in (1.0, 1.1, 1.25, 4 / 3):
-        crop_side = (0.25 * short * short * aspect) ** 0.5  # the side of a square 25%-area crop
-        assert crop_side >= listing_defaults.patch_size
+def test_imagenet100_defaults_upsample_a_patch_at_most_1_15x_and_never_on_a_4_3_image():
+    """What docs/training.md states of the ImageNet-100 storage, measured on the recipe's crop sampler: a crop is
+    at least 194 stored pixels on a side (98% of them below 224 on a square image), and 224 on a 4:3 image."""
+    from empssl.augment.config import AugmentConfig
+    from empssl.augment.crops import sample_crop_boxes
+
+    defaults = list_images.__globals__["LAYOUT_DEFAULTS"]["imagenet100"]
+    recipe = AugmentConfig.imagenet()
+    short, patch = defaults.image_size, defaults.patch_size
+    long = int(short * defaults.max_aspect)  # 597: the longest image kept whole
+    for width, least, share in ((short, 194, 0.98), (long, 224, 0.0)):
+        boxes = sample_crop_boxes(
+            20000, short, width, recipe.crop_scale, recipe.crop_ratio, torch.Generator().manual_seed(0)
+        )
+        sides = torch.minimum(boxes[:, 2], boxes[:, 3])
+        assert sides.min() == least and patch / sides.min() <= 1.155
+        assert float((sides < patch).double().mean()) == pytest.approx(share, abs=0.01)
 
 
 def test_unlabelled_folders_train_and_eval_says_it_needs_labels(tmp_path, capsys):

@@ -49,8 +49,9 @@ class StorageDefaults:
     patch_size: Optional[int] = None
 
 
-# ImageNet: a 25%-area crop of an image kept whole up to 4:3 (or 3:4) at a shorter side of 448 is at least 224
-# pixels on a side, so the recipe's 224-pixel patches are never upsampled (docs/method.md section 4)
+# ImageNet: a 25%-area crop (aspect 3:4 to 4:3) of an image stored at a shorter side of 448 is at least
+# 224 * sqrt(3/4) = 194 pixels on a side (on a square image), so a 224-pixel patch is upsampled at most 1.15x; an
+# image kept whole up to 4:3 gives 224 on a 4:3 image (docs/training.md section 2)
 LAYOUT_DEFAULTS = {
     "tinyimagenet": StorageDefaults(64, 1.0, 64),
     "imagenet100": StorageDefaults(448, 4 / 3, 224),
