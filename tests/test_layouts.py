@@ -235,3 +235,24 @@ def test_a_class_tree_is_split_per_class_keeping_every_class_in_training(tmp_pat
     (tmp_path / "owl" / "1.png").unlink()
     with pytest.raises(DataError, match="cannot split 4 images of 4 classes"):
         list_images("folder", str(tmp_path), 0)
+
+
+def test_images_in_linked_folders_are_listed_once_and_a_link_cycle_ends(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / "elsewhere" / f"{i}.png", (1, 2, 3))
+    write_image(tmp_path / "photos" / "top.png", (1, 2, 3))
+    (tmp_path / "photos" / "2023").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "photos" / "again").symlink_to(tmp_path / "elsewhere")  # the same folder twice: listed once
+    (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "photos")  # a cycle back to the top
+    (train,) = list_images("unlabelled", str(tmp_path / "photos")).splits.values()
+    assert sorted(os.path.relpath(file, tmp_path / "photos") for file, _ in train) == [
+        "2023/0.png",
+        "2023/1.png",
+        "2023/2.png",
+        "top.png",
+    ]
+    for name in ("a", "b"):
+        write_image(tmp_path / "tree" / name / "0.png", (1, 2, 3))
+        (tmp_path / "tree" / name / "more").symlink_to(tmp_path / "elsewhere")  # inside class folders too
+    listing = list_images("folder", str(tmp_path / "tree"))
+    assert len(listing.splits["train"]) + len(listing.splits["test"]) == 2 * (1 + 3 + 1)  # with loop/top.png

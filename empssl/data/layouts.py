@@ -124,14 +124,33 @@ def _image_files(folder: str) -> List[str]:
 
 
 def _images_below(folder: str, what: str = "folder") -> List[str]:
-    """Every file named like an image under ``folder`` (any depth; hidden folders such as .empssl_cache skipped),
-    sorted. A folder that cannot be read is an error naming it (``what``: the word for it), never a class silently
-    left out."""
+    """Every file named like an image under ``folder`` (any depth, through links to folders; hidden folders such as
+    .empssl_cache skipped), sorted; a folder reached twice (a link to one already listed, or to an ancestor) is
+    listed once. A folder that cannot be read is an error naming it (``what``: the word for it), never a class
+    silently left out."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=lambda err: _unreadable(err, what)):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    try:
+        seen = {_identity(folder)}
+    except OSError as err:
+        _unreadable(err, what)
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=lambda err: _unreadable(err, what), followlinks=True):
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            try:
+                identity = _identity(os.path.join(dirpath, name))
+            except OSError as err:
+                _unreadable(err, what)
+            if identity not in seen:
+                seen.add(identity)
+                kept.append(name)
+        dirnames[:] = kept
         found += [os.path.join(dirpath, name) for name in sorted(filenames) if _is_image(name)]
     return found
+
+
+def _identity(folder: str) -> Tuple[int, int]:
+    info = os.stat(folder)  # through a link: the folder it names
+    return info.st_dev, info.st_ino
 
 
 def _class_tree(folder: str, classes: Optional[List[str]] = None) -> List[Entry]:
