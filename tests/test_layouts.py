@@ -256,3 +256,15 @@ def test_images_in_linked_folders_are_listed_once_and_a_link_cycle_ends(tmp_path
         (tmp_path / "tree" / name / "more").symlink_to(tmp_path / "elsewhere")  # inside class folders too
     listing = list_images("folder", str(tmp_path / "tree"))
     assert len(listing.splits["train"]) + len(listing.splits["test"]) == 2 * (1 + 3 + 1)  # with loop/top.png
+
+
+def test_the_recipe_patch_of_a_folder_spec_is_its_detected_layouts_before_loading(tmp_path):
+    from empssl.data.load import recipe_patch_size
+
+    tiny_imagenet(tmp_path / "tiny", per_class=1)
+    imagenet_style(tmp_path / "plain", ("a", "b"))
+    assert recipe_patch_size(f"folder:{tmp_path / 'tiny'}") == 64 == recipe_patch_size(f"tinyimagenet:{tmp_path}")
+    assert recipe_patch_size(f"folder:{tmp_path / 'tiny'}", 48) == 48  # never beyond the stored size
+    assert recipe_patch_size(f"folder:{tmp_path / 'plain'}") == 32
+    loaded = load_dataset(f"folder:{tmp_path / 'tiny'}", show_progress=False)
+    assert loaded.recipe_patch_size == recipe_patch_size(f"folder:{tmp_path / 'tiny'}")

@@ -293,14 +293,30 @@ def _split_tree(path: str, train_dir: str, test_dir: str) -> Listing:
     return Listing("folder", path, layout, splits, sorted({c for _, c in train}))
 
 
+def _is_tiny_imagenet(path: str) -> bool:
+    """Whether a ``folder:`` tree is read as Tiny ImageNet: train/, val/images/ and val/val_annotations.txt."""
+    val_dir = os.path.join(path, "val")
+    return (
+        os.path.isdir(os.path.join(path, "train"))
+        and os.path.isdir(os.path.join(val_dir, "images"))
+        and os.path.exists(os.path.join(val_dir, TINY_ANNOTATIONS))
+    )
+
+
+def layout_defaults(kind: str, path: str) -> Optional[StorageDefaults]:
+    """The storage defaults of the tree ``kind:path`` where its layout has its own (None: the plain defaults), from
+    a few names alone (nothing listed): a ``folder:`` tree in the Tiny ImageNet layout takes Tiny ImageNet's."""
+    return LAYOUT_DEFAULTS.get("tinyimagenet" if kind == "folder" and _is_tiny_imagenet(path) else kind)
+
+
 def _detect(path: str, seed: int) -> Listing:
     """The layout of a ``folder:`` tree, found from what it holds."""
     train_dir = os.path.join(path, "train")
+    if _is_tiny_imagenet(path):
+        return _tiny_imagenet(path)
     if os.path.isdir(train_dir):
         val_dir = os.path.join(path, "val")
         if os.path.isdir(os.path.join(val_dir, "images")):
-            if os.path.exists(os.path.join(val_dir, TINY_ANNOTATIONS)):
-                return _tiny_imagenet(path)
             if not [d for d in _visible_folders(val_dir) if d != "images"]:
                 raise DataError(
                     f"{val_dir}/images holds the validation images but there is no {val_dir}/{TINY_ANNOTATIONS} to "

@@ -29,7 +29,7 @@ from ..device import host_memory_available
 from .cifar import download_cifar, load_cifar
 from .dataset import MAX_DEFAULT_PATCH, DataError, ImageDataset
 from .folder import load_image_folder
-from .layouts import KINDS, LAYOUT_DEFAULTS
+from .layouts import KINDS, layout_defaults
 from .npz import load_npz
 from .synthetic import make_synthetic
 
@@ -84,10 +84,10 @@ def memory_rule(device=None) -> str:
 
 def recipe_patch_size(spec: str, image_size: Optional[int] = None) -> int:
     """The patch size of a data set's recipe from its spec alone (before it is loaded): the layout's for
-    ``tinyimagenet:`` and ``imagenet100:`` (at most the stored size), else the image size (default 32) up to
-    ``MAX_DEFAULT_PATCH``."""
+    ``tinyimagenet:``, ``imagenet100:`` and a ``folder:`` tree in the Tiny ImageNet layout (at most the stored
+    size), else the image size (default 32) up to ``MAX_DEFAULT_PATCH``."""
     kind, _, path = spec.partition(":")
-    defaults = LAYOUT_DEFAULTS.get(kind) if path else None
+    defaults = layout_defaults(kind, path) if kind in KINDS and path else None
     if defaults is not None and defaults.patch_size:
         return min(defaults.patch_size, image_size or defaults.image_size)
     return min(image_size or 32, MAX_DEFAULT_PATCH)
