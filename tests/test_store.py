@@ -447,3 +447,14 @@ def test_a_resumed_build_counts_the_space_its_partial_store_already_takes(tmp_pa
     with pytest.raises(DataError, match="needs at least .* GiB, but .* has"):
         data_load.load_dataset(f"folder:{tmp_path}", image_size=32, cache_dir=str(tmp_path / "c2"), show_progress=False)
     assert list((tmp_path / "c2").iterdir()) == []  # nothing left behind by the refusal
+
+
+def test_on_a_gpu_the_test_split_is_judged_beside_the_training_split_kept_before_it(tmp_path, monkeypatch):
+    imagenet_style(tmp_path, ("a", "b"), per_class=5)  # train and val: 10 images of 16x16 each
+    nbytes = 10 * 16 * 16 * 3
+    monkeypatch.setattr(data_load, "host_memory_available", lambda: (2**40, "a test's machine"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * nbytes, 2**40))  # each split alone fits
+    data = data_load.load_dataset(f"folder:{tmp_path}", image_size=16, stream="on", show_progress=False)
+    data = data_load._hold(data, "auto", torch.device("cuda", 0), True, False)
+    assert isinstance(data.train_images, torch.Tensor) and isinstance(data.test_images, ImageStore)
+    assert f"beside the {nbytes / 2**10:.1f} KiB of the split before it" in data.note

@@ -52,17 +52,20 @@ def _gib(nbytes: float) -> str:
     return f"{int(nbytes)} bytes"
 
 
-def fits_in_memory(nbytes: int, device=None) -> Tuple[bool, str]:
+def fits_in_memory(nbytes: int, device=None, kept: int = 0) -> Tuple[bool, str]:
     """(whether ``nbytes`` of images are held in memory under the rule, why): at most ``MEMORY_SHARE`` of the host
-    memory this process may use (a cgroup's limit included) and, on a CUDA device, of its free memory."""
+    memory this process may use (a cgroup's limit included) and, on a CUDA device, of its free memory less the
+    ``kept`` bytes of splits already chosen for it (loaded on the host, not yet on the device)."""
     available, bound = host_memory_available()
     if available is not None and nbytes > MEMORY_SHARE * available:
         return False, f"more than half of the {_gib(available)} this process may use ({bound})"
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        free = max(0, free - kept)
         if nbytes > MEMORY_SHARE * free:
-            return False, f"more than half of the {_gib(free)} free on {device}"
+            left = f" beside the {_gib(kept)} of the split before it" if kept else ""
+            return False, f"more than half of the {_gib(free)} free on {device}{left}"
     where = f"{_gib(available)} this process may use ({bound})" if available is not None else "unknown host memory"
     return True, f"at most half of the {where}"
 
@@ -95,17 +98,18 @@ def recipe_patch_size(spec: str, image_size: Optional[int] = None) -> int:
 
 def _hold(data: ImageDataset, stream: str, device, need_test: bool, show_progress: bool) -> ImageDataset:
     """Each split of a stored data set in memory or left in its store, by ``stream`` and the rule."""
-    replace, notes = {}, []
+    replace, notes, kept = {}, [], 0
     for split in ("train", "test") if need_test else ("train",):
         store = getattr(data, f"{split}_images")
         if isinstance(store, torch.Tensor) or len(store) == 0:
             continue
         if stream == "auto":
-            in_memory, why = fits_in_memory(store.nbytes, device)
+            in_memory, why = fits_in_memory(store.nbytes, device, kept)
         else:
             in_memory, why = stream == "off", f"--stream {stream}"
         if in_memory:
             replace[f"{split}_images"] = store.load(show_progress, f"load {split} split")
+            kept += store.nbytes
         where = "in memory" if in_memory else f"streamed from the store {store.path}"
         notes.append(
             f"{split}: {len(store):,} images of {store.canvas}x{store.canvas} ({_gib(store.nbytes)}) {where}: {why}"
