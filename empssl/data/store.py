@@ -291,9 +291,10 @@ class _OpenFile:
 
     def __init__(self, path: str, fd: int):
         self.path, self.fd = path, fd
+        self._close = os.close  # held: at interpreter exit the module's globals may be gone before this object
 
     def __del__(self):
-        os.close(self.fd)
+        self._close(self.fd)
 
 
 def store_header(count: int, canvas: int, **about) -> Dict:
