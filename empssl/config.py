@@ -121,7 +121,8 @@ class EvalConfig(RuntimeConfig):
     num_patches: int = option(128, "patches per image in the bag, T", group="evaluation", type=positive_int)
     test_size: Optional[int] = option(
         None,
-        "synthetic: number of test images (default 2000); others: use only the first N",
+        "synthetic: number of test images (default 2000); CIFAR, npz: use only the first N; "
+        "image trees: N drawn at random by --data-seed (only they are decoded)",
         group="data",
         type=positive_int,
         show_default=False,
@@ -217,7 +218,8 @@ class TrainConfig(RuntimeConfig):
     )
     train_size: Optional[int] = option(
         None,
-        "synthetic: number of train images (default 10000); others: use only the first N",
+        "synthetic: number of train images (default 10000); CIFAR, npz: use only the first N; "
+        "image trees: N drawn at random by --data-seed (only they are decoded)",
         group="data",
         type=positive_int,
         show_default=False,

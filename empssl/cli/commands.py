@@ -236,6 +236,7 @@ def run_info(args) -> int:
         backends,
         ops,  # noqa: F401  importing registers the ops
     )
+    from ..device import tf32_settings
 
     def version(module_name):
         try:
@@ -262,7 +263,7 @@ def run_info(args) -> int:
     print(
         f"float32      training sets TF32 {'on' if TrainConfig.tf32 else 'off'} for float32 matmuls and cuDNN "
         f"convolutions (--tf32 turns it on); torch's settings in this process: matmul "
-        f"{torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}"
+        "{}, cuDNN {}".format(*tf32_settings())
     )
     from ..data.load import memory_rule
 
