@@ -119,9 +119,14 @@ def verify_checksums(path: str, payload: Dict[str, Any]) -> None:
         return
     if not isinstance(stored, dict):
         raise CheckpointError(f"checkpoint {path} is corrupt: its checksums are unreadable; use another checkpoint")
-    if stored.get("version") != CHECKSUMS_VERSION:
+    if "version" not in stored:  # version 1: tensors' checksums only, by place
         _verify_tensor_checksums(path, payload, stored)
         return
+    if stored["version"] != CHECKSUMS_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} holds checksums of version {stored['version']!r}, this empssl verifies versions 1 "
+            f"and {CHECKSUMS_VERSION}: a newer empssl wrote it; use that empssl, or another checkpoint"
+        )
     expected, found = stored.get("fields"), dict(_fields({k: v for k, v in payload.items() if k != "checksums"}))
     if not isinstance(expected, dict):
         raise CheckpointError(f"checkpoint {path} is corrupt: its checksums are unreadable; use another checkpoint")
@@ -203,7 +208,8 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """The checkpoint dict of ``path`` with tensors on the CPU, every field verified against its checksum;
-    CheckpointError if missing, not a regular file, truncated, foreign or unsafe to load."""
+    CheckpointError if missing, not a regular file, truncated, foreign, unsafe to load, or if its model_config or
+    config holds anything but plain values."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says it all
@@ -213,6 +219,8 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} not found") from None
     except NotARegularFile as err:
         raise CheckpointError(str(err)) from None
+    except OSError as err:  # the file is there but the system refuses it (permissions, I/O): not corruption
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err.strerror or err}") from None
     except pickle.UnpicklingError as err:  # the weights-only unpickler met something that only a full unpickler runs
         found = re.search(r"(unsupported GLOBAL \S+|Unsupported global: GLOBAL \S+|Unsupported operand \d+)", str(err))
         raise CheckpointError(
@@ -236,7 +244,17 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     verify_checksums(path, payload)
-    _check_field(path, "model_config", payload["model_config"], isinstance(payload["model_config"], dict), "a dict")
+    for place in ("model_config", "config"):  # compared with a run's settings: plain values only (not tensors)
+        settings = payload.get(place, {})
+        _check_field(path, place, settings, isinstance(settings, dict), "a dict")
+        for key, value in settings.items():
+            _check_field(
+                path,
+                f"{place}/{key}",
+                value,
+                isinstance(key, str) and _is_plain(value),
+                "a number, string, bool or None (or a list or dict of those)",
+            )
     model = payload["model"]
     _check_field(
         path,
@@ -256,6 +274,14 @@ def _check_field(path: str, place: str, value: Any, valid: bool, expected: str) 
             f"checkpoint {path} has an unusable field {place}: expected {expected}, got {shown[:80]}; use another "
             f"checkpoint"
         )
+
+
+def _is_plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(item) for item in value)
+    return isinstance(value, dict) and all(isinstance(key, str) and _is_plain(item) for key, item in value.items())
 
 
 def _is_int(value: Any, low: int, high: int = 2**62) -> bool:
@@ -296,9 +322,8 @@ def check_train_state(path: str, payload: Dict[str, Any]) -> None:
         isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) and 0 <= elapsed < 1e12,
         "a finite number of seconds >= 0",
     )
-    for place in ("config", "dataset"):
-        _check_field(path, place, payload.get(place, {}), isinstance(payload.get(place, {}), dict), "a dict")
     dataset = payload.get("dataset", {})
+    _check_field(path, "dataset", dataset, isinstance(dataset, dict), "a dict")
     for place in ("num_train", "image_size", "patch_size"):
         if place in dataset:
             _check_field(path, f"dataset/{place}", dataset[place], _is_int(dataset[place], 1), "a positive integer")
@@ -323,9 +348,9 @@ def check_train_state(path: str, payload: Dict[str, Any]) -> None:
         path,
         "permutation",
         permutation,
-        permutation is None
+        (permutation is None and payload["step"] == 0)  # drawn at the first step: every later state holds one
         or (isinstance(permutation, torch.Tensor) and permutation.dtype == torch.int64 and permutation.ndim == 1),
-        "None or a 1-D int64 tensor of image indices",
+        "a 1-D int64 tensor of image indices (None at step 0 only)",
     )
     optimizer = payload["optimizer"]
     _check_field(

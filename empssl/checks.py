@@ -27,8 +27,10 @@ def check_finite_number(value, name: str, positive: bool = False) -> None:
     ``finite_float`` and ``positive_float`` accept."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
-        raise ValueError(f"{name} must be a finite number within float32's range (|x| <= 3.4e38), got {value!r}")
+    if abs(value) > FLOAT32_MAX or not math.isfinite(value):  # compared first: a huge int overflows isfinite
+        # an int of thousands of digits has no str(): its size is shown instead
+        shown = repr(value) if isinstance(value, float) else f"about 1e{int(abs(value).bit_length() * math.log10(2))}"
+        raise ValueError(f"{name} must be a finite number within float32's range (|x| <= 3.4e38), got {shown}")
     if positive and not value >= FLOAT32_TINY:
         raise ValueError(
             f"{name} must be a positive number (at least 1.2e-38, float32's smallest normal), got {value!r}"

@@ -33,6 +33,7 @@ from .models.backbones import (
     ARCH_HELP,
     STEMS,
     arch_type,
+    backbone_args_text,
     backbone_args_type,
     check_arch,
     check_options,
@@ -70,10 +71,14 @@ def option(
     choices: Optional[Sequence[Any]] = None,
     metavar: Optional[str] = None,
     show_default: bool = True,
+    text: Optional[Callable[[Any], str]] = None,
+    none_means: Optional[Callable[[Any], Any]] = None,
 ):
     """A dataclass field with its command-line option. A ``value`` or ``on_off`` option's ``help``
     is completed with the default (unless ``show_default`` is False: the text then says it); a
-    ``tristate`` help is "what --name does | what --no-name does"."""
+    ``tristate`` help is "what --name does | what --no-name does". ``text``: the option's text of a value Python
+    may give in another form (a dict), for configuration files; ``none_means``: the value that None stands for, of
+    the config (a field the command line cannot set to None, written so into configuration files)."""
     if form not in FORMS:
         raise ValueError(f"unknown option form {form!r}; choose one of {FORMS}")
     metadata = {
@@ -84,6 +89,8 @@ def option(
         "choices": choices,
         "metavar": metavar,
         "show_default": show_default,
+        "text": text,
+        "none_means": none_means,
     }
     return dataclasses.field(default=default, metadata={"cli": metadata})
 
@@ -114,7 +121,8 @@ class EvalConfig(RuntimeConfig):
     num_patches: int = option(128, "patches per image in the bag, T", group="evaluation", type=positive_int)
     test_size: Optional[int] = option(
         None,
-        "synthetic: number of test images (default 2000); others: use only the first N",
+        "synthetic: number of test images (default 2000); CIFAR, npz: use only the first N; "
+        "image trees: N drawn at random by --data-seed (only they are decoded)",
         group="data",
         type=positive_int,
         show_default=False,
@@ -210,7 +218,8 @@ class TrainConfig(RuntimeConfig):
     )
     train_size: Optional[int] = option(
         None,
-        "synthetic: number of train images (default 10000); others: use only the first N",
+        "synthetic: number of train images (default 10000); CIFAR, npz: use only the first N; "
+        "image trees: N drawn at random by --data-seed (only they are decoded)",
         group="data",
         type=positive_int,
         show_default=False,
@@ -250,6 +259,7 @@ class TrainConfig(RuntimeConfig):
         "none)",
         group="encoder",
         type=backbone_args_type,
+        text=backbone_args_text,
         metavar="KEY=VALUE,...",
         show_default=False,
     )
@@ -269,7 +279,11 @@ class TrainConfig(RuntimeConfig):
     lr: float = option(RECIPE_LR, "peak learning rate of LARS-SGD", group="training", type=positive_float)
     epochs: int = option(1, "epochs to train", group="training", type=positive_int)
     schedule_epochs: Optional[int] = option(
-        2, "length of the cosine schedule in epochs; the 1-epoch recipe uses 2", group="training", type=positive_int
+        2,
+        "length of the cosine schedule in epochs; the 1-epoch recipe uses 2",
+        group="training",
+        type=positive_int,
+        none_means=lambda config: config.epochs,  # None (Python only): the schedule spans the run
     )
     max_steps: Optional[int] = option(
         None,

@@ -14,9 +14,14 @@ import torch
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch.device; ValueError for anything else or a missing GPU."""
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch.device; ValueError for anything else or a missing GPU.
+    In a process group (torchrun), ``cuda`` and ``auto`` are this rank's GPU, the current one (the group's set-up
+    made it ``cuda:LOCAL_RANK``): a run keeps the user's ``--device``, which every rank resolves to its own."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.is_available() and torch.distributed.is_available():
+        if torch.distributed.is_initialized():
+            return torch.device("cuda", torch.cuda.current_device())
     expected = "expected cpu, cuda, cuda:N or auto"
     try:
         resolved = torch.device(device)
@@ -86,18 +91,67 @@ def cudnn_benchmark(enabled: bool):
         torch.backends.cudnn.benchmark = previous
 
 
+def _resolved_precision(switch) -> str:
+    """A switch's fp32_precision as torch's kernels read it: one left at "none" follows cuDNN's (torch's "cuda"
+    backend), then the global one."""
+    for precision in (switch.fp32_precision, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision):
+        if precision != "none":
+            return precision
+    return "none"
+
+
+def tf32_settings() -> Tuple[bool, bool]:
+    """(matmul, cuDNN convolutions): whether float32 work on CUDA may use TF32 now, whichever of torch's two APIs set
+    it (reading the legacy ``allow_tf32`` raises once a caller's ``fp32_precision`` disagrees with it)."""
+    return (
+        _resolved_precision(torch.backends.cuda.matmul) == "tf32",
+        _resolved_precision(torch.backends.cudnn.conv) == "tf32",
+    )
+
+
+def set_tf32(matmul: bool, cudnn: bool) -> None:
+    """TF32 on or off for float32 matmuls and cuDNN (convolutions and RNNs) on CUDA, set through both of torch's
+    APIs, each switch explicitly (not "none", which would follow a caller's global ``fp32_precision``), so readers of
+    either (torch.compile reads the legacy flags) see the same choice."""
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if matmul else "ieee"
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.rnn.fp32_precision = "tf32" if cudnn else "ieee"
+
+
+def _legacy_setting(read: Callable):
+    try:
+        return read()
+    except RuntimeError:  # a caller's fp32_precision disagrees with it: the caller uses the new API only
+        return None
+
+
 @contextlib.contextmanager
 def float32_precision(tf32: bool, cudnn: Optional[bool] = None):
     """TF32 on or off for float32 matmuls and cuDNN convolutions (``cudnn``: the convolutions' own setting, else
     ``tf32``), as chosen (``TrainConfig.tf32``), not as inherited from torch's defaults (matmul off, cuDNN on) or a
-    caller's settings; restored after."""
-    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32 if cudnn is None else cudnn
+    caller's settings (either of torch's APIs); restored after (a legacy flag a caller's switches made unreadable is
+    left agreeing with them)."""
+    switches = (
+        torch.backends.cuda.matmul,
+        torch.backends.mkldnn.matmul,  # set_float32_matmul_precision below also sets it
+        torch.backends.cudnn.conv,
+        torch.backends.cudnn.rnn,
+    )
+    saved = [(switch, switch.fp32_precision) for switch in switches]
+    matmul_precision = _legacy_setting(torch.get_float32_matmul_precision)
+    cudnn_allow = _legacy_setting(lambda: torch.backends.cudnn.allow_tf32)
+    set_tf32(tf32, tf32 if cudnn is None else cudnn)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+        for switch, precision in saved:
+            switch.fp32_precision = precision
+        # a legacy flag that could not be read is left agreeing with the caller's switches
+        matmul_now, cudnn_now = tf32_settings()
+        torch.set_float32_matmul_precision(matmul_precision or ("high" if matmul_now else "highest"))
+        torch.backends.cudnn.allow_tf32 = cudnn_now if cudnn_allow is None else cudnn_allow
+        for switch, precision in saved:  # the legacy setters above set them too
+            switch.fp32_precision = precision
 
 
 class CudaGraphCall:

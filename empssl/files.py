@@ -1,13 +1,14 @@
 """Files the package reads and writes, opened so that nothing of the user's is touched and nothing hangs.
 
-Writes are atomic (a temporary file in the same folder, then ``os.replace``, so a kill leaves the old file or the new
-one, never half of one), into folders checked writable before any work starts. A temporary is named
-``.tmp-empssl-<file>-<random>`` and its writer holds an ``flock`` on it until it is in place: the next write into
-the folder removes the ones a kill left behind (the lock tells a dead writer's from a live one's), and nothing
-else. The files a program owns in its folders (a run's lock and metrics log) are opened without following symbolic
-links, so a link planted in a run folder never makes a write land in somebody else's file. Inputs (a checkpoint,
-an npz file, an image, a metrics log) must be regular files: a FIFO or a device is refused from its ``stat``
-without being opened for reading, so it never blocks.
+Writes are atomic (a temporary file in the same folder, then ``os.replace``, so a kill leaves the old file or the
+new one, never half of one), into folders checked writable before any work starts. A temporary is named
+``.tmp-empssl-<file>-<random>`` and its writer holds an ``flock`` on it until it is in place: the next run or sweep
+into the folder removes the ones a kill left behind, the next export or plot those of its own file
+(``remove_stale_temporaries``: the lock tells a dead writer's from a live one's), and nothing else. The files a
+program owns in its folders (a run's lock and metrics log) are opened without following symbolic links, so a link
+planted in a run folder never makes a write land in somebody else's file. Inputs (a checkpoint, an npz file, an
+image, a metrics log) must be regular files: a FIFO or a device is refused from its ``stat`` without being opened
+for reading, so it never blocks.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import errno
 import fcntl
 import os
 import re
+import secrets
 import stat
 import tempfile
-from typing import BinaryIO, Callable, Optional
+from typing import BinaryIO, Callable, Optional, Tuple
 
-TEMP_PREFIX = ".tmp-empssl-"  # temporary files of an atomic write; a kill can leave one, the next write removes it
-_TEMP_NAME = re.compile(r"\.tmp-empssl-(?P<target>.+)-[a-z0-9_]{8}(\.[^/]*)?")  # mkstemp's 8 random characters
+TEMP_PREFIX = ".tmp-empssl-"  # temporary files of an atomic write; a kill can leave one (remove_stale_temporaries)
+_TEMP_NAME = re.compile(r"\.tmp-empssl-(?P<target>.+)-[a-z0-9_]{8}(\.[^/]*)?")  # 8 random characters
 _TARGET_CHARS = 100  # of the target's name in a temporary's name (file names are at most 255 bytes)
 
 
@@ -119,10 +121,16 @@ def append_text(path: str, text: str, what: str = "the file") -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temporary(path: str) -> Tuple[int, str]:
+    """(descriptor, name) of a new temporary file beside ``path``, created as a plain open() creates a file: 0666 less
+    the umask, applied by the kernel (reading the umask means setting it, which races other threads' new files)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    prefix, suffix = f"{TEMP_PREFIX}{name[:_TARGET_CHARS]}-", os.path.splitext(name)[1]
+    for _ in range(100):  # 8 random characters: a name taken 100 times over means a folder gone wrong
+        temp = os.path.join(folder, f"{prefix}{secrets.token_hex(4)}{suffix}")
+        with contextlib.suppress(FileExistsError):
+            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), temp
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", folder)
 
 
 class _WriteRecorder:
@@ -158,10 +166,13 @@ class StagedWrite:
         folder = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(folder, exist_ok=True)
-            prefix = f"{TEMP_PREFIX}{os.path.basename(path)[:_TARGET_CHARS]}-"
-            handle, self.temp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=os.path.splitext(path)[1])
+            handle, self.temp = _create_temporary(path)
+            try:
+                self.file = os.fdopen(handle, "wb")  # from here on discard() closes it
+            except BaseException:
+                os.close(handle)
+                raise
             fcntl.flock(handle, fcntl.LOCK_EX)  # held until committed: a live write is never cleaned up
-            self.file = os.fdopen(handle, "wb")
             f = _WriteRecorder(self.file)
             try:
                 write(f)
@@ -171,7 +182,6 @@ class StagedWrite:
                 raise f.error from err
             f.flush()
             os.fsync(handle)
-            os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets a plain open()'s mode
         except OSError as err:
             self.discard()
             raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}", path) from err
@@ -287,3 +297,17 @@ def remove_stale_temporaries(folder: str, target: Optional[str] = None) -> None:
             continue
         finally:
             os.close(fd)
+
+
+def describe_os_error(err: OSError) -> str:
+    """``reason: path`` of an OSError (its errno's text when it has no message of its own)."""
+    reason = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
+    hint = {
+        errno.ENOSPC: "free some space or pass another --out-dir",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "check the permissions",
+        errno.EPERM: "check the permissions",
+        errno.ENOENT: "did the path vanish?",
+    }.get(err.errno)
+    where = f" ({err.filename})" if err.filename and str(err.filename) not in reason else ""
+    return f"{reason}{where}" + (f"; {hint}" if hint else "")

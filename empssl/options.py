@@ -27,6 +27,8 @@ import os
 import typing
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .files import describe_os_error
+
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
@@ -158,6 +160,13 @@ def read_config_file(
 
 
 def _parse(path: str, from_yaml: bool) -> Dict[str, Any]:
+    try:
+        return _parse_file(path, from_yaml)
+    except OSError as err:  # a permission, a read error: one line, as every other bad file
+        raise ValueError(f"config file {path} cannot be read: {describe_os_error(err)}") from None
+
+
+def _parse_file(path: str, from_yaml: bool) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ValueError(f"config file {path} does not exist" if not os.path.exists(path) else f"{path} is not a file")
     if from_yaml:
@@ -228,18 +237,29 @@ def _checked(value: Any, field: dataclasses.Field, hint, where: str, from_yaml: 
         if value not in ("on", "off"):
             raise ValueError(f"{where} must be true, false, 'on' or 'off', got {value!r}")
         return value == "on"
-    # YAML 1.1 (PyYAML) reads 1e-4 as a string: a number's text is taken where a number is due
-    numeric_text = from_yaml and isinstance(value, str) and kind in (int, float)
-    if kind is int and not numeric_text and (isinstance(value, bool) or not isinstance(value, int)):
+    # YAML 1.1 (PyYAML) reads 1e-4 as a string: a number's text is taken where a number is due; so is a text form
+    # of the option's own type (max_aspect = "4:3"), but not a quoted number in TOML
+    number_as_text = isinstance(value, str) and kind in (int, float)
+    own_text = number_as_text and (from_yaml or (cli["type"] is not None and not _is_number(value)))
+    if kind is int and not own_text and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"{where} must be an integer, got {value!r} ({type(value).__name__})")
-    if kind is float and not numeric_text and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    if kind is float and not own_text and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ValueError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
     if kind is str and not isinstance(value, str):
         raise ValueError(f"{where} must be a string, got {value!r} ({type(value).__name__})")
     if cli["type"] is not None:  # the option's own check, on the text the command line would have read
         try:
             value = cli["type"](str(value))
-        except (argparse.ArgumentTypeError, ValueError, OverflowError) as err:
+        except argparse.ArgumentTypeError as err:
+            # PyYAML reads an unquoted 4:3 as the base-60 integer 243
+            sexagesimal = from_yaml and isinstance(value, int) and not isinstance(value, bool) and value >= 60
+            hint = " (YAML reads an unquoted A:B as a base-60 number: quote it, '4:3')" if sexagesimal else ""
+            raise ValueError(f"{where}: {err}{hint}") from None
+        except (ValueError, OverflowError) as err:
+            if number_as_text and not from_yaml:  # text that is neither a number nor the option's form
+                raise ValueError(
+                    f"{where} must be {'an integer' if kind is int else 'a number'}, got {value!r} (str)"
+                ) from None
             raise ValueError(f"{where}: {err}") from None
     elif kind is float:
         value = float(value)
@@ -248,16 +268,27 @@ def _checked(value: Any, field: dataclasses.Field, hint, where: str, from_yaml: 
     return value
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def config_toml(config, header: Iterable[str] = (), leave_out: Dict[str, str] = None) -> str:
     """TOML of the option fields of ``config`` (a config dataclass), one table per option group, that
-    ``read_config_file`` reads back to the same values. ``header``: comment lines on top; ``leave_out``: fields not
-    written, by name, with the reason written as a comment. A field that is None is left out (a comment says so): an
-    option left out keeps its default."""
+    ``read_config_file`` reads back to the same values (or to what they stand for: a dict as the option's text, a
+    None as the value it means). ``header``: comment lines on top; ``leave_out``: fields not written, by name, with
+    the reason written as a comment. A field that is None is left out (a comment says so): an option left out keeps
+    its default."""
     leave_out = leave_out or {}
     lines: List[str] = [f"# {line}" if line else "#" for line in header]
     by_group: Dict[str, List[str]] = {}
     for name, field in option_fields(type(config)).items():
-        value = getattr(config, name)
+        value, none_means = getattr(config, name), field.metadata["cli"]["none_means"]
+        if value is None and none_means is not None:  # what None stands for: the file must not get the default
+            value = none_means(config)
         entries = by_group.setdefault(field.metadata["cli"]["group"], [])
         if name in leave_out:
             entries.append(f"# {name}: left out ({leave_out[name]})")
@@ -265,6 +296,9 @@ def config_toml(config, header: Iterable[str] = (), leave_out: Dict[str, str] = 
             note = "" if field.default is None else f"; the default is {field.default!r}"
             entries.append(f"# {name}: not set{note}")
         else:
+            text = field.metadata["cli"]["text"]
+            if text is not None and not isinstance(value, str):  # a dict given in Python: the option's own text
+                value = text(value)
             entries.append(f"{name} = {_toml_value(value)}")
     for group in sorted(by_group, key=lambda group: group == "runtime"):  # as --help lists them: runtime last
         lines += ["", f"[{group}]", *by_group[group]]

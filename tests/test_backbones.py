@@ -26,6 +26,7 @@ from empssl.models.backbones import (
     check_options,
     parse_arch,
     parse_backbone_args,
+    probe_feature_dim,
 )
 from empssl.models.encoder import build_encoder, load_encoder
 from empssl.models.fold import encoder_fold_pairs, fold_batchnorm, fold_pairs
@@ -299,3 +300,40 @@ def test_a_checkpoint_from_before_backbones_loads_and_resumes_as_the_built_in_re
     for (name, a), b in zip(encoder.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     check_resume_config(path, old_config, {}, TrainConfig(width=0.125, hidden_dim=16, z_dim=8))  # the same model
+
+
+class _NoMetaKernel(nn.Module):
+    """A backbone with an op that has no meta kernel; on real images of ``takes`` (a size, or None: none) it returns
+    (N, 5) features, on others it refuses the size."""
+
+    def __init__(self, takes=None):
+        super().__init__()
+        self.linear, self.takes = nn.Linear(3, 5), takes
+
+    def forward(self, x):
+        if x.device.type == "meta":
+            raise NotImplementedError("no meta kernel for op empssl_test::blur")
+        if x.shape[-1] != self.takes:
+            raise ValueError(f"expected {self.takes}x{self.takes} images")
+        return self.linear(x.mean((2, 3)))
+
+
+def test_a_backbone_without_a_meta_kernel_is_sized_by_a_real_forward_or_refused_with_the_reason():
+    assert probe_feature_dim(_NoMetaKernel(takes=32), "custom") == 5  # real weights: a tiny real forward
+    with pytest.raises(BackboneError, match=r"takes none of the image sizes 16, 8 \(first: 16x16: expected None"):
+        probe_feature_dim(_NoMetaKernel(), "custom", sizes=(16, 8))  # each real forward's refusal is the reason
+    with torch.device("meta"):  # as train, eval and export build it first
+        skeleton = _NoMetaKernel(takes=32)
+    with pytest.raises(
+        BackboneError, match=r"--arch custom cannot be sized on the meta device.* \(no meta kernel for op"
+    ):
+        probe_feature_dim(skeleton, "custom")
+
+
+def test_the_step_memory_is_not_checked_with_a_warning_where_an_op_has_no_meta_kernel(monkeypatch):
+    from empssl.training import memory
+
+    monkeypatch.setattr(memory, "_meta_encoder", lambda model_config: _NoMetaKernel())
+    monkeypatch.setattr(memory, "_SAVED_BYTES_PER_PATCH", {})
+    with pytest.warns(UserWarning, match=r"not checked before training: an op has no meta kernel at 32x32"):
+        check_step_fits(TrainConfig(hidden_dim=16, z_dim=8), torch.device("cpu"), 32)

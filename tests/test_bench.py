@@ -1,6 +1,7 @@
 """The installed benchmarks: dispatch, the shared results schema, and a real (toy-sized) run."""
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -142,3 +143,23 @@ def test_data_benchmark_times_building_and_reading_a_store_against_the_need(tmp_
     assert float(read["limit_fraction"]) == pytest.approx(float(read["rate"]) / 6250, rel=1e-2)
     assert "597x597 canvas" in by_method[("500x375 -> 448, 4:3", "build")]["note"]  # 448 whole up to 4:3
     assert not list(tmp_path.glob("empssl-bench-data-*"))  # the made trees and stores are removed
+
+
+def test_the_data_benchmark_counts_the_bytes_read_and_stops_its_reader_on_failure(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from empssl.bench import data
+    from empssl.data.batches import StoreBatches
+    from empssl.data.load import load_dataset
+
+    for name in ("train/c", "val/c"):
+        os.makedirs(tmp_path / name)
+        Image.new("RGB", (40, 30)).save(tmp_path / name / "0.png")  # 4:3, stored 12x16 on a 16x16 canvas
+    store = load_dataset(f"folder:{tmp_path}", image_size=12, max_aspect=4 / 3, stream="on").train_images
+    assert store.slot_bytes == 16 * 16 * 3 and data.image_bytes(store) == 12 * 16 * 3
+    closed, close = [], StoreBatches.close
+    monkeypatch.setattr(StoreBatches, "close", lambda self: closed.append(self) or close(self))
+    monkeypatch.setattr(StoreBatches, "images", lambda self, *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        data._read_epoch(store, torch.device("cpu"), 1, 1)
+    assert len(closed) == 2 and closed[1].thread is None  # set_order's own close, then the epoch's: reader stopped

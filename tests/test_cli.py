@@ -1,5 +1,6 @@
 """The `empssl` command: train -> eval round trip, info, argument and input errors."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -304,3 +305,21 @@ def test_version():
     assert info.value.code == 0
     as_module = subprocess.run([sys.executable, "-m", "empssl.cli", "--version"], capture_output=True, text=True)
     assert as_module.returncode == 0 and as_module.stdout.strip() == f"empssl {__version__}"
+
+
+def test_under_torchrun_the_run_keeps_the_users_device_and_each_rank_resolves_it_to_its_own(monkeypatch):
+    """A rank's device is never written into the run's settings (its config.toml would say cuda:0, which torchrun
+    refuses): the process group is set up with the user's --device, and ``cuda`` / ``auto`` resolve to the rank's
+    current GPU in a process group (CUDA mocked here: torchrun's CUDA run is test_train_distributed's gpu test)."""
+    from empssl import distributed
+    from empssl.cli.commands import setup_runtime
+    from empssl.device import resolve_device
+
+    monkeypatch.setattr(distributed, "init_from_env", lambda device, timeout: "cuda:1")  # as rank 1 of a node
+    args = argparse.Namespace(device="cuda", threads=None, dist_timeout=60.0)
+    setup_runtime(args)
+    assert args.device == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # the set-up's torch.cuda.set_device(LOCAL_RANK)
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 1)

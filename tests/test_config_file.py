@@ -4,6 +4,7 @@ wrong types are refused naming the key and the file; YAML where PyYAML is instal
 
 import dataclasses
 import os
+import re
 
 import pytest
 import torch
@@ -174,3 +175,78 @@ def test_a_yaml_file_where_pyyaml_is_installed(tmp_path):
     path.write_text("training:\n  batch_size: many\n")
     with pytest.raises(ValueError, match=f"{path}: key 'training.batch_size': invalid literal"):
         read_config_file(str(path), COMMAND_OPTIONS["train"])
+
+
+def test_values_only_python_gives_are_written_as_what_they_mean(tmp_path):
+    # backbone_args as a dict and schedule_epochs None (the schedule spans the run): the file reruns the same run
+    backbone_args = {"img_size": 32, "act_layer": "gelu", "scale": (0.5, 1.0), "qkv_bias": False}
+    config = TrainConfig(backbone_args=backbone_args, epochs=3, schedule_epochs=None)  # a file holds any arch's
+    path = tmp_path / "config.toml"
+    path.write_text(config_toml(config))
+    got = dataclasses.replace(TrainConfig(), **read_config_file(str(path), COMMAND_OPTIONS["train"]))
+    assert got.model_config() == config.model_config() and got.model_config()["backbone_args"] == backbone_args
+    assert got.schedule_epochs == 3
+    with pytest.raises(ValueError, match="has no --backbone-args text that reads back to it"):
+        config_toml(TrainConfig(backbone_args={"norm_layer": torch.nn.LayerNorm}))
+
+
+def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    path = tmp_path / "run.toml"
+    path.write_text("lr = 0.1\n")
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):  # as a file without read permission (tests run as root)
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["train", "--config", str(path), "--out-dir", str(tmp_path / "run")])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (
+        f"empssl train: error: config file {path} cannot be read: Permission denied ({path}); check the permissions\n"
+    )
+
+
+def test_max_aspect_takes_its_ratio_form_in_a_file(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    for text, expected in (('max_aspect = "4:3"', 4 / 3), ('max_aspect = "3/2"', 1.5), ("max_aspect = 1.25", 1.25)):
+        path.write_text(f"[data]\n{text}\n")
+        assert read_config_file(str(path), COMMAND_OPTIONS["train"]) == {"max_aspect": expected}
+    for text, message in (
+        ('[data]\nmax_aspect = "9:1"', "key 'data.max_aspect': must be from 1 (the centre square) to 4 (4:1), got 9:1"),
+        (
+            '[data]\nmax_aspect = "1.5"',
+            "key 'data.max_aspect' must be a number, got '1.5' (str)",
+        ),  # a number is no string
+        ('lr = "fast"', "key 'lr' must be a number, got 'fast' (str)"),
+    ):
+        path.write_text(text + "\n")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            read_config_file(str(path), COMMAND_OPTIONS["train"])
+    try:
+        import yaml  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"optional dependency not installed: PyYAML ({err})")
+    path = tmp_path / "run.yaml"
+    path.write_text("max_aspect: '4:3'\n")
+    assert read_config_file(str(path), COMMAND_OPTIONS["train"]) == {"max_aspect": 4 / 3}
+    path.write_text("max_aspect: 4:3\n")  # PyYAML: the base-60 integer 243
+    with pytest.raises(ValueError, match="YAML reads an unquoted A:B as a base-60 number: quote it, '4:3'"):
+        read_config_file(str(path), COMMAND_OPTIONS["train"])
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_the_config_help_names_the_files_the_command_reads(command, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    claim = "a run folder's config.toml is such a file"
+    assert (claim in help_text) == (command == "train")
+    if command == "eval":  # indeed: a run's file is train's
+        (tmp_path / "config.toml").write_text(config_toml(TrainConfig()))
+        with pytest.raises(ValueError, match=r"table \[training\] is not an option group of empssl eval"):
+            read_config_file(str(tmp_path / "config.toml"), COMMAND_OPTIONS["eval"], "empssl eval")

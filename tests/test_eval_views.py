@@ -13,6 +13,7 @@ from empssl.augment.config import AugmentConfig, augment_config_for
 from empssl.evaluation.features import extract_whole_image_features
 from empssl.evaluation.probe import LabelledFeatures, knn_classify
 from empssl.models.encoder import build_encoder
+from empssl.models.fused import fuse_conv_epilogues
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -79,3 +80,22 @@ def test_eval_views_both_reports_each_view_as_alone(capsys):
     train, test = (extract_whole_image_features(encoder, images) for images in (data.train_images, data.test_images))
     knn = knn_classify(LabelledFeatures(train, data.train_labels, test, data.test_labels, data.num_classes))
     assert whole["whole_knn_top1"] == knn["top1"]
+
+
+def test_the_whole_image_view_runs_fused_convolutions_when_asked(capsys, monkeypatch):
+    from empssl.evaluation import features
+
+    fused = []
+
+    def spy(network):
+        fused.append(network)
+        return fuse_conv_epilogues(network)
+
+    monkeypatch.setattr(features, "fuse_conv_epilogues", spy)
+    _, whole = _eval(capsys, "--views", "whole", "--fused-conv", "on")
+    assert len(fused) == 2  # the train split's features and the test split's
+    _, plain = _eval(capsys, "--views", "whole")
+    assert len(fused) == 2 and whole["whole_knn_top1"] == plain["whole_knn_top1"]  # off CUDA: the same ops
+    images = torch.zeros(2, 8, 8, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="needs fold=True"):
+        extract_whole_image_features(build_encoder(width=0.125), images, fold=False, fused_conv=True)

@@ -270,6 +270,22 @@ def test_a_removed_or_added_field_is_refused(saved_run):
         ckpt.load_checkpoint(str(path))
 
 
+def test_checksums_of_a_newer_version_are_refused_as_such_and_version_1_still_verifies(saved_run, capsys):
+    _, path = saved_run
+    _rewrite(path, lambda p: p["checksums"].__setitem__("version", 3), checksums=False)
+    with pytest.raises(ckpt.CheckpointError, match="checksums of version 3, .* a newer empssl wrote it"):
+        ckpt.load_checkpoint(str(path))
+    version_1 = lambda p: p.__setitem__(  # noqa: E731
+        "checksums", {place: ckpt.tensor_checksum(t) for place, t in ckpt._tensors(p) if place != "checksums"}
+    )
+    _rewrite(path, version_1, checksums=False)
+    ckpt.load_checkpoint(str(path))
+    assert "only its tensors held checksums" in capsys.readouterr().err
+    _rewrite(path, lambda p: p["model"]["backbone.conv1.weight"].mul_(2), checksums=False)
+    with pytest.raises(ckpt.CheckpointError, match="tensor model/backbone.conv1.weight does not match its checksum"):
+        ckpt.load_checkpoint(str(path))
+
+
 def _momentum(payload):
     return next(iter(payload["optimizer"]["state"].values()))
 
@@ -281,8 +297,19 @@ def _momentum(payload):
          r"optimizer/state/0/momentum_buffer is torch.float32 \(\d+,\), its parameter is"),
         (lambda p: p["rng"].__setitem__("torch_cpu", p["rng"]["torch_cpu"][:-8]), "unusable field rng/torch_cpu"),
         (lambda p: p["rng"].__setitem__("permutation", p["rng"]["permutation"].float()), "field rng/permutation"),
+        (lambda p: p["rng"].__setitem__("torch_cpu", torch.zeros_like(p["rng"]["torch_cpu"])),
+         "unusable field rng/torch_cpu: not a valid generator state"),
+        (lambda p: p["rng"].__setitem__("permutation", torch.zeros_like(p["rng"]["permutation"])),
+         "unusable field rng/permutation: not a valid generator state"),
+        (lambda p: p["rng"].__setitem__("torch_cuda", torch.zeros(16, dtype=torch.uint8)),
+         "was trained on cuda: .* resume it with --device cuda"),
+        (lambda p: p["config"].__setitem__("lr", torch.tensor([1.0, 2.0])), "unusable field config/lr: expected a num"),
+        (lambda p: p["model_config"].__setitem__("z_dim", torch.tensor([16, 16])), "unusable field model_config/z_dim"),
+        (lambda p: p["model_config"].__setitem__("backbone_args", {"a": [torch.ones(1)]}),
+         "unusable field model_config/backbone_args"),
         (lambda p: p.__setitem__("permutation", p["permutation"].double()), "unusable field permutation"),
         (lambda p: p.__setitem__("permutation", p["permutation"][:-1]), "unusable field permutation: not an order"),
+        (lambda p: p.__setitem__("permutation", None), "unusable field permutation: expected a 1-D int64 tensor"),
         (lambda p: p.__setitem__("permutation", torch.zeros_like(p["permutation"])), "field permutation: not an order"),
         (lambda p: p.__setitem__("step", -1), "unusable field step: expected an integer >= 0"),
         (lambda p: p.__setitem__("step", "7"), "unusable field step"),
@@ -483,6 +510,21 @@ def test_an_unreadable_class_folder_stops_the_load_naming_it(tmp_path, monkeypat
     assert image_folder.load_image_folder(str(tmp_path / "tree"), image_size=8, show_progress=False).num_classes == 3
 
 
+def test_a_checkpoint_the_system_refuses_to_read_is_one_line_saying_so_not_corrupt(saved_run, monkeypatch, capsys):
+    _, path = saved_run
+    real = os.open
+
+    def refusing_open(name, *args, **kwargs):  # as a mode-600 file of another user does for one who is not root
+        if os.fspath(name) == str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    assert cli.main(["eval", "--checkpoint", str(path), "--device", "cpu", "--no-progress"]) == 1
+    line = _one_clear_line(capsys.readouterr().err)
+    assert f"checkpoint {path} cannot be read: Permission denied" in line and "corrupt" not in line, line
+
+
 # ---------------------------------------------------------------------- outputs never replace inputs
 
 
@@ -593,6 +635,32 @@ def test_a_killed_exports_temporary_is_removed_by_the_next_export_and_nothing_el
     assert set(torch.load(out, weights_only=True)) >= {"conv1.weight"}
     remove_stale_temporaries(str(out.parent))  # the run folder's rule: every dead temporary of this package
     assert f"{TEMP_PREFIX}other.pt-abcdefgh.pt" not in os.listdir(out.parent)
+
+
+def test_a_staged_write_closes_its_file_when_locking_fails_and_never_sets_the_umask(tmp_path, monkeypatch):
+    import fcntl
+
+    open_fds = lambda: sorted(os.listdir("/proc/self/fd"))  # noqa: E731
+    before, real_flock = open_fds(), fcntl.flock
+
+    def refusing_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refusing_flock)
+    with pytest.raises(OSError, match="cannot write .*out.bin: No locks available"):
+        StagedWrite(str(tmp_path / "out.bin"), lambda f: f.write(b"x"))
+    assert open_fds() == before and os.listdir(tmp_path) == []  # no descriptor, no temporary left
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+
+    # reading the umask means setting it: another thread's new file in between would get mode 0666
+    saved = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("os.umask called"))
+        write_atomically(str(tmp_path / "out.bin"), lambda f: f.write(b"x"))
+    finally:
+        monkeypatch.undo()
+        os.umask(saved)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o640  # a plain open()'s mode under umask 027
 
 
 # ---------------------------------------------------------------------- damaged metrics logs
@@ -784,6 +852,8 @@ def test_test_classes_the_training_split_lacks_warn_or_refuse():
         ({"inv_coef": float("nan")}, "inv_coef must be a finite number"),
         ({"tcr_coef": float("inf")}, "tcr_coef must be a finite number"),
         ({"inv_coef": 1e39}, "inv_coef must be a finite number within float32"),
+        ({"eps": 10**400}, r"eps must be a finite number within float32's range \(\|x\| <= 3.4e38\), got about 1e400"),
+        ({"tcr_coef": -(10**5000)}, "tcr_coef must be a finite number within float32's range"),
         ({"inv_coef": 0.0, "tcr_coef": 0.0}, "both 0"),
         ({"eps": float("inf")}, "eps must be a finite number"),
         ({"eps": 1e-45}, "eps must be a positive number"),

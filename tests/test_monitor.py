@@ -6,6 +6,7 @@ wait between monitored steps, and data sets without labels."""
 import json
 import math
 import os
+import types
 import warnings
 
 import numpy as np
@@ -15,6 +16,8 @@ from step_counters import count_host_syncs
 from tiny_run import TINY
 
 from empssl import checkpoint as ckpt
+from empssl.augment.config import augment_config_for
+from empssl.augment.multipatch import MultiPatchAugment
 from empssl.config import TrainConfig
 from empssl.data.dataset import ImageDataset
 from empssl.data.synthetic import make_synthetic
@@ -23,7 +26,7 @@ from empssl.evaluation.probe import LabelledFeatures, knn_classify
 from empssl.loss import coding_rate
 from empssl.models.encoder import load_encoder
 from empssl.training import loop as T
-from empssl.training.monitor import CollapseWarning, collapsed_coding_rate, effective_rank
+from empssl.training.monitor import CollapseWarning, OnlineMonitor, collapsed_coding_rate, effective_rank
 from empssl.training.run_folder import CHECKPOINT_NAME, METRICS_NAME
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -107,6 +110,41 @@ def test_a_monitored_run_logs_at_its_monitored_steps_and_trains_as_an_unmonitore
     monitored, unmonitored = (ckpt.load_checkpoint(os.path.join(c.out_dir, CHECKPOINT_NAME)) for c in (config, plain))
     for name, tensor in unmonitored["model"].items():
         assert torch.equal(monitored["model"][name], tensor), name
+
+
+def _dropout_step(data):
+    """A monitor, and the state of a step about to run whose encoder has a dropout layer, with its batch."""
+    monitor = OnlineMonitor(TrainConfig(**TINY, monitor_every=1, monitor_size=8), data, data.train_images, bf16=False)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(3 * 8 * 8, 16)).train()
+    state = types.SimpleNamespace(
+        device=torch.device("cpu"), encoder=encoder, image_sizes=None, augment=MultiPatchAugment(augment_config_for(8)),
+        num_patches=2, seed=0, step=3, bf16=False,
+    )  # fmt: skip
+    return monitor, state, data.train_images[:16], torch.arange(16)
+
+
+def test_the_steps_embeddings_draw_their_dropout_from_a_fork_of_the_generator(data):
+    """Computed again in training mode, a backbone's dropout draws random numbers: from a fork of the generator, so
+    they are the masks the step itself draws, and the run's random numbers are untouched (a monitored run trains as
+    an unmonitored one)."""
+    monitor, state, images, ids = _dropout_step(data)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    monitor.step_embeddings(state, images, ids)
+    assert torch.equal(torch.get_rng_state(), before)
+    with torch.no_grad():  # the step's own forward, from the same generator state
+        step_z = state.encoder(state.augment(images, 2, seed=0, step=3, image_ids=ids))
+    assert torch.equal(monitor.embeddings, step_z) and monitor.embeddings.std() > 0
+
+
+def test_the_steps_embeddings_are_timed_by_the_synchronising_clock_at_both_ends(data, monkeypatch):
+    # on CUDA the clock waits for the device: the recomputed forward's device time is the monitoring's, not the
+    # step window's (patches_per_s)
+    monitor, state, images, ids = _dropout_step(data)
+    ticks = iter((10.0, 12.5))
+    monkeypatch.setattr(monitor, "_clock", lambda device: next(ticks))
+    monitor.step_embeddings(state, images, ids)
+    assert monitor.seconds == 2.5
 
 
 def test_the_collapse_warning_fires_where_the_coding_rate_nears_its_collapsed_value(monitored_run):

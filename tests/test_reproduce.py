@@ -345,3 +345,72 @@ def test_the_memory_figures_of_the_docs_are_the_estimators():
     h100, h200 = (need.largest_num_patches(free * 2**30, 100) for free in (78, 139))
     assert f"at most {h100} patches fit" in text and f"(about 139 GiB free) up to {h200}." in text
     assert h100 < 200 <= h200  # the 200-patch cell: refused on an H100, taken on an H200
+
+
+def test_eval_args_without_the_reported_view_are_refused_and_cut_cells_are_not_set_beside_the_paper(tmp_path):
+    import argparse
+
+    from empssl.cli.main import parse_command
+
+    args = argparse.Namespace(
+        out_dir=str(tmp_path), experiment="one-epoch", dataset=["cifar10"], epochs=1, patches=[20], root="data",
+        device="cpu", train_args="", eval_args="--views whole", no_progress=True,
+    )  # fmt: skip
+    with pytest.raises(
+        reproduce.SweepError, match="--views whole leaves out the bag of patches the report shows; use both"
+    ):
+        reproduce.Sweep(args, None, parse_command).check_commands()  # before any cell: nothing written
+    assert os.listdir(tmp_path) == []
+    for train_args, paper in (("", 0.842), ("--max-steps 5", None)):
+        args = argparse.Namespace(**{**vars(args), "train_args": train_args, "eval_args": "--views both"})
+        sweep = reproduce.Sweep(args, None, parse_command)
+        sweep.check_commands()
+        for task in sweep.tasks:  # the files a finished cell holds
+            os.makedirs(sweep.cell_dir(task.cell), exist_ok=True)
+            done = {"linear_top1": 0.5, "knn_top1": 0.4} if task.kind == "eval" else {"epochs": 1, "seconds": 2.0}
+            (tmp_path / task.cell / (reproduce.EVAL_DONE if task.kind == "eval" else reproduce.TRAIN_DONE)).write_text(
+                json.dumps(done)
+            )
+        optimised = report.rows(sweep)[1]
+        assert optimised["cell"] == "cifar10-optimised" and optimised["published"] == paper
+        shown = _table(report.markdown(sweep, report.rows(sweep)))[1]
+        assert shown["epochs (schedule)"] == ("1 (2)" if paper else "1 (2), at most 5 steps")
+        assert shown["published %"] == ("84.2" if paper else "")
+
+
+@pytest.mark.parametrize(
+    "experiment, options, message",
+    [
+        ("one-epoch", ["--epochs", "5", "--patches", "50"], "it takes no --epochs or --patches"),
+        ("one-epoch", ["--patches", "50"], "it takes no --patches (the patches experiment varies them)"),
+        ("convergence", ["--patches", "20,50"], "convergence trains at one patch count"),
+        ("transfer", ["--patches", "20,50"], "transfer trains at one patch count"),
+        ("patches", ["--patches", "20,20"], "--patches 20,20 repeats a patch count"),
+    ],
+)
+def test_options_an_experiment_would_ignore_are_refused(tmp_path, capsys, experiment, options, message):
+    out = tmp_path / "sweep"
+    assert _reproduce([experiment, "--dataset", "a", "--dataset", "b", "--out-dir", str(out), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("empssl reproduce: error: ") and message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_the_memory_check_reads_a_config_file_inside_train_args(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from empssl.cli.main import parse_command
+    from empssl.training import memory
+
+    (tmp_path / "big.toml").write_text("[training]\nbatch_size = 400\n")
+    common = dict(arch="resnet18-cifar", width=1.0, hidden_dim=4096, z_dim=1024, image_size=32, num_patches=2)
+    small, big = (memory.estimate_step_memory(**common, batch_size=b, bf16=False).total for b in (100, 400))
+    monkeypatch.setattr(memory, "available_memory", lambda device: (small + big) // 2)  # the file's batch cannot fit
+    args = argparse.Namespace(
+        out_dir=str(tmp_path / "sweep"), experiment="patches", dataset=["synthetic"], epochs=1, patches=[2],
+        root="data", device="cpu", train_args=f"--config {tmp_path / 'big.toml'}", eval_args="", no_progress=True,
+    )  # fmt: skip
+    sweep = reproduce.Sweep(args, None, parse_command)
+    with pytest.raises(reproduce.SweepError, match="cell synthetic-patches-002 cannot fit"):
+        reproduce.check_memory(sweep)
+    assert f"2 patches: {memory.gib(big)}, does not fit" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """A run never loses or mixes work: one run per folder, interrupts that keep progress, metrics true across resumes."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -97,6 +98,17 @@ def test_overwrite_replaces_the_old_run_only_at_the_first_checkpoint(tmp_path, m
     records = _metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3]  # the new run's lines only, no interleaving
     _assert_true_history(records, resumed_at=[])
+
+
+def test_a_run_resumed_at_its_end_into_another_runs_folder_replaces_that_run_whole(tmp_path):
+    data = make_synthetic(64, 16, 8, seed=0)
+    finished = T.train(TrainConfig(**TINY, max_steps=2, out_dir=str(tmp_path / "finished")), data)
+    T.train(TrainConfig(**TINY, seed=1, max_steps=1, out_dir=str(tmp_path / "other")), data)
+    config = TrainConfig(**TINY, max_steps=2, resume=finished.checkpoint_path, overwrite=True)
+    T.train(dataclasses.replace(config, out_dir=str(tmp_path / "other")), data)  # nothing left to train
+    saved = ckpt.load_checkpoint(str(tmp_path / "other" / CHECKPOINT_NAME))
+    assert saved["step"] == 2 and saved["config"]["seed"] == 0  # the resumed run's checkpoint, not the old run's
+    assert {r["run_id"] for r in _metrics(tmp_path / "other")} == {saved["run_id"]}
 
 
 def test_resume_cuts_metrics_back_to_the_checkpoint_and_marks_it(tmp_path, monkeypatch):

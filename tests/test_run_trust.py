@@ -55,6 +55,12 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": ROOT}
 
 
+def _default_sigint():
+    # a shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored:
+    # the child gets Ctrl-C's default, as in a terminal, wherever the tests themselves run
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # ---------------------------------------------------------------------- two runs into one folder
 
 
@@ -459,7 +465,14 @@ def test_sigint_while_the_data_loads_exits_130_with_one_line(tmp_path):
         empssl.data.load.make_synthetic = slow
         sys.exit(cli.main(["train", *{TINY_ARGS!r}, "--out-dir", {str(tmp_path / "run")!r}]))
     """)
-    done = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_default_sigint,
+    )
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "empssl train: interrupted"
     assert not (tmp_path / "run").exists()  # the lock and its folder are gone
@@ -481,7 +494,9 @@ def test_sigint_before_the_loop_exits_130_without_a_traceback(tmp_path):
         "--out-dir",
         str(out),
     ]
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+    )
     deadline = time.time() + 60
     while not (out / run_lock.LOCK_NAME).exists() and time.time() < deadline:
         time.sleep(0.01)

@@ -363,3 +363,98 @@ def test_a_stores_fingerprint_is_the_fingerprint_of_its_images_in_memory(tmp_pat
     changed = store.load()
     changed[3, 0, 0, 0] ^= 1
     assert fingerprint(changed) != fingerprint(store)
+
+
+def test_a_store_of_other_settings_survives_and_a_cut_store_reads_its_file_after_removal(tmp_path):
+    imagenet_style(tmp_path, ("a", "b"))
+    spec = f"folder:{tmp_path}"
+    small = data_load.load_dataset(spec, image_size=8, stream="on", show_progress=False)
+    kept = small.train_images.select([0, 1])  # as the online monitor's bank: read later, while another run builds
+    before = set((tmp_path / ".empssl_cache").iterdir())
+    data_load.load_dataset(spec, image_size=16, stream="on", show_progress=False)
+    both = set((tmp_path / ".empssl_cache").iterdir())
+    assert before < both  # another setting's stores are not stale
+    data_load.load_dataset(spec, image_size=8, seed=1, stream="on", show_progress=False)
+    assert set((tmp_path / ".empssl_cache").iterdir()) == both  # the seed splits no tree here: the same stores
+    expected = small.train_images.load().numpy()[:2]
+    os.unlink(small.train_images.path)  # removed by hand: the stores already opened still read their images
+    assert np.array_equal(kept.read(np.arange(2), np.empty((2, 8, 8, 3), np.uint8)), expected)
+    assert np.array_equal(small.train_images[:2].load().numpy(), expected)
+
+
+def test_the_same_tree_through_a_link_reuses_its_stores(tmp_path, monkeypatch, recwarn):
+    imagenet_style(tmp_path / "tree", ("a", "b"))
+    (tmp_path / "link").symlink_to(tmp_path / "tree")
+    data_load.load_dataset(f"folder:{tmp_path / 'tree'}", image_size=8, show_progress=False)
+    decoded = []
+    real = image_folder.decode_image
+    monkeypatch.setattr(image_folder, "decode_image", lambda file, *args: decoded.append(file) or real(file, *args))
+    data_load.load_dataset(f"folder:{tmp_path / 'link'}", image_size=8, show_progress=False)
+    assert decoded == [] and not [w for w in recwarn if "rebuilding" in str(w.message)]
+
+
+@pytest.mark.parametrize("corrupt", ["a list", "an overflowing count"])
+def test_a_store_whose_header_is_corrupt_json_is_rebuilt_and_never_stops_the_cleanup(tmp_path, corrupt):
+    import json
+    import struct
+
+    from empssl.data.store import MAGIC
+
+    imagenet_style(tmp_path, ("a", "b"))
+    data_load.load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
+    path = next((tmp_path / ".empssl_cache").glob("*.train.empssl-store"))
+    content, header = path.read_bytes(), read_header(str(path))
+    text = json.dumps(header, sort_keys=True)
+    text = "[1, 2]" if corrupt == "a list" else text.replace(f'"count": {header["count"]}', '"count": 1e400')
+    path.write_bytes(MAGIC + struct.pack("<Q", len(text)) + text.encode() + content[len(MAGIC) + 8 + len(text) :])
+    with pytest.raises(StoreError, match="is corrupt"):
+        ImageStore.open(str(path))
+    copy = tmp_path / ".empssl_cache" / "copy.empssl-store"
+    copy.write_bytes(path.read_bytes())
+    assert store_build.remove_stale_stores(str(tmp_path / ".empssl_cache"), "", header) == []  # skipped, no error
+    with pytest.warns(UserWarning, match="rebuilding the store of the train split"):
+        data_load.load_dataset(f"folder:{tmp_path}", image_size=8, show_progress=False)
+    assert path.read_bytes() == content
+
+
+def test_a_resumed_build_counts_the_space_its_partial_store_already_takes(tmp_path, monkeypatch):
+    import collections
+
+    imagenet_style(tmp_path, ("a", "b"), per_class=20, val_folder="val")
+    real = image_folder.decode_image
+    calls = []
+
+    def interrupted(file, *args):
+        calls.append(file)
+        if len(calls) == 30:
+            raise KeyboardInterrupt
+        return real(file, *args)
+
+    monkeypatch.setattr(image_folder, "decode_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data_load.load_dataset(f"folder:{tmp_path}", image_size=32, show_progress=False)
+    monkeypatch.setattr(image_folder, "decode_image", real)
+    (partial,) = (tmp_path / ".empssl_cache").glob("*.partial")
+    held = os.stat(partial).st_blocks * 512
+    least = 40 * 32 * 32 * 3
+    assert held > 4096  # the decoded images' pages
+    usage = collections.namedtuple("usage", "total used free")
+    free = lambda folder: usage(1, 0, least - held if partial.exists() else 2**40)  # noqa: E731
+    monkeypatch.setattr(store_build.shutil, "disk_usage", free)  # the train split fits only beside its partial
+    resumed = data_load.load_dataset(f"folder:{tmp_path}", image_size=32, show_progress=False)
+    assert len(resumed.train_labels) == 40
+    monkeypatch.setattr(store_build.shutil, "disk_usage", lambda folder: usage(1, 0, least - 1))
+    with pytest.raises(DataError, match="needs at least .* GiB, but .* has"):
+        data_load.load_dataset(f"folder:{tmp_path}", image_size=32, cache_dir=str(tmp_path / "c2"), show_progress=False)
+    assert list((tmp_path / "c2").iterdir()) == []  # nothing left behind by the refusal
+
+
+def test_on_a_gpu_the_test_split_is_judged_beside_the_training_split_kept_before_it(tmp_path, monkeypatch):
+    imagenet_style(tmp_path, ("a", "b"), per_class=5)  # train and val: 10 images of 16x16 each
+    nbytes = 10 * 16 * 16 * 3
+    monkeypatch.setattr(data_load, "host_memory_available", lambda: (2**40, "a test's machine"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * nbytes, 2**40))  # each split alone fits
+    data = data_load.load_dataset(f"folder:{tmp_path}", image_size=16, stream="on", show_progress=False)
+    data = data_load._hold(data, "auto", torch.device("cuda", 0), True, False)
+    assert isinstance(data.train_images, torch.Tensor) and isinstance(data.test_images, ImageStore)
+    assert f"beside the {nbytes / 2**10:.1f} KiB of the split before it" in data.note

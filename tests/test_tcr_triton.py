@@ -125,8 +125,16 @@ def test_low_precision_error_is_within_twice_torch_error(n, b, d, kind, dtype, g
     torch_rate_error = (torch_rate.detach().double() - ref_rate).abs().max()
     grad_error = (grad.double() - ref_grad).abs().max()
     torch_grad_error = (torch_grad.double() - ref_grad).abs().max()
-    assert rate_error <= 2 * torch_rate_error, f"rate error {rate_error:.3e} vs torch {torch_rate_error:.3e}"
-    assert grad_error <= 2 * torch_grad_error, f"gradient error {grad_error:.3e} vs torch {torch_grad_error:.3e}"
+    # Both factorise in float32, so neither can be held below the float32 test's own bound on the same input:
+    # where torch's error falls under it by luck (a near-collapsed bf16 group: 1.4e-7), that bound is the floor.
+    rate_floor = 1e-5 * ref_rate.abs().max()
+    grad_floor = float32_gradient_tolerance(z, kind) * ref_grad.abs().max()
+    assert rate_error <= max(2 * torch_rate_error, rate_floor), (
+        f"rate error {rate_error:.3e} vs torch {torch_rate_error:.3e}, float32 bound {rate_floor:.3e}"
+    )
+    assert grad_error <= max(2 * torch_grad_error, grad_floor), (
+        f"gradient error {grad_error:.3e} vs torch {torch_grad_error:.3e}, float32 bound {grad_floor:.3e}"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

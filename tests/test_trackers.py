@@ -18,7 +18,7 @@ from empssl.config import TrainConfig
 from empssl.data.synthetic import make_synthetic
 from empssl.training import loop as T
 from empssl.training.run_folder import CHECKPOINT_NAME, METRICS_NAME, read_step_metrics
-from empssl.training.trackers import SCALARS, TENSORBOARD_FOLDER, WANDB_FOLDER
+from empssl.training.trackers import SCALARS, TENSORBOARD_FOLDER, WANDB_FOLDER, scalars_of
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
@@ -59,6 +59,16 @@ def _as_float32(series):
 @pytest.fixture(scope="module")
 def data():
     return make_synthetic(64, 32, 8, seed=0)
+
+
+def test_the_trackers_take_every_scalar_of_the_metrics_log(tmp_path, data):
+    config = TrainConfig(**TINY, max_steps=1, out_dir=str(tmp_path / "run"), **{**MONITORED, "monitor_every": 1})
+    T.train(config, data)
+    records = read_step_metrics(os.path.join(config.out_dir, METRICS_NAME))
+    assert "coding_rate" in records[-1]  # a monitored step's line among them
+    for record in records:
+        numbers = {key for key, value in record.items() if isinstance(value, (int, float)) and key != "step"}
+        assert set(scalars_of(record)) == {SCALARS[key] for key in numbers}, record
 
 
 @pytest.mark.slow  # three tiny runs and tensorboard's import: about 6 s on 2 cores

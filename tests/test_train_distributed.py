@@ -342,6 +342,8 @@ def test_torchrun_on_one_gpu_joins_nccl_and_trains_as_one_process(tmp_path):
     process = _torchrun(["train", *args, "--out-dir", launched], str(script), ranks=1)
     _check_ok(process)
     assert "process group: nccl, world 1, cuda:0" in process.stdout
+    # the run's config.toml keeps the user's --device: torchrun takes it again (it refuses cuda:N)
+    assert '\ndevice = "cuda"\n' in open(os.path.join(launched, CONFIG_NAME)).read()
     torch.backends.cudnn.deterministic = True  # as the launched process (conftest restores it after the test)
     _train_in_this_process([*args, "--out-dir", plain])  # no second CUDA start-up (the device check's step is short)
     steps, losses = _losses(launched)

@@ -2,6 +2,7 @@
 grid, every cell showing the image or patch it should (computed here independently), the numbers beside it agree;
 data without labels works; an output never replaces an input."""
 
+import argparse
 import csv
 import json
 import shutil
@@ -15,12 +16,15 @@ from tiny_run import TINY
 from empssl import cli
 from empssl.augment.config import augment_config_for
 from empssl.augment.multipatch import MultiPatchAugment
+from empssl.cli.pictures import folder_storage
 from empssl.config import TrainConfig
 from empssl.data.synthetic import make_synthetic
 from empssl.evaluation.features import SPLIT_KEYS, extract_features
 from empssl.models.encoder import load_encoder
 from empssl.training import loop as T
-from empssl.viz.grids import NEUTRAL, OTHER, SAME, GridLayout
+from empssl.viz.common import folder_images
+from empssl.viz.grids import NEUTRAL, OTHER, SAME, GridLayout, scale_for
+from empssl.viz.preview import PARAM_COLUMNS
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
@@ -105,6 +109,22 @@ def test_preview_shows_the_trainers_patches_next_to_the_originals(tmp_path, data
     assert flips == [sampled[i * 3 + j, 4].item() for j in range(3) for i in range(4)]
 
 
+def test_preview_of_a_checkpoint_cuts_with_the_runs_seed(tmp_path, data, capsys):
+    checkpoint = T.train(TrainConfig(**TINY, seed=3, max_steps=1, out_dir=str(tmp_path / "run"))).checkpoint_path
+    out = str(tmp_path / "preview.png")
+    argv = ["preview", "--checkpoint", checkpoint, "--num-images", "2", "--num-patches", "2", "--step", "1"]
+    for given, seed in (((), 3), (("--seed", "7"), 7)):  # the run's seed, unless --seed is given
+        assert _run(*argv, *given, "--out", out, *RUNTIME) == 0
+        assert f"(seed {seed}, step 1)" in capsys.readouterr().out
+        rows = _rows(str(tmp_path / "preview.csv"))
+        ids = torch.tensor(sorted({int(row["image"]) for row in rows}))
+        sampled = MultiPatchAugment(augment_config_for(8), backend="reference").sample(
+            data.train_images[ids], 2, seed=seed, step=1, image_ids=ids
+        )[1]
+        shown = [[float(row[column]) for column in PARAM_COLUMNS] for row in rows]
+        assert shown == [sampled[i * 2 + j].tolist() for j in range(2) for i in range(2)]  # every patch's parameters
+
+
 def test_neighbours_are_each_querys_nearest_by_embedding(tmp_path, data, checkpoint):
     out = str(tmp_path / "nb.png")
     argv = ["neighbours", "--checkpoint", checkpoint, "--test-size", str(TEST_SIZE), "--queries", "3", "--k", "4"]
@@ -164,6 +184,42 @@ def test_neighbours_and_embed_take_any_folder_of_images_without_labels(tmp_path,
     # the PNGs hold the images exactly: the embeddings are eval's of the same images
     expected = extract_features(encoder, data.test_images[:12], 16, bf16=False, seed=0, split_key=0)
     assert np.array_equal(np.load(embeddings), expected.numpy())
+
+
+def test_a_folder_of_images_is_cut_at_the_patch_size_the_encoder_was_trained_at(tmp_path):
+    # trained on 16x16 images cut into 8x8 patches: an --images folder is decoded at 16 and cut at 8, as training did
+    data = make_synthetic(64, TEST_SIZE, 16, seed=0)
+    config = TrainConfig(**{**TINY, "image_size": 16, "patch_size": 8}, max_steps=1, out_dir=str(tmp_path / "run"))
+    checkpoint = T.train(config).checkpoint_path
+    _write_folder(tmp_path / "flat", data.test_images[:6])
+    out, folder = str(tmp_path / "flat.npy"), ["--images", str(tmp_path / "flat")]
+    assert _run("embed", "--checkpoint", checkpoint, *folder, "--num-patches", "2", "--out", out, *RUNTIME) == 0
+    encoder, _ = load_encoder(checkpoint)
+    augment = MultiPatchAugment(augment_config_for(8))
+    expected = extract_features(encoder, data.test_images[:6], 2, augment, bf16=False, seed=0, split_key=0)
+    assert np.array_equal(np.load(out), expected.numpy())
+    # a given --patch-size wins: the preview's patches are 12x12
+    out = str(tmp_path / "preview.png")
+    argv = ["preview", "--checkpoint", checkpoint, *folder, "--patch-size", "12", "--num-images", "2"]
+    assert _run(*argv, "--num-patches", "1", "--out", out, *RUNTIME) == 0
+    layout = GridLayout(rows=2, columns=2, cell=12 * scale_for(12), separated=(0,))
+    assert _picture(out).shape == (layout.size[1], layout.size[0], 3)
+
+
+def test_a_folder_of_images_is_stored_as_the_checkpoints_image_tree(tmp_path):
+    """An ImageNet-100 run (stored at a shorter side of 448 kept up to 4:3, a canvas of 597, cut at 224): a folder
+    is decoded at 448 up to 4:3, each image in the corner of its canvas with its size, as the trainer's store."""
+    stored = {"dataset": "imagenet100:/data/in100", "image_size": None, "max_aspect": None, "patch_size": None}
+    payload = {"config": stored, "dataset": {"image_size": 597, "patch_size": 224}}
+    args = argparse.Namespace(dataset=None, image_size=None, max_aspect=None, patch_size=None)
+    assert folder_storage(args, payload) == (448, 4 / 3, 224)
+    args.image_size, args.patch_size = 12, 8
+    assert folder_storage(args, payload) == (12, 4 / 3, 8)
+    (tmp_path / "f").mkdir()
+    Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(tmp_path / "f" / "wide.png")
+    images = folder_images(str(tmp_path / "f"), 12, "cpu", max_aspect=4 / 3, patch_size=8)
+    assert images.images.shape == (1, 16, 16, 3) and images.sizes.tolist() == [[12, 16]] and images.patch_size == 8
+    assert (images.images[0, :12] == 200).all() and (images.images[0, 12:] == 0).all()
 
 
 def test_embed_writes_a_split_with_its_labels(tmp_path, data, checkpoint):

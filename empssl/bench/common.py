@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ..device import set_tf32, tf32_settings
+
 FIELDS = (
     "bench",
     "case",
@@ -69,10 +71,8 @@ def versions() -> str:
     except ImportError:
         parts.append("triton not installed")
     parts.append(f"python {platform.python_version()}")
-    parts.append(
-        f"TF32 matmul {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}, "
-        f"cuDNN {'on' if torch.backends.cudnn.allow_tf32 else 'off'}"
-    )
+    matmul_tf32, cudnn_tf32 = tf32_settings()
+    parts.append(f"TF32 matmul {'on' if matmul_tf32 else 'off'}, cuDNN {'on' if cudnn_tf32 else 'off'}")
     return ", ".join(parts)
 
 
@@ -323,7 +323,7 @@ def open_results(bench: str, args) -> Results:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"{bench}: --device {args.device} asked for, but no CUDA GPU is available here")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = TrainConfig.tf32
+    set_tf32(TrainConfig.tf32, TrainConfig.tf32)
     return Results(bench, device, args.csv or os.path.join(args.out, f"{bench}.csv"))
 
 

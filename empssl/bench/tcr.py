@@ -24,6 +24,7 @@ import contextlib
 import torch
 
 from .. import backends
+from ..device import set_tf32, tf32_settings
 from ..loss import EMPSSLLoss, coding_rate
 from ..reference import tcr as reference_tcr
 from . import common
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--naive-max-n", type=int, default=None, help="skip the naive loop above this n")
     args = parser.parse_args(argv)
     results = common.open_results("tcr", args)
-    torch.backends.cuda.matmul.allow_tf32 = False  # IEEE float32 Gram for every method (as TrainConfig's default)
+    set_tf32(False, tf32_settings()[1])  # IEEE float32 Gram for every method (as TrainConfig's default)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     b = args.b or (16 if args.tiny else 100)

@@ -73,14 +73,15 @@ def check_png_out(out: str, metrics: str) -> None:
 
 
 def setup_runtime(args) -> None:
-    """Threads; under torchrun, the process group (``args.device`` becomes this rank's device)."""
+    """Threads; under torchrun, the process group. ``args.device`` stays the user's (a run's config.toml reruns under
+    torchrun): every rank resolves it to its own device (``device.resolve_device``)."""
     import torch
 
     from .. import distributed
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.device = distributed.init_from_env(args.device, args.dist_timeout)
+    distributed.init_from_env(args.device, args.dist_timeout)
 
 
 def _is_main_rank() -> bool:
@@ -235,6 +236,7 @@ def run_info(args) -> int:
         backends,
         ops,  # noqa: F401  importing registers the ops
     )
+    from ..device import tf32_settings
 
     def version(module_name):
         try:
@@ -261,7 +263,7 @@ def run_info(args) -> int:
     print(
         f"float32      training sets TF32 {'on' if TrainConfig.tf32 else 'off'} for float32 matmuls and cuDNN "
         f"convolutions (--tf32 turns it on); torch's settings in this process: matmul "
-        f"{torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}"
+        "{}, cuDNN {}".format(*tf32_settings())
     )
     from ..data.load import memory_rule
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import sys
 from typing import Any, Dict, List, Optional
 
+from ..files import describe_os_error
 from .commands import run_eval, run_export, run_info, run_plot, run_train, setup_runtime
 from .parser import COMMAND_OPTIONS, build_parser
 from .pictures import run_embed, run_map, run_neighbours, run_preview
@@ -139,22 +139,6 @@ def _out_of_memory(err: BaseException) -> bool:
     import torch
 
     return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
-
-
-def describe_os_error(err: OSError) -> str:
-    """``reason: path`` of an OSError (its errno's text when it has no message of its own)."""
-    import errno as errnos
-
-    reason = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
-    hint = {
-        errnos.ENOSPC: "free some space or pass another --out-dir",
-        errnos.EROFS: "the file system is read-only",
-        errnos.EACCES: "check the permissions",
-        errnos.EPERM: "check the permissions",
-        errnos.ENOENT: "did the path vanish?",
-    }.get(err.errno)
-    where = f" ({err.filename})" if err.filename and str(err.filename) not in reason else ""
-    return f"{reason}{where}" + (f"; {hint}" if hint else "")
 
 
 def _prog(args) -> str:

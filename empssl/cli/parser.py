@@ -42,8 +42,14 @@ def _add_config_option(parser: argparse.ArgumentParser, command: str) -> None:
         "--config",
         metavar="FILE",
         help=f"read options from a TOML file (YAML where PyYAML is installed) with the names of `empssl {command}`'s "
-        "options (batch_size = 100), at its top level or in tables named after the option groups; options given "
-        "beside it win (a run folder's config.toml is such a file; docs/training.md section 10)",
+        f"options ({'batch_size = 100' if command == 'train' else 'num_patches = 64'}), at its top level or in tables "
+        "named after the option groups; options given beside it win ("
+        + (
+            "a run folder's config.toml is such a file"
+            if command == "train"
+            else "a run folder's config.toml is train's: eval takes the run's settings from --checkpoint"
+        )
+        + "; docs/training.md section 10)",
     )
 
 
@@ -210,6 +216,12 @@ def _add_picture_parsers(commands) -> None:
             picture.add_argument("--num-images", type=positive_int, default=6, help="images shown (default 6)")
             picture.add_argument(
                 "--step", type=int, default=0, help="the training step whose random numbers cut the patches (default 0)"
+            )
+            # the patches training step S cut: with the run's seed, unless --seed is given
+            seed = next(action for action in parser._actions if action.dest == "seed")
+            seed.default, seed.help = (
+                None,
+                "seed of the patches' random numbers (default: the checkpoint's run's, else 0)",
             )
         _add_process_options(parser, groups)
 

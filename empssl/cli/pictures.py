@@ -3,7 +3,8 @@ the encoder and the images, check that no output replaces an input, draw with ``
 
 from __future__ import annotations
 
-from typing import List, Optional
+import dataclasses
+from typing import List, Optional, Tuple
 
 from ..config import EvalConfig
 from ..options import from_args
@@ -21,9 +22,25 @@ def _inputs(args, stored: dict) -> List[Optional[str]]:
     ]
 
 
+def folder_storage(args, payload: dict) -> Tuple[int, float, Optional[int]]:
+    """(shorter side, longest aspect ratio kept, patch size; None: the recipe for the images) at which an --images
+    folder is decoded and cut: the command line's, else the checkpoint's run's (its settings, else its data set's
+    defaults), so the encoder sees patches as it saw them in training."""
+    from ..data.layouts import KINDS, LAYOUT_DEFAULTS, StorageDefaults
+
+    stored, trained = payload.get("config", {}), payload.get("dataset", {})
+    kind, _, path = run_setting(args, stored, "dataset").partition(":")
+    tree = LAYOUT_DEFAULTS.get(kind, StorageDefaults()) if kind in KINDS and path else None
+    # an image tree's stored canvas is not its shorter side (its images keep up to max_aspect); other sets are square
+    size = run_setting(args, stored, "image_size") or (tree.image_size if tree else trained.get("image_size")) or 32
+    aspect = run_setting(args, stored, "max_aspect") or (tree.max_aspect if tree else 1.0)
+    patch_size = run_setting(args, stored, "patch_size") or trained.get("patch_size")
+    return int(size), float(aspect), patch_size
+
+
 def _images(args, config: EvalConfig, payload: dict, split: str, limit: Optional[int]):
-    """The ImageSet the command draws from: the --images folder (decoded at --image-size, else the size of the
-    checkpoint's training images), else the data set's split; the first ``limit``."""
+    """The ImageSet the command draws from: the --images folder (stored and cut as ``folder_storage`` says), else
+    the data set's split; the first ``limit``."""
     import torch
 
     from ..device import resolve_device
@@ -31,8 +48,8 @@ def _images(args, config: EvalConfig, payload: dict, split: str, limit: Optional
 
     stored = payload.get("config", {})
     if args.images:
-        size = int(args.image_size or payload.get("dataset", {}).get("image_size") or stored.get("image_size") or 32)
-        images = folder_images(args.images, size, resolve_device(config.device), config.progress)
+        size, aspect, patch_size = folder_storage(args, payload)
+        images = folder_images(args.images, size, resolve_device(config.device), config.progress, aspect, patch_size)
     else:
         images = split_images(*data_from_args(args, config, stored, config.test_size, stream="off"), split)
     if limit is not None and limit < len(images):
@@ -158,6 +175,8 @@ def run_preview(args) -> int:
     from ..viz.preview import PREVIEW_COLUMNS, augmentation_preview
 
     config, _, payload, _, outputs = _prepare(args, (".png",), with_encoder=False)
+    if config.seed is None:  # the seed the checkpoint's run trained with
+        config = dataclasses.replace(config, seed=int(payload.get("config", {}).get("seed", EvalConfig.seed)))
     images = _images(args, config, payload, args.split, None)
     chosen = images.subset(_pick(args.num_images, len(images), config.seed))
     device = chosen.images.device

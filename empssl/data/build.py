@@ -5,15 +5,19 @@ bar, in a bounded window so decoded images wait in memory only briefly; the main
 then its size, then its status byte, into ``NAME.partial``, so a build killed at any point resumes where it
 stopped. When every image is written the file is fsynced and renamed to ``NAME``: a store at its final name is
 complete. An ``flock`` on the partial file keeps two processes (a node's torchrun ranks) from building one store
-twice: the second waits and then uses the first's. ``remove_stale_stores`` removes only stores this tree's split
-wrote for an earlier state of the tree, proven by their name and their header.
+twice: the second waits and then uses the first's; the disk-space check and the removal of a damaged store happen
+under that lock too. ``remove_stale_stores`` removes only stores this tree's split wrote with the same storage
+settings for an earlier state of the tree, proven by their name and their header: a store of other settings may be
+another run's, in use. A store being read stays readable when removed (``ImageStore`` holds its file open).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import fcntl
 import os
+import shutil
 import stat
 import sys
 import warnings
@@ -28,6 +32,7 @@ from .store import (
     PENDING,
     SKIPPED,
     SUFFIX,
+    ImageStore,
     StoreError,
     canvas_sum,
     encode_header,
@@ -68,10 +73,13 @@ def build_store(
     on_bad_image: str = "skip",
     show_progress: bool = True,
     description: str = "decode",
+    least_bytes: int = 0,
 ) -> List[str]:
     """Decode ``files`` (labels ``labels``) into the store ``path`` (header from ``store_header``), resuming a
     partial build of the same header; returns the files that did not decode (skipped, each with a warning; with
-    ``on_bad_image="error"`` the first stops the build with DataError and the partial file is removed)."""
+    ``on_bad_image="error"`` the first stops the build with DataError and the partial file is removed). A store
+    at ``path`` that does not open with this header is damaged and replaced. DataError if the disk lacks
+    ``least_bytes`` (beside what the partial file already holds)."""
     from tqdm import tqdm
 
     partial = path + PARTIAL
@@ -90,10 +98,24 @@ def build_store(
         except BlockingIOError:
             print(f"empssl: waiting for another process building {path}", file=sys.stderr, flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        if os.path.exists(path):  # another process finished it while this one waited
+        if os.path.exists(path):
+            try:
+                ImageStore.open(path, expect=header)  # another process finished it while this one waited
+                if not os.fstat(fd).st_size:
+                    _unlink_if_same(partial, fd)  # the empty file this call's open created after that rename
+                return []
+            except StoreError:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # damaged (its name is this header's fingerprint and split): rebuilt below
+        folder = os.path.dirname(path) or "."
+        free = shutil.disk_usage(folder).free + os.fstat(fd).st_blocks * 512  # the partial file's space is reused
+        if least_bytes > free:
             if not os.fstat(fd).st_size:
-                _unlink_if_same(partial, fd)  # the empty file this call's open created after that rename
-            return []
+                _unlink_if_same(partial, fd)
+            raise DataError(
+                f"the store of the {description} needs at least {least_bytes / 2**30:.1f} GiB, but {folder} has "
+                f"{free / 2**30:.1f} GiB free; pass --cache-dir on a larger disk, or a smaller --image-size"
+            )
         resumed = False
         if os.fstat(fd).st_size:
             try:
@@ -202,10 +224,12 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def remove_stale_stores(folder: str, keep: str, source: str, split: str) -> List[str]:
+def remove_stale_stores(folder: str, keep: str, header: Dict) -> List[str]:
     """Remove the stores (complete or partial) in ``folder`` that this tree's split wrote for an earlier state of the
-    tree: only files named ``*.empssl-store[.partial]`` whose header is a store's and names the same ``source`` and
-    ``split``, never ``keep``, never one another process is building. Returns the removed paths."""
+    tree: only files named ``*.empssl-store[.partial]`` whose header is a store's and names the same source, split
+    and storage settings as ``header`` (the one of ``keep``) but another fingerprint; never ``keep``, never one
+    another process is building. Returns the removed paths."""
+    same = {key: header[key] for key in ("source", "split", "settings")}
     removed = []
     try:
         names = os.listdir(folder)
@@ -222,8 +246,11 @@ def remove_stale_stores(folder: str, keep: str, source: str, split: str) -> List
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 continue
-            header = read_header(path, fd)
-            if header.get("source") != source or header.get("split") != split:
+            found = read_header(path, fd)
+            if (
+                any(found.get(key) != value for key, value in same.items())
+                or found.get("fingerprint") == header["fingerprint"]
+            ):
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a partial store being built is somebody's
             os.unlink(path)

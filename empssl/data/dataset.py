@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -168,13 +168,35 @@ def check_patch_size(data: "ImageDataset", patch_size: int, smallest: int) -> No
     )
 
 
-def deterministic_split(n: int, test_fraction: float = TEST_FRACTION, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    """Sorted train and test indices of a seeded permutation of range(n); the test part gets at least one."""
+def deterministic_split(
+    n: int, test_fraction: float = TEST_FRACTION, seed: int = 0, classes: Optional[Sequence] = None
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Sorted train and test indices of a seeded permutation of range(n); the test part gets at least one. With
+    ``classes`` (one per index) each class is split alike and keeps at least one index in training, so the test
+    part holds no class the training part lacks."""
     if n < 2:
         raise DataError(f"cannot split {n} image(s) into train and test; provide at least 2")
-    order = np.random.default_rng(seed).permutation(n)
-    num_test = min(n - 1, max(1, int(round(n * test_fraction))))
-    return np.sort(order[num_test:]), np.sort(order[:num_test])
+    rng = np.random.default_rng(seed)
+    if classes is None:
+        order = rng.permutation(n)
+        num_test = min(n - 1, max(1, int(round(n * test_fraction))))
+        return np.sort(order[num_test:]), np.sort(order[:num_test])
+    names = np.asarray(classes)
+    train, test = [], []
+    for name in np.unique(names):
+        members = rng.permutation(np.flatnonzero(names == name))
+        num_test = min(len(members) - 1, int(round(len(members) * test_fraction)))
+        train.append(members[num_test:])
+        test.append(members[:num_test])
+    if not sum(map(len, test)):  # every class too small for its share: the largest one gives one image
+        largest = int(np.argmax([len(part) for part in train]))
+        if len(train[largest]) < 2:
+            raise DataError(
+                f"cannot split {n} images of {n} classes into train and test: each class needs an image in training "
+                f"and one is needed for testing; provide at least 2 images of a class"
+            )
+        train[largest], test[largest] = train[largest][1:], train[largest][:1]
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
 def check_labels(labels: np.ndarray, source: str, array: str, num_images: int) -> np.ndarray:

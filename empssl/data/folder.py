@@ -2,9 +2,10 @@
 
 The tree is listed by ``empssl.data.layouts``; each split is decoded once, on every core, into an on-disk store
 (``empssl.data.store``) in the cache folder (default PATH/.empssl_cache), named by a fingerprint of every file's
-path, size and mtime and of the storage settings, so a changed tree or setting gets a new store and the stale one is
-removed (only stores of this tree's, proven by their header). ``load_image_folder`` returns an ``ImageDataset``
-whose splits are these stores; ``empssl.data.load`` reads a split into memory where it fits.
+path, size and mtime and of the storage settings, so a changed tree or setting gets a new store; a store of the
+same settings for an earlier state of the tree is removed (only stores of this tree's, proven by their header).
+``load_image_folder`` returns an ``ImageDataset`` whose splits are these stores; ``empssl.data.load`` reads a split
+into memory where it fits.
 
 Bounded work for any file (``decode_image``): an image is read only if it is a regular file (a FIFO named ``x.png``
 is a bad image, never opened for reading), its decode reserves its memory from one budget shared by the decoding
@@ -22,7 +23,6 @@ import contextlib
 import hashlib
 import math
 import os
-import shutil
 import threading
 from typing import Iterator, Optional
 
@@ -137,9 +137,18 @@ def _resized(image, image_size: int, max_aspect: float) -> np.ndarray:
     return np.asarray(image.resize((out_w, out_h), Image.BILINEAR, box=box), dtype=np.uint8)
 
 
-def _fingerprint(listing: Listing, image_size: int, max_aspect: float, on_bad_image: str, seed: int) -> str:
-    """Hash of every file's relative path, class, size and mtime, plus the layout and the storage settings."""
-    settings = f"v{STORE_VERSION}|{listing.kind}|{listing.layout}|{image_size}|{max_aspect!r}|{on_bad_image}|{seed}"
+def _settings(listing: Listing, image_size: int, max_aspect: float, on_bad_image: str, seed: int) -> str:
+    """What decides a store's images besides the files: the store version, the layout, the storage settings, and
+    the seed where it splits the tree (only there: elsewhere another --data-seed stores the same images)."""
+    split_by = f"|seed {seed}" if listing.seeded_split else ""
+    drawn = f"|{listing.drawn}" if listing.drawn else ""  # a subset's store is not a stale state of the whole's
+    return (
+        f"v{STORE_VERSION}|{listing.kind}|{listing.layout}|{image_size}|{max_aspect!r}|{on_bad_image}{split_by}{drawn}"
+    )
+
+
+def _fingerprint(listing: Listing, settings: str) -> str:
+    """Hash of every file's relative path, split, class, size and mtime, and of ``settings`` (``_settings``)."""
     digest = hashlib.sha256(settings.encode())
     for split, entries in listing.splits.items():
         for file, class_name in entries:
@@ -169,12 +178,15 @@ def load_image_folder(
     kind: str = "folder",
     max_aspect: Optional[float] = None,
     need_labels: bool = False,
+    train_size: Optional[int] = None,
+    test_size: Optional[int] = None,
 ) -> ImageDataset:
     """The tree at ``path`` read as ``kind`` (``empssl.data.layouts``), each split decoded once into a store (built
     in parallel, resumed if interrupted, reused while the tree and settings are unchanged); the returned data set's
     images are these stores (``ImageStore``). ``image_size`` / ``max_aspect``: the storage (default: the layout's).
-    ``need_labels``: refuse an unlabelled tree before anything is decoded (evaluation)."""
-    listing = list_images(kind, path, seed)
+    ``need_labels``: refuse an unlabelled tree before anything is decoded (evaluation). ``train_size`` /
+    ``test_size``: decode only that many images of the split, drawn by ``seed`` (``Listing.draw``)."""
+    listing = list_images(kind, path, seed).draw({"train": train_size, "test": test_size}, seed)
     if need_labels and not listing.labelled:
         raise DataError(
             f"{kind}:{path} has no labels ({listing.layout}): evaluation trains a linear probe and a kNN on "
@@ -186,8 +198,9 @@ def load_image_folder(
     check_storage(image_size, max_aspect)
     canvas = canvas_size(image_size, max_aspect)
     cache_dir = cache_dir or os.path.join(path, ".empssl_cache")
-    key = _fingerprint(listing, image_size, max_aspect, on_bad_image, seed)
-    source = os.path.abspath(path)
+    settings = _settings(listing, image_size, max_aspect, on_bad_image, seed)
+    key = _fingerprint(listing, settings)
+    source = os.path.realpath(path)  # the tree, by whichever path or link it is reached
     class_index = {name: index for index, name in enumerate(listing.classes)}
     stores = {}
     for split, entries in listing.splits.items():
@@ -196,6 +209,7 @@ def load_image_folder(
             "source": source,
             "split": split,
             "fingerprint": key,
+            "settings": settings,
             "layout": listing.layout,
             "classes": listing.classes,
             "image_size": image_size,
@@ -212,14 +226,6 @@ def load_image_folder(
                 warnings.warn(f"{err}; rebuilding the store of the {split} split of {path}")
         check_writable_folder(cache_dir, "--cache-dir")  # before decoding: an unusable folder fails at once
         os.makedirs(cache_dir, exist_ok=True)
-        least, free = len(entries) * image_size * image_size * 3, shutil.disk_usage(cache_dir).free
-        if least > free:  # every image takes at least image_size x image_size pixels
-            raise DataError(
-                f"the store of the {split} split of {path} needs at least {least / 2**30:.1f} GiB, but {cache_dir} "
-                f"has {free / 2**30:.1f} GiB free; pass --cache-dir on a larger disk, or a smaller --image-size"
-            )
-        if os.path.exists(store_path):
-            os.unlink(store_path)  # the damaged store of this very fingerprint and split, checked above
         labels = np.array([class_index.get(name, -1) if name is not None else -1 for _, name in entries], np.int64)
         build_store(
             store_path,
@@ -230,8 +236,9 @@ def load_image_folder(
             on_bad_image,
             show_progress,
             f"{split} split of {path}",
+            len(entries) * image_size * image_size * 3,  # every image takes at least image_size x image_size pixels
         )
-        remove_stale_stores(cache_dir, store_path, source, split)
+        remove_stale_stores(cache_dir, store_path, header)
         stores[split] = ImageStore.open(store_path, expect=about)
     train = stores["train"]
     test = stores["test"] if "test" in stores else train[:0]  # unlabelled: no test split

@@ -5,7 +5,8 @@ split's classes, the layout found (in words, for messages) and the layout's stor
 
 - ``folder``: the layout is found from the tree: Tiny ImageNet (``train/<wnid>/images/*``, ``val/images/*`` with
   ``val/val_annotations.txt``), ImageNet style (``train/<class>/**`` with ``val/<class>/**`` or ``test/``), one
-  ``<class>/**`` tree split deterministically, or a flat folder of images (unlabelled);
+  ``<class>/**`` tree split deterministically per class (every class kept in training), or a flat folder of
+  images (unlabelled);
 - ``tinyimagenet``: the Tiny ImageNet layout, nothing else;
 - ``imagenet100``: the 100 classes of ``imagenet100.txt`` (the list of CMC, used by solo-learn and the EMP-SSL
   paper) out of an ImageNet-1k ``train/<wnid>`` and ``val/<wnid>`` tree;
@@ -19,9 +20,13 @@ what was expected.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
+
+from ..files import open_input
 from .dataset import DataError, deterministic_split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -44,8 +49,9 @@ class StorageDefaults:
     patch_size: Optional[int] = None
 
 
-# ImageNet: a 25%-area crop of an image kept whole up to 4:3 (or 3:4) at a shorter side of 448 is at least 224
-# pixels on a side, so the recipe's 224-pixel patches are never upsampled (docs/method.md section 4)
+# ImageNet: a 25%-area crop (aspect 3:4 to 4:3) of an image stored at a shorter side of 448 is at least
+# 224 * sqrt(3/4) = 194 pixels on a side (on a square image), so a 224-pixel patch is upsampled at most 1.15x; an
+# image kept whole up to 4:3 gives 224 on a 4:3 image (docs/training.md section 2)
 LAYOUT_DEFAULTS = {
     "tinyimagenet": StorageDefaults(64, 1.0, 64),
     "imagenet100": StorageDefaults(448, 4 / 3, 224),
@@ -62,10 +68,30 @@ class Listing:
     splits: Dict[str, List[Entry]]
     classes: List[str]  # the training split's, sorted; [] for unlabelled images
     defaults: StorageDefaults = StorageDefaults()
+    seeded_split: bool = False  # whether the seed chose the split (one <class>/ tree)
+    drawn: str = ""  # the subsets ``draw`` took ("" for whole splits)
 
     @property
     def labelled(self) -> bool:
         return bool(self.classes)
+
+    def draw(self, sizes: Dict[str, Optional[int]], seed: int) -> "Listing":
+        """At most ``sizes[split]`` images of each split (None: all), drawn at random by ``seed`` from the whole
+        split (every class in its share, never the first classes of the sorted listing) and kept in the tree's
+        order; the classes stay the whole training split's."""
+        splits, drawn = dict(self.splits), []
+        for number, (split, size) in enumerate(sizes.items()):
+            if size is not None and size <= 0:
+                raise ValueError(f"{split}_size must be positive, got {size}")
+            entries = self.splits.get(split, [])
+            if size is None or size >= len(entries):
+                continue
+            keep = np.sort(np.random.default_rng((seed, number)).choice(len(entries), size, replace=False))
+            splits[split] = [entries[k] for k in keep]
+            drawn.append(f"{split} {size} of {len(entries)}")
+        if not drawn:
+            return self
+        return dataclasses.replace(self, splits=splits, drawn=f"{', '.join(drawn)} drawn by seed {seed}")
 
 
 def _is_image(name: str) -> bool:
@@ -98,14 +124,33 @@ def _image_files(folder: str) -> List[str]:
 
 
 def _images_below(folder: str, what: str = "folder") -> List[str]:
-    """Every file named like an image under ``folder`` (any depth; hidden folders such as .empssl_cache skipped),
-    sorted. A folder that cannot be read is an error naming it (``what``: the word for it), never a class silently
-    left out."""
+    """Every file named like an image under ``folder`` (any depth, through links to folders; hidden folders such as
+    .empssl_cache skipped), sorted; a folder reached twice (a link to one already listed, or to an ancestor) is
+    listed once. A folder that cannot be read is an error naming it (``what``: the word for it), never a class
+    silently left out."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=lambda err: _unreadable(err, what)):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    try:
+        seen = {_identity(folder)}
+    except OSError as err:
+        _unreadable(err, what)
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=lambda err: _unreadable(err, what), followlinks=True):
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            try:
+                identity = _identity(os.path.join(dirpath, name))
+            except OSError as err:
+                _unreadable(err, what)
+            if identity not in seen:
+                seen.add(identity)
+                kept.append(name)
+        dirnames[:] = kept
         found += [os.path.join(dirpath, name) for name in sorted(filenames) if _is_image(name)]
     return found
+
+
+def _identity(folder: str) -> Tuple[int, int]:
+    info = os.stat(folder)  # through a link: the folder it names
+    return info.st_dev, info.st_ino
 
 
 def _class_tree(folder: str, classes: Optional[List[str]] = None) -> List[Entry]:
@@ -151,7 +196,8 @@ def _tiny_imagenet(path: str) -> Listing:
     if not train:
         raise DataError(f"{train_dir} holds no images; {expected}")
     labels = {}
-    with open(annotations_file, encoding="utf-8", errors="replace") as f:
+    binary = open_input(annotations_file, "the Tiny ImageNet annotations")  # a FIFO is refused, never read
+    with io.TextIOWrapper(binary, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             fields = line.split("\t")
             if not line.strip():
@@ -247,14 +293,30 @@ def _split_tree(path: str, train_dir: str, test_dir: str) -> Listing:
     return Listing("folder", path, layout, splits, sorted({c for _, c in train}))
 
 
+def _is_tiny_imagenet(path: str) -> bool:
+    """Whether a ``folder:`` tree is read as Tiny ImageNet: train/, val/images/ and val/val_annotations.txt."""
+    val_dir = os.path.join(path, "val")
+    return (
+        os.path.isdir(os.path.join(path, "train"))
+        and os.path.isdir(os.path.join(val_dir, "images"))
+        and os.path.exists(os.path.join(val_dir, TINY_ANNOTATIONS))
+    )
+
+
+def layout_defaults(kind: str, path: str) -> Optional[StorageDefaults]:
+    """The storage defaults of the tree ``kind:path`` where its layout has its own (None: the plain defaults), from
+    a few names alone (nothing listed): a ``folder:`` tree in the Tiny ImageNet layout takes Tiny ImageNet's."""
+    return LAYOUT_DEFAULTS.get("tinyimagenet" if kind == "folder" and _is_tiny_imagenet(path) else kind)
+
+
 def _detect(path: str, seed: int) -> Listing:
     """The layout of a ``folder:`` tree, found from what it holds."""
     train_dir = os.path.join(path, "train")
+    if _is_tiny_imagenet(path):
+        return _tiny_imagenet(path)
     if os.path.isdir(train_dir):
         val_dir = os.path.join(path, "val")
         if os.path.isdir(os.path.join(val_dir, "images")):
-            if os.path.exists(os.path.join(val_dir, TINY_ANNOTATIONS)):
-                return _tiny_imagenet(path)
             if not [d for d in _visible_folders(val_dir) if d != "images"]:
                 raise DataError(
                     f"{val_dir}/images holds the validation images but there is no {val_dir}/{TINY_ANNOTATIONS} to "
@@ -284,10 +346,10 @@ def _detect(path: str, seed: int) -> Listing:
             f"image folder {path} holds no images (expected {path}/train/<class>/*, "
             f"{path}/val/<class>/* or {path}/<class>/*.png|jpg)"
         )
-    train_idx, test_idx = deterministic_split(len(entries), seed=seed)
+    train_idx, test_idx = deterministic_split(len(entries), seed=seed, classes=[name for _, name in entries])
     splits = {"train": [entries[i] for i in train_idx], "test": [entries[i] for i in test_idx]}
     classes = sorted({c for _, c in splits["train"]})
-    return Listing("folder", path, "one <class>/ tree, split deterministically", splits, classes)
+    return Listing("folder", path, "one <class>/ tree, split deterministically", splits, classes, seeded_split=True)
 
 
 def list_images(kind: str, path: str, seed: int = 0) -> Listing:

@@ -29,7 +29,7 @@ from ..device import host_memory_available
 from .cifar import download_cifar, load_cifar
 from .dataset import MAX_DEFAULT_PATCH, DataError, ImageDataset
 from .folder import load_image_folder
-from .layouts import KINDS, LAYOUT_DEFAULTS
+from .layouts import KINDS, layout_defaults
 from .npz import load_npz
 from .synthetic import make_synthetic
 
@@ -52,17 +52,20 @@ def _gib(nbytes: float) -> str:
     return f"{int(nbytes)} bytes"
 
 
-def fits_in_memory(nbytes: int, device=None) -> Tuple[bool, str]:
+def fits_in_memory(nbytes: int, device=None, kept: int = 0) -> Tuple[bool, str]:
     """(whether ``nbytes`` of images are held in memory under the rule, why): at most ``MEMORY_SHARE`` of the host
-    memory this process may use (a cgroup's limit included) and, on a CUDA device, of its free memory."""
+    memory this process may use (a cgroup's limit included) and, on a CUDA device, of its free memory less the
+    ``kept`` bytes of splits already chosen for it (loaded on the host, not yet on the device)."""
     available, bound = host_memory_available()
     if available is not None and nbytes > MEMORY_SHARE * available:
         return False, f"more than half of the {_gib(available)} this process may use ({bound})"
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        free = max(0, free - kept)
         if nbytes > MEMORY_SHARE * free:
-            return False, f"more than half of the {_gib(free)} free on {device}"
+            left = f" beside the {_gib(kept)} of the split before it" if kept else ""
+            return False, f"more than half of the {_gib(free)} free on {device}{left}"
     where = f"{_gib(available)} this process may use ({bound})" if available is not None else "unknown host memory"
     return True, f"at most half of the {where}"
 
@@ -84,10 +87,10 @@ def memory_rule(device=None) -> str:
 
 def recipe_patch_size(spec: str, image_size: Optional[int] = None) -> int:
     """The patch size of a data set's recipe from its spec alone (before it is loaded): the layout's for
-    ``tinyimagenet:`` and ``imagenet100:`` (at most the stored size), else the image size (default 32) up to
-    ``MAX_DEFAULT_PATCH``."""
+    ``tinyimagenet:``, ``imagenet100:`` and a ``folder:`` tree in the Tiny ImageNet layout (at most the stored
+    size), else the image size (default 32) up to ``MAX_DEFAULT_PATCH``."""
     kind, _, path = spec.partition(":")
-    defaults = LAYOUT_DEFAULTS.get(kind) if path else None
+    defaults = layout_defaults(kind, path) if kind in KINDS and path else None
     if defaults is not None and defaults.patch_size:
         return min(defaults.patch_size, image_size or defaults.image_size)
     return min(image_size or 32, MAX_DEFAULT_PATCH)
@@ -95,17 +98,18 @@ def recipe_patch_size(spec: str, image_size: Optional[int] = None) -> int:
 
 def _hold(data: ImageDataset, stream: str, device, need_test: bool, show_progress: bool) -> ImageDataset:
     """Each split of a stored data set in memory or left in its store, by ``stream`` and the rule."""
-    replace, notes = {}, []
+    replace, notes, kept = {}, [], 0
     for split in ("train", "test") if need_test else ("train",):
         store = getattr(data, f"{split}_images")
         if isinstance(store, torch.Tensor) or len(store) == 0:
             continue
         if stream == "auto":
-            in_memory, why = fits_in_memory(store.nbytes, device)
+            in_memory, why = fits_in_memory(store.nbytes, device, kept)
         else:
             in_memory, why = stream == "off", f"--stream {stream}"
         if in_memory:
             replace[f"{split}_images"] = store.load(show_progress, f"load {split} split")
+            kept += store.nbytes
         where = "in memory" if in_memory else f"streamed from the store {store.path}"
         notes.append(
             f"{split}: {len(store):,} images of {store.canvas}x{store.canvas} ({_gib(store.nbytes)}) {where}: {why}"
@@ -136,12 +140,13 @@ def load_dataset(
 ) -> ImageDataset:
     """Load a data set by spec (see the module docstring) and move its in-memory tensors to ``device`` once.
 
-    ``train_size`` / ``test_size``: the number of images of the synthetic set, or the first
-    images of any other set. ``image_size``: the stored size (shorter side) of image trees and the size of
-    ``synthetic``; ``max_aspect``: the longest aspect ratio an image tree's images keep whole. ``stream``: ``auto``
-    holds each split of an image tree in memory where it fits (``fits_in_memory``) and in its on-disk store
-    otherwise; ``on`` / ``off`` force either. ``need_test=False`` (training) leaves the test split in its store;
-    ``need_labels`` (evaluation) refuses an unlabelled tree before decoding it.
+    ``train_size`` / ``test_size``: the number of images of the synthetic set, the first images of CIFAR and npz (in
+    their files' order), or images of an image tree drawn by ``seed`` from the whole split (the tree's listing is
+    sorted by class: its first images would be its first classes). ``image_size``: the stored size (shorter side) of
+    image trees and the size of ``synthetic``; ``max_aspect``: the longest aspect ratio an image tree's images keep
+    whole. ``stream``: ``auto`` holds each split of an image tree in memory where it fits (``fits_in_memory``) and
+    in its on-disk store otherwise; ``on`` / ``off`` force either. ``need_test=False`` (training) leaves the test
+    split in its store; ``need_labels`` (evaluation) refuses an unlabelled tree before decoding it.
     """
     if not isinstance(spec, str):
         raise TypeError(f"dataset spec must be a string, got {type(spec).__name__}")
@@ -154,9 +159,10 @@ def load_dataset(
     kind, _, path = spec.partition(":")
     if kind in KINDS and path:
         data = load_image_folder(
-            path, image_size, cache_dir, on_bad_image, seed, show_progress, kind, max_aspect, need_labels
-        )
-        data = _hold(data.subset(train_size, test_size), stream, device, need_test, show_progress)
+            path, image_size, cache_dir, on_bad_image, seed, show_progress, kind, max_aspect, need_labels, train_size,
+            test_size,
+        )  # fmt: skip
+        data = _hold(data, stream, device, need_test, show_progress)
         return data.to(device) if device is not None else data
     if stream == "on":
         raise DataError(

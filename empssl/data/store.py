@@ -95,7 +95,11 @@ def read_header(path: str, fd: Optional[int] = None) -> Dict:
             header = json.loads(text.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as err:
             raise StoreError(f"the store {path} is truncated or corrupt (its header: {err})") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
+        if not isinstance(header, dict):
+            raise StoreError(
+                f"the store {path} is corrupt (its header is a JSON {type(header).__name__}, not an object)"
+            )
+        if header.get("format") != FORMAT:
             raise StoreError(f"{path} is a store of another format ({header.get('format')!r}, expected {FORMAT})")
         return header
     finally:
@@ -109,7 +113,7 @@ def _check_header(path: str, header: Dict, file_size: int) -> None:
         expected = _layout(count, canvas, int(header["header_bytes"]))
         if count < 0 or canvas < 1 or any(int(header[key]) != value for key, value in expected.items()):
             raise ValueError("its offsets do not follow from its count and canvas")
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, OverflowError) as err:  # int(1e400): OverflowError
         raise StoreError(f"the store {path} is corrupt (its header: {err})") from None
     if file_size != expected["file_size"]:
         raise StoreError(
@@ -128,13 +132,20 @@ class ImageStore:
     device = torch.device("cpu")
 
     def __init__(
-        self, path: str, header: Dict, slots: np.ndarray, labels: np.ndarray, sizes: np.ndarray, sums: np.ndarray
+        self,
+        path: str,
+        header: Dict,
+        slots: np.ndarray,
+        labels: np.ndarray,
+        sizes: np.ndarray,
+        sums: np.ndarray,
+        file: Optional["_OpenFile"] = None,
     ):
         self.path, self.header = path, header
         self.slots, self._labels, self._sizes, self.sums = slots, labels, sizes, sums
         self.canvas = int(header["canvas"])
         self.slot_bytes = self.canvas * self.canvas * 3
-        self._fd: Optional[int] = None
+        self._file = file  # shared with the stores cut from this one: they read the file this one checked
 
     @classmethod
     def open(cls, path: str, expect: Optional[Dict] = None) -> "ImageStore":
@@ -155,8 +166,10 @@ class ImageStore:
             sums = np.empty(count, np.int64)
             for array, key in ((labels, "labels_at"), (sizes, "sizes_at"), (sums, "sums_at"), (status, "status_at")):
                 pread_into(fd, array, int(header[key]), path)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        file = _OpenFile(path, fd)  # kept open: the images stay readable if the file is later removed or replaced
         num_classes = len(header.get("classes") or [])
         problems = {
             "unfinished images": np.isin(status, (DECODED, SKIPPED), invert=True),
@@ -168,7 +181,7 @@ class ImageStore:
             if bad.any():
                 raise StoreError(f"the store {path} is corrupt: {int(bad.sum())} {what}")
         slots = np.flatnonzero(status == DECODED)
-        return cls(path, header, slots, labels[slots], sizes[slots].astype(np.int64), sums[slots])
+        return cls(path, header, slots, labels[slots], sizes[slots].astype(np.int64), sums[slots], file)
 
     # -- what it holds -------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -198,14 +211,26 @@ class ImageStore:
             raise TypeError("an ImageStore takes only [:n] (its first n images); read() gives pixels")
         stop = len(self.slots) if index.stop is None else index.stop
         return ImageStore(
-            self.path, self.header, self.slots[:stop], self._labels[:stop], self._sizes[:stop], self.sums[:stop]
+            self.path,
+            self.header,
+            self.slots[:stop],
+            self._labels[:stop],
+            self._sizes[:stop],
+            self.sums[:stop],
+            self._file,
         )
 
     def select(self, index) -> "ImageStore":
         """The images ``index`` (int64, indices into this store) as a store of their own: nothing is read."""
         index = np.asarray(index, dtype=np.int64)
         return ImageStore(
-            self.path, self.header, self.slots[index], self._labels[index], self._sizes[index], self.sums[index]
+            self.path,
+            self.header,
+            self.slots[index],
+            self._labels[index],
+            self._sizes[index],
+            self.sums[index],
+            self._file,
         )
 
     def __repr__(self) -> str:
@@ -213,20 +238,19 @@ class ImageStore:
 
     # -- reading ----------------------------------------------------------------------------------------------------
     def _descriptor(self) -> int:
-        if self._fd is None:
+        if self._file is None:  # closed, or unpickled in another process: the file at the path again
             try:
-                self._fd = os.open(self.path, os.O_RDONLY)
+                self._file = _OpenFile(self.path, os.open(self.path, os.O_RDONLY))
             except OSError as err:
                 raise StoreError(f"cannot open the store {self.path}: {err.strerror or err}") from None
-        return self._fd
+        return self._file.fd
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Let go of the file (closed once no store cut from it holds it either)."""
+        self._file = None
 
-    def __del__(self):
-        self.close()
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None}  # a descriptor means nothing in another process
 
     def read(self, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Images ``ids`` (indices into this store) into ``out`` (uint8 (len(ids), C, C, 3), C-contiguous): each at
@@ -260,6 +284,17 @@ class ImageStore:
             ids = np.arange(start, min(start + chunk, len(self)))
             self.read(ids, images[start : start + len(ids)])
         return torch.from_numpy(images)
+
+
+class _OpenFile:
+    """A store's open file descriptor, closed when the last store holding it is gone."""
+
+    def __init__(self, path: str, fd: int):
+        self.path, self.fd = path, fd
+        self._close = os.close  # held: at interpreter exit the module's globals may be gone before this object
+
+    def __del__(self):
+        self._close(self.fd)
 
 
 def store_header(count: int, canvas: int, **about) -> Dict:

@@ -155,15 +155,18 @@ def extract_whole_image_features(
     description: str = "features",
     *,
     fold: bool = True,
+    fused_conv: bool = False,
     image_sizes: Optional[torch.Tensor] = None,
     device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """(N, feature_dim) float32: ``encoder.features`` of each whole image, resized to the patch size of ``recipe``
     (default: the recipe for the images' size) as torchvision's ``Resize`` does (bilinear, antialiased) and
     normalised with the recipe's mean and std: the whole-image view of ``empssl eval --views whole``. The encoder,
-    its chunks and the ranks' slices as in ``extract_features``; ``images``, ``image_sizes`` and ``device`` too (an
-    image of its own size is resized from its region of the canvas)."""
+    its chunks and the ranks' slices as in ``extract_features``; ``images``, ``image_sizes``, ``device`` and
+    ``fused_conv`` too (an image of its own size is resized from its region of the canvas)."""
     _check_images(images)
+    if fused_conv and not fold:
+        raise ValueError("fused_conv fuses the BatchNorm-folded encoder's convolutions: it needs fold=True")
     recipe = recipe or augment_config_for(int(images.shape[1]))
     device = _device_of(images, encoder, device)
     dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
@@ -183,7 +186,7 @@ def extract_whole_image_features(
 
     max_per_forward = max_images_per_forward or MAX_PATCHES_PER_FORWARD.get(device.type, 8192)
     return _chunked_features(
-        encoder, images, whole_images_of, 1, bf16, max_per_forward, progress, description, fold, device=device
+        encoder, images, whole_images_of, 1, bf16, max_per_forward, progress, description, fold, fused_conv, device
     )
 
 

@@ -86,6 +86,7 @@ def evaluate(
                     description=description,
                     image_sizes=getattr(data, f"{split}_sizes"),
                     device=device,
+                    fused_conv=config.fused_conv,
                 )
             else:
                 features[split] = extract_features(

@@ -173,6 +173,19 @@ def format_backbone_args(args: Dict[str, Any]) -> str:
     return ",".join(f"{key}={value!r}" for key, value in args.items())
 
 
+def backbone_args_text(value) -> str:
+    """The ``--backbone-args`` text of a dict (or text), ValueError unless it reads back to the same values: a
+    keyword argument whose value is no Python literal (a class, a function) has no text."""
+    args = parse_backbone_args(value)
+    text = format_backbone_args(args)
+    if parse_backbone_args(text) != args:
+        raise ValueError(
+            f"backbone_args {args!r} has no --backbone-args text that reads back to it (each value a Python literal), "
+            f"which the run folder's config.toml must hold to rerun the run"
+        )
+    return text
+
+
 def backbone_args_type(text: str) -> str:
     """argparse type of ``--backbone-args``: the text, checked."""
     import argparse
@@ -291,8 +304,10 @@ def _cifar_stem(module: nn.Module, arch: str) -> None:
 
 
 def probe_feature_dim(module: nn.Module, arch: str, sizes=PROBE_SIZES) -> int:
-    """The size of the (N, D) features ``module`` returns, from one forward on the meta device (a tiny real one in
-    eval mode where an op has no meta kernel), at the first of ``sizes`` (an int or (height, width)) it takes."""
+    """The size of the (N, D) features ``module`` returns, from one forward on the meta device, at the first of
+    ``sizes`` (an int or (height, width)) it takes. Where an op has no meta kernel: a tiny real forward in eval mode
+    if the module's weights are real; a BackboneError if they are on the meta device, where train, eval and export
+    build every encoder first (so such a backbone works only through the Python API, built on a real device)."""
     tensors = [*module.named_parameters(), *module.named_buffers()]
     state = {name: torch.empty_like(t, device="meta") for name, t in tensors}
     errors = []
@@ -302,11 +317,11 @@ def probe_feature_dim(module: nn.Module, arch: str, sizes=PROBE_SIZES) -> int:
         try:
             out = torch.func.functional_call(module, state, (images,))
         except NotImplementedError as err:  # an op without a meta kernel: a real forward
-            out = _real_forward(module, (height, width), err)
+            out = _real_forward(module, arch, (height, width), err)
         except Exception as err:  # noqa: BLE001 - the model's own refusal of this size: try the next
-            errors.append(f"{height}x{width}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
-            continue
-        if out is None:
+            out = err
+        if isinstance(out, Exception):
+            errors.append(f"{height}x{width}: {str(out).splitlines()[0] if str(out) else type(out).__name__}")
             continue
         return _feature_dim(out, arch)
     raise BackboneError(
@@ -315,16 +330,20 @@ def probe_feature_dim(module: nn.Module, arch: str, sizes=PROBE_SIZES) -> int:
     )
 
 
-def _real_forward(module: nn.Module, size: Tuple[int, int], why: Exception):
+def _real_forward(module: nn.Module, arch: str, size: Tuple[int, int], why: Exception):
+    """The output of a tiny real forward in eval mode, or the exception that refused this size."""
     was_training = module.training
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     if device.type == "meta":
-        raise BackboneError(f"the backbone's forward cannot run on the meta device: {why}") from why
+        raise BackboneError(
+            f"--arch {arch} cannot be sized on the meta device, where empssl builds an encoder before allocating it: "
+            f"an op has no meta kernel ({str(why).splitlines()[0] if str(why) else type(why).__name__})"
+        ) from why
     try:
         with torch.no_grad():
             return module.eval()(torch.zeros(2, 3, *size, device=device))
-    except Exception:  # noqa: BLE001 - this size is refused: the caller tries the next
-        return None
+    except Exception as err:  # noqa: BLE001 - this size is refused: the caller tries the next
+        return err
     finally:
         module.train(was_training)
 

@@ -82,6 +82,24 @@ def _patch_list(text: str) -> List[int]:
     return values
 
 
+def ignored_options(args: argparse.Namespace) -> Optional[str]:
+    """Why the options given do not fit the experiment (one it would ignore, a patch count given twice), or None:
+    a sweep never runs other cells than the command line says."""
+    if args.patches is not None and len(set(args.patches)) < len(args.patches):
+        return f"--patches {','.join(map(str, args.patches))} repeats a patch count; give each once"
+    if args.experiment == "one-epoch":
+        recipe = {"epochs": 1, "patches": [20]}
+        given = [option for option, value in recipe.items() if getattr(args, option) not in (None, value)]
+        if given:
+            return (
+                f"one-epoch runs the paper's 1-epoch recipes at 20 patches: it takes no "
+                f"{' or '.join('--' + option for option in given)} (the patches experiment varies them)"
+            )
+    elif args.experiment in ("convergence", "transfer") and args.patches is not None and len(args.patches) > 1:
+        return f"{args.experiment} trains at one patch count: give --patches one number, not {len(args.patches)}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
@@ -143,6 +161,10 @@ def main(
     args.dataset = args.dataset or ["cifar10", "cifar100"]
     if args.experiment == "transfer" and len(set(args.dataset)) < 2:
         print("empssl reproduce: error: transfer needs two data sets (--dataset A --dataset B)", file=sys.stderr)
+        return 2
+    ignored = ignored_options(args)
+    if ignored:
+        print(f"empssl reproduce: error: {ignored}", file=sys.stderr)
         return 2
     args.epochs = args.epochs or (10 if args.experiment in ("convergence", "patches") else 1)
     args.patches = args.patches or ([20, 50, 100, 200] if args.experiment == "patches" else [20])

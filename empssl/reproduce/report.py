@@ -31,8 +31,9 @@ def rows(sweep) -> List[Dict[str, Any]]:
             continue
         result = _read(os.path.join(sweep.cell_dir(task.cell), "eval.json"))
         trained = _read(os.path.join(sweep.cell_dir(task.source), "train.json"))
-        in_domain = task.dataset == task.trained_on
-        paper, source = published.linear_probe(task.dataset, task.recipe) if in_domain else (None, "")
+        # a cell cut short by --max-steps did not train the recipe: no published number beside it
+        full = task.dataset == task.trained_on and sweep.max_steps is None
+        paper, source = published.linear_probe(task.dataset, task.recipe) if full else (None, "")
         table.append(
             {
                 "cell": task.cell,
@@ -41,6 +42,7 @@ def rows(sweep) -> List[Dict[str, Any]]:
                 "epochs": task.recipe.epochs,
                 "schedule_epochs": task.recipe.schedule_epochs,
                 "num_patches": task.recipe.num_patches,
+                "max_steps": sweep.max_steps,
                 "linear_top1": result["linear_top1"],
                 "knn_top1": result["knn_top1"],
                 "published": paper,
@@ -107,9 +109,10 @@ def markdown(sweep, table: List[Dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
+        cut = "" if row["max_steps"] is None else f", at most {row['max_steps']} steps"
         lines.append(
             f"| {row['cell']} | {row['trained_on']} | {row['evaluated_on']} | {row['epochs']} "
-            f"({row['schedule_epochs']}) | {row['num_patches']} | {_percent(row['linear_top1'])} | "
+            f"({row['schedule_epochs']}){cut} | {row['num_patches']} | {_percent(row['linear_top1'])} | "
             f"{_percent(row['published'])} | {_percent(row['difference'], signed=True)} | "
             f"{_percent(row['knn_top1'])} | {_duration(row['train_seconds'])} | {_duration(row['eval_seconds'])} |"
         )

@@ -166,6 +166,7 @@ class Sweep:
         self.tasks = plan(args.experiment, args.dataset, args.epochs, args.patches)
         self.train_args, self.eval_args = shlex.split(args.train_args), shlex.split(args.eval_args)
         self.times: Dict[str, List[float]] = {"train": [], "eval": []}  # seconds per unit of work, by kind
+        self.max_steps: Optional[int] = None  # --train-args' --max-steps (read by check_commands): cells cut short
 
     # -- identity: a restart must be the same sweep -------------------------------------------------------
     def identity(self) -> Dict[str, Any]:
@@ -235,6 +236,10 @@ class Sweep:
                 parsed = self.parse_command(command(task))
             except ValueError as err:
                 raise SweepError(f"{option}: {err}") from None
+            if task.kind == "train":
+                self.max_steps = parsed.get("max_steps")
+            elif parsed.get("views") == "whole":  # the report's column is the bag of patches' linear probe
+                raise SweepError(f"{option}: --views whole leaves out the bag of patches the report shows; use both")
             base = self.parse_command(command(task, extra=False))
             overridden = ["--" + n.replace("_", "-") for n in CELL_OPTIONS[task.kind] if parsed.get(n) != base.get(n)]
             if overridden:
@@ -391,33 +396,29 @@ def _run_seconds(folder: str) -> float:
 def check_memory(sweep: Sweep) -> None:
     """Say, before any cell runs, which training cells fit on the device (the estimate of each patch count's step
     beside the memory available), and refuse the sweep naming every cell that does not, with the largest patch
-    count that fits (the trainer's own check, empssl.training.memory.check_step_fits, on each cell's
-    configuration)."""
+    count that fits: the trainer's own check (check_step_fits) on each cell's command as `empssl train` parses it
+    (``sweep.parse_command``, a --config inside --train-args included; without it, nothing to check)."""
     from ..config import TrainConfig
     from ..data.load import recipe_patch_size
     from ..device import resolve_device
-    from ..options import add_options, from_args
+    from ..options import from_args
     from ..training.memory import available_memory, check_step_fits, estimate_step_memory, gib
 
-    parser = argparse.ArgumentParser(add_help=False)  # the train options of --train-args, as `empssl train` reads them
-    groups: Dict[str, Any] = {}
-    for group in ("data", "encoder", "training", "output", "runtime"):
-        add_options(parser, TrainConfig, group, groups=groups)
-    known, _ = parser.parse_known_args(sweep.train_args)  # process options (--threads) are not the config's
-    config = from_args(TrainConfig, known)
+    if sweep.parse_command is None:
+        return
     device = resolve_device(sweep.args.device)
-    # one estimate per kind of cell: its patch count, its patch size and the options its data set's recipe sets
-    kinds: Dict[Tuple[int, int, Tuple[str, ...]], List[str]] = {}
+    # one estimate per kind of cell: its patch count, its patch size and the rest of its configuration
+    kinds: Dict[Tuple[int, int, str], Tuple[TrainConfig, List[str]]] = {}  # a configuration and its cells
     for task in sweep.tasks:
         if task.kind == "train":
-            patch_size = config.patch_size or recipe_patch_size(task.dataset, config.image_size)
-            own = tuple(dataset_arguments(task.dataset, sweep.train_args))
-            kinds.setdefault((task.recipe.num_patches, patch_size, own), []).append(task.cell)
-    refused: Dict[Tuple[int, int, Tuple[str, ...]], str] = {}
+            cell = from_args(TrainConfig, argparse.Namespace(**sweep.parse_command(sweep.train_command(task))))
+            patch_size = cell.patch_size or recipe_patch_size(task.dataset, cell.image_size)
+            shape = repr((cell.model_config(), cell.batch_size, cell.bf16))
+            kinds.setdefault((cell.num_patches, patch_size, shape), (cell, []))[1].append(task.cell)
+    refused: Dict[Tuple[int, int, str], str] = {}
     lines = []
     for kind in sorted(kinds):
-        num_patches, patch_size, own = kind
-        cell = from_args(TrainConfig, parser.parse_known_args([*own, *sweep.train_args])[0], num_patches=num_patches)
+        (num_patches, patch_size, _), cell = kind, kinds[kind][0]
         try:
             check_step_fits(cell, device, patch_size)
         except ValueError as err:
@@ -441,7 +442,7 @@ def check_memory(sweep: Sweep) -> None:
         where = f"{device} ({gib(available)} available)" if available is not None else f"{device}"
         print(f"empssl reproduce: a training step on {where}: " + "; ".join(lines), file=sys.stderr, flush=True)
     if refused:
-        cells = [cell for kind in sorted(refused) for cell in kinds[kind]]
+        cells = [cell for kind in sorted(refused) for cell in kinds[kind][1]]
         first = refused[min(refused)]
         raise SweepError(
             f"cell {cells[0]} cannot fit: {first}"

@@ -135,18 +135,20 @@ class OnlineMonitor:
     @torch.no_grad()
     def step_embeddings(self, state, images: torch.Tensor, image_ids: torch.Tensor) -> None:
         """The embeddings z the step about to run computes (``state``: its TrainState; ``images``, ``image_ids``: its
-        batch): its patches, its weights, training mode; the BatchNorm buffers this forward updates are restored."""
+        batch): its patches, its weights, training mode; the BatchNorm buffers this forward updates are restored, and
+        the random numbers it draws (a backbone's dropout) come from a fork of the generators: the step's own."""
         start = self._clock(state.device)
         buffers = [buffer.clone() for buffer in state.encoder.buffers()]
         sizes = None if state.image_sizes is None else state.image_sizes[image_ids]  # as train_step cuts them
         patches = state.augment(
             images, state.num_patches, seed=state.seed, step=state.step, image_ids=image_ids, image_sizes=sizes
         )
-        with autocast_context(patches.device, state.bf16):
+        cuda = [state.device] if state.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), autocast_context(patches.device, state.bf16):
             self.embeddings = state.encoder(patches).float()
         for buffer, saved in zip(state.encoder.buffers(), buffers):
             buffer.copy_(saved)
-        self.seconds = time.perf_counter() - start
+        self.seconds = self._clock(state.device) - start  # the forward's device time too, not the step window's
 
     @torch.no_grad()
     def measure(self, state, step: int) -> Dict[str, Any]:

@@ -211,14 +211,9 @@ class RunFolder:
             os.remove(self.curves_path)  # the old run's (drawn again at the end); a link goes, not what it names
 
     def finish(self) -> None:
-        """After the last step: the metrics log is this run's even when nothing was trained (resumed at the end), and
-        curves.png is drawn from it (where matplotlib is installed). Curves that cannot be drawn or written (a full
-        disk) are a warning: the run's checkpoint and metrics are complete."""
-        if not self.metrics.owned:
-            records = list(self.metrics.pending)
-            self.metrics.take_over()
-            self._remove_old_curves()
-            self._own(records)
+        """After the last step, whose checkpoint made the folder this run's (a run resumed at its end writes one too):
+        curves.png is drawn from the metrics log (where matplotlib is installed). Curves that cannot be drawn or
+        written (a full disk) are a warning: the run's checkpoint and metrics are complete."""
         self._own(self.history)
         self.trackers.close()
         try:

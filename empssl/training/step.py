@@ -91,7 +91,8 @@ class TrainState:
     def check_state_dict(self, state: Dict[str, Any], path: str, num_train: Optional[int] = None) -> None:
         """CheckpointError naming the first field of ``state`` (checked by ``checkpoint.check_train_state``) whose
         sizes do not fit this state: the model's tensors, the optimiser's groups and the shapes of its buffers
-        against the parameters, the generators' state sizes, the permutation against ``num_train`` images."""
+        against the parameters, the device type it was trained on, the generators' states (sizes and contents), the
+        permutation against ``num_train`` images."""
         ckpt.check_state_shapes(path, "model", self.encoder.state_dict(), state["model"])
         groups, saved = self.optimizer.param_groups, state["optimizer"]["param_groups"]
         if len(saved) != len(groups):
@@ -136,16 +137,29 @@ class TrainState:
                         f"checkpoint {path} does not fit: {where}/{name} is {shown}, its parameter is {param.dtype} "
                         f"{tuple(param.shape)}; use another checkpoint"
                     )
+        trained_on = "cuda" if "torch_cuda" in state["rng"] else "cpu"  # state_dict saves torch_cuda on CUDA only
+        if trained_on != self.device.type:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was trained on {trained_on}: its random states continue on that device type "
+                f"only; resume it with --device {trained_on}"
+            )
         generators = {"torch_cpu": torch.get_rng_state(), "permutation": self.permutation_generator.get_state()}
-        if self.device.type == "cuda" and "torch_cuda" in state["rng"]:
+        if self.device.type == "cuda":
             generators["torch_cuda"] = torch.cuda.get_rng_state(self.device)
         for name, current in generators.items():
-            if state["rng"][name].shape != current.shape:
+            saved_state = state["rng"][name]
+            if saved_state.shape != current.shape:
                 raise ckpt.CheckpointError(
                     f"checkpoint {path} has an unusable field rng/{name}: a generator state of "
-                    f"{state['rng'][name].numel()} bytes, this generator's has {current.numel()}; use another "
-                    f"checkpoint"
+                    f"{saved_state.numel()} bytes, this generator's has {current.numel()}; use another checkpoint"
                 )
+            try:  # set_state checks the state's contents (a forged mt19937 state fails here, not after loading)
+                torch.Generator(device="cpu" if name == "torch_cpu" else self.device).set_state(saved_state)
+            except RuntimeError as err:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {path} has an unusable field rng/{name}: not a valid generator state "
+                    f"({str(err).splitlines()[0]}); use another checkpoint"
+                ) from err
         permutation = state["permutation"]
         if permutation is not None and num_train is not None:
             if permutation.numel() != num_train or not torch.equal(
@@ -168,7 +182,7 @@ class TrainState:
         self.lr.fill_(self.base_lr * self.schedule(int(state["step"])))
         torch.set_rng_state(state["rng"]["torch_cpu"])
         self.permutation_generator.set_state(state["rng"]["permutation"])
-        if self.device.type == "cuda" and "torch_cuda" in state["rng"]:
+        if self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["torch_cuda"], self.device)
         self.permutation = None if state["permutation"] is None else state["permutation"].to(self.device)
 

@@ -33,9 +33,11 @@ SCALARS = {
     "lr": "train/lr",
     "patches_per_s": "train/patches_per_s",
     "epoch": "train/epoch",
+    "elapsed_s": "train/elapsed_s",
     "knn_top1": "monitor/knn_top1",
     "effective_rank": "monitor/effective_rank",
     "coding_rate": "monitor/coding_rate",
+    "collapsed_coding_rate": "monitor/collapsed_coding_rate",
     "monitor_s": "monitor/seconds",
 }
 

@@ -24,8 +24,8 @@ import torch
 from ..augment.config import augment_config_for
 from ..augment.multipatch import MultiPatchAugment
 from ..config import EvalConfig
-from ..data.dataset import DataError, ImageDataset
-from ..data.folder import decode_image
+from ..data.dataset import MAX_DEFAULT_PATCH, DataError, ImageDataset
+from ..data.folder import canvas_size, decode_image
 from ..data.layouts import IMAGE_EXTENSIONS
 from ..evaluation.features import SPLIT_KEYS, extract_features
 from ..files import same_file, write_atomically
@@ -92,10 +92,18 @@ def split_images(data: ImageDataset, patch_size: Optional[int], split: str) -> I
     )
 
 
-def folder_images(path: str, image_size: int, device, progress: bool = False) -> ImageSet:
-    """Every image file under ``path`` (any depth, sorted), decoded as ``folder:`` data sets are (RGB, the shorter
-    side resized to ``image_size``, centre crop). Labelled by class folder when every image lies in a subfolder of
-    ``path`` (a class tree), else unlabelled. A file that does not decode is skipped with a warning."""
+def folder_images(
+    path: str,
+    image_size: int,
+    device,
+    progress: bool = False,
+    max_aspect: float = 1.0,
+    patch_size: Optional[int] = None,
+) -> ImageSet:
+    """Every image file under ``path`` (any depth, sorted), stored as image trees are (RGB, the shorter side resized
+    to ``image_size``, kept up to ``max_aspect``, in the top-left corner of a square canvas) and cut at
+    ``patch_size`` (None: the recipe for their size). Labelled by class folder when every image lies in a subfolder
+    of ``path`` (a class tree), else unlabelled. A file that does not decode is skipped with a warning."""
     from tqdm import tqdm
 
     if not os.path.isdir(path):
@@ -109,7 +117,7 @@ def folder_images(path: str, image_size: int, device, progress: bool = False) ->
 
     def decode(file):
         try:
-            return decode_image(file, image_size), None
+            return decode_image(file, image_size, max_aspect), None
         except Exception as err:  # PIL raises several types for a broken file: each is skipped the same way
             return None, f"{type(err).__name__}: {err}"
 
@@ -130,7 +138,21 @@ def folder_images(path: str, image_size: int, device, progress: bool = False) ->
     if all(len(parts) > 1 for parts in tops):
         classes = sorted({parts[0] for parts in tops})
         labels = torch.tensor([classes.index(parts[0]) for parts in tops], dtype=torch.int64, device=device)
-    return ImageSet(torch.from_numpy(np.stack(images)).to(device), kept, labels, classes)
+    canvas = canvas_size(image_size, max_aspect)
+    pixels = np.zeros((len(images), canvas, canvas, 3), np.uint8)
+    for index, image in enumerate(images):
+        pixels[index, : image.shape[0], : image.shape[1]] = image
+    sizes = torch.tensor([image.shape[:2] for image in images], dtype=torch.int64)
+    smallest = int(sizes.min())
+    sizes = None if (sizes == canvas).all() else sizes.to(device)  # as a store's: None where every image fills it
+    return ImageSet(
+        torch.from_numpy(pixels).to(device),
+        kept,
+        labels,
+        classes,
+        sizes=sizes,
+        patch_size=patch_size or min(smallest, MAX_DEFAULT_PATCH),
+    )
 
 
 def embed(encoder: torch.nn.Module, images: ImageSet, config: EvalConfig, description: str = "embed") -> torch.Tensor:
