@@ -122,7 +122,7 @@ def test_the_summary_file_is_written_whole_from_a_cut_off_run(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["results.csv", "steps.csv", "summary.txt", "tests.txt"]
 
 
-# the device machine's rules (/work/.library/device/README.md): device time counts from the start to the give-back
+# the GPU machine's lease (docs/benchmarks.md section 5): device time counts from the start to the give-back
 LEASE_S, START_S, WARM_AFTER_CALL_S = 15 * 60, 90, 30
 TRANSFER_S = 15  # the tree out and OUT's files back, per call (a small tree)
 
