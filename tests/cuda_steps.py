@@ -1,5 +1,6 @@
 """A step variant on CUDA against the eager step, by the 2x rule (docs/design.md section 8): after the same steps, the
-variant's float32 parameters are at most twice as far from a float64 run's as the eager float32 run's are.
+variant's float32 parameters and running statistics are at most twice as far from a float64 run's as the eager
+float32 run's are.
 
 cuDNN is deterministic in every run (the trainer then leaves cudnn.benchmark off, so cuDNN's heuristics pick the
 algorithms), so the eager run carries no run-to-run noise of its own; float32 rounding amplified by the steps is the
@@ -27,7 +28,10 @@ class _Float64Patches:
 
 
 def _flat(state):
-    return torch.cat([p.detach().double().flatten() for p in state.encoder.parameters()]).cpu()
+    """The parameters and the floating buffers (BatchNorm's running statistics, which evaluation reads and a captured
+    step must update too), as one float64 vector."""
+    buffers = [b for b in state.encoder.buffers() if b.is_floating_point()]
+    return torch.cat([t.detach().double().flatten() for t in [*state.encoder.parameters(), *buffers]]).cpu()
 
 
 def parameters_after(config: TrainConfig, steps: int, num_images: int, image_size: int, float64: bool = False):

@@ -83,7 +83,7 @@ def test_a_backbone_trains_resumes_bitwise_evaluates_and_exports(arch, args, tmp
     images = make_synthetic(6, 2, 32, seed=1).train_images
     folded = extract_features(encoder, images, 2, seed=3)
     plain = extract_features(encoder, images, 2, seed=3, fold=False)
-    assert (folded - plain).abs().max().item() <= 1e-4 * plain.abs().max().item()
+    assert (folded - plain).abs().max().item() <= 1e-5 * plain.abs().max().item()  # a fold without eps errs 8e-5
     capsys.readouterr()
     evaluation = ["eval", "--checkpoint", part, "--test-size", "8", "--num-patches", "2", "--linear-epochs", "2"]
     assert cli.main([*evaluation, "--threads", "1", "--no-progress", "--json"]) == 0

@@ -201,6 +201,7 @@ def test_batchnorm_pairs_are_found_by_tracing():
             self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
             self.shared, self.bn_shared = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)  # its output also feeds the sum
             self.act, self.bn_after_act = nn.ReLU(), nn.BatchNorm2d(4)  # conv -> relu -> bn
+            self.before_subclass = nn.Conv2d(4, 4, 1)  # conv -> a BatchNorm subclass
             self.subclass = type("BatchNormAct", (nn.BatchNorm2d,), {})(4)  # may compute something else
             self.pool = nn.Conv2d(4, 4, 1)
             self.stats_free = nn.BatchNorm2d(4, track_running_stats=False)  # normalises by the batch in eval too
@@ -210,7 +211,7 @@ def test_batchnorm_pairs_are_found_by_tracing():
             y = self.shared(x)
             x = self.bn_shared(y) + y
             x = self.bn_after_act(self.act(x))
-            return self.stats_free(self.pool(self.subclass(x)))
+            return self.stats_free(self.pool(self.subclass(self.before_subclass(x))))
 
     assert fold_pairs(Block()) == [("conv", "bn")]
 
@@ -252,7 +253,7 @@ def test_a_backbone_without_batchnorm_is_evaluated_on_the_plain_path():
     plain = extract_features(encoder, images, 2, seed=5, fold=False)
     scale = plain.abs().max().item()
     assert folded.shape == (6, 16) and scale > 0
-    assert (folded - plain).abs().max().item() <= 1e-5 * scale  # folding rounds the head's weights once more
+    assert (folded - plain).abs().max().item() <= 3e-6 * scale  # folding rounds the head's weights once more
 
 
 def test_sync_batchnorm_refuses_a_batchnorm_subclass():
@@ -297,8 +298,10 @@ def test_a_checkpoint_from_before_backbones_loads_and_resumes_as_the_built_in_re
     path = os.path.join(tmp_path, "old.pt")
     ckpt.save_checkpoint(path, {"model_config": old_config, "model": encoder.state_dict(), "step": 0})
     loaded, _ = load_encoder(path)
-    for (name, a), b in zip(encoder.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(a, b), name
+    saved, found = encoder.state_dict(), loaded.state_dict()
+    assert list(found) == list(saved)  # the same names, in the same order
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, found[name]), name
     check_resume_config(path, old_config, {}, TrainConfig(width=0.125, hidden_dim=16, z_dim=8))  # the same model
 
 

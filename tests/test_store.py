@@ -14,6 +14,7 @@ from image_trees import imagenet_style, write_image
 import empssl
 from empssl.config import TrainConfig
 from empssl.data import build as store_build
+from empssl.data import dataset
 from empssl.data import folder as image_folder
 from empssl.data import load as data_load
 from empssl.data.batches import InMemoryBatches, StoreBatches
@@ -348,7 +349,7 @@ def test_a_file_in_the_partial_stores_place_that_is_not_one_is_left_alone(tmp_pa
 
 
 @pytest.mark.parametrize("image_size, max_aspect", [(8, 1.0), (10, 2.0)])  # canvases of 8x8x3 (words) and 20x20x3
-def test_a_stores_fingerprint_is_the_fingerprint_of_its_images_in_memory(tmp_path, image_size, max_aspect):
+def test_a_stores_fingerprint_is_the_fingerprint_of_its_images_in_memory(tmp_path, monkeypatch, image_size, max_aspect):
     """Its per-image sums were taken when it was built: a run resumed in memory from a run on the store (or the
     reverse) is the same data, and checking it reads no more than the sampled images."""
     from empssl.data.dataset import fingerprint
@@ -363,6 +364,17 @@ def test_a_stores_fingerprint_is_the_fingerprint_of_its_images_in_memory(tmp_pat
     changed = store.load()
     changed[3, 0, 0, 0] ^= 1
     assert fingerprint(changed) != fingerprint(store)
+
+    # with a sample of 3 images, the store's fingerprint reads those 3 (first and last included) and nothing else
+    in_memory = store.load()
+    monkeypatch.setattr(dataset, "FINGERPRINT_SAMPLE_BYTES", 3 * store.slot_bytes)
+    read, real_read = [], ImageStore.read
+    monkeypatch.setattr(
+        ImageStore, "read", lambda self, ids, out: read.extend(ids.tolist()) or real_read(self, ids, out)
+    )
+    monkeypatch.setattr(ImageStore, "load", lambda *args, **kwargs: pytest.fail("the fingerprint loaded the store"))
+    assert fingerprint(store) == fingerprint(in_memory)
+    assert len(read) == 3 and read[0] == 0 and read[-1] == len(store) - 1 and 0 < read[1] < len(store) - 1
 
 
 def test_a_store_of_other_settings_survives_and_a_cut_store_reads_its_file_after_removal(tmp_path):

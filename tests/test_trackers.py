@@ -197,6 +197,8 @@ def test_under_torchrun_only_rank_0_logs_and_the_monitoring_runs_on_every_rank(t
         timeout=240,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+    # the monitor's kNN features are gathered from every rank (extract_features' all_gather): had one rank skipped
+    # the monitoring, the other would wait at it until --dist-timeout and the run would fail
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     assert len(os.listdir(os.path.join(out, TENSORBOARD_FOLDER))) == 1  # one writer: rank 0
     scalars, expected = _tensorboard_scalars(out), _expected(out)
