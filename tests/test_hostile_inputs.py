@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from tiny_run import TINY, TINY_ARGS
+from tiny_run import TINY, TINY_ARGS, checkpoint_readers
 
 from empssl import checkpoint as ckpt
 from empssl import cli
@@ -374,11 +374,7 @@ def test_a_hostile_pickle_is_refused_as_unsafe_and_never_runs(tmp_path, saved_ru
     payload["config"]["hook"] = _Hostile(marker)
     torch.save(payload, path)
     capsys.readouterr()
-    for command in (
-        ["eval", "--checkpoint", str(path), "--device", "cpu", "--no-progress"],
-        ["export", "--checkpoint", str(path), "--out", str(tmp_path / "b.pt")],
-        ["train", *TINY_ARGS, "--out-dir", str(out), "--resume", str(path)],
-    ):
+    for command in checkpoint_readers(path, out, tmp_path / "b.pt"):
         assert cli.main(command) == 1
         line = _one_clear_line(capsys.readouterr().err)
         assert "is unsafe" in line and "posix.system" in line, line

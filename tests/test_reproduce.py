@@ -221,32 +221,21 @@ def test_a_cell_that_cannot_fit_is_refused_before_anything_runs(tmp_path, capsys
     args = ["patches", "--dataset", "synthetic", "--patches", "2,50", "--device", "cpu", "--out-dir", str(out)]
     assert _reproduce(args) == 1
     err = capsys.readouterr().err
-    need = memory.estimate_step_memory(
-        arch="resnet18-cifar",
-        width=1.0,
-        hidden_dim=4096,
-        z_dim=1024,
-        image_size=32,
-        batch_size=100,
-        num_patches=50,
-        bf16=False,
-    )
+
+    def estimate(num_patches):  # the recipe's CIFAR step (a sweep's cell), in float32 on the CPU
+        return memory.estimate_step_memory(
+            arch="resnet18-cifar", width=1.0, hidden_dim=4096, z_dim=1024, image_size=32, batch_size=100,
+            num_patches=num_patches, bf16=False,
+        )  # fmt: skip
+
+    need = estimate(50)
     fits = need.largest_num_patches(3 * 2**30, 100)
     assert (
         "cell synthetic-patches-050 cannot fit: a training step" in err
         and f"at most {fits} patches per image fit" in err
     )
     assert 2 <= fits < 50 and not out.exists()  # nothing written, not even the sweep's record
-    small = memory.estimate_step_memory(
-        arch="resnet18-cifar",
-        width=1.0,
-        hidden_dim=4096,
-        z_dim=1024,
-        image_size=32,
-        batch_size=100,
-        num_patches=2,
-        bf16=False,
-    )
+    small = estimate(2)
     # which cells fit on the device it found, before the refusal
     assert (
         f"a training step on cpu (3.0 GiB available): 2 patches: {memory.gib(small.total)}, fits; "

@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from tiny_run import TINY_ARGS
+from tiny_run import TINY_ARGS, checkpoint_readers
 
 from empssl import checkpoint as ckpt
 from empssl import cli
@@ -191,11 +191,7 @@ def test_flipped_bytes_of_a_checkpoint_are_found_and_the_tensor_named(tmp_path, 
     ):
         ckpt.load_checkpoint(str(path))
     capsys.readouterr()
-    for command in (
-        ["eval", "--checkpoint", str(path), "--device", "cpu", "--no-progress"],
-        ["export", "--checkpoint", str(path), "--out", str(tmp_path / "b.pt")],
-        ["train", *TINY_ARGS, "--out-dir", str(out), "--resume", str(path)],
-    ):
+    for command in checkpoint_readers(path, out, tmp_path / "b.pt"):
         assert cli.main(command) == 1
         assert "does not match its checksum" in _one_clear_line(capsys.readouterr().err)
 
